@@ -1,0 +1,176 @@
+//! A blocking client for the daemon's socket: connect, say hello, then one
+//! request and one response per call.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::proto::{
+    CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode,
+    Hello, ListRequest, MAX_LINE, PROTOCOL, Request, Response, RollbackReport, RollbackRequest,
+    SandboxAdd, SandboxInfo, SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport,
+    StatusRequest,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("cannot reach snapbackd at {}: {source}", path.display())]
+    Unreachable { path: PathBuf, source: io::Error },
+    /// The daemon answered with an error.
+    #[error("{}", .0.message)]
+    Daemon(ErrorBody),
+    /// The daemon said something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("talking to snapbackd: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl ClientError {
+    /// Returns the daemon's error code, when the daemon refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Daemon(body) => Some(body.code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to snapbackd, past the hello exchange.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    daemon: String,
+}
+
+impl Client {
+    /// Connects to the socket at `path` and exchanges hello / welcome.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path)
+            .map_err(|source| ClientError::Unreachable { path: path.to_owned(), source })?;
+        let writer = stream.try_clone()?;
+        let mut client = Client { reader: BufReader::new(stream), writer, daemon: String::new() };
+        let hello = Request::Hello(Hello {
+            protocol: PROTOCOL,
+            client: format!("snapback {}", env!("CARGO_PKG_VERSION")),
+        });
+        match client.call(&hello)? {
+            Response::Welcome(w) if w.protocol == PROTOCOL => client.daemon = w.daemon,
+            Response::Welcome(w) => {
+                return Err(ClientError::Protocol(format!(
+                    "daemon speaks protocol {}, this client speaks {PROTOCOL}",
+                    w.protocol
+                )));
+            }
+            other => return Err(unexpected(other)),
+        }
+        Ok(client)
+    }
+
+    /// Returns the daemon's name and version from its welcome.
+    pub fn daemon(&self) -> &str {
+        &self.daemon
+    }
+
+    /// Sends one request and returns the daemon's answer. An error answer is
+    /// returned as `ClientError::Daemon`.
+    pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        let line = read_line(&mut self.reader)?;
+        let response: Response = serde_json::from_slice(&line)
+            .map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))?;
+        match response {
+            Response::Error(body) => Err(ClientError::Daemon(body)),
+            other => Ok(other),
+        }
+    }
+
+    pub fn sandbox_add(&mut self, req: SandboxAdd) -> Result<SandboxInfo, ClientError> {
+        match self.call(&Request::SandboxAdd(req))? {
+            Response::Sandbox(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn sandbox_list(&mut self) -> Result<Sandboxes, ClientError> {
+        match self.call(&Request::SandboxList(SandboxList {}))? {
+            Response::Sandboxes(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn sandbox_remove(&mut self, req: SandboxRemove) -> Result<SandboxInfo, ClientError> {
+        match self.call(&Request::SandboxRemove(req))? {
+            Response::Sandbox(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn checkpoint(&mut self, req: CheckpointRequest) -> Result<CheckpointInfo, ClientError> {
+        match self.call(&Request::Checkpoint(req))? {
+            Response::Checkpoint(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn list(&mut self, req: ListRequest) -> Result<Checkpoints, ClientError> {
+        match self.call(&Request::List(req))? {
+            Response::Checkpoints(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn show(&mut self, checkpoint: &str) -> Result<CheckpointInfo, ClientError> {
+        let req = Request::Show(ShowRequest { checkpoint: checkpoint.to_owned() });
+        match self.call(&req)? {
+            Response::Checkpoint(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn diff(&mut self, req: DiffRequest) -> Result<DiffReport, ClientError> {
+        match self.call(&Request::Diff(req))? {
+            Response::Diff(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn rollback(&mut self, req: RollbackRequest) -> Result<RollbackReport, ClientError> {
+        match self.call(&Request::Rollback(req))? {
+            Response::Rollback(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn status(&mut self) -> Result<StatusReport, ClientError> {
+        match self.call(&Request::Status(StatusRequest {}))? {
+            Response::Status(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(response: Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response: {response:?}"))
+}
+
+/// Reads one newline-terminated line of at most `MAX_LINE` bytes.
+fn read_line(reader: &mut impl BufRead) -> Result<Vec<u8>, ClientError> {
+    let mut line = Vec::new();
+    let n = reader.by_ref().take(MAX_LINE as u64).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Err(ClientError::Protocol("the daemon closed the connection".into()));
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(ClientError::Protocol(if n >= MAX_LINE {
+            format!("response longer than {MAX_LINE} bytes")
+        } else {
+            "the daemon closed the connection mid-line".into()
+        }));
+    }
+    line.pop();
+    Ok(line)
+}

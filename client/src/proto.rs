@@ -1,0 +1,564 @@
+//! Wire types of the snapback socket protocol.
+//!
+//! The protocol is newline-delimited JSON over a Unix stream socket. The
+//! client speaks first with [`Request::Hello`]; the daemon answers
+//! [`Response::Welcome`] or an error. Every later line is one [`Request`],
+//! answered by one [`Response`]. Both enums are tagged by a `type` field and
+//! wrap one named payload struct per variant.
+//!
+//! Architecture invariant: this module is the only place that defines wire
+//! types. The daemon depends on it; nothing else derives `Serialize` for
+//! anything that crosses the socket.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The protocol number exchanged in `hello` / `welcome`. Bumped on any
+/// incompatible change.
+pub const PROTOCOL: u32 = 1;
+
+/// The longest line either side accepts, newline included. A longer line is
+/// an error, never an allocation.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A path as bytes. Linux file names need not be UTF-8, so a path travels as
+/// `{"text": "..."}` when it is valid UTF-8 and as `{"bytes": "<base64>"}`
+/// otherwise.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct WirePath(pub Vec<u8>);
+
+impl WirePath {
+    /// Returns the path's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Returns the path as a `Path` (no conversion: Unix paths are bytes).
+    pub fn as_path(&self) -> &Path {
+        Path::new(OsStr::from_bytes(&self.0))
+    }
+
+    /// Returns a printable form: the text itself when it is UTF-8 without
+    /// control characters, else a quoted form with escapes.
+    pub fn display(&self) -> String {
+        match std::str::from_utf8(&self.0) {
+            Ok(s) if !s.chars().any(char::is_control) => s.to_owned(),
+            _ => format!("\"{}\"", self.0.escape_ascii()),
+        }
+    }
+}
+
+impl From<&Path> for WirePath {
+    fn from(p: &Path) -> Self {
+        WirePath(p.as_os_str().as_bytes().to_vec())
+    }
+}
+
+impl From<&[u8]> for WirePath {
+    fn from(p: &[u8]) -> Self {
+        WirePath(p.to_vec())
+    }
+}
+
+impl From<Vec<u8>> for WirePath {
+    fn from(p: Vec<u8>) -> Self {
+        WirePath(p)
+    }
+}
+
+impl fmt::Debug for WirePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0.escape_ascii().to_string())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum WirePathRepr {
+    Text(String),
+    Bytes(String),
+}
+
+impl Serialize for WirePath {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => WirePathRepr::Text(text.to_owned()),
+            Err(_) => WirePathRepr::Bytes(BASE64.encode(&self.0)),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for WirePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match WirePathRepr::deserialize(d)? {
+            WirePathRepr::Text(t) => Ok(WirePath(t.into_bytes())),
+            WirePathRepr::Bytes(b) => BASE64
+                .decode(b)
+                .map(WirePath)
+                .map_err(|e| serde::de::Error::custom(format!("invalid base64 path: {e}"))),
+        }
+    }
+}
+
+/// One request line, sent by a client.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Hello(Hello),
+    SandboxAdd(SandboxAdd),
+    SandboxList(SandboxList),
+    SandboxRemove(SandboxRemove),
+    Checkpoint(CheckpointRequest),
+    List(ListRequest),
+    Show(ShowRequest),
+    Diff(DiffRequest),
+    Rollback(RollbackRequest),
+    Status(StatusRequest),
+}
+
+/// Opens a session: must be the first line on a connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol: u32,
+    /// Free text naming the client, for the daemon's log.
+    pub client: String,
+}
+
+/// Registers a directory as a sandbox.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxAdd {
+    /// An absolute path to an existing directory.
+    pub path: WirePath,
+    /// Defaults to the directory's last component.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Glob patterns, matched against paths relative to the sandbox root.
+    #[serde(default)]
+    pub excludes: Vec<String>,
+    /// Where this sandbox's objects live; defaults to the daemon's store.
+    /// Put it on the sandbox's filesystem to get reflinks.
+    #[serde(default)]
+    pub store: Option<WirePath>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxList {}
+
+/// Unregisters a sandbox. The sandbox directory itself is never touched.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRemove {
+    pub sandbox: String,
+    /// Also delete the sandbox's checkpoints and collect their objects.
+    #[serde(default)]
+    pub purge: bool,
+}
+
+/// What caused a checkpoint.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// Asked for by a person or a harness.
+    #[default]
+    Manual,
+    /// Taken around an agent's tool call.
+    Tool,
+    /// Taken by the daemon before a rollback, so the rollback can be undone.
+    Safety,
+    /// Taken by the daemon on its own.
+    Auto,
+}
+
+impl CheckpointKind {
+    /// Returns the name used on the wire and in the catalogue.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointKind::Manual => "manual",
+            CheckpointKind::Tool => "tool",
+            CheckpointKind::Safety => "safety",
+            CheckpointKind::Auto => "auto",
+        }
+    }
+
+    /// Parses the name used on the wire and in the catalogue.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "manual" => CheckpointKind::Manual,
+            "tool" => CheckpointKind::Tool,
+            "safety" => CheckpointKind::Safety,
+            "auto" => CheckpointKind::Auto,
+            _ => return None,
+        })
+    }
+}
+
+/// Takes a checkpoint of a sandbox.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// A sandbox name or registered path.
+    pub sandbox: String,
+    #[serde(default)]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The agent tool this checkpoint was taken for.
+    #[serde(default)]
+    pub tool: Option<String>,
+    /// Free text, for example `pre` or `post`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pin: bool,
+    /// Defaults to `tool` when `tool` is given, else `manual`.
+    #[serde(default)]
+    pub kind: Option<CheckpointKind>,
+}
+
+/// Lists checkpoints, newest last.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest {
+    #[serde(default)]
+    pub sandbox: Option<String>,
+    #[serde(default)]
+    pub plan: Option<String>,
+}
+
+/// Shows one checkpoint. `checkpoint` is a ULID or a unique prefix of one.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShowRequest {
+    pub checkpoint: String,
+}
+
+/// Compares a checkpoint with a later one, or with the live tree when `to`
+/// is absent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiffRequest {
+    pub from: String,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// Brings a sandbox back to a checkpoint.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub checkpoint: String,
+    /// Restrict the rollback to these sandbox-relative paths (and everything
+    /// below the directories among them). Empty means the whole sandbox.
+    #[serde(default)]
+    pub paths: Vec<WirePath>,
+    /// Report what would change, touching nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {}
+
+/// One response line, sent by the daemon.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Welcome(Welcome),
+    Sandbox(SandboxInfo),
+    Sandboxes(Sandboxes),
+    Checkpoint(CheckpointInfo),
+    Checkpoints(Checkpoints),
+    Diff(DiffReport),
+    Rollback(RollbackReport),
+    Status(StatusReport),
+    Error(ErrorBody),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Welcome {
+    pub protocol: u32,
+    /// The daemon's name and version.
+    pub daemon: String,
+}
+
+/// How a sandbox's files are copied into its store.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneMethod {
+    /// Copy-on-write clones (`FICLONE`): no data is copied.
+    Reflink,
+    /// Sparse-aware copies: the store is on another filesystem, or the
+    /// filesystem cannot clone.
+    Copy,
+}
+
+impl CloneMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloneMethod::Reflink => "reflink",
+            CloneMethod::Copy => "copy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "reflink" => Some(CloneMethod::Reflink),
+            "copy" => Some(CloneMethod::Copy),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SandboxInfo {
+    pub name: String,
+    pub path: WirePath,
+    pub store: WirePath,
+    pub clone_method: CloneMethod,
+    /// Why the clone method is what it is, in a sentence.
+    pub clone_note: String,
+    pub excludes: Vec<String>,
+    /// `active`, or `removed` for a sandbox unregistered without `--purge`.
+    pub state: String,
+    pub owner_uid: u32,
+    pub checkpoints: u64,
+    pub created_unix_ms: i64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Sandboxes {
+    pub sandboxes: Vec<SandboxInfo>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CheckpointInfo {
+    pub id: String,
+    pub sandbox: String,
+    /// Position in the sandbox's history, from 1.
+    pub seq: u64,
+    /// The previous checkpoint of the same sandbox.
+    pub parent: Option<String>,
+    pub plan: Option<String>,
+    pub reason: Option<String>,
+    pub tool: Option<String>,
+    pub phase: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub kind: CheckpointKind,
+    pub pinned: bool,
+    pub created_unix_ms: i64,
+    /// Regular files in the checkpoint.
+    pub files: u64,
+    /// Directories in the checkpoint.
+    pub dirs: u64,
+    /// Symlinks in the checkpoint.
+    pub symlinks: u64,
+    /// Apparent bytes of the checkpoint's regular files.
+    pub bytes: u64,
+    /// Paths this checkpoint recorded as new, changed or deleted since its
+    /// parent.
+    pub changed: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Checkpoints {
+    pub checkpoints: Vec<CheckpointInfo>,
+}
+
+/// How one path differs between two states.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+    TypeChanged,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Added => "added",
+            ChangeKind::Modified => "modified",
+            ChangeKind::Deleted => "deleted",
+            ChangeKind::TypeChanged => "type_changed",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Change {
+    pub path: WirePath,
+    pub change: ChangeKind,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DiffReport {
+    pub from: String,
+    /// `None` when compared with the live tree.
+    pub to: Option<String>,
+    /// Sorted by path.
+    pub changes: Vec<Change>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct RollbackReport {
+    pub checkpoint: String,
+    pub sandbox: String,
+    /// The checkpoint of the pre-rollback state; rolling back to it undoes
+    /// this rollback. `None` on a dry run.
+    pub safety_checkpoint: Option<String>,
+    pub dry_run: bool,
+    /// Paths that existed and were replaced or had their metadata reset.
+    pub restored: u64,
+    /// Paths that were missing and were created.
+    pub created: u64,
+    /// Paths that were removed.
+    pub deleted: u64,
+    /// Paths of the checkpoint that already matched.
+    pub unchanged: u64,
+    /// Every path touched (or, on a dry run, that would be), sorted.
+    pub changed: Vec<WirePath>,
+    /// The removed paths among `changed`.
+    pub removed: Vec<WirePath>,
+    /// Paths that could not be brought back (sockets, devices) or could not
+    /// be removed because they hold excluded files.
+    pub skipped: Vec<WirePath>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SandboxStatus {
+    pub name: String,
+    pub path: WirePath,
+    pub state: String,
+    pub clone_method: CloneMethod,
+    pub checkpoints: u64,
+    /// Bytes of the objects that this sandbox's checkpoints reference.
+    pub store_bytes: u64,
+    pub last_checkpoint: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    pub daemon: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub state_dir: WirePath,
+    pub socket: WirePath,
+    pub sandboxes: Vec<SandboxStatus>,
+}
+
+/// A stable error code; scripts match on these, never on messages.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    /// A checkpoint prefix matched more than one checkpoint.
+    Ambiguous,
+    AlreadyExists,
+    PlanApplied,
+    PermissionDenied,
+    InvalidRequest,
+    ProtocolMismatch,
+    Busy,
+    Io,
+    Internal,
+    /// A code this client does not know (from a newer daemon).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Ambiguous => "ambiguous",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::PlanApplied => "plan_applied",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::ProtocolMismatch => "protocol_mismatch",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Io => "io",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_travel_as_text_or_base64_bytes() {
+        let text = WirePath(b"dir/file.txt".to_vec());
+        assert_eq!(serde_json::to_string(&text).unwrap(), r#"{"text":"dir/file.txt"}"#);
+        let bytes = WirePath(b"caf\xe9\n".to_vec());
+        let json = serde_json::to_string(&bytes).unwrap();
+        assert_eq!(json, r#"{"bytes":"Y2Fm6Qo="}"#);
+        assert_eq!(serde_json::from_str::<WirePath>(&json).unwrap(), bytes);
+        assert!(serde_json::from_str::<WirePath>(r#"{"bytes":"!!"}"#).is_err());
+    }
+
+    #[test]
+    fn requests_are_tagged_by_type() {
+        let req = Request::Rollback(RollbackRequest {
+            checkpoint: "01J".into(),
+            paths: vec![WirePath(b"a".to_vec())],
+            dry_run: true,
+        });
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"rollback","checkpoint":"01J","paths":[{"text":"a"}],"dry_run":true}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+        let minimal: Request = serde_json::from_str(r#"{"type":"checkpoint","sandbox":"s"}"#).unwrap();
+        assert_eq!(
+            minimal,
+            Request::Checkpoint(CheckpointRequest { sandbox: "s".into(), ..Default::default() })
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"type":"launch_missiles"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"status","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_error_codes_decode_as_unknown() {
+        let body: ErrorBody = serde_json::from_str(r#"{"code":"new_thing","message":"m"}"#).unwrap();
+        assert_eq!(body.code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn display_escapes_unprintable_paths() {
+        assert_eq!(WirePath(b"a/b".to_vec()).display(), "a/b");
+        assert_eq!(WirePath(b"a\nb".to_vec()).display(), "\"a\\nb\"");
+        assert_eq!(WirePath(b"\xff".to_vec()).display(), "\"\\xff\"");
+    }
+}

@@ -1,0 +1,454 @@
+//! Capture: compares the live tree with the current manifest and returns
+//! the new versions a checkpoint must record.
+//!
+//! A scan lstat-s every path in its scope and compares type, mode, owner,
+//! size, mtime, ctime and inode with the current version; only paths that
+//! differ are read. Files are read (hashed, and cloned into the store) by a
+//! few worker threads fed through a bounded channel while the walk goes on.
+//! Symlinks are never followed; FIFOs, sockets and devices are recorded and
+//! never opened.
+//!
+//! The scope is a value, not a log line: [`Scope::Everything`] compares the
+//! whole tree, [`Scope::Paths`] only the given subtrees (what a watcher
+//! marked dirty).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::catalogue::NewRow;
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{Kind, Live, Manifest, Meta, Row, StatKey, is_within, join};
+use crate::store::{Store, hash_fd};
+use crate::sys;
+
+/// Names starting with this are the daemon's own temporary files (written
+/// during a rollback and renamed into place); they are never captured.
+pub const TEMP_PREFIX: &[u8] = b".snapback-tmp.";
+
+/// What to compare with the manifest.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    /// The whole tree.
+    Everything,
+    /// These sandbox-relative paths and everything below them.
+    Paths(Vec<Vec<u8>>),
+}
+
+impl Scope {
+    /// Returns the scope as a list of disjoint path prefixes (`""`: all).
+    pub fn prefixes(&self) -> Vec<Vec<u8>> {
+        match self {
+            Scope::Everything => vec![Vec::new()],
+            Scope::Paths(paths) => {
+                let mut sorted = paths.clone();
+                sorted.sort();
+                let mut out: Vec<Vec<u8>> = Vec::new();
+                for p in sorted {
+                    if !out.last().is_some_and(|last| is_within(&p, last)) {
+                        out.push(p);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// A sandbox's exclude patterns. A pattern containing `/` is matched
+/// against the whole sandbox-relative path; one without `/` against every
+/// path's last component, at any depth. `*` never crosses a `/`.
+pub struct Excludes {
+    full: GlobSet,
+    base: GlobSet,
+}
+
+impl Excludes {
+    pub fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut full = GlobSetBuilder::new();
+        let mut base = GlobSetBuilder::new();
+        for p in patterns {
+            let glob = GlobBuilder::new(p.trim_start_matches('/'))
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| Error::InvalidRequest(format!("exclude pattern {p:?}: {e}")))?;
+            if p.contains('/') { full.add(glob) } else { base.add(glob) };
+        }
+        let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::InvalidRequest(format!("exclude patterns: {e}")));
+        Ok(Excludes { full: build(full)?, base: build(base)? })
+    }
+
+    /// Whether the relative `path`, whose last component is `name`, is excluded.
+    pub fn is_excluded(&self, path: &[u8], name: &[u8]) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let as_path = |b: &[u8]| std::path::Path::new(std::ffi::OsStr::from_bytes(b)).to_owned();
+        (!self.base.is_empty() && self.base.is_match(as_path(name)))
+            || (!self.full.is_empty() && self.full.is_match(as_path(path)))
+    }
+
+    /// Whether `path` or any of its ancestors is excluded.
+    pub fn covers(&self, path: &[u8]) -> bool {
+        let mut end = 0;
+        loop {
+            let next = path[end..].iter().position(|&b| b == b'/').map(|i| end + i);
+            let prefix = &path[..next.unwrap_or(path.len())];
+            let name = &prefix[prefix.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1)..];
+            if self.is_excluded(prefix, name) {
+                return true;
+            }
+            match next {
+                Some(i) => end = i + 1,
+                None => return false,
+            }
+        }
+    }
+}
+
+/// Settings of one capture.
+pub struct Options<'a> {
+    pub root: BorrowedFd<'a>,
+    pub excludes: &'a Excludes,
+    /// Where to put new content; `None` only hashes (a dry run).
+    pub store: Option<&'a Store>,
+    pub reflink: bool,
+    /// A path whose mtime or ctime is at or after this instant is racy.
+    pub racy_after_ns: i64,
+}
+
+/// Counters of one capture.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Stats {
+    pub scanned: u64,
+    pub read: u64,
+    pub reflinked: u64,
+    pub copied: u64,
+}
+
+/// What a capture found.
+#[derive(Default)]
+pub struct Captured {
+    /// New versions.
+    pub added: Vec<NewRow>,
+    /// Current versions that end here (replaced or deleted), with their paths.
+    pub ended: Vec<(Vec<u8>, Row)>,
+    /// Current versions whose content holds but whose live stat moved.
+    pub rekeyed: Vec<(i64, StatKey)>,
+    pub stats: Stats,
+}
+
+impl Captured {
+    /// Number of distinct paths that are new, changed or gone.
+    pub fn changed_paths(&self) -> u64 {
+        let ended: std::collections::HashSet<&[u8]> = self.ended.iter().map(|(p, _)| p.as_slice()).collect();
+        let replaced = self.added.iter().filter(|a| ended.contains(a.path.as_slice())).count();
+        (self.added.len() + self.ended.len() - replaced) as u64
+    }
+
+    /// Applies this capture to `current` (the manifest it was compared
+    /// with), giving the live state.
+    pub fn apply_to(&self, current: &mut Manifest) {
+        for (path, _) in &self.ended {
+            current.remove(path);
+        }
+        for a in &self.added {
+            current.insert(a.path.clone(), Row { id: 0, meta: a.meta.clone(), key: a.key });
+        }
+    }
+}
+
+enum Outcome {
+    Version(NewRow, Option<Row>),
+    Rekey(i64, StatKey),
+    Gone(Vec<u8>, Row),
+}
+
+struct Job {
+    path: Vec<u8>,
+    dir: Arc<OwnedFd>,
+    name: Vec<u8>,
+    prior: Option<Row>,
+}
+
+/// Compares the live tree in `scope` with `current` (the current versions
+/// of every path in the scope) and returns what changed.
+pub fn capture(current: Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let outcomes = Mutex::new(Vec::<Outcome>::new());
+    let failure = Mutex::new(None::<Error>);
+    let (tx, rx) = sync_channel::<Job>(4096);
+    let rx = Mutex::new(rx);
+    let mut walker = Walker { opts, current, tx: Some(tx), outcomes: Vec::new(), stats: Stats::default() };
+    let walked = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            handles.push(s.spawn(|| work(&rx, opts, &outcomes, &failure)));
+        }
+        let walked = walker.walk(scope);
+        walker.tx = None; // close the channel: workers drain it and stop
+        let mut worker_stats = Stats::default();
+        for h in handles {
+            let st = h.join().unwrap_or_default();
+            worker_stats.read += st.read;
+            worker_stats.reflinked += st.reflinked;
+            worker_stats.copied += st.copied;
+        }
+        walked.map(|()| worker_stats)
+    });
+    let worker_stats = walked?;
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut out = Captured {
+        stats: Stats { scanned: walker.stats.scanned, ..worker_stats },
+        ..Captured::default()
+    };
+    out.stats.read += walker.stats.read;
+    let all = walker.outcomes.into_iter().chain(outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
+    for o in all {
+        match o {
+            Outcome::Version(new, prior) => {
+                if let Some(prior) = prior {
+                    out.ended.push((new.path.clone(), prior));
+                }
+                out.added.push(new);
+            }
+            Outcome::Rekey(id, key) => out.rekeyed.push((id, key)),
+            Outcome::Gone(path, row) => out.ended.push((path, row)),
+        }
+    }
+    // Whatever was current and not seen is gone.
+    out.ended.extend(walker.current);
+    Ok(out)
+}
+
+struct Walker<'a> {
+    opts: &'a Options<'a>,
+    current: Manifest,
+    tx: Option<SyncSender<Job>>,
+    outcomes: Vec<Outcome>,
+    stats: Stats,
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, scope: &Scope) -> Result<()> {
+        // Pending directories: (path, parent fd, name); opened when popped so
+        // that open fds stay bounded by the depth of the tree.
+        let mut pending: Vec<(Vec<u8>, Arc<OwnedFd>)> = Vec::new();
+        for prefix in scope.prefixes() {
+            if prefix.is_empty() {
+                let root = sys::open_beneath(self.opts.root, b"").ctx(|| "opening the sandbox root".into())?;
+                pending.push((Vec::new(), Arc::new(root)));
+                continue;
+            }
+            if self.opts.excludes.covers(&prefix) || prefix.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let (parent, name) = sys::split_parent(&prefix);
+            let parent_fd = match sys::open_beneath(self.opts.root, parent) {
+                Ok(fd) => Arc::new(fd),
+                Err(e) if gone(&e) => continue, // the subtree is gone
+                Err(e) => return Err(e).ctx(|| format!("opening {}", show(parent))),
+            };
+            if let Some(dir) = self.visit(prefix.clone(), &parent_fd, name.to_vec())? {
+                pending.push((prefix, dir));
+            }
+        }
+        while let Some((path, dir)) = pending.pop() {
+            let entries = match sys::read_dir(dir.as_fd()) {
+                Ok(e) => e,
+                Err(e) => return Err(e).ctx(|| format!("listing {}", show(&path))),
+            };
+            for e in entries {
+                if e.name.starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let child = join(&path, &e.name);
+                if self.opts.excludes.is_excluded(&child, &e.name) {
+                    continue;
+                }
+                if let Some(sub) = self.visit(child.clone(), &dir, e.name)? {
+                    pending.push((child, sub));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares one path; returns its fd when it is a directory to descend into.
+    fn visit(&mut self, path: Vec<u8>, dir: &Arc<OwnedFd>, name: Vec<u8>) -> Result<Option<Arc<OwnedFd>>> {
+        self.stats.scanned += 1;
+        let st = match sys::lstatat(dir.as_fd(), &name) {
+            Ok(st) => st,
+            Err(e) if gone(&e) => return Ok(None), // vanished: its row ends
+            Err(e) => return Err(e).ctx(|| format!("reading {}", show(&path))),
+        };
+        let live = Live::from_stat(&st, self.opts.racy_after_ns);
+        let prior = self.current.remove(&path);
+        let unchanged = prior.as_ref().is_some_and(|p| live.matches(p));
+        match live.kind {
+            Kind::File => {
+                if !unchanged {
+                    let job = Job { path, dir: dir.clone(), name, prior };
+                    if let Some(tx) = &self.tx {
+                        tx.send(job).map_err(|_| Error::Internal("capture workers stopped".into()))?;
+                    }
+                }
+                Ok(None)
+            }
+            Kind::Dir => {
+                let fd = match sys::openat(dir.as_fd(), &name, sys::DIR_FLAGS, 0) {
+                    Ok(fd) => fd,
+                    Err(e) if gone(&e) => {
+                        if let Some(p) = prior {
+                            self.outcomes.push(Outcome::Gone(path, p));
+                        }
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e).ctx(|| format!("opening {}", show(&path))),
+                };
+                if !unchanged {
+                    self.record(path, live.to_meta(None, None), live.key, prior);
+                }
+                Ok(Some(Arc::new(fd)))
+            }
+            Kind::Symlink => {
+                if !unchanged {
+                    let target = match sys::readlinkat(dir.as_fd(), &name) {
+                        Ok(t) => t,
+                        Err(e) if gone(&e) => {
+                            if let Some(p) = prior {
+                                self.outcomes.push(Outcome::Gone(path, p));
+                            }
+                            return Ok(None);
+                        }
+                        Err(e) => return Err(e).ctx(|| format!("reading the link {}", show(&path))),
+                    };
+                    self.stats.read += 1;
+                    self.record(path, live.to_meta(Some(target), None), live.key, prior);
+                }
+                Ok(None)
+            }
+            Kind::Special => {
+                if !unchanged {
+                    self.record(path, live.to_meta(None, None), live.key, prior);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn record(&mut self, path: Vec<u8>, meta: Meta, key: StatKey, prior: Option<Row>) {
+        self.outcomes.push(outcome(path, meta, key, prior));
+    }
+}
+
+fn outcome(path: Vec<u8>, meta: Meta, key: StatKey, prior: Option<Row>) -> Outcome {
+    match prior {
+        Some(p) if p.meta == meta => Outcome::Rekey(p.id, key),
+        prior => Outcome::Version(NewRow { path, meta, key }, prior),
+    }
+}
+
+fn work(rx: &Mutex<Receiver<Job>>, opts: &Options<'_>, outcomes: &Mutex<Vec<Outcome>>, failure: &Mutex<Option<Error>>) -> Stats {
+    let mut stats = Stats::default();
+    let mut local = Vec::new();
+    loop {
+        let job = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => break,
+        };
+        let Ok(job) = job else { break };
+        if failure.lock().is_ok_and(|f| f.is_some()) {
+            continue; // drain without working: the capture has failed
+        }
+        match read_file(job, opts, &mut stats) {
+            Ok(Some(o)) => local.push(o),
+            Ok(None) => {}
+            Err(e) => {
+                if let Ok(mut f) = failure.lock() {
+                    f.get_or_insert(e);
+                }
+            }
+        }
+    }
+    if let Ok(mut all) = outcomes.lock() {
+        all.extend(local);
+    }
+    stats
+}
+
+fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<Outcome>> {
+    let Job { path, dir, name, prior } = job;
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let fd = match sys::openat(dir.as_fd(), &name, flags, 0) {
+        Ok(fd) => fd,
+        Err(e) if gone(&e) => return Ok(prior.map(|p| Outcome::Gone(path, p))),
+        Err(e) => return Err(e).ctx(|| format!("opening {}", show(&path))),
+    };
+    let st = sys::fstat(fd.as_fd()).ctx(|| format!("reading {}", show(&path)))?;
+    if Kind::of_mode(st.st_mode) != Kind::File {
+        // Swapped for something else since the lstat: keep the old version
+        // and have the next scan look again.
+        return Ok(prior.map(|p| Outcome::Rekey(p.id, StatKey { racy: true, ..p.key })));
+    }
+    stats.read += 1;
+    let (hash, st, unstable) = match opts.store {
+        Some(store) => {
+            let put = store.put(fd.as_fd(), opts.reflink).ctx(|| format!("storing {}", show(&path)))?;
+            stats.reflinked += put.reflinked as u64;
+            stats.copied += put.copied as u64;
+            (put.hash, put.stat, put.unstable)
+        }
+        None => {
+            let hash = hash_fd(fd.as_fd(), st.st_size as u64).ctx(|| format!("reading {}", show(&path)))?;
+            let after = sys::fstat(fd.as_fd()).ctx(|| format!("reading {}", show(&path)))?;
+            let moved = sys::ctime_ns(&after) != sys::ctime_ns(&st) || after.st_size != st.st_size;
+            (hash, st, moved)
+        }
+    };
+    let mut live = Live::from_stat(&st, opts.racy_after_ns);
+    live.key.racy |= unstable;
+    Ok(Some(outcome(path, live.to_meta(None, Some(hash)), live.key, prior)))
+}
+
+/// Whether an error means the path is no longer there (or is no longer a
+/// directory on the way to it).
+fn gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP))
+}
+
+/// Returns a printable form of a relative path.
+pub fn show(path: &[u8]) -> String {
+    if path.is_empty() {
+        return "the sandbox root".into();
+    }
+    snapback::proto::WirePath(path.to_vec()).display()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excludes_match_names_anywhere_and_paths_from_the_root() {
+        let ex = Excludes::new(&["*.o".into(), "node_modules".into(), "build/out".into()]).unwrap();
+        assert!(ex.is_excluded(b"a/b/x.o", b"x.o"));
+        assert!(ex.is_excluded(b"web/node_modules", b"node_modules"));
+        assert!(ex.is_excluded(b"build/out", b"out"));
+        assert!(!ex.is_excluded(b"src/build/out", b"out"));
+        assert!(!ex.is_excluded(b"x.c", b"x.c"));
+        assert!(ex.covers(b"web/node_modules/react/index.js"));
+        assert!(!ex.covers(b"web/src/index.js"));
+        assert!(Excludes::new(&["[".into()]).is_err());
+    }
+
+    #[test]
+    fn scope_prefixes_drop_nested_paths() {
+        let s = Scope::Paths(vec![b"a/b".to_vec(), b"a".to_vec(), b"ab".to_vec()]);
+        assert_eq!(s.prefixes(), vec![b"a".to_vec(), b"ab".to_vec()]);
+        assert_eq!(Scope::Everything.prefixes(), vec![Vec::<u8>::new()]);
+    }
+}

@@ -1,0 +1,508 @@
+//! The SQLite catalogue: sandboxes, checkpoints and path versions.
+//!
+//! The schema changes only through the numbered files in `migrations/`,
+//! embedded here and applied in order at open; `PRAGMA user_version` holds
+//! the number of the last one applied. A database from a newer schema is
+//! refused, never guessed at.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use snapback::proto::{CheckpointInfo, CheckpointKind, CloneMethod};
+
+use crate::error::{Error, Result};
+use crate::manifest::{Kind, Manifest, Meta, Row, StatKey};
+
+/// The migrations, in order. Migration `i` (from 0) takes the schema from
+/// version `i` to `i + 1`.
+pub const MIGRATIONS: &[(&str, &str)] = &[("0001_init.sql", include_str!("../../migrations/0001_init.sql"))];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Opens (creating if needed) the catalogue at `path` and brings its schema
+/// up to date.
+pub fn open(path: &Path) -> Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    configure(&conn)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Opens a further connection to an already migrated catalogue.
+pub fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    configure(&conn)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Applies every migration past the database's version, each in its own
+/// transaction together with the version bump.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(Error::Internal(format!(
+            "the catalogue has schema version {current}, newer than this snapbackd understands \
+             ({SCHEMA_VERSION}); run a newer snapbackd or restore an older state directory"
+        )));
+    }
+    for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .map_err(|e| Error::Internal(format!("applying migration {name}: {e}")))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// A registered sandbox, as stored.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    pub id: i64,
+    pub name: String,
+    pub root: Vec<u8>,
+    pub store: Vec<u8>,
+    pub clone_method: CloneMethod,
+    pub clone_note: String,
+    pub excludes: Vec<String>,
+    pub owner_uid: u32,
+    pub state: String,
+    pub head_seq: u64,
+    pub created_ms: i64,
+}
+
+const SANDBOX_COLS: &str =
+    "id, name, root, store, clone_method, clone_note, excludes, owner_uid, state, head_seq, created_ms";
+
+fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sandbox> {
+    let method: String = r.get(4)?;
+    let excludes: String = r.get(6)?;
+    Ok(Sandbox {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        root: r.get(2)?,
+        store: r.get(3)?,
+        clone_method: CloneMethod::parse(&method).unwrap_or(CloneMethod::Copy),
+        clone_note: r.get(5)?,
+        excludes: serde_json::from_str(&excludes).unwrap_or_default(),
+        owner_uid: r.get(7)?,
+        state: r.get(8)?,
+        head_seq: r.get::<_, i64>(9)? as u64,
+        created_ms: r.get(10)?,
+    })
+}
+
+pub fn sandboxes(conn: &Connection) -> Result<Vec<Sandbox>> {
+    let mut stmt = conn.prepare(&format!("SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY name"))?;
+    let rows = stmt.query_map([], sandbox_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Finds a sandbox by name, or by its root path given as an absolute path.
+pub fn sandbox_by_ref(conn: &Connection, reference: &str) -> Result<Sandbox> {
+    let sql = format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE name = ?1 OR root = ?2");
+    conn.query_row(&sql, params![reference, reference.as_bytes()], sandbox_from_row)
+        .optional()?
+        .ok_or_else(|| Error::NotFound(format!("no sandbox named or rooted at {reference:?}")))
+}
+
+pub fn sandbox_by_id(conn: &Connection, id: i64) -> Result<Sandbox> {
+    let sql = format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = ?1");
+    conn.query_row(&sql, [id], sandbox_from_row)
+        .optional()?
+        .ok_or_else(|| Error::NotFound(format!("no sandbox with id {id}")))
+}
+
+/// Inserts a sandbox and returns its id.
+pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
+    conn.execute(
+        "INSERT INTO sandboxes (name, root, store, clone_method, clone_note, excludes, owner_uid, state, head_seq, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', 0, ?8)",
+        params![
+            s.name,
+            s.root,
+            s.store,
+            s.clone_method.as_str(),
+            s.clone_note,
+            serde_json::to_string(&s.excludes).map_err(|e| Error::Internal(e.to_string()))?,
+            s.owner_uid,
+            s.created_ms
+        ],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+pub fn set_sandbox_state(conn: &Connection, id: i64, state: &str) -> Result<()> {
+    conn.execute("UPDATE sandboxes SET state = ?2 WHERE id = ?1", params![id, state])?;
+    Ok(())
+}
+
+pub fn delete_sandbox(conn: &Connection, id: i64) -> Result<()> {
+    conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+const ENTRY_COLS: &str = "id, path, kind, mode, uid, gid, size, mtime_ns, target, object, ctime_ns, ino, racy";
+
+fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Row)> {
+    let kind: String = r.get(2)?;
+    let kind = Kind::parse(&kind).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, "unknown entry kind".into())
+    })?;
+    let row = Row {
+        id: r.get(0)?,
+        meta: Meta {
+            kind,
+            mode: r.get(3)?,
+            uid: r.get(4)?,
+            gid: r.get(5)?,
+            size: r.get::<_, i64>(6)? as u64,
+            mtime_ns: r.get(7)?,
+            target: r.get(8)?,
+            object: r.get(9)?,
+        },
+        key: StatKey { ctime_ns: r.get(10)?, ino: r.get::<_, i64>(11)? as u64, racy: r.get(12)? },
+    };
+    Ok((r.get(1)?, row))
+}
+
+/// Returns the byte string just past every path below `prefix/`: the
+/// exclusive upper bound of a range scan for the subtree.
+fn subtree_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut lo = prefix.to_vec();
+    lo.push(b'/');
+    let mut hi = prefix.to_vec();
+    hi.push(b'/' + 1);
+    (lo, hi)
+}
+
+/// Returns the current versions of `prefix` and everything below it
+/// (`prefix` empty: the whole sandbox).
+pub fn current_rows(conn: &Connection, sandbox_id: i64, prefix: &[u8]) -> Result<Manifest> {
+    let mut out = Manifest::new();
+    if prefix.is_empty() {
+        let sql = format!("SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq IS NULL");
+        let mut stmt = conn.prepare_cached(&sql)?;
+        for r in stmt.query_map([sandbox_id], entry_from_row)? {
+            let (path, row) = r?;
+            out.insert(path, row);
+        }
+    } else {
+        let (lo, hi) = subtree_range(prefix);
+        let sql = format!(
+            "SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq IS NULL
+             AND (path = ?2 OR (path >= ?3 AND path < ?4))"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        for r in stmt.query_map(params![sandbox_id, prefix, lo, hi], entry_from_row)? {
+            let (path, row) = r?;
+            out.insert(path, row);
+        }
+    }
+    Ok(out)
+}
+
+/// Returns the state of a sandbox at checkpoint `seq`.
+pub fn rows_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Manifest> {
+    let sql = format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2
+         AND (end_seq IS NULL OR end_seq > ?2)"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut out = Manifest::new();
+    for r in stmt.query_map(params![sandbox_id, seq as i64], entry_from_row)? {
+        let (path, row) = r?;
+        out.insert(path, row);
+    }
+    Ok(out)
+}
+
+/// Returns, for two checkpoints `a < b`, the versions valid at `a` but not
+/// at `b` and those valid at `b` but not at `a`: only the rows that begin
+/// or end between them are read.
+pub fn rows_between(conn: &Connection, sandbox_id: i64, a: u64, b: u64) -> Result<(Manifest, Manifest)> {
+    debug_assert!(a < b);
+    let sql_old = format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq > ?2 AND end_seq <= ?3 AND start_seq <= ?2"
+    );
+    let sql_new = format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND start_seq > ?2 AND start_seq <= ?3
+         AND (end_seq IS NULL OR end_seq > ?3)"
+    );
+    let mut sides = Vec::with_capacity(2);
+    for sql in [sql_old, sql_new] {
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut m = Manifest::new();
+        for r in stmt.query_map(params![sandbox_id, a as i64, b as i64], entry_from_row)? {
+            let (path, row) = r?;
+            m.insert(path, row);
+        }
+        sides.push(m);
+    }
+    let new = sides.pop().unwrap_or_default();
+    let old = sides.pop().unwrap_or_default();
+    Ok((old, new))
+}
+
+/// A new version to record in a checkpoint.
+pub struct NewRow {
+    pub path: Vec<u8>,
+    pub meta: Meta,
+    pub key: StatKey,
+}
+
+/// Everything one checkpoint writes.
+pub struct CheckpointWrite<'a> {
+    pub info: &'a CheckpointInfo,
+    pub sandbox_id: i64,
+    pub scan_start_ns: i64,
+    /// Ids of current rows whose version ends at this checkpoint.
+    pub ended: &'a [i64],
+    pub added: &'a [NewRow],
+    /// Current rows whose content is unchanged but whose live stat moved.
+    pub rekeyed: &'a [(i64, StatKey)],
+}
+
+/// Writes a checkpoint in the caller's transaction. The checkpoint's seq
+/// must be the sandbox's head + 1.
+pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result<()> {
+    let seq = w.info.seq as i64;
+    let head: i64 = tx.query_row("SELECT head_seq FROM sandboxes WHERE id = ?1", [w.sandbox_id], |r| r.get(0))?;
+    if head + 1 != seq {
+        return Err(Error::Internal(format!("checkpoint seq {seq} does not follow head {head}")));
+    }
+    let i = w.info;
+    tx.execute(
+        "INSERT INTO checkpoints (id, sandbox_id, seq, parent, plan, reason, tool, phase, labels, kind, pinned,
+                                  created_ms, scan_start_ns, files, dirs, symlinks, bytes, changed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        params![
+            i.id,
+            w.sandbox_id,
+            seq,
+            i.parent,
+            i.plan,
+            i.reason,
+            i.tool,
+            i.phase,
+            serde_json::to_string(&i.labels).map_err(|e| Error::Internal(e.to_string()))?,
+            i.kind.as_str(),
+            i.pinned,
+            i.created_unix_ms,
+            w.scan_start_ns,
+            i.files as i64,
+            i.dirs as i64,
+            i.symlinks as i64,
+            i.bytes as i64,
+            i.changed as i64
+        ],
+    )?;
+    {
+        let mut end = tx.prepare_cached("UPDATE entries SET end_seq = ?2 WHERE id = ?1 AND end_seq IS NULL")?;
+        for id in w.ended {
+            end.execute(params![id, seq])?;
+        }
+        let mut add = tx.prepare_cached(
+            "INSERT INTO entries (sandbox_id, path, start_seq, kind, mode, uid, gid, size, mtime_ns, target, object,
+                                  ctime_ns, ino, racy)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )?;
+        for r in w.added {
+            let m = &r.meta;
+            add.execute(params![
+                w.sandbox_id,
+                r.path,
+                seq,
+                m.kind.as_str(),
+                m.mode,
+                m.uid,
+                m.gid,
+                m.size as i64,
+                m.mtime_ns,
+                m.target,
+                m.object,
+                r.key.ctime_ns,
+                r.key.ino as i64,
+                r.key.racy
+            ])?;
+        }
+        let mut rekey = tx.prepare_cached("UPDATE entries SET ctime_ns = ?2, ino = ?3, racy = ?4 WHERE id = ?1")?;
+        for (id, key) in w.rekeyed {
+            rekey.execute(params![id, key.ctime_ns, key.ino as i64, key.racy])?;
+        }
+    }
+    tx.execute("UPDATE sandboxes SET head_seq = ?2 WHERE id = ?1", params![w.sandbox_id, seq])?;
+    Ok(())
+}
+
+/// A checkpoint as stored, with the sandbox it belongs to.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub sandbox_id: i64,
+    pub info: CheckpointInfo,
+}
+
+const CHECKPOINT_COLS: &str = "c.id, c.sandbox_id, s.name, c.seq, c.parent, c.plan, c.reason, c.tool, c.phase, c.labels,
+     c.kind, c.pinned, c.created_ms, c.files, c.dirs, c.symlinks, c.bytes, c.changed";
+
+fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    let labels: String = r.get(9)?;
+    let kind: String = r.get(10)?;
+    Ok(Checkpoint {
+        sandbox_id: r.get(1)?,
+        info: CheckpointInfo {
+            id: r.get(0)?,
+            sandbox: r.get(2)?,
+            seq: r.get::<_, i64>(3)? as u64,
+            parent: r.get(4)?,
+            plan: r.get(5)?,
+            reason: r.get(6)?,
+            tool: r.get(7)?,
+            phase: r.get(8)?,
+            labels: serde_json::from_str::<BTreeMap<String, String>>(&labels).unwrap_or_default(),
+            kind: CheckpointKind::parse(&kind).unwrap_or_default(),
+            pinned: r.get(11)?,
+            created_unix_ms: r.get(12)?,
+            files: r.get::<_, i64>(13)? as u64,
+            dirs: r.get::<_, i64>(14)? as u64,
+            symlinks: r.get::<_, i64>(15)? as u64,
+            bytes: r.get::<_, i64>(16)? as u64,
+            changed: r.get::<_, i64>(17)? as u64,
+        },
+    })
+}
+
+/// Finds a checkpoint by its ULID or a unique prefix of one.
+pub fn checkpoint_by_ref(conn: &Connection, reference: &str) -> Result<Checkpoint> {
+    let prefix = reference.to_ascii_uppercase();
+    let crockford = |c: char| c.is_ascii_digit() || (c.is_ascii_uppercase() && !"ILOU".contains(c));
+    if prefix.is_empty() || prefix.len() > 26 || !prefix.chars().all(crockford) {
+        return Err(Error::InvalidRequest(format!("{reference:?} is not a checkpoint id or id prefix")));
+    }
+    let sql = format!(
+        "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN sandboxes s ON s.id = c.sandbox_id
+         WHERE c.id GLOB ?1 ORDER BY c.id LIMIT 2"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let found: Vec<Checkpoint> =
+        stmt.query_map([format!("{prefix}*")], checkpoint_from_row)?.collect::<rusqlite::Result<_>>()?;
+    match found.len() {
+        0 => Err(Error::NotFound(format!("no checkpoint {reference}"))),
+        1 => Ok(found.into_iter().next().unwrap_or_else(|| unreachable!())),
+        _ => Err(Error::Ambiguous(format!("{reference} matches more than one checkpoint; give more of the id"))),
+    }
+}
+
+/// Lists checkpoints, oldest first, optionally of one sandbox and/or plan.
+pub fn checkpoints(conn: &Connection, sandbox_id: Option<i64>, plan: Option<&str>) -> Result<Vec<Checkpoint>> {
+    let sql = format!(
+        "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN sandboxes s ON s.id = c.sandbox_id
+         WHERE (?1 IS NULL OR c.sandbox_id = ?1) AND (?2 IS NULL OR c.plan = ?2)
+         ORDER BY s.name, c.seq"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params![sandbox_id, plan], checkpoint_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Returns the checkpoint at `seq` of a sandbox, if it exists.
+pub fn checkpoint_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Option<Checkpoint>> {
+    let sql = format!(
+        "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN sandboxes s ON s.id = c.sandbox_id
+         WHERE c.sandbox_id = ?1 AND c.seq = ?2"
+    );
+    Ok(conn.query_row(&sql, params![sandbox_id, seq as i64], checkpoint_from_row).optional()?)
+}
+
+pub fn checkpoint_count(conn: &Connection, sandbox_id: i64) -> Result<u64> {
+    Ok(conn.query_row("SELECT count(*) FROM checkpoints WHERE sandbox_id = ?1", [sandbox_id], |r| {
+        r.get::<_, i64>(0)
+    })? as u64)
+}
+
+/// Returns the bytes of the distinct objects a sandbox's versions reference.
+pub fn store_bytes(conn: &Connection, sandbox_id: i64) -> Result<u64> {
+    Ok(conn.query_row(
+        "SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT object, size FROM entries
+         WHERE sandbox_id = ?1 AND object IS NOT NULL)",
+        [sandbox_id],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
+/// Returns every object referenced by any sandbox whose store is `store`.
+pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collections::HashSet<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT DISTINCT e.object FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
+         WHERE s.store = ?1 AND e.object IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([store], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Returns the distinct object stores in use.
+pub fn stores(conn: &Connection) -> Result<Vec<Vec<u8>>> {
+    let mut stmt = conn.prepare("SELECT DISTINCT store FROM sandboxes")?;
+    let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_to_an_empty_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("c.db")).unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        for table in ["sandboxes", "checkpoints", "entries"] {
+            let n: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(n, 1, "table {table} missing");
+        }
+        drop(conn);
+        // Opening again applies nothing and keeps the version.
+        let conn = open(&dir.path().join("c.db")).unwrap();
+        let again: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(again, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn migration_files_are_numbered_without_gaps() {
+        for (i, (name, _)) in MIGRATIONS.iter().enumerate() {
+            assert!(name.starts_with(&format!("{:04}_", i + 1)), "{name} is out of sequence");
+        }
+        let on_disk = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "sql"))
+            .count();
+        assert_eq!(on_disk, MIGRATIONS.len(), "a migration file is not embedded");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        drop(open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(conn);
+        let err = open(&path).unwrap_err().to_string();
+        assert!(err.contains("newer than this snapbackd"), "{err}");
+    }
+}

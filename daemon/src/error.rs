@@ -1,0 +1,65 @@
+//! The daemon's error type. Every error maps to a stable wire code; the
+//! message names the action that failed and never repeats its source.
+
+use std::io;
+
+use snapback::proto::{ErrorBody, ErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Ambiguous(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("catalogue: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::Ambiguous(_) => ErrorCode::Ambiguous,
+            Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                ErrorCode::PermissionDenied
+            }
+            Error::Io { .. } => ErrorCode::Io,
+            Error::Db(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                ErrorCode::Busy
+            }
+            Error::Db(_) | Error::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn to_body(&self) -> ErrorBody {
+        ErrorBody { code: self.code(), message: self.to_string() }
+    }
+}
+
+/// Adds the action that failed to an `io::Error`.
+pub trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io { context: context(), source })
+    }
+}

@@ -1,0 +1,71 @@
+//! snapbackd: keeps copy-on-write checkpoints of sandbox directories and
+//! rolls them back on request.
+//!
+//! [`run`] is the whole daemon: it opens the state directory and catalogue,
+//! binds the socket, and serves until `shutdown` resolves. The `snapbackd`
+//! binary parses arguments and calls it; tests call it too.
+
+pub mod capture;
+pub mod catalogue;
+pub mod engine;
+pub mod error;
+pub mod manifest;
+pub mod restore;
+pub mod server;
+pub mod store;
+pub mod sys;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use error::{Error, Result};
+
+/// The daemon's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The Unix socket to serve.
+    pub socket: PathBuf,
+    /// Holds the catalogue (`catalogue.db`) and the default object store.
+    pub state_dir: PathBuf,
+}
+
+/// Runs the daemon until `shutdown` resolves: migrations first, then the
+/// socket, so that a client that can connect finds the catalogue ready. The
+/// socket file is removed on the way out.
+pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
+    raise_fd_limit();
+    let engine = Arc::new(engine::Engine::open(&config.state_dir, &config.socket)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("snapbackd")
+        .build()
+        .map_err(|e| Error::Io { context: "starting the runtime".into(), source: e })?;
+    let std_listener = server::bind(&config.socket)?;
+    let result = runtime.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(std_listener)
+            .map_err(|e| Error::Io { context: "registering the socket".into(), source: e })?;
+        tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "snapbackd ready");
+        server::serve(listener, engine, shutdown).await;
+        Ok(())
+    });
+    let _ = std::fs::remove_file(&config.socket);
+    // Dropping the runtime waits for requests already running on the
+    // blocking pool: a checkpoint or rollback in progress completes.
+    drop(runtime);
+    tracing::info!("snapbackd stopped");
+    result
+}
+
+/// Raises the soft limit of open files to the hard limit: a scan holds one
+/// fd per directory level and per queued file.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! `snapbackd`: parses arguments, sets up logging and calls
+//! [`snapback_daemon::run`] until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The snapback daemon: copy-on-write checkpoints and rollbacks of sandbox
+/// directories, served over a Unix socket.
+#[derive(Parser)]
+#[command(name = "snapbackd", version)]
+struct Args {
+    /// The socket to serve [default: $SNAPBACK_SOCKET, then
+    /// $XDG_RUNTIME_DIR/snapback/snapbackd.sock, then
+    /// /run/snapback/snapbackd.sock for root]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Where the catalogue and the default object store live [default:
+    /// /var/lib/snapback for root, else $XDG_STATE_HOME/snapback]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SNAPBACK_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Some(socket) = args.socket.or_else(snapback::defaults::socket_path) else {
+        eprintln!("snapbackd: no socket path: pass --socket, or set SNAPBACK_SOCKET or XDG_RUNTIME_DIR");
+        return ExitCode::from(2);
+    };
+    let Some(state_dir) = args.state_dir.or_else(snapback::defaults::state_dir) else {
+        eprintln!("snapbackd: no state directory: pass --state-dir, or set XDG_STATE_HOME or HOME");
+        return ExitCode::from(2);
+    };
+    let config = snapback_daemon::Config { socket, state_dir };
+    match snapback_daemon::run(config, shutdown_signal()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("snapbackd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the daemon would ignore stop requests;
+        // stop right away instead of running unstoppable.
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}

@@ -1,0 +1,190 @@
+//! What a checkpoint records about one path, and how a live `lstat`
+//! compares with it.
+
+use std::collections::HashMap;
+
+/// The type of a path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// A FIFO, socket or device node: recorded, never opened.
+    Special,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Dir => "dir",
+            Kind::Symlink => "symlink",
+            Kind::Special => "special",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "file" => Kind::File,
+            "dir" => Kind::Dir,
+            "symlink" => Kind::Symlink,
+            "special" => Kind::Special,
+            _ => return None,
+        })
+    }
+
+    /// Returns the kind of an `st_mode`.
+    pub fn of_mode(st_mode: u32) -> Kind {
+        match st_mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            _ => Kind::Special,
+        }
+    }
+}
+
+/// The recorded state of one path: everything a rollback restores.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Meta {
+    pub kind: Kind,
+    /// Permission bits (`0o7777`); for specials, the full `st_mode`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Apparent size of a file; 0 otherwise.
+    pub size: u64,
+    /// Modification time of a file; 0 otherwise (directory times change
+    /// with every entry and are not restored).
+    pub mtime_ns: i64,
+    /// Target of a symlink.
+    pub target: Option<Vec<u8>>,
+    /// blake3 of a file's content, hex: the name of its store object.
+    pub object: Option<String>,
+}
+
+/// What the live path looked like when it was last compared. Used to decide
+/// whether a path must be read again; never restored.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StatKey {
+    pub ctime_ns: i64,
+    pub ino: u64,
+    /// The path changed so close to its scan that an equal stat later does
+    /// not prove it unchanged.
+    pub racy: bool,
+}
+
+/// One version of a path, as stored in the catalogue.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub id: i64,
+    pub meta: Meta,
+    pub key: StatKey,
+}
+
+/// A sandbox state: relative path to its version.
+pub type Manifest = HashMap<Vec<u8>, Row>;
+
+/// A live path's stat, reduced to what capture compares.
+#[derive(Clone, Debug)]
+pub struct Live {
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub key: StatKey,
+}
+
+impl Live {
+    /// Reduces an `lstat` result. `racy_after_ns`: a path whose mtime or
+    /// ctime is at or after this instant is marked racy.
+    pub fn from_stat(st: &libc::stat, racy_after_ns: i64) -> Live {
+        let kind = Kind::of_mode(st.st_mode);
+        let (size, mtime_ns) = match kind {
+            Kind::File => (st.st_size as u64, crate::sys::mtime_ns(st)),
+            _ => (0, 0),
+        };
+        let ctime_ns = crate::sys::ctime_ns(st);
+        let mode = match kind {
+            Kind::Special => st.st_mode,
+            _ => st.st_mode & 0o7777,
+        };
+        Live {
+            kind,
+            mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size,
+            mtime_ns,
+            key: StatKey {
+                ctime_ns,
+                ino: st.st_ino,
+                racy: ctime_ns >= racy_after_ns || crate::sys::mtime_ns(st) >= racy_after_ns,
+            },
+        }
+    }
+
+    /// Whether this stat proves the path still holds `row` without reading
+    /// it: same type, metadata, inode and ctime, and the row was not racy.
+    pub fn matches(&self, row: &Row) -> bool {
+        let m = &row.meta;
+        !row.key.racy
+            && self.key.ino == row.key.ino
+            && self.key.ctime_ns == row.key.ctime_ns
+            && self.kind == m.kind
+            && self.mode == m.mode
+            && self.uid == m.uid
+            && self.gid == m.gid
+            && self.size == m.size
+            && self.mtime_ns == m.mtime_ns
+    }
+
+    /// Builds the recorded state from this stat plus what had to be read.
+    pub fn to_meta(&self, target: Option<Vec<u8>>, object: Option<String>) -> Meta {
+        Meta {
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            target,
+            object,
+        }
+    }
+}
+
+/// Whether `path` is `prefix` itself or lies below it (`prefix` empty: any).
+pub fn is_within(path: &[u8], prefix: &[u8]) -> bool {
+    prefix.is_empty()
+        || (path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/'))
+}
+
+/// Joins a relative directory and a name.
+pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        return name.to_vec();
+    }
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    p.extend_from_slice(dir);
+    p.push(b'/');
+    p.extend_from_slice(name);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_respects_component_boundaries() {
+        assert!(is_within(b"a/b", b"a"));
+        assert!(is_within(b"a", b"a"));
+        assert!(!is_within(b"ab", b"a"));
+        assert!(is_within(b"x", b""));
+        assert_eq!(join(b"", b"x"), b"x");
+        assert_eq!(join(b"a", b"x"), b"a/x");
+    }
+}

@@ -1,0 +1,253 @@
+//! Restore: brings the live tree to a recorded state, touching only the
+//! paths that differ.
+//!
+//! A [`Plan`] is computed from the two sides of a difference (the target's
+//! versions and the live versions of the paths that differ). Applying it
+//! removes what must go (deepest first), then creates and replaces what must
+//! come back (shallowest first), then sets directory modes (deepest first,
+//! so a read-only directory is filled before it is closed). Files and
+//! symlinks are written to a temporary name in their directory and renamed
+//! into place; every call is relative to a directory fd opened beneath the
+//! sandbox root with symlinks refused.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::capture::{Excludes, TEMP_PREFIX, show};
+use crate::error::{IoContext, Result};
+use crate::manifest::{Kind, Manifest, Meta, is_within};
+use crate::store::{Store, clone_or_copy};
+use crate::sys;
+
+/// What to do with one path.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Missing live: create it.
+    Create(Meta),
+    /// Present live with other content or metadata: replace it.
+    Restore { live: Meta, target: Meta },
+    /// Present live, absent from the target: remove it.
+    Delete(Meta),
+}
+
+/// The steps of a restore, by path.
+#[derive(Default, Debug)]
+pub struct Plan {
+    pub steps: BTreeMap<Vec<u8>, Step>,
+}
+
+/// Outcome counters of an applied (or planned) restore.
+#[derive(Default, Debug)]
+pub struct Applied {
+    /// Paths that could not be brought back or removed.
+    pub skipped: Vec<Vec<u8>>,
+}
+
+/// Returns whether `path` is selected by `filter` (empty: everything).
+pub fn selected(path: &[u8], filter: &[Vec<u8>]) -> bool {
+    filter.is_empty() || filter.iter().any(|f| is_within(path, f))
+}
+
+impl Plan {
+    /// Builds a plan from the paths that differ: `target` holds their
+    /// versions in the state to restore, `live` their live versions. A path
+    /// in neither side is left alone. Only paths selected by `filter` are
+    /// planned, plus the missing ancestors of selected paths; excluded
+    /// paths never are.
+    pub fn new(target: &Manifest, live: &Manifest, filter: &[Vec<u8>], excludes: &Excludes) -> Plan {
+        let mut steps = BTreeMap::new();
+        let wanted = |p: &[u8]| selected(p, filter) && !excludes.covers(p);
+        for (path, t) in target {
+            let step = match live.get(path) {
+                None => Step::Create(t.meta.clone()),
+                Some(l) if l.meta == t.meta => continue,
+                Some(l) => Step::Restore { live: l.meta.clone(), target: t.meta.clone() },
+            };
+            if wanted(path) {
+                steps.insert(path.clone(), step);
+            }
+        }
+        for (path, l) in live {
+            if !target.contains_key(path) && wanted(path) {
+                steps.insert(path.clone(), Step::Delete(l.meta.clone()));
+            }
+        }
+        if !filter.is_empty() {
+            // A selected path needs its ancestors: create those missing live.
+            let creating: Vec<Vec<u8>> = steps
+                .iter()
+                .filter(|(_, s)| matches!(s, Step::Create(_)))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for path in creating {
+                let mut p = path.as_slice();
+                while let Some(i) = p.iter().rposition(|&b| b == b'/') {
+                    p = &p[..i];
+                    if let (Some(t), None) = (target.get(p), live.get(p)) {
+                        steps.entry(p.to_vec()).or_insert_with(|| Step::Create(t.meta.clone()));
+                    }
+                }
+            }
+        }
+        Plan { steps }
+    }
+
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let (mut restored, mut created, mut deleted) = (0, 0, 0);
+        for s in self.steps.values() {
+            match s {
+                Step::Create(_) => created += 1,
+                Step::Restore { .. } => restored += 1,
+                Step::Delete(_) => deleted += 1,
+            }
+        }
+        (restored, created, deleted)
+    }
+
+    /// Applies the plan under `root`, reading content from `store`.
+    pub fn apply(&self, root: BorrowedFd<'_>, store: &Store, reflink: bool) -> Result<Applied> {
+        let as_root = sys::euid() == 0;
+        let mut applied = Applied::default();
+        // 1. Removals, deepest first: deleted paths, and the live side of a
+        //    type change that involves a directory.
+        for (path, step) in self.steps.iter().rev() {
+            let must_remove = match step {
+                Step::Delete(_) => true,
+                Step::Restore { live, target } => {
+                    live.kind != target.kind && (live.kind == Kind::Dir || target.kind == Kind::Dir)
+                }
+                Step::Create(_) => false,
+            };
+            if must_remove && !remove(root, path).ctx(|| format!("removing {}", show(path)))? {
+                applied.skipped.push(path.clone());
+            }
+        }
+        // 2. Creations and replacements, shallowest first.
+        let mut dir_modes = Vec::new();
+        for (path, step) in &self.steps {
+            let (target, live_dir) = match step {
+                Step::Delete(_) => continue,
+                Step::Create(t) => (t, false),
+                Step::Restore { live, target } => (target, live.kind == Kind::Dir && target.kind == Kind::Dir),
+            };
+            if applied.skipped.iter().any(|s| is_within(path, s)) {
+                applied.skipped.push(path.clone());
+                continue;
+            }
+            let (parent, name) = sys::split_parent(path);
+            let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
+            match target.kind {
+                Kind::Dir => {
+                    if !live_dir {
+                        match sys::mkdirat(dir.as_fd(), name, 0o700) {
+                            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                                return Err(e).ctx(|| format!("creating {}", show(path)));
+                            }
+                            _ => {}
+                        }
+                    }
+                    dir_modes.push((path.clone(), target.clone()));
+                }
+                Kind::File => {
+                    put_file(dir.as_fd(), name, target, store, reflink, as_root)
+                        .ctx(|| format!("restoring {}", show(path)))?;
+                }
+                Kind::Symlink => {
+                    put_symlink(dir.as_fd(), name, target, as_root).ctx(|| format!("restoring {}", show(path)))?;
+                }
+                Kind::Special => {
+                    if target.mode & libc::S_IFMT == libc::S_IFIFO {
+                        put_fifo(dir.as_fd(), name, target, as_root).ctx(|| format!("restoring {}", show(path)))?;
+                    } else {
+                        applied.skipped.push(path.clone());
+                    }
+                }
+            }
+        }
+        // 3. Directory owners and modes, deepest first.
+        for (path, meta) in dir_modes.iter().rev() {
+            let dir = sys::open_beneath(root, path).ctx(|| format!("opening {}", show(path)))?;
+            if as_root {
+                sys::fchown(dir.as_fd(), meta.uid, meta.gid).ctx(|| format!("setting the owner of {}", show(path)))?;
+            }
+            sys::fchmod(dir.as_fd(), meta.mode).ctx(|| format!("setting the mode of {}", show(path)))?;
+        }
+        Ok(applied)
+    }
+}
+
+/// Removes `path` (a directory only when empty). Returns false when it
+/// could not be removed because it still holds entries (excluded files).
+fn remove(root: BorrowedFd<'_>, path: &[u8]) -> io::Result<bool> {
+    let (parent, name) = sys::split_parent(path);
+    let dir = match sys::open_beneath(root, parent) {
+        Ok(d) => d,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let st = match sys::lstatat(dir.as_fd(), name) {
+        Ok(st) => st,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let is_dir = Kind::of_mode(st.st_mode) == Kind::Dir;
+    match sys::unlinkat(dir.as_fd(), name, is_dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) if is_dir && e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn temp_name() -> Vec<u8> {
+    let mut name = TEMP_PREFIX.to_vec();
+    name.extend_from_slice(ulid::Ulid::new().to_string().as_bytes());
+    name
+}
+
+/// Runs `fill` on a fresh temporary name in `dir`, then renames it over
+/// `name`; the temporary is removed if anything fails.
+fn via_temp(dir: BorrowedFd<'_>, name: &[u8], fill: impl FnOnce(&[u8]) -> io::Result<()>) -> io::Result<()> {
+    let tmp = temp_name();
+    let result = fill(&tmp).and_then(|()| sys::renameat(dir, &tmp, dir, name, false));
+    if result.is_err() {
+        let _ = sys::unlinkat(dir, &tmp, false);
+    }
+    result
+}
+
+fn put_file(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, store: &Store, reflink: bool, as_root: bool) -> io::Result<()> {
+    let hash = meta.object.as_deref().ok_or_else(|| io::Error::other("the catalogue has no object for this file"))?;
+    let object = store.open_object(hash)?;
+    via_temp(dir, name, |tmp| {
+        let fd: OwnedFd = sys::openat(dir, tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+        clone_or_copy(fd.as_fd(), object.as_fd(), meta.size, reflink)?;
+        if as_root {
+            sys::fchown(fd.as_fd(), meta.uid, meta.gid)?;
+        }
+        sys::fchmod(fd.as_fd(), meta.mode)?;
+        sys::set_mtime(fd.as_fd(), meta.mtime_ns)
+    })
+}
+
+fn put_symlink(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, as_root: bool) -> io::Result<()> {
+    let target = meta.target.as_deref().ok_or_else(|| io::Error::other("the catalogue has no target for this symlink"))?;
+    via_temp(dir, name, |tmp| {
+        sys::symlinkat(target, dir, tmp)?;
+        if as_root {
+            sys::lchownat(dir, tmp, meta.uid, meta.gid)?;
+        }
+        Ok(())
+    })
+}
+
+fn put_fifo(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, as_root: bool) -> io::Result<()> {
+    via_temp(dir, name, |tmp| {
+        sys::mkfifoat(dir, tmp, 0o600)?;
+        if as_root {
+            sys::lchownat(dir, tmp, meta.uid, meta.gid)?;
+        }
+        sys::fchmodat(dir, tmp, meta.mode & 0o7777)
+    })
+}

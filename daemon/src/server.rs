@@ -1,0 +1,179 @@
+//! The socket server: binds the Unix socket, accepts connections, and for
+//! each one reads newline-delimited JSON requests, runs them on the
+//! blocking pool and writes the responses.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, PROTOCOL, Request, Response, Welcome};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::engine::{Engine, Peer, daemon_name};
+use crate::error::{Error, IoContext, Result};
+
+/// Binds the socket at `path`. A socket there that accepts connections
+/// means another daemon is running: refused. A stale one is replaced. The
+/// file's mode is set before `listen`: 0600 for a user daemon, 0660 for
+/// root.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    let root = crate::sys::euid() == 0;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(if root { 0o755 } else { 0o700 })
+            .create(parent)
+            .ctx(|| format!("creating the socket directory {}", parent.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::AlreadyExists(format!(
+                    "snapbackd is already running on {} (stop it first, or pass another --socket)",
+                    path.display()
+                )));
+            }
+            std::fs::remove_file(path).ctx(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        Ok(_) => {
+            return Err(Error::AlreadyExists(format!("{} exists and is not a socket", path.display())));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).ctx(|| format!("checking {}", path.display())),
+    }
+    let as_io = |e: nix::Error| io::Error::from_raw_os_error(e as i32);
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(as_io)
+    .ctx(|| "creating the socket".into())?;
+    let addr = UnixAddr::new(path).map_err(as_io).ctx(|| format!("socket path {}", path.display()))?;
+    nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(as_io).ctx(|| format!("binding {}", path.display()))?;
+    let mode = if root { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .ctx(|| format!("setting the mode of {}", path.display()))?;
+    nix::sys::socket::listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
+        .map_err(as_io)
+        .ctx(|| format!("listening on {}", path.display()))?;
+    Ok(std::os::unix::net::UnixListener::from(fd))
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(listener: UnixListener, engine: Arc<Engine>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(stream, engine).await {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => return,
+        }
+    }
+}
+
+enum Line {
+    Complete(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Reads one line of at most `MAX_LINE` bytes; a longer one is reported
+/// without being kept in memory.
+async fn read_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> io::Result<Line> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(Line::Eof); // a half line at EOF is dropped
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1),
+            None => (buf, buf.len()),
+        };
+        if line.len() + chunk.len() >= MAX_LINE {
+            return Ok(Line::TooLong);
+        }
+        line.extend_from_slice(chunk);
+        let complete = done > chunk.len();
+        reader.consume(done);
+        if complete {
+            return Ok(Line::Complete(line));
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error(ErrorBody { code, message: message.into() })
+}
+
+async fn connection(stream: UnixStream, engine: Arc<Engine>) -> io::Result<()> {
+    let peer = Peer { uid: stream.peer_cred()?.uid() };
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let mut greeted = false;
+    loop {
+        let line = match read_line(&mut reader).await? {
+            Line::Eof => return Ok(()),
+            Line::TooLong => {
+                let e = error(ErrorCode::InvalidRequest, format!("request line longer than {MAX_LINE} bytes"));
+                send(&mut write, &e).await?;
+                return Ok(()); // the rest of the line cannot be trusted
+            }
+            Line::Complete(l) => l,
+        };
+        let request: Request = match serde_json::from_slice(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                send(&mut write, &error(ErrorCode::InvalidRequest, format!("undecodable request: {e}"))).await?;
+                continue;
+            }
+        };
+        let response = match (greeted, request) {
+            (false, Request::Hello(hello)) if hello.protocol == PROTOCOL => {
+                greeted = true;
+                tracing::debug!(uid = peer.uid, client = %hello.client, "hello");
+                Response::Welcome(Welcome { protocol: PROTOCOL, daemon: daemon_name() })
+            }
+            (false, Request::Hello(hello)) => {
+                let e = error(
+                    ErrorCode::ProtocolMismatch,
+                    format!("this daemon speaks protocol {PROTOCOL}, the client {}", hello.protocol),
+                );
+                send(&mut write, &e).await?;
+                return Ok(());
+            }
+            (false, _) => error(ErrorCode::InvalidRequest, "the first request must be hello"),
+            (true, request) => {
+                let engine = engine.clone();
+                tokio::task::spawn_blocking(move || engine.handle(peer, request))
+                    .await
+                    .unwrap_or_else(|e| error(ErrorCode::Internal, format!("the request failed: {e}")))
+            }
+        };
+        send(&mut write, &response).await?;
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
+    line.push(b'\n');
+    write.write_all(&line).await
+}

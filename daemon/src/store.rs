@@ -1,0 +1,299 @@
+//! The object store: one immutable file per distinct content, named by its
+//! blake3 hash, shared by every checkpoint and path that holds that content.
+//!
+//! Objects are made with a reflink (`FICLONE`) where the filesystem allows
+//! it, else with a sparse-aware copy. An object is written under `tmp/` and
+//! renamed into `objects/` only when complete, so a name in `objects/`
+//! always holds whole content. Objects that no catalogue row references
+//! (left by a checkpoint that never committed, or freed by a purge) are
+//! collected by [`Store::collect_garbage`].
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use crate::sys;
+
+/// An object store directory.
+pub struct Store {
+    path: PathBuf,
+    objects: OwnedFd,
+    tmp: OwnedFd,
+}
+
+/// The result of putting a file into the store.
+pub struct Put {
+    pub hash: String,
+    /// The stat of the source that the object's content matches.
+    pub stat: libc::stat,
+    /// A new object was made by a reflink clone.
+    pub reflinked: bool,
+    /// A new object was made by copying.
+    pub copied: bool,
+    /// The source kept changing while it was read; the object holds one
+    /// complete state of it, but a later scan must read it again.
+    pub unstable: bool,
+}
+
+const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Hashes the content of an open file, reading only its data segments and
+/// hashing holes as the zeros they read as.
+pub fn hash_fd(fd: BorrowedFd<'_>, size: u64) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pos = 0u64;
+    let feed_zeros = |hasher: &mut blake3::Hasher, mut n: u64| {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            hasher.update(&ZEROS[..k]);
+            n -= k as u64;
+        }
+    };
+    for (start, len) in sys::data_segments(fd, size)? {
+        feed_zeros(&mut hasher, start - pos);
+        let mut off = start;
+        let end = start + len;
+        while off < end {
+            let want = ((end - off) as usize).min(buf.len());
+            let n = sys::pread(fd, &mut buf[..want], off)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            off += n as u64;
+        }
+        pos = off;
+    }
+    if pos < size {
+        feed_zeros(&mut hasher, size - pos);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+fn same_version(a: &libc::stat, b: &libc::stat) -> bool {
+    a.st_ino == b.st_ino
+        && a.st_size == b.st_size
+        && sys::mtime_ns(a) == sys::mtime_ns(b)
+        && sys::ctime_ns(a) == sys::ctime_ns(b)
+}
+
+fn valid_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (mode 0700) if needed.
+    pub fn open(path: &Path) -> io::Result<Store> {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true).mode(0o700);
+        builder.create(path.join("objects"))?;
+        builder.create(path.join("tmp"))?;
+        let objects = OwnedFd::from(File::open(path.join("objects"))?);
+        for i in 0..=255u8 {
+            match sys::mkdirat(objects.as_fd(), format!("{i:02x}").as_bytes(), 0o700) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
+        let tmp = OwnedFd::from(File::open(path.join("tmp"))?);
+        Ok(Store { path: path.to_owned(), objects, tmp })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn name(hash: &str) -> Vec<u8> {
+        format!("{}/{}", &hash[..2], hash).into_bytes()
+    }
+
+    /// Whether the object exists.
+    pub fn contains(&self, hash: &str) -> bool {
+        valid_hash(hash) && sys::lstatat(self.objects.as_fd(), &Self::name(hash)).is_ok()
+    }
+
+    /// Opens an object for reading.
+    pub fn open_object(&self, hash: &str) -> io::Result<OwnedFd> {
+        if !valid_hash(hash) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad object name {hash:?}")));
+        }
+        sys::openat(self.objects.as_fd(), &Self::name(hash), libc::O_RDONLY, 0)
+    }
+
+    /// Stores the content of the open regular file `src`. Returns the
+    /// object's hash and the stat its content corresponds to. Clones with
+    /// `FICLONE` when `reflink` is set and the pair allows it.
+    pub fn put(&self, src: BorrowedFd<'_>, reflink: bool) -> io::Result<Put> {
+        const TRIES: usize = 3;
+        for attempt in 1..=TRIES {
+            let before = sys::fstat(src)?;
+            let hash = hash_fd(src, before.st_size as u64)?;
+            if self.contains(&hash) {
+                if same_version(&before, &sys::fstat(src)?) {
+                    return Ok(Put { hash, stat: before, reflinked: false, copied: false, unstable: false });
+                }
+                continue;
+            }
+            let tmp_name = ulid::Ulid::new().to_string().into_bytes();
+            let tmp = sys::openat(self.tmp.as_fd(), &tmp_name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o400)?;
+            let result = clone_or_copy(tmp.as_fd(), src, before.st_size as u64, reflink);
+            let reflinked = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                    return Err(e);
+                }
+            };
+            let after = sys::fstat(src)?;
+            let (hash, stat, unstable) = if same_version(&before, &after) {
+                (hash, before, false)
+            } else if attempt < TRIES {
+                let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                continue;
+            } else {
+                // The source keeps changing: keep what was cloned, named by
+                // its own content, and have the next scan read it again.
+                let st = sys::fstat(tmp.as_fd())?;
+                (hash_fd(tmp.as_fd(), st.st_size as u64)?, after, true)
+            };
+            let mut stat = stat;
+            if unstable {
+                stat.st_size = sys::fstat(tmp.as_fd())?.st_size;
+            }
+            match sys::renameat(self.tmp.as_fd(), &tmp_name, self.objects.as_fd(), &Self::name(&hash), true) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                }
+                Err(e) => {
+                    let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                    return Err(e);
+                }
+            }
+            return Ok(Put { hash, stat, reflinked, copied: !reflinked, unstable });
+        }
+        Err(io::Error::other("the file kept changing while it was read"))
+    }
+
+    /// Returns whether this store's filesystem can make reflinks, by cloning
+    /// a small file inside the store.
+    pub fn probe_reflink(&self) -> bool {
+        let a = ulid::Ulid::new().to_string().into_bytes();
+        let b = ulid::Ulid::new().to_string().into_bytes();
+        let result = (|| -> io::Result<()> {
+            let fa = sys::openat(self.tmp.as_fd(), &a, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600)?;
+            let fb = sys::openat(self.tmp.as_fd(), &b, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600)?;
+            let data = [7u8; 4096];
+            // SAFETY: data is readable for its length.
+            if unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&fa), data.as_ptr().cast(), data.len()) } != 4096 {
+                return Err(io::Error::last_os_error());
+            }
+            sys::ficlone(fb.as_fd(), fa.as_fd())
+        })();
+        let _ = sys::unlinkat(self.tmp.as_fd(), &a, false);
+        let _ = sys::unlinkat(self.tmp.as_fd(), &b, false);
+        result.is_ok()
+    }
+
+    /// Returns the device of the store's filesystem.
+    pub fn device(&self) -> io::Result<u64> {
+        Ok(sys::fstat(self.objects.as_fd())?.st_dev)
+    }
+
+    /// Deletes every object not in `referenced` and every leftover temporary
+    /// file. Returns (objects removed, bytes freed). The caller guarantees no
+    /// checkpoint into this store is in progress.
+    pub fn collect_garbage(&self, referenced: &HashSet<String>) -> io::Result<(u64, u64)> {
+        for entry in sys::read_dir(self.tmp.as_fd())? {
+            let _ = sys::unlinkat(self.tmp.as_fd(), &entry.name, false);
+        }
+        let (mut count, mut bytes) = (0, 0);
+        for i in 0..=255u8 {
+            let sub = format!("{i:02x}");
+            let dir = match sys::openat(self.objects.as_fd(), sub.as_bytes(), sys::DIR_FLAGS, 0) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in sys::read_dir(dir.as_fd())? {
+                let keep = std::str::from_utf8(&entry.name).is_ok_and(|h| referenced.contains(h));
+                if !keep {
+                    let size = sys::lstatat(dir.as_fd(), &entry.name).map(|st| st.st_size as u64).unwrap_or(0);
+                    sys::unlinkat(dir.as_fd(), &entry.name, false)?;
+                    count += 1;
+                    bytes += size;
+                }
+            }
+        }
+        Ok((count, bytes))
+    }
+}
+
+/// Fills the empty file `dst` with `src`: a reflink when `reflink` is set
+/// and the pair allows it, else a sparse-aware copy. Returns whether it was
+/// a reflink.
+pub fn clone_or_copy(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64, reflink: bool) -> io::Result<bool> {
+    if reflink {
+        match sys::ficlone(dst, src) {
+            Ok(()) => return Ok(true),
+            Err(e) if sys::clone_unsupported(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    sys::copy_sparse(dst, src, size)?;
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_content_is_stored_once_and_reads_back() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        std::fs::write(t.path().join("a"), b"same bytes").unwrap();
+        std::fs::write(t.path().join("b"), b"same bytes").unwrap();
+        let a = File::open(t.path().join("a")).unwrap();
+        let b = File::open(t.path().join("b")).unwrap();
+        let pa = store.put(a.as_fd(), true).unwrap();
+        let pb = store.put(b.as_fd(), true).unwrap();
+        assert_eq!(pa.hash, pb.hash);
+        assert!(pa.reflinked || pa.copied);
+        assert!(!pb.reflinked && !pb.copied, "the second put made a new object");
+        assert_eq!(pa.hash, blake3::hash(b"same bytes").to_hex().to_string());
+        let obj = File::from(store.open_object(&pa.hash).unwrap());
+        assert_eq!(std::io::read_to_string(obj).unwrap(), "same bytes");
+    }
+
+    #[test]
+    fn hash_of_sparse_file_equals_hash_of_its_bytes() {
+        use std::io::{Seek, SeekFrom, Write};
+        let t = tempfile::tempdir().unwrap();
+        let mut f = File::create(t.path().join("s")).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(b"x").unwrap();
+        f.set_len(5 << 20).unwrap();
+        let bytes = std::fs::read(t.path().join("s")).unwrap();
+        let f = File::open(t.path().join("s")).unwrap();
+        assert_eq!(hash_fd(f.as_fd(), 5 << 20).unwrap(), blake3::hash(&bytes).to_hex().to_string());
+    }
+
+    #[test]
+    fn garbage_collection_keeps_only_referenced_objects() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        std::fs::write(t.path().join("a"), b"keep").unwrap();
+        std::fs::write(t.path().join("b"), b"drop").unwrap();
+        let keep = store.put(File::open(t.path().join("a")).unwrap().as_fd(), false).unwrap().hash;
+        let drop_ = store.put(File::open(t.path().join("b")).unwrap().as_fd(), false).unwrap().hash;
+        let (n, bytes) = store.collect_garbage(&HashSet::from([keep.clone()])).unwrap();
+        assert_eq!((n, bytes), (1, 4));
+        assert!(store.contains(&keep));
+        assert!(!store.contains(&drop_));
+    }
+}
