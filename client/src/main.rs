@@ -1,0 +1,491 @@
+//! `snapback`: the command-line client of snapbackd.
+//!
+//! Exit codes: 0 success, 1 the operation was refused or failed, 2 usage
+//! error, 3 the daemon is not reachable.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use snapback::proto::{
+    ChangeKind, CheckpointInfo, CheckpointRequest, DiffReport, DiffRequest, ListRequest, RollbackReport,
+    RollbackRequest, SandboxAdd, SandboxInfo, SandboxRemove, WirePath,
+};
+use snapback::{Client, ClientError};
+
+mod demo;
+
+/// Checkpoints and rollbacks of sandbox directories, through snapbackd.
+#[derive(Parser)]
+#[command(name = "snapback", version, propagate_version = true)]
+struct Cli {
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The daemon's socket [default: $SNAPBACK_SOCKET, then
+    /// $XDG_RUNTIME_DIR/snapback/snapbackd.sock, then
+    /// /run/snapback/snapbackd.sock for root]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Register, list or unregister sandbox directories.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Take a checkpoint of a sandbox.
+    Checkpoint {
+        /// A sandbox name or registered path.
+        sandbox: String,
+        /// The plan this checkpoint belongs to.
+        #[arg(long, value_name = "ID")]
+        plan: Option<String>,
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// The agent tool this checkpoint is taken for.
+        #[arg(long, value_name = "NAME")]
+        tool: Option<String>,
+        /// For example pre or post.
+        #[arg(long, value_name = "TEXT")]
+        phase: Option<String>,
+        /// A free label, repeatable.
+        #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Mark the checkpoint as pinned.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// List checkpoints, oldest first.
+    List {
+        /// Only this sandbox (a name or registered path).
+        sandbox: Option<String>,
+        /// Only this plan.
+        #[arg(long, value_name = "ID")]
+        plan: Option<String>,
+    },
+    /// Show one checkpoint.
+    Show {
+        /// A checkpoint id or a unique prefix of one.
+        checkpoint: String,
+    },
+    /// Show what changed between two checkpoints, or since one.
+    Diff {
+        /// The older state.
+        from: String,
+        /// The newer state [default: the live tree]
+        to: Option<String>,
+    },
+    /// Bring a sandbox back to a checkpoint. A safety checkpoint of the
+    /// current state is taken first, so the rollback can be undone.
+    Rollback {
+        checkpoint: String,
+        /// Restore only this path (relative to the sandbox root, or
+        /// absolute below it) and what lies below it; repeatable.
+        #[arg(long = "path", value_name = "P")]
+        paths: Vec<PathBuf>,
+        /// Report what would change, touching nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the daemon and its sandboxes.
+    Status,
+    /// Run a short demonstration against a private daemon in a temporary
+    /// directory: register, checkpoint, edit, diff, roll back.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Register a directory as a sandbox.
+    Add {
+        dir: PathBuf,
+        /// [default: the directory's name]
+        #[arg(long)]
+        name: Option<String>,
+        /// A glob of paths never captured nor touched by a rollback;
+        /// repeatable. Without a `/` it matches a name at any depth.
+        #[arg(long = "exclude", value_name = "GLOB")]
+        excludes: Vec<String>,
+        /// Keep this sandbox's objects here; put it on the sandbox's
+        /// filesystem to get reflinks [default: the daemon's store]
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+    },
+    /// List registered sandboxes.
+    List,
+    /// Unregister a sandbox; its directory is never touched.
+    Remove {
+        name: String,
+        /// Also delete its checkpoints and their stored files.
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not K=V"))
+}
+
+/// How a command ended, for the exit code.
+enum Failure {
+    Refused(String),
+    Usage(String),
+    Unreachable(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Unreachable { path, source } => Failure::Unreachable(format!(
+                "snapbackd is not running at {} ({source}).\n\
+                 Start it with `snapbackd --socket {}` (or `systemctl --user start snapbackd`), \
+                 or point --socket / SNAPBACK_SOCKET at the right socket.",
+                path.display(),
+                path.display()
+            )),
+            other => Failure::Refused(other.to_string()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            let (code, message) = match failure {
+                Failure::Refused(m) => (1, m),
+                Failure::Usage(m) => (2, m),
+                Failure::Unreachable(m) => (3, m),
+            };
+            if json {
+                let doc = serde_json::json!({"error": {"exit": code, "message": message}});
+                println!("{doc}");
+            }
+            eprintln!("snapback: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn connect(socket: Option<PathBuf>) -> Result<Client, Failure> {
+    let path = socket.or_else(snapback::defaults::socket_path).ok_or_else(|| {
+        Failure::Usage("no socket path: pass --socket, or set SNAPBACK_SOCKET or XDG_RUNTIME_DIR".into())
+    })?;
+    Ok(Client::connect(&path)?)
+}
+
+/// Prints `value` as JSON, or runs `text` to print it for a person.
+fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T)) -> Result<(), Failure> {
+    if json {
+        let out = serde_json::to_string_pretty(value).map_err(|e| Failure::Refused(e.to_string()))?;
+        println!("{out}");
+    } else {
+        text(value);
+    }
+    Ok(())
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, Failure> {
+    std::path::absolute(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+/// A sandbox argument is a name, or a path to a registered directory. A
+/// name is tried first; when it is not registered and names a directory,
+/// the directory's canonical path is used.
+fn sandbox_ref(client: &mut Client, arg: &str) -> Result<String, Failure> {
+    let looks_like_path = arg.contains('/') || arg == "." || arg == "..";
+    if !looks_like_path {
+        let known = client.sandbox_list()?.sandboxes.iter().any(|s| s.name == arg);
+        if known || !Path::new(arg).is_dir() {
+            return Ok(arg.to_owned());
+        }
+    }
+    let canonical = Path::new(arg)
+        .canonicalize()
+        .map_err(|e| Failure::Refused(format!("{arg}: {e}")))?;
+    canonical
+        .to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Failure::Usage(format!("{arg}: refer to this sandbox by its name")))
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    match cli.command {
+        Command::Demo => demo::run(json),
+        Command::Sandbox(cmd) => {
+            let mut client = connect(cli.socket)?;
+            match cmd {
+                SandboxCommand::Add { dir, name, excludes, store } => {
+                    let path = WirePath::from(absolute(&dir)?.as_path());
+                    let store = store.map(|s| absolute(&s)).transpose()?.map(|s| WirePath::from(s.as_path()));
+                    let info = client.sandbox_add(SandboxAdd { path, name, excludes, store })?;
+                    emit(json, &info, |i| {
+                        println!("registered {} at {}", i.name, i.path.display());
+                        println!("clone method: {}", i.clone_note);
+                    })
+                }
+                SandboxCommand::List => {
+                    let list = client.sandbox_list()?;
+                    emit(json, &list, |l| print_sandboxes(&l.sandboxes))
+                }
+                SandboxCommand::Remove { name, purge } => {
+                    let sandbox = sandbox_ref(&mut client, &name)?;
+                    let info = client.sandbox_remove(SandboxRemove { sandbox, purge })?;
+                    emit(json, &info, |i| {
+                        if purge {
+                            println!("removed {} and deleted its checkpoints", i.name);
+                        } else {
+                            println!(
+                                "removed {} ({} checkpoints kept; `snapback sandbox add` brings it back)",
+                                i.name, i.checkpoints
+                            );
+                        }
+                    })
+                }
+            }
+        }
+        Command::Checkpoint { sandbox, plan, reason, tool, phase, labels, pin } => {
+            let mut client = connect(cli.socket)?;
+            let sandbox = sandbox_ref(&mut client, &sandbox)?;
+            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            let req = CheckpointRequest { sandbox, plan, reason, tool, phase, labels, pin, kind: None };
+            let info = client.checkpoint(req)?;
+            emit(json, &info, |c| {
+                println!(
+                    "{}  checkpoint {} of {}: {} changed, {} files, {}",
+                    c.id,
+                    c.seq,
+                    c.sandbox,
+                    c.changed,
+                    c.files,
+                    human_bytes(c.bytes)
+                );
+            })
+        }
+        Command::List { sandbox, plan } => {
+            let mut client = connect(cli.socket)?;
+            let sandbox = sandbox.map(|s| sandbox_ref(&mut client, &s)).transpose()?;
+            let list = client.list(ListRequest { sandbox, plan })?;
+            emit(json, &list, |l| print_checkpoints(&l.checkpoints))
+        }
+        Command::Show { checkpoint } => {
+            let info = connect(cli.socket)?.show(&checkpoint)?;
+            emit(json, &info, print_checkpoint)
+        }
+        Command::Diff { from, to } => {
+            let report = connect(cli.socket)?.diff(DiffRequest { from, to })?;
+            emit(json, &report, print_diff)
+        }
+        Command::Rollback { checkpoint, paths, dry_run } => {
+            let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
+            let report = connect(cli.socket)?.rollback(RollbackRequest { checkpoint, paths, dry_run })?;
+            emit(json, &report, print_rollback)
+        }
+        Command::Status => {
+            let report = connect(cli.socket)?.status()?;
+            emit(json, &report, |s| {
+                println!("{} (protocol {}), pid {}, up {}s", s.daemon, s.protocol, s.pid, s.uptime_ms / 1000);
+                println!("socket     {}", s.socket.display());
+                println!("state dir  {}", s.state_dir.display());
+                if s.sandboxes.is_empty() {
+                    println!("no sandboxes; register one with `snapback sandbox add DIR`");
+                    return;
+                }
+                let rows: Vec<Vec<String>> = s
+                    .sandboxes
+                    .iter()
+                    .map(|b| {
+                        vec![
+                            b.name.clone(),
+                            b.state.clone(),
+                            b.clone_method.as_str().into(),
+                            b.checkpoints.to_string(),
+                            human_bytes(b.store_bytes),
+                            b.last_checkpoint.clone().unwrap_or_else(|| "-".into()),
+                            b.path.display(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["SANDBOX", "STATE", "CLONE", "CHECKPOINTS", "STORED", "LAST", "PATH"], &rows);
+            })
+        }
+    }
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let line = |cells: Vec<String>| {
+        let last = cells.len() - 1;
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s
+    };
+    let _ = writeln!(out, "{}", line(header.iter().map(|h| h.to_string()).collect()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(row.clone()));
+    }
+}
+
+fn print_sandboxes(list: &[SandboxInfo]) {
+    if list.is_empty() {
+        println!("no sandboxes; register one with `snapback sandbox add DIR`");
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.state.clone(),
+                s.clone_method.as_str().into(),
+                s.checkpoints.to_string(),
+                s.path.display(),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "STATE", "CLONE", "CHECKPOINTS", "PATH"], &rows);
+}
+
+fn print_checkpoints(list: &[CheckpointInfo]) {
+    if list.is_empty() {
+        println!("no checkpoints");
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.clone(),
+                c.sandbox.clone(),
+                c.seq.to_string(),
+                c.kind.as_str().into(),
+                utc(c.created_unix_ms),
+                c.changed.to_string(),
+                c.plan.clone().unwrap_or_else(|| "-".into()),
+                c.tool.clone().unwrap_or_else(|| "-".into()),
+                c.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "SANDBOX", "SEQ", "KIND", "CREATED (UTC)", "CHANGED", "PLAN", "TOOL", "REASON"], &rows);
+}
+
+fn print_checkpoint(c: &CheckpointInfo) {
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("id         {}", c.id);
+    println!("sandbox    {} (checkpoint {})", c.sandbox, c.seq);
+    println!("parent     {}", opt(&c.parent));
+    println!("created    {} UTC", utc(c.created_unix_ms));
+    println!("kind       {}{}", c.kind.as_str(), if c.pinned { ", pinned" } else { "" });
+    println!("plan       {}", opt(&c.plan));
+    println!("tool       {}", opt(&c.tool));
+    println!("phase      {}", opt(&c.phase));
+    println!("reason     {}", opt(&c.reason));
+    for (k, v) in &c.labels {
+        println!("label      {k}={v}");
+    }
+    println!("files      {} ({}), {} directories, {} symlinks", c.files, human_bytes(c.bytes), c.dirs, c.symlinks);
+    println!("changed    {} paths since its parent", c.changed);
+}
+
+fn print_diff(d: &DiffReport) {
+    for c in &d.changes {
+        let mark = match c.change {
+            ChangeKind::Added => "A",
+            ChangeKind::Modified => "M",
+            ChangeKind::Deleted => "D",
+            ChangeKind::TypeChanged => "T",
+        };
+        println!("{mark}  {}", c.path.display());
+    }
+    let to = d.to.clone().unwrap_or_else(|| "the live tree".into());
+    println!("{} changes from {} to {}", d.changes.len(), d.from, to);
+}
+
+fn print_rollback(r: &RollbackReport) {
+    let verb = if r.dry_run { "would restore" } else { "restored" };
+    println!(
+        "{verb} {} to {}: {} restored, {} created, {} deleted, {} unchanged",
+        r.sandbox, r.checkpoint, r.restored, r.created, r.deleted, r.unchanged
+    );
+    for p in &r.changed {
+        let mark = if r.removed.contains(p) { "-" } else { "~" };
+        println!("  {mark} {}", p.display());
+    }
+    for p in &r.skipped {
+        println!("  ! {} (left as it is)", p.display());
+    }
+    if let Some(safety) = &r.safety_checkpoint {
+        println!("undo with: snapback rollback {safety}");
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+/// Formats milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` in UTC.
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_709_210_096_000), "2024-02-29 12:34:56");
+    }
+
+    #[test]
+    fn human_bytes_picks_a_unit() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
+}
