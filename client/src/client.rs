@@ -6,10 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::proto::{
-    CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode,
-    Hello, ListRequest, MAX_LINE, PROTOCOL, Request, Response, RollbackReport, RollbackRequest,
-    SandboxAdd, SandboxInfo, SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport,
-    StatusRequest,
+    CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode, Hello, ListRequest,
+    MAX_LINE, PROTOCOL, Request, Response, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo, SandboxList,
+    SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +46,12 @@ pub struct Client {
 impl Client {
     /// Connects to the socket at `path` and exchanges hello / welcome.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path)
-            .map_err(|source| ClientError::Unreachable { path: path.to_owned(), source })?;
+        let stream =
+            UnixStream::connect(path).map_err(|source| ClientError::Unreachable { path: path.to_owned(), source })?;
         let writer = stream.try_clone()?;
         let mut client = Client { reader: BufReader::new(stream), writer, daemon: String::new() };
-        let hello = Request::Hello(Hello {
-            protocol: PROTOCOL,
-            client: format!("snapback {}", env!("CARGO_PKG_VERSION")),
-        });
+        let hello =
+            Request::Hello(Hello { protocol: PROTOCOL, client: format!("snapback {}", env!("CARGO_PKG_VERSION")) });
         match client.call(&hello)? {
             Response::Welcome(w) if w.protocol == PROTOCOL => client.daemon = w.daemon,
             Response::Welcome(w) => {
@@ -80,8 +77,8 @@ impl Client {
         line.push(b'\n');
         self.writer.write_all(&line)?;
         let line = read_line(&mut self.reader)?;
-        let response: Response = serde_json::from_slice(&line)
-            .map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))?;
+        let response: Response =
+            serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))?;
         match response {
             Response::Error(body) => Err(ClientError::Daemon(body)),
             other => Ok(other),

@@ -212,9 +212,7 @@ fn sandbox_ref(client: &mut Client, arg: &str) -> Result<String, Failure> {
             return Ok(arg.to_owned());
         }
     }
-    let canonical = Path::new(arg)
-        .canonicalize()
-        .map_err(|e| Failure::Refused(format!("{arg}: {e}")))?;
+    let canonical = Path::new(arg).canonicalize().map_err(|e| Failure::Refused(format!("{arg}: {e}")))?;
     canonical
         .to_str()
         .map(str::to_owned)

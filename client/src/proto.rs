@@ -535,16 +535,10 @@ mod tests {
             dry_run: true,
         });
         let json = serde_json::to_string(&req).unwrap();
-        assert_eq!(
-            json,
-            r#"{"type":"rollback","checkpoint":"01J","paths":[{"text":"a"}],"dry_run":true}"#
-        );
+        assert_eq!(json, r#"{"type":"rollback","checkpoint":"01J","paths":[{"text":"a"}],"dry_run":true}"#);
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
         let minimal: Request = serde_json::from_str(r#"{"type":"checkpoint","sandbox":"s"}"#).unwrap();
-        assert_eq!(
-            minimal,
-            Request::Checkpoint(CheckpointRequest { sandbox: "s".into(), ..Default::default() })
-        );
+        assert_eq!(minimal, Request::Checkpoint(CheckpointRequest { sandbox: "s".into(), ..Default::default() }));
         assert!(serde_json::from_str::<Request>(r#"{"type":"launch_missiles"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"status","bogus":1}"#).is_err());
     }

@@ -75,7 +75,11 @@ impl Excludes {
                 .backslash_escape(true)
                 .build()
                 .map_err(|e| Error::InvalidRequest(format!("exclude pattern {p:?}: {e}")))?;
-            if p.contains('/') { full.add(glob) } else { base.add(glob) };
+            if p.contains('/') {
+                full.add(glob)
+            } else {
+                base.add(glob)
+            };
         }
         let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::InvalidRequest(format!("exclude patterns: {e}")));
         Ok(Excludes { full: build(full)?, base: build(base)? })
@@ -201,10 +205,7 @@ pub fn capture(current: Manifest, scope: &Scope, opts: &Options<'_>) -> Result<C
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let mut out = Captured {
-        stats: Stats { scanned: walker.stats.scanned, ..worker_stats },
-        ..Captured::default()
-    };
+    let mut out = Captured { stats: Stats { scanned: walker.stats.scanned, ..worker_stats }, ..Captured::default() };
     out.stats.read += walker.stats.read;
     let all = walker.outcomes.into_iter().chain(outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
     for o in all {
@@ -352,7 +353,12 @@ fn outcome(path: Vec<u8>, meta: Meta, key: StatKey, prior: Option<Row>) -> Outco
     }
 }
 
-fn work(rx: &Mutex<Receiver<Job>>, opts: &Options<'_>, outcomes: &Mutex<Vec<Outcome>>, failure: &Mutex<Option<Error>>) -> Stats {
+fn work(
+    rx: &Mutex<Receiver<Job>>,
+    opts: &Options<'_>,
+    outcomes: &Mutex<Vec<Outcome>>,
+    failure: &Mutex<Option<Error>>,
+) -> Stats {
     let mut stats = Stats::default();
     let mut local = Vec::new();
     loop {

@@ -57,8 +57,7 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
     }
     for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)
-            .map_err(|e| Error::Internal(format!("applying migration {name}: {e}")))?;
+        tx.execute_batch(sql).map_err(|e| Error::Internal(format!("applying migration {name}: {e}")))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
@@ -352,7 +351,8 @@ pub struct Checkpoint {
     pub info: CheckpointInfo,
 }
 
-const CHECKPOINT_COLS: &str = "c.id, c.sandbox_id, s.name, c.seq, c.parent, c.plan, c.reason, c.tool, c.phase, c.labels,
+const CHECKPOINT_COLS: &str =
+    "c.id, c.sandbox_id, s.name, c.seq, c.parent, c.plan, c.reason, c.tool, c.phase, c.labels,
      c.kind, c.pinned, c.created_ms, c.files, c.dirs, c.symlinks, c.bytes, c.changed";
 
 fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
@@ -425,9 +425,8 @@ pub fn checkpoint_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Opt
 }
 
 pub fn checkpoint_count(conn: &Connection, sandbox_id: i64) -> Result<u64> {
-    Ok(conn.query_row("SELECT count(*) FROM checkpoints WHERE sandbox_id = ?1", [sandbox_id], |r| {
-        r.get::<_, i64>(0)
-    })? as u64)
+    Ok(conn.query_row("SELECT count(*) FROM checkpoints WHERE sandbox_id = ?1", [sandbox_id], |r| r.get::<_, i64>(0))?
+        as u64)
 }
 
 /// Returns the bytes of the distinct objects a sandbox's versions reference.

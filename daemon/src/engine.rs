@@ -127,9 +127,8 @@ impl Engine {
         if let Some(s) = stores.get(path) {
             return Ok(s.clone());
         }
-        let store = Arc::new(
-            Store::open(path_of(path)).ctx(|| format!("opening the store {}", path_of(path).display()))?,
-        );
+        let store =
+            Arc::new(Store::open(path_of(path)).ctx(|| format!("opening the store {}", path_of(path).display()))?);
         stores.insert(path.to_vec(), store.clone());
         Ok(store)
     }
@@ -203,9 +202,9 @@ impl Engine {
         if !given.is_absolute() {
             return Err(Error::InvalidRequest(format!("{} is not an absolute path", path.display())));
         }
-        let root = given.canonicalize().map_err(|e| {
-            Error::InvalidRequest(format!("cannot register {}: {e}", path.display()))
-        })?;
+        let root = given
+            .canonicalize()
+            .map_err(|e| Error::InvalidRequest(format!("cannot register {}: {e}", path.display())))?;
         let meta = std::fs::symlink_metadata(&root).ctx(|| format!("reading {}", root.display()))?;
         if !meta.is_dir() {
             return Err(Error::InvalidRequest(format!("{} is not a directory", root.display())));
@@ -219,19 +218,16 @@ impl Engine {
         }
         let excludes_set = Excludes::new(&excludes)?;
         drop(excludes_set);
+        // Resolve the store without creating it: nothing is written before
+        // every check has passed.
         let store_path = match store {
             None => self.default_store.clone(),
             Some(s) => {
-                let p = s.as_path().to_owned();
+                let p = s.as_path();
                 if !p.is_absolute() {
                     return Err(Error::InvalidRequest(format!("store {} is not an absolute path", s.display())));
                 }
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&p)
-                    .ctx(|| format!("creating the store {}", p.display()))?;
-                p.canonicalize().ctx(|| format!("opening the store {}", p.display()))?
+                resolve_new_dir(p)?
             }
         };
         let root_b = bytes_of(&root);
@@ -266,7 +262,11 @@ impl Engine {
                     let again = catalogue::sandbox_by_id(&conn, other.id)?;
                     return self.sandbox_info(&conn, &again);
                 }
-                return Err(Error::AlreadyExists(format!("{} is already registered as {}", root.display(), other.name)));
+                return Err(Error::AlreadyExists(format!(
+                    "{} is already registered as {}",
+                    root.display(),
+                    other.name
+                )));
             }
             if overlaps(&root_b, &other.root) {
                 return Err(Error::InvalidRequest(format!(
@@ -294,6 +294,11 @@ impl Engine {
                 return Err(Error::AlreadyExists(format!("a sandbox named {name} already exists")));
             }
         }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&store_path)
+            .ctx(|| format!("creating the store {}", store_path.display()))?;
         let store = self.store(&store_b)?;
         let same_fs = store.device().ctx(|| "reading the store".into())? == meta.dev();
         let (clone_method, clone_note) = if !same_fs {
@@ -435,7 +440,13 @@ impl Engine {
     }
 
     /// Takes a checkpoint; the caller holds the sandbox's lock.
-    fn take(&self, conn: &mut Connection, sandbox_id: i64, new: NewCheckpoint, scope: &Scope) -> Result<CheckpointInfo> {
+    fn take(
+        &self,
+        conn: &mut Connection,
+        sandbox_id: i64,
+        new: NewCheckpoint,
+        scope: &Scope,
+    ) -> Result<CheckpointInfo> {
         let started = Instant::now();
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
@@ -448,16 +459,14 @@ impl Engine {
         let mut counts = parent.as_ref().map_or([0i64; 4], |p| {
             [p.info.files as i64, p.info.dirs as i64, p.info.symlinks as i64, p.info.bytes as i64]
         });
-        let mut tally = |kind: Kind, size: u64, sign: i64| {
-            match kind {
-                Kind::File => {
-                    counts[0] += sign;
-                    counts[3] += sign * size as i64;
-                }
-                Kind::Dir => counts[1] += sign,
-                Kind::Symlink => counts[2] += sign,
-                Kind::Special => {}
+        let mut tally = |kind: Kind, size: u64, sign: i64| match kind {
+            Kind::File => {
+                counts[0] += sign;
+                counts[3] += sign * size as i64;
             }
+            Kind::Dir => counts[1] += sign,
+            Kind::Symlink => counts[2] += sign,
+            Kind::Special => {}
         };
         for (_, row) in &captured.ended {
             tally(row.meta.kind, row.meta.size, -1);
@@ -514,11 +523,8 @@ impl Engine {
             Some(s) => Some(self.sandbox_ref(&conn, peer, s)?.id),
             None => None,
         };
-        let visible: std::collections::HashSet<i64> = catalogue::sandboxes(&conn)?
-            .into_iter()
-            .filter(|s| peer.may_use(s))
-            .map(|s| s.id)
-            .collect();
+        let visible: std::collections::HashSet<i64> =
+            catalogue::sandboxes(&conn)?.into_iter().filter(|s| peer.may_use(s)).map(|s| s.id).collect();
         let checkpoints = catalogue::checkpoints(&conn, sandbox_id, req.plan.as_deref())?
             .into_iter()
             .filter(|c| visible.contains(&c.sandbox_id))
@@ -571,11 +577,8 @@ impl Engine {
         let mut conn = self.db()?;
         let sandbox = catalogue::sandbox_by_id(&conn, target.sandbox_id)?;
         let sandbox = self.active_sandbox(&conn, peer, &sandbox.name)?;
-        let filter = req
-            .paths
-            .iter()
-            .map(|p| relative_to_root(&sandbox.root, p.as_bytes()))
-            .collect::<Result<Vec<_>>>()?;
+        let filter =
+            req.paths.iter().map(|p| relative_to_root(&sandbox.root, p.as_bytes())).collect::<Result<Vec<_>>>()?;
         let excludes = Excludes::new(&sandbox.excludes)?;
         let guard = self.sandbox_lock(sandbox.id);
         let _held = lock(&guard);
@@ -713,6 +716,35 @@ fn changes(from: &Manifest, to: &Manifest) -> Vec<Change> {
     out
 }
 
+/// Returns the canonical form of a directory that may not exist yet: its
+/// nearest existing ancestor canonicalized, plus the missing components.
+fn resolve_new_dir(p: &Path) -> Result<PathBuf> {
+    let mut missing = Vec::new();
+    let mut existing = p;
+    loop {
+        match existing.canonicalize() {
+            Ok(base) => {
+                let mut out = base;
+                for part in missing.iter().rev() {
+                    out.push(part);
+                }
+                return Ok(out);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e).ctx(|| format!("resolving {}", p.display()));
+                };
+                if name == ".." || name == "." {
+                    return Err(Error::InvalidRequest(format!("{} is not a clean path", p.display())));
+                }
+                missing.push(name.to_owned());
+                existing = parent;
+            }
+            Err(e) => return Err(e).ctx(|| format!("resolving {}", p.display())),
+        }
+    }
+}
+
 /// Turns a `--path` argument into a clean sandbox-relative path: relative
 /// paths are taken from the sandbox root, absolute ones must lie below it.
 fn relative_to_root(root: &[u8], p: &[u8]) -> Result<Vec<u8>> {
@@ -737,8 +769,9 @@ fn relative_to_root(root: &[u8], p: &[u8]) -> Result<Vec<u8>> {
     if rel.is_empty() || rel == b"." {
         return Ok(Vec::new());
     }
-    sys::check_relative(rel)
-        .map_err(|_| Error::InvalidRequest(format!("{} is not a path inside the sandbox", WirePath(p.to_vec()).display())))?;
+    sys::check_relative(rel).map_err(|_| {
+        Error::InvalidRequest(format!("{} is not a path inside the sandbox", WirePath(p.to_vec()).display()))
+    })?;
     Ok(rel.to_vec())
 }
 

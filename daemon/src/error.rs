@@ -35,13 +35,9 @@ impl Error {
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
-                ErrorCode::PermissionDenied
-            }
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
             Error::Io { .. } => ErrorCode::Io,
-            Error::Db(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
-            {
+            Error::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => {
                 ErrorCode::Busy
             }
             Error::Db(_) | Error::Internal(_) => ErrorCode::Internal,

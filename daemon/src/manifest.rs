@@ -158,8 +158,7 @@ impl Live {
 
 /// Whether `path` is `prefix` itself or lies below it (`prefix` empty: any).
 pub fn is_within(path: &[u8], prefix: &[u8]) -> bool {
-    prefix.is_empty()
-        || (path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/'))
+    prefix.is_empty() || (path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/'))
 }
 
 /// Joins a relative directory and a name.

@@ -75,11 +75,8 @@ impl Plan {
         }
         if !filter.is_empty() {
             // A selected path needs its ancestors: create those missing live.
-            let creating: Vec<Vec<u8>> = steps
-                .iter()
-                .filter(|(_, s)| matches!(s, Step::Create(_)))
-                .map(|(p, _)| p.clone())
-                .collect();
+            let creating: Vec<Vec<u8>> =
+                steps.iter().filter(|(_, s)| matches!(s, Step::Create(_))).map(|(p, _)| p.clone()).collect();
             for path in creating {
                 let mut p = path.as_slice();
                 while let Some(i) = p.iter().rposition(|&b| b == b'/') {
@@ -217,7 +214,14 @@ fn via_temp(dir: BorrowedFd<'_>, name: &[u8], fill: impl FnOnce(&[u8]) -> io::Re
     result
 }
 
-fn put_file(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, store: &Store, reflink: bool, as_root: bool) -> io::Result<()> {
+fn put_file(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    meta: &Meta,
+    store: &Store,
+    reflink: bool,
+    as_root: bool,
+) -> io::Result<()> {
     let hash = meta.object.as_deref().ok_or_else(|| io::Error::other("the catalogue has no object for this file"))?;
     let object = store.open_object(hash)?;
     via_temp(dir, name, |tmp| {
@@ -232,7 +236,8 @@ fn put_file(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, store: &Store, reflin
 }
 
 fn put_symlink(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, as_root: bool) -> io::Result<()> {
-    let target = meta.target.as_deref().ok_or_else(|| io::Error::other("the catalogue has no target for this symlink"))?;
+    let target =
+        meta.target.as_deref().ok_or_else(|| io::Error::other("the catalogue has no target for this symlink"))?;
     via_temp(dir, name, |tmp| {
         sys::symlinkat(target, dir, tmp)?;
         if as_root {

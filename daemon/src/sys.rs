@@ -33,16 +33,13 @@ pub const DIR_FLAGS: c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLL
 pub fn openat(dir: BorrowedFd<'_>, name: &[u8], flags: c_int, mode: u32) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
     // SAFETY: c is a valid C string; the flags ask for a new fd.
-    check_fd(unsafe {
-        libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC, mode)
-    })
+    check_fd(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC, mode) })
 }
 
 /// Checks that `rel` is a clean relative path: no leading `/`, no empty,
 /// `.` or `..` component.
 pub fn check_relative(rel: &[u8]) -> io::Result<()> {
-    let bad = rel.first() == Some(&b'/')
-        || rel.split(|&b| b == b'/').any(|c| c.is_empty() || c == b"." || c == b"..");
+    let bad = rel.first() == Some(&b'/') || rel.split(|&b| b == b'/').any(|c| c.is_empty() || c == b"." || c == b"..");
     if bad || rel.contains(&0) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a clean relative path"));
     }
@@ -200,7 +197,13 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &[u8], is_dir: bool) -> io::Result<()
 }
 
 /// Renames within or across directory fds; `noreplace` refuses to overwrite.
-pub fn renameat(from_dir: BorrowedFd<'_>, from: &[u8], to_dir: BorrowedFd<'_>, to: &[u8], noreplace: bool) -> io::Result<()> {
+pub fn renameat(
+    from_dir: BorrowedFd<'_>,
+    from: &[u8],
+    to_dir: BorrowedFd<'_>,
+    to: &[u8],
+    noreplace: bool,
+) -> io::Result<()> {
     let f = cstr(from)?;
     let t = cstr(to)?;
     let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
@@ -328,7 +331,14 @@ pub fn copy_sparse(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64) -> io::R
                 let mut off_out = off_in;
                 // SAFETY: the offsets are valid pointers; the kernel copies between fds.
                 let n = unsafe {
-                    libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, remaining as usize, 0)
+                    libc::copy_file_range(
+                        src.as_raw_fd(),
+                        &mut off_in,
+                        dst.as_raw_fd(),
+                        &mut off_out,
+                        remaining as usize,
+                        0,
+                    )
                 };
                 if n > 0 {
                     done += n as u64;

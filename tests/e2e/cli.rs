@@ -1,0 +1,145 @@
+//! The CLI contract: exit codes, `--json`, and the daemon's lifecycle as a
+//! user meets it.
+
+use std::process::{Command, Stdio};
+
+use crate::fixture::{TestDaemon, binary};
+
+#[test]
+fn exit_code_3_and_a_hint_when_the_daemon_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing.sock");
+    let out = Command::new(binary("snapback")).args(["status", "--socket"]).arg(&socket).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not running") && err.contains("snapbackd"), "{err}");
+}
+
+#[test]
+fn exit_code_2_on_usage_errors() {
+    let out = Command::new(binary("snapback")).args(["checkpoint"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(binary("snapback")).args(["frobnicate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(binary("snapback")).args(["checkpoint", "s", "--label", "novalue"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn refusals_exit_1_with_a_json_error_and_the_daemon_keeps_serving() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    d.add_sandbox("sb", &sb, &[]);
+    let cases: Vec<Vec<String>> = vec![
+        vec!["checkpoint".into(), "no-such-sandbox".into()],
+        vec!["show".into(), "01ARZ3NDEKTSV4RRFFQ69G5FAV".into()],
+        vec!["show".into(), "not-an-id!".into()],
+        vec!["diff".into(), "01ARZ3NDEKTSV4RRFFQ69G5FAV".into()],
+        vec!["rollback".into(), "01ARZ3NDEKTSV4RRFFQ69G5FAV".into()],
+        vec!["sandbox".into(), "add".into(), d.path("does-not-exist").to_str().unwrap().into()],
+        vec!["sandbox".into(), "add".into(), sb.join("inner").to_str().unwrap().into()],
+        vec!["sandbox".into(), "add".into(), d.path("").to_str().unwrap().into()],
+        vec!["sandbox".into(), "add".into(), d.state_dir.to_str().unwrap().into()],
+        vec!["sandbox".into(), "add".into(), d.state_dir.join("store").to_str().unwrap().into()],
+        vec!["sandbox".into(), "add".into(), sb.to_str().unwrap().into()],
+        vec![
+            "sandbox".into(),
+            "add".into(),
+            d.path("other").to_str().unwrap().into(),
+            "--store".into(),
+            sb.join("store").to_str().unwrap().into(),
+        ],
+        vec!["sandbox".into(), "add".into(), d.path("other").to_str().unwrap().into(), "--exclude".into(), "[".into()],
+    ];
+    std::fs::create_dir_all(sb.join("inner")).unwrap();
+    std::fs::create_dir_all(d.path("other")).unwrap();
+    for args in cases {
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.push("--json");
+        let out = d.cli(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error document");
+        assert!(!doc["error"]["message"].as_str().unwrap().is_empty());
+        assert_eq!(d.json(&["status"])["sandboxes"].as_array().unwrap().len(), 1, "after {args:?}");
+    }
+    assert!(!sb.join("store").exists(), "a refused add created its store inside the sandbox");
+}
+
+#[test]
+fn rollback_json_carries_counts_and_changed_paths() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    std::fs::write(sb.join("a"), "1").unwrap();
+    std::fs::write(sb.join("b"), "1").unwrap();
+    d.add_sandbox("sb", &sb, &[]);
+    let c = d.checkpoint("sb");
+    std::fs::write(sb.join("a"), "2").unwrap();
+    std::fs::remove_file(sb.join("b")).unwrap();
+    std::fs::write(sb.join("c"), "new").unwrap();
+    let r = d.rollback(&c);
+    assert_eq!((r["restored"].as_u64(), r["created"].as_u64(), r["deleted"].as_u64()), (Some(1), Some(1), Some(1)));
+    assert_eq!(r["unchanged"], 0);
+    let changed: Vec<&str> = r["changed"].as_array().unwrap().iter().map(|p| p["text"].as_str().unwrap()).collect();
+    assert_eq!(changed, ["a", "b", "c"]);
+    assert_eq!(r["removed"][0]["text"], "c");
+
+    // Human output is short and names the undo.
+    let c2 = d.checkpoint("sb");
+    std::fs::write(sb.join("a"), "3").unwrap();
+    let out = d.cli(&["rollback", &c2]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 restored, 0 created, 0 deleted"), "{text}");
+    assert!(text.contains("undo with: snapback rollback"), "{text}");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    let d = TestDaemon::start();
+    let other_state = d.path("state2");
+    let out = TestDaemon::spawn(&d.socket, &other_state).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    d.json(&["status"]);
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_the_socket_is_removed_on_sigterm() {
+    let mut d = TestDaemon::start();
+    d.stop();
+    assert!(!d.socket.exists(), "SIGTERM left the socket behind");
+    // A stale socket: bound, nobody listening.
+    let stale = std::os::unix::net::UnixListener::bind(&d.socket).unwrap();
+    drop(stale);
+    assert!(d.socket.exists());
+    d.restart();
+    d.json(&["status"]);
+}
+
+#[test]
+fn the_daemon_refuses_a_catalogue_from_a_newer_schema() {
+    let mut d = TestDaemon::start();
+    d.stop();
+    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
+    conn.pragma_update(None, "user_version", 999).unwrap();
+    drop(conn);
+    let out = TestDaemon::spawn(&d.socket, &d.state_dir).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("schema version 999"), "{err}");
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let out = Command::new(binary("snapback"))
+        .args(["demo", "--json"])
+        .env("TMPDIR", tempfile::tempdir().unwrap().keep())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["restored_exactly"], true);
+    assert_eq!(doc["rollback"]["deleted"], 1);
+}

@@ -1,0 +1,444 @@
+//! Checkpoint, diff and rollback of whole trees.
+
+use std::ffi::OsStr;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::fixture::TestDaemon;
+use crate::tree::{Node, assert_same, snapshot};
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn write(p: &Path, data: &[u8]) {
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir -p");
+    }
+    std::fs::write(p, data).expect("write");
+}
+
+/// Builds the tree of the issue: nested and empty directories, three modes,
+/// relative, absolute and dangling symlinks, a non-UTF-8 name, a name with
+/// a newline, a 50 MiB file and a sparse 1 GiB file with a few KiB of data.
+fn build_rich_tree(root: &Path) {
+    write(&root.join("src/lib/deep/mod.rs"), b"pub fn deep() {}\n");
+    write(&root.join("src/main.rs"), b"fn main() {}\n");
+    std::fs::create_dir_all(root.join("empty/also-empty")).unwrap();
+    write(&root.join("secret.key"), b"0600 secret\n");
+    chmod(&root.join("secret.key"), 0o600);
+    write(&root.join("run.sh"), b"#!/bin/sh\necho hi\n");
+    chmod(&root.join("run.sh"), 0o755);
+    write(&root.join("notes.txt"), b"0644 notes\n");
+    chmod(&root.join("notes.txt"), 0o644);
+    symlink("src/main.rs", root.join("rel-link")).unwrap();
+    symlink("/etc/hostname", root.join("abs-link")).unwrap();
+    symlink("does/not/exist", root.join("dangling")).unwrap();
+    write(&root.join(OsStr::from_bytes(b"caf\xe9-latin1.txt")), b"not utf-8 name\n");
+    write(&root.join("line\nbreak.txt"), b"newline in name\n");
+    let big: Vec<u8> = (0..50u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    write(&root.join("big.bin"), &big);
+    let mut sparse = std::fs::File::create(root.join("sparse.img")).unwrap();
+    sparse.write_all(b"header").unwrap();
+    sparse.seek(SeekFrom::Start(512 << 20)).unwrap();
+    sparse.write_all(&[0xAB; 4096]).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    // A read-only directory must still be restorable into.
+    write(&root.join("ro/inside.txt"), b"inside a 0555 directory\n");
+    chmod(&root.join("ro"), 0o555);
+}
+
+/// Applies every kind of change: edits, deletions, creations, chmods, a
+/// renamed directory and file/dir/symlink type changes in each direction.
+fn mutate(root: &Path) {
+    write(&root.join("src/main.rs"), b"fn main() { println!(\"changed\"); }\n");
+    std::fs::remove_file(root.join("notes.txt")).unwrap();
+    write(&root.join("new/dir/created.txt"), b"created after\n");
+    chmod(&root.join("run.sh"), 0o644);
+    chmod(&root.join("secret.key"), 0o640);
+    std::fs::rename(root.join("src/lib"), root.join("src/library")).unwrap();
+    // file -> dir
+    std::fs::remove_file(root.join("secret.key")).unwrap();
+    write(&root.join("secret.key/now-a-dir"), b"x");
+    // dir -> symlink
+    std::fs::remove_dir_all(root.join("empty")).unwrap();
+    symlink("src", root.join("empty")).unwrap();
+    // symlink -> file
+    std::fs::remove_file(root.join("rel-link")).unwrap();
+    write(&root.join("rel-link"), b"was a symlink\n");
+    // dir -> file
+    chmod(&root.join("ro"), 0o755);
+    std::fs::remove_dir_all(root.join("ro")).unwrap();
+    write(&root.join("ro"), b"was a directory\n");
+    // content of the big file, same size
+    let mut f = std::fs::OpenOptions::new().write(true).open(root.join("big.bin")).unwrap();
+    f.seek(SeekFrom::Start(10 << 20)).unwrap();
+    f.write_all(b"patched in place").unwrap();
+}
+
+fn allocated_bytes(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn rich_tree_comes_back_exactly_through_rollbacks_and_undo() {
+    let d = TestDaemon::start();
+    let root = d.path("sandbox");
+    std::fs::create_dir_all(&root).unwrap();
+    build_rich_tree(&root);
+    d.add_sandbox("rich", &root, &[]);
+    let a = d.checkpoint("rich");
+    let tree_a = snapshot(&root);
+
+    mutate(&root);
+    let b = d.checkpoint("rich");
+    let tree_b = snapshot(&root);
+    assert_ne!(tree_a, tree_b);
+
+    let diff = d.json(&["diff", &a, &b]);
+    let changes = diff["changes"].as_array().unwrap();
+    let kind_of = |p: &str| {
+        changes
+            .iter()
+            .find(|c| c["path"]["text"] == p)
+            .map(|c| c["change"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("{p} missing from the diff: {diff}"))
+    };
+    assert_eq!(kind_of("src/main.rs"), "modified");
+    assert_eq!(kind_of("notes.txt"), "deleted");
+    assert_eq!(kind_of("new/dir/created.txt"), "added");
+    assert_eq!(kind_of("secret.key"), "type_changed");
+    assert_eq!(kind_of("empty"), "type_changed");
+    assert_eq!(kind_of("rel-link"), "type_changed");
+    assert_eq!(kind_of("run.sh"), "modified");
+    assert_eq!(kind_of("big.bin"), "modified");
+
+    let r1 = d.rollback(&a);
+    assert_same(&snapshot(&root), &tree_a, "after rolling back to A");
+    assert!(r1["restored"].as_u64().unwrap() > 0);
+    assert!(r1["created"].as_u64().unwrap() > 0);
+    assert!(r1["deleted"].as_u64().unwrap() > 0);
+    assert!(allocated_bytes(&root.join("sparse.img")) < 16 << 20, "the sparse file came back dense");
+
+    let r2 = d.rollback(&b);
+    assert_same(&snapshot(&root), &tree_b, "after rolling back to B");
+
+    // Undo the second rollback through its safety checkpoint: back to A.
+    let safety = r2["safety_checkpoint"].as_str().unwrap().to_owned();
+    let shown = d.json(&["show", &safety]);
+    assert_eq!(shown["kind"], "safety");
+    d.rollback(&safety);
+    assert_same(&snapshot(&root), &tree_a, "after undoing the rollback to B");
+
+    // Nothing differs any more from A.
+    let live = d.json(&["diff", &a]);
+    assert_eq!(live["changes"].as_array().unwrap().len(), 0, "{live}");
+    chmod(&root.join("ro"), 0o755); // let the temporary directory be removed
+}
+
+#[test]
+fn an_in_place_rewrite_keeping_size_and_mtime_is_captured() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("f.txt"), b"aaaa");
+    d.add_sandbox("sb", &root, &[]);
+    let first = d.checkpoint("sb");
+    let mtime = std::fs::metadata(root.join("f.txt")).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let f = std::fs::OpenOptions::new().write(true).open(root.join("f.txt")).unwrap();
+    (&f).write_all(b"bbbb").unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    assert_eq!(std::fs::metadata(root.join("f.txt")).unwrap().modified().unwrap(), mtime);
+    let second = d.json(&["checkpoint", "sb"]);
+    assert_eq!(second["changed"], 1, "{second}");
+    d.rollback(&first);
+    assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"aaaa");
+}
+
+#[test]
+fn rapid_rewrites_right_after_a_checkpoint_are_not_missed() {
+    // Racy timestamps: a change within the same clock tick as the scan must
+    // still be seen by the next checkpoint.
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("f"), b"0");
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    let mut taken = Vec::new();
+    for i in 0..50u32 {
+        let content = format!("{i:04}");
+        std::fs::write(root.join("f"), &content).unwrap();
+        let c = client
+            .checkpoint(snapback::proto::CheckpointRequest { sandbox: "sb".into(), ..Default::default() })
+            .unwrap();
+        taken.push((c.id, content));
+    }
+    for (id, content) in taken.iter().rev().step_by(7) {
+        d.rollback(id);
+        assert_eq!(std::fs::read_to_string(root.join("f")).unwrap(), *content, "checkpoint {id}");
+    }
+}
+
+#[test]
+fn a_fifo_does_not_hang_a_checkpoint() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("f"), b"data");
+    let fifo = std::ffi::CString::new(root.join("pipe").as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    d.add_sandbox("sb", &root, &[]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = d.socket.clone();
+    std::thread::spawn(move || {
+        let mut c = snapback::Client::connect(&socket).unwrap();
+        let r = c.checkpoint(snapback::proto::CheckpointRequest { sandbox: "sb".into(), ..Default::default() });
+        let _ = tx.send(r.map(|c| c.id));
+    });
+    let id = rx.recv_timeout(Duration::from_secs(60)).expect("the checkpoint hung on a FIFO").unwrap();
+    std::fs::remove_file(root.join("pipe")).unwrap();
+    d.rollback(&id);
+    let meta = std::fs::symlink_metadata(root.join("pipe")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()), "the FIFO was not recreated");
+}
+
+#[test]
+fn excluded_paths_are_neither_captured_nor_touched() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("src/a.c"), b"int a;\n");
+    write(&root.join("src/a.o"), b"object v1");
+    write(&root.join("build/out/bin"), b"binary v1");
+    d.add_sandbox("sb", &root, &["--exclude", "*.o", "--exclude", "build/out"]);
+    let c = d.checkpoint("sb");
+    let shown = d.json(&["show", &c]);
+    assert_eq!(shown["files"], 1, "excluded files were captured: {shown}");
+
+    write(&root.join("src/a.o"), b"object v2");
+    write(&root.join("build/out/bin"), b"binary v2");
+    write(&root.join("build/out/new"), b"new");
+    write(&root.join("src/b.o"), b"new object");
+    write(&root.join("src/a.c"), b"int a = 2;\n");
+    // A directory created after the checkpoint that holds only an excluded
+    // file cannot be removed without touching it: it stays.
+    write(&root.join("gen/x.o"), b"generated");
+    let diff = d.json(&["diff", &c]);
+    let paths: Vec<&str> =
+        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
+    assert_eq!(paths, vec!["gen", "src/a.c"], "{diff}");
+
+    let r = d.rollback(&c);
+    assert_eq!(std::fs::read(root.join("src/a.c")).unwrap(), b"int a;\n");
+    assert_eq!(std::fs::read(root.join("src/a.o")).unwrap(), b"object v2");
+    assert_eq!(std::fs::read(root.join("build/out/bin")).unwrap(), b"binary v2");
+    assert_eq!(std::fs::read(root.join("build/out/new")).unwrap(), b"new");
+    assert_eq!(std::fs::read(root.join("src/b.o")).unwrap(), b"new object");
+    assert_eq!(std::fs::read(root.join("gen/x.o")).unwrap(), b"generated");
+    assert_eq!(r["skipped"][0]["text"], "gen", "{r}");
+}
+
+#[test]
+fn writing_into_a_live_file_never_changes_a_checkpoint() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("data.bin"), &[1u8; 256 * 1024]);
+    d.add_sandbox("sb", &root, &[]);
+    let c = d.checkpoint("sb");
+    // Overwrite in place, same inode, same size.
+    let mut f = std::fs::OpenOptions::new().write(true).open(root.join("data.bin")).unwrap();
+    f.write_all(&[2u8; 256 * 1024]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    d.rollback(&c);
+    assert_eq!(std::fs::read(root.join("data.bin")).unwrap(), vec![1u8; 256 * 1024]);
+    // And after the rollback, writing into the restored file leaves the
+    // checkpoint intact too.
+    let mut f = std::fs::OpenOptions::new().write(true).open(root.join("data.bin")).unwrap();
+    f.write_all(&[3u8; 1024]).unwrap();
+    drop(f);
+    d.rollback(&c);
+    assert_eq!(std::fs::read(root.join("data.bin")).unwrap(), vec![1u8; 256 * 1024]);
+}
+
+#[test]
+fn dry_run_touches_nothing_and_path_restores_only_what_is_named() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("keep/a"), b"a1");
+    write(&root.join("keep/b"), b"b1");
+    write(&root.join("dir/x"), b"x1");
+    write(&root.join("dir/sub/y"), b"y1");
+    write(&root.join("top"), b"t1");
+    d.add_sandbox("sb", &root, &[]);
+    let c = d.checkpoint("sb");
+    write(&root.join("keep/a"), b"a2");
+    write(&root.join("keep/b"), b"b2");
+    std::fs::remove_dir_all(root.join("dir")).unwrap();
+    write(&root.join("top"), b"t2");
+    write(&root.join("extra"), b"e");
+    let before = snapshot(&root);
+
+    let dry = d.json(&["rollback", &c, "--dry-run"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["restored"], 3, "{dry}");
+    assert_eq!(dry["created"], 4, "{dry}");
+    assert_eq!(dry["deleted"], 1, "{dry}");
+    assert!(dry["safety_checkpoint"].is_null());
+    assert_same(&snapshot(&root), &before, "after a dry run");
+    let listed = d.json(&["list", "sb"]);
+    assert_eq!(listed["checkpoints"].as_array().unwrap().len(), 1, "a dry run took a checkpoint");
+
+    let r = d.json(&["rollback", &c, "--path", "keep/a", "--path", "dir/"]);
+    assert_eq!(r["created"], 4, "dir, dir/x, dir/sub, dir/sub/y: {r}");
+    assert_eq!(r["restored"], 1, "keep/a: {r}");
+    assert_eq!(std::fs::read(root.join("keep/a")).unwrap(), b"a1");
+    assert_eq!(std::fs::read(root.join("keep/b")).unwrap(), b"b2");
+    assert_eq!(std::fs::read(root.join("dir/sub/y")).unwrap(), b"y1");
+    assert_eq!(std::fs::read(root.join("top")).unwrap(), b"t2");
+    assert!(root.join("extra").exists());
+
+    // An absolute path below the root works too; one outside is refused.
+    let abs = root.join("top");
+    d.json(&["rollback", &c, "--path", abs.to_str().unwrap()]);
+    assert_eq!(std::fs::read(root.join("top")).unwrap(), b"t1");
+    let out = d.cli(&["rollback", &c, "--path", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn list_show_and_prefixes() {
+    let d = TestDaemon::start();
+    let one = d.path("one");
+    let two = d.path("two");
+    write(&one.join("f"), b"1");
+    write(&two.join("f"), b"2");
+    d.add_sandbox("one", &one, &[]);
+    d.add_sandbox("two", &two, &[]);
+    let a = d.json(&[
+        "checkpoint",
+        "one",
+        "--plan",
+        "p1",
+        "--reason",
+        "first",
+        "--tool",
+        "Edit",
+        "--phase",
+        "pre",
+        "--label",
+        "k=v",
+    ]);
+    assert_eq!(a["kind"], "tool");
+    assert_eq!(a["labels"]["k"], "v");
+    d.json(&["checkpoint", "one", "--plan", "p2"]);
+    d.json(&["checkpoint", one.to_str().unwrap()]); // by path
+    d.json(&["checkpoint", "two", "--plan", "p1"]);
+    assert_eq!(d.json(&["list"])["checkpoints"].as_array().unwrap().len(), 4);
+    assert_eq!(d.json(&["list", "one"])["checkpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(d.json(&["list", "--plan", "p1"])["checkpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(d.json(&["list", "one", "--plan", "p1"])["checkpoints"].as_array().unwrap().len(), 1);
+
+    let id = a["id"].as_str().unwrap();
+    let shown = d.json(&["show", &id[..20].to_lowercase()]);
+    assert_eq!(shown["id"], id);
+    assert_eq!(shown["files"], 1);
+    assert_eq!(shown["bytes"], 1);
+    assert_eq!(shown["reason"], "first");
+    assert_eq!(shown["tool"], "Edit");
+    assert_eq!(shown["phase"], "pre");
+    assert_eq!(shown["parent"], serde_json::Value::Null);
+    let second = d.json(&["list", "one"])["checkpoints"][1].clone();
+    assert_eq!(second["parent"], id);
+
+    // Every checkpoint id starts with the same few characters of time.
+    let out = d.cli(&["show", &id[..2], "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("more than one"), "{err}");
+}
+
+#[test]
+fn sandboxes_list_their_clone_method_and_can_be_removed() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("f"), b"x");
+    let added = d.add_sandbox("sb", &root, &[]);
+    assert!(["reflink", "copy"].contains(&added["clone_method"].as_str().unwrap()));
+    assert!(!added["clone_note"].as_str().unwrap().is_empty());
+    let c = d.checkpoint("sb");
+    let list = d.json(&["sandbox", "list"]);
+    assert_eq!(list["sandboxes"][0]["clone_method"], added["clone_method"]);
+    assert_eq!(list["sandboxes"][0]["checkpoints"], 1);
+
+    d.json(&["sandbox", "remove", "sb"]);
+    let out = d.cli(&["checkpoint", "sb"]);
+    assert_eq!(out.status.code(), Some(1), "a removed sandbox took a checkpoint");
+    assert_eq!(d.json(&["show", &c])["id"], c.as_str(), "checkpoints are kept without --purge");
+    d.add_sandbox("sb", &root, &[]);
+    d.checkpoint("sb");
+    d.json(&["sandbox", "remove", "sb", "--purge"]);
+    assert_eq!(d.cli(&["show", &c]).status.code(), Some(1));
+    let objects: usize = std::fs::read_dir(d.state_dir.join("store/objects"))
+        .unwrap()
+        .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
+        .sum();
+    assert_eq!(objects, 0, "purge left objects behind");
+    assert_eq!(std::fs::read(root.join("f")).unwrap(), b"x", "the sandbox directory was touched");
+}
+
+#[test]
+fn changes_made_while_the_daemon_was_stopped_are_captured() {
+    let mut d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("f"), b"before");
+    d.add_sandbox("sb", &root, &[]);
+    let c = d.checkpoint("sb");
+    d.stop();
+    write(&root.join("f"), b"during");
+    write(&root.join("g"), b"new");
+    d.restart();
+    let after = d.json(&["checkpoint", "sb"]);
+    assert_eq!(after["changed"], 2);
+    d.rollback(&c);
+    assert_eq!(std::fs::read(root.join("f")).unwrap(), b"before");
+    assert!(!root.join("g").exists());
+}
+
+#[test]
+fn objects_are_shared_when_files_do_not_change() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    for i in 0..50 {
+        write(&root.join(format!("d{}/f{i}", i % 5)), format!("content {i}").as_bytes());
+    }
+    d.add_sandbox("sb", &root, &[]);
+    d.checkpoint("sb");
+    let count_objects = || -> usize {
+        std::fs::read_dir(d.state_dir.join("store/objects"))
+            .unwrap()
+            .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
+            .sum()
+    };
+    assert_eq!(count_objects(), 50);
+    let unchanged = d.json(&["checkpoint", "sb"]);
+    assert_eq!(unchanged["changed"], 0);
+    write(&root.join("d0/f0"), b"changed");
+    d.checkpoint("sb");
+    assert_eq!(count_objects(), 51, "an unchanged file was stored again");
+    // The catalogue holds one version per change, not one per checkpoint.
+    let conn = rusqlite_count(&d.state_dir.join("catalogue.db"));
+    assert_eq!(conn, 50 + 5 + 1, "50 files, 5 directories, 1 new version");
+    if let Node::File { .. } = snapshot(&root)[&b"d0/f0".to_vec()] {
+    } else {
+        panic!("d0/f0 is not a file");
+    }
+}
+
+fn rusqlite_count(db: &Path) -> i64 {
+    let conn = snapback_daemon::catalogue::connect(db).unwrap();
+    conn.query_row("SELECT count(*) FROM entries", [], |r| r.get(0)).unwrap()
+}

@@ -1,0 +1,149 @@
+//! The `TestDaemon` fixture: a real snapbackd in a temporary directory,
+//! ready when its socket answers, stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use snapback::Client;
+
+/// Returns the path of a workspace binary, next to the test executable's
+/// `deps/` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is missing: build the workspace first (cargo test --workspace)", path.display());
+    path
+}
+
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon with its state in a new temporary directory.
+    pub fn start() -> TestDaemon {
+        let dir = tempfile::Builder::new().prefix("snapback-e2e-").tempdir().expect("tempdir");
+        let socket = dir.path().join("run/snapbackd.sock");
+        let state_dir = dir.path().join("state");
+        let mut d = TestDaemon { dir, socket, state_dir, child: None };
+        d.restart();
+        d
+    }
+
+    /// A directory for sandboxes, outside the state directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Spawns the daemon without waiting for it.
+    pub fn spawn(socket: &Path, state_dir: &Path) -> Child {
+        Command::new(binary("snapbackd"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("SNAPBACK_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn snapbackd")
+    }
+
+    /// (Re)starts the daemon on the same socket and state, and waits until
+    /// it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut child = Self::spawn(&self.socket, &self.state_dir);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Client::connect(&self.socket).is_err() {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                let out = child.wait_with_output().expect("output");
+                panic!("snapbackd exited with {status}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            assert!(Instant::now() < deadline, "snapbackd did not answer within 20 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child = Some(child);
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling a child we own and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        Some(child.wait().expect("wait for snapbackd"))
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).expect("connect")
+    }
+
+    /// Runs the CLI with `--socket` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("snapback"))
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run snapback")
+    }
+
+    /// Runs the CLI with `--json`, asserts success and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "snapback {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
+    }
+
+    /// Registers `dir` (created if missing) as sandbox `name`.
+    pub fn add_sandbox(&self, name: &str, dir: &Path, extra: &[&str]) -> serde_json::Value {
+        std::fs::create_dir_all(dir).expect("create sandbox dir");
+        let mut args = vec!["sandbox", "add", dir.to_str().expect("utf-8 test path"), "--name", name];
+        args.extend_from_slice(extra);
+        self.json(&args)
+    }
+
+    /// Takes a checkpoint and returns its id.
+    pub fn checkpoint(&self, sandbox: &str) -> String {
+        let v = self.json(&["checkpoint", sandbox]);
+        v["id"].as_str().expect("id").to_owned()
+    }
+
+    pub fn rollback(&self, id: &str) -> serde_json::Value {
+        self.json(&["rollback", id])
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether this process runs as root. When not, a test that needs root
+/// prints why it skips, and fails instead if `CI` is set.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs root, and CI must run it: run the suite as root");
+    }
+    eprintln!("skipping {test}: it needs root (loop mounts); run the suite as root to include it");
+    false
+}

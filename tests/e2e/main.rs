@@ -1,0 +1,15 @@
+//! End-to-end tests: each starts the real `snapbackd` on a temporary socket
+//! and state directory and drives it with the real `snapback` CLI and
+//! client library.
+//!
+//! Build the binaries first (`cargo test --workspace` does). Tests that
+//! need root (loop-mounted filesystems) skip with a message for a normal
+//! user and fail instead when `CI` is set.
+
+mod fixture;
+mod tree;
+
+mod cli;
+mod core;
+mod protocol;
+mod reflink;

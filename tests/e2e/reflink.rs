@@ -1,0 +1,123 @@
+//! Reflinks on real copy-on-write filesystems, loop-mounted (root only).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::fixture::{TestDaemon, root_or_skip};
+
+/// A filesystem image mounted on a loop device, unmounted on drop.
+struct Mounted {
+    mountpoint: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    fn new(fs: &str) -> Mounted {
+        let dir = tempfile::Builder::new().prefix("snapback-fs-").tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        let mountpoint = dir.path().join("mnt");
+        std::fs::create_dir(&mountpoint).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
+        let mkfs = match fs {
+            "xfs" => Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&image).output(),
+            "btrfs" => Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&image).output(),
+            other => panic!("unknown filesystem {other}"),
+        }
+        .unwrap_or_else(|e| panic!("mkfs.{fs} is not installed ({e}); .ci/run installs it"));
+        assert!(mkfs.status.success(), "mkfs.{fs}: {}", String::from_utf8_lossy(&mkfs.stderr));
+        let mount = Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mountpoint).output().unwrap();
+        assert!(mount.status.success(), "mount {fs}: {}", String::from_utf8_lossy(&mount.stderr));
+        Mounted { mountpoint, _dir: dir }
+    }
+
+    fn free(&self) -> u64 {
+        // SAFETY: sync has no preconditions; it settles delayed allocation
+        // so free space is measured, not estimated.
+        unsafe { libc::sync() };
+        let c = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and struct.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mountpoint).status();
+    }
+}
+
+fn object_count(store: &Path) -> usize {
+    std::fs::read_dir(store.join("objects"))
+        .unwrap()
+        .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
+        .sum()
+}
+
+/// Checkpoints and rolls back 64 MiB on `fs` and checks that neither copies
+/// the data: free space barely moves while objects and files appear.
+fn objects_share_extents(fs: &str) {
+    let m = Mounted::new(fs);
+    let d = TestDaemon::start();
+    let sandbox = m.mountpoint.join("sandbox");
+    let store = m.mountpoint.join("store");
+    std::fs::create_dir_all(&sandbox).unwrap();
+    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    std::fs::write(sandbox.join("big.bin"), &data).unwrap();
+    let added = d.add_sandbox("cow", &sandbox, &["--store", store.to_str().unwrap()]);
+    assert_eq!(added["clone_method"], "reflink", "{added}");
+
+    let before = m.free();
+    let c = d.checkpoint("cow");
+    let after = m.free();
+    assert_eq!(object_count(&store), 1);
+    let used = before.saturating_sub(after);
+    assert!(used < 8 << 20, "{fs}: a checkpoint of 64 MiB used {used} bytes: the object was copied");
+
+    // A write into the live file must not reach the object.
+    let mut f = std::fs::OpenOptions::new().write(true).open(sandbox.join("big.bin")).unwrap();
+    std::io::Write::write_all(&mut f, b"overwritten").unwrap();
+    drop(f);
+    std::fs::remove_file(sandbox.join("extra")).ok();
+    let before = m.free();
+    d.rollback(&c);
+    let after = m.free();
+    assert_eq!(std::fs::read(sandbox.join("big.bin")).unwrap(), data);
+    let used = before.saturating_sub(after);
+    assert!(used < 8 << 20, "{fs}: a rollback of 64 MiB used {used} bytes: the file was copied");
+
+    // The sandbox list says which method each sandbox uses. A sandbox on
+    // this filesystem whose store is the daemon's (on another filesystem)
+    // copies, and says why.
+    let other = m.mountpoint.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let copied = d.add_sandbox("other", &other, &[]);
+    assert_eq!(copied["clone_method"], "copy");
+    assert!(copied["clone_note"].as_str().unwrap().contains("another filesystem"), "{copied}");
+    assert_ne!(std::fs::metadata(&other).unwrap().dev(), std::fs::metadata(&d.state_dir).unwrap().dev());
+    let list = d.json(&["sandbox", "list"]);
+    let methods: Vec<(&str, &str)> = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["clone_method"].as_str().unwrap()))
+        .collect();
+    assert_eq!(methods, [("cow", "reflink"), ("other", "copy")]);
+    drop(d);
+}
+
+#[test]
+fn xfs_checkpoints_and_rollbacks_share_extents() {
+    if root_or_skip("xfs_checkpoints_and_rollbacks_share_extents") {
+        objects_share_extents("xfs");
+    }
+}
+
+#[test]
+fn btrfs_checkpoints_and_rollbacks_share_extents() {
+    if root_or_skip("btrfs_checkpoints_and_rollbacks_share_extents") {
+        objects_share_extents("btrfs");
+    }
+}
