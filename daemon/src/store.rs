@@ -38,7 +38,7 @@ pub struct Put {
     pub unstable: bool,
 }
 
-const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Hashes the content of an open file, reading only its data segments and
 /// hashing holes as the zeros they read as.

@@ -135,13 +135,14 @@ impl Drop for TestDaemon {
 }
 
 /// Whether this process runs as root. When not, a test that needs root
-/// prints why it skips, and fails instead if `CI` is set.
+/// prints why it skips, and fails instead if `CI` or
+/// `SNAPBACK_REQUIRE_ROOT_TESTS` is set (`.ci/run` sets both).
 pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var_os("CI").is_some() {
+    if std::env::var_os("CI").is_some() || std::env::var_os("SNAPBACK_REQUIRE_ROOT_TESTS").is_some() {
         panic!("{test} needs root, and CI must run it: run the suite as root");
     }
     eprintln!("skipping {test}: it needs root (loop mounts); run the suite as root to include it");
