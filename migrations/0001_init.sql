@@ -57,7 +57,7 @@ CREATE TABLE entries (
     size       INTEGER NOT NULL,
     mtime_ns   INTEGER NOT NULL,                   -- files only; 0 otherwise
     target     BLOB,                               -- symlink target
-    object     TEXT,                               -- blake3 of a file's content
+    object     BLOB,                               -- blake3 of a file's content (32 bytes)
     -- What the live path looked like when last compared: used only to decide
     -- whether it must be read again, never restored.
     ctime_ns   INTEGER NOT NULL,

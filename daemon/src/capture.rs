@@ -12,6 +12,7 @@
 //! whole tree, [`Scope::Paths`] only the given subtrees (what a watcher
 //! marked dirty).
 
+use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -152,13 +153,25 @@ impl Captured {
     }
 
     /// Applies this capture to `current` (the manifest it was compared
-    /// with), giving the live state.
-    pub fn apply_to(&self, current: &mut Manifest) {
+    /// with), giving the live state. `ids` are the catalogue ids of the
+    /// added rows, in order, once they are written; 0 before.
+    pub fn apply_to(&self, current: &mut Manifest, ids: Option<&[i64]>) {
         for (path, _) in &self.ended {
             current.remove(path);
         }
-        for a in &self.added {
-            current.insert(a.path.clone(), Row { id: 0, meta: a.meta.clone(), key: a.key });
+        for (i, a) in self.added.iter().enumerate() {
+            let id = ids.and_then(|ids| ids.get(i).copied()).unwrap_or(0);
+            current.insert(a.path.clone(), Row { id, meta: a.meta.clone(), key: a.key });
+        }
+        if ids.is_some() {
+            let by_id: std::collections::HashMap<i64, StatKey> = self.rekeyed.iter().copied().collect();
+            if !by_id.is_empty() {
+                for row in current.values_mut() {
+                    if let Some(key) = by_id.get(&row.id) {
+                        row.key = *key;
+                    }
+                }
+            }
         }
     }
 }
@@ -176,15 +189,22 @@ struct Job {
     prior: Option<Row>,
 }
 
-/// Compares the live tree in `scope` with `current` (the current versions
-/// of every path in the scope) and returns what changed.
-pub fn capture(current: Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
+/// Compares the live tree in `scope` with `current` (the current versions;
+/// rows outside the scope are ignored) and returns what changed.
+pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
     let outcomes = Mutex::new(Vec::<Outcome>::new());
     let failure = Mutex::new(None::<Error>);
     let (tx, rx) = sync_channel::<Job>(4096);
     let rx = Mutex::new(rx);
-    let mut walker = Walker { opts, current, tx: Some(tx), outcomes: Vec::new(), stats: Stats::default() };
+    let mut walker = Walker {
+        opts,
+        current,
+        seen: HashSet::with_capacity_and_hasher(current.len(), Default::default()),
+        tx: Some(tx),
+        outcomes: Vec::new(),
+        stats: Stats::default(),
+    };
     let walked = std::thread::scope(|s| {
         let mut handles = Vec::new();
         for _ in 0..workers {
@@ -220,20 +240,27 @@ pub fn capture(current: Manifest, scope: &Scope, opts: &Options<'_>) -> Result<C
             Outcome::Gone(path, row) => out.ended.push((path, row)),
         }
     }
-    // Whatever was current and not seen is gone.
-    out.ended.extend(walker.current);
+    // Whatever was current in the scope and not seen is gone.
+    let prefixes = scope.prefixes();
+    for (path, row) in current {
+        if !walker.seen.contains(path.as_slice()) && prefixes.iter().any(|p| is_within(path, p)) {
+            out.ended.push((path.clone(), row.clone()));
+        }
+    }
     Ok(out)
 }
 
 struct Walker<'a> {
     opts: &'a Options<'a>,
-    current: Manifest,
+    current: &'a Manifest,
+    /// Current paths met by the walk; the others are gone.
+    seen: HashSet<&'a [u8], foldhash::quality::RandomState>,
     tx: Option<SyncSender<Job>>,
     outcomes: Vec<Outcome>,
     stats: Stats,
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
     fn walk(&mut self, scope: &Scope) -> Result<()> {
         // Pending directories: (path, parent fd, name); opened when popped so
         // that open fds stay bounded by the depth of the tree.
@@ -287,8 +314,12 @@ impl Walker<'_> {
             Err(e) => return Err(e).ctx(|| format!("reading {}", show(&path))),
         };
         let live = Live::from_stat(&st, self.opts.racy_after_ns);
-        let prior = self.current.remove(&path);
-        let unchanged = prior.as_ref().is_some_and(|p| live.matches(p));
+        let known = self.current.get_key_value(&path);
+        if let Some((key, _)) = known {
+            self.seen.insert(key.as_slice());
+        }
+        let unchanged = known.is_some_and(|(_, p)| live.matches(p));
+        let prior = if unchanged { None } else { known.map(|(_, p)| p.clone()) };
         match live.kind {
             Kind::File => {
                 if !unchanged {

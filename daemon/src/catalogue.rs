@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use snapback::proto::{CheckpointInfo, CheckpointKind, CloneMethod};
 
 use crate::error::{Error, Result};
-use crate::manifest::{Kind, Manifest, Meta, Row, StatKey};
+use crate::manifest::{Kind, Manifest, Meta, ObjectId, Row, StatKey};
 
 /// The migrations, in order. Migration `i` (from 0) takes the schema from
 /// version `i` to `i + 1`.
@@ -42,6 +42,8 @@ fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Reads of large manifests go through the page cache instead of copies.
+    conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
     Ok(())
 }
 
@@ -154,10 +156,19 @@ pub fn delete_sandbox(conn: &Connection, id: i64) -> Result<()> {
 const ENTRY_COLS: &str = "id, path, kind, mode, uid, gid, size, mtime_ns, target, object, ctime_ns, ino, racy";
 
 fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Row)> {
-    let kind: String = r.get(2)?;
-    let kind = Kind::parse(&kind).ok_or_else(|| {
+    let kind = Kind::parse(r.get_ref(2)?.as_str()?).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, "unknown entry kind".into())
     })?;
+    let object = match r.get_ref(9)?.as_blob_or_null()? {
+        None => None,
+        Some(b) => Some(ObjectId::from_slice(b).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                9,
+                rusqlite::types::Type::Blob,
+                "object id is not 32 bytes".into(),
+            )
+        })?),
+    };
     let row = Row {
         id: r.get(0)?,
         meta: Meta {
@@ -168,7 +179,7 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Row)> {
             size: r.get::<_, i64>(6)? as u64,
             mtime_ns: r.get(7)?,
             target: r.get(8)?,
-            object: r.get(9)?,
+            object,
         },
         key: StatKey { ctime_ns: r.get(10)?, ino: r.get::<_, i64>(11)? as u64, racy: r.get(12)? },
     };
@@ -188,7 +199,7 @@ fn subtree_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
 /// Returns the current versions of `prefix` and everything below it
 /// (`prefix` empty: the whole sandbox).
 pub fn current_rows(conn: &Connection, sandbox_id: i64, prefix: &[u8]) -> Result<Manifest> {
-    let mut out = Manifest::new();
+    let mut out = Manifest::default();
     if prefix.is_empty() {
         let sql = format!("SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq IS NULL");
         let mut stmt = conn.prepare_cached(&sql)?;
@@ -218,7 +229,7 @@ pub fn rows_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Manifest>
          AND (end_seq IS NULL OR end_seq > ?2)"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let mut out = Manifest::new();
+    let mut out = Manifest::default();
     for r in stmt.query_map(params![sandbox_id, seq as i64], entry_from_row)? {
         let (path, row) = r?;
         out.insert(path, row);
@@ -241,7 +252,7 @@ pub fn rows_between(conn: &Connection, sandbox_id: i64, a: u64, b: u64) -> Resul
     let mut sides = Vec::with_capacity(2);
     for sql in [sql_old, sql_new] {
         let mut stmt = conn.prepare_cached(&sql)?;
-        let mut m = Manifest::new();
+        let mut m = Manifest::default();
         for r in stmt.query_map(params![sandbox_id, a as i64, b as i64], entry_from_row)? {
             let (path, row) = r?;
             m.insert(path, row);
@@ -272,9 +283,10 @@ pub struct CheckpointWrite<'a> {
     pub rekeyed: &'a [(i64, StatKey)],
 }
 
-/// Writes a checkpoint in the caller's transaction. The checkpoint's seq
-/// must be the sandbox's head + 1.
-pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result<()> {
+/// Writes a checkpoint in the caller's transaction and returns the ids of
+/// the added rows, in order. The checkpoint's seq must be the sandbox's
+/// head + 1.
+pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result<Vec<i64>> {
     let seq = w.info.seq as i64;
     let head: i64 = tx.query_row("SELECT head_seq FROM sandboxes WHERE id = ?1", [w.sandbox_id], |r| r.get(0))?;
     if head + 1 != seq {
@@ -306,6 +318,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             i.changed as i64
         ],
     )?;
+    let mut ids = Vec::with_capacity(w.added.len());
     {
         let mut end = tx.prepare_cached("UPDATE entries SET end_seq = ?2 WHERE id = ?1 AND end_seq IS NULL")?;
         for id in w.ended {
@@ -318,7 +331,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
         )?;
         for r in w.added {
             let m = &r.meta;
-            add.execute(params![
+            add.insert(params![
                 w.sandbox_id,
                 r.path,
                 seq,
@@ -329,11 +342,12 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
                 m.size as i64,
                 m.mtime_ns,
                 m.target,
-                m.object,
+                m.object.as_ref().map(|o| o.0.as_slice()),
                 r.key.ctime_ns,
                 r.key.ino as i64,
                 r.key.racy
-            ])?;
+            ])
+            .map(|id| ids.push(id))?;
         }
         let mut rekey = tx.prepare_cached("UPDATE entries SET ctime_ns = ?2, ino = ?3, racy = ?4 WHERE id = ?1")?;
         for (id, key) in w.rekeyed {
@@ -341,7 +355,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
         }
     }
     tx.execute("UPDATE sandboxes SET head_seq = ?2 WHERE id = ?1", params![w.sandbox_id, seq])?;
-    Ok(())
+    Ok(ids)
 }
 
 /// A checkpoint as stored, with the sandbox it belongs to.
@@ -440,13 +454,18 @@ pub fn store_bytes(conn: &Connection, sandbox_id: i64) -> Result<u64> {
 }
 
 /// Returns every object referenced by any sandbox whose store is `store`.
-pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collections::HashSet<String>> {
+pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collections::HashSet<ObjectId>> {
     let mut stmt = conn.prepare(
         "SELECT DISTINCT e.object FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
          WHERE s.store = ?1 AND e.object IS NOT NULL",
     )?;
-    let rows = stmt.query_map([store], |r| r.get::<_, String>(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    let rows = stmt.query_map([store], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = std::collections::HashSet::new();
+    for b in rows {
+        let b = b?;
+        out.insert(ObjectId::from_slice(&b).ok_or_else(|| Error::Internal("an object id is not 32 bytes".into()))?);
+    }
+    Ok(out)
 }
 
 /// Returns the distinct object stores in use.

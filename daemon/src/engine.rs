@@ -53,6 +53,10 @@ pub struct Engine {
     started: Instant,
     stores: Mutex<HashMap<Vec<u8>, Arc<Store>>>,
     locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
+    /// Current manifests by sandbox, each valid only while the sandbox's
+    /// head seq in the catalogue equals the seq it was read at. A cache, not
+    /// a record: a miss reads the catalogue.
+    manifests: Mutex<HashMap<i64, (u64, Manifest)>>,
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -104,6 +108,7 @@ impl Engine {
             started: Instant::now(),
             stores: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
         };
         engine.store(&bytes_of(&engine.default_store))?;
         for store in catalogue::stores(&conn)? {
@@ -367,6 +372,7 @@ impl Engine {
         let others: Vec<Arc<Mutex<()>>> = sharing.iter().map(|id| self.sandbox_lock(*id)).collect();
         let _held_others: Vec<MutexGuard<'_, ()>> = others.iter().map(|m| lock(m)).collect();
         catalogue::delete_sandbox(&conn, sandbox.id)?;
+        lock(&self.manifests).remove(&sandbox.id);
         let (n, bytes) = self.collect_garbage(&conn, &sandbox.store)?;
         tracing::info!(name = %sandbox.name, objects = n, bytes, "sandbox purged");
         info.state = "purged".into();
@@ -412,22 +418,43 @@ impl Engine {
         Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
     }
 
-    /// Compares the live tree in `scope` with the current manifest. With a
-    /// store, new content is stored; without one (a dry run), only hashed.
+    /// Takes the current manifest of a sandbox out of the cache, or reads it
+    /// from the catalogue. The caller holds the sandbox's lock and gives it
+    /// back with [`Engine::put_manifest`].
+    fn take_manifest(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
+        match lock(&self.manifests).remove(&sandbox.id) {
+            Some((seq, m)) if seq == sandbox.head_seq => Ok(m),
+            _ => catalogue::current_rows(conn, sandbox.id, b""),
+        }
+    }
+
+    fn put_manifest(&self, sandbox_id: i64, seq: u64, manifest: Manifest) {
+        lock(&self.manifests).insert(sandbox_id, (seq, manifest));
+    }
+
+    /// Returns a copy of the current manifest of a sandbox.
+    fn copy_manifest(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
+        if let Some((seq, m)) = lock(&self.manifests).get(&sandbox.id) {
+            if *seq == sandbox.head_seq {
+                return Ok(m.clone());
+            }
+        }
+        catalogue::current_rows(conn, sandbox.id, b"")
+    }
+
+    /// Compares the live tree in `scope` with `current`, its current
+    /// versions. With a store, new content is stored; without one (a dry
+    /// run), only hashed.
     fn scan(
         &self,
-        conn: &Connection,
         sandbox: &Sandbox,
         scope: &Scope,
+        current: &Manifest,
         store: Option<&Store>,
         scan_start_ns: i64,
-    ) -> Result<(Manifest, Captured)> {
+    ) -> Result<Captured> {
         let root = Self::open_root(sandbox)?;
         let excludes = Excludes::new(&sandbox.excludes)?;
-        let mut current = Manifest::new();
-        for prefix in scope.prefixes() {
-            current.extend(catalogue::current_rows(conn, sandbox.id, &prefix)?);
-        }
         let opts = Options {
             root: root.as_fd(),
             excludes: &excludes,
@@ -435,8 +462,7 @@ impl Engine {
             reflink: sandbox.clone_method == CloneMethod::Reflink,
             racy_after_ns: scan_start_ns - RACY_WINDOW_NS,
         };
-        let captured = capture::capture(current.clone(), scope, &opts)?;
-        Ok((current, captured))
+        capture::capture(current, scope, &opts)
     }
 
     /// Takes a checkpoint; the caller holds the sandbox's lock.
@@ -451,7 +477,16 @@ impl Engine {
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
         let scan_start_ns = now_ns();
-        let (_, captured) = self.scan(conn, &sb, scope, Some(&store), scan_start_ns)?;
+        let mut current = self.take_manifest(conn, &sb)?;
+        let rows_ms = started.elapsed().as_millis() as u64;
+        let captured = match self.scan(&sb, scope, &current, Some(&store), scan_start_ns) {
+            Ok(c) => c,
+            Err(e) => {
+                self.put_manifest(sb.id, sb.head_seq, current);
+                return Err(e);
+            }
+        };
+        let scan_ms = started.elapsed().as_millis() as u64;
         let parent = match sb.head_seq {
             0 => None,
             head => catalogue::checkpoint_at(conn, sb.id, head)?,
@@ -495,24 +530,37 @@ impl Engine {
             changed: captured.changed_paths(),
         };
         let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
-        let tx = conn.transaction()?;
-        catalogue::write_checkpoint(
-            &tx,
-            &CheckpointWrite {
-                info: &info,
-                sandbox_id: sb.id,
-                scan_start_ns,
-                ended: &ended,
-                added: &captured.added,
-                rekeyed: &captured.rekeyed,
-            },
-        )?;
-        tx.commit()?;
+        let written = (|| {
+            let tx = conn.transaction()?;
+            let ids = catalogue::write_checkpoint(
+                &tx,
+                &CheckpointWrite {
+                    info: &info,
+                    sandbox_id: sb.id,
+                    scan_start_ns,
+                    ended: &ended,
+                    added: &captured.added,
+                    rekeyed: &captured.rekeyed,
+                },
+            )?;
+            tx.commit()?;
+            Ok::<_, Error>(ids)
+        })();
+        match written {
+            Ok(ids) => {
+                captured.apply_to(&mut current, Some(&ids));
+                self.put_manifest(sb.id, info.seq, current);
+            }
+            Err(e) => {
+                self.put_manifest(sb.id, sb.head_seq, current);
+                return Err(e);
+            }
+        }
         let st = captured.stats;
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
             scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
-            ms = started.elapsed().as_millis() as u64, "checkpoint"
+            rows_ms, scan_ms, ms = started.elapsed().as_millis() as u64, "checkpoint"
         );
         Ok(info)
     }
@@ -536,8 +584,9 @@ impl Engine {
     /// Returns the live state of a whole sandbox, reading (not storing)
     /// what changed since its last checkpoint.
     fn live_state(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
-        let (mut current, captured) = self.scan(conn, sandbox, &Scope::Everything, None, now_ns())?;
-        captured.apply_to(&mut current);
+        let mut current = self.copy_manifest(conn, sandbox)?;
+        let captured = self.scan(sandbox, &Scope::Everything, &current, None, now_ns())?;
+        captured.apply_to(&mut current, None);
         Ok(current)
     }
 
@@ -680,8 +729,8 @@ pub fn daemon_name() -> String {
 /// Returns, of two states, the versions of each that the other does not
 /// hold identically: (only or different in `a`, only or different in `b`).
 fn differences(a: &Manifest, b: &Manifest) -> (Manifest, Manifest) {
-    let mut a_side = Manifest::new();
-    let mut b_side = Manifest::new();
+    let mut a_side = Manifest::default();
+    let mut b_side = Manifest::default();
     for (path, row) in a {
         if b.get(path).is_none_or(|other| other.meta != row.meta) {
             a_side.insert(path.clone(), row.clone());

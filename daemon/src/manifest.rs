@@ -2,6 +2,7 @@
 //! compares with it.
 
 use std::collections::HashMap;
+use std::fmt;
 
 /// The type of a path.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -59,8 +60,8 @@ pub struct Meta {
     pub mtime_ns: i64,
     /// Target of a symlink.
     pub target: Option<Vec<u8>>,
-    /// blake3 of a file's content, hex: the name of its store object.
-    pub object: Option<String>,
+    /// blake3 of a file's content: the name of its store object.
+    pub object: Option<ObjectId>,
 }
 
 /// What the live path looked like when it was last compared. Used to decide
@@ -82,8 +83,52 @@ pub struct Row {
     pub key: StatKey,
 }
 
-/// A sandbox state: relative path to its version.
-pub type Manifest = HashMap<Vec<u8>, Row>;
+/// A sandbox state: relative path to its version. The hasher is seeded per
+/// map: path names come from untrusted agents.
+pub type Manifest = HashMap<Vec<u8>, Row, foldhash::quality::RandomState>;
+
+/// The blake3 hash of a file's content, which names its store object.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObjectId(pub [u8; 32]);
+
+impl ObjectId {
+    /// Parses 64 lowercase hex digits.
+    pub fn from_hex(s: &[u8]) -> Option<ObjectId> {
+        if s.len() != 64 {
+            return None;
+        }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut out = [0u8; 32];
+        for (i, pair) in s.chunks(2).enumerate() {
+            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(ObjectId(out))
+    }
+
+    /// Parses the 32 bytes stored in the catalogue.
+    pub fn from_slice(b: &[u8]) -> Option<ObjectId> {
+        b.try_into().ok().map(ObjectId)
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectId({self})")
+    }
+}
 
 /// A live path's stat, reduced to what capture compares.
 #[derive(Clone, Debug)]
@@ -142,7 +187,7 @@ impl Live {
     }
 
     /// Builds the recorded state from this stat plus what had to be read.
-    pub fn to_meta(&self, target: Option<Vec<u8>>, object: Option<String>) -> Meta {
+    pub fn to_meta(&self, target: Option<Vec<u8>>, object: Option<ObjectId>) -> Meta {
         Meta {
             kind: self.kind,
             mode: self.mode,
@@ -176,6 +221,15 @@ pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_ids_round_trip_through_hex() {
+        let id = ObjectId(*blake3::hash(b"x").as_bytes());
+        assert_eq!(ObjectId::from_hex(id.to_string().as_bytes()), Some(id));
+        assert_eq!(id.to_string(), blake3::hash(b"x").to_hex().as_str());
+        assert_eq!(ObjectId::from_hex(b"zz"), None);
+        assert_eq!(ObjectId::from_hex(&[b'G'; 64]), None);
+    }
 
     #[test]
     fn within_respects_component_boundaries() {

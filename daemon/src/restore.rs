@@ -222,8 +222,8 @@ fn put_file(
     reflink: bool,
     as_root: bool,
 ) -> io::Result<()> {
-    let hash = meta.object.as_deref().ok_or_else(|| io::Error::other("the catalogue has no object for this file"))?;
-    let object = store.open_object(hash)?;
+    let id = meta.object.as_ref().ok_or_else(|| io::Error::other("the catalogue has no object for this file"))?;
+    let object = store.open_object(id)?;
     via_temp(dir, name, |tmp| {
         let fd: OwnedFd = sys::openat(dir, tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
         clone_or_copy(fd.as_fd(), object.as_fd(), meta.size, reflink)?;

@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use crate::manifest::ObjectId;
 use crate::sys;
 
 /// An object store directory.
@@ -26,7 +27,7 @@ pub struct Store {
 
 /// The result of putting a file into the store.
 pub struct Put {
-    pub hash: String,
+    pub hash: ObjectId,
     /// The stat of the source that the object's content matches.
     pub stat: libc::stat,
     /// A new object was made by a reflink clone.
@@ -42,7 +43,7 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// Hashes the content of an open file, reading only its data segments and
 /// hashing holes as the zeros they read as.
-pub fn hash_fd(fd: BorrowedFd<'_>, size: u64) -> io::Result<String> {
+pub fn hash_fd(fd: BorrowedFd<'_>, size: u64) -> io::Result<ObjectId> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut pos = 0u64;
@@ -71,7 +72,7 @@ pub fn hash_fd(fd: BorrowedFd<'_>, size: u64) -> io::Result<String> {
     if pos < size {
         feed_zeros(&mut hasher, size - pos);
     }
-    Ok(hasher.finalize().to_hex().to_string())
+    Ok(ObjectId(*hasher.finalize().as_bytes()))
 }
 
 fn same_version(a: &libc::stat, b: &libc::stat) -> bool {
@@ -79,10 +80,6 @@ fn same_version(a: &libc::stat, b: &libc::stat) -> bool {
         && a.st_size == b.st_size
         && sys::mtime_ns(a) == sys::mtime_ns(b)
         && sys::ctime_ns(a) == sys::ctime_ns(b)
-}
-
-fn valid_hash(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Store {
@@ -107,21 +104,19 @@ impl Store {
         &self.path
     }
 
-    fn name(hash: &str) -> Vec<u8> {
-        format!("{}/{}", &hash[..2], hash).into_bytes()
+    fn name(id: &ObjectId) -> Vec<u8> {
+        let hex = id.to_string();
+        format!("{}/{hex}", &hex[..2]).into_bytes()
     }
 
     /// Whether the object exists.
-    pub fn contains(&self, hash: &str) -> bool {
-        valid_hash(hash) && sys::lstatat(self.objects.as_fd(), &Self::name(hash)).is_ok()
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        sys::lstatat(self.objects.as_fd(), &Self::name(id)).is_ok()
     }
 
     /// Opens an object for reading.
-    pub fn open_object(&self, hash: &str) -> io::Result<OwnedFd> {
-        if !valid_hash(hash) {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad object name {hash:?}")));
-        }
-        sys::openat(self.objects.as_fd(), &Self::name(hash), libc::O_RDONLY, 0)
+    pub fn open_object(&self, id: &ObjectId) -> io::Result<OwnedFd> {
+        sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0)
     }
 
     /// Stores the content of the open regular file `src`. Returns the
@@ -207,7 +202,7 @@ impl Store {
     /// Deletes every object not in `referenced` and every leftover temporary
     /// file. Returns (objects removed, bytes freed). The caller guarantees no
     /// checkpoint into this store is in progress.
-    pub fn collect_garbage(&self, referenced: &HashSet<String>) -> io::Result<(u64, u64)> {
+    pub fn collect_garbage(&self, referenced: &HashSet<ObjectId>) -> io::Result<(u64, u64)> {
         for entry in sys::read_dir(self.tmp.as_fd())? {
             let _ = sys::unlinkat(self.tmp.as_fd(), &entry.name, false);
         }
@@ -220,7 +215,7 @@ impl Store {
                 Err(e) => return Err(e),
             };
             for entry in sys::read_dir(dir.as_fd())? {
-                let keep = std::str::from_utf8(&entry.name).is_ok_and(|h| referenced.contains(h));
+                let keep = ObjectId::from_hex(&entry.name).is_some_and(|id| referenced.contains(&id));
                 if !keep {
                     let size = sys::lstatat(dir.as_fd(), &entry.name).map(|st| st.st_size as u64).unwrap_or(0);
                     sys::unlinkat(dir.as_fd(), &entry.name, false)?;
@@ -265,7 +260,7 @@ mod tests {
         assert_eq!(pa.hash, pb.hash);
         assert!(pa.reflinked || pa.copied);
         assert!(!pb.reflinked && !pb.copied, "the second put made a new object");
-        assert_eq!(pa.hash, blake3::hash(b"same bytes").to_hex().to_string());
+        assert_eq!(pa.hash.0, *blake3::hash(b"same bytes").as_bytes());
         let obj = File::from(store.open_object(&pa.hash).unwrap());
         assert_eq!(std::io::read_to_string(obj).unwrap(), "same bytes");
     }
@@ -280,7 +275,7 @@ mod tests {
         f.set_len(5 << 20).unwrap();
         let bytes = std::fs::read(t.path().join("s")).unwrap();
         let f = File::open(t.path().join("s")).unwrap();
-        assert_eq!(hash_fd(f.as_fd(), 5 << 20).unwrap(), blake3::hash(&bytes).to_hex().to_string());
+        assert_eq!(hash_fd(f.as_fd(), 5 << 20).unwrap().0, *blake3::hash(&bytes).as_bytes());
     }
 
     #[test]
@@ -291,7 +286,7 @@ mod tests {
         std::fs::write(t.path().join("b"), b"drop").unwrap();
         let keep = store.put(File::open(t.path().join("a")).unwrap().as_fd(), false).unwrap().hash;
         let drop_ = store.put(File::open(t.path().join("b")).unwrap().as_fd(), false).unwrap().hash;
-        let (n, bytes) = store.collect_garbage(&HashSet::from([keep.clone()])).unwrap();
+        let (n, bytes) = store.collect_garbage(&HashSet::from([keep])).unwrap();
         assert_eq!((n, bytes), (1, 4));
         assert!(store.contains(&keep));
         assert!(!store.contains(&drop_));
