@@ -434,10 +434,10 @@ impl Engine {
 
     /// Returns a copy of the current manifest of a sandbox.
     fn copy_manifest(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
-        if let Some((seq, m)) = lock(&self.manifests).get(&sandbox.id) {
-            if *seq == sandbox.head_seq {
-                return Ok(m.clone());
-            }
+        if let Some((seq, m)) = lock(&self.manifests).get(&sandbox.id)
+            && *seq == sandbox.head_seq
+        {
+            return Ok(m.clone());
         }
         catalogue::current_rows(conn, sandbox.id, b"")
     }
