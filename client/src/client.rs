@@ -6,9 +6,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use crate::proto::{
-    CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode, Hello, ListRequest,
-    MAX_LINE, PROTOCOL, Request, Response, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo, SandboxList,
-    SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest,
+    CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode, ExportReport,
+    ExportRequest, Hello, ListRequest, MAX_LINE, PROTOCOL, PlanInfo, PlanRef, PlanRollbackRequest, PruneReport,
+    PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
+    SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest, UndoRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -136,8 +137,58 @@ impl Client {
     }
 
     pub fn rollback(&mut self, req: RollbackRequest) -> Result<RollbackReport, ClientError> {
-        match self.call(&Request::Rollback(req))? {
+        self.rollback_call(Request::Rollback(req))
+    }
+
+    pub fn plan_show(&mut self, plan: &str) -> Result<PlanInfo, ClientError> {
+        self.plan_call(Request::PlanShow(PlanRef { plan: plan.to_owned() }))
+    }
+
+    /// Marks a plan applied: from then on it can no longer be rolled back.
+    pub fn plan_apply(&mut self, plan: &str) -> Result<PlanInfo, ClientError> {
+        self.plan_call(Request::PlanApply(PlanRef { plan: plan.to_owned() }))
+    }
+
+    pub fn plan_abandon(&mut self, plan: &str) -> Result<PlanInfo, ClientError> {
+        self.plan_call(Request::PlanAbandon(PlanRef { plan: plan.to_owned() }))
+    }
+
+    fn plan_call(&mut self, req: Request) -> Result<PlanInfo, ClientError> {
+        match self.call(&req)? {
+            Response::Plan(info) => Ok(info),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn plan_rollback(&mut self, req: PlanRollbackRequest) -> Result<RollbackReport, ClientError> {
+        self.rollback_call(Request::PlanRollback(req))
+    }
+
+    pub fn revert(&mut self, req: RevertRequest) -> Result<RollbackReport, ClientError> {
+        self.rollback_call(Request::Revert(req))
+    }
+
+    pub fn undo(&mut self, sandbox: &str) -> Result<RollbackReport, ClientError> {
+        self.rollback_call(Request::Undo(UndoRequest { sandbox: sandbox.to_owned() }))
+    }
+
+    fn rollback_call(&mut self, req: Request) -> Result<RollbackReport, ClientError> {
+        match self.call(&req)? {
             Response::Rollback(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn prune(&mut self, req: PruneRequest) -> Result<PruneReport, ClientError> {
+        match self.call(&Request::Prune(req))? {
+            Response::Pruned(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn export(&mut self, req: ExportRequest) -> Result<ExportReport, ClientError> {
+        match self.call(&Request::Export(req))? {
+            Response::Exported(report) => Ok(report),
             other => Err(unexpected(other)),
         }
     }

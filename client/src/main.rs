@@ -12,8 +12,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use snapback::proto::{
-    ChangeKind, CheckpointInfo, CheckpointRequest, DiffReport, DiffRequest, ListRequest, RollbackReport,
-    RollbackRequest, SandboxAdd, SandboxInfo, SandboxRemove, WirePath,
+    ChangeKind, CheckpointInfo, CheckpointRequest, DiffReport, DiffRequest, ExportRequest, ListRequest, PlanInfo,
+    PlanRollbackRequest, PruneRequest, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
+    SandboxRemove, WirePath,
 };
 use snapback::{Client, ClientError};
 
@@ -94,11 +95,74 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Show, apply, abandon or roll back a plan.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Undo only the changes a checkpoint recorded since the checkpoint
+    /// before it, keeping every later change.
+    Revert {
+        checkpoint: String,
+        /// For paths also changed later, take the step's parent version.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Undo the latest rollback, revert or undo of a sandbox.
+    Undo { sandbox: String },
+    /// Prune checkpoints now under the retention policy, with overrides.
+    Prune {
+        sandbox: String,
+        /// Keep this many newest checkpoints.
+        #[arg(long, value_name = "N")]
+        keep_last: Option<u64>,
+        /// Also keep every checkpoint younger than this (30s, 15m, 2h, 7d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        keep_within: Option<u64>,
+    },
+    /// Write a checkpoint out as a read-only directory tree.
+    Export {
+        checkpoint: String,
+        /// A directory that does not exist yet.
+        dir: PathBuf,
+    },
     /// Show the daemon and its sandboxes.
     Status,
     /// Run a short demonstration against a private daemon in a temporary
     /// directory: register, checkpoint, edit, diff, roll back.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Show a plan's state and checkpoints.
+    Show { plan: String },
+    /// Mark a plan applied: it can no longer be rolled back.
+    Apply { plan: String },
+    /// Mark a plan abandoned: it takes no more checkpoints.
+    Abandon { plan: String },
+    /// Roll a sandbox back to one of the plan's checkpoints (refused once
+    /// the plan is applied).
+    Rollback {
+        plan: String,
+        checkpoint: String,
+        #[arg(long = "path", value_name = "P")]
+        paths: Vec<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Parses `90`, `30s`, `15m`, `2h` or `7d` into seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 15m, 2h or 7d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too long"))
 }
 
 #[derive(Subcommand)]
@@ -153,6 +217,10 @@ impl From<ClientError> for Failure {
                 path.display(),
                 path.display()
             )),
+            ClientError::Daemon(body) if !body.paths.is_empty() => {
+                let list: Vec<String> = body.paths.iter().map(|p| format!("\n  {}", p.display())).collect();
+                Failure::Refused(format!("{}{}", body.message, list.concat()))
+            }
             other => Failure::Refused(other.to_string()),
         }
     }
@@ -292,6 +360,57 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let report = connect(cli.socket)?.rollback(RollbackRequest { checkpoint, paths, dry_run })?;
             emit(json, &report, print_rollback)
         }
+        Command::Plan(cmd) => {
+            let mut client = connect(cli.socket)?;
+            match cmd {
+                PlanCommand::Show { plan } => emit(json, &client.plan_show(&plan)?, print_plan),
+                PlanCommand::Apply { plan } => emit(json, &client.plan_apply(&plan)?, print_plan),
+                PlanCommand::Abandon { plan } => emit(json, &client.plan_abandon(&plan)?, print_plan),
+                PlanCommand::Rollback { plan, checkpoint, paths, dry_run } => {
+                    let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
+                    let req = PlanRollbackRequest { plan, checkpoint, paths, dry_run };
+                    emit(json, &client.plan_rollback(req)?, print_rollback)
+                }
+            }
+        }
+        Command::Revert { checkpoint, force } => {
+            let report = connect(cli.socket)?.revert(RevertRequest { checkpoint, force })?;
+            emit(json, &report, print_rollback)
+        }
+        Command::Undo { sandbox } => {
+            let mut client = connect(cli.socket)?;
+            let sandbox = sandbox_ref(&mut client, &sandbox)?;
+            emit(json, &client.undo(&sandbox)?, print_rollback)
+        }
+        Command::Prune { sandbox, keep_last, keep_within } => {
+            let mut client = connect(cli.socket)?;
+            let sandbox = sandbox_ref(&mut client, &sandbox)?;
+            let report = client.prune(PruneRequest { sandbox, keep_last, keep_within_secs: keep_within })?;
+            emit(json, &report, |r| {
+                println!(
+                    "pruned {} checkpoints of {}, {} kept, {} freed",
+                    r.pruned.len(),
+                    r.sandbox,
+                    r.kept,
+                    human_bytes(r.freed_bytes)
+                );
+            })
+        }
+        Command::Export { checkpoint, dir } => {
+            let dir = WirePath::from(absolute(&dir)?.as_path());
+            let report = connect(cli.socket)?.export(ExportRequest { checkpoint, dir })?;
+            emit(json, &report, |r| {
+                println!(
+                    "exported {} to {}: {} files ({} hardlinked), {} directories, {} symlinks",
+                    r.checkpoint,
+                    r.dir.display(),
+                    r.files,
+                    r.hardlinked,
+                    r.dirs,
+                    r.symlinks
+                );
+            })
+        }
         Command::Status => {
             let report = connect(cli.socket)?.status()?;
             emit(json, &report, |s| {
@@ -318,6 +437,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     })
                     .collect();
                 print_table(&["SANDBOX", "STATE", "CLONE", "CHECKPOINTS", "STORED", "LAST", "PATH"], &rows);
+                for b in &s.sandboxes {
+                    if let (Some(budget), Some(exclusive)) = (b.budget_bytes, b.exclusive_bytes) {
+                        println!(
+                            "{}: storage budget {}, using {}; {} checkpoints pruned to fit so far",
+                            b.name,
+                            human_bytes(budget),
+                            human_bytes(exclusive),
+                            b.budget_pruned
+                        );
+                    }
+                }
             })
         }
     }
@@ -409,6 +539,14 @@ fn print_checkpoint(c: &CheckpointInfo) {
     }
     println!("files      {} ({}), {} directories, {} symlinks", c.files, human_bytes(c.bytes), c.dirs, c.symlinks);
     println!("changed    {} paths since its parent", c.changed);
+    if let Some(b) = c.exclusive_bytes {
+        println!("exclusive  {} (what pruning it would free)", human_bytes(b));
+    }
+}
+
+fn print_plan(p: &PlanInfo) {
+    println!("plan {} of {}: {} ({} checkpoints)", p.id, p.sandbox, p.state.as_str(), p.checkpoints.len());
+    print_checkpoints(&p.checkpoints);
 }
 
 fn print_diff(d: &DiffReport) {
@@ -437,6 +575,9 @@ fn print_rollback(r: &RollbackReport) {
     }
     for p in &r.skipped {
         println!("  ! {} (left as it is)", p.display());
+    }
+    for p in &r.conflicts {
+        println!("  forced over a later change: {}", p.display());
     }
     if let Some(safety) = &r.safety_checkpoint {
         println!("undo with: snapback rollback {safety}");
@@ -479,6 +620,15 @@ mod tests {
     fn utc_formats_known_instants() {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(1_709_210_096_000), "2024-02-29 12:34:56");
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("15m"), Ok(900));
+        assert_eq!(parse_duration("7d"), Ok(604_800));
+        assert!(parse_duration("2w").is_err());
+        assert!(parse_duration("h").is_err());
     }
 
     #[test]

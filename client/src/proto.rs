@@ -122,6 +122,76 @@ pub enum Request {
     Diff(DiffRequest),
     Rollback(RollbackRequest),
     Status(StatusRequest),
+    PlanShow(PlanRef),
+    PlanApply(PlanRef),
+    PlanAbandon(PlanRef),
+    PlanRollback(PlanRollbackRequest),
+    Revert(RevertRequest),
+    Undo(UndoRequest),
+    Prune(PruneRequest),
+    Export(ExportRequest),
+}
+
+/// Names a plan by its client-chosen id.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRef {
+    pub plan: String,
+}
+
+/// Rolls a plan back to one of its own checkpoints; refused once the plan
+/// is applied.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRollbackRequest {
+    pub plan: String,
+    pub checkpoint: String,
+    #[serde(default)]
+    pub paths: Vec<WirePath>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Undoes only the changes a checkpoint recorded since the checkpoint
+/// before it, keeping every later change.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RevertRequest {
+    pub checkpoint: String,
+    /// For paths also changed later, take the step's parent version anyway.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Rolls a sandbox back to the safety checkpoint of its latest rollback,
+/// revert or undo.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UndoRequest {
+    pub sandbox: String,
+}
+
+/// Prunes a sandbox's checkpoints now under its retention policy, with
+/// optional overrides.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    pub sandbox: String,
+    /// Keep this many newest checkpoints instead of the policy's number.
+    #[serde(default)]
+    pub keep_last: Option<u64>,
+    /// Also keep every checkpoint younger than this many seconds.
+    #[serde(default)]
+    pub keep_within_secs: Option<u64>,
+}
+
+/// Materializes a checkpoint as a read-only tree in a new directory.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    pub checkpoint: String,
+    /// An absolute path that does not exist yet.
+    pub dir: WirePath,
 }
 
 /// Opens a session: must be the first line on a connection.
@@ -285,7 +355,75 @@ pub enum Response {
     Diff(DiffReport),
     Rollback(RollbackReport),
     Status(StatusReport),
+    Plan(PlanInfo),
+    Pruned(PruneReport),
+    Exported(ExportReport),
     Error(ErrorBody),
+}
+
+/// The lifecycle state of a plan.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanState {
+    /// Checkpoints may be added and the plan rolled back.
+    Active,
+    /// Its result was applied to the real project: it can no longer be
+    /// rolled back.
+    Applied,
+    /// Given up: no more checkpoints may join it.
+    Abandoned,
+}
+
+impl PlanState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanState::Active => "active",
+            PlanState::Applied => "applied",
+            PlanState::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(PlanState::Active),
+            "applied" => Some(PlanState::Applied),
+            "abandoned" => Some(PlanState::Abandoned),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PlanInfo {
+    pub id: String,
+    pub sandbox: String,
+    pub state: PlanState,
+    pub created_unix_ms: i64,
+    pub updated_unix_ms: i64,
+    /// The plan's checkpoints, oldest first.
+    pub checkpoints: Vec<CheckpointInfo>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PruneReport {
+    pub sandbox: String,
+    /// Ids of the checkpoints deleted.
+    pub pruned: Vec<String>,
+    /// Checkpoints left.
+    pub kept: u64,
+    /// Bytes of the store objects deleted.
+    pub freed_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ExportReport {
+    pub checkpoint: String,
+    pub dir: WirePath,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Files that are hardlinks to store objects (no data written).
+    pub hardlinked: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -371,6 +509,10 @@ pub struct CheckpointInfo {
     /// Paths this checkpoint recorded as new, changed or deleted since its
     /// parent.
     pub changed: u64,
+    /// Bytes of the store objects that only this checkpoint references:
+    /// what pruning it would free. Given by `show`, absent from `list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive_bytes: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -437,6 +579,10 @@ pub struct RollbackReport {
     /// Paths that could not be brought back (sockets, devices) or could not
     /// be removed because they hold excluded files.
     pub skipped: Vec<WirePath>,
+    /// For a forced revert: the paths also changed after the reverted step,
+    /// which were set to the step's parent version anyway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<WirePath>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -449,6 +595,13 @@ pub struct SandboxStatus {
     /// Bytes of the objects that this sandbox's checkpoints reference.
     pub store_bytes: u64,
     pub last_checkpoint: Option<String>,
+    /// The storage budget in force, if any.
+    pub budget_bytes: Option<u64>,
+    /// Bytes of the objects only this sandbox references, computed when a
+    /// budget is set (the budget is checked against it).
+    pub exclusive_bytes: Option<u64>,
+    /// Checkpoints pruned so far to keep within the budget.
+    pub budget_pruned: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -471,6 +624,8 @@ pub enum ErrorCode {
     Ambiguous,
     AlreadyExists,
     PlanApplied,
+    /// A revert would overwrite later changes; the paths are listed.
+    Conflict,
     PermissionDenied,
     InvalidRequest,
     ProtocolMismatch,
@@ -489,6 +644,7 @@ impl ErrorCode {
             ErrorCode::Ambiguous => "ambiguous",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::PlanApplied => "plan_applied",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::ProtocolMismatch => "protocol_mismatch",
@@ -504,6 +660,10 @@ impl ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// The paths the error is about, when there are several (a revert's
+    /// conflicts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<WirePath>,
 }
 
 impl fmt::Display for ErrorBody {

@@ -9,14 +9,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use snapback::proto::{CheckpointInfo, CheckpointKind, CloneMethod};
+use snapback::proto::{CheckpointInfo, CheckpointKind, CloneMethod, PlanState};
 
 use crate::error::{Error, Result};
 use crate::manifest::{Kind, Manifest, Meta, ObjectId, Row, StatKey};
+use crate::retention::Candidate;
 
 /// The migrations, in order. Migration `i` (from 0) takes the schema from
 /// version `i` to `i + 1`.
-pub const MIGRATIONS: &[(&str, &str)] = &[("0001_init.sql", include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init.sql", include_str!("../../migrations/0001_init.sql")),
+    ("0002_plans_retention.sql", include_str!("../../migrations/0002_plans_retention.sql")),
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -237,6 +241,15 @@ pub fn rows_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Manifest>
     Ok(out)
 }
 
+/// Returns the number of paths recorded at checkpoint `seq`.
+pub fn count_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<u64> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)",
+        params![sandbox_id, seq as i64],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
 /// Returns, for two checkpoints `a < b`, the versions valid at `a` but not
 /// at `b` and those valid at `b` but not at `a`: only the rows that begin
 /// or end between them are read.
@@ -392,6 +405,7 @@ fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
             symlinks: r.get::<_, i64>(15)? as u64,
             bytes: r.get::<_, i64>(16)? as u64,
             changed: r.get::<_, i64>(17)? as u64,
+            exclusive_bytes: None,
         },
     })
 }
@@ -475,6 +489,200 @@ pub fn stores(conn: &Connection) -> Result<Vec<Vec<u8>>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// A plan, as stored.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub id: String,
+    pub sandbox_id: i64,
+    pub state: PlanState,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+pub fn plan(conn: &Connection, id: &str) -> Result<Option<Plan>> {
+    Ok(conn
+        .query_row("SELECT id, sandbox_id, state, created_ms, updated_ms FROM plans WHERE id = ?1", [id], |r| {
+            let state: String = r.get(2)?;
+            Ok(Plan {
+                id: r.get(0)?,
+                sandbox_id: r.get(1)?,
+                state: PlanState::parse(&state).unwrap_or(PlanState::Active),
+                created_ms: r.get(3)?,
+                updated_ms: r.get(4)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Creates the plan `id` for a sandbox if it does not exist yet.
+pub fn ensure_plan(tx: &Transaction<'_>, id: &str, sandbox_id: i64, now_ms: i64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO plans (id, sandbox_id, state, created_ms, updated_ms) VALUES (?1, ?2, 'active', ?3, ?3)
+         ON CONFLICT (id) DO UPDATE SET updated_ms = ?3",
+        params![id, sandbox_id, now_ms],
+    )?;
+    Ok(())
+}
+
+/// Moves a plan from `active` to `state`, atomically: returns false when the
+/// plan was not active (someone else moved it first).
+pub fn close_plan(conn: &Connection, id: &str, state: PlanState, now_ms: i64) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE plans SET state = ?2, updated_ms = ?3 WHERE id = ?1 AND state = 'active'",
+        params![id, state.as_str(), now_ms],
+    )?;
+    Ok(n == 1)
+}
+
+/// Records a rollback, revert or undo.
+pub fn record_rollback(
+    conn: &Connection,
+    sandbox_id: i64,
+    kind: &str,
+    target: &str,
+    safety: &str,
+    now_ms: i64,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO rollbacks (sandbox_id, kind, target, safety, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![sandbox_id, kind, target, safety, now_ms],
+    )?;
+    Ok(())
+}
+
+/// Returns (kind, target, safety checkpoint) of a sandbox's latest
+/// rollback, revert or undo.
+pub fn latest_rollback(conn: &Connection, sandbox_id: i64) -> Result<Option<(String, String, String)>> {
+    Ok(conn
+        .query_row(
+            "SELECT kind, target, safety FROM rollbacks WHERE sandbox_id = ?1 ORDER BY id DESC LIMIT 1",
+            [sandbox_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?)
+}
+
+/// Returns a sandbox's checkpoints as retention sees them, by seq.
+pub fn retention_candidates(conn: &Connection, sandbox_id: i64) -> Result<Vec<Candidate>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, seq, created_ms, pinned FROM checkpoints WHERE sandbox_id = ?1 ORDER BY seq")?;
+    let rows = stmt.query_map([sandbox_id], |r| {
+        Ok(Candidate { id: r.get(0)?, seq: r.get::<_, i64>(1)? as u64, created_ms: r.get(2)?, pinned: r.get(3)? })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Deletes checkpoints of one sandbox, the versions no remaining checkpoint
+/// needs, and re-points parents at the nearest remaining older checkpoint.
+/// Returns the objects the deleted versions referenced (to collect those no
+/// longer referenced anywhere).
+pub fn delete_checkpoints(tx: &Transaction<'_>, sandbox_id: i64, ids: &[String]) -> Result<Vec<ObjectId>> {
+    let mut seqs = Vec::with_capacity(ids.len());
+    {
+        let mut get = tx.prepare_cached("SELECT seq FROM checkpoints WHERE id = ?1 AND sandbox_id = ?2")?;
+        let mut del = tx.prepare_cached("DELETE FROM checkpoints WHERE id = ?1 AND sandbox_id = ?2")?;
+        for id in ids {
+            if let Some(seq) = get.query_row(params![id, sandbox_id], |r| r.get::<_, i64>(0)).optional()? {
+                del.execute(params![id, sandbox_id])?;
+                seqs.push(seq);
+            }
+        }
+    }
+    let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
+        return Ok(Vec::new());
+    };
+    tx.execute(
+        "UPDATE checkpoints SET parent = (SELECT c2.id FROM checkpoints c2 WHERE c2.sandbox_id = checkpoints.sandbox_id
+                                           AND c2.seq < checkpoints.seq ORDER BY c2.seq DESC LIMIT 1)
+         WHERE sandbox_id = ?1 AND seq > ?2",
+        params![sandbox_id, lo],
+    )?;
+    // A version is needed while some remaining checkpoint lies in its
+    // interval; only versions that overlapped a deleted seq can lose that.
+    let orphan = "FROM entries WHERE sandbox_id = ?1 AND end_seq IS NOT NULL AND start_seq <= ?3 AND end_seq > ?2
+         AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.sandbox_id = entries.sandbox_id
+                         AND c.seq >= entries.start_seq AND c.seq < entries.end_seq)";
+    let mut objects = Vec::new();
+    {
+        let mut stmt = tx.prepare(&format!("SELECT DISTINCT object {orphan} AND object IS NOT NULL"))?;
+        for b in stmt.query_map(params![sandbox_id, lo, hi], |r| r.get::<_, Vec<u8>>(0))? {
+            objects.extend(ObjectId::from_slice(&b?));
+        }
+    }
+    tx.execute(&format!("DELETE {orphan}"), params![sandbox_id, lo, hi])?;
+    Ok(objects)
+}
+
+/// Returns those of `objects` that no version of any sandbox using `store`
+/// references.
+pub fn unreferenced(conn: &Connection, store: &[u8], objects: &[ObjectId]) -> Result<Vec<ObjectId>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
+                        WHERE e.object = ?1 AND s.store = ?2)",
+    )?;
+    let mut out = Vec::new();
+    for o in objects {
+        if !stmt.query_row(params![o.0.as_slice(), store], |r| r.get::<_, bool>(0))? {
+            out.push(*o);
+        }
+    }
+    Ok(out)
+}
+
+/// Returns the bytes of the objects that this sandbox references and no
+/// other sandbox of the same store does.
+pub fn sandbox_exclusive_bytes(conn: &Connection, sandbox_id: i64, store: &[u8]) -> Result<u64> {
+    Ok(conn.query_row(
+        "SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT e.object, e.size FROM entries e
+         WHERE e.sandbox_id = ?1 AND e.object IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM entries o JOIN sandboxes s ON s.id = o.sandbox_id
+                           WHERE o.object = e.object AND o.sandbox_id != ?1 AND s.store = ?2))",
+        params![sandbox_id, store],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
+/// Returns the bytes of the objects that only checkpoint `seq` references:
+/// what pruning it alone would free.
+pub fn checkpoint_exclusive_bytes(conn: &Connection, sandbox_id: i64, seq: u64, store: &[u8]) -> Result<u64> {
+    Ok(conn.query_row(
+        "WITH only_here AS MATERIALIZED (
+             SELECT e.id, e.object, e.size FROM entries e
+             WHERE e.sandbox_id = ?1 AND e.object IS NOT NULL AND e.start_seq <= ?2
+               AND (e.end_seq IS NULL OR e.end_seq > ?2)
+               AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.sandbox_id = ?1 AND c.seq != ?2
+                               AND c.seq >= e.start_seq AND (e.end_seq IS NULL OR c.seq < e.end_seq)))
+         SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT h.object, h.size FROM only_here h
+             WHERE NOT EXISTS (SELECT 1 FROM entries x JOIN sandboxes s ON s.id = x.sandbox_id
+                               WHERE x.object = h.object AND s.store = ?3
+                                 AND x.id NOT IN (SELECT id FROM only_here)))",
+        params![sandbox_id, seq as i64, store],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
+/// Returns the newest checkpoint of a sandbox older than `seq`.
+pub fn previous_checkpoint(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Option<Checkpoint>> {
+    let sql = format!(
+        "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN sandboxes s ON s.id = c.sandbox_id
+         WHERE c.sandbox_id = ?1 AND c.seq < ?2 ORDER BY c.seq DESC LIMIT 1"
+    );
+    Ok(conn.query_row(&sql, params![sandbox_id, seq as i64], checkpoint_from_row).optional()?)
+}
+
+pub fn add_budget_pruned(conn: &Connection, sandbox_id: i64, n: u64) -> Result<()> {
+    conn.execute(
+        "UPDATE sandboxes SET budget_pruned = budget_pruned + ?2 WHERE id = ?1",
+        params![sandbox_id, n as i64],
+    )?;
+    Ok(())
+}
+
+pub fn budget_pruned(conn: &Connection, sandbox_id: i64) -> Result<u64> {
+    Ok(conn.query_row("SELECT budget_pruned FROM sandboxes WHERE id = ?1", [sandbox_id], |r| r.get::<_, i64>(0))?
+        as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,7 +693,7 @@ mod tests {
         let conn = open(&dir.path().join("c.db")).unwrap();
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        for table in ["sandboxes", "checkpoints", "entries"] {
+        for table in ["sandboxes", "checkpoints", "entries", "plans", "rollbacks"] {
             let n: i64 = conn
                 .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |r| {
                     r.get(0)

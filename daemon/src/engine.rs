@@ -17,15 +17,18 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::Connection;
 use snapback::proto::{
     Change, ChangeKind, CheckpointInfo, CheckpointKind, CheckpointRequest, Checkpoints, CloneMethod, DiffReport,
-    DiffRequest, ListRequest, PROTOCOL, Request, Response, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
-    SandboxRemove, SandboxStatus, Sandboxes, StatusReport, WirePath,
+    DiffRequest, ExportReport, ExportRequest, ListRequest, PROTOCOL, PlanInfo, PlanRollbackRequest, PlanState,
+    PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
+    SandboxInfo, SandboxRemove, SandboxStatus, Sandboxes, StatusReport, UndoRequest, WirePath,
 };
 
 use crate::capture::{self, Captured, Excludes, Options, Scope};
-use crate::catalogue::{self, CheckpointWrite, Sandbox};
+use crate::catalogue::{self, Checkpoint, CheckpointWrite, Sandbox};
+use crate::config::Retention;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Kind, Manifest, is_within};
-use crate::restore::{Plan, selected};
+use crate::restore::{Plan, Step, selected};
+use crate::retention::{self, Policy};
 use crate::store::Store;
 use crate::sys;
 
@@ -57,6 +60,7 @@ pub struct Engine {
     /// head seq in the catalogue equals the seq it was read at. A cache, not
     /// a record: a miss reads the catalogue.
     manifests: Mutex<HashMap<i64, (u64, Manifest)>>,
+    retention: Retention,
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -91,7 +95,7 @@ impl Engine {
     /// Opens the state directory (creating it, mode 0700), brings the
     /// catalogue up to date and collects objects left by checkpoints that
     /// never committed.
-    pub fn open(state_dir: &Path, socket: &Path) -> Result<Engine> {
+    pub fn open(state_dir: &Path, socket: &Path, retention: Retention) -> Result<Engine> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -109,6 +113,7 @@ impl Engine {
             stores: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
+            retention,
         };
         engine.store(&bytes_of(&engine.default_store))?;
         for store in catalogue::stores(&conn)? {
@@ -157,10 +162,18 @@ impl Engine {
             Request::SandboxRemove(r) => self.sandbox_remove(peer, r).map(Response::Sandbox),
             Request::Checkpoint(r) => self.checkpoint(peer, r).map(Response::Checkpoint),
             Request::List(r) => self.list(peer, r).map(Response::Checkpoints),
-            Request::Show(r) => self.checkpoint_ref(peer, &r.checkpoint).map(|c| Response::Checkpoint(c.info)),
+            Request::Show(r) => self.show(peer, &r.checkpoint).map(Response::Checkpoint),
             Request::Diff(r) => self.diff(peer, r).map(Response::Diff),
             Request::Rollback(r) => self.rollback(peer, r).map(Response::Rollback),
             Request::Status(_) => self.status(peer).map(Response::Status),
+            Request::PlanShow(r) => self.plan_show(peer, &r.plan).map(Response::Plan),
+            Request::PlanApply(r) => self.plan_close(peer, &r.plan, PlanState::Applied).map(Response::Plan),
+            Request::PlanAbandon(r) => self.plan_close(peer, &r.plan, PlanState::Abandoned).map(Response::Plan),
+            Request::PlanRollback(r) => self.plan_rollback(peer, r).map(Response::Rollback),
+            Request::Revert(r) => self.revert(peer, r).map(Response::Rollback),
+            Request::Undo(r) => self.undo(peer, r).map(Response::Rollback),
+            Request::Prune(r) => self.prune(peer, r).map(Response::Pruned),
+            Request::Export(r) => self.export(peer, r).map(Response::Exported),
         };
         result.unwrap_or_else(|e| {
             tracing::debug!(code = e.code().as_str(), "request refused: {e}");
@@ -360,17 +373,10 @@ impl Engine {
             info.state = "removed".into();
             return Ok(info);
         }
-        // Objects may be shared with other sandboxes of the same store: hold
-        // all of their locks while collecting, so that no checkpoint is
-        // writing objects that are not referenced yet.
-        let mut sharing: Vec<i64> = catalogue::sandboxes(&conn)?
-            .into_iter()
-            .filter(|s| s.store == sandbox.store && s.id != sandbox.id)
-            .map(|s| s.id)
-            .collect();
-        sharing.sort();
-        let others: Vec<Arc<Mutex<()>>> = sharing.iter().map(|id| self.sandbox_lock(*id)).collect();
-        let _held_others: Vec<MutexGuard<'_, ()>> = others.iter().map(|m| lock(m)).collect();
+        // Objects may be shared with other sandboxes of the same store; the
+        // store's collection lock waits for their checkpoints in progress.
+        let store = self.store(&sandbox.store)?;
+        let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         catalogue::delete_sandbox(&conn, sandbox.id)?;
         lock(&self.manifests).remove(&sandbox.id);
         let (n, bytes) = self.collect_garbage(&conn, &sandbox.store)?;
@@ -399,6 +405,12 @@ impl Engine {
         }
         let mut conn = self.db()?;
         let sb = self.active_sandbox(&conn, peer, &sandbox)?;
+        if let Some(plan) = &plan {
+            if plan.is_empty() || plan.len() > 200 || plan.chars().any(char::is_control) {
+                return Err(Error::InvalidRequest(format!("{plan:?} is not a valid plan id")));
+            }
+            check_plan_open(&conn, plan, &sb)?;
+        }
         let guard = self.sandbox_lock(sb.id);
         let _held = lock(&guard);
         let new = NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned: pin };
@@ -477,6 +489,8 @@ impl Engine {
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
         let scan_start_ns = now_ns();
+        // From the first object stored until the commit references it.
+        let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let mut current = self.take_manifest(conn, &sb)?;
         let rows_ms = started.elapsed().as_millis() as u64;
         let captured = match self.scan(&sb, scope, &current, Some(&store), scan_start_ns) {
@@ -528,10 +542,17 @@ impl Engine {
             symlinks: counts[2].max(0) as u64,
             bytes: counts[3].max(0) as u64,
             changed: captured.changed_paths(),
+            exclusive_bytes: None,
         };
         let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
         let written = (|| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(plan) = &info.plan {
+                // Checked again under the write lock: the plan may have been
+                // applied since the request was accepted.
+                check_plan_open(&tx, plan, &sb)?;
+                catalogue::ensure_plan(&tx, plan, sb.id, info.created_unix_ms)?;
+            }
             let ids = catalogue::write_checkpoint(
                 &tx,
                 &CheckpointWrite {
@@ -562,6 +583,13 @@ impl Engine {
             scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
             rows_ms, scan_ms, ms = started.elapsed().as_millis() as u64, "checkpoint"
         );
+        drop(storing);
+        // Retention applies after every checkpoint, without being asked.
+        // A failure to prune does not undo the checkpoint just taken.
+        let policy = self.retention.policy(&sb.name);
+        if let Err(e) = self.enforce_retention(conn, &sb, &policy) {
+            tracing::warn!(sandbox = %sb.name, "pruning: {e}");
+        }
         Ok(info)
     }
 
@@ -624,67 +652,397 @@ impl Engine {
     fn rollback(&self, peer: Peer, req: RollbackRequest) -> Result<RollbackReport> {
         let target = self.checkpoint_ref(peer, &req.checkpoint)?;
         let mut conn = self.db()?;
-        let sandbox = catalogue::sandbox_by_id(&conn, target.sandbox_id)?;
-        let sandbox = self.active_sandbox(&conn, peer, &sandbox.name)?;
-        let filter =
-            req.paths.iter().map(|p| relative_to_root(&sandbox.root, p.as_bytes())).collect::<Result<Vec<_>>>()?;
-        let excludes = Excludes::new(&sandbox.excludes)?;
+        let sandbox = self.active_sandbox_by_id(&conn, peer, target.sandbox_id)?;
+        let filter = rollback_filter(&sandbox, &req.paths)?;
         let guard = self.sandbox_lock(sandbox.id);
         let _held = lock(&guard);
+        self.restore_to(&mut conn, &sandbox, &target, &filter, req.dry_run, "rollback")
+    }
+
+    fn active_sandbox_by_id(&self, conn: &Connection, peer: Peer, id: i64) -> Result<Sandbox> {
+        let sandbox = catalogue::sandbox_by_id(conn, id)?;
+        self.active_sandbox(conn, peer, &sandbox.name)
+    }
+
+    /// Brings a sandbox to `target` (within `filter`); the caller holds the
+    /// sandbox's lock. Refused when the target belongs to an applied plan.
+    fn restore_to(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+        dry_run: bool,
+        kind: &str,
+    ) -> Result<RollbackReport> {
+        if let Some(plan) = &target.info.plan {
+            refuse_if_applied(conn, plan)?;
+        }
+        let excludes = Excludes::new(&sandbox.excludes)?;
         let store = self.store(&sandbox.store)?;
-        let (plan, safety) = if req.dry_run {
-            let live = self.live_state(&conn, &sandbox)?;
-            let then = catalogue::rows_at(&conn, sandbox.id, target.info.seq)?;
+        let (plan, safety) = if dry_run {
+            let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
+            let live = self.live_state(conn, &sb)?;
+            let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
             let (t_side, l_side) = differences(&then, &live);
-            (Plan::new(&t_side, &l_side, &filter, &excludes), None)
+            (Plan::new(&t_side, &l_side, filter, &excludes), None)
         } else {
-            let safety = self.take(
-                &mut conn,
-                sandbox.id,
-                NewCheckpoint {
-                    kind: CheckpointKind::Safety,
-                    reason: Some(format!("before rollback to {}", target.info.id)),
-                    ..NewCheckpoint::default()
-                },
-                &Scope::Everything,
-            )?;
-            let (t_side, l_side) = catalogue::rows_between(&conn, sandbox.id, target.info.seq, safety.seq)?;
-            (Plan::new(&t_side, &l_side, &filter, &excludes), Some(safety))
+            let safety = self.take_safety(conn, sandbox.id, format!("before {kind} to {}", target.info.id))?;
+            let (t_side, l_side) = catalogue::rows_between(conn, sandbox.id, target.info.seq, safety.seq)?;
+            (Plan::new(&t_side, &l_side, filter, &excludes), Some(safety))
         };
+        let total = if filter.is_empty() {
+            catalogue::count_at(conn, sandbox.id, target.info.seq)?
+        } else {
+            catalogue::rows_at(conn, sandbox.id, target.info.seq)?
+                .keys()
+                .filter(|p| selected(p, filter) && !excludes.covers(p))
+                .count() as u64
+        };
+        let report = self.apply_plan(conn, sandbox, &plan, &store, safety.as_ref(), &target.info.id, kind, total)?;
+        tracing::info!(
+            sandbox = %sandbox.name, target = %target.info.id, kind, dry_run,
+            restored = report.restored, created = report.created, deleted = report.deleted, "rollback"
+        );
+        Ok(report)
+    }
+
+    /// Takes a safety checkpoint; the caller holds the sandbox's lock.
+    fn take_safety(&self, conn: &mut Connection, sandbox_id: i64, reason: String) -> Result<CheckpointInfo> {
+        let new = NewCheckpoint { kind: CheckpointKind::Safety, reason: Some(reason), ..NewCheckpoint::default() };
+        self.take(conn, sandbox_id, new, &Scope::Everything)
+    }
+
+    /// Applies a restore plan (unless `safety` is `None`: a dry run),
+    /// records it for `undo`, and builds the report. `total` is the number
+    /// of target paths the plan covers.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_plan(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        plan: &Plan,
+        store: &Store,
+        safety: Option<&CheckpointInfo>,
+        target_id: &str,
+        kind: &str,
+        total: u64,
+    ) -> Result<RollbackReport> {
         let mut skipped = Vec::new();
-        if !req.dry_run {
-            let root = Self::open_root(&sandbox)?;
+        if let Some(safety) = safety {
+            let root = Self::open_root(sandbox)?;
             let reflink = sandbox.clone_method == CloneMethod::Reflink;
-            skipped = plan.apply(root.as_fd(), &store, reflink)?.skipped;
+            // Recorded first: a rollback that fails half way can still be
+            // undone to the state before it.
+            catalogue::record_rollback(conn, sandbox.id, kind, target_id, &safety.id, now_ns() / 1_000_000)?;
+            skipped = plan.apply(root.as_fd(), store, reflink)?.skipped;
         }
         let (restored, created, deleted) = plan.counts();
-        let total = catalogue::rows_at(&conn, sandbox.id, target.info.seq)?
-            .keys()
-            .filter(|p| selected(p, &filter) && !excludes.covers(p))
-            .count() as u64;
-        let changed: Vec<WirePath> = plan.steps.keys().map(|p| WirePath(p.clone())).collect();
-        let removed = plan
-            .steps
-            .iter()
-            .filter(|(_, s)| matches!(s, crate::restore::Step::Delete(_)))
-            .map(|(p, _)| WirePath(p.clone()))
-            .collect();
-        tracing::info!(
-            sandbox = %sandbox.name, target = %target.info.id, dry_run = req.dry_run,
-            restored, created, deleted, "rollback"
-        );
         Ok(RollbackReport {
-            checkpoint: target.info.id,
-            sandbox: sandbox.name,
-            safety_checkpoint: safety.map(|s| s.id),
-            dry_run: req.dry_run,
+            checkpoint: target_id.to_owned(),
+            sandbox: sandbox.name.clone(),
+            safety_checkpoint: safety.map(|s| s.id.clone()),
+            dry_run: safety.is_none(),
             restored,
             created,
             deleted,
             unchanged: total.saturating_sub(restored + created),
-            changed,
-            removed,
+            changed: plan.steps.keys().map(|p| WirePath(p.clone())).collect(),
+            removed: plan
+                .steps
+                .iter()
+                .filter(|(_, s)| matches!(s, Step::Delete(_)))
+                .map(|(p, _)| WirePath(p.clone()))
+                .collect(),
             skipped: skipped.into_iter().map(WirePath).collect(),
+            conflicts: Vec::new(),
+        })
+    }
+
+    fn show(&self, peer: Peer, reference: &str) -> Result<CheckpointInfo> {
+        let c = self.checkpoint_ref(peer, reference)?;
+        let conn = self.db()?;
+        let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
+        let mut info = c.info;
+        info.exclusive_bytes =
+            Some(catalogue::checkpoint_exclusive_bytes(&conn, sandbox.id, info.seq, &sandbox.store)?);
+        Ok(info)
+    }
+
+    fn plan_ref(&self, conn: &Connection, peer: Peer, id: &str) -> Result<(catalogue::Plan, Sandbox)> {
+        let missing = || Error::NotFound(format!("no plan {id:?}"));
+        let plan = catalogue::plan(conn, id)?.ok_or_else(missing)?;
+        let sandbox = catalogue::sandbox_by_id(conn, plan.sandbox_id)?;
+        if !peer.may_use(&sandbox) {
+            return Err(missing());
+        }
+        Ok((plan, sandbox))
+    }
+
+    fn plan_info(&self, conn: &Connection, plan: &catalogue::Plan, sandbox: &Sandbox) -> Result<PlanInfo> {
+        Ok(PlanInfo {
+            id: plan.id.clone(),
+            sandbox: sandbox.name.clone(),
+            state: plan.state,
+            created_unix_ms: plan.created_ms,
+            updated_unix_ms: plan.updated_ms,
+            checkpoints: catalogue::checkpoints(conn, Some(sandbox.id), Some(&plan.id))?
+                .into_iter()
+                .map(|c| c.info)
+                .collect(),
+        })
+    }
+
+    fn plan_show(&self, peer: Peer, id: &str) -> Result<PlanInfo> {
+        let conn = self.db()?;
+        let (plan, sandbox) = self.plan_ref(&conn, peer, id)?;
+        self.plan_info(&conn, &plan, &sandbox)
+    }
+
+    /// Applies or abandons an active plan. Holds the sandbox's lock, so no
+    /// rollback of the plan is between its guard and its work meanwhile.
+    fn plan_close(&self, peer: Peer, id: &str, state: PlanState) -> Result<PlanInfo> {
+        let conn = self.db()?;
+        let (_, sandbox) = self.plan_ref(&conn, peer, id)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        if !catalogue::close_plan(&conn, id, state, now_ns() / 1_000_000)? {
+            let (plan, _) = self.plan_ref(&conn, peer, id)?;
+            return Err(Error::InvalidRequest(format!(
+                "plan {id} is {}, not active: it cannot become {}",
+                plan.state.as_str(),
+                state.as_str()
+            )));
+        }
+        let (plan, sandbox) = self.plan_ref(&conn, peer, id)?;
+        tracing::info!(plan = id, state = state.as_str(), "plan closed");
+        self.plan_info(&conn, &plan, &sandbox)
+    }
+
+    fn plan_rollback(&self, peer: Peer, req: PlanRollbackRequest) -> Result<RollbackReport> {
+        let mut conn = self.db()?;
+        let (_, sandbox) = self.plan_ref(&conn, peer, &req.plan)?;
+        let target = self.checkpoint_ref(peer, &req.checkpoint)?;
+        if target.info.plan.as_deref() != Some(req.plan.as_str()) {
+            return Err(Error::InvalidRequest(format!(
+                "checkpoint {} is not part of plan {}",
+                target.info.id, req.plan
+            )));
+        }
+        let sandbox = self.active_sandbox(&conn, peer, &sandbox.name)?;
+        let filter = rollback_filter(&sandbox, &req.paths)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        // The guard reads the catalogue under the sandbox's lock.
+        refuse_if_applied(&conn, &req.plan)?;
+        self.restore_to(&mut conn, &sandbox, &target, &filter, req.dry_run, "rollback")
+    }
+
+    fn revert(&self, peer: Peer, req: RevertRequest) -> Result<RollbackReport> {
+        let step = self.checkpoint_ref(peer, &req.checkpoint)?;
+        let mut conn = self.db()?;
+        let sandbox = self.active_sandbox_by_id(&conn, peer, step.sandbox_id)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        if let Some(plan) = &step.info.plan {
+            refuse_if_applied(&conn, plan)?;
+        }
+        let parent = catalogue::previous_checkpoint(&conn, sandbox.id, step.info.seq)?.ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "{} is the first checkpoint of {}: there is no earlier state to revert its changes to",
+                step.info.id, sandbox.name
+            ))
+        })?;
+        // What the step changed: versions at its parent and at the step.
+        let (before, after) = catalogue::rows_between(&conn, sandbox.id, parent.info.seq, step.info.seq)?;
+        let step_paths = changed_paths(&before, &after);
+        let safety = self.take_safety(&mut conn, sandbox.id, format!("before revert of {}", step.info.id))?;
+        // What changed after the step, up to now.
+        let (then, now) = catalogue::rows_between(&conn, sandbox.id, step.info.seq, safety.seq)?;
+        let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
+        let conflicts: Vec<Vec<u8>> = step_paths.iter().filter(|p| later.contains(*p)).cloned().collect();
+        if !conflicts.is_empty() && !req.force {
+            let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
+            return Err(Error::Conflict {
+                message: format!(
+                    "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted. \
+                     `revert --force` takes the step's parent version for them",
+                    conflicts.len(),
+                    step.info.id,
+                    shown.join(", "),
+                    if conflicts.len() > shown.len() { ", ..." } else { "" }
+                ),
+                paths: conflicts,
+            });
+        }
+        let sb = catalogue::sandbox_by_id(&conn, sandbox.id)?;
+        let live_all = self.copy_manifest(&conn, &sb)?;
+        let mut target = Manifest::default();
+        let mut live = Manifest::default();
+        for p in &step_paths {
+            if let Some(row) = before.get(p) {
+                target.insert(p.clone(), row.clone());
+            }
+            if let Some(row) = live_all.get(p) {
+                live.insert(p.clone(), row.clone());
+            }
+        }
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        let plan = Plan::new(&target, &live, &[], &excludes);
+        let store = self.store(&sandbox.store)?;
+        let total = step_paths.len() as u64;
+        let mut report =
+            self.apply_plan(&conn, &sandbox, &plan, &store, Some(&safety), &step.info.id, "revert", total)?;
+        report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
+        report.conflicts = conflicts.into_iter().map(WirePath).collect();
+        Ok(report)
+    }
+
+    fn undo(&self, peer: Peer, req: UndoRequest) -> Result<RollbackReport> {
+        let mut conn = self.db()?;
+        let sandbox = self.active_sandbox(&conn, peer, &req.sandbox)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        let (kind, target, safety) = catalogue::latest_rollback(&conn, sandbox.id)?.ok_or_else(|| {
+            Error::NotFound(format!("nothing to undo: {} has had no rollback or revert", sandbox.name))
+        })?;
+        let back = catalogue::checkpoint_by_ref(&conn, &safety).map_err(|_| {
+            Error::NotFound(format!("the safety checkpoint {safety} of the last {kind} (to {target}) is gone"))
+        })?;
+        self.restore_to(&mut conn, &sandbox, &back, &[], false, "undo")
+    }
+
+    fn prune(&self, peer: Peer, req: PruneRequest) -> Result<PruneReport> {
+        let mut conn = self.db()?;
+        let sandbox = self.sandbox_ref(&conn, peer, &req.sandbox)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        let mut policy = self.retention.policy(&sandbox.name);
+        if let Some(n) = req.keep_last {
+            policy.keep_last = n;
+        }
+        if let Some(secs) = req.keep_within_secs {
+            policy.keep_within_ms = Some(secs.saturating_mul(1000).min(i64::MAX as u64) as i64);
+        }
+        let (pruned, freed_bytes) = self.enforce_retention(&mut conn, &sandbox, &policy)?;
+        Ok(PruneReport {
+            sandbox: sandbox.name.clone(),
+            pruned,
+            kept: catalogue::checkpoint_count(&conn, sandbox.id)?,
+            freed_bytes,
+        })
+    }
+
+    /// Prunes what `policy` does not keep, then, with a budget, the oldest
+    /// prunable checkpoints while the sandbox's exclusive bytes exceed it.
+    /// Returns the pruned ids and the bytes freed. The caller holds the
+    /// sandbox's lock.
+    fn enforce_retention(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        policy: &Policy,
+    ) -> Result<(Vec<String>, u64)> {
+        let candidates = catalogue::retention_candidates(conn, sandbox.id)?;
+        let Some(newest) = candidates.last().map(|c| c.seq) else {
+            return Ok((Vec::new(), 0));
+        };
+        let protected: std::collections::HashSet<String> =
+            catalogue::latest_rollback(conn, sandbox.id)?.into_iter().map(|(_, _, safety)| safety).collect();
+        let keep = retention::kept(&candidates, policy, now_ns() / 1_000_000, &protected);
+        let (victims, survivors): (Vec<_>, Vec<_>) = candidates
+            .iter()
+            .filter(|c| retention::prunable(c, newest, &protected))
+            .partition(|c| !keep.contains(&c.id));
+        let mut pruned: Vec<String> = victims.iter().map(|c| c.id.clone()).collect();
+        let mut freed = self.delete_checkpoints(conn, sandbox, &pruned)?;
+        if let Some(budget) = policy.budget_bytes {
+            let mut budget_pruned = 0;
+            for c in survivors {
+                if catalogue::sandbox_exclusive_bytes(conn, sandbox.id, &sandbox.store)? <= budget {
+                    break;
+                }
+                freed += self.delete_checkpoints(conn, sandbox, std::slice::from_ref(&c.id))?;
+                pruned.push(c.id.clone());
+                budget_pruned += 1;
+            }
+            if budget_pruned > 0 {
+                catalogue::add_budget_pruned(conn, sandbox.id, budget_pruned)?;
+                tracing::info!(sandbox = %sandbox.name, budget, pruned = budget_pruned, "pruned to fit the storage budget");
+            }
+        }
+        if !pruned.is_empty() {
+            tracing::info!(sandbox = %sandbox.name, pruned = pruned.len(), freed, "retention");
+        }
+        Ok((pruned, freed))
+    }
+
+    /// Deletes checkpoints in one transaction, then the objects nothing
+    /// references any more. Returns the bytes freed.
+    fn delete_checkpoints(&self, conn: &mut Connection, sandbox: &Sandbox, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let tx = conn.transaction()?;
+        let objects = catalogue::delete_checkpoints(&tx, sandbox.id, ids)?;
+        tx.commit()?;
+        let store = self.store(&sandbox.store)?;
+        let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let dead = catalogue::unreferenced(conn, &sandbox.store, &objects)?;
+        store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
+    }
+
+    fn export(&self, peer: Peer, req: ExportRequest) -> Result<ExportReport> {
+        let c = self.checkpoint_ref(peer, &req.checkpoint)?;
+        let conn = self.db()?;
+        let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
+        let dir = req.dir.as_path();
+        if !dir.is_absolute() {
+            return Err(Error::InvalidRequest(format!("{} is not an absolute path", req.dir.display())));
+        }
+        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+            return Err(Error::InvalidRequest(format!("cannot export into {}", req.dir.display())));
+        };
+        let parent = parent.canonicalize().map_err(|e| Error::InvalidRequest(format!("{}: {e}", parent.display())))?;
+        let parent_meta = std::fs::metadata(&parent).ctx(|| format!("reading {}", parent.display()))?;
+        if peer.uid != 0 && parent_meta.uid() != peer.uid {
+            return Err(Error::PermissionDenied(format!(
+                "{} is not yours: export into a directory you own",
+                parent.display()
+            )));
+        }
+        let dest = parent.join(name);
+        let dest_b = bytes_of(&dest);
+        let overlaps = |a: &[u8], b: &[u8]| is_within(a, b) || is_within(b, a);
+        if overlaps(&dest_b, &bytes_of(&self.state_dir)) {
+            return Err(Error::InvalidRequest("cannot export into the daemon's state directory".into()));
+        }
+        for other in catalogue::sandboxes(&conn)? {
+            if overlaps(&dest_b, &other.root) || overlaps(&dest_b, &other.store) {
+                return Err(Error::InvalidRequest(format!(
+                    "{} overlaps the sandbox {} or its store",
+                    dest.display(),
+                    other.name
+                )));
+            }
+        }
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        let rows = catalogue::rows_at(&conn, sandbox.id, c.info.seq)?;
+        let store = self.store(&sandbox.store)?;
+        // Hardlinks expose the store's own files: only to the uid that owns
+        // them (or root); others get copies they can read.
+        let link = peer.uid == sys::euid() || peer.uid == 0;
+        let give_to = (sys::euid() == 0 && peer.uid != 0).then_some(peer.uid);
+        let report = crate::export::export(&rows, &parent, name.as_bytes(), &store, link, give_to)
+            .ctx(|| format!("exporting into {}", dest.display()))?;
+        Ok(ExportReport {
+            checkpoint: c.info.id,
+            dir: WirePath(dest_b),
+            files: report.files,
+            dirs: report.dirs,
+            symlinks: report.symlinks,
+            hardlinked: report.hardlinked,
         })
     }
 
@@ -699,7 +1057,15 @@ impl Engine {
                 0 => None,
                 head => catalogue::checkpoint_at(&conn, s.id, head)?.map(|c| c.info.id),
             };
+            let budget_bytes = self.retention.policy(&s.name).budget_bytes;
+            let exclusive_bytes = match budget_bytes {
+                Some(_) => Some(catalogue::sandbox_exclusive_bytes(&conn, s.id, &s.store)?),
+                None => None,
+            };
             sandboxes.push(SandboxStatus {
+                budget_bytes,
+                exclusive_bytes,
+                budget_pruned: catalogue::budget_pruned(&conn, s.id)?,
                 name: s.name.clone(),
                 path: WirePath(s.root.clone()),
                 state: s.state.clone(),
@@ -719,6 +1085,54 @@ impl Engine {
             sandboxes,
         })
     }
+}
+
+/// Refuses when `plan` is applied: the guard reads the catalogue.
+fn refuse_if_applied(conn: &Connection, plan: &str) -> Result<()> {
+    match catalogue::plan(conn, plan)? {
+        Some(p) if p.state == PlanState::Applied => Err(Error::PlanApplied(format!(
+            "plan {plan} was applied: its checkpoints can no longer be rolled back or reverted"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that a checkpoint may join `plan`: it is new, or active and of
+/// the same sandbox.
+fn check_plan_open(conn: &Connection, plan: &str, sandbox: &Sandbox) -> Result<()> {
+    match catalogue::plan(conn, plan)? {
+        None => Ok(()),
+        Some(p) if p.sandbox_id != sandbox.id => {
+            Err(Error::InvalidRequest(format!("plan {plan} belongs to another sandbox")))
+        }
+        Some(p) => match p.state {
+            PlanState::Active => Ok(()),
+            PlanState::Applied => {
+                Err(Error::PlanApplied(format!("plan {plan} was applied: it takes no more checkpoints")))
+            }
+            PlanState::Abandoned => {
+                Err(Error::InvalidRequest(format!("plan {plan} was abandoned: it takes no more checkpoints")))
+            }
+        },
+    }
+}
+
+/// Returns the paths whose versions differ between two sides of a
+/// difference, sorted.
+fn changed_paths(a: &Manifest, b: &Manifest) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = a
+        .iter()
+        .filter(|(p, r)| b.get(*p).is_none_or(|o| o.meta != r.meta))
+        .map(|(p, _)| p.clone())
+        .chain(b.keys().filter(|p| !a.contains_key(*p)).cloned())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn rollback_filter(sandbox: &Sandbox, paths: &[WirePath]) -> Result<Vec<Vec<u8>>> {
+    paths.iter().map(|p| relative_to_root(&sandbox.root, p.as_bytes())).collect()
 }
 
 /// Returns the daemon's name and version, as sent in `welcome`.

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use snapback::proto::{ErrorBody, ErrorCode};
+use snapback::proto::{ErrorBody, ErrorCode, WirePath};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -17,6 +17,10 @@ pub enum Error {
     InvalidRequest(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    PlanApplied(String),
+    #[error("{message}")]
+    Conflict { message: String, paths: Vec<Vec<u8>> },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     #[error("catalogue: {0}")]
@@ -35,6 +39,8 @@ impl Error {
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Error::PlanApplied(_) => ErrorCode::PlanApplied,
+            Error::Conflict { .. } => ErrorCode::Conflict,
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
             Error::Io { .. } => ErrorCode::Io,
             Error::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => {
@@ -45,7 +51,11 @@ impl Error {
     }
 
     pub fn to_body(&self) -> ErrorBody {
-        ErrorBody { code: self.code(), message: self.to_string() }
+        let paths = match self {
+            Error::Conflict { paths, .. } => paths.iter().map(|p| WirePath(p.clone())).collect(),
+            _ => Vec::new(),
+        };
+        ErrorBody { code: self.code(), message: self.to_string(), paths }
     }
 }
 

@@ -7,10 +7,13 @@
 
 pub mod capture;
 pub mod catalogue;
+pub mod config;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod manifest;
 pub mod restore;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod sys;
@@ -27,6 +30,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// Holds the catalogue (`catalogue.db`) and the default object store.
     pub state_dir: PathBuf,
+    /// Retention policies: the default, and per-sandbox overrides.
+    pub retention: config::Retention,
 }
 
 /// Runs the daemon until `shutdown` resolves: migrations first, then the
@@ -34,7 +39,7 @@ pub struct Config {
 /// socket file is removed on the way out.
 pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
     raise_fd_limit();
-    let engine = Arc::new(engine::Engine::open(&config.state_dir, &config.socket)?);
+    let engine = Arc::new(engine::Engine::open(&config.state_dir, &config.socket, config.retention.clone())?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

@@ -20,6 +20,25 @@ struct Args {
     /// /var/lib/snapback for root, else $XDG_STATE_HOME/snapback]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// A TOML configuration file [default: /etc/snapback/snapbackd.toml for
+    /// root, else $XDG_CONFIG_HOME/snapback/snapbackd.toml, when it exists]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Returns the default configuration file, if it exists.
+fn default_config() -> Option<PathBuf> {
+    // SAFETY: geteuid cannot fail.
+    let path = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/etc/snapback/snapbackd.toml")
+    } else {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+        base.join("snapback/snapbackd.toml")
+    };
+    path.is_file().then_some(path)
 }
 
 fn main() -> ExitCode {
@@ -36,7 +55,17 @@ fn main() -> ExitCode {
         eprintln!("snapbackd: no state directory: pass --state-dir, or set XDG_STATE_HOME or HOME");
         return ExitCode::from(2);
     };
-    let config = snapback_daemon::Config { socket, state_dir };
+    let file = match args.config.or_else(default_config) {
+        Some(path) => match snapback_daemon::config::FileConfig::load(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("snapbackd: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => snapback_daemon::config::FileConfig::default(),
+    };
+    let config = snapback_daemon::Config { socket, state_dir, retention: file.retention() };
     match snapback_daemon::run(config, shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -121,7 +121,7 @@ async fn read_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> i
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    Response::Error(ErrorBody { code, message: message.into() })
+    Response::Error(ErrorBody { code, message: message.into(), paths: Vec::new() })
 }
 
 async fn connection(stream: UnixStream, engine: Arc<Engine>) -> io::Result<()> {

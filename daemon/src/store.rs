@@ -23,6 +23,10 @@ pub struct Store {
     path: PathBuf,
     objects: OwnedFd,
     tmp: OwnedFd,
+    /// Held shared from a checkpoint's first object until its commit, and
+    /// exclusively by garbage collection, so that an object a checkpoint
+    /// found (and will reference) is never collected before the commit.
+    pub gc_lock: std::sync::RwLock<()>,
 }
 
 /// The result of putting a file into the store.
@@ -97,7 +101,7 @@ impl Store {
             }
         }
         let tmp = OwnedFd::from(File::open(path.join("tmp"))?);
-        Ok(Store { path: path.to_owned(), objects, tmp })
+        Ok(Store { path: path.to_owned(), objects, tmp, gc_lock: std::sync::RwLock::new(()) })
     }
 
     pub fn path(&self) -> &Path {
@@ -197,6 +201,29 @@ impl Store {
     /// Returns the device of the store's filesystem.
     pub fn device(&self) -> io::Result<u64> {
         Ok(sys::fstat(self.objects.as_fd())?.st_dev)
+    }
+
+    /// Deletes the given objects; returns the bytes freed. The caller holds
+    /// `gc_lock` exclusively and has checked that nothing references them.
+    pub fn remove_objects(&self, ids: &[ObjectId]) -> io::Result<u64> {
+        let mut bytes = 0;
+        for id in ids {
+            let name = Self::name(id);
+            match sys::lstatat(self.objects.as_fd(), &name) {
+                Ok(st) => {
+                    sys::unlinkat(self.objects.as_fd(), &name, false)?;
+                    bytes += st.st_size as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Makes `name` in `dir` a hardlink to an object.
+    pub fn link_object(&self, id: &ObjectId, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+        sys::linkat(self.objects.as_fd(), &Self::name(id), dir, name)
     }
 
     /// Deletes every object not in `referenced` and every leftover temporary

@@ -175,6 +175,15 @@ pub fn mkdirat(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
     check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode) }).map(drop)
 }
 
+/// Makes `to` in `to_dir` a new name of `from` in `from_dir` (no symlink
+/// followed).
+pub fn linkat(from_dir: BorrowedFd<'_>, from: &[u8], to_dir: BorrowedFd<'_>, to: &[u8]) -> io::Result<()> {
+    let f = cstr(from)?;
+    let t = cstr(to)?;
+    // SAFETY: plain syscall on valid C strings.
+    check(unsafe { libc::linkat(from_dir.as_raw_fd(), f.as_ptr(), to_dir.as_raw_fd(), t.as_ptr(), 0) }).map(drop)
+}
+
 pub fn symlinkat(target: &[u8], dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     let t = cstr(target)?;
     let c = cstr(name)?;

@@ -336,11 +336,15 @@ fn list_show_and_prefixes() {
     assert_eq!(a["labels"]["k"], "v");
     d.json(&["checkpoint", "one", "--plan", "p2"]);
     d.json(&["checkpoint", one.to_str().unwrap()]); // by path
-    d.json(&["checkpoint", "two", "--plan", "p1"]);
-    assert_eq!(d.json(&["list"])["checkpoints"].as_array().unwrap().len(), 4);
-    assert_eq!(d.json(&["list", "one"])["checkpoints"].as_array().unwrap().len(), 3);
+    d.json(&["checkpoint", "two", "--plan", "p3"]);
+    // A plan belongs to the sandbox of its first checkpoint.
+    assert_eq!(d.cli(&["checkpoint", "two", "--plan", "p1"]).status.code(), Some(1));
+    d.json(&["checkpoint", "one", "--plan", "p1"]);
+    assert_eq!(d.json(&["list"])["checkpoints"].as_array().unwrap().len(), 5);
+    assert_eq!(d.json(&["list", "one"])["checkpoints"].as_array().unwrap().len(), 4);
     assert_eq!(d.json(&["list", "--plan", "p1"])["checkpoints"].as_array().unwrap().len(), 2);
-    assert_eq!(d.json(&["list", "one", "--plan", "p1"])["checkpoints"].as_array().unwrap().len(), 1);
+    assert_eq!(d.json(&["list", "two", "--plan", "p3"])["checkpoints"].as_array().unwrap().len(), 1);
+    assert_eq!(d.json(&["list", "two", "--plan", "p1"])["checkpoints"].as_array().unwrap().len(), 0);
 
     let id = a["id"].as_str().unwrap();
     let shown = d.json(&["show", &id[..20].to_lowercase()]);
