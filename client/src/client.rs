@@ -9,7 +9,8 @@ use crate::proto::{
     CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode, ExportReport,
     ExportRequest, Hello, ListRequest, MAX_LINE, PROTOCOL, PlanInfo, PlanRef, PlanRollbackRequest, PruneReport,
     PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
-    SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest, UndoRequest,
+    SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest, UndoRequest, VerifyReport,
+    VerifyRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +190,13 @@ impl Client {
     pub fn export(&mut self, req: ExportRequest) -> Result<ExportReport, ClientError> {
         match self.call(&Request::Export(req))? {
             Response::Exported(report) => Ok(report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn verify(&mut self) -> Result<VerifyReport, ClientError> {
+        match self.call(&Request::Verify(VerifyRequest {}))? {
+            Response::Verified(report) => Ok(report),
             other => Err(unexpected(other)),
         }
     }

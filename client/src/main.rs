@@ -124,6 +124,10 @@ enum Command {
         /// A directory that does not exist yet.
         dir: PathBuf,
     },
+    /// Check every stored object against the catalogue (size and content
+    /// hash) and look for objects nothing references. Reports; never
+    /// repairs. Exits 1 when anything is wrong.
+    Verify,
     /// Show the daemon and its sandboxes.
     Status,
     /// Run a short demonstration against a private daemon in a temporary
@@ -410,6 +414,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     r.symlinks
                 );
             })
+        }
+        Command::Verify => {
+            let report = connect(cli.socket)?.verify()?;
+            emit(json, &report, |r| {
+                println!(
+                    "{} objects checked: {} missing, {} corrupt, {} unreferenced",
+                    r.objects,
+                    r.missing.len(),
+                    r.corrupt.len(),
+                    r.unreferenced.len()
+                );
+                for (what, list) in
+                    [("missing", &r.missing), ("corrupt", &r.corrupt), ("unreferenced", &r.unreferenced)]
+                {
+                    for id in list {
+                        println!("  {what} {id}");
+                    }
+                }
+            })?;
+            if report.clean() { Ok(()) } else { Err(Failure::Refused("the store does not match the catalogue".into())) }
         }
         Command::Status => {
             let report = connect(cli.socket)?.status()?;

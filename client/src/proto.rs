@@ -130,7 +130,13 @@ pub enum Request {
     Undo(UndoRequest),
     Prune(PruneRequest),
     Export(ExportRequest),
+    Verify(VerifyRequest),
 }
+
+/// Checks every store against the catalogue.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {}
 
 /// Names a plan by its client-chosen id.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -358,7 +364,28 @@ pub enum Response {
     Plan(PlanInfo),
     Pruned(PruneReport),
     Exported(ExportReport),
+    Verified(VerifyReport),
     Error(ErrorBody),
+}
+
+/// What `verify` found. It reports; it never repairs.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VerifyReport {
+    /// Distinct objects the catalogue references, all checked.
+    pub objects: u64,
+    /// Referenced objects that are not in their store.
+    pub missing: Vec<String>,
+    /// Referenced objects whose size or content hash is wrong.
+    pub corrupt: Vec<String>,
+    /// Objects in a store that nothing references.
+    pub unreferenced: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether the stores and the catalogue agree.
+    pub fn clean(&self) -> bool {
+        self.missing.is_empty() && self.corrupt.is_empty() && self.unreferenced.is_empty()
+    }
 }
 
 /// The lifecycle state of a plan.

@@ -482,6 +482,22 @@ pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collec
     Ok(out)
 }
 
+/// Returns every object referenced by any sandbox whose store is `store`,
+/// with its recorded size.
+pub fn referenced_objects_sized(conn: &Connection, store: &[u8]) -> Result<std::collections::HashMap<ObjectId, u64>> {
+    let mut stmt = conn.prepare(
+        "SELECT DISTINCT e.object, e.size FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
+         WHERE s.store = ?1 AND e.object IS NOT NULL",
+    )?;
+    let mut out = std::collections::HashMap::new();
+    for r in stmt.query_map([store], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))? {
+        let (b, size) = r?;
+        let id = ObjectId::from_slice(&b).ok_or_else(|| Error::Internal("an object id is not 32 bytes".into()))?;
+        out.insert(id, size as u64);
+    }
+    Ok(out)
+}
+
 /// Returns the distinct object stores in use.
 pub fn stores(conn: &Connection) -> Result<Vec<Vec<u8>>> {
     let mut stmt = conn.prepare("SELECT DISTINCT store FROM sandboxes")?;

@@ -19,7 +19,7 @@ use snapback::proto::{
     Change, ChangeKind, CheckpointInfo, CheckpointKind, CheckpointRequest, Checkpoints, CloneMethod, DiffReport,
     DiffRequest, ExportReport, ExportRequest, ListRequest, PROTOCOL, PlanInfo, PlanRollbackRequest, PlanState,
     PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
-    SandboxInfo, SandboxRemove, SandboxStatus, Sandboxes, StatusReport, UndoRequest, WirePath,
+    SandboxInfo, SandboxRemove, SandboxStatus, Sandboxes, StatusReport, UndoRequest, VerifyReport, WirePath,
 };
 
 use crate::capture::{self, Captured, Excludes, Options, Scope};
@@ -174,6 +174,7 @@ impl Engine {
             Request::Undo(r) => self.undo(peer, r).map(Response::Rollback),
             Request::Prune(r) => self.prune(peer, r).map(Response::Pruned),
             Request::Export(r) => self.export(peer, r).map(Response::Exported),
+            Request::Verify(_) => self.verify(peer).map(Response::Verified),
         };
         result.unwrap_or_else(|e| {
             tracing::debug!(code = e.code().as_str(), "request refused: {e}");
@@ -1044,6 +1045,40 @@ impl Engine {
             symlinks: report.symlinks,
             hardlinked: report.hardlinked,
         })
+    }
+
+    /// Checks every store against the catalogue. Holds each store's
+    /// collection lock, so no checkpoint's objects are half-referenced.
+    fn verify(&self, peer: Peer) -> Result<VerifyReport> {
+        if peer.uid != 0 && peer.uid != sys::euid() {
+            return Err(Error::PermissionDenied("verify checks every sandbox's store: run it as root".into()));
+        }
+        let conn = self.db()?;
+        let mut report = VerifyReport { objects: 0, missing: vec![], corrupt: vec![], unreferenced: vec![] };
+        let mut stores = catalogue::stores(&conn)?;
+        let default = bytes_of(&self.default_store);
+        if !stores.contains(&default) {
+            stores.push(default);
+        }
+        for store_path in stores {
+            let store = self.store(&store_path)?;
+            let _still = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let referenced = catalogue::referenced_objects_sized(&conn, &store_path)?;
+            for (id, size) in &referenced {
+                report.objects += 1;
+                match store.check_object(id, *size) {
+                    Ok(true) => {}
+                    Ok(false) => report.corrupt.push(id.to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.missing.push(id.to_string()),
+                    Err(e) => return Err(e).ctx(|| format!("checking object {id}")),
+                }
+            }
+            let present = store.list_objects().ctx(|| format!("listing {}", store.path().display()))?;
+            report
+                .unreferenced
+                .extend(present.into_iter().filter(|id| !referenced.contains_key(id)).map(|id| id.to_string()));
+        }
+        Ok(report)
     }
 
     fn status(&self, peer: Peer) -> Result<StatusReport> {

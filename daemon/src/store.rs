@@ -221,6 +221,27 @@ impl Store {
         Ok(bytes)
     }
 
+    /// Returns whether an object has the given size and its content still
+    /// hashes to its name. A missing object is a `NotFound` error.
+    pub fn check_object(&self, id: &ObjectId, size: u64) -> io::Result<bool> {
+        let fd = self.open_object(id)?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_size as u64 != size {
+            return Ok(false);
+        }
+        Ok(hash_fd(fd.as_fd(), size)? == *id)
+    }
+
+    /// Lists the objects present in the store.
+    pub fn list_objects(&self) -> io::Result<Vec<ObjectId>> {
+        let mut out = Vec::new();
+        for i in 0..=255u8 {
+            let dir = sys::openat(self.objects.as_fd(), format!("{i:02x}").as_bytes(), sys::DIR_FLAGS, 0)?;
+            out.extend(sys::read_dir(dir.as_fd())?.iter().filter_map(|e| ObjectId::from_hex(&e.name)));
+        }
+        Ok(out)
+    }
+
     /// Makes `name` in `dir` a hardlink to an object.
     pub fn link_object(&self, id: &ObjectId, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
         sys::linkat(self.objects.as_fd(), &Self::name(id), dir, name)

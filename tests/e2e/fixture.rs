@@ -21,16 +21,27 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl TestDaemon {
     /// Starts a daemon with its state in a new temporary directory.
     pub fn start() -> TestDaemon {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a daemon with this configuration file content, if any.
+    pub fn start_with_config(config: Option<&str>) -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("snapback-e2e-").tempdir().expect("tempdir");
         let socket = dir.path().join("run/snapbackd.sock");
         let state_dir = dir.path().join("state");
-        let mut d = TestDaemon { dir, socket, state_dir, child: None };
+        let config = config.map(|text| {
+            let path = dir.path().join("snapbackd.toml");
+            std::fs::write(&path, text).expect("write config");
+            path
+        });
+        let mut d = TestDaemon { dir, socket, state_dir, config, child: None };
         d.restart();
         d
     }
@@ -42,12 +53,21 @@ impl TestDaemon {
 
     /// Spawns the daemon without waiting for it.
     pub fn spawn(socket: &Path, state_dir: &Path) -> Child {
-        Command::new(binary("snapbackd"))
-            .arg("--socket")
+        Self::spawn_with(socket, state_dir, None)
+    }
+
+    fn spawn_with(socket: &Path, state_dir: &Path, config: Option<&Path>) -> Child {
+        let mut cmd = Command::new(binary("snapbackd"));
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.arg("--socket")
             .arg(socket)
             .arg("--state-dir")
             .arg(state_dir)
             .env("SNAPBACK_LOG", "warn")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", "/nonexistent")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -59,7 +79,7 @@ impl TestDaemon {
     /// it answers.
     pub fn restart(&mut self) {
         self.stop();
-        let mut child = Self::spawn(&self.socket, &self.state_dir);
+        let mut child = Self::spawn_with(&self.socket, &self.state_dir, self.config.as_deref());
         let deadline = Instant::now() + Duration::from_secs(20);
         while Client::connect(&self.socket).is_err() {
             if let Some(status) = child.try_wait().expect("try_wait") {
@@ -125,6 +145,29 @@ impl TestDaemon {
 
     pub fn rollback(&self, id: &str) -> serde_json::Value {
         self.json(&["rollback", id])
+    }
+
+    /// Asserts that `snapback verify` finds the store and catalogue in
+    /// agreement.
+    pub fn assert_verified(&self) {
+        let v = self.json(&["verify"]);
+        assert!(
+            v["missing"].as_array().unwrap().is_empty()
+                && v["corrupt"].as_array().unwrap().is_empty()
+                && v["unreferenced"].as_array().unwrap().is_empty(),
+            "verify: {v}"
+        );
+    }
+
+    /// Returns the apparent bytes of every object in the default store.
+    pub fn store_bytes(&self) -> u64 {
+        let mut total = 0;
+        for sub in std::fs::read_dir(self.state_dir.join("store/objects")).expect("objects") {
+            for f in std::fs::read_dir(sub.expect("entry").path()).expect("subdir") {
+                total += f.expect("object").metadata().expect("stat").len();
+            }
+        }
+        total
     }
 }
 

@@ -11,5 +11,6 @@ mod tree;
 
 mod cli;
 mod core;
+mod plans;
 mod protocol;
 mod reflink;

@@ -1,0 +1,310 @@
+//! Plans, the applied guard, revert, undo, retention, budgets and export.
+
+use std::path::Path;
+
+use snapback::proto::{ErrorCode, PlanRollbackRequest};
+
+use crate::fixture::TestDaemon;
+use crate::tree::{assert_same, snapshot};
+
+fn write(p: &Path, data: &str) {
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(p, data).unwrap();
+}
+
+fn id(v: &serde_json::Value) -> String {
+    v["id"].as_str().expect("id").to_owned()
+}
+
+#[test]
+fn a_failed_step_is_rolled_back_and_an_applied_plan_never_is() {
+    let mut d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("base.txt"), "base");
+    d.add_sandbox("sb", &root, &[]);
+    // Before each step, a checkpoint of the plan.
+    let before1 = id(&d.json(&["checkpoint", "sb", "--plan", "P", "--tool", "Write", "--phase", "pre"]));
+    write(&root.join("step1.txt"), "one");
+    let before2 = id(&d.json(&["checkpoint", "sb", "--plan", "P", "--tool", "Bash", "--phase", "pre"]));
+    write(&root.join("step2.txt"), "two");
+    write(&root.join("base.txt"), "damaged by step 2");
+    let before3 = id(&d.json(&["checkpoint", "sb", "--plan", "P", "--tool", "Edit", "--phase", "pre"]));
+    let _ = before3;
+
+    // Step 2 failed: back to the checkpoint before it.
+    let r = d.json(&["plan", "rollback", "P", &before2]);
+    assert_eq!(r["deleted"], 1, "{r}");
+    assert_eq!(r["restored"], 1, "{r}");
+    let changed: Vec<&str> = r["changed"].as_array().unwrap().iter().map(|p| p["text"].as_str().unwrap()).collect();
+    assert_eq!(changed, ["base.txt", "step2.txt"]);
+    assert_eq!(std::fs::read_to_string(root.join("step1.txt")).unwrap(), "one");
+    assert!(!root.join("step2.txt").exists());
+    assert_eq!(std::fs::read_to_string(root.join("base.txt")).unwrap(), "base");
+
+    // A checkpoint of another plan is not this plan's to roll back to.
+    let other = id(&d.json(&["checkpoint", "sb", "--plan", "Q"]));
+    assert_eq!(d.cli(&["plan", "rollback", "P", &other]).status.code(), Some(1));
+
+    let shown = d.json(&["plan", "show", "P"]);
+    assert_eq!(shown["state"], "active");
+    assert_eq!(shown["checkpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(d.json(&["plan", "apply", "P"])["state"], "applied");
+
+    // The guard holds across a restart and a new connection.
+    d.restart();
+    let tree = snapshot(&root);
+    let mut client = d.client();
+    let err = client
+        .plan_rollback(PlanRollbackRequest {
+            plan: "P".into(),
+            checkpoint: before1.clone(),
+            paths: vec![],
+            dry_run: false,
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::PlanApplied), "{err}");
+    let out = d.cli(&["rollback", &before1]);
+    assert_eq!(out.status.code(), Some(1), "a plain rollback went around the guard");
+    assert_eq!(d.cli(&["revert", &before2]).status.code(), Some(1));
+    assert_eq!(d.cli(&["checkpoint", "sb", "--plan", "P"]).status.code(), Some(1));
+    assert_eq!(d.cli(&["plan", "abandon", "P"]).status.code(), Some(1));
+    assert_same(&snapshot(&root), &tree, "after refused rollbacks of an applied plan");
+
+    assert_eq!(d.json(&["plan", "abandon", "Q"])["state"], "abandoned");
+    assert_eq!(d.cli(&["checkpoint", "sb", "--plan", "Q"]).status.code(), Some(1));
+    assert_eq!(d.cli(&["plan", "show", "nope"]).status.code(), Some(1));
+}
+
+#[test]
+fn revert_undoes_one_step_and_refuses_to_overwrite_later_work() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("shared.txt"), "v0");
+    d.add_sandbox("sb", &root, &[]);
+    d.checkpoint("sb");
+    // Step 1.
+    write(&root.join("one.txt"), "1");
+    let after1 = d.checkpoint("sb");
+    // Step 2: the wrong decision.
+    write(&root.join("two/new.txt"), "2");
+    write(&root.join("shared.txt"), "v2");
+    std::fs::remove_file(root.join("one.txt")).unwrap();
+    let after2 = d.checkpoint("sb");
+    // Step 3.
+    write(&root.join("three.txt"), "3");
+    let after3 = d.checkpoint("sb");
+    let _ = after1;
+
+    let r = d.json(&["revert", &after2]);
+    assert_eq!(std::fs::read_to_string(root.join("shared.txt")).unwrap(), "v0");
+    assert_eq!(std::fs::read_to_string(root.join("one.txt")).unwrap(), "1");
+    assert!(!root.join("two").exists(), "step 2's directory is still there");
+    assert_eq!(std::fs::read_to_string(root.join("three.txt")).unwrap(), "3", "step 3's work was lost");
+    assert_eq!((r["restored"].as_u64(), r["created"].as_u64(), r["deleted"].as_u64()), (Some(1), Some(1), Some(2)));
+    assert!(r["safety_checkpoint"].is_string());
+
+    // Undo the revert, then make step 3 touch what step 2 touched.
+    d.json(&["undo", "sb"]);
+    assert_eq!(std::fs::read_to_string(root.join("shared.txt")).unwrap(), "v2");
+    write(&root.join("shared.txt"), "v3");
+    d.checkpoint("sb");
+    let before = snapshot(&root);
+    let mut client = d.client();
+    let err = client.revert(snapback::proto::RevertRequest { checkpoint: after2.clone(), force: false }).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict));
+    let snapback::ClientError::Daemon(body) = &err else { panic!("{err}") };
+    let listed: Vec<String> = body.paths.iter().map(|p| p.display()).collect();
+    assert_eq!(listed, ["shared.txt"]);
+    assert_same(&snapshot(&root), &before, "after a refused revert");
+    let out = d.cli(&["revert", &after2]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shared.txt"));
+
+    let forced = d.json(&["revert", &after2, "--force"]);
+    assert_eq!(forced["conflicts"][0]["text"], "shared.txt");
+    assert_eq!(std::fs::read_to_string(root.join("shared.txt")).unwrap(), "v0");
+    assert_eq!(std::fs::read_to_string(root.join("three.txt")).unwrap(), "3");
+    let _ = after3;
+}
+
+#[test]
+fn undo_brings_back_the_pre_rollback_tree_and_undo_again_redoes() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("a/b.txt"), "b1");
+    write(&root.join("c.txt"), "c1");
+    d.add_sandbox("sb", &root, &[]);
+    let first = d.checkpoint("sb");
+    write(&root.join("a/b.txt"), "b2");
+    write(&root.join("new/d.txt"), "d");
+    std::fs::remove_file(root.join("c.txt")).unwrap();
+    let before = snapshot(&root);
+    d.rollback(&first);
+    let rolled = snapshot(&root);
+    d.json(&["undo", "sb"]);
+    assert_same(&snapshot(&root), &before, "after undo");
+    d.json(&["undo", "sb"]);
+    assert_same(&snapshot(&root), &rolled, "after undoing the undo");
+    let fresh = d.path("fresh");
+    write(&fresh.join("x"), "x");
+    d.add_sandbox("fresh", &fresh, &[]);
+    assert_eq!(d.cli(&["undo", "fresh"]).status.code(), Some(1), "undo with nothing to undo");
+}
+
+#[test]
+fn the_default_policy_prunes_without_being_asked_and_keeps_what_it_must() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("counter.txt"), "0");
+    write(&root.join("still.txt"), "unchanging");
+    d.add_sandbox("sb", &root, &[]);
+    let mut pinned = Vec::new();
+    let mut safety = String::new();
+    for i in 1..=300u32 {
+        write(&root.join("counter.txt"), &format!("{i:06}"));
+        let c = if i % 100 == 7 {
+            let v = d.json(&["checkpoint", "sb", "--pin"]);
+            pinned.push(id(&v));
+            v
+        } else {
+            d.json(&["checkpoint", "sb"])
+        };
+        if i == 20 {
+            safety = d.rollback(&id(&c))["safety_checkpoint"].as_str().unwrap().to_owned();
+        }
+        if i > 100 {
+            d.assert_verified();
+        }
+    }
+    let list = d.json(&["list", "sb"]);
+    let ids: Vec<&str> = list["checkpoints"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    // All 300 (plus one safety) were taken within the hour: the hourly and
+    // daily buckets keep only the newest, which the last 100 hold already.
+    assert!(ids.len() <= 100 + pinned.len() + 1, "kept {} checkpoints", ids.len());
+    assert!(ids.len() >= 100, "kept only {}", ids.len());
+    for p in &pinned {
+        assert!(ids.contains(&p.as_str()), "pinned {p} was pruned");
+    }
+    assert!(ids.contains(&safety.as_str()), "the latest rollback's safety checkpoint was pruned");
+    // Objects of pruned versions are gone: one object per kept counter value.
+    let objects: usize = std::fs::read_dir(d.state_dir.join("store/objects"))
+        .unwrap()
+        .map(|s| std::fs::read_dir(s.unwrap().path()).unwrap().count())
+        .sum();
+    assert!(objects <= ids.len() + 1, "{objects} objects for {} checkpoints", ids.len());
+    // Every kept checkpoint still restores.
+    let oldest = ids[0];
+    d.rollback(oldest);
+    d.assert_verified();
+}
+
+#[test]
+fn pruning_frees_at_least_the_exclusive_bytes_it_reported() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("keep.txt"), "shared by every checkpoint");
+    d.add_sandbox("sb", &root, &[]);
+    for i in 0..12u32 {
+        write(&root.join("data.bin"), &format!("{i}").repeat(4096 + i as usize));
+        d.checkpoint("sb");
+    }
+    let list = d.json(&["list", "sb"]);
+    let all: Vec<String> = list["checkpoints"].as_array().unwrap().iter().map(id).collect();
+    let doomed = &all[..all.len() - 4];
+    let exclusive: u64 = doomed.iter().map(|c| d.json(&["show", c])["exclusive_bytes"].as_u64().unwrap()).sum();
+    assert!(exclusive > 0);
+    let before = d.store_bytes();
+    let pruned = d.json(&["prune", "sb", "--keep-last", "4"]);
+    assert_eq!(pruned["pruned"].as_array().unwrap().len(), doomed.len(), "{pruned}");
+    assert_eq!(pruned["kept"], 4);
+    let after = d.store_bytes();
+    assert!(before - after >= exclusive, "freed {} < exclusive {exclusive}", before - after);
+    assert_eq!(pruned["freed_bytes"].as_u64().unwrap(), before - after);
+    d.assert_verified();
+    // What is left still restores exactly.
+    let oldest_left = &all[all.len() - 4];
+    d.rollback(oldest_left);
+    assert_eq!(std::fs::read_to_string(root.join("data.bin")).unwrap(), "8".repeat(4104));
+    // --keep-within keeps young checkpoints whatever --keep-last says.
+    let again = d.json(&["prune", "sb", "--keep-last", "1", "--keep-within", "1h"]);
+    assert_eq!(again["pruned"].as_array().unwrap().len(), 0, "{again}");
+}
+
+#[test]
+fn a_storage_budget_keeps_the_store_under_it() {
+    let budget = 64 * 1024;
+    let d = TestDaemon::start_with_config(Some(&format!("[sandbox.sb.retention]\nbudget_bytes = {budget}\n")));
+    let root = d.path("sb");
+    d.add_sandbox("sb", &root, &[]);
+    for i in 0..40u32 {
+        write(&root.join("blob.bin"), &format!("{i:08}").repeat(1024));
+        d.checkpoint("sb");
+        let status = d.json(&["status"]);
+        let sb = &status["sandboxes"][0];
+        assert_eq!(sb["budget_bytes"], budget);
+        let exclusive = sb["exclusive_bytes"].as_u64().unwrap();
+        assert!(exclusive <= budget, "checkpoint {i}: {exclusive} bytes over the budget of {budget}");
+        assert!(d.store_bytes() <= budget, "checkpoint {i}: the store holds {}", d.store_bytes());
+    }
+    let status = d.json(&["status"]);
+    assert!(status["sandboxes"][0]["budget_pruned"].as_u64().unwrap() >= 30, "{status}");
+    let out = d.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("storage budget"));
+    d.assert_verified();
+}
+
+#[test]
+fn a_bad_configuration_file_stops_the_daemon_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[retention]\nkeep_forever = true\n").unwrap();
+    let out = std::process::Command::new(crate::fixture::binary("snapbackd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keep_forever"));
+}
+
+#[test]
+fn export_writes_a_browsable_read_only_tree() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("src/main.rs"), "fn main() {}\n");
+    write(&root.join("README"), "hello\n");
+    std::os::unix::fs::symlink("src/main.rs", root.join("link")).unwrap();
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+    d.add_sandbox("sb", &root, &[]);
+    let c = d.checkpoint("sb");
+    let expected = snapshot(&root);
+    write(&root.join("README"), "changed later\n");
+
+    let out = d.path("export");
+    let r = d.json(&["export", &c, out.to_str().unwrap()]);
+    assert_eq!((r["files"].as_u64(), r["dirs"].as_u64(), r["symlinks"].as_u64()), (Some(2), Some(2), Some(1)));
+    assert_eq!(r["hardlinked"], 2, "same filesystem, same owner: hardlinks");
+    assert_eq!(std::fs::read_to_string(out.join("README")).unwrap(), "hello\n");
+    assert_eq!(std::fs::read_link(out.join("link")).unwrap(), Path::new("src/main.rs"));
+    let exported = snapshot(&out);
+    assert_eq!(exported.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    use std::os::unix::fs::PermissionsExt;
+    for p in ["", "src", "empty"] {
+        let mode = std::fs::metadata(out.join(p)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "{p:?} is writable");
+    }
+    assert_eq!(std::fs::metadata(out.join("README")).unwrap().permissions().mode() & 0o222, 0);
+    assert_eq!(d.cli(&["export", &c, out.to_str().unwrap()]).status.code(), Some(1), "export over an existing dir");
+    assert_eq!(d.cli(&["export", &c, root.join("inside").to_str().unwrap()]).status.code(), Some(1));
+    d.assert_verified();
+    // Let the temporary directory be removed.
+    for p in ["", "src", "empty"] {
+        std::fs::set_permissions(out.join(p), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
