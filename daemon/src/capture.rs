@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -192,42 +192,72 @@ struct Job {
 /// Compares the live tree in `scope` with `current` (the current versions;
 /// rows outside the scope are ignored) and returns what changed.
 pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
     let outcomes = Mutex::new(Vec::<Outcome>::new());
     let failure = Mutex::new(None::<Error>);
     let (tx, rx) = sync_channel::<Job>(4096);
     let rx = Mutex::new(rx);
-    let mut walker = Walker {
+    let walker = |tx: SyncSender<Job>| Walker {
         opts,
         current,
-        seen: HashSet::with_capacity_and_hasher(current.len(), Default::default()),
+        seen: HashSet::with_capacity_and_hasher(current.len() / threads + 16, Default::default()),
         tx: Some(tx),
         outcomes: Vec::new(),
         stats: Stats::default(),
     };
-    let walked = std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for _ in 0..workers {
-            handles.push(s.spawn(|| work(&rx, opts, &outcomes, &failure)));
+    let mut first = walker(tx.clone());
+    let queue = DirQueue::new(first.start(scope)?);
+    // Directories are listed and compared by `threads` walkers; files that
+    // must be read go to as many readers through the bounded channel.
+    let (walkers, worker_stats) = std::thread::scope(|s| {
+        let mut readers = Vec::new();
+        for _ in 0..threads {
+            readers.push(s.spawn(|| work(&rx, opts, &outcomes, &failure)));
         }
-        let walked = walker.walk(scope);
-        walker.tx = None; // close the channel: workers drain it and stop
-        let mut worker_stats = Stats::default();
-        for h in handles {
+        let mut walking = Vec::new();
+        for _ in 1..threads {
+            let mut w = walker(tx.clone());
+            let queue = &queue;
+            walking.push(s.spawn(move || {
+                let r = w.walk(queue);
+                w.tx = None;
+                (w, r)
+            }));
+        }
+        let r = first.walk(&queue);
+        first.tx = None;
+        drop(tx); // with every walker's sender gone, readers drain and stop
+        let mut walkers = vec![(first, r)];
+        walkers.extend(walking.into_iter().filter_map(|h| h.join().ok()));
+        let mut stats = Stats::default();
+        for h in readers {
             let st = h.join().unwrap_or_default();
-            worker_stats.read += st.read;
-            worker_stats.reflinked += st.reflinked;
-            worker_stats.copied += st.copied;
+            stats.read += st.read;
+            stats.reflinked += st.reflinked;
+            stats.copied += st.copied;
         }
-        walked.map(|()| worker_stats)
+        (walkers, stats)
     });
-    let worker_stats = walked?;
+    if walkers.len() != threads {
+        return Err(Error::Internal("a capture thread panicked".into()));
+    }
+    let mut seen: Vec<HashSet<&[u8], foldhash::quality::RandomState>> = Vec::new();
+    let mut walker_outcomes = Vec::new();
+    let mut scanned = 0;
+    let mut read = 0;
+    for (w, r) in walkers {
+        r?;
+        scanned += w.stats.scanned;
+        read += w.stats.read;
+        seen.push(w.seen);
+        walker_outcomes.extend(w.outcomes);
+    }
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let mut out = Captured { stats: Stats { scanned: walker.stats.scanned, ..worker_stats }, ..Captured::default() };
-    out.stats.read += walker.stats.read;
-    let all = walker.outcomes.into_iter().chain(outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let mut out = Captured { stats: Stats { scanned, ..worker_stats }, ..Captured::default() };
+    out.stats.read += read;
+    let all = walker_outcomes.into_iter().chain(outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
     for o in all {
         match o {
             Outcome::Version(new, prior) => {
@@ -243,11 +273,67 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
     // Whatever was current in the scope and not seen is gone.
     let prefixes = scope.prefixes();
     for (path, row) in current {
-        if !walker.seen.contains(path.as_slice()) && prefixes.iter().any(|p| is_within(path, p)) {
+        if !seen.iter().any(|s| s.contains(path.as_slice())) && prefixes.iter().any(|p| is_within(path, p)) {
             out.ended.push((path.clone(), row.clone()));
         }
     }
     Ok(out)
+}
+
+/// A directory to list: `name` in `parent`, or `parent` itself when `name`
+/// is `None`. It is opened only when listed, so open fds stay bounded by
+/// the walkers' depth rather than the number of directories found.
+struct Pending {
+    path: Vec<u8>,
+    parent: Arc<OwnedFd>,
+    name: Option<Vec<u8>>,
+}
+
+/// Directories waiting to be listed, shared by the walkers. Empty with no
+/// walker busy means the walk is over.
+struct DirQueue {
+    state: Mutex<(Vec<Pending>, usize, bool)>,
+    wake: Condvar,
+}
+
+impl DirQueue {
+    fn new(items: Vec<Pending>) -> DirQueue {
+        DirQueue { state: Mutex::new((items, 0, false)), wake: Condvar::new() }
+    }
+
+    /// Takes a directory, waiting while others may still add some.
+    fn pop(&self) -> Option<Pending> {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let (items, busy, failed) = &mut *g;
+            if *failed {
+                return None;
+            }
+            if let Some(item) = items.pop() {
+                *busy += 1;
+                return Some(item);
+            }
+            if *busy == 0 {
+                return None;
+            }
+            g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Ends the work on one directory, adding the ones found in it.
+    fn done(&self, found: Vec<Pending>) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.extend(found);
+        g.1 -= 1;
+        self.wake.notify_all();
+    }
+
+    /// Stops every walker.
+    fn fail(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.2 = true;
+        self.wake.notify_all();
+    }
 }
 
 struct Walker<'a> {
@@ -261,14 +347,13 @@ struct Walker<'a> {
 }
 
 impl<'a> Walker<'a> {
-    fn walk(&mut self, scope: &Scope) -> Result<()> {
-        // Pending directories: (path, parent fd, name); opened when popped so
-        // that open fds stay bounded by the depth of the tree.
-        let mut pending: Vec<(Vec<u8>, Arc<OwnedFd>)> = Vec::new();
+    /// Visits the roots of the scope; returns the directories to list.
+    fn start(&mut self, scope: &Scope) -> Result<Vec<Pending>> {
+        let mut pending = Vec::new();
         for prefix in scope.prefixes() {
             if prefix.is_empty() {
                 let root = sys::open_beneath(self.opts.root, b"").ctx(|| "opening the sandbox root".into())?;
-                pending.push((Vec::new(), Arc::new(root)));
+                pending.push(Pending { path: Vec::new(), parent: Arc::new(root), name: None });
                 continue;
             }
             if self.opts.excludes.covers(&prefix) || prefix.starts_with(TEMP_PREFIX) {
@@ -280,37 +365,64 @@ impl<'a> Walker<'a> {
                 Err(e) if gone(&e) => continue, // the subtree is gone
                 Err(e) => return Err(e).ctx(|| format!("opening {}", show(parent))),
             };
-            if let Some(dir) = self.visit(prefix.clone(), &parent_fd, name.to_vec())? {
-                pending.push((prefix, dir));
+            let name = name.to_vec();
+            if self.visit(prefix.clone(), &parent_fd, name.clone())? {
+                pending.push(Pending { path: prefix, parent: parent_fd, name: Some(name) });
             }
         }
-        while let Some((path, dir)) = pending.pop() {
-            let entries = match sys::read_dir(dir.as_fd()) {
-                Ok(e) => e,
-                Err(e) => return Err(e).ctx(|| format!("listing {}", show(&path))),
-            };
-            for e in entries {
-                if e.name.starts_with(TEMP_PREFIX) {
-                    continue;
-                }
-                let child = join(&path, &e.name);
-                if self.opts.excludes.is_excluded(&child, &e.name) {
-                    continue;
-                }
-                if let Some(sub) = self.visit(child.clone(), &dir, e.name)? {
-                    pending.push((child, sub));
+        Ok(pending)
+    }
+
+    /// Lists directories from the shared queue until it is empty.
+    fn walk(&mut self, queue: &DirQueue) -> Result<()> {
+        while let Some(item) = queue.pop() {
+            let result = self.list(item);
+            match result {
+                Ok(found) => queue.done(found),
+                Err(e) => {
+                    queue.fail();
+                    return Err(e);
                 }
             }
         }
         Ok(())
     }
 
-    /// Compares one path; returns its fd when it is a directory to descend into.
-    fn visit(&mut self, path: Vec<u8>, dir: &Arc<OwnedFd>, name: Vec<u8>) -> Result<Option<Arc<OwnedFd>>> {
+    /// Lists one directory and visits its entries; returns its
+    /// subdirectories.
+    fn list(&mut self, item: Pending) -> Result<Vec<Pending>> {
+        let Pending { path, parent, name } = item;
+        let dir = match name {
+            None => parent,
+            Some(name) => match sys::openat(parent.as_fd(), &name, sys::DIR_FLAGS, 0) {
+                Ok(fd) => Arc::new(fd),
+                Err(e) if gone(&e) => return Ok(Vec::new()), // what was below it is gone
+                Err(e) => return Err(e).ctx(|| format!("opening {}", show(&path))),
+            },
+        };
+        let entries = sys::read_dir(dir.as_fd()).ctx(|| format!("listing {}", show(&path)))?;
+        let mut found = Vec::new();
+        for e in entries {
+            if e.name.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let child = join(&path, &e.name);
+            if self.opts.excludes.is_excluded(&child, &e.name) {
+                continue;
+            }
+            if self.visit(child.clone(), &dir, e.name.clone())? {
+                found.push(Pending { path: child, parent: dir.clone(), name: Some(e.name) });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Compares one path; returns whether it is a directory to descend into.
+    fn visit(&mut self, path: Vec<u8>, dir: &Arc<OwnedFd>, name: Vec<u8>) -> Result<bool> {
         self.stats.scanned += 1;
         let st = match sys::lstatat(dir.as_fd(), &name) {
             Ok(st) => st,
-            Err(e) if gone(&e) => return Ok(None), // vanished: its row ends
+            Err(e) if gone(&e) => return Ok(false), // vanished: its row ends
             Err(e) => return Err(e).ctx(|| format!("reading {}", show(&path))),
         };
         let live = Live::from_stat(&st, self.opts.racy_after_ns);
@@ -328,23 +440,13 @@ impl<'a> Walker<'a> {
                         tx.send(job).map_err(|_| Error::Internal("capture workers stopped".into()))?;
                     }
                 }
-                Ok(None)
+                Ok(false)
             }
             Kind::Dir => {
-                let fd = match sys::openat(dir.as_fd(), &name, sys::DIR_FLAGS, 0) {
-                    Ok(fd) => fd,
-                    Err(e) if gone(&e) => {
-                        if let Some(p) = prior {
-                            self.outcomes.push(Outcome::Gone(path, p));
-                        }
-                        return Ok(None);
-                    }
-                    Err(e) => return Err(e).ctx(|| format!("opening {}", show(&path))),
-                };
                 if !unchanged {
                     self.record(path, live.to_meta(None, None), live.key, prior);
                 }
-                Ok(Some(Arc::new(fd)))
+                Ok(true)
             }
             Kind::Symlink => {
                 if !unchanged {
@@ -354,20 +456,20 @@ impl<'a> Walker<'a> {
                             if let Some(p) = prior {
                                 self.outcomes.push(Outcome::Gone(path, p));
                             }
-                            return Ok(None);
+                            return Ok(false);
                         }
                         Err(e) => return Err(e).ctx(|| format!("reading the link {}", show(&path))),
                     };
                     self.stats.read += 1;
                     self.record(path, live.to_meta(Some(target), None), live.key, prior);
                 }
-                Ok(None)
+                Ok(false)
             }
             Kind::Special => {
                 if !unchanged {
                     self.record(path, live.to_meta(None, None), live.key, prior);
                 }
-                Ok(None)
+                Ok(false)
             }
         }
     }
