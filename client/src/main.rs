@@ -455,12 +455,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             b.clone_method.as_str().into(),
                             b.checkpoints.to_string(),
                             human_bytes(b.store_bytes),
+                            b.watched_dirs.to_string(),
+                            b.dirty_paths.to_string(),
                             b.last_checkpoint.clone().unwrap_or_else(|| "-".into()),
                             b.path.display(),
                         ]
                     })
                     .collect();
-                print_table(&["SANDBOX", "STATE", "CLONE", "CHECKPOINTS", "STORED", "LAST", "PATH"], &rows);
+                print_table(
+                    &["SANDBOX", "STATE", "CLONE", "CHECKPOINTS", "STORED", "WATCHED DIRS", "DIRTY", "LAST", "PATH"],
+                    &rows,
+                );
+                for b in &s.sandboxes {
+                    println!("{}: {}", b.name, b.watch);
+                }
                 for b in &s.sandboxes {
                     if let (Some(budget), Some(exclusive)) = (b.budget_bytes, b.exclusive_bytes) {
                         println!(

@@ -131,6 +131,16 @@ pub enum Request {
     Prune(PruneRequest),
     Export(ExportRequest),
     Verify(VerifyRequest),
+    /// Test hook, served only by a daemon started with
+    /// `SNAPBACK_TEST_HOOKS=1`: makes the sandbox's next checkpoint compare
+    /// everything, as a kernel event-queue overflow does.
+    InjectRescan(InjectRescan),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InjectRescan {
+    pub sandbox: String,
 }
 
 /// Checks every store against the catalogue.
@@ -540,6 +550,14 @@ pub struct CheckpointInfo {
     /// what pruning it would free. Given by `show`, absent from `list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exclusive_bytes: Option<u64>,
+    /// In the answer to `checkpoint`: how many paths its scan compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scanned: Option<u64>,
+    /// In the answer to `checkpoint`: whether it compared the whole tree
+    /// (first checkpoint, after a restart or an event overflow, or without
+    /// a watch) rather than only the paths the watcher marked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_scan: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -629,6 +647,13 @@ pub struct SandboxStatus {
     pub exclusive_bytes: Option<u64>,
     /// Checkpoints pruned so far to keep within the budget.
     pub budget_pruned: u64,
+    /// `watching`, `starting`, `needs full scan: WHY`, `degraded: WHY`, or
+    /// `not watching`.
+    pub watch: String,
+    /// Directories under watch (those of the last checkpoint, and the root).
+    pub watched_dirs: u64,
+    /// Paths marked dirty since the last checkpoint.
+    pub dirty_paths: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -21,7 +21,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::catalogue::NewRow;
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Kind, Live, Manifest, Meta, Row, StatKey, is_within, join};
+use crate::manifest::{Kind, Live, Manifest, Meta, Row, StatKey, is_within, join, subtree};
 use crate::store::{Store, hash_fd};
 use crate::sys;
 
@@ -140,7 +140,7 @@ pub struct Captured {
     /// Current versions that end here (replaced or deleted), with their paths.
     pub ended: Vec<(Vec<u8>, Row)>,
     /// Current versions whose content holds but whose live stat moved.
-    pub rekeyed: Vec<(i64, StatKey)>,
+    pub rekeyed: Vec<(Vec<u8>, i64, StatKey)>,
     pub stats: Stats,
 }
 
@@ -164,12 +164,9 @@ impl Captured {
             current.insert(a.path.clone(), Row { id, meta: a.meta.clone(), key: a.key });
         }
         if ids.is_some() {
-            let by_id: std::collections::HashMap<i64, StatKey> = self.rekeyed.iter().copied().collect();
-            if !by_id.is_empty() {
-                for row in current.values_mut() {
-                    if let Some(key) = by_id.get(&row.id) {
-                        row.key = *key;
-                    }
+            for (path, id, key) in &self.rekeyed {
+                if let Some(row) = current.get_mut(path).filter(|r| r.id == *id) {
+                    row.key = *key;
                 }
             }
         }
@@ -178,7 +175,7 @@ impl Captured {
 
 enum Outcome {
     Version(NewRow, Option<Row>),
-    Rekey(i64, StatKey),
+    Rekey(Vec<u8>, i64, StatKey),
     Gone(Vec<u8>, Row),
 }
 
@@ -266,15 +263,16 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
                 }
                 out.added.push(new);
             }
-            Outcome::Rekey(id, key) => out.rekeyed.push((id, key)),
+            Outcome::Rekey(path, id, key) => out.rekeyed.push((path, id, key)),
             Outcome::Gone(path, row) => out.ended.push((path, row)),
         }
     }
     // Whatever was current in the scope and not seen is gone.
-    let prefixes = scope.prefixes();
-    for (path, row) in current {
-        if !seen.iter().any(|s| s.contains(path.as_slice())) && prefixes.iter().any(|p| is_within(path, p)) {
-            out.ended.push((path.clone(), row.clone()));
+    for prefix in scope.prefixes() {
+        for (path, row) in subtree(current, &prefix) {
+            if !seen.iter().any(|s| s.contains(path.as_slice())) {
+                out.ended.push((path.clone(), row.clone()));
+            }
         }
     }
     Ok(out)
@@ -481,7 +479,7 @@ impl<'a> Walker<'a> {
 
 fn outcome(path: Vec<u8>, meta: Meta, key: StatKey, prior: Option<Row>) -> Outcome {
     match prior {
-        Some(p) if p.meta == meta => Outcome::Rekey(p.id, key),
+        Some(p) if p.meta == meta => Outcome::Rekey(path, p.id, key),
         prior => Outcome::Version(NewRow { path, meta, key }, prior),
     }
 }
@@ -531,7 +529,7 @@ fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<O
     if Kind::of_mode(st.st_mode) != Kind::File {
         // Swapped for something else since the lstat: keep the old version
         // and have the next scan look again.
-        return Ok(prior.map(|p| Outcome::Rekey(p.id, StatKey { racy: true, ..p.key })));
+        return Ok(prior.map(|p| Outcome::Rekey(path, p.id, StatKey { racy: true, ..p.key })));
     }
     stats.read += 1;
     let (hash, st, unstable) = match opts.store {

@@ -293,7 +293,7 @@ pub struct CheckpointWrite<'a> {
     pub ended: &'a [i64],
     pub added: &'a [NewRow],
     /// Current rows whose content is unchanged but whose live stat moved.
-    pub rekeyed: &'a [(i64, StatKey)],
+    pub rekeyed: &'a [(Vec<u8>, i64, StatKey)],
 }
 
 /// Writes a checkpoint in the caller's transaction and returns the ids of
@@ -363,7 +363,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             .map(|id| ids.push(id))?;
         }
         let mut rekey = tx.prepare_cached("UPDATE entries SET ctime_ns = ?2, ino = ?3, racy = ?4 WHERE id = ?1")?;
-        for (id, key) in w.rekeyed {
+        for (_, id, key) in w.rekeyed {
             rekey.execute(params![id, key.ctime_ns, key.ino as i64, key.racy])?;
         }
     }
@@ -406,6 +406,8 @@ fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
             bytes: r.get::<_, i64>(16)? as u64,
             changed: r.get::<_, i64>(17)? as u64,
             exclusive_bytes: None,
+            scanned: None,
+            full_scan: None,
         },
     })
 }

@@ -8,7 +8,10 @@
 //! keep_daily = 7         # then the newest of each day, for this many days
 //! budget_bytes = 0       # exclusive store bytes per sandbox; 0: no budget
 //!
-//! [sandbox.my-project.retention]   # one sandbox, by name
+//! [sandbox.my-project]             # one sandbox, by name
+//! auto_checkpoint_ms = 2000        # an `auto` checkpoint after 2 s of quiet
+//!
+//! [sandbox.my-project.retention]
 //! keep_last = 20
 //! budget_bytes = 2_000_000_000
 //! ```
@@ -35,6 +38,9 @@ pub struct FileConfig {
 pub struct SandboxSettings {
     #[serde(default)]
     pub retention: Settings,
+    /// Take an `auto` checkpoint once the tree has been quiet this long
+    /// after changes. Off when absent.
+    pub auto_checkpoint_ms: Option<u64>,
 }
 
 /// Retention policies as configured: a default and per-sandbox overrides.
@@ -60,6 +66,14 @@ impl FileConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Io { context: format!("reading the configuration {}", path.display()), source: e })?;
         toml::from_str(&text).map_err(|e| Error::InvalidRequest(format!("configuration {}: {e}", path.display())))
+    }
+
+    /// Returns the quiet period of each sandbox with auto checkpoints.
+    pub fn auto_checkpoints(&self) -> BTreeMap<String, std::time::Duration> {
+        self.sandbox
+            .iter()
+            .filter_map(|(name, s)| s.auto_checkpoint_ms.map(|ms| (name.clone(), std::time::Duration::from_millis(ms))))
+            .collect()
     }
 
     pub fn retention(&self) -> Retention {
@@ -90,6 +104,7 @@ mod tests {
         let p = r.policy("my-project");
         assert_eq!((p.keep_last, p.keep_hourly, p.budget_bytes), (20, 24, Some(2_000_000_000)));
         assert_eq!(r.policy("other"), Policy::default());
+        assert_eq!(cfg.auto_checkpoints()["my-project"], std::time::Duration::from_secs(2));
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};
 use crate::store::Store;
 use crate::sys;
+use crate::watcher::{Drain, SandboxWatch};
 
 /// A file changed less than this long before a scan began is re-read by
 /// the next scan even if its stat looks the same (timestamps are coarse).
@@ -61,6 +62,12 @@ pub struct Engine {
     /// a record: a miss reads the catalogue.
     manifests: Mutex<HashMap<i64, (u64, Manifest)>>,
     retention: Retention,
+    /// Quiet periods after which a sandbox takes an `auto` checkpoint.
+    auto: std::collections::BTreeMap<String, std::time::Duration>,
+    /// Watches by sandbox: hints of what changed, never guards.
+    watches: Mutex<HashMap<i64, Arc<SandboxWatch>>>,
+    /// Paths each sandbox's next checkpoint must compare again (racy).
+    racy: Mutex<HashMap<i64, Vec<Vec<u8>>>>,
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -95,7 +102,12 @@ impl Engine {
     /// Opens the state directory (creating it, mode 0700), brings the
     /// catalogue up to date and collects objects left by checkpoints that
     /// never committed.
-    pub fn open(state_dir: &Path, socket: &Path, retention: Retention) -> Result<Engine> {
+    pub fn open(
+        state_dir: &Path,
+        socket: &Path,
+        retention: Retention,
+        auto: std::collections::BTreeMap<String, std::time::Duration>,
+    ) -> Result<Engine> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -114,6 +126,9 @@ impl Engine {
             locks: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             retention,
+            auto,
+            watches: Mutex::new(HashMap::new()),
+            racy: Mutex::new(HashMap::new()),
         };
         engine.store(&bytes_of(&engine.default_store))?;
         for store in catalogue::stores(&conn)? {
@@ -126,6 +141,97 @@ impl Engine {
             }
         }
         Ok(engine)
+    }
+
+    /// Starts watching every active sandbox (in the background: this
+    /// returns at once).
+    pub fn start_watches(&self) -> Result<()> {
+        let conn = self.db()?;
+        for sandbox in catalogue::sandboxes(&conn)? {
+            if sandbox.state == "active" {
+                self.watch_sandbox(&sandbox);
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns whether any sandbox has auto checkpoints configured.
+    pub fn has_auto_checkpoints(&self) -> bool {
+        !self.auto.is_empty()
+    }
+
+    /// Takes an `auto` checkpoint of each sandbox configured for them whose
+    /// tree changed and has then been quiet for its period. A sandbox busy
+    /// with another operation is left for the next tick.
+    pub fn auto_checkpoints(&self) {
+        let Ok(mut conn) = self.db() else { return };
+        for (name, quiet) in &self.auto {
+            let Ok(sandbox) = catalogue::sandbox_by_ref(&conn, name) else { continue };
+            let Some(watch) = self.watch_of(sandbox.id) else { continue };
+            if sandbox.state != "active" || !watch.quiet_with_changes(*quiet) {
+                continue;
+            }
+            let guard = self.sandbox_lock(sandbox.id);
+            let Ok(_held) = guard.try_lock() else { continue };
+            let new = NewCheckpoint {
+                kind: CheckpointKind::Auto,
+                reason: Some(format!("quiet for {} ms after changes", quiet.as_millis())),
+                ..NewCheckpoint::default()
+            };
+            if let Err(e) = self.take(&mut conn, sandbox.id, new) {
+                tracing::warn!(sandbox = %name, "auto checkpoint: {e}");
+            }
+        }
+    }
+
+    /// Stops every watch.
+    pub fn stop_watches(&self) {
+        for (_, w) in lock(&self.watches).drain() {
+            w.stop();
+        }
+    }
+
+    fn watch_sandbox(&self, sandbox: &Sandbox) {
+        let excludes = match Excludes::new(&sandbox.excludes) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(sandbox = %sandbox.name, "not watching: {e}");
+                return;
+            }
+        };
+        let cookies = self.state_dir.join("cookies").join(sandbox.id.to_string());
+        match SandboxWatch::start(path_of(&sandbox.root), &cookies, excludes) {
+            Ok(w) => {
+                if let Some(old) = lock(&self.watches).insert(sandbox.id, w) {
+                    old.stop();
+                }
+            }
+            Err(e) => tracing::warn!(sandbox = %sandbox.name, "not watching: {e}"),
+        }
+    }
+
+    fn unwatch_sandbox(&self, id: i64) {
+        if let Some(w) = lock(&self.watches).remove(&id) {
+            w.stop();
+        }
+    }
+
+    fn watch_of(&self, id: i64) -> Option<Arc<SandboxWatch>> {
+        lock(&self.watches).get(&id).cloned()
+    }
+
+    /// Makes a sandbox's next checkpoint compare everything, as a kernel
+    /// queue overflow would: the `inject_rescan` test hook, served only when
+    /// the daemon runs with `SNAPBACK_TEST_HOOKS=1`.
+    fn inject(&self, peer: Peer, reference: &str) -> Result<SandboxInfo> {
+        if std::env::var_os("SNAPBACK_TEST_HOOKS").is_none_or(|v| v != "1") {
+            return Err(Error::InvalidRequest("test hooks are off (SNAPBACK_TEST_HOOKS=1 turns them on)".into()));
+        }
+        let conn = self.db()?;
+        let sandbox = self.active_sandbox(&conn, peer, reference)?;
+        let watch = self.watch_of(sandbox.id).ok_or_else(|| Error::NotFound("the sandbox is not watched".into()))?;
+        watch.force_full("a rescan was injected".into());
+        self.sandbox_info(&conn, &sandbox)
     }
 
     fn db(&self) -> Result<Connection> {
@@ -175,6 +281,7 @@ impl Engine {
             Request::Prune(r) => self.prune(peer, r).map(Response::Pruned),
             Request::Export(r) => self.export(peer, r).map(Response::Exported),
             Request::Verify(_) => self.verify(peer).map(Response::Verified),
+            Request::InjectRescan(r) => self.inject(peer, &r.sandbox).map(Response::Sandbox),
         };
         result.unwrap_or_else(|e| {
             tracing::debug!(code = e.code().as_str(), "request refused: {e}");
@@ -279,6 +386,7 @@ impl Engine {
                 if other.state == "removed" && peer.may_use(&other) {
                     catalogue::set_sandbox_state(&conn, other.id, "active")?;
                     let again = catalogue::sandbox_by_id(&conn, other.id)?;
+                    self.watch_sandbox(&again);
                     return self.sandbox_info(&conn, &again);
                 }
                 return Err(Error::AlreadyExists(format!(
@@ -348,6 +456,7 @@ impl Engine {
             created_ms: now_ns() / 1_000_000,
         };
         sandbox.id = catalogue::insert_sandbox(&conn, &sandbox)?;
+        self.watch_sandbox(&sandbox);
         tracing::info!(name = %sandbox.name, root = %root.display(), method = clone_method.as_str(), "sandbox registered");
         self.sandbox_info(&conn, &sandbox)
     }
@@ -371,6 +480,7 @@ impl Engine {
         let mut info = self.sandbox_info(&conn, &sandbox)?;
         if !req.purge {
             catalogue::set_sandbox_state(&conn, sandbox.id, "removed")?;
+            self.unwatch_sandbox(sandbox.id);
             info.state = "removed".into();
             return Ok(info);
         }
@@ -379,6 +489,7 @@ impl Engine {
         let store = self.store(&sandbox.store)?;
         let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         catalogue::delete_sandbox(&conn, sandbox.id)?;
+        self.unwatch_sandbox(sandbox.id);
         lock(&self.manifests).remove(&sandbox.id);
         let (n, bytes) = self.collect_garbage(&conn, &sandbox.store)?;
         tracing::info!(name = %sandbox.name, objects = n, bytes, "sandbox purged");
@@ -415,7 +526,7 @@ impl Engine {
         let guard = self.sandbox_lock(sb.id);
         let _held = lock(&guard);
         let new = NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned: pin };
-        self.take(&mut conn, sb.id, new, &Scope::Everything)
+        self.take(&mut conn, sb.id, new)
     }
 
     /// Opens a sandbox's root directory, refusing a symlink in its place.
@@ -479,16 +590,21 @@ impl Engine {
     }
 
     /// Takes a checkpoint; the caller holds the sandbox's lock.
-    fn take(
-        &self,
-        conn: &mut Connection,
-        sandbox_id: i64,
-        new: NewCheckpoint,
-        scope: &Scope,
-    ) -> Result<CheckpointInfo> {
+    fn take(&self, conn: &mut Connection, sandbox_id: i64, new: NewCheckpoint) -> Result<CheckpointInfo> {
         let started = Instant::now();
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
+        let watch = self.watch_of(sb.id);
+        let racy = lock(&self.racy).remove(&sb.id).unwrap_or_default();
+        let scope = match watch.as_ref().map(|w| w.drain(racy)) {
+            Some(Drain::Paths(paths)) => Scope::Paths(paths),
+            Some(Drain::Everything(why)) => {
+                tracing::debug!(sandbox = %sb.name, "full scan: {why}");
+                Scope::Everything
+            }
+            None => Scope::Everything,
+        };
+        let scope = &scope;
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.
         let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
@@ -498,6 +614,9 @@ impl Engine {
             Ok(c) => c,
             Err(e) => {
                 self.put_manifest(sb.id, sb.head_seq, current);
+                if let Some(w) = &watch {
+                    w.force_full("the previous checkpoint failed".into());
+                }
                 return Err(e);
             }
         };
@@ -544,6 +663,8 @@ impl Engine {
             bytes: counts[3].max(0) as u64,
             changed: captured.changed_paths(),
             exclusive_bytes: None,
+            scanned: Some(captured.stats.scanned),
+            full_scan: Some(matches!(scope, Scope::Everything)),
         };
         let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
         let written = (|| {
@@ -572,9 +693,24 @@ impl Engine {
             Ok(ids) => {
                 captured.apply_to(&mut current, Some(&ids));
                 self.put_manifest(sb.id, info.seq, current);
+                // Paths that changed too close to this scan are compared
+                // again by the next checkpoint, dirty or not.
+                let racy: Vec<Vec<u8>> = captured
+                    .added
+                    .iter()
+                    .filter(|a| a.key.racy)
+                    .map(|a| a.path.clone())
+                    .chain(captured.rekeyed.iter().filter(|(_, _, k)| k.racy).map(|(p, _, _)| p.clone()))
+                    .collect();
+                if !racy.is_empty() {
+                    lock(&self.racy).insert(sb.id, racy);
+                }
             }
             Err(e) => {
                 self.put_manifest(sb.id, sb.head_seq, current);
+                if let Some(w) = &watch {
+                    w.force_full("the previous checkpoint failed".into());
+                }
                 return Err(e);
             }
         }
@@ -711,7 +847,7 @@ impl Engine {
     /// Takes a safety checkpoint; the caller holds the sandbox's lock.
     fn take_safety(&self, conn: &mut Connection, sandbox_id: i64, reason: String) -> Result<CheckpointInfo> {
         let new = NewCheckpoint { kind: CheckpointKind::Safety, reason: Some(reason), ..NewCheckpoint::default() };
-        self.take(conn, sandbox_id, new, &Scope::Everything)
+        self.take(conn, sandbox_id, new)
     }
 
     /// Applies a restore plan (unless `safety` is `None`: a dry run),
@@ -1097,7 +1233,20 @@ impl Engine {
                 Some(_) => Some(catalogue::sandbox_exclusive_bytes(&conn, s.id, &s.store)?),
                 None => None,
             };
+            let report = self.watch_of(s.id).map(|w| w.report());
+            let (watch, dirty_paths) = match &report {
+                Some(r) => (r.state.clone(), r.dirty),
+                None => ("not watching".to_string(), 0),
+            };
+            let watched_dirs = match (report.is_some_and(|r| r.watching), s.head_seq) {
+                (false, _) => 0,
+                (true, 0) => 1,
+                (true, head) => catalogue::checkpoint_at(&conn, s.id, head)?.map_or(1, |c| c.info.dirs + 1),
+            };
             sandboxes.push(SandboxStatus {
+                watch,
+                watched_dirs,
+                dirty_paths,
                 budget_bytes,
                 exclusive_bytes,
                 budget_pruned: catalogue::budget_pruned(&conn, s.id)?,

@@ -17,6 +17,7 @@ pub mod retention;
 pub mod server;
 pub mod store;
 pub mod sys;
+pub mod watcher;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Retention policies: the default, and per-sandbox overrides.
     pub retention: config::Retention,
+    /// Sandboxes (by name) that take `auto` checkpoints after this quiet
+    /// period.
+    pub auto_checkpoints: std::collections::BTreeMap<String, std::time::Duration>,
 }
 
 /// Runs the daemon until `shutdown` resolves: migrations first, then the
@@ -39,7 +43,12 @@ pub struct Config {
 /// socket file is removed on the way out.
 pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
     raise_fd_limit();
-    let engine = Arc::new(engine::Engine::open(&config.state_dir, &config.socket, config.retention.clone())?);
+    let engine = Arc::new(engine::Engine::open(
+        &config.state_dir,
+        &config.socket,
+        config.retention.clone(),
+        config.auto_checkpoints.clone(),
+    )?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -47,14 +56,32 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
         .build()
         .map_err(|e| Error::Io { context: "starting the runtime".into(), source: e })?;
     let std_listener = server::bind(&config.socket)?;
+    // Watches are set up in the background: the socket serves at once, and
+    // checkpoints scan everything until a sandbox's watch is in place.
+    engine.start_watches()?;
+    let stop_auto = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let auto = engine.has_auto_checkpoints().then(|| {
+        let (engine, stop) = (engine.clone(), stop_auto.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                engine.auto_checkpoints();
+            }
+        })
+    });
     let result = runtime.block_on(async {
         let listener = tokio::net::UnixListener::from_std(std_listener)
             .map_err(|e| Error::Io { context: "registering the socket".into(), source: e })?;
         tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "snapbackd ready");
-        server::serve(listener, engine, shutdown).await;
+        server::serve(listener, engine.clone(), shutdown).await;
         Ok(())
     });
     let _ = std::fs::remove_file(&config.socket);
+    stop_auto.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = auto {
+        let _ = t.join();
+    }
+    engine.stop_watches();
     // Dropping the runtime waits for requests already running on the
     // blocking pool: a checkpoint or rollback in progress completes.
     drop(runtime);

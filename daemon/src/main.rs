@@ -65,7 +65,12 @@ fn main() -> ExitCode {
         },
         None => snapback_daemon::config::FileConfig::default(),
     };
-    let config = snapback_daemon::Config { socket, state_dir, retention: file.retention() };
+    let config = snapback_daemon::Config {
+        socket,
+        state_dir,
+        retention: file.retention(),
+        auto_checkpoints: file.auto_checkpoints(),
+    };
     match snapback_daemon::run(config, shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,7 +1,7 @@
 //! What a checkpoint records about one path, and how a live `lstat`
 //! compares with it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// The type of a path.
@@ -83,9 +83,24 @@ pub struct Row {
     pub key: StatKey,
 }
 
-/// A sandbox state: relative path to its version. The hasher is seeded per
-/// map: path names come from untrusted agents.
-pub type Manifest = HashMap<Vec<u8>, Row, foldhash::quality::RandomState>;
+/// A sandbox state: relative path to its version, sorted, so that a subtree
+/// is one range.
+pub type Manifest = BTreeMap<Vec<u8>, Row>;
+
+/// Returns the versions of `prefix` and everything below it.
+pub fn subtree<'a>(m: &'a Manifest, prefix: &[u8]) -> impl Iterator<Item = (&'a Vec<u8>, &'a Row)> + 'a {
+    use std::ops::Bound;
+    let (exact, range) = if prefix.is_empty() {
+        (None, (Bound::Unbounded, Bound::Unbounded))
+    } else {
+        let mut lo = prefix.to_vec();
+        lo.push(b'/');
+        let mut hi = prefix.to_vec();
+        hi.push(b'/' + 1);
+        (m.get_key_value(prefix), (Bound::Included(lo), Bound::Excluded(hi)))
+    };
+    exact.into_iter().chain(m.range::<Vec<u8>, _>(range))
+}
 
 /// The blake3 hash of a file's content, which names its store object.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -229,6 +244,24 @@ mod tests {
         assert_eq!(id.to_string(), blake3::hash(b"x").to_hex().as_str());
         assert_eq!(ObjectId::from_hex(b"zz"), None);
         assert_eq!(ObjectId::from_hex(&[b'G'; 64]), None);
+    }
+
+    #[test]
+    fn subtree_is_the_prefix_and_what_lies_below_it() {
+        let row = |id| Row {
+            id,
+            meta: Meta { kind: Kind::File, mode: 0, uid: 0, gid: 0, size: 0, mtime_ns: 0, target: None, object: None },
+            key: StatKey { ctime_ns: 0, ino: 0, racy: false },
+        };
+        let m: Manifest = [&b"a"[..], b"a.b", b"a/b", b"a/b/c", b"ab", b"b"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.to_vec(), row(i as i64)))
+            .collect();
+        let under_a: Vec<&[u8]> = subtree(&m, b"a").map(|(p, _)| p.as_slice()).collect();
+        assert_eq!(under_a, [&b"a"[..], b"a/b", b"a/b/c"]);
+        assert_eq!(subtree(&m, b"").count(), 6);
+        assert_eq!(subtree(&m, b"zz").count(), 0);
     }
 
     #[test]

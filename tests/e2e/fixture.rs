@@ -22,6 +22,7 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     config: Option<PathBuf>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -31,8 +32,17 @@ impl TestDaemon {
         Self::start_with_config(None)
     }
 
+    /// Starts a daemon with these extra environment variables.
+    pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_full(None, env)
+    }
+
     /// Starts a daemon with this configuration file content, if any.
     pub fn start_with_config(config: Option<&str>) -> TestDaemon {
+        Self::start_full(config, &[])
+    }
+
+    fn start_full(config: Option<&str>, env: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("snapback-e2e-").tempdir().expect("tempdir");
         let socket = dir.path().join("run/snapbackd.sock");
         let state_dir = dir.path().join("state");
@@ -41,7 +51,8 @@ impl TestDaemon {
             std::fs::write(&path, text).expect("write config");
             path
         });
-        let mut d = TestDaemon { dir, socket, state_dir, config, child: None };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut d = TestDaemon { dir, socket, state_dir, config, env, child: None };
         d.restart();
         d
     }
@@ -53,11 +64,12 @@ impl TestDaemon {
 
     /// Spawns the daemon without waiting for it.
     pub fn spawn(socket: &Path, state_dir: &Path) -> Child {
-        Self::spawn_with(socket, state_dir, None)
+        Self::spawn_with(socket, state_dir, None, &[])
     }
 
-    fn spawn_with(socket: &Path, state_dir: &Path, config: Option<&Path>) -> Child {
+    fn spawn_with(socket: &Path, state_dir: &Path, config: Option<&Path>, env: &[(String, String)]) -> Child {
         let mut cmd = Command::new(binary("snapbackd"));
+        cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
         }
@@ -79,7 +91,7 @@ impl TestDaemon {
     /// it answers.
     pub fn restart(&mut self) {
         self.stop();
-        let mut child = Self::spawn_with(&self.socket, &self.state_dir, self.config.as_deref());
+        let mut child = Self::spawn_with(&self.socket, &self.state_dir, self.config.as_deref(), &self.env);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Client::connect(&self.socket).is_err() {
             if let Some(status) = child.try_wait().expect("try_wait") {
@@ -98,6 +110,11 @@ impl TestDaemon {
         // SAFETY: signalling a child we own and have not reaped.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         Some(child.wait().expect("wait for snapbackd"))
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
     }
 
     pub fn client(&self) -> Client {

@@ -14,3 +14,4 @@ mod core;
 mod plans;
 mod protocol;
 mod reflink;
+mod watch;

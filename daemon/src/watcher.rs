@@ -1,0 +1,315 @@
+//! The watcher: inotify, through the `notify` crate, marks paths dirty so
+//! that a checkpoint compares only what changed.
+//!
+//! The dirty set is a hint, never the truth. Each dirty path is still
+//! `lstat`-ed and compared with its recorded version; and anything that
+//! could have lost an event — a full channel, a kernel queue overflow
+//! (`need_rescan`), a watch-limit error, a watcher failure, a daemon
+//! restart, a watch not yet set up — turns the next checkpoint into a full
+//! comparison, as a value ([`Drain::Everything`]) and not a log line.
+//!
+//! Barrier: before reading the dirty set, a checkpoint creates a cookie file
+//! in a private directory watched by the same inotify instance and waits for
+//! its event. Events of one instance arrive in order, so every change made
+//! before the request has been seen. There are no sleeps.
+//!
+//! The `notify` callback never blocks: it `try_send`s into a bounded
+//! channel; a full channel marks the sandbox for a full scan.
+
+use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode};
+use notify::{Config, Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+
+use crate::capture::{Excludes, TEMP_PREFIX};
+
+/// Events buffered between the callback and the consumer thread.
+const CHANNEL: usize = 16 * 1024;
+/// Beyond this many dirty paths, a full scan is cheaper to keep track of.
+const MAX_DIRTY: usize = 200_000;
+/// How long a checkpoint waits for its cookie before scanning everything.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the next checkpoint must compare.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Drain {
+    /// The whole tree, and why.
+    Everything(String),
+    /// Only these paths (and below the directories among them).
+    Paths(Vec<Vec<u8>>),
+}
+
+/// A sandbox's watch state, as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// `watching`, `starting`, `needs full scan: WHY` or `degraded: WHY`.
+    pub state: String,
+    pub dirty: u64,
+    /// The recursive watch is in place and working.
+    pub watching: bool,
+}
+
+#[derive(Default)]
+struct State {
+    dirty: HashSet<Vec<u8>>,
+    /// Why the next checkpoint must compare everything.
+    full: Option<String>,
+    /// A lasting problem (watch limit): every checkpoint scans everything.
+    degraded: Option<String>,
+    /// The recursive watch is in place.
+    ready: bool,
+    cookies_seen: u64,
+    /// When the last sandbox event arrived, for auto checkpoints.
+    last_event: Option<Instant>,
+}
+
+/// The watch of one sandbox.
+pub struct SandboxWatch {
+    root: PathBuf,
+    cookies: PathBuf,
+    excludes: Excludes,
+    state: Mutex<State>,
+    wake: Condvar,
+    overflow: Arc<AtomicBool>,
+    next_cookie: AtomicU64,
+    watcher: Mutex<Option<RecommendedWatcher>>,
+    stopped: AtomicBool,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SandboxWatch {
+    /// Starts watching `root` (recursively, symlinks not followed) and a
+    /// private cookie directory; returns at once, the recursive watch is set
+    /// up on a background thread. Until it is in place, checkpoints scan
+    /// everything.
+    pub fn start(root: &Path, cookies: &Path, excludes: Excludes) -> std::io::Result<Arc<SandboxWatch>> {
+        let _ = std::fs::remove_dir_all(cookies);
+        std::fs::create_dir_all(cookies)?;
+        let watch = Arc::new(SandboxWatch {
+            root: root.to_owned(),
+            cookies: cookies.to_owned(),
+            excludes,
+            state: Mutex::new(State { full: Some("the watch is being set up".into()), ..State::default() }),
+            wake: Condvar::new(),
+            overflow: Arc::new(AtomicBool::new(false)),
+            next_cookie: AtomicU64::new(1),
+            watcher: Mutex::new(None),
+            stopped: AtomicBool::new(false),
+        });
+        let (tx, rx) = sync_channel::<notify::Result<Event>>(CHANNEL);
+        let consumer = watch.clone();
+        std::thread::Builder::new().name("snapback-events".into()).spawn(move || consumer.consume(rx))?;
+        let setup = watch.clone();
+        std::thread::Builder::new().name("snapback-watch".into()).spawn(move || setup.set_up(tx))?;
+        Ok(watch)
+    }
+
+    fn set_up(self: Arc<Self>, tx: SyncSender<notify::Result<Event>>) {
+        let overflow = self.overflow.clone();
+        let handler = move |event: notify::Result<Event>| match tx.try_send(event) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => overflow.store(true, Ordering::Relaxed),
+        };
+        let config = Config::default().with_follow_symlinks(false);
+        let result = RecommendedWatcher::new(handler, config).and_then(|mut w| {
+            w.watch(&self.cookies, RecursiveMode::NonRecursive)?;
+            w.watch(&self.root, RecursiveMode::Recursive)?;
+            Ok(w)
+        });
+        let mut state = lock(&self.state);
+        match result {
+            Ok(_) if self.stopped.load(Ordering::Relaxed) => {} // dropped here
+            Ok(w) => {
+                *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+                state.ready = true;
+                // Whatever happened before the watch existed is unknown.
+                state.full.get_or_insert_with(|| "the watch was just set up".into());
+            }
+            Err(e) => {
+                let why = describe(&e);
+                tracing::warn!(root = %self.root.display(), "cannot watch: {why}");
+                state.degraded = Some(why);
+            }
+        }
+        self.wake.notify_all();
+    }
+
+    /// Reads events until the watcher is dropped.
+    fn consume(&self, rx: Receiver<notify::Result<Event>>) {
+        while let Ok(event) = rx.recv() {
+            let mut state = lock(&self.state);
+            if self.overflow.swap(false, Ordering::Relaxed) {
+                state.full = Some("events came faster than they were read".into());
+            }
+            match event {
+                Err(e) => {
+                    let why = describe(&e);
+                    if is_watch_limit(&e) {
+                        state.degraded = Some(why);
+                    } else {
+                        state.full = Some(format!("the watcher failed: {why}"));
+                    }
+                }
+                Ok(event) => self.note(&mut state, &event),
+            }
+            if state.dirty.len() > MAX_DIRTY {
+                state.dirty.clear();
+                state.full = Some(format!("more than {MAX_DIRTY} paths changed"));
+            }
+            drop(state);
+            self.wake.notify_all();
+        }
+    }
+
+    fn note(&self, state: &mut State, event: &Event) {
+        if event.need_rescan() {
+            state.full = Some("the kernel's event queue overflowed".into());
+        }
+        // Opening and reading change nothing, and the daemon's own scans
+        // would otherwise mark what they read. A close after writing stays:
+        // writes through mmap report nothing else.
+        if let EventKind::Access(kind) = event.kind
+            && kind != AccessKind::Close(AccessMode::Write)
+        {
+            return;
+        }
+        for path in &event.paths {
+            if let Ok(rest) = path.strip_prefix(&self.cookies) {
+                let n = rest.to_str().and_then(|n| n.strip_prefix("cookie-")).and_then(|n| n.parse::<u64>().ok());
+                if let (Some(n), EventKind::Create(_)) = (n, event.kind) {
+                    state.cookies_seen = state.cookies_seen.max(n);
+                }
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(&self.root) else { continue };
+            let rel = rel.as_os_str().as_bytes();
+            let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
+            if name.starts_with(TEMP_PREFIX) || (!rel.is_empty() && self.excludes.covers(rel)) {
+                continue;
+            }
+            state.dirty.insert(rel.to_vec());
+            state.last_event = Some(Instant::now());
+        }
+    }
+
+    /// Waits until every event of a change made before this call has been
+    /// read, then takes what the next checkpoint must compare. `racy` are
+    /// paths the previous checkpoint must see again.
+    pub fn drain(&self, racy: Vec<Vec<u8>>) -> Drain {
+        let barrier = self.barrier();
+        let mut state = lock(&self.state);
+        if let Some(why) = &state.degraded {
+            return Drain::Everything(format!("degraded: {why}"));
+        }
+        if let Err(why) = barrier {
+            state.full.get_or_insert(why);
+        }
+        if !state.ready {
+            return Drain::Everything("the watch is being set up".into());
+        }
+        // From here on, events land in a fresh set for the next checkpoint.
+        let dirty = std::mem::take(&mut state.dirty);
+        if let Some(why) = state.full.take() {
+            return Drain::Everything(why);
+        }
+        let mut paths: Vec<Vec<u8>> = dirty.into_iter().chain(racy).collect();
+        paths.sort();
+        paths.dedup();
+        Drain::Paths(paths)
+    }
+
+    /// Makes the next checkpoint compare everything (its scan failed, or a
+    /// test asked for it).
+    pub fn force_full(&self, why: String) {
+        lock(&self.state).full = Some(why);
+    }
+
+    /// Creates a cookie and waits for its event.
+    fn barrier(&self) -> Result<(), String> {
+        if !lock(&self.state).ready {
+            return Ok(());
+        }
+        let n = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let path = self.cookies.join(format!("cookie-{n}"));
+        std::fs::File::create(&path).map_err(|e| format!("cannot create a cookie: {e}"))?;
+        let deadline = Instant::now() + BARRIER_TIMEOUT;
+        let mut state = lock(&self.state);
+        let result = loop {
+            if state.cookies_seen >= n {
+                break Ok(());
+            }
+            if state.degraded.is_some() {
+                break Err("the watcher stopped".to_string());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err("the event barrier timed out".to_string());
+            }
+            state = self.wake.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        };
+        drop(state);
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    pub fn report(&self) -> Report {
+        let state = lock(&self.state);
+        let status = if let Some(why) = &state.degraded {
+            format!("degraded: {why}")
+        } else if !state.ready {
+            "starting".into()
+        } else if let Some(why) = &state.full {
+            format!("needs full scan: {why}")
+        } else {
+            "watching".into()
+        };
+        Report { state: status, dirty: state.dirty.len() as u64, watching: state.ready && state.degraded.is_none() }
+    }
+
+    /// Returns whether changes have been seen and the tree has been quiet for
+    /// `quiet` since the last of them.
+    pub fn quiet_with_changes(&self, quiet: Duration) -> bool {
+        let state = lock(&self.state);
+        let changed = !state.dirty.is_empty() || state.full.is_some();
+        changed && state.last_event.is_some_and(|t| t.elapsed() >= quiet)
+    }
+}
+
+impl SandboxWatch {
+    /// Stops watching: drops the inotify instance, which ends the consumer
+    /// thread, and removes the cookie directory.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        let watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(watcher);
+        let _ = std::fs::remove_dir_all(&self.cookies);
+    }
+}
+
+fn is_watch_limit(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => io.raw_os_error() == Some(libc::ENOSPC),
+        _ => false,
+    }
+}
+
+/// Describes a watcher error, with help for the inotify watch limit.
+fn describe(e: &notify::Error) -> String {
+    if is_watch_limit(e) {
+        "the inotify watch limit was reached; raise fs.inotify.max_user_watches \
+         (sysctl -w fs.inotify.max_user_watches=1048576) and restart snapbackd"
+            .into()
+    } else {
+        e.to_string()
+    }
+}
