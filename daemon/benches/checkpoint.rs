@@ -138,6 +138,13 @@ fn create(tree: &Path, tag: usize, count: usize) {
     }
 }
 
+/// Flushes dirty pages so that writeback of one phase does not land in the
+/// timing of the next.
+fn settle() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -212,6 +219,8 @@ struct Row {
     snapback: Duration,
     other_name: &'static str,
     other: Option<Duration>,
+    /// A second alternative (btrfs subvolumes), where it applies.
+    extra: Option<(&'static str, Duration)>,
 }
 
 fn git(repo: &Path, tree: &Path, args: &[&str]) {
@@ -282,6 +291,7 @@ fn measure(fs: &str, base: &Path, args: &Args, rows: &mut Vec<Row>, memory: &mut
         snapback: median(first),
         other_name: cp_name,
         other: Some(median(cp_times)),
+        extra: None,
     });
 
     let state = base.join("state");
@@ -305,6 +315,7 @@ fn measure(fs: &str, base: &Path, args: &Args, rows: &mut Vec<Row>, memory: &mut
     git(&repo, &tree, &["add", "-A"]);
     git(&repo, &tree, &["commit", "-q", "-m", "base"]);
 
+    settle();
     let unchanged: Vec<Duration> = (0..runs).map(|_| time(|| drop(checkpoint(&mut c)))).collect();
     let git_unchanged: Vec<Duration> = (0..runs).map(|_| time(|| git(&repo, &tree, &["add", "-A"]))).collect();
     rows.push(Row {
@@ -313,10 +324,12 @@ fn measure(fs: &str, base: &Path, args: &Args, rows: &mut Vec<Row>, memory: &mut
         snapback: median(unchanged),
         other_name: "git add -A",
         other: Some(median(git_unchanged)),
+        extra: None,
     });
 
     let mut changed = Vec::new();
     let mut git_changed = Vec::new();
+    settle();
     for r in 0..runs {
         modify(&tree, args.files, r * 131, 100, 7 + r as u64);
         changed.push(time(|| drop(checkpoint(&mut c))));
@@ -331,6 +344,27 @@ fn measure(fs: &str, base: &Path, args: &Args, rows: &mut Vec<Row>, memory: &mut
         snapback: median(changed),
         other_name: "git add -A && git commit",
         other: Some(median(git_changed)),
+        extra: None,
+    });
+
+    let mut big = Vec::new();
+    let mut git_big = Vec::new();
+    for r in 0..runs.min(3) {
+        modify(&tree, args.files, 20_000 + r * 7, args.files.min(10_000), 1000 + r as u64);
+        settle();
+        big.push(time(|| drop(checkpoint(&mut c))));
+        git_big.push(time(|| {
+            git(&repo, &tree, &["add", "-A"]);
+            git(&repo, &tree, &["commit", "-q", "-m", "big"]);
+        }));
+    }
+    rows.push(Row {
+        fs: fs.into(),
+        what: "checkpoint, 10,000 changed",
+        snapback: median(big),
+        other_name: "git add -A && git commit",
+        other: Some(median(git_big)),
+        extra: None,
     });
 
     let mut rb = Vec::new();
@@ -339,6 +373,7 @@ fn measure(fs: &str, base: &Path, args: &Args, rows: &mut Vec<Row>, memory: &mut
         let base_id = checkpoint(&mut c);
         modify(&tree, args.files, 50_000 + r * 17, 100, 99 + r as u64);
         create(&tree, r, 50);
+        settle();
         let mut touched = 0;
         rb.push(time(|| touched = rollback(&mut c, &base_id)));
         assert_eq!(touched, 150, "the rollback touched {touched} paths, not 150");
@@ -347,6 +382,7 @@ fn measure(fs: &str, base: &Path, args: &Args, rows: &mut Vec<Row>, memory: &mut
         git(&repo, &tree, &["commit", "-q", "--allow-empty", "-m", "clean"]);
         modify(&tree, args.files, 70_000 + r * 19, 100, 199 + r as u64);
         create(&tree, 100 + r, 50);
+        settle();
         git_rb.push(time(|| {
             git(&repo, &tree, &["checkout", "HEAD", "--", "."]);
             git(&repo, &tree, &["clean", "-fdq"]);
@@ -358,10 +394,94 @@ fn measure(fs: &str, base: &Path, args: &Args, rows: &mut Vec<Row>, memory: &mut
         snapback: median(rb),
         other_name: "git checkout -- . && git clean -fd",
         other: Some(median(git_rb)),
+        extra: None,
     });
     memory.push((fs.into(), d.peak_rss_kib()));
     drop(c);
     drop(d);
+
+    if fs == "btrfs" {
+        btrfs_subvolumes(base, &tree, args, rows);
+    }
+}
+
+/// btrfs read-only snapshots as checkpoints, and delete + snapshot as the
+/// rollback, on a subvolume holding a copy of the tree.
+fn btrfs_subvolumes(base: &Path, tree: &Path, args: &Args, rows: &mut [Row]) {
+    let vol = base.join("subvol");
+    run(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(&vol));
+    run(Command::new("cp").args(["-a", "--reflink=always"]).arg(format!("{}/.", tree.display())).arg(&vol));
+    let mut snaps = Vec::new();
+    let mut rollbacks = Vec::new();
+    for r in 0..args.runs {
+        modify(&vol, args.files, 3_000 + r * 29, 100, 500 + r as u64);
+        settle();
+        let snap = base.join(format!("snap{r}"));
+        snaps
+            .push(time(|| run(Command::new("btrfs").args(["-q", "subvolume", "snapshot", "-r"]).arg(&vol).arg(&snap))));
+        modify(&vol, args.files, 40_000 + r * 31, 100, 600 + r as u64);
+        create(&vol, 300 + r, 50);
+        settle();
+        rollbacks.push(time(|| {
+            run(Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(&vol));
+            run(Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&snap).arg(&vol));
+        }));
+    }
+    let (snap, rb) = (median(snaps), median(rollbacks));
+    for row in rows.iter_mut().filter(|r| r.fs == "btrfs") {
+        match row.what {
+            "checkpoint, 100 changed" => row.extra = Some(("btrfs snapshot -r", snap)),
+            "rollback, 100 modified + 50 new" => row.extra = Some(("btrfs subvolume delete + snapshot", rb)),
+            _ => {}
+        }
+    }
+}
+
+/// Times a daemon start with 10 sandboxes of `per` files each, from spawn
+/// to the first answered request (watches are set up in the background).
+fn startup(base: &Path, per: usize, runs: usize) -> (Duration, u64) {
+    let state = base.join("state-startup");
+    {
+        let d = Daemon::start(&state);
+        let mut c = d.client();
+        for s in 0..10 {
+            let tree = base.join(format!("multi/s{s}"));
+            let mut rng = Rng(0x5EED + s as u64);
+            for i in 0..per {
+                let dir = tree.join(format!("d{:02}", i % 100));
+                if i < 100 {
+                    std::fs::create_dir_all(&dir).unwrap();
+                }
+                let size = 1024 + (rng.next() % 2048) as usize;
+                std::fs::write(dir.join(format!("f{i}")), rng.bytes(size)).unwrap();
+            }
+            let name = format!("s{s}");
+            c.sandbox_add(SandboxAdd {
+                path: WirePath::from(tree.as_path()),
+                name: Some(name.clone()),
+                excludes: vec![],
+                store: None,
+            })
+            .unwrap();
+            c.checkpoint(CheckpointRequest { sandbox: name, ..Default::default() }).unwrap();
+        }
+    }
+    let mut times = Vec::new();
+    let mut rss = 0;
+    for _ in 0..runs {
+        settle();
+        let t = Instant::now();
+        let d = Daemon::start(&state);
+        times.push(t.elapsed());
+        // Checkpoints right away are correct whether or not the watches
+        // are in place yet (they scan everything until they are).
+        let mut c = d.client();
+        for s in 0..10 {
+            c.checkpoint(CheckpointRequest { sandbox: format!("s{s}"), ..Default::default() }).unwrap();
+        }
+        rss = rss.max(d.peak_rss_kib());
+    }
+    (median(times), rss)
 }
 
 fn fs_name(path: &Path) -> String {
@@ -373,6 +493,7 @@ fn main() {
     let args = parse_args();
     let mut rows = Vec::new();
     let mut memory = Vec::new();
+    let mut startup_figures = None;
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let scratch = tempfile::Builder::new()
@@ -387,9 +508,12 @@ fn main() {
             std::fs::remove_dir_all(&base).unwrap();
         }
         (None, true) => {
-            for fs in &args.filesystems {
+            for (i, fs) in args.filesystems.iter().enumerate() {
                 let m = Mount::new(fs, scratch.path());
                 measure(fs, &m.point, &args, &mut rows, &mut memory);
+                if i == 0 {
+                    startup_figures = Some(startup(&m.point, args.files / 10, args.runs.min(3)));
+                }
             }
         }
         (None, false) => {
@@ -398,6 +522,7 @@ fn main() {
                 scratch.path().display()
             );
             measure(&fs_name(scratch.path()), scratch.path(), &args, &mut rows, &mut memory);
+            startup_figures = Some(startup(scratch.path(), args.files / 10, args.runs.min(3)));
         }
     }
 
@@ -416,6 +541,18 @@ fn main() {
             None => ("-".into(), "-".into()),
         };
         println!("| {} | {} | {} | {} | {} | {} |", r.fs, r.what, ms(r.snapback), r.other_name, other, ratio);
+        if let Some((name, t)) = r.extra {
+            let ratio = t.as_secs_f64() / r.snapback.as_secs_f64();
+            println!("| {} | {} | {} | {} | {} | {ratio:.2}x |", r.fs, r.what, ms(r.snapback), name, ms(t));
+        }
+    }
+    if let Some((t, kib)) = startup_figures {
+        println!(
+            "\ndaemon start with 10 sandboxes of {} files each, to the first answer: {} (peak memory {:.1} MiB)",
+            args.files / 10,
+            ms(t),
+            kib as f64 / 1024.0
+        );
     }
     for (fs, kib) in &memory {
         println!("\npeak daemon memory on {fs}: {:.1} MiB", *kib as f64 / 1024.0);
@@ -423,14 +560,17 @@ fn main() {
     if let Some(csv) = &args.csv {
         let mut out = String::from("fs,operation,snapback_ms,alternative,alternative_ms\n");
         for r in &rows {
-            out.push_str(&format!(
-                "{},{},{:.3},{},{}\n",
-                r.fs,
-                r.what,
-                r.snapback.as_secs_f64() * 1000.0,
-                r.other_name,
-                r.other.map_or(String::new(), |o| format!("{:.3}", o.as_secs_f64() * 1000.0))
-            ));
+            let alternatives = r.other.map(|o| (r.other_name, o)).into_iter().chain(r.extra);
+            for (name, t) in alternatives {
+                out.push_str(&format!(
+                    "{},{},{:.3},{},{:.3}\n",
+                    r.fs,
+                    r.what,
+                    r.snapback.as_secs_f64() * 1000.0,
+                    name,
+                    t.as_secs_f64() * 1000.0
+                ));
+            }
         }
         std::fs::write(csv, out).unwrap();
     }
