@@ -203,14 +203,16 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
         stats: Stats::default(),
     };
     let mut first = walker(tx.clone());
-    let queue = DirQueue::new(first.start(scope)?);
+    let queue = DirQueue::new(Vec::new());
     // Directories are listed and compared by `threads` walkers; files that
-    // must be read go to as many readers through the bounded channel.
+    // must be read go to as many readers through the bounded channel. The
+    // readers start first: visiting the scope's roots already queues files.
     let (walkers, worker_stats) = std::thread::scope(|s| {
         let mut readers = Vec::new();
         for _ in 0..threads {
             readers.push(s.spawn(|| work(&rx, opts, &outcomes, &failure)));
         }
+        let started = first.start(scope).map(|pending| queue.add(pending));
         let mut walking = Vec::new();
         for _ in 1..threads {
             let mut w = walker(tx.clone());
@@ -221,7 +223,10 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
                 (w, r)
             }));
         }
-        let r = first.walk(&queue);
+        let r = started.and_then(|()| first.walk(&queue));
+        if r.is_err() {
+            queue.fail();
+        }
         first.tx = None;
         drop(tx); // with every walker's sender gone, readers drain and stop
         let mut walkers = vec![(first, r)];
@@ -316,6 +321,13 @@ impl DirQueue {
             }
             g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Adds directories to list.
+    fn add(&self, items: Vec<Pending>) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.extend(items);
+        self.wake.notify_all();
     }
 
     /// Ends the work on one directory, adding the ones found in it.

@@ -2,6 +2,8 @@
 //! not set keeps its default.
 //!
 //! ```toml
+//! watch = true           # false: no inotify; every checkpoint scans everything
+//!
 //! [retention]            # for every sandbox
 //! keep_last = 100        # newest checkpoints always kept
 //! keep_hourly = 24       # then the newest of each hour, for this many hours
@@ -27,6 +29,9 @@ use crate::retention::{Policy, Settings};
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// Watch sandboxes with inotify (default); without, every checkpoint
+    /// compares the whole tree.
+    pub watch: Option<bool>,
     #[serde(default)]
     pub retention: Settings,
     #[serde(default)]

@@ -62,6 +62,8 @@ pub struct Engine {
     /// a record: a miss reads the catalogue.
     manifests: Mutex<HashMap<i64, (u64, Manifest)>>,
     retention: Retention,
+    /// Whether sandboxes are watched at all.
+    watch: bool,
     /// Quiet periods after which a sandbox takes an `auto` checkpoint.
     auto: std::collections::BTreeMap<String, std::time::Duration>,
     /// Watches by sandbox: hints of what changed, never guards.
@@ -107,6 +109,7 @@ impl Engine {
         socket: &Path,
         retention: Retention,
         auto: std::collections::BTreeMap<String, std::time::Duration>,
+        watch: bool,
     ) -> Result<Engine> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -127,6 +130,7 @@ impl Engine {
             manifests: Mutex::new(HashMap::new()),
             retention,
             auto,
+            watch,
             watches: Mutex::new(HashMap::new()),
             racy: Mutex::new(HashMap::new()),
         };
@@ -192,6 +196,9 @@ impl Engine {
     }
 
     fn watch_sandbox(&self, sandbox: &Sandbox) {
+        if !self.watch {
+            return;
+        }
         let excludes = match Excludes::new(&sandbox.excludes) {
             Ok(e) => e,
             Err(e) => {

@@ -36,6 +36,9 @@ pub struct Config {
     /// Sandboxes (by name) that take `auto` checkpoints after this quiet
     /// period.
     pub auto_checkpoints: std::collections::BTreeMap<String, std::time::Duration>,
+    /// Watch sandboxes with inotify; without, every checkpoint compares the
+    /// whole tree.
+    pub watch: bool,
 }
 
 /// Runs the daemon until `shutdown` resolves: migrations first, then the
@@ -48,6 +51,7 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
         &config.socket,
         config.retention.clone(),
         config.auto_checkpoints.clone(),
+        config.watch,
     )?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -58,7 +62,9 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
     let std_listener = server::bind(&config.socket)?;
     // Watches are set up in the background: the socket serves at once, and
     // checkpoints scan everything until a sandbox's watch is in place.
-    engine.start_watches()?;
+    if config.watch {
+        engine.start_watches()?;
+    }
     let stop_auto = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let auto = engine.has_auto_checkpoints().then(|| {
         let (engine, stop) = (engine.clone(), stop_auto.clone());

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
         state_dir,
         retention: file.retention(),
         auto_checkpoints: file.auto_checkpoints(),
+        watch: file.watch.unwrap_or(true),
     };
     match snapback_daemon::run(config, shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,

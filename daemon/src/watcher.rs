@@ -196,6 +196,7 @@ impl SandboxWatch {
             if name.starts_with(TEMP_PREFIX) || (!rel.is_empty() && self.excludes.covers(rel)) {
                 continue;
             }
+            tracing::trace!(kind = ?event.kind, path = %path.display(), "dirty");
             state.dirty.insert(rel.to_vec());
             state.last_event = Some(Instant::now());
         }

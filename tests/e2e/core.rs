@@ -7,18 +7,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::fixture::TestDaemon;
+use crate::fixture::{TestDaemon, object_count, write};
 use crate::tree::{Node, assert_same, snapshot};
 
 fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-fn write(p: &Path, data: &[u8]) {
-    if let Some(parent) = p.parent() {
-        std::fs::create_dir_all(parent).expect("mkdir -p");
-    }
-    std::fs::write(p, data).expect("write");
 }
 
 /// Builds the tree of the issue: nested and empty directories, three modes,
@@ -245,7 +238,7 @@ fn excluded_paths_are_neither_captured_nor_touched() {
 fn writing_into_a_live_file_never_changes_a_checkpoint() {
     let d = TestDaemon::start();
     let root = d.path("sb");
-    write(&root.join("data.bin"), &[1u8; 256 * 1024]);
+    write(&root.join("data.bin"), [1u8; 256 * 1024]);
     d.add_sandbox("sb", &root, &[]);
     let c = d.checkpoint("sb");
     // Overwrite in place, same inode, same size.
@@ -386,11 +379,7 @@ fn sandboxes_list_their_clone_method_and_can_be_removed() {
     d.checkpoint("sb");
     d.json(&["sandbox", "remove", "sb", "--purge"]);
     assert_eq!(d.cli(&["show", &c]).status.code(), Some(1));
-    let objects: usize = std::fs::read_dir(d.state_dir.join("store/objects"))
-        .unwrap()
-        .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
-        .sum();
-    assert_eq!(objects, 0, "purge left objects behind");
+    assert_eq!(object_count(&d.state_dir.join("store")), 0, "purge left objects behind");
     assert_eq!(std::fs::read(root.join("f")).unwrap(), b"x", "the sandbox directory was touched");
 }
 
@@ -421,12 +410,7 @@ fn objects_are_shared_when_files_do_not_change() {
     }
     d.add_sandbox("sb", &root, &[]);
     d.checkpoint("sb");
-    let count_objects = || -> usize {
-        std::fs::read_dir(d.state_dir.join("store/objects"))
-            .unwrap()
-            .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
-            .sum()
-    };
+    let count_objects = || object_count(&d.state_dir.join("store"));
     assert_eq!(count_objects(), 50);
     let unchanged = d.json(&["checkpoint", "sb"]);
     assert_eq!(unchanged["changed"], 0);

@@ -194,6 +194,22 @@ impl Drop for TestDaemon {
     }
 }
 
+/// Writes a file, creating its parent directories.
+pub fn write(p: &Path, data: impl AsRef<[u8]>) {
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir -p");
+    }
+    std::fs::write(p, data).expect("write");
+}
+
+/// Returns the number of objects in a store directory.
+pub fn object_count(store: &Path) -> usize {
+    std::fs::read_dir(store.join("objects"))
+        .expect("objects")
+        .map(|sub| std::fs::read_dir(sub.expect("entry").path()).expect("subdir").count())
+        .sum()
+}
+
 /// Whether this process runs as root. When not, a test that needs root
 /// prints why it skips, and fails instead if `CI` or
 /// `SNAPBACK_REQUIRE_ROOT_TESTS` is set (`.ci/run` sets both).

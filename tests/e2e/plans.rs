@@ -4,15 +4,8 @@ use std::path::Path;
 
 use snapback::proto::{ErrorCode, PlanRollbackRequest};
 
-use crate::fixture::TestDaemon;
+use crate::fixture::{TestDaemon, write};
 use crate::tree::{assert_same, snapshot};
-
-fn write(p: &Path, data: &str) {
-    if let Some(parent) = p.parent() {
-        std::fs::create_dir_all(parent).unwrap();
-    }
-    std::fs::write(p, data).unwrap();
-}
 
 fn id(v: &serde_json::Value) -> String {
     v["id"].as_str().expect("id").to_owned()
@@ -163,7 +156,7 @@ fn the_default_policy_prunes_without_being_asked_and_keeps_what_it_must() {
     let mut pinned = Vec::new();
     let mut safety = String::new();
     for i in 1..=300u32 {
-        write(&root.join("counter.txt"), &format!("{i:06}"));
+        write(&root.join("counter.txt"), format!("{i:06}"));
         let c = if i % 100 == 7 {
             let v = d.json(&["checkpoint", "sb", "--pin"]);
             pinned.push(id(&v));
@@ -189,10 +182,7 @@ fn the_default_policy_prunes_without_being_asked_and_keeps_what_it_must() {
     }
     assert!(ids.contains(&safety.as_str()), "the latest rollback's safety checkpoint was pruned");
     // Objects of pruned versions are gone: one object per kept counter value.
-    let objects: usize = std::fs::read_dir(d.state_dir.join("store/objects"))
-        .unwrap()
-        .map(|s| std::fs::read_dir(s.unwrap().path()).unwrap().count())
-        .sum();
+    let objects = crate::fixture::object_count(&d.state_dir.join("store"));
     assert!(objects <= ids.len() + 1, "{objects} objects for {} checkpoints", ids.len());
     // Every kept checkpoint still restores.
     let oldest = ids[0];
@@ -207,7 +197,7 @@ fn pruning_frees_at_least_the_exclusive_bytes_it_reported() {
     write(&root.join("keep.txt"), "shared by every checkpoint");
     d.add_sandbox("sb", &root, &[]);
     for i in 0..12u32 {
-        write(&root.join("data.bin"), &format!("{i}").repeat(4096 + i as usize));
+        write(&root.join("data.bin"), format!("{i}").repeat(4096 + i as usize));
         d.checkpoint("sb");
     }
     let list = d.json(&["list", "sb"]);
@@ -239,7 +229,7 @@ fn a_storage_budget_keeps_the_store_under_it() {
     let root = d.path("sb");
     d.add_sandbox("sb", &root, &[]);
     for i in 0..40u32 {
-        write(&root.join("blob.bin"), &format!("{i:08}").repeat(1024));
+        write(&root.join("blob.bin"), format!("{i:08}").repeat(1024));
         d.checkpoint("sb");
         let status = d.json(&["status"]);
         let sb = &status["sandboxes"][0];

@@ -1,10 +1,10 @@
 //! Reflinks on real copy-on-write filesystems, loop-mounted (root only).
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use crate::fixture::{TestDaemon, root_or_skip};
+use crate::fixture::{TestDaemon, object_count, root_or_skip};
 
 /// A filesystem image mounted on a loop device, unmounted on drop.
 struct Mounted {
@@ -47,13 +47,6 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mountpoint).status();
     }
-}
-
-fn object_count(store: &Path) -> usize {
-    std::fs::read_dir(store.join("objects"))
-        .unwrap()
-        .map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap().count())
-        .sum()
 }
 
 /// Checkpoints and rolls back 64 MiB on `fs` and checks that neither copies
