@@ -190,38 +190,14 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Row)> {
     Ok((r.get(1)?, row))
 }
 
-/// Returns the byte string just past every path below `prefix/`: the
-/// exclusive upper bound of a range scan for the subtree.
-fn subtree_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let mut lo = prefix.to_vec();
-    lo.push(b'/');
-    let mut hi = prefix.to_vec();
-    hi.push(b'/' + 1);
-    (lo, hi)
-}
-
-/// Returns the current versions of `prefix` and everything below it
-/// (`prefix` empty: the whole sandbox).
-pub fn current_rows(conn: &Connection, sandbox_id: i64, prefix: &[u8]) -> Result<Manifest> {
+/// Returns the current version of every path of a sandbox.
+pub fn current_rows(conn: &Connection, sandbox_id: i64) -> Result<Manifest> {
+    let sql = format!("SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq IS NULL");
+    let mut stmt = conn.prepare_cached(&sql)?;
     let mut out = Manifest::default();
-    if prefix.is_empty() {
-        let sql = format!("SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq IS NULL");
-        let mut stmt = conn.prepare_cached(&sql)?;
-        for r in stmt.query_map([sandbox_id], entry_from_row)? {
-            let (path, row) = r?;
-            out.insert(path, row);
-        }
-    } else {
-        let (lo, hi) = subtree_range(prefix);
-        let sql = format!(
-            "SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq IS NULL
-             AND (path = ?2 OR (path >= ?3 AND path < ?4))"
-        );
-        let mut stmt = conn.prepare_cached(&sql)?;
-        for r in stmt.query_map(params![sandbox_id, prefix, lo, hi], entry_from_row)? {
-            let (path, row) = r?;
-            out.insert(path, row);
-        }
+    for r in stmt.query_map([sandbox_id], entry_from_row)? {
+        let (path, row) = r?;
+        out.insert(path, row);
     }
     Ok(out)
 }
@@ -469,24 +445,9 @@ pub fn store_bytes(conn: &Connection, sandbox_id: i64) -> Result<u64> {
     )? as u64)
 }
 
-/// Returns every object referenced by any sandbox whose store is `store`.
-pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collections::HashSet<ObjectId>> {
-    let mut stmt = conn.prepare(
-        "SELECT DISTINCT e.object FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
-         WHERE s.store = ?1 AND e.object IS NOT NULL",
-    )?;
-    let rows = stmt.query_map([store], |r| r.get::<_, Vec<u8>>(0))?;
-    let mut out = std::collections::HashSet::new();
-    for b in rows {
-        let b = b?;
-        out.insert(ObjectId::from_slice(&b).ok_or_else(|| Error::Internal("an object id is not 32 bytes".into()))?);
-    }
-    Ok(out)
-}
-
 /// Returns every object referenced by any sandbox whose store is `store`,
 /// with its recorded size.
-pub fn referenced_objects_sized(conn: &Connection, store: &[u8]) -> Result<std::collections::HashMap<ObjectId, u64>> {
+pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collections::HashMap<ObjectId, u64>> {
     let mut stmt = conn.prepare(
         "SELECT DISTINCT e.object, e.size FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
          WHERE s.store = ?1 AND e.object IS NOT NULL",

@@ -262,7 +262,7 @@ impl Engine {
 
     fn collect_garbage(&self, conn: &Connection, store_path: &[u8]) -> Result<(u64, u64)> {
         let store = self.store(store_path)?;
-        let referenced = catalogue::referenced_objects(conn, store_path)?;
+        let referenced = catalogue::referenced_objects(conn, store_path)?.into_keys().collect();
         store.collect_garbage(&referenced).ctx(|| format!("collecting garbage in {}", store.path().display()))
     }
 
@@ -349,8 +349,7 @@ impl Engine {
                 meta.uid()
             )));
         }
-        let excludes_set = Excludes::new(&excludes)?;
-        drop(excludes_set);
+        Excludes::new(&excludes)?; // refuse bad patterns before anything is written
         // Resolve the store without creating it: nothing is written before
         // every check has passed.
         let store_path = match store {
@@ -555,7 +554,7 @@ impl Engine {
     fn take_manifest(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
         match lock(&self.manifests).remove(&sandbox.id) {
             Some((seq, m)) if seq == sandbox.head_seq => Ok(m),
-            _ => catalogue::current_rows(conn, sandbox.id, b""),
+            _ => catalogue::current_rows(conn, sandbox.id),
         }
     }
 
@@ -570,7 +569,7 @@ impl Engine {
         {
             return Ok(m.clone());
         }
-        catalogue::current_rows(conn, sandbox.id, b"")
+        catalogue::current_rows(conn, sandbox.id)
     }
 
     /// Compares the live tree in `scope` with `current`, its current
@@ -1206,7 +1205,7 @@ impl Engine {
         for store_path in stores {
             let store = self.store(&store_path)?;
             let _still = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-            let referenced = catalogue::referenced_objects_sized(&conn, &store_path)?;
+            let referenced = catalogue::referenced_objects(&conn, &store_path)?;
             for (id, size) in &referenced {
                 report.objects += 1;
                 match store.check_object(id, *size) {
