@@ -2,11 +2,12 @@
 //! blake3 hash, shared by every checkpoint and path that holds that content.
 //!
 //! Objects are made with a reflink (`FICLONE`) where the filesystem allows
-//! it, else with a sparse-aware copy. An object is written under `tmp/` and
-//! renamed into `objects/` only when complete, so a name in `objects/`
-//! always holds whole content. Objects that no catalogue row references
-//! (left by a checkpoint that never committed, or freed by a purge) are
-//! collected by [`Store::collect_garbage`].
+//! it, else with a sparse-aware copy. An object is written under a
+//! temporary name (`.tmp-*`) in its final directory and renamed only when
+//! complete, so an object's name always holds whole content. Objects that
+//! no catalogue row references (left by a checkpoint that never committed,
+//! or freed by a purge) and leftover temporaries are collected by
+//! [`Store::collect_garbage`].
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -137,13 +138,16 @@ impl Store {
                 }
                 continue;
             }
-            let tmp_name = ulid::Ulid::new().to_string().into_bytes();
-            let tmp = sys::openat(self.tmp.as_fd(), &tmp_name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o400)?;
+            // Written beside its final name and renamed within the same
+            // directory: a rename across directories takes the filesystem's
+            // rename lock, which concurrent readers then queue on.
+            let tmp_name = format!("{}/.tmp-{}", &hash.to_string()[..2], ulid::Ulid::new()).into_bytes();
+            let tmp = sys::openat(self.objects.as_fd(), &tmp_name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o400)?;
             let result = clone_or_copy(tmp.as_fd(), src, before.st_size as u64, reflink);
             let reflinked = match result {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                    let _ = sys::unlinkat(self.objects.as_fd(), &tmp_name, false);
                     return Err(e);
                 }
             };
@@ -151,7 +155,7 @@ impl Store {
             let (hash, stat, unstable) = if same_version(&before, &after) {
                 (hash, before, false)
             } else if attempt < TRIES {
-                let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                let _ = sys::unlinkat(self.objects.as_fd(), &tmp_name, false);
                 continue;
             } else {
                 // The source keeps changing: keep what was cloned, named by
@@ -163,13 +167,13 @@ impl Store {
             if unstable {
                 stat.st_size = sys::fstat(tmp.as_fd())?.st_size;
             }
-            match sys::renameat(self.tmp.as_fd(), &tmp_name, self.objects.as_fd(), &Self::name(&hash), true) {
+            match sys::renameat(self.objects.as_fd(), &tmp_name, self.objects.as_fd(), &Self::name(&hash), true) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                    let _ = sys::unlinkat(self.objects.as_fd(), &tmp_name, false);
                 }
                 Err(e) => {
-                    let _ = sys::unlinkat(self.tmp.as_fd(), &tmp_name, false);
+                    let _ = sys::unlinkat(self.objects.as_fd(), &tmp_name, false);
                     return Err(e);
                 }
             }
