@@ -4,13 +4,14 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::proto::{
     CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode, ExportReport,
-    ExportRequest, Hello, ListRequest, MAX_LINE, PROTOCOL, PlanInfo, PlanRef, PlanRollbackRequest, PruneReport,
-    PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
-    SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest, UndoRequest, VerifyReport,
-    VerifyRequest,
+    ExportRequest, Hello, ListRequest, MAX_LINE, PROTOCOL, PlanInfo, PlanRef, PlanRollbackRequest, ProgressReport,
+    PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
+    SandboxInfo, SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest, UndoRequest,
+    VerifyReport, VerifyRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,22 +39,48 @@ impl ClientError {
     }
 }
 
+/// Called with each progress line of a long request.
+pub type ProgressFn = Box<dyn FnMut(&ProgressReport) + Send>;
+
+/// How to connect. `Default` is a plain blocking connection.
+#[derive(Default)]
+pub struct ConnectOptions {
+    /// Give up on a request whose answer (or next progress line) takes
+    /// longer than this; `None` waits as long as the daemon works.
+    pub timeout: Option<Duration>,
+    /// Ask the daemon for progress lines and pass each one here.
+    pub progress: Option<ProgressFn>,
+}
+
 /// A connection to snapbackd, past the hello exchange.
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     daemon: String,
+    progress: Option<ProgressFn>,
 }
 
 impl Client {
     /// Connects to the socket at `path` and exchanges hello / welcome.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        Self::connect_with(path, ConnectOptions::default())
+    }
+
+    /// Connects with `options`: a timeout, a progress callback.
+    pub fn connect_with(path: &Path, options: ConnectOptions) -> Result<Client, ClientError> {
+        let ConnectOptions { timeout, progress } = options;
         let stream =
             UnixStream::connect(path).map_err(|source| ClientError::Unreachable { path: path.to_owned(), source })?;
+        stream.set_read_timeout(timeout)?;
+        stream.set_write_timeout(timeout)?;
         let writer = stream.try_clone()?;
-        let mut client = Client { reader: BufReader::new(stream), writer, daemon: String::new() };
-        let hello =
-            Request::Hello(Hello { protocol: PROTOCOL, client: format!("snapback {}", env!("CARGO_PKG_VERSION")) });
+        let wants_progress = progress.is_some();
+        let mut client = Client { reader: BufReader::new(stream), writer, daemon: String::new(), progress };
+        let hello = Request::Hello(Hello {
+            protocol: PROTOCOL,
+            client: format!("snapback {}", env!("CARGO_PKG_VERSION")),
+            progress: wants_progress,
+        });
         match client.call(&hello)? {
             Response::Welcome(w) if w.protocol == PROTOCOL => client.daemon = w.daemon,
             Response::Welcome(w) => {
@@ -78,12 +105,19 @@ impl Client {
         let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
-        let line = read_line(&mut self.reader)?;
-        let response: Response =
-            serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))?;
-        match response {
-            Response::Error(body) => Err(ClientError::Daemon(body)),
-            other => Ok(other),
+        loop {
+            let line = read_line(&mut self.reader)?;
+            let response: Response = serde_json::from_slice(&line)
+                .map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))?;
+            match response {
+                Response::Progress(report) => {
+                    if let Some(f) = self.progress.as_mut() {
+                        f(&report);
+                    }
+                }
+                Response::Error(body) => return Err(ClientError::Daemon(body)),
+                other => return Ok(other),
+            }
         }
     }
 

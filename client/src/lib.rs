@@ -2,11 +2,11 @@
 //! client for the daemon's Unix socket ([`Client`]), and the default
 //! locations that the daemon and its clients agree on ([`defaults`]).
 //!
-//! The `snapback` CLI (`src/bin/snapback.rs`) is a thin layer over this
+//! The `snapback` CLI (`src/main.rs`) is a thin layer over this
 //! library.
 
 pub mod client;
 pub mod defaults;
 pub mod proto;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, ConnectOptions, ProgressFn};

@@ -217,6 +217,24 @@ pub struct Hello {
     pub protocol: u32,
     /// Free text naming the client, for the daemon's log.
     pub client: String,
+    /// Ask for [`Response::Progress`] lines before the answer of a long
+    /// operation. Off when absent, so a client that does not draw progress
+    /// reads exactly one line per request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub progress: bool,
+}
+
+/// How far a long operation has come: sent (only to a client that asked in
+/// its hello) about every 100 ms while a request runs, before its answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProgressReport {
+    /// What the daemon is doing: `scanning` (comparing the tree with the
+    /// catalogue), `storing` (writing a checkpoint) or `restoring`.
+    pub phase: String,
+    /// Entries done in this phase.
+    pub done: u64,
+    /// Entries the phase will handle, when known.
+    pub total: Option<u64>,
 }
 
 /// Registers a directory as a sandbox.
@@ -375,6 +393,9 @@ pub enum Response {
     Pruned(PruneReport),
     Exported(ExportReport),
     Verified(VerifyReport),
+    /// Not an answer: a progress line, followed by more lines for the same
+    /// request.
+    Progress(ProgressReport),
     Error(ErrorBody),
 }
 

@@ -121,6 +121,8 @@ pub struct Options<'a> {
     pub reflink: bool,
     /// A path whose mtime or ctime is at or after this instant is racy.
     pub racy_after_ns: i64,
+    /// Counts visited entries for a client watching the request.
+    pub progress: Option<&'a crate::progress::Progress>,
 }
 
 /// Counters of one capture.
@@ -430,6 +432,9 @@ impl<'a> Walker<'a> {
     /// Compares one path; returns whether it is a directory to descend into.
     fn visit(&mut self, path: Vec<u8>, dir: &Arc<OwnedFd>, name: Vec<u8>) -> Result<bool> {
         self.stats.scanned += 1;
+        if let Some(p) = self.opts.progress {
+            p.tick(1);
+        }
         let st = match sys::lstatat(dir.as_fd(), &name) {
             Ok(st) => st,
             Err(e) if gone(&e) => return Ok(false), // vanished: its row ends

@@ -27,6 +27,7 @@ use crate::catalogue::{self, Checkpoint, CheckpointWrite, Sandbox};
 use crate::config::Retention;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Kind, Manifest, is_within};
+use crate::progress;
 use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};
 use crate::store::Store;
@@ -70,6 +71,8 @@ pub struct Engine {
     watches: Mutex<HashMap<i64, Arc<SandboxWatch>>>,
     /// Paths each sandbox's next checkpoint must compare again (racy).
     racy: Mutex<HashMap<i64, Vec<Vec<u8>>>>,
+    /// Exclude globs added to every sandbox registered.
+    default_excludes: Vec<String>,
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -104,13 +107,8 @@ impl Engine {
     /// Opens the state directory (creating it, mode 0700), brings the
     /// catalogue up to date and collects objects left by checkpoints that
     /// never committed.
-    pub fn open(
-        state_dir: &Path,
-        socket: &Path,
-        retention: Retention,
-        auto: std::collections::BTreeMap<String, std::time::Duration>,
-        watch: bool,
-    ) -> Result<Engine> {
+    pub fn open(config: &crate::Config) -> Result<Engine> {
+        let state_dir = &config.state_dir;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -123,14 +121,15 @@ impl Engine {
             default_store: state_dir.join("store"),
             state_dir,
             db_path,
-            socket: socket.to_owned(),
+            socket: config.socket.clone(),
             started: Instant::now(),
             stores: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
-            retention,
-            auto,
-            watch,
+            retention: config.retention.clone(),
+            auto: config.auto_checkpoints.clone(),
+            watch: config.watch,
+            default_excludes: config.default_excludes.clone(),
             watches: Mutex::new(HashMap::new()),
             racy: Mutex::new(HashMap::new()),
         };
@@ -145,6 +144,26 @@ impl Engine {
             }
         }
         Ok(engine)
+    }
+
+    /// Registers a sandbox named in the configuration file, as the daemon's
+    /// own user (so root registers it for the directory's owner). One that
+    /// is registered already is left as it is; any other failure is logged
+    /// and the daemon serves on.
+    pub fn register_configured(&self, r: &crate::config::Registration) {
+        let req = SandboxAdd {
+            path: WirePath::from(r.path.as_path()),
+            name: Some(r.name.clone()),
+            excludes: r.excludes.clone(),
+            store: r.store.as_deref().map(WirePath::from),
+        };
+        match self.sandbox_add(Peer { uid: sys::euid() }, req) {
+            Ok(info) => tracing::info!(name = %info.name, "registered from the configuration"),
+            Err(Error::AlreadyExists(_)) => {}
+            Err(e) => {
+                tracing::warn!(name = %r.name, path = %r.path.display(), "not registered from the configuration: {e}")
+            }
+        }
     }
 
     /// Starts watching every active sandbox (in the background: this
@@ -330,7 +349,12 @@ impl Engine {
     }
 
     fn sandbox_add(&self, peer: Peer, req: SandboxAdd) -> Result<SandboxInfo> {
-        let SandboxAdd { path, name, excludes, store } = req;
+        let SandboxAdd { path, name, mut excludes, store } = req;
+        for default in &self.default_excludes {
+            if !excludes.contains(default) {
+                excludes.push(default.clone());
+            }
+        }
         let given = path.as_path();
         if !given.is_absolute() {
             return Err(Error::InvalidRequest(format!("{} is not an absolute path", path.display())));
@@ -585,12 +609,19 @@ impl Engine {
     ) -> Result<Captured> {
         let root = Self::open_root(sandbox)?;
         let excludes = Excludes::new(&sandbox.excludes)?;
+        let progress = progress::current();
+        if let Some(p) = &progress {
+            // A full scan visits about as many entries as the manifest holds.
+            let total = matches!(scope, Scope::Everything).then_some(current.len() as u64).filter(|&n| n > 0);
+            p.start(progress::Phase::Scanning, total);
+        }
         let opts = Options {
             root: root.as_fd(),
             excludes: &excludes,
             store,
             reflink: sandbox.clone_method == CloneMethod::Reflink,
             racy_after_ns: scan_start_ns - RACY_WINDOW_NS,
+            progress: progress.as_deref(),
         };
         capture::capture(current, scope, &opts)
     }

@@ -12,11 +12,13 @@ pub mod engine;
 pub mod error;
 pub mod export;
 pub mod manifest;
+pub mod progress;
 pub mod restore;
 pub mod retention;
 pub mod server;
 pub mod store;
 pub mod sys;
+pub mod systemd;
 pub mod watcher;
 
 use std::path::PathBuf;
@@ -25,10 +27,16 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 
 /// The daemon's settings.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Config {
     /// The Unix socket to serve.
     pub socket: PathBuf,
+    /// A listening socket passed by systemd (socket activation). When set,
+    /// it is served instead of binding `socket`, and the socket file is left
+    /// to systemd on the way out.
+    pub listener: Option<std::os::unix::net::UnixListener>,
+    /// A group that may use the socket this daemon binds (mode 0660).
+    pub socket_group: Option<String>,
     /// Holds the catalogue (`catalogue.db`) and the default object store.
     pub state_dir: PathBuf,
     /// Retention policies: the default, and per-sandbox overrides.
@@ -39,27 +47,55 @@ pub struct Config {
     /// Watch sandboxes with inotify; without, every checkpoint compares the
     /// whole tree.
     pub watch: bool,
+    /// Exclude globs added to every sandbox registered from now on.
+    pub default_excludes: Vec<String>,
+    /// Sandboxes to register at start, unless they are already.
+    pub register: Vec<config::Registration>,
+}
+
+impl Config {
+    /// Returns the settings for a daemon on `socket` with its state in
+    /// `state_dir`, everything else at its default.
+    pub fn new(socket: PathBuf, state_dir: PathBuf) -> Config {
+        Config {
+            socket,
+            listener: None,
+            socket_group: None,
+            state_dir,
+            retention: config::Retention::default(),
+            auto_checkpoints: Default::default(),
+            watch: true,
+            default_excludes: Vec::new(),
+            register: Vec::new(),
+        }
+    }
 }
 
 /// Runs the daemon until `shutdown` resolves: migrations first, then the
-/// socket, so that a client that can connect finds the catalogue ready. The
-/// socket file is removed on the way out.
-pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
+/// socket, so that a client that can connect finds the catalogue ready;
+/// then it tells systemd it is ready (when systemd started it). A socket
+/// file the daemon bound itself is removed on the way out.
+pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
     raise_fd_limit();
-    let engine = Arc::new(engine::Engine::open(
-        &config.state_dir,
-        &config.socket,
-        config.retention.clone(),
-        config.auto_checkpoints.clone(),
-        config.watch,
-    )?);
+    let activated = config.listener.take();
+    if let Some(path) = activated.as_ref().and_then(systemd::listener_path) {
+        config.socket = path;
+    }
+    let engine = Arc::new(engine::Engine::open(&config)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
         .thread_name("snapbackd")
         .build()
         .map_err(|e| Error::Io { context: "starting the runtime".into(), source: e })?;
-    let std_listener = server::bind(&config.socket)?;
+    let owns_socket = activated.is_none();
+    let std_listener = match activated {
+        Some(l) => l,
+        None => server::bind(&config.socket, config.socket_group.as_deref())?,
+    };
+    for registration in &config.register {
+        engine.register_configured(registration);
+    }
     // Watches are set up in the background: the socket serves at once, and
     // checkpoints scan everything until a sandbox's watch is in place.
     if config.watch {
@@ -78,11 +114,15 @@ pub fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Sen
     let result = runtime.block_on(async {
         let listener = tokio::net::UnixListener::from_std(std_listener)
             .map_err(|e| Error::Io { context: "registering the socket".into(), source: e })?;
-        tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "snapbackd ready");
+        tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), activated = !owns_socket, "snapbackd ready");
+        systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.socket.display()));
         server::serve(listener, engine.clone(), shutdown).await;
         Ok(())
     });
-    let _ = std::fs::remove_file(&config.socket);
+    systemd::notify("STOPPING=1\nSTATUS=stopping: finishing requests in progress");
+    if owns_socket {
+        let _ = std::fs::remove_file(&config.socket);
+    }
     stop_auto.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = auto {
         let _ = t.join();

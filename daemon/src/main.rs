@@ -24,6 +24,10 @@ struct Args {
     /// root, else $XDG_CONFIG_HOME/snapback/snapbackd.toml, when it exists]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Print a systemd drop-in that makes the configured sandboxes and
+    /// their stores writable under `ProtectSystem=strict`, then exit.
+    #[arg(long)]
+    print_dropin: bool,
 }
 
 /// Returns the default configuration file, if it exists.
@@ -42,19 +46,20 @@ fn default_config() -> Option<PathBuf> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: nothing else runs yet: no thread reads the environment, and
+    // fd 3 is taken once, here.
+    let listener = match unsafe { snapback_daemon::systemd::take_listener() } {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("snapbackd: socket activation: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SNAPBACK_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let Some(socket) = args.socket.or_else(snapback::defaults::socket_path) else {
-        eprintln!("snapbackd: no socket path: pass --socket, or set SNAPBACK_SOCKET or XDG_RUNTIME_DIR");
-        return ExitCode::from(2);
-    };
-    let Some(state_dir) = args.state_dir.or_else(snapback::defaults::state_dir) else {
-        eprintln!("snapbackd: no state directory: pass --state-dir, or set XDG_STATE_HOME or HOME");
-        return ExitCode::from(2);
-    };
     let file = match args.config.or_else(default_config) {
         Some(path) => match snapback_daemon::config::FileConfig::load(&path) {
             Ok(f) => f,
@@ -65,12 +70,35 @@ fn main() -> ExitCode {
         },
         None => snapback_daemon::config::FileConfig::default(),
     };
+    if args.print_dropin {
+        print!("{}", snapback_daemon::config::systemd_dropin(&file));
+        return ExitCode::SUCCESS;
+    }
+    // A flag wins over the environment, which wins over the file.
+    let socket = args
+        .socket
+        .or_else(|| std::env::var_os(snapback::defaults::SOCKET_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| file.socket.clone())
+        .or_else(snapback::defaults::socket_path);
+    let Some(socket) = socket else {
+        eprintln!("snapbackd: no socket path: pass --socket, or set SNAPBACK_SOCKET or XDG_RUNTIME_DIR");
+        return ExitCode::from(2);
+    };
+    let Some(state_dir) = args.state_dir.or_else(|| file.state_dir.clone()).or_else(snapback::defaults::state_dir)
+    else {
+        eprintln!("snapbackd: no state directory: pass --state-dir, or set XDG_STATE_HOME or HOME");
+        return ExitCode::from(2);
+    };
     let config = snapback_daemon::Config {
         socket,
+        listener,
+        socket_group: file.socket_group.clone(),
         state_dir,
         retention: file.retention(),
         auto_checkpoints: file.auto_checkpoints(),
         watch: file.watch.unwrap_or(true),
+        default_excludes: file.excludes.clone(),
+        register: file.registrations(),
     };
     match snapback_daemon::run(config, shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,

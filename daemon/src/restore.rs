@@ -106,6 +106,15 @@ impl Plan {
     pub fn apply(&self, root: BorrowedFd<'_>, store: &Store, reflink: bool) -> Result<Applied> {
         let as_root = sys::euid() == 0;
         let mut applied = Applied::default();
+        let progress = crate::progress::current();
+        if let Some(p) = &progress {
+            p.start(crate::progress::Phase::Restoring, Some(self.steps.len() as u64));
+        }
+        let tick = || {
+            if let Some(p) = &progress {
+                p.tick(1);
+            }
+        };
         // 1. Removals, deepest first: deleted paths, and the live side of a
         //    type change that involves a directory.
         for (path, step) in self.steps.iter().rev() {
@@ -118,6 +127,9 @@ impl Plan {
             };
             if must_remove && !remove(root, path).ctx(|| format!("removing {}", show(path)))? {
                 applied.skipped.push(path.clone());
+            }
+            if matches!(step, Step::Delete(_)) {
+                tick();
             }
         }
         // 2. Creations and replacements, shallowest first.
@@ -132,6 +144,7 @@ impl Plan {
                 applied.skipped.push(path.clone());
                 continue;
             }
+            tick();
             let (parent, name) = sys::split_parent(path);
             let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
             match target.kind {

@@ -15,12 +15,21 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::engine::{Engine, Peer, daemon_name};
 use crate::error::{Error, IoContext, Result};
+use crate::progress::{self, Progress};
 
 /// Binds the socket at `path`. A socket there that accepts connections
 /// means another daemon is running: refused. A stale one is replaced. The
 /// file's mode is set before `listen`: 0600 for a user daemon, 0660 for
-/// root.
-pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+/// root; with `group`, 0660 and owned by that group.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<std::os::unix::net::UnixListener> {
+    let gid = match group {
+        None => None,
+        Some(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Some(g.gid),
+            Ok(None) => return Err(Error::InvalidRequest(format!("socket_group {name:?}: no such group"))),
+            Err(e) => return Err(Error::InvalidRequest(format!("socket_group {name:?}: {e}"))),
+        },
+    };
     let root = crate::sys::euid() == 0;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
@@ -56,7 +65,12 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
     .ctx(|| "creating the socket".into())?;
     let addr = UnixAddr::new(path).map_err(as_io).ctx(|| format!("socket path {}", path.display()))?;
     nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(as_io).ctx(|| format!("binding {}", path.display()))?;
-    let mode = if root { 0o660 } else { 0o600 };
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(as_io)
+            .ctx(|| format!("giving {} to its socket group", path.display()))?;
+    }
+    let mode = if root || gid.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .ctx(|| format!("setting the mode of {}", path.display()))?;
     nix::sys::socket::listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
@@ -129,6 +143,7 @@ async fn connection(stream: UnixStream, engine: Arc<Engine>) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     let mut greeted = false;
+    let mut wants_progress = false;
     loop {
         let line = match read_line(&mut reader).await? {
             Line::Eof => return Ok(()),
@@ -149,6 +164,7 @@ async fn connection(stream: UnixStream, engine: Arc<Engine>) -> io::Result<()> {
         let response = match (greeted, request) {
             (false, Request::Hello(hello)) if hello.protocol == PROTOCOL => {
                 greeted = true;
+                wants_progress = hello.progress;
                 tracing::debug!(uid = peer.uid, client = %hello.client, "hello");
                 Response::Welcome(Welcome { protocol: PROTOCOL, daemon: daemon_name() })
             }
@@ -161,14 +177,46 @@ async fn connection(stream: UnixStream, engine: Arc<Engine>) -> io::Result<()> {
                 return Ok(());
             }
             (false, _) => error(ErrorCode::InvalidRequest, "the first request must be hello"),
-            (true, request) => {
-                let engine = engine.clone();
-                tokio::task::spawn_blocking(move || engine.handle(peer, request))
-                    .await
-                    .unwrap_or_else(|e| error(ErrorCode::Internal, format!("the request failed: {e}")))
-            }
+            (true, request) => run(&engine, peer, request, wants_progress, &mut write).await?,
         };
         send(&mut write, &response).await?;
+    }
+}
+
+/// Runs one request on the blocking pool. When the client asked for
+/// progress, a `progress` line goes out about every 100 ms while it runs
+/// (only when something moved); the answer follows.
+async fn run(
+    engine: &Arc<Engine>,
+    peer: Peer,
+    request: Request,
+    wants_progress: bool,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> io::Result<Response> {
+    let failed = |e: tokio::task::JoinError| error(ErrorCode::Internal, format!("the request failed: {e}"));
+    let engine = engine.clone();
+    if !wants_progress {
+        return Ok(tokio::task::spawn_blocking(move || engine.handle(peer, request)).await.unwrap_or_else(failed));
+    }
+    let counters = Arc::new(Progress::default());
+    let shared = counters.clone();
+    let mut task = tokio::task::spawn_blocking(move || progress::scoped(shared, || engine.handle(peer, request)));
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            done = &mut task => return Ok(done.unwrap_or_else(failed)),
+            _ = tick.tick() => {
+                let now = counters.report();
+                if now.is_some() && now != last {
+                    if let Some(report) = now.clone() {
+                        send(write, &Response::Progress(report)).await?;
+                    }
+                    last = now;
+                }
+            }
+        }
     }
 }
 
