@@ -16,9 +16,11 @@ use snapback::proto::{
     PlanRollbackRequest, PruneRequest, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
     SandboxRemove, WirePath,
 };
-use snapback::{Client, ClientError};
+use snapback::{Client, ClientError, ConnectOptions};
 
+mod agent;
 mod demo;
+mod progress;
 
 /// Checkpoints and rollbacks of sandbox directories, through snapbackd.
 #[derive(Parser)]
@@ -130,6 +132,29 @@ enum Command {
     Verify,
     /// Show the daemon and its sandboxes.
     Status,
+    /// Take a checkpoint for a coding agent's tool call, described by the
+    /// hook JSON on stdin (Claude Code PreToolUse/PostToolUse, Gemini CLI
+    /// BeforeTool/AfterTool). Never fails the call: always exits 0.
+    Hook {
+        /// The sandbox [default: the registered sandbox holding the JSON's cwd]
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
+    /// Checkpoint, run a command, checkpoint again (phases pre and post);
+    /// exits with the command's code.
+    Exec {
+        #[arg(long)]
+        sandbox: String,
+        /// The tool name to record [default: the command's file name]
+        #[arg(long, value_name = "NAME")]
+        tool: Option<String>,
+        /// The plan both checkpoints belong to.
+        #[arg(long, value_name = "ID")]
+        plan: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Run a short demonstration against a private daemon in a temporary
     /// directory: register, checkpoint, edit, diff, roll back.
     Demo,
@@ -234,7 +259,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(failure) => {
             let (code, message) = match failure {
                 Failure::Refused(m) => (1, m),
@@ -251,11 +276,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn connect(socket: Option<PathBuf>) -> Result<Client, Failure> {
-    let path = socket.or_else(snapback::defaults::socket_path).ok_or_else(|| {
+fn socket_path(socket: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    socket.or_else(snapback::defaults::socket_path).ok_or_else(|| {
         Failure::Usage("no socket path: pass --socket, or set SNAPBACK_SOCKET or XDG_RUNTIME_DIR".into())
-    })?;
-    Ok(Client::connect(&path)?)
+    })
+}
+
+fn connect(socket: Option<PathBuf>) -> Result<Client, Failure> {
+    Ok(Client::connect(&socket_path(socket)?)?)
+}
+
+/// Connects for a command that may run long (a checkpoint, a rollback):
+/// on a terminal, and without `--json`, it draws the daemon's progress
+/// lines as a bar on stderr.
+fn connect_with_bar(socket: Option<PathBuf>, json: bool) -> Result<(Client, progress::Bar), Failure> {
+    let bar = progress::Bar::for_stderr(!json);
+    let options = ConnectOptions { timeout: None, progress: bar.callback() };
+    Ok((Client::connect_with(&socket_path(socket)?, options)?, bar))
 }
 
 /// Prints `value` as JSON, or runs `text` to print it for a person.
@@ -291,9 +328,15 @@ fn sandbox_ref(client: &mut Client, arg: &str) -> Result<String, Failure> {
         .ok_or_else(|| Failure::Usage(format!("{arg}: refer to this sandbox by its name")))
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let json = cli.json;
-    match cli.command {
+    let done = match cli.command {
+        Command::Hook { sandbox } => return Ok(agent::hook(cli.socket, sandbox, json)),
+        Command::Exec { sandbox, tool, plan, command } => {
+            let mut client = connect(cli.socket)?;
+            let sandbox = sandbox_ref(&mut client, &sandbox)?;
+            return agent::exec(&mut client, sandbox, tool, plan, command, json).map_err(Failure::from);
+        }
         Command::Demo => demo::run(json),
         Command::Sandbox(cmd) => {
             let mut client = connect(cli.socket)?;
@@ -328,11 +371,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Checkpoint { sandbox, plan, reason, tool, phase, labels, pin } => {
-            let mut client = connect(cli.socket)?;
+            let (mut client, bar) = connect_with_bar(cli.socket, json)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
             let req = CheckpointRequest { sandbox, plan, reason, tool, phase, labels, pin, kind: None };
-            let info = client.checkpoint(req)?;
+            let info = client.checkpoint(req);
+            bar.finish();
+            let info = info?;
             emit(json, &info, |c| {
                 println!(
                     "{}  checkpoint {} of {}: {} changed, {} files, {}",
@@ -361,8 +406,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Rollback { checkpoint, paths, dry_run } => {
             let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
-            let report = connect(cli.socket)?.rollback(RollbackRequest { checkpoint, paths, dry_run })?;
-            emit(json, &report, print_rollback)
+            let (mut client, bar) = connect_with_bar(cli.socket, json)?;
+            let report = client.rollback(RollbackRequest { checkpoint, paths, dry_run });
+            bar.finish();
+            emit(json, &report?, print_rollback)
         }
         Command::Plan(cmd) => {
             let mut client = connect(cli.socket)?;
@@ -378,13 +425,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Revert { checkpoint, force } => {
-            let report = connect(cli.socket)?.revert(RevertRequest { checkpoint, force })?;
-            emit(json, &report, print_rollback)
+            let (mut client, bar) = connect_with_bar(cli.socket, json)?;
+            let report = client.revert(RevertRequest { checkpoint, force });
+            bar.finish();
+            emit(json, &report?, print_rollback)
         }
         Command::Undo { sandbox } => {
-            let mut client = connect(cli.socket)?;
+            let (mut client, bar) = connect_with_bar(cli.socket, json)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;
-            emit(json, &client.undo(&sandbox)?, print_rollback)
+            let report = client.undo(&sandbox);
+            bar.finish();
+            emit(json, &report?, print_rollback)
         }
         Command::Prune { sandbox, keep_last, keep_within } => {
             let mut client = connect(cli.socket)?;
@@ -482,7 +533,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             })
         }
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
