@@ -74,9 +74,11 @@ fn main() -> ExitCode {
         print!("{}", snapback_daemon::config::systemd_dropin(&file));
         return ExitCode::SUCCESS;
     }
-    // A flag wins over the environment, which wins over the file.
-    let socket = args
-        .socket
+    // The socket systemd passed wins; then a flag, the environment, the file.
+    let socket = listener
+        .as_ref()
+        .and_then(snapback_daemon::systemd::listener_path)
+        .or(args.socket)
         .or_else(|| std::env::var_os(snapback::defaults::SOCKET_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
         .or_else(|| file.socket.clone())
         .or_else(snapback::defaults::socket_path);

@@ -224,3 +224,21 @@ pub fn root_or_skip(test: &str) -> bool {
     eprintln!("skipping {test}: it needs root (loop mounts); run the suite as root to include it");
     false
 }
+
+/// Returns the path of `tool` on `PATH`. When it is missing, a test that
+/// needs it prints why it skips, and fails instead under CI (`.ci/run`
+/// installs every tool the suite uses).
+pub fn tool_or_skip(tool: &str, test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test} needs {tool}, and CI must run it: .ci/run installs it");
+        }
+        eprintln!("skipping {test}: {tool} is not installed");
+    }
+    found
+}

@@ -9,9 +9,12 @@
 mod fixture;
 mod tree;
 
+mod agent;
 mod cli;
 mod core;
 mod plans;
 mod protocol;
+mod python;
 mod reflink;
+mod systemd;
 mod watch;

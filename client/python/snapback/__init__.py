@@ -1,0 +1,240 @@
+"""A client for snapbackd, the snapback checkpoint daemon, in plain Python.
+
+It speaks the daemon's socket protocol (newline-delimited JSON over a Unix
+socket, see docs/reference/protocol.md) with the standard library only::
+
+    import snapback
+
+    with snapback.connect() as sb:
+        cp = sb.checkpoint("my-sandbox", plan="run-42", tool="Bash", phase="pre")
+        ...
+        report = sb.rollback(cp["id"])
+        print(report["restored"], report["created"], report["deleted"])
+
+Answers are the daemon's JSON documents as dicts. Paths travel as
+``{"text": ...}`` or ``{"bytes": <base64>}``; :func:`path_bytes` turns one
+into ``bytes``. A refusal raises :class:`SnapbackError` carrying the
+protocol's error ``code`` (``not_found``, ``plan_applied``, ``conflict``,
+...); a daemon that cannot be reached raises :class:`DaemonUnreachable`.
+"""
+
+import base64
+import json
+import os
+import socket as _socket
+
+__all__ = [
+    "PROTOCOL",
+    "Client",
+    "DaemonUnreachable",
+    "SnapbackError",
+    "connect",
+    "default_socket",
+    "path_bytes",
+    "wire_path",
+]
+
+#: The protocol number this client speaks.
+PROTOCOL = 1
+
+#: The longest line either side sends, newline included.
+MAX_LINE = 1 << 20
+
+
+class SnapbackError(Exception):
+    """The daemon refused a request, or the exchange failed.
+
+    ``code`` is the protocol's stable error code; ``paths`` lists the paths
+    the error is about (a revert's conflicts) as bytes.
+    """
+
+    def __init__(self, code, message, paths=()):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.paths = list(paths)
+
+    def __str__(self):
+        return "%s: %s" % (self.code, self.message)
+
+
+class DaemonUnreachable(SnapbackError):
+    """Nothing answers on the socket: the daemon is not running there."""
+
+    def __init__(self, path, error):
+        super().__init__(
+            "unreachable",
+            "cannot reach snapbackd at %s (%s); start it with `snapbackd`" % (path, error),
+        )
+        self.path = path
+
+
+def default_socket():
+    """Returns the socket the daemon uses by default, as the CLI finds it:
+    ``$SNAPBACK_SOCKET``, then ``$XDG_RUNTIME_DIR/snapback/snapbackd.sock``,
+    then ``/run/snapback/snapbackd.sock`` for root."""
+    if os.environ.get("SNAPBACK_SOCKET"):
+        return os.environ["SNAPBACK_SOCKET"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "snapback", "snapbackd.sock")
+    if os.geteuid() == 0:
+        return "/run/snapback/snapbackd.sock"
+    raise SnapbackError("invalid_request", "no socket path: pass one, or set SNAPBACK_SOCKET or XDG_RUNTIME_DIR")
+
+
+def wire_path(path):
+    """Encodes a path (str, bytes or os.PathLike) for the wire."""
+    raw = os.fsencode(path)
+    try:
+        return {"text": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"bytes": base64.b64encode(raw).decode("ascii")}
+
+
+def path_bytes(wire):
+    """Decodes a path the daemon sent into bytes."""
+    if "text" in wire:
+        return wire["text"].encode("utf-8")
+    return base64.b64decode(wire["bytes"])
+
+
+def connect(path=None, timeout=None):
+    """Connects to the daemon at ``path`` (default: :func:`default_socket`)
+    and exchanges hello / welcome. ``timeout`` (seconds) bounds each
+    answer; ``None`` waits as long as the daemon works."""
+    return Client(path or default_socket(), timeout)
+
+
+class Client:
+    """A connection to snapbackd. One request at a time; close it, or use
+    it as a context manager."""
+
+    def __init__(self, path, timeout=None):
+        self.path = os.fspath(path)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise DaemonUnreachable(self.path, e) from e
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+        welcome = self._call({"type": "hello", "protocol": PROTOCOL, "client": "snapback-python"})
+        if welcome.get("type") != "welcome" or welcome.get("protocol") != PROTOCOL:
+            self.close()
+            raise SnapbackError("protocol_mismatch", "unexpected welcome: %r" % (welcome,))
+        #: The daemon's name and version.
+        self.daemon = welcome.get("daemon")
+
+    def close(self):
+        self._reader.close()
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, request):
+        line = json.dumps(request, separators=(",", ":")).encode("utf-8") + b"\n"
+        if len(line) > MAX_LINE:
+            raise SnapbackError("invalid_request", "request longer than %d bytes" % MAX_LINE)
+        self._sock.sendall(line)
+        while True:
+            answer = self._reader.readline(MAX_LINE + 1)
+            if not answer.endswith(b"\n"):
+                raise SnapbackError("io", "the daemon closed the connection")
+            response = json.loads(answer)
+            kind = response.get("type")
+            if kind == "progress":
+                continue  # only sent to clients that ask; skipped all the same
+            if kind == "error":
+                paths = [path_bytes(p) for p in response.get("paths", [])]
+                raise SnapbackError(response.get("code", "unknown"), response.get("message", ""), paths)
+            return response
+
+    def _expect(self, request, kind):
+        response = self._call(request)
+        if response.get("type") != kind:
+            raise SnapbackError("internal", "expected %s, got %r" % (kind, response.get("type")))
+        del response["type"]
+        return response
+
+    # Sandboxes.
+
+    def sandbox_add(self, path, name=None, excludes=(), store=None):
+        """Registers a directory; returns the sandbox."""
+        request = {"type": "sandbox_add", "path": wire_path(os.path.abspath(path)), "name": name,
+                   "excludes": list(excludes)}
+        if store is not None:
+            request["store"] = wire_path(os.path.abspath(store))
+        return self._expect(request, "sandbox")
+
+    def sandbox_list(self):
+        """Returns the sandboxes this user may use."""
+        return self._expect({"type": "sandbox_list"}, "sandboxes")["sandboxes"]
+
+    # Checkpoints.
+
+    def checkpoint(self, sandbox, plan=None, reason=None, tool=None, phase=None, labels=None, pin=False):
+        """Takes a checkpoint of ``sandbox`` (a name or registered path)."""
+        return self._expect({
+            "type": "checkpoint", "sandbox": os.fspath(sandbox), "plan": plan, "reason": reason,
+            "tool": tool, "phase": phase, "labels": dict(labels or {}), "pin": pin,
+        }, "checkpoint")
+
+    def list(self, sandbox=None, plan=None):
+        """Returns checkpoints, oldest first, optionally of one sandbox or plan."""
+        return self._expect({"type": "list", "sandbox": sandbox, "plan": plan}, "checkpoints")["checkpoints"]
+
+    def show(self, checkpoint):
+        """Returns one checkpoint (an id or a unique prefix of one)."""
+        return self._expect({"type": "show", "checkpoint": checkpoint}, "checkpoint")
+
+    def diff(self, from_checkpoint, to_checkpoint=None):
+        """Returns the changes from one checkpoint to another, or to the
+        live tree when ``to_checkpoint`` is None."""
+        return self._expect({"type": "diff", "from": from_checkpoint, "to": to_checkpoint}, "diff")
+
+    def rollback(self, checkpoint, paths=(), dry_run=False):
+        """Brings the sandbox back to ``checkpoint`` (only ``paths`` when
+        given); returns counts (``restored``, ``created``, ``deleted``,
+        ``unchanged``) and the ``changed`` paths."""
+        return self._expect({"type": "rollback", "checkpoint": checkpoint,
+                             "paths": [wire_path(p) for p in paths], "dry_run": dry_run}, "rollback")
+
+    def revert(self, checkpoint, force=False):
+        """Undoes only the changes ``checkpoint`` recorded, keeping later ones."""
+        return self._expect({"type": "revert", "checkpoint": checkpoint, "force": force}, "rollback")
+
+    def undo(self, sandbox):
+        """Undoes the latest rollback, revert or undo of ``sandbox``."""
+        return self._expect({"type": "undo", "sandbox": sandbox}, "rollback")
+
+    # Plans.
+
+    def plan_show(self, plan):
+        return self._expect({"type": "plan_show", "plan": plan}, "plan")
+
+    def plan_apply(self, plan):
+        """Marks ``plan`` applied: from then on it cannot be rolled back."""
+        return self._expect({"type": "plan_apply", "plan": plan}, "plan")
+
+    def plan_abandon(self, plan):
+        return self._expect({"type": "plan_abandon", "plan": plan}, "plan")
+
+    def plan_rollback(self, plan, checkpoint, paths=(), dry_run=False):
+        """Rolls back to one of ``plan``'s checkpoints; refused with code
+        ``plan_applied`` once the plan is applied."""
+        return self._expect({"type": "plan_rollback", "plan": plan, "checkpoint": checkpoint,
+                             "paths": [wire_path(p) for p in paths], "dry_run": dry_run}, "rollback")
+
+    # The daemon.
+
+    def status(self):
+        return self._expect({"type": "status"}, "status")
+
+    def verify(self):
+        return self._expect({"type": "verify"}, "verified")

@@ -1,0 +1,145 @@
+//! The daemon under systemd's protocols: a listener passed by
+//! `systemd-socket-activate`, readiness sent to `NOTIFY_SOCKET`, and the
+//! shipped unit files accepted by `systemd-analyze verify`.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use snapback::Client;
+use snapback::proto::{CheckpointRequest, SandboxAdd, WirePath};
+
+use crate::fixture::{binary, tool_or_skip, write};
+
+fn sigterm(child: &std::process::Child) {
+    // SAFETY: signalling a child we own and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
+#[test]
+fn a_socket_activated_daemon_serves_on_the_passed_socket_and_leaves_it_to_systemd() {
+    let test = "a_socket_activated_daemon_serves_on_the_passed_socket";
+    let Some(activate) = tool_or_skip("systemd-socket-activate", test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let state = dir.path().join("state");
+    let sandbox = dir.path().join("sb");
+    write(&sandbox.join("a.txt"), "one");
+    // No --socket: the daemon must serve the socket it is handed.
+    let mut child = Command::new(activate)
+        .arg("--listen")
+        .arg(&socket)
+        .arg(binary("snapbackd"))
+        .arg("--state-dir")
+        .arg(&state)
+        .env("SNAPBACK_LOG", "warn")
+        .env("HOME", "/nonexistent")
+        .env_remove("SNAPBACK_SOCKET")
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "systemd-socket-activate exited early");
+        assert!(Instant::now() < deadline, "systemd-socket-activate did not listen within 20 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = Client::connect(&socket).expect("the activated daemon answers");
+    let path = WirePath::from(sandbox.as_path());
+    client.sandbox_add(SandboxAdd { path, name: Some("sb".into()), excludes: vec![], store: None }).unwrap();
+    let cp = client.checkpoint(CheckpointRequest { sandbox: "sb".into(), ..Default::default() }).unwrap();
+    assert_eq!(cp.files, 1);
+    let status = client.status().unwrap();
+    assert_eq!(status.socket.as_path(), socket, "status reports the passed socket");
+    drop(client);
+    sigterm(&child);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "snapbackd: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(socket.exists(), "an activated daemon leaves the socket file to systemd");
+}
+
+/// Receives one notification datagram as text.
+fn receive(notify: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = notify.recv(&mut buf).expect("a notification within 20 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn ready_reaches_notify_socket_only_once_the_socket_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let socket = dir.path().join("run/snapbackd.sock");
+    let child = Command::new(binary("snapbackd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("SNAPBACK_LOG", "warn")
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = receive(&notify);
+    assert!(ready.lines().any(|l| l == "READY=1"), "first notification: {ready:?}");
+    assert!(ready.lines().any(|l| l.starts_with("STATUS=serving")), "{ready:?}");
+    // No retry: when READY=1 arrives the socket already accepts, and the
+    // catalogue is migrated.
+    let mut client = Client::connect(&socket).expect("the socket listens when READY=1 is sent");
+    assert!(client.sandbox_list().unwrap().sandboxes.is_empty());
+    drop(client);
+    sigterm(&child);
+    let stopping = receive(&notify);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "snapbackd: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!socket.exists(), "a daemon that bound its socket removes it");
+}
+
+/// Copies the unit files of `from` into `to`, pointing `ExecStart` at the
+/// binary just built instead of the install location (verify checks that
+/// the command exists).
+fn stage_units(from: &Path, to: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::create_dir_all(to).unwrap();
+    let daemon = binary("snapbackd");
+    let mut staged = Vec::new();
+    for name in ["snapbackd.socket", "snapbackd.service"] {
+        let text = std::fs::read_to_string(from.join(name)).unwrap();
+        assert!(name.ends_with(".socket") || text.contains("ExecStart=/usr/local/bin/snapbackd "));
+        let text = text.replace("/usr/local/bin/snapbackd", daemon.to_str().unwrap());
+        std::fs::write(to.join(name), text).unwrap();
+        staged.push(to.join(name));
+    }
+    staged
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_unit_files() {
+    let Some(analyze) = tool_or_skip("systemd-analyze", "systemd_analyze_verify_accepts_the_unit_files") else {
+        return;
+    };
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir_all(&runtime).unwrap();
+    for (scope, from) in [("system", units.clone()), ("user", units.join("user"))] {
+        let staged = stage_units(&from, &dir.path().join(scope));
+        let mut cmd = Command::new(&analyze);
+        if scope == "user" {
+            cmd.arg("--user").env("XDG_RUNTIME_DIR", &runtime);
+        }
+        let out = cmd.arg("verify").args(&staged).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // verify exits 0 on some problems it only warns about: both count.
+        assert!(out.status.success() && stderr.trim().is_empty(), "{scope} units: {}\n{stderr}", out.status);
+    }
+}
