@@ -3,7 +3,9 @@
 //!
 //! `hook` is run by a coding agent before (or after) each tool call with
 //! the call described as JSON on stdin. It must never block or fail the
-//! call: whatever goes wrong, it says why on stderr and exits 0.
+//! call: whatever goes wrong, it says why on stderr and exits 0. Its stdout
+//! is `{}` (with `--json`, what it did): the agents read a hook's stdout as
+//! JSON instructions, and an empty object asks for nothing.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -58,9 +60,9 @@ pub fn hook(socket: Option<PathBuf>, sandbox: Option<String>, json: bool) -> Exi
             HookOutcome { checkpoint: None, skipped: Some(why) }
         }
     };
-    if json && let Ok(doc) = serde_json::to_string(&outcome) {
-        println!("{doc}");
-    }
+    // Both agents parse a hook's stdout as JSON: `{}` asks nothing of them.
+    let doc = if json { serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into()) } else { "{}".into() };
+    println!("{doc}");
     ExitCode::SUCCESS
 }
 

@@ -50,7 +50,7 @@ fn a_claude_code_pre_tool_use_hook_checkpoints_the_sandbox_holding_its_cwd() {
     d.add_sandbox("other", &other, &[]);
     let out = hook(&d.socket, &claude_pre_tool_use(sb.join("src").to_str().unwrap()), &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stdout.is_empty(), "a hook prints nothing on stdout unless --json");
+    assert_eq!(out.stdout, b"{}\n", "stdout is JSON that asks the agent for nothing");
     let list = d.json(&["list"]);
     let all = list["checkpoints"].as_array().unwrap();
     assert_eq!(all.len(), 1, "only the sandbox holding cwd: {list}");
