@@ -519,6 +519,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 );
                 for b in &s.sandboxes {
                     println!("{}: {}", b.name, b.watch);
+                    if let Some(r) = &b.recovery {
+                        println!("{}: {r}", b.name);
+                    }
                 }
                 for b in &s.sandboxes {
                     if let (Some(budget), Some(exclusive)) = (b.budget_bytes, b.exclusive_bytes) {

@@ -675,6 +675,10 @@ pub struct SandboxStatus {
     pub watched_dirs: u64,
     /// Paths marked dirty since the last checkpoint.
     pub dirty_paths: u64,
+    /// How the last rollback, revert or undo that did not end normally
+    /// ended: finished at start after a daemon stop, or failed half way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

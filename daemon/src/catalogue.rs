@@ -20,6 +20,7 @@ use crate::retention::Candidate;
 pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_init.sql", include_str!("../../migrations/0001_init.sql")),
     ("0002_plans_retention.sql", include_str!("../../migrations/0002_plans_retention.sql")),
+    ("0003_restore_intents.sql", include_str!("../../migrations/0003_restore_intents.sql")),
 ];
 
 /// The schema version this build writes.
@@ -448,9 +449,14 @@ pub fn store_bytes(conn: &Connection, sandbox_id: i64) -> Result<u64> {
 /// Returns every object referenced by any sandbox whose store is `store`,
 /// with its recorded size.
 pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collections::HashMap<ObjectId, u64>> {
+    // An interrupted restore's desired versions count too: the restart
+    // that finishes it needs their objects.
     let mut stmt = conn.prepare(
         "SELECT DISTINCT e.object, e.size FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
-         WHERE s.store = ?1 AND e.object IS NOT NULL",
+         WHERE s.store = ?1 AND e.object IS NOT NULL
+         UNION
+         SELECT DISTINCT p.object, p.size FROM intent_paths p JOIN intents i ON i.id = p.intent_id
+         JOIN sandboxes s ON s.id = i.sandbox_id WHERE s.store = ?1 AND p.object IS NOT NULL",
     )?;
     let mut out = std::collections::HashMap::new();
     for r in stmt.query_map([store], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))? {
@@ -539,6 +545,163 @@ pub fn latest_rollback(conn: &Connection, sandbox_id: i64) -> Result<Option<(Str
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?)
+}
+
+/// A restore in progress, or the outcome of one finished after a crash.
+#[derive(Clone, Debug)]
+pub struct Intent {
+    pub id: i64,
+    pub sandbox_id: i64,
+    pub kind: String,
+    pub target: String,
+    pub filter: Vec<Vec<u8>>,
+    pub force: bool,
+    pub safety: Option<String>,
+    pub state: String,
+    pub note: Option<String>,
+    pub updated_ms: i64,
+}
+
+const INTENT_COLS: &str = "id, sandbox_id, kind, target, filter, force, safety, state, note, updated_ms";
+
+fn intent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Intent> {
+    let filter: Option<Vec<u8>> = r.get(4)?;
+    Ok(Intent {
+        id: r.get(0)?,
+        sandbox_id: r.get(1)?,
+        kind: r.get(2)?,
+        target: r.get(3)?,
+        filter: filter.map(|f| f.split(|&b| b == 0).map(<[u8]>::to_vec).collect()).unwrap_or_default(),
+        force: r.get(5)?,
+        safety: r.get(6)?,
+        state: r.get(7)?,
+        note: r.get(8)?,
+        updated_ms: r.get(9)?,
+    })
+}
+
+/// Records a restore about to start (state `pending`). Returns its id.
+pub fn begin_intent(
+    conn: &Connection,
+    sandbox_id: i64,
+    kind: &str,
+    target: &str,
+    filter: &[Vec<u8>],
+    force: bool,
+    now_ms: i64,
+) -> Result<i64> {
+    let filter = (!filter.is_empty()).then(|| filter.join(&0u8));
+    conn.execute(
+        "INSERT INTO intents (sandbox_id, kind, target, filter, force, state, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
+        params![sandbox_id, kind, target, filter, force, now_ms],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Records, in one transaction, a restore's safety checkpoint and the
+/// desired version (`None`: absent) of every path it is about to touch.
+pub fn intent_applying(
+    conn: &mut Connection,
+    id: i64,
+    safety: &str,
+    desired: &[(&[u8], Option<&Meta>)],
+    now_ms: i64,
+) -> Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "UPDATE intents SET state = 'applying', safety = ?2, updated_ms = ?3 WHERE id = ?1",
+        params![id, safety, now_ms],
+    )?;
+    {
+        let mut stmt = tx.prepare(
+            "INSERT INTO intent_paths (intent_id, path, kind, mode, uid, gid, size, mtime_ns, target, object)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for (path, meta) in desired {
+            match meta {
+                Some(m) => stmt.execute(params![
+                    id,
+                    path,
+                    m.kind.as_str(),
+                    m.mode,
+                    m.uid,
+                    m.gid,
+                    m.size as i64,
+                    m.mtime_ns,
+                    m.target,
+                    m.object.as_ref().map(|o| o.0.to_vec())
+                ])?,
+                None => stmt.execute(params![
+                    id,
+                    path,
+                    None::<&str>,
+                    None::<i64>,
+                    None::<i64>,
+                    None::<i64>,
+                    None::<i64>,
+                    None::<i64>,
+                    None::<Vec<u8>>,
+                    None::<Vec<u8>>
+                ])?,
+            };
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Returns the desired versions an `applying` intent recorded: those to
+/// exist, and the paths that must not.
+pub fn intent_paths(conn: &Connection, id: i64) -> Result<(Manifest, Vec<Vec<u8>>)> {
+    let mut stmt = conn.prepare(
+        "SELECT 0, path, kind, mode, uid, gid, size, mtime_ns, target, object, 0, 0, 0
+         FROM intent_paths WHERE intent_id = ?1",
+    )?;
+    let mut present = Manifest::default();
+    let mut absent = Vec::new();
+    let mut rows = stmt.query([id])?;
+    while let Some(r) = rows.next()? {
+        if r.get_ref(2)?.data_type() == rusqlite::types::Type::Null {
+            absent.push(r.get(1)?);
+        } else {
+            let (path, row) = entry_from_row(r)?;
+            present.insert(path, row);
+        }
+    }
+    Ok((present, absent))
+}
+
+/// Deletes a finished restore's intent.
+pub fn end_intent(conn: &Connection, id: i64) -> Result<()> {
+    conn.execute("DELETE FROM intents WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// Records how an interrupted restore ended (`resumed` or `failed`) and
+/// drops its paths; earlier outcomes of the sandbox are dropped.
+pub fn settle_intent(conn: &Connection, intent: &Intent, state: &str, note: &str, now_ms: i64) -> Result<()> {
+    conn.execute("DELETE FROM intent_paths WHERE intent_id = ?1", [intent.id])?;
+    conn.execute(
+        "DELETE FROM intents WHERE sandbox_id = ?1 AND id != ?2 AND state IN ('resumed', 'failed')",
+        params![intent.sandbox_id, intent.id],
+    )?;
+    conn.execute(
+        "UPDATE intents SET state = ?2, note = ?3, updated_ms = ?4 WHERE id = ?1",
+        params![intent.id, state, note, now_ms],
+    )?;
+    Ok(())
+}
+
+/// Returns the intents in `states`, oldest first.
+pub fn intents(conn: &Connection, states: &[&str], sandbox_id: Option<i64>) -> Result<Vec<Intent>> {
+    let list = states.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "SELECT {INTENT_COLS} FROM intents WHERE state IN ({list}) AND (?1 IS NULL OR sandbox_id = ?1) ORDER BY id"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map([sandbox_id], intent_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Returns a sandbox's checkpoints as retention sees them, by seq.

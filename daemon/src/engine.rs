@@ -91,6 +91,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn now_ms() -> i64 {
+    now_ns() / 1_000_000
+}
+
 fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
@@ -840,6 +844,8 @@ impl Engine {
 
     /// Brings a sandbox to `target` (within `filter`); the caller holds the
     /// sandbox's lock. Refused when the target belongs to an applied plan.
+    /// Anything but a dry run is recorded as an intent first, so that a
+    /// crash half way is finished at the next start.
     fn restore_to(
         &self,
         conn: &mut Connection,
@@ -852,33 +858,154 @@ impl Engine {
         if let Some(plan) = &target.info.plan {
             refuse_if_applied(conn, plan)?;
         }
+        if !dry_run {
+            let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
+            let result = self.restore_intent(conn, sandbox, target, filter, kind, intent);
+            self.close_intent(conn, intent, &result);
+            return result;
+        }
         let excludes = Excludes::new(&sandbox.excludes)?;
         let store = self.store(&sandbox.store)?;
-        let (plan, safety) = if dry_run {
-            let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
-            let live = self.live_state(conn, &sb)?;
-            let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
-            let (t_side, l_side) = differences(&then, &live);
-            (Plan::new(&t_side, &l_side, filter, &excludes), None)
-        } else {
-            let safety = self.take_safety(conn, sandbox.id, format!("before {kind} to {}", target.info.id))?;
-            let (t_side, l_side) = catalogue::rows_between(conn, sandbox.id, target.info.seq, safety.seq)?;
-            (Plan::new(&t_side, &l_side, filter, &excludes), Some(safety))
-        };
-        let total = if filter.is_empty() {
-            catalogue::count_at(conn, sandbox.id, target.info.seq)?
-        } else {
-            catalogue::rows_at(conn, sandbox.id, target.info.seq)?
-                .keys()
-                .filter(|p| selected(p, filter) && !excludes.covers(p))
-                .count() as u64
-        };
-        let report = self.apply_plan(conn, sandbox, &plan, &store, safety.as_ref(), &target.info.id, kind, total)?;
+        let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
+        let live = self.live_state(conn, &sb)?;
+        let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
+        let (t_side, l_side) = differences(&then, &live);
+        let plan = Plan::new(&t_side, &l_side, filter, &excludes);
+        let total = self.restore_total(conn, sandbox, target, filter, &excludes)?;
+        self.apply_plan(conn, sandbox, &plan, &store, None, &target.info.id, kind, total)
+    }
+
+    /// Counts the target paths a restore covers (for `unchanged`).
+    fn restore_total(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+        excludes: &Excludes,
+    ) -> Result<u64> {
+        if filter.is_empty() {
+            return catalogue::count_at(conn, sandbox.id, target.info.seq);
+        }
+        Ok(catalogue::rows_at(conn, sandbox.id, target.info.seq)?
+            .keys()
+            .filter(|p| selected(p, filter) && !excludes.covers(p))
+            .count() as u64)
+    }
+
+    /// The body of a restore whose intent `intent` is recorded: a safety
+    /// checkpoint, the plan (recorded in the intent before anything is
+    /// touched), then its application.
+    fn restore_intent(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+        kind: &str,
+        intent: i64,
+    ) -> Result<RollbackReport> {
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        let store = self.store(&sandbox.store)?;
+        let safety = self.take_safety(conn, sandbox.id, format!("before {kind} to {}", target.info.id))?;
+        let (t_side, l_side) = catalogue::rows_between(conn, sandbox.id, target.info.seq, safety.seq)?;
+        let plan = Plan::new(&t_side, &l_side, filter, &excludes);
+        catalogue::intent_applying(conn, intent, &safety.id, &plan.desired(), now_ms())?;
+        let total = self.restore_total(conn, sandbox, target, filter, &excludes)?;
+        let report = self.apply_plan(conn, sandbox, &plan, &store, Some(&safety), &target.info.id, kind, total)?;
         tracing::info!(
-            sandbox = %sandbox.name, target = %target.info.id, kind, dry_run,
+            sandbox = %sandbox.name, target = %target.info.id, kind,
             restored = report.restored, created = report.created, deleted = report.deleted, "rollback"
         );
         Ok(report)
+    }
+
+    /// Ends a restore's intent once the request is answered. It is deleted
+    /// when the restore succeeded, or failed before touching anything (a
+    /// refused revert). One that failed half way is kept as `failed`, for
+    /// `status`, and is not resumed at start: the client heard of the
+    /// failure, and a second rollback finishes the job.
+    fn close_intent(&self, conn: &Connection, intent: i64, result: &Result<RollbackReport>) {
+        let closed = match result {
+            Ok(_) => catalogue::end_intent(conn, intent),
+            Err(e) => catalogue::intents(conn, &["applying"], None).and_then(|all| {
+                match all.into_iter().find(|i| i.id == intent) {
+                    Some(i) => {
+                        let note = format!(
+                            "the {} to {} failed half way: {e}; a second rollback finishes it",
+                            i.kind, i.target
+                        );
+                        catalogue::settle_intent(conn, &i, "failed", &note, now_ms())
+                    }
+                    None => catalogue::end_intent(conn, intent),
+                }
+            }),
+        };
+        if let Err(e) = closed {
+            tracing::warn!(intent, "closing a restore intent: {e}");
+        }
+    }
+
+    /// Finishes every restore a crash interrupted, before the daemon
+    /// serves: one that had not yet touched the sandbox is run from the
+    /// beginning; one that had is brought, path by path, to the versions
+    /// its intent recorded (each step is idempotent). The outcome is kept
+    /// for `status`.
+    pub fn resume_interrupted(&self) -> Result<()> {
+        let mut conn = self.db()?;
+        for intent in catalogue::intents(&conn, &["pending", "applying"], None)? {
+            let guard = self.sandbox_lock(intent.sandbox_id);
+            let _held = lock(&guard);
+            let outcome = self.resume_one(&mut conn, &intent);
+            let (state, note) = match &outcome {
+                Ok(n) => (
+                    "resumed",
+                    format!(
+                        "the {} to {} interrupted by a daemon stop was finished at start ({n} paths)",
+                        intent.kind, intent.target
+                    ),
+                ),
+                Err(e) => (
+                    "failed",
+                    format!(
+                        "the {} to {} interrupted by a daemon stop could not be finished: {e}",
+                        intent.kind, intent.target
+                    ),
+                ),
+            };
+            tracing::warn!(intent = intent.id, "{note}");
+            catalogue::settle_intent(&conn, &intent, state, &note, now_ms())?;
+        }
+        Ok(())
+    }
+
+    /// Finishes one interrupted restore; returns the number of paths it
+    /// touched.
+    fn resume_one(&self, conn: &mut Connection, intent: &catalogue::Intent) -> Result<u64> {
+        let sandbox = catalogue::sandbox_by_id(conn, intent.sandbox_id)?;
+        if intent.state == "pending" {
+            // Nothing was touched yet: run it again under the same intent.
+            let target = catalogue::checkpoint_by_ref(conn, &intent.target)?;
+            let report = if intent.kind == "revert" {
+                self.revert_intent(conn, &sandbox, &target, intent.force, intent.id)?
+            } else {
+                self.restore_intent(conn, &sandbox, &target, &intent.filter, &intent.kind, intent.id)?
+            };
+            return Ok(report.restored + report.created + report.deleted);
+        }
+        let (present, absent) = catalogue::intent_paths(conn, intent.id)?;
+        let live = self.live_state(conn, &sandbox)?;
+        let wanted: std::collections::HashSet<&[u8]> =
+            present.keys().map(Vec::as_slice).chain(absent.iter().map(Vec::as_slice)).collect();
+        let live_side: Manifest = live.into_iter().filter(|(p, _)| wanted.contains(p.as_slice())).collect();
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        let plan = Plan::new(&present, &live_side, &[], &excludes);
+        let store = self.store(&sandbox.store)?;
+        let root = Self::open_root(&sandbox)?;
+        plan.apply(root.as_fd(), &store, sandbox.clone_method == CloneMethod::Reflink)?;
+        let touched: Vec<&[u8]> = wanted.into_iter().collect();
+        crate::restore::remove_leftover_temps(root.as_fd(), &touched)?;
+        Ok(plan.steps.len() as u64)
     }
 
     /// Takes a safety checkpoint; the caller holds the sandbox's lock.
@@ -1021,21 +1148,37 @@ impl Engine {
         if let Some(plan) = &step.info.plan {
             refuse_if_applied(&conn, plan)?;
         }
-        let parent = catalogue::previous_checkpoint(&conn, sandbox.id, step.info.seq)?.ok_or_else(|| {
+        let intent = catalogue::begin_intent(&conn, sandbox.id, "revert", &step.info.id, &[], req.force, now_ms())?;
+        let result = self.revert_intent(&mut conn, &sandbox, &step, req.force, intent);
+        self.close_intent(&conn, intent, &result);
+        result
+    }
+
+    /// The body of a revert whose intent `intent` is recorded; the caller
+    /// holds the sandbox's lock.
+    fn revert_intent(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        step: &Checkpoint,
+        force: bool,
+        intent: i64,
+    ) -> Result<RollbackReport> {
+        let parent = catalogue::previous_checkpoint(conn, sandbox.id, step.info.seq)?.ok_or_else(|| {
             Error::InvalidRequest(format!(
                 "{} is the first checkpoint of {}: there is no earlier state to revert its changes to",
                 step.info.id, sandbox.name
             ))
         })?;
         // What the step changed: versions at its parent and at the step.
-        let (before, after) = catalogue::rows_between(&conn, sandbox.id, parent.info.seq, step.info.seq)?;
+        let (before, after) = catalogue::rows_between(conn, sandbox.id, parent.info.seq, step.info.seq)?;
         let step_paths = changed_paths(&before, &after);
-        let safety = self.take_safety(&mut conn, sandbox.id, format!("before revert of {}", step.info.id))?;
+        let safety = self.take_safety(conn, sandbox.id, format!("before revert of {}", step.info.id))?;
         // What changed after the step, up to now.
-        let (then, now) = catalogue::rows_between(&conn, sandbox.id, step.info.seq, safety.seq)?;
+        let (then, now) = catalogue::rows_between(conn, sandbox.id, step.info.seq, safety.seq)?;
         let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
         let conflicts: Vec<Vec<u8>> = step_paths.iter().filter(|p| later.contains(*p)).cloned().collect();
-        if !conflicts.is_empty() && !req.force {
+        if !conflicts.is_empty() && !force {
             let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
             return Err(Error::Conflict {
                 message: format!(
@@ -1049,8 +1192,8 @@ impl Engine {
                 paths: conflicts,
             });
         }
-        let sb = catalogue::sandbox_by_id(&conn, sandbox.id)?;
-        let live_all = self.copy_manifest(&conn, &sb)?;
+        let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
+        let live_all = self.copy_manifest(conn, &sb)?;
         let mut target = Manifest::default();
         let mut live = Manifest::default();
         for p in &step_paths {
@@ -1063,10 +1206,11 @@ impl Engine {
         }
         let excludes = Excludes::new(&sandbox.excludes)?;
         let plan = Plan::new(&target, &live, &[], &excludes);
+        catalogue::intent_applying(conn, intent, &safety.id, &plan.desired(), now_ms())?;
         let store = self.store(&sandbox.store)?;
         let total = step_paths.len() as u64;
         let mut report =
-            self.apply_plan(&conn, &sandbox, &plan, &store, Some(&safety), &step.info.id, "revert", total)?;
+            self.apply_plan(conn, sandbox, &plan, &store, Some(&safety), &step.info.id, "revert", total)?;
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
         report.conflicts = conflicts.into_iter().map(WirePath).collect();
         Ok(report)
@@ -1280,7 +1424,9 @@ impl Engine {
                 (true, 0) => 1,
                 (true, head) => catalogue::checkpoint_at(&conn, s.id, head)?.map_or(1, |c| c.info.dirs + 1),
             };
+            let recovery = catalogue::intents(&conn, &["resumed", "failed"], Some(s.id))?.pop().and_then(|i| i.note);
             sandboxes.push(SandboxStatus {
+                recovery,
                 watch,
                 watched_dirs,
                 dirty_paths,

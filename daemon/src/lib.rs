@@ -82,6 +82,9 @@ pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> +
         config.socket = path;
     }
     let engine = Arc::new(engine::Engine::open(&config)?);
+    // A restore a crash interrupted is finished before anyone can see the
+    // sandbox half restored.
+    engine.resume_interrupted()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

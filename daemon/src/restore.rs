@@ -90,6 +90,21 @@ impl Plan {
         Plan { steps }
     }
 
+    /// Returns the version each planned path must end with (`None`: it
+    /// must not exist), as a restore intent records it.
+    pub fn desired(&self) -> Vec<(&[u8], Option<&Meta>)> {
+        self.steps
+            .iter()
+            .map(|(p, s)| {
+                let meta = match s {
+                    Step::Create(t) | Step::Restore { target: t, .. } => Some(t),
+                    Step::Delete(_) => None,
+                };
+                (p.as_slice(), meta)
+            })
+            .collect()
+    }
+
     pub fn counts(&self) -> (u64, u64, u64) {
         let (mut restored, mut created, mut deleted) = (0, 0, 0);
         for s in self.steps.values() {
@@ -185,6 +200,30 @@ impl Plan {
         }
         Ok(applied)
     }
+}
+
+/// Removes the temporary files a restore killed half way left in the
+/// directories of `paths` (their parents: the only places a restore writes
+/// them). Returns how many it removed.
+pub fn remove_leftover_temps(root: BorrowedFd<'_>, paths: &[&[u8]]) -> Result<u64> {
+    let parents: std::collections::BTreeSet<&[u8]> = paths.iter().map(|p| sys::split_parent(p).0).collect();
+    let mut removed = 0;
+    for parent in parents {
+        let dir = match sys::open_beneath(root, parent) {
+            Ok(d) => d,
+            // Gone, or no longer a directory: nothing of ours is inside.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => continue,
+            Err(e) => return Err(e).ctx(|| format!("opening {}", show(parent))),
+        };
+        for entry in sys::read_dir(dir.as_fd()).ctx(|| format!("listing {}", show(parent)))? {
+            if entry.name.starts_with(TEMP_PREFIX) {
+                sys::unlinkat(dir.as_fd(), &entry.name, false)
+                    .ctx(|| format!("removing a temporary file in {}", show(parent)))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Removes `path` (a directory only when empty). Returns false when it

@@ -12,6 +12,7 @@ mod tree;
 mod agent;
 mod cli;
 mod core;
+mod crash;
 mod plans;
 mod protocol;
 mod python;
