@@ -8,6 +8,8 @@
 //! socket_group = "snapback"                 # socket mode 0660, owned by this group; default: none (0600 or 0660 for root)
 //! watch = true                              # false: no inotify; every checkpoint scans everything
 //! excludes = ["node_modules", "*.pyc"]      # added to every sandbox registered from now on
+//! max_connections_per_uid = 64              # one more closes that uid's longest-idle connection
+//! idle_timeout_ms = 600000                  # a connection with no request for this long is closed
 //!
 //! [retention]            # for every sandbox
 //! keep_last = 100        # newest checkpoints always kept
@@ -49,6 +51,10 @@ pub struct FileConfig {
     /// Exclude globs added to every sandbox registered from now on.
     #[serde(default)]
     pub excludes: Vec<String>,
+    /// Connections one uid may hold open at once.
+    pub max_connections_per_uid: Option<usize>,
+    /// A connection idle this long is closed.
+    pub idle_timeout_ms: Option<u64>,
     #[serde(default)]
     pub retention: Settings,
     #[serde(default)]
@@ -113,6 +119,16 @@ impl FileConfig {
             .iter()
             .filter_map(|(name, s)| s.auto_checkpoint_ms.map(|ms| (name.clone(), std::time::Duration::from_millis(ms))))
             .collect()
+    }
+
+    /// Returns the connection limits, defaults where not set.
+    pub fn limits(&self) -> crate::server::Limits {
+        let default = crate::server::Limits::default();
+        crate::server::Limits {
+            per_uid: self.max_connections_per_uid.unwrap_or(default.per_uid),
+            idle: self.idle_timeout_ms.map_or(default.idle, std::time::Duration::from_millis),
+            hello: default.hello,
+        }
     }
 
     /// Returns the sandboxes to register at start.

@@ -51,6 +51,8 @@ pub struct Config {
     pub default_excludes: Vec<String>,
     /// Sandboxes to register at start, unless they are already.
     pub register: Vec<config::Registration>,
+    /// Connection limits: per uid, idle and hello timeouts.
+    pub limits: server::Limits,
 }
 
 impl Config {
@@ -67,6 +69,7 @@ impl Config {
             watch: true,
             default_excludes: Vec::new(),
             register: Vec::new(),
+            limits: server::Limits::default(),
         }
     }
 }
@@ -119,7 +122,7 @@ pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> +
             .map_err(|e| Error::Io { context: "registering the socket".into(), source: e })?;
         tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), activated = !owns_socket, "snapbackd ready");
         systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.socket.display()));
-        server::serve(listener, engine.clone(), shutdown).await;
+        server::serve(listener, engine.clone(), config.limits, shutdown).await;
         Ok(())
     });
     systemd::notify("STOPPING=1\nSTATUS=stopping: finishing requests in progress");

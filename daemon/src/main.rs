@@ -101,6 +101,7 @@ fn main() -> ExitCode {
         watch: file.watch.unwrap_or(true),
         default_excludes: file.excludes.clone(),
         register: file.registrations(),
+        limits: file.limits(),
     };
     match snapback_daemon::run(config, shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,

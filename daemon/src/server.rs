@@ -2,16 +2,20 @@
 //! each one reads newline-delimited JSON requests, runs them on the
 //! blocking pool and writes the responses.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, PROTOCOL, Request, Response, Welcome};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
 
 use crate::engine::{Engine, Peer, daemon_name};
 use crate::error::{Error, IoContext, Result};
@@ -79,26 +83,140 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<std::os::unix::net::Unix
     Ok(std::os::unix::net::UnixListener::from(fd))
 }
 
+/// Limits that keep a careless or hostile client from holding the daemon's
+/// memory or starving other clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections one uid may hold open at once. One more evicts that
+    /// uid's longest-idle connection (never one with a request running);
+    /// when all are busy, the new one is refused with `busy`.
+    pub per_uid: usize,
+    /// A connection that sends no complete line for this long is closed.
+    pub idle: Duration,
+    /// A connection that has not said hello within this long is closed.
+    pub hello: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { per_uid: 64, idle: Duration::from_secs(600), hello: Duration::from_secs(10) }
+    }
+}
+
+/// One open connection, as the registry sees it.
+struct Slot {
+    uid: u32,
+    /// Milliseconds since the registry started, at the last request.
+    last_active_ms: AtomicU64,
+    /// A request is running: never evicted then.
+    busy: AtomicBool,
+    evict: Notify,
+}
+
+/// The open connections by uid.
+struct Registry {
+    started: Instant,
+    per_uid: usize,
+    by_uid: Mutex<HashMap<u32, Vec<Arc<Slot>>>>,
+}
+
+/// A connection's place in the registry, given back on drop.
+struct Admitted {
+    registry: Arc<Registry>,
+    slot: Arc<Slot>,
+}
+
+impl Registry {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Admits a connection of `uid`, evicting that uid's longest-idle one
+    /// when it is at its limit. `None`: every one of them is busy.
+    fn admit(self: &Arc<Self>, uid: u32) -> Option<Admitted> {
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let open = by_uid.entry(uid).or_default();
+        if open.len() >= self.per_uid {
+            let idle = open
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.busy.load(Ordering::Acquire))
+                .min_by_key(|(_, s)| s.last_active_ms.load(Ordering::Relaxed))
+                .map(|(i, _)| i)?;
+            let evicted = open.swap_remove(idle);
+            evicted.evict.notify_one();
+        }
+        let slot = Arc::new(Slot {
+            uid,
+            last_active_ms: AtomicU64::new(self.now_ms()),
+            busy: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        open.push(slot.clone());
+        Some(Admitted { registry: self.clone(), slot })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut by_uid = self.registry.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = by_uid.get_mut(&self.slot.uid) {
+            open.retain(|s| !Arc::ptr_eq(s, &self.slot));
+            if open.is_empty() {
+                by_uid.remove(&self.slot.uid);
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` resolves.
-pub async fn serve(listener: UnixListener, engine: Arc<Engine>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(
+    listener: UnixListener,
+    engine: Arc<Engine>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let registry = Arc::new(Registry {
+        started: Instant::now(),
+        per_uid: limits.per_uid.max(1),
+        by_uid: Mutex::new(HashMap::new()),
+    });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let engine = engine.clone();
+                    let registry = registry.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, engine).await {
+                        if let Err(e) = admit(stream, engine, registry, limits).await {
                             tracing::debug!("connection ended: {e}");
                         }
                     });
                 }
                 Err(e) => {
                     tracing::warn!("accepting a connection: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
             () = &mut shutdown => return,
+        }
+    }
+}
+
+/// Reads the peer's uid, takes its place in the registry (or refuses it),
+/// and serves it.
+async fn admit(stream: UnixStream, engine: Arc<Engine>, registry: Arc<Registry>, limits: Limits) -> io::Result<()> {
+    let peer = Peer { uid: stream.peer_cred()?.uid() };
+    match registry.admit(peer.uid) {
+        Some(admitted) => connection(stream, peer, engine, &admitted, limits).await,
+        None => {
+            let (_, mut write) = stream.into_split();
+            let message = format!(
+                "uid {} has {} connections open, each running a request; try again when one is done",
+                peer.uid, limits.per_uid
+            );
+            send(&mut write, &error(ErrorCode::Busy, message)).await
         }
     }
 }
@@ -138,49 +256,90 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error(ErrorBody { code, message: message.into(), paths: Vec::new() })
 }
 
-async fn connection(stream: UnixStream, engine: Arc<Engine>) -> io::Result<()> {
-    let peer = Peer { uid: stream.peer_cred()?.uid() };
+async fn connection(
+    stream: UnixStream,
+    peer: Peer,
+    engine: Arc<Engine>,
+    admitted: &Admitted,
+    limits: Limits,
+) -> io::Result<()> {
+    let slot = &admitted.slot;
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let mut reader = BufReader::with_capacity(16 * 1024, read);
     let mut greeted = false;
     let mut wants_progress = false;
     loop {
-        let line = match read_line(&mut reader).await? {
-            Line::Eof => return Ok(()),
-            Line::TooLong => {
-                let e = error(ErrorCode::InvalidRequest, format!("request line longer than {MAX_LINE} bytes"));
-                send(&mut write, &e).await?;
-                return Ok(()); // the rest of the line cannot be trusted
-            }
-            Line::Complete(l) => l,
-        };
-        let request: Request = match serde_json::from_slice(&line) {
-            Ok(r) => r,
-            Err(e) => {
-                send(&mut write, &error(ErrorCode::InvalidRequest, format!("undecodable request: {e}"))).await?;
-                continue;
-            }
-        };
-        let response = match (greeted, request) {
-            (false, Request::Hello(hello)) if hello.protocol == PROTOCOL => {
-                greeted = true;
-                wants_progress = hello.progress;
-                tracing::debug!(uid = peer.uid, client = %hello.client, "hello");
-                Response::Welcome(Welcome { protocol: PROTOCOL, daemon: daemon_name() })
-            }
-            (false, Request::Hello(hello)) => {
+        let wait = if greeted { limits.idle } else { limits.hello.min(limits.idle) };
+        let read = tokio::select! {
+            read = tokio::time::timeout(wait, read_line(&mut reader)) => read,
+            () = slot.evict.notified() => {
                 let e = error(
-                    ErrorCode::ProtocolMismatch,
-                    format!("this daemon speaks protocol {PROTOCOL}, the client {}", hello.protocol),
+                    ErrorCode::Busy,
+                    format!("closing: uid {} opened more than {} connections, and this one was the longest idle", peer.uid, limits.per_uid),
                 );
-                send(&mut write, &e).await?;
-                return Ok(());
+                return send(&mut write, &e).await;
             }
-            (false, _) => error(ErrorCode::InvalidRequest, "the first request must be hello"),
-            (true, request) => run(&engine, peer, request, wants_progress, &mut write).await?,
         };
-        send(&mut write, &response).await?;
+        let Ok(read) = read else {
+            let what = if greeted { "no request" } else { "no hello" };
+            let e = error(ErrorCode::InvalidRequest, format!("closing: {what} for {} ms", wait.as_millis()));
+            return send(&mut write, &e).await;
+        };
+        slot.busy.store(true, Ordering::Release);
+        let served = serve_line(read?, &mut greeted, &mut wants_progress, peer, &engine, &mut write).await;
+        slot.last_active_ms.store(admitted.registry.now_ms(), Ordering::Relaxed);
+        slot.busy.store(false, Ordering::Release);
+        if !served? {
+            return Ok(());
+        }
     }
+}
+
+/// Answers one line. Returns whether the connection stays open.
+async fn serve_line(
+    line: Line,
+    greeted: &mut bool,
+    wants_progress: &mut bool,
+    peer: Peer,
+    engine: &Arc<Engine>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> io::Result<bool> {
+    let line = match line {
+        Line::Eof => return Ok(false),
+        Line::TooLong => {
+            let e = error(ErrorCode::InvalidRequest, format!("request line longer than {MAX_LINE} bytes"));
+            send(write, &e).await?;
+            return Ok(false); // the rest of the line cannot be trusted
+        }
+        Line::Complete(l) => l,
+    };
+    let request: Request = match serde_json::from_slice(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            send(write, &error(ErrorCode::InvalidRequest, format!("undecodable request: {e}"))).await?;
+            return Ok(true);
+        }
+    };
+    let response = match (*greeted, request) {
+        (false, Request::Hello(hello)) if hello.protocol == PROTOCOL => {
+            *greeted = true;
+            *wants_progress = hello.progress;
+            tracing::debug!(uid = peer.uid, client = %hello.client, "hello");
+            Response::Welcome(Welcome { protocol: PROTOCOL, daemon: daemon_name() })
+        }
+        (false, Request::Hello(hello)) => {
+            let e = error(
+                ErrorCode::ProtocolMismatch,
+                format!("this daemon speaks protocol {PROTOCOL}, the client {}", hello.protocol),
+            );
+            send(write, &e).await?;
+            return Ok(false);
+        }
+        (false, _) => error(ErrorCode::InvalidRequest, "the first request must be hello"),
+        (true, request) => run(engine, peer, request, *wants_progress, write).await?,
+    };
+    send(write, &response).await?;
+    Ok(true)
 }
 
 /// Runs one request on the blocking pool. When the client asked for

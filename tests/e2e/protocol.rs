@@ -89,3 +89,79 @@ fn a_half_line_then_a_hang_does_not_block_other_clients() {
     drop(hanging);
     d.json(&["status"]);
 }
+
+/// Raises this process's open-file limit to its hard limit (a test that
+/// holds a thousand connections needs more than the usual 1,024).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// Returns the resident memory of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Whether the daemon closed `stream` (after, at most, one error line).
+fn closed_by_daemon(stream: &UnixStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut reader = stream;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // the error line that precedes the close
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn a_thousand_idle_connections_neither_starve_clients_nor_grow_memory() {
+    raise_fd_limit();
+    let d = TestDaemon::start();
+    let before = rss_kib(d.pid());
+    let idle: Vec<UnixStream> = (0..1000).map(|_| UnixStream::connect(&d.socket).unwrap()).collect();
+    // Another client of the same uid is served at once: the longest-idle
+    // connections make room.
+    let mut client = d.client();
+    assert!(client.sandbox_list().unwrap().sandboxes.is_empty());
+    let status = d.json(&["status"]);
+    assert_eq!(status["pid"], d.pid());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let closed = idle.iter().filter(|s| closed_by_daemon(s)).count();
+    // 64 connections per uid: the client above, the CLI's (gone by now)
+    // and at most 63 idle ones stay open.
+    assert!(closed >= 1000 - 64, "only {closed} of 1,000 idle connections were closed");
+    let after = rss_kib(d.pid());
+    assert!(after < before + 64 * 1024, "resident memory grew from {before} KiB to {after} KiB");
+}
+
+#[test]
+fn idle_and_silent_connections_are_closed_with_a_reason() {
+    let d = TestDaemon::start_with_config(Some("idle_timeout_ms = 300\n"));
+    let mut greeted = UnixStream::connect(&d.socket).unwrap();
+    hello(&mut greeted);
+    let silent = UnixStream::connect(&d.socket).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    for (stream, why) in [(&greeted, "no request for 300 ms"), (&silent, "no hello for 300 ms")] {
+        let mut text = String::new();
+        let mut reader = stream;
+        reader.read_to_string(&mut text).unwrap();
+        assert!(text.contains(why) && text.contains("invalid_request"), "{text:?}");
+    }
+    // A connection in use is not idle.
+    let mut busy = d.client();
+    for _ in 0..4 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        busy.status().unwrap();
+    }
+}
