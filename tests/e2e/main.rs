@@ -13,6 +13,7 @@ mod agent;
 mod cli;
 mod core;
 mod crash;
+mod load;
 mod plans;
 mod protocol;
 mod python;
