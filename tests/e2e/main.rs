@@ -9,6 +9,7 @@
 mod fixture;
 mod tree;
 
+mod access;
 mod agent;
 mod cli;
 mod core;
