@@ -262,9 +262,17 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
     let mut out = Captured { stats: Stats { scanned, ..worker_stats }, ..Captured::default() };
     out.stats.read += read;
     let all = walker_outcomes.into_iter().chain(outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
+    // A path seen twice (a directory renamed back and forth under the
+    // walk) keeps one new version: the catalogue holds one current row per
+    // path.
+    let mut versioned: HashSet<Vec<u8>, foldhash::quality::RandomState> = HashSet::default();
     for o in all {
         match o {
             Outcome::Version(new, prior) => {
+                if !versioned.insert(new.path.clone()) {
+                    tracing::debug!(path = %show(&new.path), "seen twice in one scan; keeping the first version");
+                    continue;
+                }
                 if let Some(prior) = prior {
                     out.ended.push((new.path.clone(), prior));
                 }

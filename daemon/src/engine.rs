@@ -645,6 +645,12 @@ impl Engine {
             }
             None => Scope::Everything,
         };
+        if watch.as_ref().is_some_and(|w| w.stalled()) {
+            // Its events stopped coming: this checkpoint scans everything,
+            // and a fresh watch takes over for the next ones.
+            tracing::warn!(sandbox = %sb.name, "the watch stopped delivering events; starting a new one");
+            self.watch_sandbox(&sb);
+        }
         let scope = &scope;
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.

@@ -34,7 +34,7 @@ const CHANNEL: usize = 16 * 1024;
 /// Beyond this many dirty paths, a full scan is cheaper to keep track of.
 const MAX_DIRTY: usize = 200_000;
 /// How long a checkpoint waits for its cookie before scanning everything.
-const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the next checkpoint must compare.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +80,9 @@ pub struct SandboxWatch {
     next_cookie: AtomicU64,
     watcher: Mutex<Option<RecommendedWatcher>>,
     stopped: AtomicBool,
+    /// A barrier timed out: events stopped arriving, so this watch should
+    /// be replaced.
+    stalled: AtomicBool,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -104,6 +107,7 @@ impl SandboxWatch {
             next_cookie: AtomicU64::new(1),
             watcher: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         });
         let (tx, rx) = sync_channel::<notify::Result<Event>>(CHANNEL);
         let consumer = watch.clone();
@@ -208,6 +212,9 @@ impl SandboxWatch {
     pub fn drain(&self, racy: Vec<Vec<u8>>) -> Drain {
         let barrier = self.barrier();
         let mut state = lock(&self.state);
+        if self.overflow.swap(false, Ordering::Relaxed) {
+            state.full = Some("events came faster than they were read".into());
+        }
         if let Some(why) = &state.degraded {
             return Drain::Everything(format!("degraded: {why}"));
         }
@@ -248,18 +255,33 @@ impl SandboxWatch {
             if state.cookies_seen >= n {
                 break Ok(());
             }
+            // Events were lost (perhaps the cookie's own): the next
+            // checkpoint compares everything anyway, so waiting is useless.
+            if state.full.is_some() || self.overflow.load(Ordering::Relaxed) {
+                break Ok(());
+            }
             if state.degraded.is_some() {
                 break Err("the watcher stopped".to_string());
             }
             let now = Instant::now();
             if now >= deadline {
+                self.stalled.store(true, Ordering::Relaxed);
                 break Err("the event barrier timed out".to_string());
             }
-            state = self.wake.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            // The callback flags a full channel without waking anyone (it
+            // must not block): look again every few milliseconds.
+            let nap = (deadline - now).min(Duration::from_millis(5));
+            state = self.wake.wait_timeout(state, nap).unwrap_or_else(|p| p.into_inner()).0;
         };
         drop(state);
         let _ = std::fs::remove_file(&path);
         result
+    }
+
+    /// Whether a barrier timed out: the cookie's event never came, so the
+    /// watch can no longer vouch for anything and should be replaced.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     pub fn report(&self) -> Report {

@@ -92,11 +92,29 @@ impl TestDaemon {
     pub fn restart(&mut self) {
         self.stop();
         let mut child = Self::spawn_with(&self.socket, &self.state_dir, self.config.as_deref(), &self.env);
+        // Read the daemon's log as it comes: a pipe nobody reads fills up,
+        // and then every thread that logs (the watcher's too) blocks.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut kept = sink.lock().unwrap_or_else(|p| p.into_inner());
+                if kept.len() < 1 << 20 {
+                    kept.extend_from_slice(&buf[..n]);
+                }
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(20);
         while Client::connect(&self.socket).is_err() {
             if let Some(status) = child.try_wait().expect("try_wait") {
-                let out = child.wait_with_output().expect("output");
-                panic!("snapbackd exited with {status}: {}", String::from_utf8_lossy(&out.stderr));
+                std::thread::sleep(Duration::from_millis(100)); // let the reader catch the last lines
+                let text = String::from_utf8_lossy(&log.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+                panic!("snapbackd exited with {status}: {text}");
             }
             assert!(Instant::now() < deadline, "snapbackd did not answer within 20 s");
             std::thread::sleep(Duration::from_millis(10));
