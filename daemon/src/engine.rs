@@ -1008,7 +1008,7 @@ impl Engine {
         let plan = Plan::new(&present, &live_side, &[], &excludes);
         let store = self.store(&sandbox.store)?;
         let root = Self::open_root(&sandbox)?;
-        plan.apply(root.as_fd(), &store, sandbox.clone_method == CloneMethod::Reflink)?;
+        plan.apply(root.as_fd(), &store, sandbox.clone_method == CloneMethod::Reflink, restricted_owner(&sandbox))?;
         let touched: Vec<&[u8]> = wanted.into_iter().collect();
         crate::restore::remove_leftover_temps(root.as_fd(), &touched)?;
         Ok(plan.steps.len() as u64)
@@ -1042,7 +1042,7 @@ impl Engine {
             // Recorded first: a rollback that fails half way can still be
             // undone to the state before it.
             catalogue::record_rollback(conn, sandbox.id, kind, target_id, &safety.id, now_ns() / 1_000_000)?;
-            skipped = plan.apply(root.as_fd(), store, reflink)?.skipped;
+            skipped = plan.apply(root.as_fd(), store, reflink, restricted_owner(sandbox))?.skipped;
         }
         let (restored, created, deleted) = plan.counts();
         Ok(RollbackReport {
@@ -1458,6 +1458,12 @@ impl Engine {
             sandboxes,
         })
     }
+}
+
+/// Returns the owner whose sandbox restores are restricted (see
+/// `Plan::apply`): every owner but root.
+fn restricted_owner(sandbox: &Sandbox) -> Option<u32> {
+    (sandbox.owner_uid != 0).then_some(sandbox.owner_uid)
 }
 
 /// Refuses when `plan` is applied: the guard reads the catalogue.

@@ -118,7 +118,11 @@ impl Plan {
     }
 
     /// Applies the plan under `root`, reading content from `store`.
-    pub fn apply(&self, root: BorrowedFd<'_>, store: &Store, reflink: bool) -> Result<Applied> {
+    /// `owner` is the sandbox owner's uid when it is not root: entries it
+    /// does not own are then restored without set-user-ID and set-group-ID
+    /// bits (a user's sandbox must never yield, say, a root-owned setuid
+    /// file).
+    pub fn apply(&self, root: BorrowedFd<'_>, store: &Store, reflink: bool, owner: Option<u32>) -> Result<Applied> {
         let as_root = sys::euid() == 0;
         let mut applied = Applied::default();
         let progress = crate::progress::current();
@@ -160,6 +164,7 @@ impl Plan {
                 continue;
             }
             tick();
+            let target = &restorable(target, owner);
             let (parent, name) = sys::split_parent(path);
             let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
             match target.kind {
@@ -199,6 +204,19 @@ impl Plan {
             sys::fchmod(dir.as_fd(), meta.mode).ctx(|| format!("setting the mode of {}", show(path)))?;
         }
         Ok(applied)
+    }
+}
+
+/// Returns `meta` as it may be restored in a sandbox owned by `owner`
+/// (`None`: root's, restored as recorded).
+fn restorable(meta: &Meta, owner: Option<u32>) -> std::borrow::Cow<'_, Meta> {
+    match owner {
+        Some(uid) if meta.uid != uid && meta.kind != Kind::Special && meta.mode & 0o6000 != 0 => {
+            let mut m = meta.clone();
+            m.mode &= !0o6000;
+            std::borrow::Cow::Owned(m)
+        }
+        _ => std::borrow::Cow::Borrowed(meta),
     }
 }
 

@@ -87,3 +87,39 @@ fn another_uid_cannot_see_or_touch_roots_sandbox_and_registers_only_its_own() {
     let all = d.json(&["sandbox", "list"]);
     assert_eq!(all["sandboxes"].as_array().unwrap().len(), 2, "root sees every sandbox: {all}");
 }
+
+#[test]
+fn a_users_sandbox_never_gets_setuid_or_setgid_bits_on_entries_it_does_not_own() {
+    use std::os::unix::fs::MetadataExt;
+    if !root_or_skip("a_users_sandbox_never_gets_setuid_or_setgid_bits_on_entries_it_does_not_own") {
+        return;
+    }
+    let d = TestDaemon::start();
+    let sb = d.path("theirs");
+    write(&sb.join("own-setuid"), "nobody's own");
+    write(&sb.join("root-setuid"), "planted by root");
+    std::fs::create_dir(sb.join("shared")).unwrap();
+    for p in ["", "own-setuid", "shared"] {
+        chown(sb.join(p), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let mode = |p: &str, m: u32| std::fs::set_permissions(sb.join(p), std::fs::Permissions::from_mode(m)).unwrap();
+    mode("own-setuid", 0o4755);
+    mode("root-setuid", 0o6755);
+    mode("shared", 0o2775);
+    // Registered by root for its owner, nobody.
+    let info = d.add_sandbox("theirs", &sb, &[]);
+    assert_eq!(info["owner_uid"], NOBODY);
+    let id = d.checkpoint("theirs");
+    for p in ["own-setuid", "root-setuid"] {
+        std::fs::remove_file(sb.join(p)).unwrap();
+    }
+    std::fs::remove_dir(sb.join("shared")).unwrap();
+    d.rollback(&id);
+    let meta = |p: &str| std::fs::symlink_metadata(sb.join(p)).unwrap();
+    // What nobody owned comes back as it was, special bits and all.
+    assert_eq!((meta("own-setuid").uid(), meta("own-setuid").mode() & 0o7777), (NOBODY, 0o4755));
+    assert_eq!((meta("shared").uid(), meta("shared").mode() & 0o7777), (NOBODY, 0o2775));
+    // Root's file keeps its owner and content, never its setuid/setgid.
+    assert_eq!((meta("root-setuid").uid(), meta("root-setuid").mode() & 0o7777), (0, 0o755));
+    assert_eq!(std::fs::read_to_string(sb.join("root-setuid")).unwrap(), "planted by root");
+}
