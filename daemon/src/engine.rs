@@ -283,6 +283,19 @@ impl Engine {
         lock(&self.locks).entry(id).or_default().clone()
     }
 
+    /// Removes the objects a failed checkpoint stored: a checkpoint that is
+    /// absent leaves nothing behind, not even until the next start.
+    fn collect_failed(&self, conn: &Connection, sandbox: &Sandbox, store: &Store) {
+        let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        match self.collect_garbage(conn, &sandbox.store) {
+            Ok((n, bytes)) if n > 0 => {
+                tracing::info!(sandbox = %sandbox.name, objects = n, bytes, "removed the objects of a failed checkpoint")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(sandbox = %sandbox.name, "removing the objects of a failed checkpoint: {e}"),
+        }
+    }
+
     fn collect_garbage(&self, conn: &Connection, store_path: &[u8]) -> Result<(u64, u64)> {
         let store = self.store(store_path)?;
         let referenced = catalogue::referenced_objects(conn, store_path)?.into_keys().collect();
@@ -664,6 +677,8 @@ impl Engine {
                 if let Some(w) = &watch {
                     w.force_full("the previous checkpoint failed".into());
                 }
+                drop(storing);
+                self.collect_failed(conn, &sb, &store);
                 return Err(e);
             }
         };
@@ -758,6 +773,8 @@ impl Engine {
                 if let Some(w) = &watch {
                     w.force_full("the previous checkpoint failed".into());
                 }
+                drop(storing);
+                self.collect_failed(conn, &sb, &store);
                 return Err(e);
             }
         }

@@ -291,6 +291,16 @@ pub fn clone_or_copy(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64, reflin
             Err(e) => return Err(e),
         }
     }
+    // A copy takes room: refuse at once, rather than half way, when the
+    // destination's filesystem cannot hold the source's data.
+    let needed = sys::fstat(src)?.st_blocks as u64 * 512;
+    let free = sys::free_bytes(dst)?;
+    if needed > free {
+        return Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("no space left: copying takes {needed} bytes and the filesystem has {free} free"),
+        ));
+    }
     sys::copy_sparse(dst, src, size)?;
     Ok(false)
 }

@@ -260,3 +260,50 @@ pub fn tool_or_skip(tool: &str, test: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// A filesystem image mounted on a loop device, unmounted on drop.
+pub struct Mounted {
+    pub mountpoint: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    /// Makes a `size`-byte image of `fs` (`ext4`, `xfs` with reflink, or
+    /// `btrfs`) and mounts it.
+    pub fn new(fs: &str, size: u64) -> Mounted {
+        let dir = tempfile::Builder::new().prefix("snapback-fs-").tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        let mountpoint = dir.path().join("mnt");
+        std::fs::create_dir(&mountpoint).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(size).unwrap();
+        let mkfs = match fs {
+            "xfs" => Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&image).output(),
+            "btrfs" => Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&image).output(),
+            "ext4" => Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).output(),
+            other => panic!("unknown filesystem {other}"),
+        }
+        .unwrap_or_else(|e| panic!("mkfs.{fs} is not installed ({e}); .ci/run installs it"));
+        assert!(mkfs.status.success(), "mkfs.{fs}: {}", String::from_utf8_lossy(&mkfs.stderr));
+        let mount = Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mountpoint).output().unwrap();
+        assert!(mount.status.success(), "mount {fs}: {}", String::from_utf8_lossy(&mount.stderr));
+        Mounted { mountpoint, _dir: dir }
+    }
+
+    /// Returns the bytes free for an unprivileged user, after a sync.
+    pub fn free(&self) -> u64 {
+        // SAFETY: sync has no preconditions; it settles delayed allocation
+        // so free space is measured, not estimated.
+        unsafe { libc::sync() };
+        let c = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid C string and struct.
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mountpoint).status();
+    }
+}

@@ -15,6 +15,7 @@ mod cli;
 mod confinement;
 mod core;
 mod crash;
+mod diskfull;
 mod load;
 mod plans;
 mod protocol;

@@ -1,58 +1,13 @@
 //! Reflinks on real copy-on-write filesystems, loop-mounted (root only).
 
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::Command;
 
-use crate::fixture::{TestDaemon, object_count, root_or_skip};
-
-/// A filesystem image mounted on a loop device, unmounted on drop.
-struct Mounted {
-    mountpoint: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Mounted {
-    fn new(fs: &str) -> Mounted {
-        let dir = tempfile::Builder::new().prefix("snapback-fs-").tempdir().unwrap();
-        let image = dir.path().join("fs.img");
-        let mountpoint = dir.path().join("mnt");
-        std::fs::create_dir(&mountpoint).unwrap();
-        std::fs::File::create(&image).unwrap().set_len(512 << 20).unwrap();
-        let mkfs = match fs {
-            "xfs" => Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&image).output(),
-            "btrfs" => Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&image).output(),
-            other => panic!("unknown filesystem {other}"),
-        }
-        .unwrap_or_else(|e| panic!("mkfs.{fs} is not installed ({e}); .ci/run installs it"));
-        assert!(mkfs.status.success(), "mkfs.{fs}: {}", String::from_utf8_lossy(&mkfs.stderr));
-        let mount = Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mountpoint).output().unwrap();
-        assert!(mount.status.success(), "mount {fs}: {}", String::from_utf8_lossy(&mount.stderr));
-        Mounted { mountpoint, _dir: dir }
-    }
-
-    fn free(&self) -> u64 {
-        // SAFETY: sync has no preconditions; it settles delayed allocation
-        // so free space is measured, not estimated.
-        unsafe { libc::sync() };
-        let c = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()).unwrap();
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: valid C string and struct.
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        st.f_bavail * st.f_frsize
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mountpoint).status();
-    }
-}
+use crate::fixture::{Mounted, TestDaemon, object_count, root_or_skip};
 
 /// Checkpoints and rolls back 64 MiB on `fs` and checks that neither copies
 /// the data: free space barely moves while objects and files appear.
 fn objects_share_extents(fs: &str) {
-    let m = Mounted::new(fs);
+    let m = Mounted::new(fs, 512 << 20);
     let d = TestDaemon::start();
     let sandbox = m.mountpoint.join("sandbox");
     let store = m.mountpoint.join("store");
