@@ -234,6 +234,9 @@ enum Failure {
     Refused(String),
     Usage(String),
     Unreachable(String),
+    /// Refused, and already reported on stdout (a `--json` verify report
+    /// that found problems): only the exit code is left to give.
+    Reported,
 }
 
 impl From<ClientError> for Failure {
@@ -265,6 +268,7 @@ fn main() -> ExitCode {
                 Failure::Refused(m) => (1, m),
                 Failure::Usage(m) => (2, m),
                 Failure::Unreachable(m) => (3, m),
+                Failure::Reported => return ExitCode::from(1),
             };
             if json {
                 let doc = serde_json::json!({"error": {"exit": code, "message": message}});
@@ -476,15 +480,22 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     r.corrupt.len(),
                     r.unreferenced.len()
                 );
-                for (what, list) in
-                    [("missing", &r.missing), ("corrupt", &r.corrupt), ("unreferenced", &r.unreferenced)]
-                {
+                for (what, list) in [
+                    ("missing", &r.missing),
+                    ("corrupt", &r.corrupt),
+                    ("unreferenced", &r.unreferenced),
+                    ("marked broken: checkpoint", &r.broken),
+                ] {
                     for id in list {
                         println!("  {what} {id}");
                     }
                 }
             })?;
-            if report.clean() { Ok(()) } else { Err(Failure::Refused("the store does not match the catalogue".into())) }
+            match (report.clean(), json) {
+                (true, _) => Ok(()),
+                (false, true) => Err(Failure::Reported),
+                (false, false) => Err(Failure::Refused("the store does not match the catalogue".into())),
+            }
         }
         Command::Status => {
             let report = connect(cli.socket)?.status()?;
@@ -626,6 +637,9 @@ fn print_checkpoint(c: &CheckpointInfo) {
     }
     println!("files      {} ({}), {} directories, {} symlinks", c.files, human_bytes(c.bytes), c.dirs, c.symlinks);
     println!("changed    {} paths since its parent", c.changed);
+    if let Some(why) = &c.broken {
+        println!("broken     {why}: it cannot be restored");
+    }
     if let Some(b) = c.exclusive_bytes {
         println!("exclusive  {} (what pruning it would free)", human_bytes(b));
     }

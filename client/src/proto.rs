@@ -410,6 +410,10 @@ pub struct VerifyReport {
     pub corrupt: Vec<String>,
     /// Objects in a store that nothing references.
     pub unreferenced: Vec<String>,
+    /// Checkpoints this run marked broken, because their state needs a
+    /// missing or corrupt object.
+    #[serde(default)]
+    pub broken: Vec<String>,
 }
 
 impl VerifyReport {
@@ -579,6 +583,10 @@ pub struct CheckpointInfo {
     /// a watch) rather than only the paths the watcher marked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_scan: Option<bool>,
+    /// Why the checkpoint cannot be restored: `verify` found an object of
+    /// its state missing or corrupt (after a power loss, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_init.sql", include_str!("../../migrations/0001_init.sql")),
     ("0002_plans_retention.sql", include_str!("../../migrations/0002_plans_retention.sql")),
     ("0003_restore_intents.sql", include_str!("../../migrations/0003_restore_intents.sql")),
+    ("0004_broken_checkpoints.sql", include_str!("../../migrations/0004_broken_checkpoints.sql")),
 ];
 
 /// The schema version this build writes.
@@ -357,7 +358,7 @@ pub struct Checkpoint {
 
 const CHECKPOINT_COLS: &str =
     "c.id, c.sandbox_id, s.name, c.seq, c.parent, c.plan, c.reason, c.tool, c.phase, c.labels,
-     c.kind, c.pinned, c.created_ms, c.files, c.dirs, c.symlinks, c.bytes, c.changed";
+     c.kind, c.pinned, c.created_ms, c.files, c.dirs, c.symlinks, c.bytes, c.changed, c.broken";
 
 fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
     let labels: String = r.get(9)?;
@@ -385,6 +386,7 @@ fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
             exclusive_bytes: None,
             scanned: None,
             full_scan: None,
+            broken: r.get(18)?,
         },
     })
 }
@@ -702,6 +704,32 @@ pub fn intents(conn: &Connection, states: &[&str], sandbox_id: Option<i64>) -> R
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map([sandbox_id], intent_from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Marks broken every checkpoint whose state holds a version of a file
+/// with one of `objects` (missing or corrupt in its store). Returns the ids
+/// newly marked.
+pub fn mark_broken(conn: &mut Connection, objects: &[(ObjectId, String)]) -> Result<Vec<String>> {
+    let tx = conn.transaction()?;
+    let mut marked = Vec::new();
+    {
+        let mut find = tx.prepare(
+            "SELECT DISTINCT c.id FROM entries e JOIN checkpoints c ON c.sandbox_id = e.sandbox_id
+             WHERE e.object = ?1 AND c.seq >= e.start_seq AND (e.end_seq IS NULL OR c.seq < e.end_seq)
+               AND c.broken IS NULL",
+        )?;
+        let mut mark = tx.prepare("UPDATE checkpoints SET broken = ?2 WHERE id = ?1")?;
+        for (object, why) in objects {
+            let ids: Vec<String> =
+                find.query_map([object.0.to_vec()], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            for id in ids {
+                mark.execute(params![id, why])?;
+                marked.push(id);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(marked)
 }
 
 /// Returns a sandbox's checkpoints as retention sees them, by seq.

@@ -8,6 +8,7 @@
 //! socket_group = "snapback"                 # socket mode 0660, owned by this group; default: none (0600 or 0660 for root)
 //! watch = true                              # false: no inotify; every checkpoint scans everything
 //! excludes = ["node_modules", "*.pyc"]      # added to every sandbox registered from now on
+//! durability = "commit"                     # or "sync": objects and catalogue on disk before the answer
 //! max_connections_per_uid = 64              # one more closes that uid's longest-idle connection
 //! idle_timeout_ms = 600000                  # a connection with no request for this long is closed
 //!
@@ -51,6 +52,10 @@ pub struct FileConfig {
     /// Exclude globs added to every sandbox registered from now on.
     #[serde(default)]
     pub excludes: Vec<String>,
+    /// When a checkpoint is acknowledged: after its catalogue commit
+    /// (`commit`, the default) or after its objects and the catalogue are on
+    /// disk (`sync`).
+    pub durability: Option<Durability>,
     /// Connections one uid may hold open at once.
     pub max_connections_per_uid: Option<usize>,
     /// A connection idle this long is closed.
@@ -77,6 +82,21 @@ pub struct SandboxSettings {
     /// Take an `auto` checkpoint once the tree has been quiet this long
     /// after changes. Off when absent.
     pub auto_checkpoint_ms: Option<u64>,
+}
+
+/// When a checkpoint or rollback is acknowledged.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Once the catalogue transaction commits: a crash of the daemon loses
+    /// nothing acknowledged; a power loss may lose objects of the last
+    /// checkpoints (`verify` then marks them broken).
+    #[default]
+    Commit,
+    /// Once the objects (one `syncfs` of the store) and the catalogue
+    /// (SQLite `synchronous = FULL`) are on disk; a rollback also syncs the
+    /// sandbox's filesystem before it answers.
+    Sync,
 }
 
 /// A sandbox the configuration registers at start.

@@ -73,6 +73,8 @@ pub struct Engine {
     racy: Mutex<HashMap<i64, Vec<Vec<u8>>>>,
     /// Exclude globs added to every sandbox registered.
     default_excludes: Vec<String>,
+    /// When checkpoints and rollbacks are acknowledged.
+    durability: crate::config::Durability,
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -134,6 +136,7 @@ impl Engine {
             auto: config.auto_checkpoints.clone(),
             watch: config.watch,
             default_excludes: config.default_excludes.clone(),
+            durability: config.durability,
             watches: Mutex::new(HashMap::new()),
             racy: Mutex::new(HashMap::new()),
         };
@@ -265,7 +268,12 @@ impl Engine {
     }
 
     fn db(&self) -> Result<Connection> {
-        catalogue::connect(&self.db_path)
+        let conn = catalogue::connect(&self.db_path)?;
+        if self.durability == crate::config::Durability::Sync {
+            // Every commit reaches the disk before it returns.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        Ok(conn)
     }
 
     fn store(&self, path: &[u8]) -> Result<Arc<Store>> {
@@ -727,8 +735,19 @@ impl Engine {
             exclusive_bytes: None,
             scanned: Some(captured.stats.scanned),
             full_scan: Some(matches!(scope, Scope::Everything)),
+            broken: None,
         };
         let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
+        if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
+            // One syncfs for all of this checkpoint's objects, before the
+            // catalogue can reference them.
+            if let Err(e) = store.sync() {
+                self.put_manifest(sb.id, sb.head_seq, current);
+                drop(storing);
+                self.collect_failed(conn, &sb, &store);
+                return Err(e).ctx(|| format!("syncing the store {}", store.path().display()));
+            }
+        }
         let written = (|| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if let Some(plan) = &info.plan {
@@ -881,6 +900,7 @@ impl Engine {
         if let Some(plan) = &target.info.plan {
             refuse_if_applied(conn, plan)?;
         }
+        refuse_if_broken(target)?;
         if !dry_run {
             let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
             let result = self.restore_intent(conn, sandbox, target, filter, kind, intent);
@@ -1060,6 +1080,9 @@ impl Engine {
             // undone to the state before it.
             catalogue::record_rollback(conn, sandbox.id, kind, target_id, &safety.id, now_ns() / 1_000_000)?;
             skipped = plan.apply(root.as_fd(), store, reflink, restricted_owner(sandbox))?.skipped;
+            if self.durability == crate::config::Durability::Sync {
+                sys::syncfs(root.as_fd()).ctx(|| format!("syncing {}", path_of(&sandbox.root).display()))?;
+            }
         }
         let (restored, created, deleted) = plan.counts();
         Ok(RollbackReport {
@@ -1194,6 +1217,7 @@ impl Engine {
             ))
         })?;
         // What the step changed: versions at its parent and at the step.
+        refuse_if_broken(&parent)?;
         let (before, after) = catalogue::rows_between(conn, sandbox.id, parent.info.seq, step.info.seq)?;
         let step_paths = changed_paths(&before, &after);
         let safety = self.take_safety(conn, sandbox.id, format!("before revert of {}", step.info.id))?;
@@ -1394,7 +1418,9 @@ impl Engine {
             return Err(Error::PermissionDenied("verify checks every sandbox's store: run it as root".into()));
         }
         let conn = self.db()?;
-        let mut report = VerifyReport { objects: 0, missing: vec![], corrupt: vec![], unreferenced: vec![] };
+        let mut report =
+            VerifyReport { objects: 0, missing: vec![], corrupt: vec![], unreferenced: vec![], broken: vec![] };
+        let mut bad = Vec::new();
         let mut stores = catalogue::stores(&conn)?;
         let default = bytes_of(&self.default_store);
         if !stores.contains(&default) {
@@ -1408,8 +1434,14 @@ impl Engine {
                 report.objects += 1;
                 match store.check_object(id, *size) {
                     Ok(true) => {}
-                    Ok(false) => report.corrupt.push(id.to_string()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.missing.push(id.to_string()),
+                    Ok(false) => {
+                        report.corrupt.push(id.to_string());
+                        bad.push((*id, format!("object {id} is corrupt (wrong size or content)")));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        report.missing.push(id.to_string());
+                        bad.push((*id, format!("object {id} is missing from its store")));
+                    }
                     Err(e) => return Err(e).ctx(|| format!("checking object {id}")),
                 }
             }
@@ -1418,6 +1450,10 @@ impl Engine {
                 .unreferenced
                 .extend(present.into_iter().filter(|id| !referenced.contains_key(id)).map(|id| id.to_string()));
         }
+        // Reported, and recorded so that no rollback restores garbage; the
+        // objects themselves are left as they are.
+        let mut conn = conn;
+        report.broken = catalogue::mark_broken(&mut conn, &bad)?;
         Ok(report)
     }
 
@@ -1481,6 +1517,17 @@ impl Engine {
 /// `Plan::apply`): every owner but root.
 fn restricted_owner(sandbox: &Sandbox) -> Option<u32> {
     (sandbox.owner_uid != 0).then_some(sandbox.owner_uid)
+}
+
+/// Refuses to restore from a checkpoint `verify` found broken.
+fn refuse_if_broken(target: &Checkpoint) -> Result<()> {
+    match &target.info.broken {
+        Some(why) => Err(Error::InvalidRequest(format!(
+            "checkpoint {} is broken ({why}); it cannot be restored. Pick another with `snapback list`",
+            target.info.id
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses when `plan` is applied: the guard reads the catalogue.

@@ -53,6 +53,8 @@ pub struct Config {
     pub register: Vec<config::Registration>,
     /// Connection limits: per uid, idle and hello timeouts.
     pub limits: server::Limits,
+    /// When checkpoints and rollbacks are acknowledged.
+    pub durability: config::Durability,
 }
 
 impl Config {
@@ -70,6 +72,7 @@ impl Config {
             default_excludes: Vec::new(),
             register: Vec::new(),
             limits: server::Limits::default(),
+            durability: config::Durability::default(),
         }
     }
 }

@@ -102,6 +102,7 @@ fn main() -> ExitCode {
         default_excludes: file.excludes.clone(),
         register: file.registrations(),
         limits: file.limits(),
+        durability: file.durability.unwrap_or_default(),
     };
     match snapback_daemon::run(config, shutdown_signal()) {
         Ok(()) => ExitCode::SUCCESS,

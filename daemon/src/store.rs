@@ -182,6 +182,12 @@ impl Store {
         Err(io::Error::other("the file kept changing while it was read"))
     }
 
+    /// Makes every object written so far durable: one `syncfs` of the
+    /// store's filesystem.
+    pub fn sync(&self) -> io::Result<()> {
+        sys::syncfs(self.objects.as_fd())
+    }
+
     /// Returns whether this store's filesystem can make reflinks, by cloning
     /// a small file inside the store.
     pub fn probe_reflink(&self) -> bool {

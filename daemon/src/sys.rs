@@ -390,6 +390,13 @@ pub fn free_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(st.f_bavail * st.f_frsize)
 }
 
+/// Writes every dirty page and inode of the filesystem holding `fd` to
+/// disk: one call instead of an fsync per file.
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a borrowed fd.
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
 pub fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on a borrowed fd.
     check(unsafe { libc::fsync(fd.as_raw_fd()) }).map(drop)

@@ -247,9 +247,16 @@ fn a_storage_budget_keeps_the_store_under_it() {
 
 #[test]
 fn a_bad_configuration_file_stops_the_daemon_with_a_clear_error() {
+    let stderr = config_error("[retention]\nkeep_forever = true\n");
+    assert!(stderr.contains("keep_forever"), "{stderr}");
+}
+
+/// Starts snapbackd with a configuration file holding `text`, expects it to
+/// stop with exit code 2, and returns what it said.
+fn config_error(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
-    std::fs::write(&config, "[retention]\nkeep_forever = true\n").unwrap();
+    std::fs::write(&config, text).unwrap();
     let out = std::process::Command::new(crate::fixture::binary("snapbackd"))
         .arg("--config")
         .arg(&config)
@@ -259,8 +266,8 @@ fn a_bad_configuration_file_stops_the_daemon_with_a_clear_error() {
         .arg(dir.path().join("state"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("keep_forever"));
+    assert_eq!(out.status.code(), Some(2), "{text:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -297,4 +304,63 @@ fn export_writes_a_browsable_read_only_tree() {
     for p in ["", "src", "empty"] {
         std::fs::set_permissions(out.join(p), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+}
+
+#[test]
+fn verify_marks_a_checkpoint_with_a_corrupt_object_broken_and_it_is_never_restored() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    write(&sb.join("a.txt"), "version one of a");
+    write(&sb.join("b.txt"), "b never changes");
+    d.add_sandbox("sb", &sb, &[]);
+    let c1 = d.checkpoint("sb");
+    write(&sb.join("a.txt"), "version two of a");
+    let c2 = d.checkpoint("sb");
+    // As after a power loss: the object of a.txt at c1 holds garbage.
+    let objects = d.state_dir.join("store/objects");
+    let mut hit = 0;
+    for sub in std::fs::read_dir(&objects).unwrap() {
+        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let path = f.unwrap().path();
+            if std::fs::read(&path).unwrap() == b"version one of a" {
+                std::fs::write(&path, b"garbage garbage!").unwrap();
+                hit += 1;
+            }
+        }
+    }
+    assert_eq!(hit, 1);
+    let out = d.cli(&["--json", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "verify exits 1 when anything is wrong");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["corrupt"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["broken"], serde_json::json!([c1]), "only the checkpoint that needs the object: {v}");
+    assert!(d.json(&["show", &c1])["broken"].as_str().unwrap().contains("corrupt"));
+    assert!(d.json(&["show", &c2]).get("broken").is_none());
+    // Never restored from: refused, the tree untouched.
+    let before = crate::tree::snapshot(&sb);
+    let out = d.cli(&["rollback", &c1]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is broken"));
+    assert_eq!(crate::tree::snapshot(&sb), before);
+    // The others still are.
+    write(&sb.join("b.txt"), "changed");
+    d.rollback(&c2);
+    assert_eq!(std::fs::read_to_string(sb.join("b.txt")).unwrap(), "b never changes");
+}
+
+#[test]
+fn with_sync_durability_checkpoints_and_rollbacks_work_the_same() {
+    let d = TestDaemon::start_with_config(Some("durability = \"sync\"\n"));
+    let sb = d.path("sb");
+    write(&sb.join("f"), "one");
+    d.add_sandbox("sb", &sb, &[]);
+    let c = d.checkpoint("sb");
+    write(&sb.join("f"), "two");
+    write(&sb.join("g"), "new");
+    let r = d.rollback(&c);
+    assert_eq!((r["restored"].as_u64(), r["deleted"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(std::fs::read_to_string(sb.join("f")).unwrap(), "one");
+    d.assert_verified();
+    let bad = config_error("durability = \"sometimes\"\n");
+    assert!(bad.contains("sometimes"), "{bad}");
 }
