@@ -94,8 +94,8 @@ pub enum Durability {
     #[default]
     Commit,
     /// Once the objects (one `syncfs` of the store) and the catalogue
-    /// (SQLite `synchronous = FULL`) are on disk; a rollback also syncs the
-    /// sandbox's filesystem before it answers.
+    /// (SQLite `synchronous = FULL`) are on disk; a rollback fsyncs each
+    /// file before renaming it into place and each changed directory.
     Sync,
 }
 

@@ -291,6 +291,16 @@ impl Engine {
         lock(&self.locks).entry(id).or_default().clone()
     }
 
+    /// Returns how restores into `sandbox` are applied.
+    fn apply_options(&self, sandbox: &Sandbox) -> crate::restore::ApplyOptions {
+        crate::restore::ApplyOptions {
+            reflink: sandbox.clone_method == CloneMethod::Reflink,
+            // Restores are restricted in every sandbox but root's.
+            owner: (sandbox.owner_uid != 0).then_some(sandbox.owner_uid),
+            durable: self.durability == crate::config::Durability::Sync,
+        }
+    }
+
     /// Removes the objects a failed checkpoint stored: a checkpoint that is
     /// absent leaves nothing behind, not even until the next start.
     fn collect_failed(&self, conn: &Connection, sandbox: &Sandbox, store: &Store) {
@@ -1045,7 +1055,7 @@ impl Engine {
         let plan = Plan::new(&present, &live_side, &[], &excludes);
         let store = self.store(&sandbox.store)?;
         let root = Self::open_root(&sandbox)?;
-        plan.apply(root.as_fd(), &store, sandbox.clone_method == CloneMethod::Reflink, restricted_owner(&sandbox))?;
+        plan.apply(root.as_fd(), &store, &self.apply_options(&sandbox))?;
         let touched: Vec<&[u8]> = wanted.into_iter().collect();
         crate::restore::remove_leftover_temps(root.as_fd(), &touched)?;
         Ok(plan.steps.len() as u64)
@@ -1075,14 +1085,10 @@ impl Engine {
         let mut skipped = Vec::new();
         if let Some(safety) = safety {
             let root = Self::open_root(sandbox)?;
-            let reflink = sandbox.clone_method == CloneMethod::Reflink;
             // Recorded first: a rollback that fails half way can still be
             // undone to the state before it.
             catalogue::record_rollback(conn, sandbox.id, kind, target_id, &safety.id, now_ns() / 1_000_000)?;
-            skipped = plan.apply(root.as_fd(), store, reflink, restricted_owner(sandbox))?.skipped;
-            if self.durability == crate::config::Durability::Sync {
-                sys::syncfs(root.as_fd()).ctx(|| format!("syncing {}", path_of(&sandbox.root).display()))?;
-            }
+            skipped = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?.skipped;
         }
         let (restored, created, deleted) = plan.counts();
         Ok(RollbackReport {
@@ -1511,12 +1517,6 @@ impl Engine {
             sandboxes,
         })
     }
-}
-
-/// Returns the owner whose sandbox restores are restricted (see
-/// `Plan::apply`): every owner but root.
-fn restricted_owner(sandbox: &Sandbox) -> Option<u32> {
-    (sandbox.owner_uid != 0).then_some(sandbox.owner_uid)
 }
 
 /// Refuses to restore from a checkpoint `verify` found broken.

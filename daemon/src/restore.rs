@@ -118,12 +118,11 @@ impl Plan {
     }
 
     /// Applies the plan under `root`, reading content from `store`.
-    /// `owner` is the sandbox owner's uid when it is not root: entries it
-    /// does not own are then restored without set-user-ID and set-group-ID
-    /// bits (a user's sandbox must never yield, say, a root-owned setuid
-    /// file).
-    pub fn apply(&self, root: BorrowedFd<'_>, store: &Store, reflink: bool, owner: Option<u32>) -> Result<Applied> {
+    pub fn apply(&self, root: BorrowedFd<'_>, store: &Store, options: &ApplyOptions) -> Result<Applied> {
+        let ApplyOptions { reflink, owner, durable } = *options;
         let as_root = sys::euid() == 0;
+        // Directories whose entries changed, to fsync at the end (durable).
+        let mut touched_dirs: std::collections::BTreeSet<Vec<u8>> = Default::default();
         let mut applied = Applied::default();
         let progress = crate::progress::current();
         if let Some(p) = &progress {
@@ -166,6 +165,9 @@ impl Plan {
             tick();
             let target = &restorable(target, owner);
             let (parent, name) = sys::split_parent(path);
+            if durable {
+                touched_dirs.insert(parent.to_vec());
+            }
             let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
             match target.kind {
                 Kind::Dir => {
@@ -180,7 +182,7 @@ impl Plan {
                     dir_modes.push((path.clone(), target.clone()));
                 }
                 Kind::File => {
-                    put_file(dir.as_fd(), name, target, store, reflink, as_root)
+                    put_file(dir.as_fd(), name, target, store, reflink, as_root, durable)
                         .ctx(|| format!("restoring {}", show(path)))?;
                 }
                 Kind::Symlink => {
@@ -203,8 +205,36 @@ impl Plan {
             }
             sys::fchmod(dir.as_fd(), meta.mode).ctx(|| format!("setting the mode of {}", show(path)))?;
         }
+        // 4. Durable: the renames and removals themselves, one fsync per
+        //    directory touched (file contents were synced before renaming).
+        for (path, step) in &self.steps {
+            if durable && matches!(step, Step::Delete(_)) {
+                touched_dirs.insert(sys::split_parent(path).0.to_vec());
+            }
+        }
+        for dir in &touched_dirs {
+            match sys::open_beneath(root, dir) {
+                Ok(fd) => sys::fsync(fd.as_fd()).ctx(|| format!("syncing the directory {}", show(dir)))?,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {} // removed by this restore
+                Err(e) => return Err(e).ctx(|| format!("opening {}", show(dir))),
+            }
+        }
         Ok(applied)
     }
+}
+
+/// How a restore plan is applied.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyOptions {
+    /// Clone file content from the store (else copy it).
+    pub reflink: bool,
+    /// The sandbox owner's uid when it is not root: entries it does not own
+    /// are then restored without set-user-ID and set-group-ID bits (a
+    /// user's sandbox must never yield, say, a root-owned setuid file).
+    pub owner: Option<u32>,
+    /// Fsync each file before renaming it into place, and each directory
+    /// touched once at the end (`durability = "sync"`).
+    pub durable: bool,
 }
 
 /// Returns `meta` as it may be restored in a sandbox owned by `owner`
@@ -291,6 +321,7 @@ fn put_file(
     store: &Store,
     reflink: bool,
     as_root: bool,
+    durable: bool,
 ) -> io::Result<()> {
     let id = meta.object.as_ref().ok_or_else(|| io::Error::other("the catalogue has no object for this file"))?;
     let object = store.open_object(id)?;
@@ -301,7 +332,12 @@ fn put_file(
             sys::fchown(fd.as_fd(), meta.uid, meta.gid)?;
         }
         sys::fchmod(fd.as_fd(), meta.mode)?;
-        sys::set_mtime(fd.as_fd(), meta.mtime_ns)
+        sys::set_mtime(fd.as_fd(), meta.mtime_ns)?;
+        if durable {
+            // On disk before the rename can make it visible.
+            sys::fsync(fd.as_fd())?;
+        }
+        Ok(())
     })
 }
 
