@@ -695,6 +695,12 @@ pub fn settle_intent(conn: &Connection, intent: &Intent, state: &str, note: &str
     Ok(())
 }
 
+/// Returns one intent, if it is still recorded.
+pub fn intent(conn: &Connection, id: i64) -> Result<Option<Intent>> {
+    let sql = format!("SELECT {INTENT_COLS} FROM intents WHERE id = ?1");
+    Ok(conn.query_row(&sql, [id], intent_from_row).optional()?)
+}
+
 /// Returns the intents in `states`, oldest first.
 pub fn intents(conn: &Connection, states: &[&str], sandbox_id: Option<i64>) -> Result<Vec<Intent>> {
     let list = states.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");

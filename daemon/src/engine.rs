@@ -301,9 +301,25 @@ impl Engine {
         }
     }
 
-    /// Removes the objects a failed checkpoint stored: a checkpoint that is
-    /// absent leaves nothing behind, not even until the next start.
-    fn collect_failed(&self, conn: &Connection, sandbox: &Sandbox, store: &Store) {
+    /// Undoes a checkpoint that failed before its commit: the cached
+    /// manifest goes back, the next checkpoint compares everything (this one
+    /// drained the dirty set), and the objects it stored are removed, so an
+    /// absent checkpoint leaves nothing behind, not even until the next
+    /// start. `storing` is the checkpoint's shared hold on the store.
+    fn abandon(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        store: &Store,
+        watch: Option<&SandboxWatch>,
+        current: Manifest,
+        storing: std::sync::RwLockReadGuard<'_, ()>,
+    ) {
+        self.put_manifest(sandbox.id, sandbox.head_seq, current);
+        if let Some(w) = watch {
+            w.force_full("the previous checkpoint failed".into());
+        }
+        drop(storing);
         let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         match self.collect_garbage(conn, &sandbox.store) {
             Ok((n, bytes)) if n > 0 => {
@@ -691,12 +707,7 @@ impl Engine {
         let captured = match self.scan(&sb, scope, &current, Some(&store), scan_start_ns) {
             Ok(c) => c,
             Err(e) => {
-                self.put_manifest(sb.id, sb.head_seq, current);
-                if let Some(w) = &watch {
-                    w.force_full("the previous checkpoint failed".into());
-                }
-                drop(storing);
-                self.collect_failed(conn, &sb, &store);
+                self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
                 return Err(e);
             }
         };
@@ -748,17 +759,12 @@ impl Engine {
             broken: None,
         };
         let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
-        if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
-            // One syncfs for all of this checkpoint's objects, before the
-            // catalogue can reference them.
-            if let Err(e) = store.sync() {
-                self.put_manifest(sb.id, sb.head_seq, current);
-                drop(storing);
-                self.collect_failed(conn, &sb, &store);
-                return Err(e).ctx(|| format!("syncing the store {}", store.path().display()));
-            }
-        }
         let written = (|| {
+            if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
+                // One syncfs for all of this checkpoint's objects, before the
+                // catalogue can reference them.
+                store.sync().ctx(|| format!("syncing the store {}", store.path().display()))?;
+            }
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if let Some(plan) = &info.plan {
                 // Checked again under the write lock: the plan may have been
@@ -798,12 +804,7 @@ impl Engine {
                 }
             }
             Err(e) => {
-                self.put_manifest(sb.id, sb.head_seq, current);
-                if let Some(w) = &watch {
-                    w.force_full("the previous checkpoint failed".into());
-                }
-                drop(storing);
-                self.collect_failed(conn, &sb, &store);
+                self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
                 return Err(e);
             }
         }
@@ -981,17 +982,13 @@ impl Engine {
     fn close_intent(&self, conn: &Connection, intent: i64, result: &Result<RollbackReport>) {
         let closed = match result {
             Ok(_) => catalogue::end_intent(conn, intent),
-            Err(e) => catalogue::intents(conn, &["applying"], None).and_then(|all| {
-                match all.into_iter().find(|i| i.id == intent) {
-                    Some(i) => {
-                        let note = format!(
-                            "the {} to {} failed half way: {e}; a second rollback finishes it",
-                            i.kind, i.target
-                        );
-                        catalogue::settle_intent(conn, &i, "failed", &note, now_ms())
-                    }
-                    None => catalogue::end_intent(conn, intent),
+            Err(e) => catalogue::intent(conn, intent).and_then(|found| match found {
+                Some(i) if i.state == "applying" => {
+                    let note =
+                        format!("the {} to {} failed half way: {e}; a second rollback finishes it", i.kind, i.target);
+                    catalogue::settle_intent(conn, &i, "failed", &note, now_ms())
                 }
+                _ => catalogue::end_intent(conn, intent),
             }),
         };
         if let Err(e) = closed {
@@ -1087,7 +1084,7 @@ impl Engine {
             let root = Self::open_root(sandbox)?;
             // Recorded first: a rollback that fails half way can still be
             // undone to the state before it.
-            catalogue::record_rollback(conn, sandbox.id, kind, target_id, &safety.id, now_ns() / 1_000_000)?;
+            catalogue::record_rollback(conn, sandbox.id, kind, target_id, &safety.id, now_ms())?;
             skipped = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?.skipped;
         }
         let (restored, created, deleted) = plan.counts();
@@ -1423,7 +1420,7 @@ impl Engine {
         if peer.uid != 0 && peer.uid != sys::euid() {
             return Err(Error::PermissionDenied("verify checks every sandbox's store: run it as root".into()));
         }
-        let conn = self.db()?;
+        let mut conn = self.db()?;
         let mut report =
             VerifyReport { objects: 0, missing: vec![], corrupt: vec![], unreferenced: vec![], broken: vec![] };
         let mut bad = Vec::new();
@@ -1458,7 +1455,6 @@ impl Engine {
         }
         // Reported, and recorded so that no rollback restores garbage; the
         // objects themselves are left as they are.
-        let mut conn = conn;
         report.broken = catalogue::mark_broken(&mut conn, &bad)?;
         Ok(report)
     }

@@ -32,8 +32,9 @@ pub struct Config {
     /// The Unix socket to serve.
     pub socket: PathBuf,
     /// A listening socket passed by systemd (socket activation). When set,
-    /// it is served instead of binding `socket`, and the socket file is left
-    /// to systemd on the way out.
+    /// it is served instead of binding `socket` (which should then be its
+    /// path, for `status`: see [`systemd::listener_path`]), and the socket
+    /// file is left to systemd on the way out.
     pub listener: Option<std::os::unix::net::UnixListener>,
     /// A group that may use the socket this daemon binds (mode 0660).
     pub socket_group: Option<String>,
@@ -57,26 +58,6 @@ pub struct Config {
     pub durability: config::Durability,
 }
 
-impl Config {
-    /// Returns the settings for a daemon on `socket` with its state in
-    /// `state_dir`, everything else at its default.
-    pub fn new(socket: PathBuf, state_dir: PathBuf) -> Config {
-        Config {
-            socket,
-            listener: None,
-            socket_group: None,
-            state_dir,
-            retention: config::Retention::default(),
-            auto_checkpoints: Default::default(),
-            watch: true,
-            default_excludes: Vec::new(),
-            register: Vec::new(),
-            limits: server::Limits::default(),
-            durability: config::Durability::default(),
-        }
-    }
-}
-
 /// Runs the daemon until `shutdown` resolves: migrations first, then the
 /// socket, so that a client that can connect finds the catalogue ready;
 /// then it tells systemd it is ready (when systemd started it). A socket
@@ -84,9 +65,6 @@ impl Config {
 pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
     raise_fd_limit();
     let activated = config.listener.take();
-    if let Some(path) = activated.as_ref().and_then(systemd::listener_path) {
-        config.socket = path;
-    }
     let engine = Arc::new(engine::Engine::open(&config)?);
     // A restore a crash interrupted is finished before anyone can see the
     // sandbox half restored.

@@ -146,6 +146,9 @@ impl Plan {
             if must_remove && !remove(root, path).ctx(|| format!("removing {}", show(path)))? {
                 applied.skipped.push(path.clone());
             }
+            if must_remove && durable {
+                touched_dirs.insert(sys::split_parent(path).0.to_vec());
+            }
             if matches!(step, Step::Delete(_)) {
                 tick();
             }
@@ -207,11 +210,6 @@ impl Plan {
         }
         // 4. Durable: the renames and removals themselves, one fsync per
         //    directory touched (file contents were synced before renaming).
-        for (path, step) in &self.steps {
-            if durable && matches!(step, Step::Delete(_)) {
-                touched_dirs.insert(sys::split_parent(path).0.to_vec());
-            }
-        }
         for dir in &touched_dirs {
             match sys::open_beneath(root, dir) {
                 Ok(fd) => sys::fsync(fd.as_fd()).ctx(|| format!("syncing the directory {}", show(dir)))?,

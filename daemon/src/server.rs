@@ -368,10 +368,8 @@ async fn run(
             done = &mut task => return Ok(done.unwrap_or_else(failed)),
             _ = tick.tick() => {
                 let now = counters.report();
-                if now.is_some() && now != last {
-                    if let Some(report) = now.clone() {
-                        send(write, &Response::Progress(report)).await?;
-                    }
+                if let Some(report) = now.as_ref().filter(|_| now != last) {
+                    send(write, &Response::Progress(report.clone())).await?;
                     last = now;
                 }
             }

@@ -239,7 +239,7 @@ pub fn root_or_skip(test: &str) -> bool {
     if std::env::var_os("CI").is_some() || std::env::var_os("SNAPBACK_REQUIRE_ROOT_TESTS").is_some() {
         panic!("{test} needs root, and CI must run it: run the suite as root");
     }
-    eprintln!("skipping {test}: it needs root (loop mounts); run the suite as root to include it");
+    eprintln!("skipping {test}: it needs root (loop mounts, a second uid); run the suite as root to include it");
     false
 }
 
