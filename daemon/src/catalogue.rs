@@ -680,6 +680,18 @@ pub fn end_intent(conn: &Connection, id: i64) -> Result<()> {
     Ok(())
 }
 
+/// Deletes a restore's intent once it succeeded, together with the
+/// sandbox's recorded outcomes of earlier ones: the sandbox is at a state
+/// the client asked for, so `status` has nothing left to report.
+pub fn finish_intent(conn: &Connection, id: i64) -> Result<()> {
+    conn.execute(
+        "DELETE FROM intents WHERE id = ?1
+            OR (state IN ('resumed', 'failed') AND sandbox_id = (SELECT sandbox_id FROM intents WHERE id = ?1))",
+        [id],
+    )?;
+    Ok(())
+}
+
 /// Records how an interrupted restore ended (`resumed` or `failed`) and
 /// drops its paths; earlier outcomes of the sandbox are dropped.
 pub fn settle_intent(conn: &Connection, intent: &Intent, state: &str, note: &str, now_ms: i64) -> Result<()> {

@@ -975,13 +975,14 @@ impl Engine {
     }
 
     /// Ends a restore's intent once the request is answered. It is deleted
-    /// when the restore succeeded, or failed before touching anything (a
-    /// refused revert). One that failed half way is kept as `failed`, for
+    /// when the restore succeeded (with the outcomes `status` reported of
+    /// earlier ones), or failed before touching anything (a refused
+    /// revert). One that failed half way is kept as `failed`, for
     /// `status`, and is not resumed at start: the client heard of the
     /// failure, and a second rollback finishes the job.
     fn close_intent(&self, conn: &Connection, intent: i64, result: &Result<RollbackReport>) {
         let closed = match result {
-            Ok(_) => catalogue::end_intent(conn, intent),
+            Ok(_) => catalogue::finish_intent(conn, intent),
             Err(e) => catalogue::intent(conn, intent).and_then(|found| match found {
                 Some(i) if i.state == "applying" => {
                     let note =

@@ -66,5 +66,7 @@ fn a_full_disk_leaves_no_partial_checkpoint_and_a_second_rollback_finishes() {
     std::fs::remove_file(sb.join("filler")).unwrap();
     d.rollback(&a);
     assert_same(&snapshot(&sb), &tree_a, "after the second rollback");
+    let status = d.json(&["status"]);
+    assert!(status["sandboxes"][0].get("recovery").is_none(), "the failure is no longer news: {status}");
     d.assert_verified();
 }
