@@ -50,7 +50,46 @@ fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Reads of large manifests go through the page cache instead of copies.
     conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
+    // The write-ahead log is copied back by [`WalCheckpointer`], off the
+    // request path, not inside whichever commit crosses 1,000 pages.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(())
+}
+
+/// Copies the write-ahead log back into the database file on a thread of
+/// its own, after writes. SQLite's automatic checkpoint would do it (and
+/// fsync) inside the commit that crosses its threshold, adding tens of
+/// milliseconds to that one request. A passive checkpoint never blocks
+/// readers or writers; when it finds the log fully copied and no reader in
+/// it, the next write starts the log over, so it stays small.
+pub struct WalCheckpointer {
+    kick: std::sync::mpsc::SyncSender<()>,
+}
+
+impl WalCheckpointer {
+    /// Starts the thread, with its own connection to the catalogue at
+    /// `path`. It stops when the checkpointer is dropped.
+    pub fn start(path: &Path) -> Result<WalCheckpointer> {
+        let conn = connect(path)?;
+        let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("snapback-wal".into())
+            .spawn(move || {
+                while kicked.recv().is_ok() {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!("checkpointing the catalogue's write-ahead log: {e}");
+                    }
+                }
+            })
+            .map_err(|e| Error::Internal(format!("starting the log checkpointer: {e}")))?;
+        Ok(WalCheckpointer { kick })
+    }
+
+    /// Asks for a checkpoint soon; never blocks (one pending request
+    /// covers every write made before it runs).
+    pub fn kick(&self) {
+        let _ = self.kick.try_send(());
+    }
 }
 
 /// Applies every migration past the database's version, each in its own
@@ -894,6 +933,27 @@ mod tests {
         let conn = open(&dir.path().join("c.db")).unwrap();
         let again: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(again, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn the_log_checkpointer_copies_writes_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let conn = open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (v BLOB)").unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        for _ in 0..200 {
+            conn.execute("INSERT INTO t (v) VALUES (zeroblob(4096))", []).unwrap();
+        }
+        // No automatic checkpoint: the writes are only in the log.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+        let wal = WalCheckpointer::start(&path).unwrap();
+        wal.kick();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::metadata(&path).unwrap().len() < before + 200 * 4096 {
+            assert!(std::time::Instant::now() < deadline, "the log was never copied into the database file");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

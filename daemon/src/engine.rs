@@ -34,8 +34,11 @@ use crate::store::Store;
 use crate::sys;
 use crate::watcher::{Drain, SandboxWatch};
 
-/// A file changed less than this long before a scan began is re-read by
-/// the next scan even if its stat looks the same (timestamps are coarse).
+/// A file changed less than this long before a scan began is marked racy:
+/// the next scan that meets it (its path marked dirty by an event, or a full
+/// comparison) reads it again even if its stat looks the same (timestamps
+/// are coarse). Without an event there is nothing to re-read: every change
+/// after the barrier of a watched checkpoint marks its path dirty.
 const RACY_WINDOW_NS: i64 = 20_000_000;
 
 /// Who sent a request, from `SO_PEERCRED`.
@@ -69,8 +72,10 @@ pub struct Engine {
     auto: std::collections::BTreeMap<String, std::time::Duration>,
     /// Watches by sandbox: hints of what changed, never guards.
     watches: Mutex<HashMap<i64, Arc<SandboxWatch>>>,
-    /// Paths each sandbox's next checkpoint must compare again (racy).
-    racy: Mutex<HashMap<i64, Vec<Vec<u8>>>>,
+    /// Idle catalogue connections, reused by requests.
+    idle: Mutex<Vec<Connection>>,
+    /// Copies the catalogue's write-ahead log back after writes.
+    wal: catalogue::WalCheckpointer,
     /// Exclude globs added to every sandbox registered.
     default_excludes: Vec<String>,
     /// When checkpoints and rollbacks are acknowledged.
@@ -87,6 +92,47 @@ struct NewCheckpoint {
     labels: std::collections::BTreeMap<String, String>,
     kind: CheckpointKind,
     pinned: bool,
+}
+
+/// Idle connections kept beyond this many are closed.
+const MAX_IDLE_CONNECTIONS: usize = 8;
+
+/// A catalogue connection that goes back to the engine's pool when
+/// dropped, unless a transaction was left open on it. Dropping one that
+/// wrote asks for a checkpoint of the write-ahead log.
+struct Pooled<'a> {
+    conn: Option<Connection>,
+    /// The connection's change counter when it was handed out.
+    changes: u64,
+    engine: &'a Engine,
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_ref().expect("a pooled connection is present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("a pooled connection is present until dropped")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if conn.total_changes() != self.changes {
+            self.engine.wal.kick();
+        }
+        if conn.is_autocommit() {
+            let mut idle = lock(&self.engine.idle);
+            if idle.len() < MAX_IDLE_CONNECTIONS {
+                idle.push(conn);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -123,6 +169,7 @@ impl Engine {
         let state_dir = state_dir.canonicalize().ctx(|| format!("opening {}", state_dir.display()))?;
         let db_path = state_dir.join("catalogue.db");
         let conn = catalogue::open(&db_path)?;
+        let wal = catalogue::WalCheckpointer::start(&db_path)?;
         let engine = Engine {
             default_store: state_dir.join("store"),
             state_dir,
@@ -138,7 +185,8 @@ impl Engine {
             default_excludes: config.default_excludes.clone(),
             durability: config.durability,
             watches: Mutex::new(HashMap::new()),
-            racy: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Vec::new()),
+            wal,
         };
         engine.store(&bytes_of(&engine.default_store))?;
         for store in catalogue::stores(&conn)? {
@@ -267,13 +315,22 @@ impl Engine {
         self.sandbox_info(&conn, &sandbox)
     }
 
-    fn db(&self) -> Result<Connection> {
-        let conn = catalogue::connect(&self.db_path)?;
-        if self.durability == crate::config::Durability::Sync {
-            // Every commit reaches the disk before it returns.
-            conn.pragma_update(None, "synchronous", "FULL")?;
-        }
-        Ok(conn)
+    /// Returns a catalogue connection: an idle one from the pool, or a new
+    /// one. Reusing connections keeps their prepared statements and schema
+    /// cache; opening one costs about a millisecond.
+    fn db(&self) -> Result<Pooled<'_>> {
+        let conn = match lock(&self.idle).pop() {
+            Some(conn) => conn,
+            None => {
+                let conn = catalogue::connect(&self.db_path)?;
+                if self.durability == crate::config::Durability::Sync {
+                    // Every commit reaches the disk before it returns.
+                    conn.pragma_update(None, "synchronous", "FULL")?;
+                }
+                conn
+            }
+        };
+        Ok(Pooled { changes: conn.total_changes(), conn: Some(conn), engine: self })
     }
 
     fn store(&self, path: &[u8]) -> Result<Arc<Store>> {
@@ -683,8 +740,7 @@ impl Engine {
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
         let watch = self.watch_of(sb.id);
-        let racy = lock(&self.racy).remove(&sb.id).unwrap_or_default();
-        let scope = match watch.as_ref().map(|w| w.drain(racy)) {
+        let scope = match watch.as_ref().map(|w| w.drain()) {
             Some(Drain::Paths(paths)) => Scope::Paths(paths),
             Some(Drain::Everything(why)) => {
                 tracing::debug!(sandbox = %sb.name, "full scan: {why}");
@@ -699,11 +755,12 @@ impl Engine {
             self.watch_sandbox(&sb);
         }
         let scope = &scope;
+        let drain_ms = started.elapsed().as_secs_f64() * 1e3;
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.
         let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let mut current = self.take_manifest(conn, &sb)?;
-        let rows_ms = started.elapsed().as_millis() as u64;
+        let rows_ms = started.elapsed().as_secs_f64() * 1e3;
         let captured = match self.scan(&sb, scope, &current, Some(&store), scan_start_ns) {
             Ok(c) => c,
             Err(e) => {
@@ -711,7 +768,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let scan_ms = started.elapsed().as_millis() as u64;
+        let scan_ms = started.elapsed().as_secs_f64() * 1e3;
         let parent = match sb.head_seq {
             0 => None,
             head => catalogue::checkpoint_at(conn, sb.id, head)?,
@@ -790,18 +847,6 @@ impl Engine {
             Ok(ids) => {
                 captured.apply_to(&mut current, Some(&ids));
                 self.put_manifest(sb.id, info.seq, current);
-                // Paths that changed too close to this scan are compared
-                // again by the next checkpoint, dirty or not.
-                let racy: Vec<Vec<u8>> = captured
-                    .added
-                    .iter()
-                    .filter(|a| a.key.racy)
-                    .map(|a| a.path.clone())
-                    .chain(captured.rekeyed.iter().filter(|(_, _, k)| k.racy).map(|(p, _, _)| p.clone()))
-                    .collect();
-                if !racy.is_empty() {
-                    lock(&self.racy).insert(sb.id, racy);
-                }
             }
             Err(e) => {
                 self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
@@ -812,7 +857,7 @@ impl Engine {
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
             scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
-            rows_ms, scan_ms, ms = started.elapsed().as_millis() as u64, "checkpoint"
+            drain_ms, rows_ms, scan_ms, ms = started.elapsed().as_secs_f64() * 1e3, "checkpoint"
         );
         drop(storing);
         // Retention applies after every checkpoint, without being asked.
@@ -821,6 +866,7 @@ impl Engine {
         if let Err(e) = self.enforce_retention(conn, &sb, &policy) {
             tracing::warn!(sandbox = %sb.name, "pruning: {e}");
         }
+        tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "after retention");
         Ok(info)
     }
 
@@ -925,21 +971,35 @@ impl Engine {
         let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
         let (t_side, l_side) = differences(&then, &live);
         let plan = Plan::new(&t_side, &l_side, filter, &excludes);
-        let total = self.restore_total(conn, sandbox, target, filter, &excludes)?;
+        let total = match filter {
+            [] => then.len(),
+            _ => then.keys().filter(|p| selected(p, filter) && !excludes.covers(p)).count(),
+        } as u64;
         self.apply_plan(conn, sandbox, &plan, &store, None, &target.info.id, kind, total)
     }
 
-    /// Counts the target paths a restore covers (for `unchanged`).
+    /// Counts the target paths a restore covers (for `unchanged`). `head`
+    /// is the sandbox's newest checkpoint, `gone` the versions valid at the
+    /// target and not at `head`, `new` those valid at `head` only.
+    #[allow(clippy::too_many_arguments)]
     fn restore_total(
         &self,
         conn: &Connection,
         sandbox: &Sandbox,
         target: &Checkpoint,
+        head: u64,
+        (gone, new): (&Manifest, &Manifest),
         filter: &[Vec<u8>],
         excludes: &Excludes,
     ) -> Result<u64> {
         if filter.is_empty() {
-            return catalogue::count_at(conn, sandbox.id, target.info.seq);
+            // The target's versions are the head's, less the new ones, plus
+            // the gone ones: no need to count the whole tree's rows.
+            let at_head = match lock(&self.manifests).get(&sandbox.id) {
+                Some((seq, m)) if *seq == head => m.len() as u64,
+                _ => catalogue::count_at(conn, sandbox.id, head)?,
+            };
+            return Ok((at_head + gone.len() as u64).saturating_sub(new.len() as u64));
         }
         Ok(catalogue::rows_at(conn, sandbox.id, target.info.seq)?
             .keys()
@@ -959,17 +1019,21 @@ impl Engine {
         kind: &str,
         intent: i64,
     ) -> Result<RollbackReport> {
+        let started = Instant::now();
         let excludes = Excludes::new(&sandbox.excludes)?;
         let store = self.store(&sandbox.store)?;
         let safety = self.take_safety(conn, sandbox.id, format!("before {kind} to {}", target.info.id))?;
+        let safety_ms = started.elapsed().as_secs_f64() * 1e3;
         let (t_side, l_side) = catalogue::rows_between(conn, sandbox.id, target.info.seq, safety.seq)?;
         let plan = Plan::new(&t_side, &l_side, filter, &excludes);
         catalogue::intent_applying(conn, intent, &safety.id, &plan.desired(), now_ms())?;
-        let total = self.restore_total(conn, sandbox, target, filter, &excludes)?;
+        let total = self.restore_total(conn, sandbox, target, safety.seq, (&t_side, &l_side), filter, &excludes)?;
+        let plan_ms = started.elapsed().as_secs_f64() * 1e3;
         let report = self.apply_plan(conn, sandbox, &plan, &store, Some(&safety), &target.info.id, kind, total)?;
         tracing::info!(
             sandbox = %sandbox.name, target = %target.info.id, kind,
-            restored = report.restored, created = report.created, deleted = report.deleted, "rollback"
+            restored = report.restored, created = report.created, deleted = report.deleted,
+            safety_ms, plan_ms, ms = started.elapsed().as_secs_f64() * 1e3, "rollback"
         );
         Ok(report)
     }

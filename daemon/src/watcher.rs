@@ -207,9 +207,8 @@ impl SandboxWatch {
     }
 
     /// Waits until every event of a change made before this call has been
-    /// read, then takes what the next checkpoint must compare. `racy` are
-    /// paths the previous checkpoint must see again.
-    pub fn drain(&self, racy: Vec<Vec<u8>>) -> Drain {
+    /// read, then takes what the next checkpoint must compare.
+    pub fn drain(&self) -> Drain {
         let barrier = self.barrier();
         let mut state = lock(&self.state);
         if self.overflow.swap(false, Ordering::Relaxed) {
@@ -229,9 +228,8 @@ impl SandboxWatch {
         if let Some(why) = state.full.take() {
             return Drain::Everything(why);
         }
-        let mut paths: Vec<Vec<u8>> = dirty.into_iter().chain(racy).collect();
+        let mut paths: Vec<Vec<u8>> = dirty.into_iter().collect();
         paths.sort();
-        paths.dedup();
         Drain::Paths(paths)
     }
 

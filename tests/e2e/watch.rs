@@ -47,8 +47,8 @@ fn watched(d: &TestDaemon, name: &str, files: usize) -> std::path::PathBuf {
     let mut client = d.client();
     let first = checkpoint(&mut client, name);
     assert_eq!(first.full_scan, Some(true), "the first checkpoint after the watch starts compares everything");
-    // Files written just before a scan are compared again by the next one
-    // (racy timestamps): settle until a checkpoint compares nothing.
+    // From here on checkpoints compare only what events mark; settle until
+    // one compares nothing (no event of the seeding is left over).
     for _ in 0..20 {
         if checkpoint(&mut client, name).scanned == Some(0) {
             return root;
