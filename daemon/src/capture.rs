@@ -188,10 +188,16 @@ struct Job {
     prior: Option<Row>,
 }
 
+/// How many threads walk, read or write files at once: one per core, at
+/// most four.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4)
+}
+
 /// Compares the live tree in `scope` with `current` (the current versions;
 /// rows outside the scope are ignored) and returns what changed.
 pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let threads = threads();
     let outcomes = Mutex::new(Vec::<Outcome>::new());
     let failure = Mutex::new(None::<Error>);
     let (tx, rx) = sync_channel::<Job>(4096);
@@ -559,7 +565,8 @@ fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<O
     stats.read += 1;
     let (hash, st, unstable) = match opts.store {
         Some(store) => {
-            let put = store.put(fd.as_fd(), opts.reflink).ctx(|| format!("storing {}", show(&path)))?;
+            let put =
+                store.put(fd.as_fd(), opts.reflink).ctx(|| format!("storing {}", show(&path)))?;
             stats.reflinked += put.reflinked as u64;
             stats.copied += put.copied as u64;
             (put.hash, put.stat, put.unstable)

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::capture::{Excludes, TEMP_PREFIX, show};
 use crate::error::{IoContext, Result};
@@ -153,8 +154,10 @@ impl Plan {
                 tick();
             }
         }
-        // 2. Creations and replacements, shallowest first.
+        // 2. Creations and replacements: directories shallowest first, then
+        //    everything else (nothing lives below those) on a few threads.
         let mut dir_modes = Vec::new();
+        let mut leaves = Vec::new();
         for (path, step) in &self.steps {
             let (target, live_dir) = match step {
                 Step::Delete(_) => continue,
@@ -165,41 +168,77 @@ impl Plan {
                 applied.skipped.push(path.clone());
                 continue;
             }
-            tick();
-            let target = &restorable(target, owner);
-            let (parent, name) = sys::split_parent(path);
             if durable {
-                touched_dirs.insert(parent.to_vec());
+                touched_dirs.insert(sys::split_parent(path).0.to_vec());
             }
+            if target.kind != Kind::Dir {
+                leaves.push((path, restorable(target, owner)));
+                continue;
+            }
+            tick();
+            let (parent, name) = sys::split_parent(path);
+            let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
+            if !live_dir {
+                match sys::mkdirat(dir.as_fd(), name, 0o700) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                        return Err(e).ctx(|| format!("creating {}", show(path)));
+                    }
+                    _ => {}
+                }
+            }
+            dir_modes.push((path.clone(), restorable(target, owner).into_owned()));
+        }
+        let put = |path: &[u8], target: &Meta| -> Result<bool> {
+            tick();
+            let (parent, name) = sys::split_parent(path);
             let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
             match target.kind {
-                Kind::Dir => {
-                    if !live_dir {
-                        match sys::mkdirat(dir.as_fd(), name, 0o700) {
-                            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                                return Err(e).ctx(|| format!("creating {}", show(path)));
+                Kind::File => put_file(dir.as_fd(), name, target, store, reflink, as_root, durable),
+                Kind::Symlink => put_symlink(dir.as_fd(), name, target, as_root),
+                Kind::Special if target.mode & libc::S_IFMT == libc::S_IFIFO => {
+                    put_fifo(dir.as_fd(), name, target, as_root)
+                }
+                Kind::Special | Kind::Dir => return Ok(false),
+            }
+            .ctx(|| format!("restoring {}", show(path)))?;
+            Ok(true)
+        };
+        let threads = if leaves.len() < 16 { 1 } else { crate::capture::threads() };
+        let failed = AtomicBool::new(false);
+        let mut not_put = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|k| {
+                    let (leaves, put, failed) = (&leaves, &put, &failed);
+                    s.spawn(move || -> Result<Vec<Vec<u8>>> {
+                        let mut not_put = Vec::new();
+                        for (path, target) in leaves.iter().skip(k).step_by(threads) {
+                            if failed.load(Ordering::Relaxed) {
+                                break;
                             }
-                            _ => {}
+                            match put(path, target) {
+                                Ok(true) => {}
+                                Ok(false) => not_put.push(path.to_vec()),
+                                Err(e) => {
+                                    failed.store(true, Ordering::Relaxed);
+                                    return Err(e);
+                                }
+                            }
                         }
-                    }
-                    dir_modes.push((path.clone(), target.clone()));
-                }
-                Kind::File => {
-                    put_file(dir.as_fd(), name, target, store, reflink, as_root, durable)
-                        .ctx(|| format!("restoring {}", show(path)))?;
-                }
-                Kind::Symlink => {
-                    put_symlink(dir.as_fd(), name, target, as_root).ctx(|| format!("restoring {}", show(path)))?;
-                }
-                Kind::Special => {
-                    if target.mode & libc::S_IFMT == libc::S_IFIFO {
-                        put_fifo(dir.as_fd(), name, target, as_root).ctx(|| format!("restoring {}", show(path)))?;
-                    } else {
-                        applied.skipped.push(path.clone());
-                    }
+                        Ok(not_put)
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for w in workers {
+                match w.join() {
+                    Ok(r) => all.extend(r?),
+                    Err(_) => return Err(crate::error::Error::Internal("a restore thread panicked".into())),
                 }
             }
-        }
+            Ok(all)
+        })?;
+        not_put.sort();
+        applied.skipped.extend(not_put);
         // 3. Directory owners and modes, deepest first.
         for (path, meta) in dir_modes.iter().rev() {
             let dir = sys::open_beneath(root, path).ctx(|| format!("opening {}", show(path)))?;
