@@ -119,6 +119,9 @@ pub struct Options<'a> {
     /// Where to put new content; `None` only hashes (a dry run).
     pub store: Option<&'a Store>,
     pub reflink: bool,
+    /// Store small files by copying (see [`Store::put`]): set for captures
+    /// of the paths a watcher marked, which were written moments ago.
+    pub copy_small: bool,
     /// A path whose mtime or ctime is at or after this instant is racy.
     pub racy_after_ns: i64,
     /// Counts visited entries for a client watching the request.
@@ -566,7 +569,7 @@ fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<O
     let (hash, st, unstable) = match opts.store {
         Some(store) => {
             let put =
-                store.put(fd.as_fd(), opts.reflink).ctx(|| format!("storing {}", show(&path)))?;
+                store.put(fd.as_fd(), opts.reflink, opts.copy_small).ctx(|| format!("storing {}", show(&path)))?;
             stats.reflinked += put.reflinked as u64;
             stats.copied += put.copied as u64;
             (put.hash, put.stat, put.unstable)

@@ -728,6 +728,9 @@ impl Engine {
             excludes: &excludes,
             store,
             reflink: sandbox.clone_method == CloneMethod::Reflink,
+            // Files the watcher marked were written moments ago: their pages
+            // are likely dirty, and a clone would first write them out.
+            copy_small: matches!(scope, Scope::Paths(_)),
             racy_after_ns: scan_start_ns - RACY_WINDOW_NS,
             progress: progress.as_deref(),
         };

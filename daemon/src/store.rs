@@ -46,11 +46,45 @@ pub struct Put {
 
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
+/// Files up to this size may be stored by writing the bytes read to hash
+/// them instead of cloning (see [`Store::put`]). Cloning a file whose pages
+/// are still dirty makes the filesystem write them out first, which costs
+/// several times the copy; a copy of a small file takes a block or a few.
+pub const SMALL_FILE: u64 = 64 * 1024;
+
+/// Reads a file of `size` bytes whole (less if it shrank meanwhile).
+fn read_whole(fd: BorrowedFd<'_>, size: u64) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; size as usize];
+    let mut done = 0;
+    while done < buf.len() {
+        let n = sys::pread(fd, &mut buf[done..], done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
 /// Hashes the content of an open file, reading only its data segments and
 /// hashing holes as the zeros they read as.
 pub fn hash_fd(fd: BorrowedFd<'_>, size: u64) -> io::Result<ObjectId> {
+    thread_local! {
+        // One read buffer per thread: most files are small, and allocating
+        // (and zeroing) 256 KiB for each of them costs more than hashing.
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        if buf.is_empty() {
+            buf.resize(256 * 1024, 0);
+        }
+        hash_with(fd, size, buf)
+    })
+}
+
+fn hash_with(fd: BorrowedFd<'_>, size: u64, buf: &mut [u8]) -> io::Result<ObjectId> {
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
     let mut pos = 0u64;
     let feed_zeros = |hasher: &mut blake3::Hasher, mut n: u64| {
         while n > 0 {
@@ -59,7 +93,10 @@ pub fn hash_fd(fd: BorrowedFd<'_>, size: u64) -> io::Result<ObjectId> {
             n -= k as u64;
         }
     };
-    for (start, len) in sys::data_segments(fd, size)? {
+    // Holes are looked for only in files larger than one read: a small one
+    // is read whole (its holes read as the zeros they hash as).
+    let segments = if size <= buf.len() as u64 { vec![(0, size)] } else { sys::data_segments(fd, size)? };
+    for (start, len) in segments {
         feed_zeros(&mut hasher, start - pos);
         let mut off = start;
         let end = start + len;
@@ -126,12 +163,19 @@ impl Store {
 
     /// Stores the content of the open regular file `src`. Returns the
     /// object's hash and the stat its content corresponds to. Clones with
-    /// `FICLONE` when `reflink` is set and the pair allows it.
-    pub fn put(&self, src: BorrowedFd<'_>, reflink: bool) -> io::Result<Put> {
+    /// `FICLONE` when `reflink` is set and the pair allows it, except that
+    /// with `copy_small` a file of at most [`SMALL_FILE`] bytes is written
+    /// from the bytes read to hash it.
+    pub fn put(&self, src: BorrowedFd<'_>, reflink: bool, copy_small: bool) -> io::Result<Put> {
         const TRIES: usize = 3;
         for attempt in 1..=TRIES {
             let before = sys::fstat(src)?;
-            let hash = hash_fd(src, before.st_size as u64)?;
+            let size = before.st_size as u64;
+            let bytes = if copy_small && size <= SMALL_FILE { Some(read_whole(src, size)?) } else { None };
+            let hash = match &bytes {
+                Some(b) => ObjectId(*blake3::hash(b).as_bytes()),
+                None => hash_fd(src, size)?,
+            };
             if self.contains(&hash) {
                 if same_version(&before, &sys::fstat(src)?) {
                     return Ok(Put { hash, stat: before, reflinked: false, copied: false, unstable: false });
@@ -143,7 +187,10 @@ impl Store {
             // rename lock, which concurrent readers then queue on.
             let tmp_name = format!("{}/.tmp-{}", &hash.to_string()[..2], ulid::Ulid::new()).into_bytes();
             let tmp = sys::openat(self.objects.as_fd(), &tmp_name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o400)?;
-            let result = clone_or_copy(tmp.as_fd(), src, before.st_size as u64, reflink);
+            let result = match &bytes {
+                Some(b) => sys::pwrite_all(tmp.as_fd(), b, 0).map(|()| false),
+                None => clone_or_copy(tmp.as_fd(), src, size, reflink),
+            };
             let reflinked = match result {
                 Ok(r) => r,
                 Err(e) => {
@@ -323,8 +370,8 @@ mod tests {
         std::fs::write(t.path().join("b"), b"same bytes").unwrap();
         let a = File::open(t.path().join("a")).unwrap();
         let b = File::open(t.path().join("b")).unwrap();
-        let pa = store.put(a.as_fd(), true).unwrap();
-        let pb = store.put(b.as_fd(), true).unwrap();
+        let pa = store.put(a.as_fd(), true, false).unwrap();
+        let pb = store.put(b.as_fd(), true, false).unwrap();
         assert_eq!(pa.hash, pb.hash);
         assert!(pa.reflinked || pa.copied);
         assert!(!pb.reflinked && !pb.copied, "the second put made a new object");
@@ -352,8 +399,8 @@ mod tests {
         let store = Store::open(&t.path().join("store")).unwrap();
         std::fs::write(t.path().join("a"), b"keep").unwrap();
         std::fs::write(t.path().join("b"), b"drop").unwrap();
-        let keep = store.put(File::open(t.path().join("a")).unwrap().as_fd(), false).unwrap().hash;
-        let drop_ = store.put(File::open(t.path().join("b")).unwrap().as_fd(), false).unwrap().hash;
+        let keep = store.put(File::open(t.path().join("a")).unwrap().as_fd(), false, false).unwrap().hash;
+        let drop_ = store.put(File::open(t.path().join("b")).unwrap().as_fd(), false, false).unwrap().hash;
         let (n, bytes) = store.collect_garbage(&HashSet::from([keep])).unwrap();
         assert_eq!((n, bytes), (1, 4));
         assert!(store.contains(&keep));

@@ -309,7 +309,7 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> 
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: buf is readable for its length.
         let n = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) };
