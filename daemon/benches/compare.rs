@@ -1,0 +1,1052 @@
+//! Benchmark: snapback side by side with what users would use instead, on
+//! the same trees, in one run.
+//!
+//! The alternatives, each driven the way its users drive it:
+//!
+//! - `git`: a shadow repository (`git --git-dir=... --work-tree=...`), as
+//!   Gemini CLI, Cline and Roo Code keep one. A checkpoint is `git add -A &&
+//!   git commit`; a rollback `git checkout <commit> -- . && git clean -fd`.
+//! - `rsync`: hardlink snapshots (`rsync -a --delete --link-dest=<previous>`,
+//!   as rsnapshot does); a rollback `rsync -a --delete <snapshot>/ <tree>/`.
+//! - `cp`: `cp -a --reflink=always` of the whole tree (only where the
+//!   filesystem clones); a rollback removes the tree and clones the copy back.
+//! - `btrfs`: the tree is a subvolume; a checkpoint is a read-only snapshot,
+//!   a rollback `btrfs subvolume delete` + `btrfs subvolume snapshot`.
+//!
+//! Each tool gets its own copy of the tree and then the same sequence of
+//! changes (the same seeds): the first checkpoint; checkpoints after 0,
+//! 100 (`--rounds` of them: the store is measured after these) and 10,000
+//! changed files; rollbacks after 100 files were modified, 50 created and
+//! 20 deleted, each checked file by file. Dirty pages are flushed (`sync`)
+//! after every change and before every timed operation, so that no tool
+//! pays for writing out another's data. snapback is reached through its
+//! client library over the daemon's socket, with one connection, as an
+//! agent harness would.
+//!
+//! As root it loop-mounts ext4, XFS (`reflink=1`) and btrfs images under
+//! `$TMPDIR`; otherwise it measures in a temporary directory of the current
+//! filesystem. Raw figures go to `<out>/results.csv`, medians and ratios to
+//! `<out>/table.md`, and a chart of checkpoint time against changed files to
+//! `<out>/checkpoint-time.png` (drawn by gnuplot from the CSV's medians).
+//!
+//! Run: `cargo bench -p snapback-daemon --bench compare -- --help`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use snapback::Client;
+use snapback::proto::{CheckpointRequest, RollbackRequest, SandboxAdd, WirePath};
+
+const HELP: &str = "\
+compare: snapback against shadow git, rsync --link-dest, cp --reflink and btrfs snapshots
+
+options:
+  --files N       small files in the generated tree (default 100000, in 1000 directories)
+  --big N         100 MiB files added to the generated tree (default 3)
+  --source DIR    also measure a copy of this real tree (e.g. ~/.cargo/registry/src)
+  --runs N        runs per measured operation, medians reported (default 3)
+  --rounds N      checkpoints of 100 changed files before the store is measured (default 20)
+  --fs LIST       filesystems to loop-mount as root (default ext4,xfs,btrfs)
+  --tools LIST    tools to measure (default snapback,git,rsync,cp,btrfs)
+  --out DIR       where results.csv, table.md and checkpoint-time.png go (default target/bench)
+  --no-startup    skip the daemon start-up measurement";
+
+struct Args {
+    files: usize,
+    big: usize,
+    source: Option<PathBuf>,
+    runs: usize,
+    rounds: usize,
+    filesystems: Vec<String>,
+    tools: Vec<String>,
+    out: PathBuf,
+    startup: bool,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        files: 100_000,
+        big: 3,
+        source: None,
+        runs: 3,
+        rounds: 20,
+        filesystems: vec!["ext4".into(), "xfs".into(), "btrfs".into()],
+        tools: ["snapback", "git", "rsync", "cp", "btrfs"].map(String::from).to_vec(),
+        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")),
+        startup: true,
+    };
+    let mut it = std::env::args().skip(1);
+    let list = |v: Option<String>| v.expect("a comma-separated list").split(',').map(String::from).collect();
+    while let Some(a) = it.next() {
+        let mut number = || it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{a} takes a number"));
+        match a.as_str() {
+            "--files" => args.files = number(),
+            "--big" => args.big = number(),
+            "--runs" => args.runs = number().max(1),
+            "--rounds" => args.rounds = number().max(1),
+            "--source" => args.source = Some(PathBuf::from(it.next().expect("--source DIR"))),
+            "--fs" => args.filesystems = list(it.next()),
+            "--tools" => args.tools = list(it.next()),
+            "--out" => args.out = PathBuf::from(it.next().expect("--out DIR")),
+            "--no-startup" => args.startup = false,
+            "--bench" => {} // passed by cargo bench
+            "--help" | "-h" => {
+                println!("{HELP}");
+                std::process::exit(0);
+            }
+            other => panic!("unknown argument {other}\n{HELP}"),
+        }
+    }
+    args
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers: commands, files, timing, disk usage.
+
+fn run(cmd: &mut Command) {
+    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.stderr(Stdio::piped()).output().expect("spawn");
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn time(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+/// Flushes dirty pages, so that writeback of one step does not land in the
+/// timing of the next.
+fn settle() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+}
+
+/// Bytes in use on the filesystem holding `path`.
+fn used_bytes(path: &Path) -> u64 {
+    settle();
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: statvfs fills st on success, checked below.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }, 0, "statvfs {}", path.display());
+    // SAFETY: initialised by the successful call.
+    let st = unsafe { st.assume_init() };
+    (st.f_blocks - st.f_bfree) * st.f_frsize
+}
+
+/// A small deterministic generator, so that every tool sees the same bytes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+
+    /// 1 to 8 KiB: the size of a typical source file.
+    fn small(&mut self) -> Vec<u8> {
+        let n = 1024 + (self.next() % 7169) as usize;
+        self.bytes(n)
+    }
+}
+
+/// Writes the generated tree: `files` small files in 1,000 directories and
+/// `big` files of 100 MiB.
+fn generate(tree: &Path, files: usize, big: usize) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for d in 0..1000.min(files.max(1)) {
+        std::fs::create_dir_all(tree.join(format!("d{d:03}"))).unwrap();
+    }
+    for i in 0..files {
+        std::fs::write(tree.join(format!("d{:03}/f{i:06}.dat", i % 1000)), rng.small()).unwrap();
+    }
+    std::fs::create_dir_all(tree.join("big")).unwrap();
+    for b in 0..big {
+        let mut f = std::fs::File::create(tree.join(format!("big/blob{b}.bin"))).unwrap();
+        for _ in 0..100 {
+            f.write_all(&rng.bytes(1 << 20)).unwrap();
+        }
+    }
+}
+
+/// The regular files under `tree` smaller than 1 MiB (the ones the changes
+/// touch), relative and sorted.
+fn small_files(tree: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                walk(root, &e.path(), out);
+            } else if t.is_file() && e.metadata().unwrap().len() < 1 << 20 {
+                out.push(e.path().strip_prefix(root).unwrap().to_owned());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(tree, tree, &mut out);
+    out.sort();
+    out
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+// ---------------------------------------------------------------------------
+// The tools.
+
+/// A way to checkpoint and roll back a tree.
+trait Tool {
+    /// Takes a checkpoint; returns its time and a handle to roll back to.
+    fn checkpoint(&mut self) -> (Duration, String);
+    /// Brings the tree back to the checkpoint `to`; returns the time.
+    fn rollback(&mut self, to: &str) -> Duration;
+    /// The tree it works on (it may replace it).
+    fn tree(&self) -> &Path;
+    /// Peak resident memory of a daemon, for the tools that have one.
+    fn peak_memory_kib(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// snapbackd with a sandbox on the tree, over one client connection.
+struct Snapback {
+    daemon: Child,
+    client: Client,
+    tree: PathBuf,
+}
+
+impl Snapback {
+    fn start(dir: &Path, tree: &Path) -> Snapback {
+        let daemon = start_daemon(dir);
+        let mut client = Client::connect(&dir.join("sock")).unwrap();
+        client
+            .sandbox_add(SandboxAdd {
+                path: WirePath::from(tree),
+                name: Some("bench".into()),
+                excludes: vec![],
+                store: None,
+            })
+            .unwrap();
+        wait_watching(&mut client);
+        Snapback { daemon, client, tree: tree.to_owned() }
+    }
+}
+
+/// Starts snapbackd with its state in `dir`; returns once it answers.
+fn start_daemon(dir: &Path) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let socket = dir.join("sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_snapbackd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("SNAPBACK_LOG", std::env::var("SNAPBACK_LOG").unwrap_or_else(|_| "warn".into()))
+        .spawn()
+        .expect("start snapbackd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Client::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "snapbackd did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// Waits until the sandbox's watch is in place (set up in the background).
+fn wait_watching(client: &mut Client) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = client.status().unwrap();
+        // Set up, the watch asks for one full comparison: the first checkpoint.
+        if status.sandboxes.iter().any(|s| s.name == "bench" && s.watch != "starting") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the watch never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Tool for Snapback {
+    fn checkpoint(&mut self) -> (Duration, String) {
+        let t = Instant::now();
+        let c = self.client.checkpoint(CheckpointRequest { sandbox: "bench".into(), ..Default::default() }).unwrap();
+        (t.elapsed(), c.id)
+    }
+
+    fn rollback(&mut self, to: &str) -> Duration {
+        let t = Instant::now();
+        self.client.rollback(RollbackRequest { checkpoint: to.into(), paths: vec![], dry_run: false }).unwrap();
+        t.elapsed()
+    }
+
+    fn tree(&self) -> &Path {
+        &self.tree
+    }
+
+    fn peak_memory_kib(&self) -> Option<u64> {
+        Some(peak_rss_kib(self.daemon.id()))
+    }
+}
+
+impl Drop for Snapback {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let _ = self.daemon.wait();
+    }
+}
+
+/// A shadow git repository beside the tree.
+struct Git {
+    repo: PathBuf,
+    tree: PathBuf,
+}
+
+impl Git {
+    fn git(&self) -> Command {
+        let mut c = Command::new("git");
+        c.arg("--git-dir").arg(&self.repo).arg("--work-tree").arg(&self.tree).args([
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@localhost",
+            "-c",
+            "gc.auto=0",
+        ]);
+        c
+    }
+}
+
+impl Tool for Git {
+    fn checkpoint(&mut self) -> (Duration, String) {
+        if !self.repo.exists() {
+            run(Command::new("git").args(["init", "-q", "--bare"]).arg(&self.repo));
+        }
+        let t = time(|| {
+            run(self.git().args(["add", "-A"]));
+            run(self.git().args(["commit", "-q", "--allow-empty", "-m", "checkpoint"]));
+        });
+        (t, output(self.git().args(["rev-parse", "HEAD"])))
+    }
+
+    fn rollback(&mut self, to: &str) -> Duration {
+        time(|| {
+            run(self.git().args(["checkout", to, "--", "."]));
+            run(self.git().args(["clean", "-fdq"]));
+        })
+    }
+
+    fn tree(&self) -> &Path {
+        &self.tree
+    }
+}
+
+/// Hardlink snapshots with `rsync --link-dest`.
+struct Rsync {
+    snaps: PathBuf,
+    tree: PathBuf,
+    taken: usize,
+}
+
+impl Tool for Rsync {
+    fn checkpoint(&mut self) -> (Duration, String) {
+        let n = self.taken;
+        self.taken += 1;
+        let dest = self.snaps.join(n.to_string());
+        let mut cmd = Command::new("rsync");
+        cmd.args(["-a", "--delete"]);
+        if n > 0 {
+            cmd.arg(format!("--link-dest={}", self.snaps.join((n - 1).to_string()).display()));
+        }
+        cmd.arg(format!("{}/", self.tree.display())).arg(&dest);
+        (time(|| run(&mut cmd)), dest.display().to_string())
+    }
+
+    fn rollback(&mut self, to: &str) -> Duration {
+        time(|| run(Command::new("rsync").args(["-a", "--delete"]).arg(format!("{to}/")).arg(&self.tree)))
+    }
+
+    fn tree(&self) -> &Path {
+        &self.tree
+    }
+}
+
+/// Whole-tree clones with `cp -a --reflink=always`.
+struct Cp {
+    snaps: PathBuf,
+    tree: PathBuf,
+    taken: usize,
+}
+
+impl Tool for Cp {
+    fn checkpoint(&mut self) -> (Duration, String) {
+        let dest = self.snaps.join(self.taken.to_string());
+        self.taken += 1;
+        let t = time(|| run(Command::new("cp").args(["-a", "--reflink=always"]).arg(&self.tree).arg(&dest)));
+        (t, dest.display().to_string())
+    }
+
+    fn rollback(&mut self, to: &str) -> Duration {
+        time(|| {
+            run(Command::new("rm").arg("-rf").arg(&self.tree));
+            run(Command::new("cp").args(["-a", "--reflink=always", to]).arg(&self.tree));
+        })
+    }
+
+    fn tree(&self) -> &Path {
+        &self.tree
+    }
+}
+
+/// btrfs read-only snapshots of the tree, a subvolume.
+struct Btrfs {
+    snaps: PathBuf,
+    tree: PathBuf,
+    taken: usize,
+}
+
+impl Tool for Btrfs {
+    fn checkpoint(&mut self) -> (Duration, String) {
+        let dest = self.snaps.join(self.taken.to_string());
+        self.taken += 1;
+        let t =
+            time(|| run(Command::new("btrfs").args(["-q", "subvolume", "snapshot", "-r"]).arg(&self.tree).arg(&dest)));
+        (t, dest.display().to_string())
+    }
+
+    fn rollback(&mut self, to: &str) -> Duration {
+        time(|| {
+            run(Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(&self.tree));
+            run(Command::new("btrfs").args(["-q", "subvolume", "snapshot", to]).arg(&self.tree));
+        })
+    }
+
+    fn tree(&self) -> &Path {
+        &self.tree
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What is measured.
+
+/// Raw samples: (fs, tree, tool, operation) -> values in ms (or bytes).
+type Key = (String, String, String, String);
+
+#[derive(Default)]
+struct Results {
+    samples: BTreeMap<Key, Vec<f64>>,
+    /// Why a tool did not run somewhere.
+    skipped: Vec<String>,
+}
+
+const FIRST: &str = "first checkpoint";
+const ZERO: &str = "checkpoint, 0 changed";
+const HUNDRED: &str = "checkpoint, 100 changed";
+const TEN_K: &str = "checkpoint, 10,000 changed";
+const ROLLBACK: &str = "rollback, 100 modified + 50 created + 20 deleted";
+const STORE: &str = "store bytes: first checkpoint + the 100-changed rounds";
+const MEMORY: &str = "peak daemon memory";
+const OPERATIONS: [&str; 7] = [FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, STORE, MEMORY];
+
+struct Site<'a> {
+    fs: &'a str,
+    tree: &'a str,
+    /// On a loop mount made for the run: left in place until it is
+    /// unmounted (removing millions of snapshot entries takes minutes, and
+    /// btrfs frees deleted subvolumes in the background, where the next
+    /// tool's disk usage would see it).
+    scratch_mount: bool,
+    started: Instant,
+}
+
+impl Results {
+    fn add(&mut self, at: &Site<'_>, tool: &str, op: &'static str, value: f64) {
+        self.samples.entry((at.fs.into(), at.tree.into(), tool.into(), op.into())).or_default().push(value);
+    }
+
+    /// Reads back what [`write_csv`] wrote.
+    fn read_csv(path: &Path) -> Results {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut results = Results::default();
+        for line in text.lines().skip(1) {
+            // fs,tree,tool,"operation",run,value,unit: the operation is the
+            // only field that holds commas, and it is quoted.
+            let (head, rest) = line.split_once(",\"").expect("a quoted operation");
+            let (op, tail) = rest.split_once("\",").expect("a quoted operation");
+            let head: Vec<&str> = head.split(',').collect();
+            let value: f64 = tail.split(',').nth(1).and_then(|v| v.parse().ok()).expect("a value");
+            let key = (head[0].to_owned(), head[1].to_owned(), head[2].to_owned(), op.to_owned());
+            results.samples.entry(key).or_default().push(value);
+        }
+        results
+    }
+
+    fn add_time(&mut self, at: &Site<'_>, tool: &str, op: &'static str, d: Duration) {
+        self.add(at, tool, op, d.as_secs_f64() * 1000.0);
+    }
+}
+
+/// Changes applied to a tree, the same for every tool.
+struct Changes {
+    files: Vec<PathBuf>,
+}
+
+impl Changes {
+    /// The `count` files of change `seed` (distinct, spread over the tree).
+    fn pick(&self, seed: u64, count: usize) -> Vec<&Path> {
+        let n = self.files.len();
+        let count = count.min(n);
+        let start = (seed as usize).wrapping_mul(7919) % n;
+        // A stride coprime with n visits every index once.
+        let mut stride = 104_729 % n.max(2);
+        while gcd(stride.max(1), n) != 1 {
+            stride += 1;
+        }
+        (0..count).map(|k| self.files[(start + k * stride.max(1)) % n].as_path()).collect()
+    }
+
+    /// Rewrites `count` files with new content.
+    fn modify(&self, tree: &Path, seed: u64, count: usize) {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9) | 1);
+        for f in self.pick(seed, count) {
+            std::fs::write(tree.join(f), rng.small()).unwrap();
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// What a rollback must bring back, recorded before the damage.
+struct Damage {
+    /// Paths with their content before (modified or deleted).
+    before: Vec<(PathBuf, Vec<u8>)>,
+    created: Vec<PathBuf>,
+}
+
+impl Damage {
+    /// Modifies 100 files, creates 50 and deletes 20.
+    fn apply(changes: &Changes, tree: &Path, seed: u64) -> Damage {
+        let picked = changes.pick(seed, 120);
+        let (modified, deleted) = picked.split_at(picked.len().min(100));
+        let before = picked.iter().map(|p| (p.to_path_buf(), std::fs::read(tree.join(p)).unwrap())).collect();
+        changes.modify(tree, seed, modified.len());
+        for p in deleted {
+            std::fs::remove_file(tree.join(p)).unwrap();
+        }
+        let mut rng = Rng(seed ^ 0xABCD);
+        let mut created = Vec::new();
+        for k in 0..50 {
+            let dir = changes.files[(seed as usize * 31 + k * 997) % changes.files.len()].parent().unwrap();
+            let p = dir.join(format!("new-{seed}-{k}.dat"));
+            std::fs::write(tree.join(&p), rng.small()).unwrap();
+            created.push(p);
+        }
+        Damage { before, created }
+    }
+
+    /// Panics unless the tree is as it was before the damage.
+    fn check_undone(&self, tree: &Path, tool: &str) {
+        for (p, content) in &self.before {
+            let now =
+                std::fs::read(tree.join(p)).unwrap_or_else(|e| panic!("{tool}: {} after rollback: {e}", p.display()));
+            assert!(now == *content, "{tool}: {} was not brought back", p.display());
+        }
+        for p in &self.created {
+            assert!(!tree.join(p).exists(), "{tool}: {} is still there after rollback", p.display());
+        }
+    }
+}
+
+/// Runs every measurement for one tool on a fresh copy of `pristine`.
+fn measure_tool(
+    name: &str,
+    at: &Site<'_>,
+    base: &Path,
+    pristine: &Path,
+    changes: &Changes,
+    args: &Args,
+    results: &mut Results,
+) {
+    let dir = base.join(format!("{name}-{}", at.tree));
+    let tree = dir.join("tree");
+    if at.fs == "btrfs" && at.scratch_mount {
+        // A subvolume per tool: each has its own metadata tree, so one
+        // tool's millions of snapshot entries do not slow the next.
+        run(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(&dir));
+    } else {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    if name == "btrfs" {
+        run(Command::new("btrfs").args(["-q", "subvolume", "create"]).arg(&tree));
+        run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(format!("{}/.", pristine.display())).arg(&tree));
+    } else {
+        run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(pristine).arg(&tree));
+    }
+    let snaps = dir.join("snapshots");
+    std::fs::create_dir_all(&snaps).unwrap();
+    eprintln!("[{} {}] {name} ({:.0} s into the run)", at.fs, at.tree, at.started.elapsed().as_secs_f64());
+    let before = used_bytes(base);
+    let mut tool: Box<dyn Tool> = match name {
+        "snapback" => Box::new(Snapback::start(&dir, &tree)),
+        "git" => Box::new(Git { repo: dir.join("shadow.git"), tree: tree.clone() }),
+        "rsync" => Box::new(Rsync { snaps: snaps.clone(), tree: tree.clone(), taken: 0 }),
+        "cp" => Box::new(Cp { snaps: snaps.clone(), tree: tree.clone(), taken: 0 }),
+        "btrfs" => Box::new(Btrfs { snaps: snaps.clone(), tree: tree.clone(), taken: 0 }),
+        other => panic!("unknown tool {other}"),
+    };
+    settle();
+    let (first, _) = tool.checkpoint();
+    results.add_time(at, name, FIRST, first);
+
+    // 100 changed files, `rounds` times: the store is measured after them.
+    let mut seed = 1;
+    for _ in 0..args.rounds {
+        changes.modify(tool.tree(), seed, 100);
+        seed += 1;
+        settle();
+        results.add_time(at, name, HUNDRED, tool.checkpoint().0);
+    }
+    results.add(at, name, STORE, (used_bytes(base).saturating_sub(before)) as f64);
+
+    // Every checkpoint and rollback of rsync and cp copies or links the
+    // whole tree, whatever changed: one run of each is enough to show it,
+    // and keeps the whole benchmark within 15 minutes (their 100-changed
+    // figure is still the median of `rounds`).
+    let runs = if matches!(name, "rsync" | "cp") { 1 } else { args.runs };
+    for _ in 0..runs {
+        settle();
+        results.add_time(at, name, ZERO, tool.checkpoint().0);
+    }
+    for _ in 0..runs {
+        changes.modify(tool.tree(), seed, 10_000);
+        seed += 1;
+        settle();
+        results.add_time(at, name, TEN_K, tool.checkpoint().0);
+    }
+    for _ in 0..runs {
+        let (_, target) = tool.checkpoint();
+        let damage = Damage::apply(changes, tool.tree(), seed);
+        seed += 1;
+        settle();
+        results.add_time(at, name, ROLLBACK, tool.rollback(&target));
+        damage.check_undone(tool.tree(), name);
+    }
+    if let Some(kib) = tool.peak_memory_kib() {
+        results.add(at, name, MEMORY, kib as f64 * 1024.0);
+    }
+    drop(tool);
+    if !at.scratch_mount {
+        remove(&dir);
+    }
+}
+
+/// Removes a tool's directory, snapshots (subvolumes) included.
+fn remove(dir: &Path) {
+    let snaps = dir.join("snapshots");
+    if let Ok(entries) = std::fs::read_dir(&snaps) {
+        for e in entries.flatten() {
+            // Read-only btrfs snapshots must be deleted as subvolumes.
+            let _ =
+                Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(e.path()).stderr(Stdio::null()).status();
+        }
+    }
+    let tree = dir.join("tree");
+    let _ = Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(&tree).stderr(Stdio::null()).status();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether `tool` runs on the filesystem at `base`; if not, why.
+fn applies(tool: &str, fs: &str, base: &Path) -> Result<(), String> {
+    match tool {
+        "cp" if !clones(base) => Err(format!("cp --reflink=always does not run on {fs}: it cannot clone files")),
+        "btrfs" if fs != "btrfs" => Err("btrfs snapshots run on btrfs only".into()),
+        "rsync" | "git" | "btrfs" if which(tool).is_none() => Err(format!("{tool} is not installed")),
+        _ => Ok(()),
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.exists())
+}
+
+fn clones(base: &Path) -> bool {
+    let a = base.join("probe-a");
+    let b = base.join("probe-b");
+    std::fs::write(&a, b"probe").unwrap();
+    let ok = Command::new("cp").arg("--reflink=always").arg(&a).arg(&b).stderr(Stdio::null()).status();
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    ok.is_ok_and(|s| s.success())
+}
+
+/// Measures every tool on every tree of one filesystem.
+fn measure_fs(fs: &str, base: &Path, scratch_mount: bool, started: Instant, args: &Args, results: &mut Results) {
+    let mut trees = vec![("generated", None)];
+    if let Some(src) = &args.source {
+        trees.push(("source", Some(src.clone())));
+    }
+    for (label, source) in trees {
+        let pristine = base.join(format!("pristine-{label}"));
+        match &source {
+            None => {
+                eprintln!("[{fs}] generating {} files and {} of 100 MiB", args.files, args.big);
+                generate(&pristine, args.files, args.big);
+            }
+            Some(src) => {
+                eprintln!("[{fs}] copying {}", src.display());
+                run(Command::new("cp").args(["-a"]).arg(src).arg(&pristine));
+            }
+        }
+        let changes = Changes { files: small_files(&pristine) };
+        assert!(!changes.files.is_empty(), "no file under 1 MiB in the {label} tree");
+        let at = Site { fs, tree: label, scratch_mount, started };
+        for tool in &args.tools {
+            match applies(tool, fs, base) {
+                Ok(()) => measure_tool(tool, &at, base, &pristine, &changes, args, results),
+                Err(why) => {
+                    if !results.skipped.contains(&why) {
+                        results.skipped.push(why);
+                    }
+                }
+            }
+        }
+        if !scratch_mount {
+            let _ = std::fs::remove_dir_all(&pristine);
+        }
+    }
+}
+
+/// A loop-mounted filesystem image, unmounted and removed on drop.
+struct Mount {
+    point: PathBuf,
+    image: PathBuf,
+}
+
+impl Mount {
+    fn new(fs: &str, base: &Path) -> Mount {
+        let image = base.join(format!("{fs}.img"));
+        let point = base.join(fs);
+        std::fs::create_dir_all(&point).unwrap();
+        run(Command::new("truncate").args(["-s", "16G"]).arg(&image));
+        match fs {
+            // One inode per 4 KiB: the snapshots the tools leave behind (they
+            // are removed only with the image) need millions.
+            "ext4" => run(Command::new("mkfs.ext4").args(["-q", "-F", "-i", "4096"]).arg(&image)),
+            "xfs" => run(Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&image)),
+            "btrfs" => run(Command::new("mkfs.btrfs").args(["-q", "-f"]).arg(&image)),
+            other => panic!("unknown filesystem {other}"),
+        }
+        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&point));
+        Mount { point, image }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.point).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Times a daemon start with 10 sandboxes of `per` files each, from spawn
+/// to the first answered request (watches are set up in the background).
+fn startup(base: &Path, per: usize, runs: usize) -> (Duration, u64) {
+    let dir = base.join("startup");
+    {
+        let mut d = start_daemon(&dir);
+        let mut c = Client::connect(&dir.join("sock")).unwrap();
+        for s in 0..10 {
+            let tree = base.join(format!("multi/s{s}"));
+            let mut rng = Rng(0x5EED + s as u64);
+            for i in 0..per {
+                let sub = tree.join(format!("d{:02}", i % 100));
+                if i < 100 {
+                    std::fs::create_dir_all(&sub).unwrap();
+                }
+                std::fs::write(sub.join(format!("f{i}")), rng.small()).unwrap();
+            }
+            let name = format!("s{s}");
+            c.sandbox_add(SandboxAdd {
+                path: WirePath::from(tree.as_path()),
+                name: Some(name.clone()),
+                excludes: vec![],
+                store: None,
+            })
+            .unwrap();
+            c.checkpoint(CheckpointRequest { sandbox: name, ..Default::default() }).unwrap();
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+        let _ = d.wait();
+    }
+    let mut times = Vec::new();
+    let mut rss = 0;
+    for _ in 0..runs {
+        settle();
+        let t = Instant::now();
+        let mut d = start_daemon(&dir);
+        times.push(t.elapsed());
+        // Checkpoints right away are correct whether or not the watches are
+        // in place yet (they compare everything until they are).
+        let mut c = Client::connect(&dir.join("sock")).unwrap();
+        for s in 0..10 {
+            c.checkpoint(CheckpointRequest { sandbox: format!("s{s}"), ..Default::default() }).unwrap();
+        }
+        rss = rss.max(peak_rss_kib(d.id()));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+        let _ = d.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(base.join("multi"));
+    (median(times), rss)
+}
+
+// ---------------------------------------------------------------------------
+// Reports: CSV, table, chart.
+
+fn summary(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn show(op: &str, v: f64) -> String {
+    match op {
+        STORE | MEMORY => format!("{:.1} MiB", v / (1 << 20) as f64),
+        _ if v >= 1000.0 => format!("{:.2} s", v / 1000.0),
+        _ => format!("{v:.1} ms"),
+    }
+}
+
+fn write_csv(results: &Results, path: &Path) {
+    let mut out = String::from("fs,tree,tool,operation,run,value,unit\n");
+    for ((fs, tree, tool, op), values) in &results.samples {
+        let unit = if [STORE, MEMORY].contains(&op.as_str()) { "bytes" } else { "ms" };
+        for (i, v) in values.iter().enumerate() {
+            writeln!(out, "{fs},{tree},{tool},\"{op}\",{},{v:.3},{unit}", i + 1).unwrap();
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// The table: per filesystem, tree and operation, each tool's median and
+/// its ratio to snapback's (above 1: snapback is faster or smaller).
+fn table(results: &Results, args: &Args) -> String {
+    let mut out = String::new();
+    let sites: Vec<(String, String)> = {
+        let mut s: Vec<_> = results.samples.keys().map(|(fs, tree, _, _)| (fs.clone(), tree.clone())).collect();
+        s.dedup();
+        s
+    };
+    for (fs, tree) in sites {
+        writeln!(out, "\n### {fs}, {tree} tree\n").unwrap();
+        let tools: Vec<&String> = args
+            .tools
+            .iter()
+            .filter(|t| results.samples.keys().any(|(f, tr, tool, _)| *f == fs && *tr == tree && tool == *t))
+            .collect();
+        let header: Vec<String> = tools.iter().map(|t| t.to_string()).collect();
+        writeln!(out, "| operation | {} |", header.join(" | ")).unwrap();
+        writeln!(out, "|---|{}", "---:|".repeat(tools.len())).unwrap();
+        for op in OPERATIONS {
+            let get = |tool: &str| {
+                results.samples.get(&(fs.clone(), tree.clone(), tool.to_owned(), op.to_owned())).map(|v| summary(v))
+            };
+            let Some(ours) = get("snapback").or(if op == MEMORY { None } else { Some(f64::NAN) }) else { continue };
+            let cells: Vec<String> = tools
+                .iter()
+                .map(|t| match get(t) {
+                    None => "-".into(),
+                    Some(v) if t.as_str() == "snapback" || !ours.is_finite() => show(op, v),
+                    Some(v) => format!("{} ({:.1}x)", show(op, v), v / ours),
+                })
+                .collect();
+            writeln!(out, "| {op} | {} |", cells.join(" | ")).unwrap();
+        }
+    }
+    out
+}
+
+/// Draws checkpoint time (median) against changed files, one panel per
+/// filesystem and tree, with gnuplot, from a data file derived from the CSV.
+fn chart(results: &Results, args: &Args, out: &Path) -> Result<PathBuf, String> {
+    let gnuplot = which("gnuplot").ok_or("gnuplot is not installed (apt-get install gnuplot-nox)")?;
+    let mut data = String::new();
+    let mut panels = Vec::new();
+    let mut sites: Vec<(String, String)> =
+        results.samples.keys().map(|(fs, tree, _, _)| (fs.clone(), tree.clone())).collect();
+    sites.dedup();
+    for (fs, tree) in &sites {
+        let tools: Vec<&String> = args
+            .tools
+            .iter()
+            .filter(|t| results.samples.contains_key(&(fs.clone(), tree.clone(), (*t).clone(), HUNDRED.to_owned())))
+            .collect();
+        for (label, op) in [("0", ZERO), ("100", HUNDRED), ("10000", TEN_K)] {
+            let cells: Vec<String> = tools
+                .iter()
+                .map(|t| {
+                    let key = (fs.clone(), tree.clone(), (*t).clone(), op.to_owned());
+                    results.samples.get(&key).map_or("NaN".into(), |v| format!("{:.3}", summary(v)))
+                })
+                .collect();
+            writeln!(data, "{label} {}", cells.join(" ")).unwrap();
+        }
+        data.push_str("\n\n");
+        panels.push((format!("{fs}, {tree} tree"), tools.iter().map(|t| t.to_string()).collect::<Vec<_>>()));
+    }
+    let data_path = out.join("checkpoint-time.dat");
+    std::fs::write(&data_path, data).map_err(|e| e.to_string())?;
+    let png = out.join("checkpoint-time.png");
+    let mut script = format!(
+        "set terminal pngcairo size {},{} font 'sans,10'\nset output '{}'\n\
+         set logscale y\nset ylabel 'checkpoint time (ms, log scale)'\nset xlabel 'changed files'\n\
+         set grid ytics\nset key top left\nset style data linespoints\nset offsets 0.2, 0.2, 0, 0\n\
+         set multiplot layout {},{}\n",
+        420 * panels.len().min(3),
+        380 * panels.len().div_ceil(3),
+        png.display(),
+        panels.len().div_ceil(3),
+        panels.len().min(3)
+    );
+    for (i, (title, tools)) in panels.iter().enumerate() {
+        // One colour per tool, the same in every panel.
+        let lines: Vec<String> = tools
+            .iter()
+            .enumerate()
+            .map(|(k, tool)| {
+                let colour = match tool.as_str() {
+                    "snapback" => "#7b2cbf",
+                    "git" => "#009e73",
+                    "rsync" => "#e69f00",
+                    "cp" => "#56b4e9",
+                    _ => "#d55e00",
+                };
+                format!(
+                    "'{}' index {i} using 0:{}:xtic(1) title '{tool}' lc rgb '{colour}' lw 2 pt 7",
+                    data_path.display(),
+                    k + 2
+                )
+            })
+            .collect();
+        writeln!(script, "set title '{title}'\nplot {}", lines.join(", ")).unwrap();
+    }
+    script.push_str("unset multiplot\n");
+    let script_path = out.join("checkpoint-time.gp");
+    std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
+    let status = Command::new(gnuplot).arg(&script_path).status().map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("gnuplot failed: {status}"));
+    }
+    Ok(png)
+}
+
+fn main() {
+    let args = parse_args();
+    std::fs::create_dir_all(&args.out).unwrap();
+    let started = Instant::now();
+    let mut results = Results::default();
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let scratch = tempfile::Builder::new()
+        .prefix("snapback-compare-")
+        .tempdir_in(std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from))
+        .unwrap();
+    let mut startup_figures = None;
+    if root {
+        for fs in &args.filesystems {
+            let m = Mount::new(fs, scratch.path());
+            measure_fs(fs, &m.point, true, started, &args, &mut results);
+            let here = if args.filesystems.iter().any(|f| f == "xfs") { fs == "xfs" } else { true };
+            if args.startup && here && startup_figures.is_none() {
+                eprintln!("[{fs}] daemon start with 10 sandboxes");
+                startup_figures = Some((fs.clone(), startup(&m.point, args.files / 10, args.runs)));
+            }
+        }
+    } else {
+        let fs = output(Command::new("stat").args(["-f", "-c", "%T"]).arg(scratch.path()));
+        eprintln!(
+            "not root: measuring on {} ({fs}) only; as root: ext4, XFS and btrfs loop mounts",
+            scratch.path().display()
+        );
+        measure_fs(&fs, scratch.path(), false, started, &args, &mut results);
+        if args.startup {
+            startup_figures = Some((fs, startup(scratch.path(), args.files / 10, args.runs)));
+        }
+    }
+
+    let mut report = format!(
+        "Generated tree: {} files of 1-8 KiB in 1,000 directories and {} of 100 MiB{}. \
+         Medians of {} runs (rsync and cp: one run of the 0 and 10,000 changed checkpoints and of the rollback, \
+         as each of them copies or links the whole tree); checkpoints of 100 changed files: {} rounds, \
+         after which the store is measured. \
+         In parentheses: the tool's figure divided by snapback's (above 1: snapback is faster or smaller).\n",
+        args.files,
+        args.big,
+        args.source.as_ref().map(|s| format!("; source tree: a copy of {}", s.display())).unwrap_or_default(),
+        args.runs,
+        args.rounds,
+    );
+    report.push_str(&table(&results, &args));
+    if let Some((fs, (t, kib))) = &startup_figures {
+        writeln!(
+            report,
+            "\nDaemon start with 10 sandboxes of {} files each ({fs}), to the first answer: {:.1} ms (median), peak memory {:.1} MiB.",
+            args.files / 10,
+            t.as_secs_f64() * 1000.0,
+            *kib as f64 / 1024.0
+        )
+        .unwrap();
+    }
+    for why in &results.skipped {
+        writeln!(report, "\nNot measured: {why}.").unwrap();
+    }
+    writeln!(report, "\nWhole run: {:.1} min.", started.elapsed().as_secs_f64() / 60.0).unwrap();
+    println!("{report}");
+    std::fs::write(args.out.join("table.md"), &report).unwrap();
+    let csv = args.out.join("results.csv");
+    write_csv(&results, &csv);
+    // The chart is drawn from the CSV as written, so it can be redrawn from
+    // a kept one.
+    match chart(&Results::read_csv(&csv), &args, &args.out) {
+        Ok(png) => eprintln!("chart: {}", png.display()),
+        Err(e) => eprintln!("no chart: {e}"),
+    }
+    eprintln!("results: {}", args.out.display());
+}
