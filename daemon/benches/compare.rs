@@ -53,7 +53,8 @@ options:
   --fs LIST       filesystems to loop-mount as root (default ext4,xfs,btrfs)
   --tools LIST    tools to measure (default snapback,git,rsync,cp,btrfs)
   --out DIR       where results.csv, table.md and checkpoint-time.png go (default target/bench)
-  --no-startup    skip the daemon start-up measurement";
+  --no-startup    skip the daemon start-up measurement
+  --chart-from F  measure nothing: draw <out>/checkpoint-time.png from the CSV F of an earlier run";
 
 struct Args {
     files: usize,
@@ -65,6 +66,8 @@ struct Args {
     tools: Vec<String>,
     out: PathBuf,
     startup: bool,
+    /// Only draw the chart from this CSV (written by an earlier run).
+    chart_from: Option<PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -78,6 +81,7 @@ fn parse_args() -> Args {
         tools: ["snapback", "git", "rsync", "cp", "btrfs"].map(String::from).to_vec(),
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")),
         startup: true,
+        chart_from: None,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>| v.expect("a comma-separated list").split(',').map(String::from).collect();
@@ -93,6 +97,7 @@ fn parse_args() -> Args {
             "--tools" => args.tools = list(it.next()),
             "--out" => args.out = PathBuf::from(it.next().expect("--out DIR")),
             "--no-startup" => args.startup = false,
+            "--chart-from" => args.chart_from = Some(PathBuf::from(it.next().expect("--chart-from CSV"))),
             "--bench" => {} // passed by cargo bench
             "--help" | "-h" => {
                 println!("{HELP}");
@@ -937,9 +942,10 @@ fn chart(results: &Results, args: &Args, out: &Path) -> Result<PathBuf, String> 
     let mut script = format!(
         "set terminal pngcairo size {},{} font 'sans,10'\nset output '{}'\n\
          set logscale y\nset ylabel 'checkpoint time (ms, log scale)'\nset xlabel 'changed files'\n\
-         set grid ytics\nset key top left\nset style data linespoints\nset offsets 0.2, 0.2, 0, 0\n\
+         set grid ytics\nset key top left horizontal maxcols 3\nset yrange [1:100000]\n\
+         set style data linespoints\nset offsets 0.2, 0.2, 0, 0\n\
          set multiplot layout {},{}\n",
-        420 * panels.len().min(3),
+        460 * panels.len().min(3),
         380 * panels.len().div_ceil(3),
         png.display(),
         panels.len().div_ceil(3),
@@ -980,6 +986,13 @@ fn chart(results: &Results, args: &Args, out: &Path) -> Result<PathBuf, String> 
 fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.out).unwrap();
+    if let Some(csv) = &args.chart_from {
+        match chart(&Results::read_csv(csv), &args, &args.out) {
+            Ok(png) => eprintln!("chart: {}", png.display()),
+            Err(e) => panic!("no chart: {e}"),
+        }
+        return;
+    }
     let started = Instant::now();
     let mut results = Results::default();
     // SAFETY: geteuid cannot fail.
