@@ -139,6 +139,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Milliseconds since `t`, to a tenth, for the phase timings in the log.
+fn ms_since(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e4).round() / 10.0
+}
+
 fn now_ms() -> i64 {
     now_ns() / 1_000_000
 }
@@ -758,12 +763,12 @@ impl Engine {
             self.watch_sandbox(&sb);
         }
         let scope = &scope;
-        let drain_ms = started.elapsed().as_secs_f64() * 1e3;
+        let drain_ms = ms_since(started);
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.
         let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let mut current = self.take_manifest(conn, &sb)?;
-        let rows_ms = started.elapsed().as_secs_f64() * 1e3;
+        let rows_ms = ms_since(started);
         let captured = match self.scan(&sb, scope, &current, Some(&store), scan_start_ns) {
             Ok(c) => c,
             Err(e) => {
@@ -771,7 +776,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let scan_ms = started.elapsed().as_secs_f64() * 1e3;
+        let scan_ms = ms_since(started);
         let parent = match sb.head_seq {
             0 => None,
             head => catalogue::checkpoint_at(conn, sb.id, head)?,
@@ -860,7 +865,7 @@ impl Engine {
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
             scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
-            drain_ms, rows_ms, scan_ms, ms = started.elapsed().as_secs_f64() * 1e3, "checkpoint"
+            drain_ms, rows_ms, scan_ms, ms = ms_since(started), "checkpoint"
         );
         drop(storing);
         // Retention applies after every checkpoint, without being asked.
@@ -869,7 +874,6 @@ impl Engine {
         if let Err(e) = self.enforce_retention(conn, &sb, &policy) {
             tracing::warn!(sandbox = %sb.name, "pruning: {e}");
         }
-        tracing::info!(ms = started.elapsed().as_secs_f64() * 1e3, "after retention");
         Ok(info)
     }
 
@@ -1026,17 +1030,17 @@ impl Engine {
         let excludes = Excludes::new(&sandbox.excludes)?;
         let store = self.store(&sandbox.store)?;
         let safety = self.take_safety(conn, sandbox.id, format!("before {kind} to {}", target.info.id))?;
-        let safety_ms = started.elapsed().as_secs_f64() * 1e3;
+        let safety_ms = ms_since(started);
         let (t_side, l_side) = catalogue::rows_between(conn, sandbox.id, target.info.seq, safety.seq)?;
         let plan = Plan::new(&t_side, &l_side, filter, &excludes);
         catalogue::intent_applying(conn, intent, &safety.id, &plan.desired(), now_ms())?;
         let total = self.restore_total(conn, sandbox, target, safety.seq, (&t_side, &l_side), filter, &excludes)?;
-        let plan_ms = started.elapsed().as_secs_f64() * 1e3;
+        let plan_ms = ms_since(started);
         let report = self.apply_plan(conn, sandbox, &plan, &store, Some(&safety), &target.info.id, kind, total)?;
         tracing::info!(
             sandbox = %sandbox.name, target = %target.info.id, kind,
             restored = report.restored, created = report.created, deleted = report.deleted,
-            safety_ms, plan_ms, ms = started.elapsed().as_secs_f64() * 1e3, "rollback"
+            safety_ms, plan_ms, ms = ms_since(started), "rollback"
         );
         Ok(report)
     }

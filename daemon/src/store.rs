@@ -381,6 +381,28 @@ mod tests {
     }
 
     #[test]
+    fn small_files_are_copied_from_the_bytes_read_when_asked() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        let small: Vec<u8> = (0..SMALL_FILE as usize).map(|i| (i * 7) as u8).collect();
+        let large: Vec<u8> = (0..SMALL_FILE as usize + 1).map(|i| (i * 13) as u8).collect();
+        std::fs::write(t.path().join("small"), &small).unwrap();
+        std::fs::write(t.path().join("large"), &large).unwrap();
+        let put = |name: &str| store.put(File::open(t.path().join(name)).unwrap().as_fd(), true, true).unwrap();
+        let (s, l) = (put("small"), put("large"));
+        assert!(s.copied && !s.reflinked, "a file of SMALL_FILE bytes is copied");
+        assert!(s.hash.0 == *blake3::hash(&small).as_bytes() && !s.unstable);
+        assert!(l.reflinked || l.copied, "a larger file is stored the usual way");
+        assert_eq!(l.hash.0, *blake3::hash(&large).as_bytes());
+        for (id, bytes) in [(s.hash, &small), (l.hash, &large)] {
+            let mut obj = File::from(store.open_object(&id).unwrap());
+            let mut back = Vec::new();
+            std::io::Read::read_to_end(&mut obj, &mut back).unwrap();
+            assert!(back == *bytes, "the object does not hold the file's bytes");
+        }
+    }
+
+    #[test]
     fn hash_of_sparse_file_equals_hash_of_its_bytes() {
         use std::io::{Seek, SeekFrom, Write};
         let t = tempfile::tempdir().unwrap();
