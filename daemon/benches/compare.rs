@@ -379,88 +379,89 @@ impl Tool for Git {
     }
 }
 
-/// Hardlink snapshots with `rsync --link-dest`.
-struct Rsync {
-    snaps: PathBuf,
+/// Snapshots of a tree kept as numbered entries of a directory: what the
+/// rsync, cp and btrfs tools have in common.
+struct Snapshots {
+    dir: PathBuf,
     tree: PathBuf,
     taken: usize,
 }
 
-impl Tool for Rsync {
-    fn checkpoint(&mut self) -> (Duration, String) {
+impl Snapshots {
+    /// The path of the next snapshot, and of the one before it, if any.
+    fn next(&mut self) -> (PathBuf, Option<PathBuf>) {
         let n = self.taken;
         self.taken += 1;
-        let dest = self.snaps.join(n.to_string());
+        (self.dir.join(n.to_string()), n.checked_sub(1).map(|p| self.dir.join(p.to_string())))
+    }
+}
+
+/// Hardlink snapshots with `rsync --link-dest`.
+struct Rsync(Snapshots);
+
+impl Tool for Rsync {
+    fn checkpoint(&mut self) -> (Duration, String) {
+        let (dest, previous) = self.0.next();
         let mut cmd = Command::new("rsync");
         cmd.args(["-a", "--delete"]);
-        if n > 0 {
-            cmd.arg(format!("--link-dest={}", self.snaps.join((n - 1).to_string()).display()));
+        if let Some(previous) = previous {
+            cmd.arg(format!("--link-dest={}", previous.display()));
         }
-        cmd.arg(format!("{}/", self.tree.display())).arg(&dest);
+        cmd.arg(format!("{}/", self.0.tree.display())).arg(&dest);
         (time(|| run(&mut cmd)), dest.display().to_string())
     }
 
     fn rollback(&mut self, to: &str) -> Duration {
-        time(|| run(Command::new("rsync").args(["-a", "--delete"]).arg(format!("{to}/")).arg(&self.tree)))
+        time(|| run(Command::new("rsync").args(["-a", "--delete"]).arg(format!("{to}/")).arg(&self.0.tree)))
     }
 
     fn tree(&self) -> &Path {
-        &self.tree
+        &self.0.tree
     }
 }
 
 /// Whole-tree clones with `cp -a --reflink=always`.
-struct Cp {
-    snaps: PathBuf,
-    tree: PathBuf,
-    taken: usize,
-}
+struct Cp(Snapshots);
 
 impl Tool for Cp {
     fn checkpoint(&mut self) -> (Duration, String) {
-        let dest = self.snaps.join(self.taken.to_string());
-        self.taken += 1;
-        let t = time(|| run(Command::new("cp").args(["-a", "--reflink=always"]).arg(&self.tree).arg(&dest)));
+        let (dest, _) = self.0.next();
+        let t = time(|| run(Command::new("cp").args(["-a", "--reflink=always"]).arg(&self.0.tree).arg(&dest)));
         (t, dest.display().to_string())
     }
 
     fn rollback(&mut self, to: &str) -> Duration {
         time(|| {
-            run(Command::new("rm").arg("-rf").arg(&self.tree));
-            run(Command::new("cp").args(["-a", "--reflink=always", to]).arg(&self.tree));
+            run(Command::new("rm").arg("-rf").arg(&self.0.tree));
+            run(Command::new("cp").args(["-a", "--reflink=always", to]).arg(&self.0.tree));
         })
     }
 
     fn tree(&self) -> &Path {
-        &self.tree
+        &self.0.tree
     }
 }
 
 /// btrfs read-only snapshots of the tree, a subvolume.
-struct Btrfs {
-    snaps: PathBuf,
-    tree: PathBuf,
-    taken: usize,
-}
+struct Btrfs(Snapshots);
 
 impl Tool for Btrfs {
     fn checkpoint(&mut self) -> (Duration, String) {
-        let dest = self.snaps.join(self.taken.to_string());
-        self.taken += 1;
-        let t =
-            time(|| run(Command::new("btrfs").args(["-q", "subvolume", "snapshot", "-r"]).arg(&self.tree).arg(&dest)));
+        let (dest, _) = self.0.next();
+        let tree = &self.0.tree;
+        let t = time(|| run(Command::new("btrfs").args(["-q", "subvolume", "snapshot", "-r"]).arg(tree).arg(&dest)));
         (t, dest.display().to_string())
     }
 
     fn rollback(&mut self, to: &str) -> Duration {
         time(|| {
-            run(Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(&self.tree));
-            run(Command::new("btrfs").args(["-q", "subvolume", "snapshot", to]).arg(&self.tree));
+            run(Command::new("btrfs").args(["-q", "subvolume", "delete"]).arg(&self.0.tree));
+            run(Command::new("btrfs").args(["-q", "subvolume", "snapshot", to]).arg(&self.0.tree));
         })
     }
 
     fn tree(&self) -> &Path {
-        &self.tree
+        &self.0.tree
     }
 }
 
@@ -500,6 +501,13 @@ struct Site<'a> {
 impl Results {
     fn add(&mut self, at: &Site<'_>, tool: &str, op: &'static str, value: f64) {
         self.samples.entry((at.fs.into(), at.tree.into(), tool.into(), op.into())).or_default().push(value);
+    }
+
+    /// The (filesystem, tree) pairs measured, in order.
+    fn sites(&self) -> Vec<(String, String)> {
+        let mut sites: Vec<_> = self.samples.keys().map(|(fs, tree, _, _)| (fs.clone(), tree.clone())).collect();
+        sites.dedup(); // the keys are sorted, so equal pairs are adjacent
+        sites
     }
 
     /// Reads back what [`write_csv`] wrote.
@@ -629,9 +637,9 @@ fn measure_tool(
     let mut tool: Box<dyn Tool> = match name {
         "snapback" => Box::new(Snapback::start(&dir, &tree)),
         "git" => Box::new(Git { repo: dir.join("shadow.git"), tree: tree.clone() }),
-        "rsync" => Box::new(Rsync { snaps: snaps.clone(), tree: tree.clone(), taken: 0 }),
-        "cp" => Box::new(Cp { snaps: snaps.clone(), tree: tree.clone(), taken: 0 }),
-        "btrfs" => Box::new(Btrfs { snaps: snaps.clone(), tree: tree.clone(), taken: 0 }),
+        "rsync" => Box::new(Rsync(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
+        "cp" => Box::new(Cp(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
+        "btrfs" => Box::new(Btrfs(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
         other => panic!("unknown tool {other}"),
     };
     settle();
@@ -874,12 +882,7 @@ fn write_csv(results: &Results, path: &Path) {
 /// its ratio to snapback's (above 1: snapback is faster or smaller).
 fn table(results: &Results, args: &Args) -> String {
     let mut out = String::new();
-    let sites: Vec<(String, String)> = {
-        let mut s: Vec<_> = results.samples.keys().map(|(fs, tree, _, _)| (fs.clone(), tree.clone())).collect();
-        s.dedup();
-        s
-    };
-    for (fs, tree) in sites {
+    for (fs, tree) in results.sites() {
         writeln!(out, "\n### {fs}, {tree} tree\n").unwrap();
         let tools: Vec<&String> = args
             .tools
@@ -914,10 +917,7 @@ fn chart(results: &Results, args: &Args, out: &Path) -> Result<PathBuf, String> 
     let gnuplot = which("gnuplot").ok_or("gnuplot is not installed (apt-get install gnuplot-nox)")?;
     let mut data = String::new();
     let mut panels = Vec::new();
-    let mut sites: Vec<(String, String)> =
-        results.samples.keys().map(|(fs, tree, _, _)| (fs.clone(), tree.clone())).collect();
-    sites.dedup();
-    for (fs, tree) in &sites {
+    for (fs, tree) in &results.sites() {
         let tools: Vec<&String> = args
             .tools
             .iter()
