@@ -3,8 +3,10 @@
 //!
 //! A scan lstat-s every path in its scope and compares type, mode, owner,
 //! size, mtime, ctime and inode with the current version; only paths that
-//! differ are read. Files are read (hashed, and cloned into the store) by a
-//! few worker threads fed through a bounded channel while the walk goes on.
+//! differ are read (hashed, and cloned or copied into the store). The
+//! scope's own paths, split between a few threads, are read by the thread
+//! that compares them; files found by walking a directory go to worker
+//! threads through a bounded channel while the walk goes on.
 //! Symlinks are never followed; FIFOs, sockets and devices are recorded and
 //! never opened.
 //!
@@ -137,6 +139,15 @@ pub struct Stats {
     pub copied: u64,
 }
 
+impl Stats {
+    fn add(&mut self, other: &Stats) {
+        self.scanned += other.scanned;
+        self.read += other.read;
+        self.reflinked += other.reflinked;
+        self.copied += other.copied;
+    }
+}
+
 /// What a capture found.
 #[derive(Default)]
 pub struct Captured {
@@ -192,84 +203,111 @@ struct Job {
 }
 
 /// How many threads walk, read or write files at once: one per core, at
-/// most four.
+/// most four. Asked of the system once: `available_parallelism` reads the
+/// cgroup's CPU quota files on every call.
 pub fn threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4))
 }
+
+/// Below this many paths, the roots of a scope are visited on one thread.
+const PARALLEL_ROOTS: usize = 16;
 
 /// Compares the live tree in `scope` with `current` (the current versions;
 /// rows outside the scope are ignored) and returns what changed.
+///
+/// First the roots of the scope are visited, split between the threads in
+/// runs of neighbouring paths; a file among them is read by the thread that
+/// visits it, with no hand-off (a watcher's scope is mostly such files).
+/// Then the directories found are walked, with files read by workers fed
+/// through a bounded channel.
 pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
     let threads = threads();
-    let outcomes = Mutex::new(Vec::<Outcome>::new());
-    let failure = Mutex::new(None::<Error>);
-    let (tx, rx) = sync_channel::<Job>(4096);
-    let rx = Mutex::new(rx);
-    let walker = |tx: SyncSender<Job>| Walker {
+    let walker = |tx: Option<SyncSender<Job>>| Walker {
         opts,
         current,
-        seen: HashSet::with_capacity_and_hasher(current.len() / threads + 16, Default::default()),
-        tx: Some(tx),
+        seen: HashSet::default(),
+        tx,
         outcomes: Vec::new(),
         stats: Stats::default(),
     };
-    let mut first = walker(tx.clone());
-    let queue = DirQueue::new(Vec::new());
-    // Directories are listed and compared by `threads` walkers; files that
-    // must be read go to as many readers through the bounded channel. The
-    // readers start first: visiting the scope's roots already queues files.
-    let (walkers, worker_stats) = std::thread::scope(|s| {
-        let mut readers = Vec::new();
-        for _ in 0..threads {
-            readers.push(s.spawn(|| work(&rx, opts, &outcomes, &failure)));
+    let prefixes = scope.prefixes();
+    let chunks = if prefixes.len() < PARALLEL_ROOTS { 1 } else { threads };
+    let per_chunk = prefixes.len().div_ceil(chunks).max(1);
+    let mut walkers: Vec<(Walker<'_>, Result<()>)> = Vec::new();
+    let mut pending = Vec::new();
+    let spawned = std::thread::scope(|s| {
+        let visit = |roots: &[Vec<u8>]| {
+            let mut w = walker(None);
+            let r = w.start(roots);
+            (w, r)
+        };
+        let mut parts = prefixes.chunks(per_chunk);
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts.map(|roots| s.spawn(move || visit(roots))).collect();
+        let spawned = 1 + others.len();
+        let visited = std::iter::once(visit(first)).chain(others.into_iter().filter_map(|h| h.join().ok()));
+        for (w, r) in visited {
+            let r = r.map(|found| pending.extend(found));
+            walkers.push((w, r));
         }
-        let started = first.start(scope).map(|pending| queue.add(pending));
-        let mut walking = Vec::new();
-        for _ in 1..threads {
-            let mut w = walker(tx.clone());
-            let queue = &queue;
-            walking.push(s.spawn(move || {
-                let r = w.walk(queue);
-                w.tx = None;
-                (w, r)
-            }));
-        }
-        let r = started.and_then(|()| first.walk(&queue));
-        if r.is_err() {
-            queue.fail();
-        }
-        first.tx = None;
-        drop(tx); // with every walker's sender gone, readers drain and stop
-        let mut walkers = vec![(first, r)];
-        walkers.extend(walking.into_iter().filter_map(|h| h.join().ok()));
-        let mut stats = Stats::default();
-        for h in readers {
-            let st = h.join().unwrap_or_default();
-            stats.read += st.read;
-            stats.reflinked += st.reflinked;
-            stats.copied += st.copied;
-        }
-        (walkers, stats)
+        spawned
     });
-    if walkers.len() != threads {
+    if walkers.len() != spawned {
         return Err(Error::Internal("a capture thread panicked".into()));
+    }
+    let mut reader_stats = Stats::default();
+    let outcomes = Mutex::new(Vec::<Outcome>::new());
+    let failure = Mutex::new(None::<Error>);
+    if !pending.is_empty() && walkers.iter().all(|(_, r)| r.is_ok()) {
+        let (tx, rx) = sync_channel::<Job>(4096);
+        let rx = Mutex::new(rx);
+        let queue = DirQueue::new(pending);
+        // Directories are listed and compared by `threads` walkers; files
+        // that must be read go to as many readers through the channel.
+        let walked = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..threads).map(|_| s.spawn(|| work(&rx, opts, &outcomes, &failure))).collect();
+            let mut walking = Vec::new();
+            for _ in 1..threads {
+                let mut w = walker(Some(tx.clone()));
+                let queue = &queue;
+                walking.push(s.spawn(move || {
+                    let r = w.walk(queue);
+                    w.tx = None;
+                    (w, r)
+                }));
+            }
+            let mut first = walker(Some(tx.clone()));
+            let r = first.walk(&queue);
+            if r.is_err() {
+                queue.fail();
+            }
+            first.tx = None;
+            drop(tx); // with every walker's sender gone, readers drain and stop
+            let mut walked = vec![(first, r)];
+            walked.extend(walking.into_iter().filter_map(|h| h.join().ok()));
+            for h in readers {
+                reader_stats.add(&h.join().unwrap_or_default());
+            }
+            walked
+        });
+        if walked.len() != threads {
+            return Err(Error::Internal("a capture thread panicked".into()));
+        }
+        walkers.extend(walked);
     }
     let mut seen: Vec<HashSet<&[u8], foldhash::quality::RandomState>> = Vec::new();
     let mut walker_outcomes = Vec::new();
-    let mut scanned = 0;
-    let mut read = 0;
+    let mut out = Captured { stats: reader_stats, ..Captured::default() };
     for (w, r) in walkers {
         r?;
-        scanned += w.stats.scanned;
-        read += w.stats.read;
+        out.stats.add(&w.stats);
         seen.push(w.seen);
         walker_outcomes.extend(w.outcomes);
     }
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let mut out = Captured { stats: Stats { scanned, ..worker_stats }, ..Captured::default() };
-    out.stats.read += read;
     let all = walker_outcomes.into_iter().chain(outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
     // A path seen twice (a directory renamed back and forth under the
     // walk) keeps one new version: the catalogue holds one current row per
@@ -292,8 +330,8 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
         }
     }
     // Whatever was current in the scope and not seen is gone.
-    for prefix in scope.prefixes() {
-        for (path, row) in subtree(current, &prefix) {
+    for prefix in &prefixes {
+        for (path, row) in subtree(current, prefix) {
             if !seen.iter().any(|s| s.contains(path.as_slice())) {
                 out.ended.push((path.clone(), row.clone()));
             }
@@ -342,13 +380,6 @@ impl DirQueue {
         }
     }
 
-    /// Adds directories to list.
-    fn add(&self, items: Vec<Pending>) {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.extend(items);
-        self.wake.notify_all();
-    }
-
     /// Ends the work on one directory, adding the ones found in it.
     fn done(&self, found: Vec<Pending>) {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -376,27 +407,36 @@ struct Walker<'a> {
 }
 
 impl<'a> Walker<'a> {
-    /// Visits the roots of the scope; returns the directories to list.
-    fn start(&mut self, scope: &Scope) -> Result<Vec<Pending>> {
+    /// Visits `roots` (disjoint, sorted paths); returns the directories to
+    /// list. Neighbouring roots in one directory share its open fd.
+    fn start(&mut self, roots: &[Vec<u8>]) -> Result<Vec<Pending>> {
         let mut pending = Vec::new();
-        for prefix in scope.prefixes() {
+        let mut open: Option<(&[u8], Arc<OwnedFd>)> = None;
+        for prefix in roots {
             if prefix.is_empty() {
                 let root = sys::open_beneath(self.opts.root, b"").ctx(|| "opening the sandbox root".into())?;
                 pending.push(Pending { path: Vec::new(), parent: Arc::new(root), name: None });
                 continue;
             }
-            if self.opts.excludes.covers(&prefix) || prefix.starts_with(TEMP_PREFIX) {
+            if self.opts.excludes.covers(prefix) || prefix.starts_with(TEMP_PREFIX) {
                 continue;
             }
-            let (parent, name) = sys::split_parent(&prefix);
-            let parent_fd = match sys::open_beneath(self.opts.root, parent) {
-                Ok(fd) => Arc::new(fd),
-                Err(e) if gone(&e) => continue, // the subtree is gone
-                Err(e) => return Err(e).ctx(|| format!("opening {}", show(parent))),
+            let (parent, name) = sys::split_parent(prefix);
+            let parent_fd = match &open {
+                Some((path, fd)) if *path == parent => fd.clone(),
+                _ => match sys::open_beneath(self.opts.root, parent) {
+                    Ok(fd) => {
+                        let fd = Arc::new(fd);
+                        open = Some((parent, fd.clone()));
+                        fd
+                    }
+                    Err(e) if gone(&e) => continue, // the subtree is gone
+                    Err(e) => return Err(e).ctx(|| format!("opening {}", show(parent))),
+                },
             };
             let name = name.to_vec();
             if self.visit(prefix.clone(), &parent_fd, name.clone())? {
-                pending.push(Pending { path: prefix, parent: parent_fd, name: Some(name) });
+                pending.push(Pending { path: prefix.clone(), parent: parent_fd, name: Some(name) });
             }
         }
         Ok(pending)
@@ -468,8 +508,13 @@ impl<'a> Walker<'a> {
             Kind::File => {
                 if !unchanged {
                     let job = Job { path, dir: dir.clone(), name, prior };
-                    if let Some(tx) = &self.tx {
-                        tx.send(job).map_err(|_| Error::Internal("capture workers stopped".into()))?;
+                    match &self.tx {
+                        Some(tx) => tx.send(job).map_err(|_| Error::Internal("capture workers stopped".into()))?,
+                        None => {
+                            if let Some(o) = read_file(job, self.opts, &mut self.stats)? {
+                                self.outcomes.push(o);
+                            }
+                        }
                     }
                 }
                 Ok(false)
