@@ -825,18 +825,29 @@ pub fn delete_checkpoints(tx: &Transaction<'_>, sandbox_id: i64, ids: &[String])
         params![sandbox_id, lo],
     )?;
     // A version is needed while some remaining checkpoint lies in its
-    // interval; only versions that overlapped a deleted seq can lose that.
-    let orphan = "FROM entries WHERE sandbox_id = ?1 AND end_seq IS NOT NULL AND start_seq <= ?3 AND end_seq > ?2
+    // interval; only versions that overlapped a deleted seq can lose that,
+    // and such a version ended at the latest at the first checkpoint kept
+    // after `hi`. That bound keeps the search to the versions ended in the
+    // window (through `entries_end`), not every version older than `hi`.
+    let next: i64 = tx
+        .query_row(
+            "SELECT min(seq) FROM checkpoints WHERE sandbox_id = ?1 AND seq > ?2",
+            params![sandbox_id, hi],
+            |r| r.get::<_, Option<i64>>(0),
+        )?
+        .unwrap_or(i64::MAX);
+    let orphan = "FROM entries INDEXED BY entries_end
+         WHERE sandbox_id = ?1 AND end_seq IS NOT NULL AND end_seq > ?2 AND end_seq <= ?4 AND start_seq <= ?3
          AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.sandbox_id = entries.sandbox_id
                          AND c.seq >= entries.start_seq AND c.seq < entries.end_seq)";
     let mut objects = Vec::new();
     {
         let mut stmt = tx.prepare(&format!("SELECT DISTINCT object {orphan} AND object IS NOT NULL"))?;
-        for b in stmt.query_map(params![sandbox_id, lo, hi], |r| r.get::<_, Vec<u8>>(0))? {
+        for b in stmt.query_map(params![sandbox_id, lo, hi, next], |r| r.get::<_, Vec<u8>>(0))? {
             objects.extend(ObjectId::from_slice(&b?));
         }
     }
-    tx.execute(&format!("DELETE {orphan}"), params![sandbox_id, lo, hi])?;
+    tx.execute(&format!("DELETE {orphan}"), params![sandbox_id, lo, hi, next])?;
     Ok(objects)
 }
 

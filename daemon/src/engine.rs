@@ -1383,6 +1383,7 @@ impl Engine {
         sandbox: &Sandbox,
         policy: &Policy,
     ) -> Result<(Vec<String>, u64)> {
+        let started = Instant::now();
         let candidates = catalogue::retention_candidates(conn, sandbox.id)?;
         let Some(newest) = candidates.last().map(|c| c.seq) else {
             return Ok((Vec::new(), 0));
@@ -1412,7 +1413,7 @@ impl Engine {
             }
         }
         if !pruned.is_empty() {
-            tracing::info!(sandbox = %sandbox.name, pruned = pruned.len(), freed, "retention");
+            tracing::info!(sandbox = %sandbox.name, pruned = pruned.len(), freed, ms = ms_since(started), "retention");
         }
         Ok((pruned, freed))
     }
