@@ -3,12 +3,13 @@
 //!
 //! A [`Plan`] is computed from the two sides of a difference (the target's
 //! versions and the live versions of the paths that differ). Applying it
-//! removes what must go (deepest first), then creates and replaces what must
-//! come back (shallowest first), then sets directory modes (deepest first,
-//! so a read-only directory is filled before it is closed). Files and
-//! symlinks are written to a temporary name in their directory and renamed
-//! into place; every call is relative to a directory fd opened beneath the
-//! sandbox root with symlinks refused.
+//! removes what must go (files and links on a few threads, then directories
+//! deepest first), then creates and replaces what must come back
+//! (directories shallowest first, then the rest on a few threads), then sets
+//! directory modes (deepest first, so a read-only directory is filled before
+//! it is closed). Files and symlinks are written to a temporary name in
+//! their directory and renamed into place; every call is relative to a
+//! directory fd opened beneath the sandbox root with symlinks refused.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -134,26 +135,42 @@ impl Plan {
                 p.tick(1);
             }
         };
-        // 1. Removals, deepest first: deleted paths, and the live side of a
-        //    type change that involves a directory.
+        // 1. Removals: deleted paths, and the live side of a type change
+        //    that involves a directory. Files and links first, on a few
+        //    threads (nothing depends on their order), then directories,
+        //    deepest first, once what was in them is gone.
+        let mut removals = Vec::new();
         for (path, step) in self.steps.iter().rev() {
-            let must_remove = match step {
-                Step::Delete(_) => true,
-                Step::Restore { live, target } => {
-                    live.kind != target.kind && (live.kind == Kind::Dir || target.kind == Kind::Dir)
+            let live = match step {
+                Step::Delete(live) => live,
+                Step::Restore { live, target }
+                    if live.kind != target.kind && (live.kind == Kind::Dir || target.kind == Kind::Dir) =>
+                {
+                    live
                 }
-                Step::Create(_) => false,
+                _ => continue,
             };
-            if must_remove && !remove(root, path).ctx(|| format!("removing {}", show(path)))? {
-                applied.skipped.push(path.clone());
-            }
-            if must_remove && durable {
+            if durable {
                 touched_dirs.insert(sys::split_parent(path).0.to_vec());
             }
-            if matches!(step, Step::Delete(_)) {
+            removals.push((path, (live.kind == Kind::Dir, matches!(step, Step::Delete(_)))));
+        }
+        let (dirs, leaves): (Vec<_>, Vec<_>) = removals.into_iter().partition(|(_, (dir, _))| *dir);
+        let remove_one = |&(path, (_, deleted)): &(&Vec<u8>, (bool, bool))| -> Result<bool> {
+            let removed = remove(root, path).ctx(|| format!("removing {}", show(path)))?;
+            if deleted {
                 tick();
             }
+            Ok(removed)
+        };
+        let mut not_removed = on_threads(&leaves, remove_one)?;
+        for d in &dirs {
+            if !remove_one(d)? {
+                not_removed.push(d.0.clone());
+            }
         }
+        not_removed.sort();
+        applied.skipped.extend(not_removed);
         // 2. Creations and replacements: directories shallowest first, then
         //    everything else (nothing lives below those) on a few threads.
         let mut dir_modes = Vec::new();
@@ -203,40 +220,7 @@ impl Plan {
             .ctx(|| format!("restoring {}", show(path)))?;
             Ok(true)
         };
-        let threads = if leaves.len() < 16 { 1 } else { crate::capture::threads() };
-        let failed = AtomicBool::new(false);
-        let mut not_put = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|k| {
-                    let (leaves, put, failed) = (&leaves, &put, &failed);
-                    s.spawn(move || -> Result<Vec<Vec<u8>>> {
-                        let mut not_put = Vec::new();
-                        for (path, target) in leaves.iter().skip(k).step_by(threads) {
-                            if failed.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            match put(path, target) {
-                                Ok(true) => {}
-                                Ok(false) => not_put.push(path.to_vec()),
-                                Err(e) => {
-                                    failed.store(true, Ordering::Relaxed);
-                                    return Err(e);
-                                }
-                            }
-                        }
-                        Ok(not_put)
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for w in workers {
-                match w.join() {
-                    Ok(r) => all.extend(r?),
-                    Err(_) => return Err(crate::error::Error::Internal("a restore thread panicked".into())),
-                }
-            }
-            Ok(all)
-        })?;
+        let mut not_put = on_threads(&leaves, |(path, target)| put(path, target))?;
         not_put.sort();
         applied.skipped.extend(not_put);
         // 3. Directory owners and modes, deepest first.
@@ -258,6 +242,50 @@ impl Plan {
         }
         Ok(applied)
     }
+}
+
+/// Runs `work` on every `(path, _)` item, on one thread per core (at most
+/// four) when there are 16 items or more. Returns the paths of the items it
+/// returned `false` for, or the first error (the other threads then stop
+/// early).
+fn on_threads<T: Sync>(
+    items: &[(&Vec<u8>, T)],
+    work: impl Fn(&(&Vec<u8>, T)) -> Result<bool> + Sync,
+) -> Result<Vec<Vec<u8>>> {
+    let threads = if items.len() < 16 { 1 } else { crate::capture::threads() };
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|k| {
+                let (work, failed) = (&work, &failed);
+                s.spawn(move || -> Result<Vec<Vec<u8>>> {
+                    let mut not_done = Vec::new();
+                    for item in items.iter().skip(k).step_by(threads) {
+                        if failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match work(item) {
+                            Ok(true) => {}
+                            Ok(false) => not_done.push(item.0.clone()),
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Ok(not_done)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            match w.join() {
+                Ok(r) => all.extend(r?),
+                Err(_) => return Err(crate::error::Error::Internal("a restore thread panicked".into())),
+            }
+        }
+        Ok(all)
+    })
 }
 
 /// How a restore plan is applied.
