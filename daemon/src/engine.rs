@@ -851,6 +851,7 @@ impl Engine {
             tx.commit()?;
             Ok::<_, Error>(ids)
         })();
+        let written_ms = ms_since(started);
         match written {
             Ok(ids) => {
                 captured.apply_to(&mut current, Some(&ids));
@@ -865,7 +866,7 @@ impl Engine {
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
             scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
-            drain_ms, rows_ms, scan_ms, ms = ms_since(started), "checkpoint"
+            drain_ms, rows_ms, scan_ms, written_ms, ms = ms_since(started), "checkpoint"
         );
         drop(storing);
         // Retention applies after every checkpoint, without being asked.
