@@ -223,10 +223,11 @@ const PARALLEL_ROOTS: usize = 16;
 /// through a bounded channel.
 pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
     let threads = threads();
-    let walker = |tx: Option<SyncSender<Job>>| Walker {
+    // A walker of a whole tree meets about its share of the manifest's paths.
+    let walker = |tx: Option<SyncSender<Job>>, capacity: usize| Walker {
         opts,
         current,
-        seen: HashSet::default(),
+        seen: HashSet::with_capacity_and_hasher(capacity, Default::default()),
         tx,
         outcomes: Vec::new(),
         stats: Stats::default(),
@@ -238,7 +239,7 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
     let mut pending = Vec::new();
     let spawned = std::thread::scope(|s| {
         let visit = |roots: &[Vec<u8>]| {
-            let mut w = walker(None);
+            let mut w = walker(None, 0);
             let r = w.start(roots);
             (w, r)
         };
@@ -263,13 +264,14 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
         let (tx, rx) = sync_channel::<Job>(4096);
         let rx = Mutex::new(rx);
         let queue = DirQueue::new(pending);
+        let capacity = if matches!(scope, Scope::Everything) { current.len() / threads + 16 } else { 0 };
         // Directories are listed and compared by `threads` walkers; files
         // that must be read go to as many readers through the channel.
         let walked = std::thread::scope(|s| {
             let readers: Vec<_> = (0..threads).map(|_| s.spawn(|| work(&rx, opts, &outcomes, &failure))).collect();
             let mut walking = Vec::new();
             for _ in 1..threads {
-                let mut w = walker(Some(tx.clone()));
+                let mut w = walker(Some(tx.clone()), capacity);
                 let queue = &queue;
                 walking.push(s.spawn(move || {
                     let r = w.walk(queue);
@@ -277,7 +279,7 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
                     (w, r)
                 }));
             }
-            let mut first = walker(Some(tx.clone()));
+            let mut first = walker(Some(tx.clone()), capacity);
             let r = first.walk(&queue);
             if r.is_err() {
                 queue.fail();
