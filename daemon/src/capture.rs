@@ -471,7 +471,13 @@ impl<'a> Walker<'a> {
                 Err(e) => return Err(e).ctx(|| format!("opening {}", show(&path))),
             },
         };
-        let entries = sys::read_dir(dir.as_fd()).ctx(|| format!("listing {}", show(&path)))?;
+        let entries = match sys::read_dir(dir.as_fd()) {
+            Ok(entries) => entries,
+            // Removed between the open and the listing (getdents of a
+            // removed directory fails with ENOENT): as gone as above.
+            Err(e) if gone(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(e).ctx(|| format!("listing {}", show(&path))),
+        };
         let mut found = Vec::new();
         for e in entries {
             if e.name.starts_with(TEMP_PREFIX) {
@@ -662,6 +668,19 @@ mod tests {
         assert!(ex.covers(b"web/node_modules/react/index.js"));
         assert!(!ex.covers(b"web/src/index.js"));
         assert!(Excludes::new(&["[".into()]).is_err());
+    }
+
+    #[test]
+    fn listing_a_directory_removed_after_its_open_reads_as_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let fd = OwnedFd::from(std::fs::File::open(&sub).unwrap());
+        std::fs::remove_dir(&sub).unwrap();
+        match sys::read_dir(fd.as_fd()) {
+            Ok(entries) => panic!("listed {} entries of a removed directory", entries.len()),
+            Err(e) => assert!(gone(&e), "{e}"),
+        }
     }
 
     #[test]
