@@ -328,11 +328,19 @@ pub fn remove_leftover_temps(root: BorrowedFd<'_>, paths: &[&[u8]]) -> Result<u6
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => continue,
             Err(e) => return Err(e).ctx(|| format!("opening {}", show(parent))),
         };
-        for entry in sys::read_dir(dir.as_fd()).ctx(|| format!("listing {}", show(parent)))? {
+        let entries = match sys::read_dir(dir.as_fd()) {
+            Ok(entries) => entries,
+            // Removed since the open (getdents then fails with ENOENT).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e).ctx(|| format!("listing {}", show(parent))),
+        };
+        for entry in entries {
             if entry.name.starts_with(TEMP_PREFIX) {
-                sys::unlinkat(dir.as_fd(), &entry.name, false)
-                    .ctx(|| format!("removing a temporary file in {}", show(parent)))?;
-                removed += 1;
+                match sys::unlinkat(dir.as_fd(), &entry.name, false) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e).ctx(|| format!("removing a temporary file in {}", show(parent))),
+                }
             }
         }
     }
