@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, PROTOCOL, Request, Response, Welcome};
@@ -106,8 +106,9 @@ impl Default for Limits {
 /// One open connection, as the registry sees it.
 struct Slot {
     uid: u32,
-    /// Milliseconds since the registry started, at the last request.
-    last_active_ms: AtomicU64,
+    /// The registry's clock when the connection was accepted or last
+    /// served a request: the smallest is the longest idle.
+    last_active: AtomicU64,
     /// A request is running: never evicted then.
     busy: AtomicBool,
     evict: Notify,
@@ -115,7 +116,10 @@ struct Slot {
 
 /// The open connections by uid.
 struct Registry {
-    started: Instant,
+    /// Counts accepts and served requests. A counter, not a time: two
+    /// connections accepted within the same millisecond still have an
+    /// order, and the one accepted last is never the longest idle.
+    clock: AtomicU64,
     per_uid: usize,
     by_uid: Mutex<HashMap<u32, Vec<Arc<Slot>>>>,
 }
@@ -127,13 +131,14 @@ struct Admitted {
 }
 
 impl Registry {
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Admits a connection of `uid`, evicting that uid's longest-idle one
-    /// when it is at its limit. `None`: every one of them is busy.
-    fn admit(self: &Arc<Self>, uid: u32) -> Option<Admitted> {
+    /// Admits a connection of `uid` accepted at `accepted` (a tick),
+    /// evicting that uid's longest-idle one when it is at its limit.
+    /// `None`: every one of them is busy.
+    fn admit(self: &Arc<Self>, uid: u32, accepted: u64) -> Option<Admitted> {
         let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
         let open = by_uid.entry(uid).or_default();
         if open.len() >= self.per_uid {
@@ -141,14 +146,14 @@ impl Registry {
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| !s.busy.load(Ordering::Acquire))
-                .min_by_key(|(_, s)| s.last_active_ms.load(Ordering::Relaxed))
+                .min_by_key(|(_, s)| s.last_active.load(Ordering::Relaxed))
                 .map(|(i, _)| i)?;
             let evicted = open.swap_remove(idle);
             evicted.evict.notify_one();
         }
         let slot = Arc::new(Slot {
             uid,
-            last_active_ms: AtomicU64::new(self.now_ms()),
+            last_active: AtomicU64::new(accepted),
             busy: AtomicBool::new(false),
             evict: Notify::new(),
         });
@@ -177,7 +182,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let registry = Arc::new(Registry {
-        started: Instant::now(),
+        clock: AtomicU64::new(0),
         per_uid: limits.per_uid.max(1),
         by_uid: Mutex::new(HashMap::new()),
     });
@@ -186,10 +191,13 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    // Stamped here, in accept order: the spawned tasks may
+                    // take their places in any order.
+                    let accepted = registry.tick();
                     let engine = engine.clone();
                     let registry = registry.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = admit(stream, engine, registry, limits).await {
+                        if let Err(e) = admit(stream, accepted, engine, registry, limits).await {
                             tracing::debug!("connection ended: {e}");
                         }
                     });
@@ -206,9 +214,15 @@ pub async fn serve(
 
 /// Reads the peer's uid, takes its place in the registry (or refuses it),
 /// and serves it.
-async fn admit(stream: UnixStream, engine: Arc<Engine>, registry: Arc<Registry>, limits: Limits) -> io::Result<()> {
+async fn admit(
+    stream: UnixStream,
+    accepted: u64,
+    engine: Arc<Engine>,
+    registry: Arc<Registry>,
+    limits: Limits,
+) -> io::Result<()> {
     let peer = Peer { uid: stream.peer_cred()?.uid() };
-    match registry.admit(peer.uid) {
+    match registry.admit(peer.uid, accepted) {
         Some(admitted) => connection(stream, peer, engine, &admitted, limits).await,
         None => {
             let (_, mut write) = stream.into_split();
@@ -287,7 +301,7 @@ async fn connection(
         };
         slot.busy.store(true, Ordering::Release);
         let served = serve_line(read?, &mut greeted, &mut wants_progress, peer, &engine, &mut write).await;
-        slot.last_active_ms.store(admitted.registry.now_ms(), Ordering::Relaxed);
+        slot.last_active.store(admitted.registry.tick(), Ordering::Relaxed);
         slot.busy.store(false, Ordering::Release);
         if !served? {
             return Ok(());
