@@ -981,7 +981,7 @@ impl Engine {
         let plan = Plan::new(&t_side, &l_side, filter, &excludes);
         let total = match filter {
             [] => then.len(),
-            _ => then.keys().filter(|p| selected(p, filter) && !excludes.covers(p)).count(),
+            _ => then.keys().filter(|p| selected(p, filter, &excludes)).count(),
         } as u64;
         self.apply_plan(conn, sandbox, &plan, &store, None, &target.info.id, kind, total)
     }
@@ -1011,7 +1011,7 @@ impl Engine {
         }
         Ok(catalogue::rows_at(conn, sandbox.id, target.info.seq)?
             .keys()
-            .filter(|p| selected(p, filter) && !excludes.covers(p))
+            .filter(|p| selected(p, filter, excludes))
             .count() as u64)
     }
 

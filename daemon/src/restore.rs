@@ -46,9 +46,10 @@ pub struct Applied {
     pub skipped: Vec<Vec<u8>>,
 }
 
-/// Returns whether `path` is selected by `filter` (empty: everything).
-pub fn selected(path: &[u8], filter: &[Vec<u8>]) -> bool {
-    filter.is_empty() || filter.iter().any(|f| is_within(path, f))
+/// Returns whether a restore covers `path`: selected by `filter` (empty:
+/// everything) and not excluded.
+pub fn selected(path: &[u8], filter: &[Vec<u8>], excludes: &Excludes) -> bool {
+    (filter.is_empty() || filter.iter().any(|f| is_within(path, f))) && !excludes.covers(path)
 }
 
 impl Plan {
@@ -59,7 +60,7 @@ impl Plan {
     /// paths never are.
     pub fn new(target: &Manifest, live: &Manifest, filter: &[Vec<u8>], excludes: &Excludes) -> Plan {
         let mut steps = BTreeMap::new();
-        let wanted = |p: &[u8]| selected(p, filter) && !excludes.covers(p);
+        let wanted = |p: &[u8]| selected(p, filter, excludes);
         for (path, t) in target {
             let step = match live.get(path) {
                 None => Step::Create(t.meta.clone()),
