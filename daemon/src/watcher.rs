@@ -31,6 +31,8 @@ use crate::capture::{Excludes, TEMP_PREFIX};
 
 /// Events buffered between the callback and the consumer thread.
 const CHANNEL: usize = 16 * 1024;
+/// Events the consumer notes under one lock, at most.
+const BATCH: usize = 1024;
 /// Beyond this many dirty paths, a full scan is cheaper to keep track of.
 const MAX_DIRTY: usize = 200_000;
 /// How long a checkpoint waits for its cookie before scanning everything.
@@ -119,9 +121,16 @@ impl SandboxWatch {
 
     fn set_up(self: Arc<Self>, tx: SyncSender<notify::Result<Event>>) {
         let overflow = self.overflow.clone();
-        let handler = move |event: notify::Result<Event>| match tx.try_send(event) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => overflow.store(true, Ordering::Relaxed),
+        let handler = move |event: notify::Result<Event>| {
+            // Dropped here rather than by the consumer: the daemon's own
+            // reads of every file it compares would otherwise each wake it.
+            if event.as_ref().is_ok_and(changes_nothing) {
+                return;
+            }
+            match tx.try_send(event) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(_)) => overflow.store(true, Ordering::Relaxed),
+            }
         };
         let config = Config::default().with_follow_symlinks(false);
         let result = RecommendedWatcher::new(handler, config).and_then(|mut w| {
@@ -147,23 +156,27 @@ impl SandboxWatch {
         self.wake.notify_all();
     }
 
-    /// Reads events until the watcher is dropped.
+    /// Reads events until the watcher is dropped: whatever has arrived is
+    /// noted under one lock, and waiters are woken once per batch.
     fn consume(&self, rx: Receiver<notify::Result<Event>>) {
-        while let Ok(event) = rx.recv() {
+        while let Ok(first) = rx.recv() {
             let mut state = lock(&self.state);
             if self.overflow.swap(false, Ordering::Relaxed) {
                 state.full = Some("events came faster than they were read".into());
             }
-            match event {
-                Err(e) => {
-                    let why = describe(&e);
-                    if is_watch_limit(&e) {
-                        state.degraded = Some(why);
-                    } else {
-                        state.full = Some(format!("the watcher failed: {why}"));
+            let batch = std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH));
+            for event in batch {
+                match event {
+                    Err(e) => {
+                        let why = describe(&e);
+                        if is_watch_limit(&e) {
+                            state.degraded = Some(why);
+                        } else {
+                            state.full = Some(format!("the watcher failed: {why}"));
+                        }
                     }
+                    Ok(event) => self.note(&mut state, &event),
                 }
-                Ok(event) => self.note(&mut state, &event),
             }
             if state.dirty.len() > MAX_DIRTY {
                 state.dirty.clear();
@@ -178,12 +191,7 @@ impl SandboxWatch {
         if event.need_rescan() {
             state.full = Some("the kernel's event queue overflowed".into());
         }
-        // Opening and reading change nothing, and the daemon's own scans
-        // would otherwise mark what they read. A close after writing stays:
-        // writes through mmap report nothing else.
-        if let EventKind::Access(kind) = event.kind
-            && kind != AccessKind::Close(AccessMode::Write)
-        {
+        if changes_nothing(event) {
             return;
         }
         for path in &event.paths {
@@ -314,6 +322,14 @@ impl SandboxWatch {
         drop(watcher);
         let _ = std::fs::remove_dir_all(&self.cookies);
     }
+}
+
+/// Opening and reading change nothing, and the daemon's own scans would
+/// otherwise mark what they read. A close after writing counts: writes
+/// through mmap report nothing else. An overflow always counts.
+fn changes_nothing(event: &Event) -> bool {
+    matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+        && !event.need_rescan()
 }
 
 fn is_watch_limit(e: &notify::Error) -> bool {
