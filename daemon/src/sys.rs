@@ -418,6 +418,21 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Returns this process's file mode creation mask, as `/proc/self/status`
+/// shows it (read once: the daemon never changes it). Unknown: `0o777`,
+/// which masks everything, so that callers set modes explicitly.
+pub fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o777)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,10 @@ fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-/// Builds the tree of the issue: nested and empty directories, three modes,
-/// relative, absolute and dangling symlinks, a non-UTF-8 name, a name with
-/// a newline, a 50 MiB file and a sparse 1 GiB file with a few KiB of data.
+/// Builds the tree of the issue: nested and empty directories, four modes
+/// (one that a usual umask takes bits off), relative, absolute and dangling
+/// symlinks, a non-UTF-8 name, a name with a newline, a 50 MiB file and a
+/// sparse 1 GiB file with a few KiB of data.
 fn build_rich_tree(root: &Path) {
     write(&root.join("src/lib/deep/mod.rs"), b"pub fn deep() {}\n");
     write(&root.join("src/main.rs"), b"fn main() {}\n");
@@ -27,6 +28,8 @@ fn build_rich_tree(root: &Path) {
     chmod(&root.join("run.sh"), 0o755);
     write(&root.join("notes.txt"), b"0644 notes\n");
     chmod(&root.join("notes.txt"), 0o644);
+    write(&root.join("shared.txt"), b"0666 shared\n");
+    chmod(&root.join("shared.txt"), 0o666);
     symlink("src/main.rs", root.join("rel-link")).unwrap();
     symlink("/etc/hostname", root.join("abs-link")).unwrap();
     symlink("does/not/exist", root.join("dangling")).unwrap();
@@ -49,6 +52,7 @@ fn build_rich_tree(root: &Path) {
 fn mutate(root: &Path) {
     write(&root.join("src/main.rs"), b"fn main() { println!(\"changed\"); }\n");
     std::fs::remove_file(root.join("notes.txt")).unwrap();
+    std::fs::remove_file(root.join("shared.txt")).unwrap();
     write(&root.join("new/dir/created.txt"), b"created after\n");
     chmod(&root.join("run.sh"), 0o644);
     chmod(&root.join("secret.key"), 0o640);
