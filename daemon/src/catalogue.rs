@@ -655,16 +655,16 @@ pub fn begin_intent(
     Ok(conn.last_insert_rowid())
 }
 
-/// Records, in one transaction, a restore's safety checkpoint and the
-/// desired version (`None`: absent) of every path it is about to touch.
+/// Records a restore's safety checkpoint and the desired version (`None`:
+/// absent) of every path it is about to touch, in the caller's transaction
+/// (the one that writes the safety checkpoint, or its own).
 pub fn intent_applying(
-    conn: &mut Connection,
+    tx: &Transaction<'_>,
     id: i64,
     safety: &str,
     desired: &[(&[u8], Option<&Meta>)],
     now_ms: i64,
 ) -> Result<()> {
-    let tx = conn.transaction()?;
     tx.execute(
         "UPDATE intents SET state = 'applying', safety = ?2, updated_ms = ?3 WHERE id = ?1",
         params![id, safety, now_ms],
@@ -703,7 +703,6 @@ pub fn intent_applying(
             };
         }
     }
-    tx.commit()?;
     Ok(())
 }
 

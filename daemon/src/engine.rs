@@ -742,8 +742,35 @@ impl Engine {
         capture::capture(current, scope, &opts)
     }
 
-    /// Takes a checkpoint; the caller holds the sandbox's lock.
+    /// Takes a checkpoint, then applies retention; the caller holds the
+    /// sandbox's lock.
     fn take(&self, conn: &mut Connection, sandbox_id: i64, new: NewCheckpoint) -> Result<CheckpointInfo> {
+        let (info, ()) = self.take_then(conn, sandbox_id, new, |_, _| Ok(()))?;
+        self.retain(conn, sandbox_id);
+        Ok(info)
+    }
+
+    /// Retention applies after every checkpoint, without being asked. A
+    /// failure to prune does not undo the checkpoint just taken.
+    fn retain(&self, conn: &mut Connection, sandbox_id: i64) {
+        let pruned = catalogue::sandbox_by_id(conn, sandbox_id)
+            .and_then(|sb| self.enforce_retention(conn, &sb, &self.retention.policy(&sb.name)));
+        if let Err(e) = pruned {
+            tracing::warn!(sandbox_id, "pruning: {e}");
+        }
+    }
+
+    /// Takes a checkpoint and runs `then` in the transaction that records
+    /// it, so that what `then` writes commits with the checkpoint or not at
+    /// all. Retention is left to the caller. The caller holds the sandbox's
+    /// lock.
+    fn take_then<T>(
+        &self,
+        conn: &mut Connection,
+        sandbox_id: i64,
+        new: NewCheckpoint,
+        then: impl FnOnce(&rusqlite::Transaction<'_>, &CheckpointInfo) -> Result<T>,
+    ) -> Result<(CheckpointInfo, T)> {
         let started = Instant::now();
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
@@ -848,20 +875,22 @@ impl Engine {
                     rekeyed: &captured.rekeyed,
                 },
             )?;
+            let also = then(&tx, &info)?;
             tx.commit()?;
-            Ok::<_, Error>(ids)
+            Ok::<_, Error>((ids, also))
         })();
         let written_ms = ms_since(started);
-        match written {
-            Ok(ids) => {
+        let also = match written {
+            Ok((ids, also)) => {
                 captured.apply_to(&mut current, Some(&ids));
                 self.put_manifest(sb.id, info.seq, current);
+                also
             }
             Err(e) => {
                 self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
                 return Err(e);
             }
-        }
+        };
         let st = captured.stats;
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
@@ -869,13 +898,7 @@ impl Engine {
             drain_ms, rows_ms, scan_ms, written_ms, ms = ms_since(started), "checkpoint"
         );
         drop(storing);
-        // Retention applies after every checkpoint, without being asked.
-        // A failure to prune does not undo the checkpoint just taken.
-        let policy = self.retention.policy(&sb.name);
-        if let Err(e) = self.enforce_retention(conn, &sb, &policy) {
-            tracing::warn!(sandbox = %sb.name, "pruning: {e}");
-        }
-        Ok(info)
+        Ok((info, also))
     }
 
     fn list(&self, peer: Peer, req: ListRequest) -> Result<Checkpoints> {
@@ -983,7 +1006,7 @@ impl Engine {
             [] => then.len(),
             _ => then.keys().filter(|p| selected(p, filter, &excludes)).count(),
         } as u64;
-        self.apply_plan(conn, sandbox, &plan, &store, None, &target.info.id, kind, total)
+        self.apply_plan(sandbox, &plan, &store, None, &target.info.id, total)
     }
 
     /// Counts the target paths a restore covers (for `unchanged`). `head`
@@ -1016,8 +1039,10 @@ impl Engine {
     }
 
     /// The body of a restore whose intent `intent` is recorded: a safety
-    /// checkpoint, the plan (recorded in the intent before anything is
-    /// touched), then its application.
+    /// checkpoint, committed with the plan (recorded in the intent before
+    /// anything is touched), then its application, then retention (after:
+    /// the safety checkpoint could otherwise push the target out of the
+    /// policy while it is being restored).
     fn restore_intent(
         &self,
         conn: &mut Connection,
@@ -1030,14 +1055,22 @@ impl Engine {
         let started = Instant::now();
         let excludes = Excludes::new(&sandbox.excludes)?;
         let store = self.store(&sandbox.store)?;
-        let safety = self.take_safety(conn, sandbox.id, format!("before {kind} to {}", target.info.id))?;
+        let reason = format!("before {kind} to {}", target.info.id);
+        let (safety, (plan, t_side, l_side)) =
+            self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
+                let (t_side, l_side) = catalogue::rows_between(tx, sandbox.id, target.info.seq, s.seq)?;
+                let plan = Plan::new(&t_side, &l_side, filter, &excludes);
+                catalogue::intent_applying(tx, intent, &s.id, &plan.desired(), now_ms())?;
+                // Recorded first: a rollback that fails half way can still be
+                // undone to the state before it.
+                catalogue::record_rollback(tx, sandbox.id, kind, &target.info.id, &s.id, now_ms())?;
+                Ok((plan, t_side, l_side))
+            })?;
         let safety_ms = ms_since(started);
-        let (t_side, l_side) = catalogue::rows_between(conn, sandbox.id, target.info.seq, safety.seq)?;
-        let plan = Plan::new(&t_side, &l_side, filter, &excludes);
-        catalogue::intent_applying(conn, intent, &safety.id, &plan.desired(), now_ms())?;
         let total = self.restore_total(conn, sandbox, target, safety.seq, (&t_side, &l_side), filter, &excludes)?;
         let plan_ms = ms_since(started);
-        let report = self.apply_plan(conn, sandbox, &plan, &store, Some(&safety), &target.info.id, kind, total)?;
+        let report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &target.info.id, total)?;
+        self.retain(conn, sandbox.id);
         tracing::info!(
             sandbox = %sandbox.name, target = %target.info.id, kind,
             restored = report.restored, created = report.created, deleted = report.deleted,
@@ -1131,33 +1164,21 @@ impl Engine {
         Ok(plan.steps.len() as u64)
     }
 
-    /// Takes a safety checkpoint; the caller holds the sandbox's lock.
-    fn take_safety(&self, conn: &mut Connection, sandbox_id: i64, reason: String) -> Result<CheckpointInfo> {
-        let new = NewCheckpoint { kind: CheckpointKind::Safety, reason: Some(reason), ..NewCheckpoint::default() };
-        self.take(conn, sandbox_id, new)
-    }
-
-    /// Applies a restore plan (unless `safety` is `None`: a dry run),
-    /// records it for `undo`, and builds the report. `total` is the number
-    /// of target paths the plan covers.
-    #[allow(clippy::too_many_arguments)]
+    /// Applies a restore plan (unless `safety` is `None`: a dry run) and
+    /// builds the report. `total` is the number of target paths the plan
+    /// covers.
     fn apply_plan(
         &self,
-        conn: &Connection,
         sandbox: &Sandbox,
         plan: &Plan,
         store: &Store,
         safety: Option<&CheckpointInfo>,
         target_id: &str,
-        kind: &str,
         total: u64,
     ) -> Result<RollbackReport> {
         let mut skipped = Vec::new();
-        if let Some(safety) = safety {
+        if safety.is_some() {
             let root = Self::open_root(sandbox)?;
-            // Recorded first: a rollback that fails half way can still be
-            // undone to the state before it.
-            catalogue::record_rollback(conn, sandbox.id, kind, target_id, &safety.id, now_ms())?;
             skipped = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?.skipped;
         }
         let (restored, created, deleted) = plan.counts();
@@ -1296,7 +1317,8 @@ impl Engine {
         refuse_if_broken(&parent)?;
         let (before, after) = catalogue::rows_between(conn, sandbox.id, parent.info.seq, step.info.seq)?;
         let step_paths = changed_paths(&before, &after);
-        let safety = self.take_safety(conn, sandbox.id, format!("before revert of {}", step.info.id))?;
+        let reason = format!("before revert of {}", step.info.id);
+        let (safety, ()) = self.take_then(conn, sandbox.id, safety_checkpoint(reason), |_, _| Ok(()))?;
         // What changed after the step, up to now.
         let (then, now) = catalogue::rows_between(conn, sandbox.id, step.info.seq, safety.seq)?;
         let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
@@ -1329,11 +1351,14 @@ impl Engine {
         }
         let excludes = Excludes::new(&sandbox.excludes)?;
         let plan = Plan::new(&target, &live, &[], &excludes);
-        catalogue::intent_applying(conn, intent, &safety.id, &plan.desired(), now_ms())?;
+        let tx = conn.transaction()?;
+        catalogue::intent_applying(&tx, intent, &safety.id, &plan.desired(), now_ms())?;
+        catalogue::record_rollback(&tx, sandbox.id, "revert", &step.info.id, &safety.id, now_ms())?;
+        tx.commit()?;
         let store = self.store(&sandbox.store)?;
         let total = step_paths.len() as u64;
-        let mut report =
-            self.apply_plan(conn, sandbox, &plan, &store, Some(&safety), &step.info.id, "revert", total)?;
+        let mut report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &step.info.id, total)?;
+        self.retain(conn, sandbox.id);
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
         report.conflicts = conflicts.into_iter().map(WirePath).collect();
         Ok(report)
@@ -1590,6 +1615,12 @@ impl Engine {
 }
 
 /// Refuses to restore from a checkpoint `verify` found broken.
+/// A safety checkpoint's request: taken by the daemon before it changes a
+/// sandbox.
+fn safety_checkpoint(reason: String) -> NewCheckpoint {
+    NewCheckpoint { kind: CheckpointKind::Safety, reason: Some(reason), ..NewCheckpoint::default() }
+}
+
 fn refuse_if_broken(target: &Checkpoint) -> Result<()> {
     match &target.info.broken {
         Some(why) => Err(Error::InvalidRequest(format!(

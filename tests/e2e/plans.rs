@@ -191,6 +191,34 @@ fn the_default_policy_prunes_without_being_asked_and_keeps_what_it_must() {
 }
 
 #[test]
+fn a_rollback_to_the_oldest_kept_checkpoint_is_not_pruned_under_it() {
+    // The rollback's safety checkpoint is one more checkpoint: with the
+    // newest three kept, it would push its own target out of the policy.
+    let d = TestDaemon::start_with_config(Some("[retention]\nkeep_last = 3\nkeep_hourly = 0\nkeep_daily = 0\n"));
+    let root = d.path("sb");
+    write(&root.join("x.txt"), "a");
+    write(&root.join("only-in-a.txt"), "gone after A");
+    d.add_sandbox("sb", &root, &[]);
+    let a = d.checkpoint("sb");
+    let tree_a = snapshot(&root);
+    std::fs::remove_file(root.join("only-in-a.txt")).unwrap();
+    for v in ["b", "c"] {
+        write(&root.join("x.txt"), v);
+        d.checkpoint("sb");
+    }
+    write(&root.join("x.txt"), "d");
+    let report = d.rollback(&a);
+    assert_same(&snapshot(&root), &tree_a, "after rolling back to the oldest kept checkpoint");
+    assert_eq!((report["restored"].as_u64(), report["created"].as_u64()), (Some(1), Some(1)), "{report}");
+    // Retention still applied, after the rollback: A is the oldest of four.
+    let list = d.json(&["list", "sb"]);
+    let ids: Vec<String> = list["checkpoints"].as_array().unwrap().iter().map(id).collect();
+    assert_eq!(ids.len(), 3, "{list}");
+    assert!(!ids.contains(&a), "{list}");
+    d.assert_verified();
+}
+
+#[test]
 fn pruning_frees_at_least_the_exclusive_bytes_it_reported() {
     let d = TestDaemon::start();
     let root = d.path("sb");
