@@ -16,8 +16,9 @@
 //! Each tool gets its own copy of the tree and then the same sequence of
 //! changes (the same seeds): the first checkpoint; checkpoints after 0,
 //! 100 (`--rounds` of them: the store is measured after these) and 10,000
-//! changed files; rollbacks after 100 files were modified, 50 created and
-//! 20 deleted, each checked file by file. Dirty pages are flushed (`sync`)
+//! changed files; rollbacks after 100 files were modified and 50 created
+//! (the case), then after 20 more were also deleted, each checked
+//! file by file. Dirty pages are flushed (`sync`)
 //! after every change and before every timed operation, so that no tool
 //! pays for writing out another's data. snapback is reached through its
 //! client library over the daemon's socket, with one connection, as an
@@ -482,10 +483,11 @@ const FIRST: &str = "first checkpoint";
 const ZERO: &str = "checkpoint, 0 changed";
 const HUNDRED: &str = "checkpoint, 100 changed";
 const TEN_K: &str = "checkpoint, 10,000 changed";
-const ROLLBACK: &str = "rollback, 100 modified + 50 created + 20 deleted";
+const ROLLBACK: &str = "rollback, 100 modified + 50 created";
+const ROLLBACK_DELETED: &str = "rollback, 100 modified + 50 created + 20 deleted";
 const STORE: &str = "store bytes: first checkpoint + the 100-changed rounds";
 const MEMORY: &str = "peak daemon memory";
-const OPERATIONS: [&str; 7] = [FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, STORE, MEMORY];
+const OPERATIONS: [&str; 8] = [FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, ROLLBACK_DELETED, STORE, MEMORY];
 
 struct Site<'a> {
     fs: &'a str,
@@ -572,9 +574,9 @@ struct Damage {
 }
 
 impl Damage {
-    /// Modifies 100 files, creates 50 and deletes 20.
-    fn apply(changes: &Changes, tree: &Path, seed: u64) -> Damage {
-        let picked = changes.pick(seed, 120);
+    /// Modifies 100 files, creates 50 and deletes `deleted`.
+    fn apply(changes: &Changes, tree: &Path, seed: u64, deleted: usize) -> Damage {
+        let picked = changes.pick(seed, 100 + deleted);
         let (modified, deleted) = picked.split_at(picked.len().min(100));
         let before = picked.iter().map(|p| (p.to_path_buf(), std::fs::read(tree.join(p)).unwrap())).collect();
         changes.modify(tree, seed, modified.len());
@@ -671,13 +673,16 @@ fn measure_tool(
         settle();
         results.add_time(at, name, TEN_K, tool.checkpoint().0);
     }
-    for _ in 0..runs {
-        let (_, target) = tool.checkpoint();
-        let damage = Damage::apply(changes, tool.tree(), seed);
-        seed += 1;
-        settle();
-        results.add_time(at, name, ROLLBACK, tool.rollback(&target));
-        damage.check_undone(tool.tree(), name);
+    // The rollback, then one that also brings back deleted files.
+    for (op, deleted) in [(ROLLBACK, 0), (ROLLBACK_DELETED, 20)] {
+        for _ in 0..runs {
+            let (_, target) = tool.checkpoint();
+            let damage = Damage::apply(changes, tool.tree(), seed, deleted);
+            seed += 1;
+            settle();
+            results.add_time(at, name, op, tool.rollback(&target));
+            damage.check_undone(tool.tree(), name);
+        }
     }
     if let Some(kib) = tool.peak_memory_kib() {
         results.add(at, name, MEMORY, kib as f64 * 1024.0);
