@@ -781,7 +781,10 @@ pub fn intents(conn: &Connection, states: &[&str], sandbox_id: Option<i64>) -> R
 /// with one of `objects` (missing or corrupt in its store). Returns the ids
 /// newly marked.
 pub fn mark_broken(conn: &mut Connection, objects: &[(ObjectId, String)]) -> Result<Vec<String>> {
-    let tx = conn.transaction()?;
+    // Immediate, as every transaction that reads before it writes: a
+    // deferred one fails (SQLITE_BUSY_SNAPSHOT) when another connection
+    // commits between its first read and its first write.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut marked = Vec::new();
     {
         let mut find = tx.prepare(

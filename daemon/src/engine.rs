@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
@@ -66,6 +66,10 @@ pub struct Engine {
     /// a record: a miss reads the catalogue.
     manifests: Mutex<HashMap<i64, (u64, Manifest)>>,
     retention: Retention,
+    /// Retention owed by checkpoints already answered (see
+    /// [`Engine::settle_retention`]).
+    owed: Mutex<Owed>,
+    owed_changed: Condvar,
     /// Whether sandboxes are watched at all.
     watch: bool,
     /// Quiet periods after which a sandbox takes an `auto` checkpoint.
@@ -80,6 +84,16 @@ pub struct Engine {
     default_excludes: Vec<String>,
     /// When checkpoints and rollbacks are acknowledged.
     durability: crate::config::Durability,
+}
+
+/// Sandboxes whose retention is owed: a checkpoint answers before it prunes.
+#[derive(Default)]
+struct Owed {
+    sandboxes: std::collections::BTreeSet<i64>,
+    /// Sandboxes being pruned right now.
+    running: usize,
+    /// The pruner thread is asked to stop.
+    stopped: bool,
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -185,6 +199,8 @@ impl Engine {
             locks: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             retention: config.retention.clone(),
+            owed: Mutex::new(Owed::default()),
+            owed_changed: Condvar::new(),
             auto: config.auto_checkpoints.clone(),
             watch: config.watch,
             default_excludes: config.default_excludes.clone(),
@@ -400,6 +416,9 @@ impl Engine {
 
     /// Answers one request. Errors become `Response::Error`.
     pub fn handle(&self, peer: Peer, request: Request) -> Response {
+        // Every request sees the retention of the checkpoints answered
+        // before it.
+        self.settle_retention();
         let result = match request {
             Request::Hello(_) => Err(Error::InvalidRequest("hello was already exchanged".into())),
             Request::SandboxAdd(r) => self.sandbox_add(peer, r).map(Response::Sandbox),
@@ -746,15 +765,75 @@ impl Engine {
     /// sandbox's lock.
     fn take(&self, conn: &mut Connection, sandbox_id: i64, new: NewCheckpoint) -> Result<CheckpointInfo> {
         let (info, ()) = self.take_then(conn, sandbox_id, new, |_, _| Ok(()))?;
-        self.retain(conn, sandbox_id);
+        self.retain(sandbox_id);
         Ok(info)
     }
 
-    /// Retention applies after every checkpoint, without being asked. A
-    /// failure to prune does not undo the checkpoint just taken.
-    fn retain(&self, conn: &mut Connection, sandbox_id: i64) {
-        let pruned = catalogue::sandbox_by_id(conn, sandbox_id)
-            .and_then(|sb| self.enforce_retention(conn, &sb, &self.retention.policy(&sb.name)));
+    /// Retention applies after every checkpoint, without being asked, but
+    /// not inside the request that took it: the pruner thread applies it
+    /// once the answer is on its way, or the next request does, first, if
+    /// it comes sooner (see [`Engine::settle_retention`]).
+    fn retain(&self, sandbox_id: i64) {
+        lock(&self.owed).sandboxes.insert(sandbox_id);
+        self.owed_changed.notify_all();
+    }
+
+    /// Applies the retention owed, and waits for any being applied: after
+    /// this, every checkpoint answered so far has been followed by its
+    /// pruning. Called with no sandbox lock held.
+    pub fn settle_retention(&self) {
+        let mut owed = lock(&self.owed);
+        loop {
+            if let Some(id) = owed.sandboxes.pop_first() {
+                owed.running += 1;
+                drop(owed);
+                self.retain_now(id);
+                owed = lock(&self.owed);
+                owed.running -= 1;
+                self.owed_changed.notify_all();
+            } else if owed.running > 0 {
+                owed = self.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner());
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// The pruner thread: applies owed retention as it comes, until
+    /// [`Engine::stop_pruner`]; what is owed then is applied before it
+    /// returns.
+    pub fn prune_in_background(&self) {
+        loop {
+            let mut owed = lock(&self.owed);
+            while owed.sandboxes.is_empty() && !owed.stopped {
+                owed = self.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner());
+            }
+            let stopped = owed.stopped;
+            drop(owed);
+            self.settle_retention();
+            if stopped {
+                return;
+            }
+        }
+    }
+
+    pub fn stop_pruner(&self) {
+        lock(&self.owed).stopped = true;
+        self.owed_changed.notify_all();
+    }
+
+    /// Prunes one sandbox under its lock. A failure to prune is logged: it
+    /// does not undo the checkpoint that was taken.
+    fn retain_now(&self, sandbox_id: i64) {
+        let guard = self.sandbox_lock(sandbox_id);
+        let _held = lock(&guard);
+        let pruned = self.db().and_then(|mut conn| {
+            let sb = catalogue::sandbox_by_id(&conn, sandbox_id)?;
+            if sb.state != "active" {
+                return Ok(());
+            }
+            self.enforce_retention(&mut conn, &sb, &self.retention.policy(&sb.name)).map(|_| ())
+        });
         if let Err(e) = pruned {
             tracing::warn!(sandbox_id, "pruning: {e}");
         }
@@ -985,6 +1064,7 @@ impl Engine {
         dry_run: bool,
         kind: &str,
     ) -> Result<RollbackReport> {
+        let target = &still_there(conn, target)?;
         if let Some(plan) = &target.info.plan {
             refuse_if_applied(conn, plan)?;
         }
@@ -1070,7 +1150,7 @@ impl Engine {
         let total = self.restore_total(conn, sandbox, target, safety.seq, (&t_side, &l_side), filter, &excludes)?;
         let plan_ms = ms_since(started);
         let report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &target.info.id, total)?;
-        self.retain(conn, sandbox.id);
+        self.retain(sandbox.id);
         tracing::info!(
             sandbox = %sandbox.name, target = %target.info.id, kind,
             restored = report.restored, created = report.created, deleted = report.deleted,
@@ -1288,6 +1368,7 @@ impl Engine {
         let sandbox = self.active_sandbox_by_id(&conn, peer, step.sandbox_id)?;
         let guard = self.sandbox_lock(sandbox.id);
         let _held = lock(&guard);
+        let step = still_there(&conn, &step)?;
         if let Some(plan) = &step.info.plan {
             refuse_if_applied(&conn, plan)?;
         }
@@ -1351,14 +1432,14 @@ impl Engine {
         }
         let excludes = Excludes::new(&sandbox.excludes)?;
         let plan = Plan::new(&target, &live, &[], &excludes);
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         catalogue::intent_applying(&tx, intent, &safety.id, &plan.desired(), now_ms())?;
         catalogue::record_rollback(&tx, sandbox.id, "revert", &step.info.id, &safety.id, now_ms())?;
         tx.commit()?;
         let store = self.store(&sandbox.store)?;
         let total = step_paths.len() as u64;
         let mut report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &step.info.id, total)?;
-        self.retain(conn, sandbox.id);
+        self.retain(sandbox.id);
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
         report.conflicts = conflicts.into_iter().map(WirePath).collect();
         Ok(report)
@@ -1450,7 +1531,10 @@ impl Engine {
         if ids.is_empty() {
             return Ok(0);
         }
-        let tx = conn.transaction()?;
+        // Immediate: it reads before it writes, and a deferred transaction
+        // whose snapshot a concurrent commit (the log checkpointer's) made
+        // stale fails at its first write instead of waiting.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let objects = catalogue::delete_checkpoints(&tx, sandbox.id, ids)?;
         tx.commit()?;
         let store = self.store(&sandbox.store)?;
@@ -1619,6 +1703,17 @@ impl Engine {
 /// sandbox.
 fn safety_checkpoint(reason: String) -> NewCheckpoint {
     NewCheckpoint { kind: CheckpointKind::Safety, reason: Some(reason), ..NewCheckpoint::default() }
+}
+
+/// Reads a checkpoint named by a request again, under the sandbox's lock:
+/// retention may have pruned it since.
+fn still_there(conn: &Connection, c: &Checkpoint) -> Result<Checkpoint> {
+    catalogue::checkpoint_by_ref(conn, &c.info.id).map_err(|e| match e {
+        Error::NotFound(_) => {
+            Error::NotFound(format!("checkpoint {} was pruned before it could be restored", c.info.id))
+        }
+        e => e,
+    })
 }
 
 fn refuse_if_broken(target: &Checkpoint) -> Result<()> {

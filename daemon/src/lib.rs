@@ -88,6 +88,14 @@ pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> +
     if config.watch {
         engine.start_watches()?;
     }
+    // Checkpoints answer before they prune; this thread prunes after them.
+    let pruner = {
+        let engine = engine.clone();
+        std::thread::Builder::new()
+            .name("snapback-prune".into())
+            .spawn(move || engine.prune_in_background())
+            .map_err(|e| Error::Io { context: "starting the pruner thread".into(), source: e })?
+    };
     let stop_auto = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let auto = engine.has_auto_checkpoints().then(|| {
         let (engine, stop) = (engine.clone(), stop_auto.clone());
@@ -116,8 +124,11 @@ pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> +
     }
     engine.stop_watches();
     // Dropping the runtime waits for requests already running on the
-    // blocking pool: a checkpoint or rollback in progress completes.
+    // blocking pool: a checkpoint or rollback in progress completes, and
+    // then the pruning it owes.
     drop(runtime);
+    engine.stop_pruner();
+    let _ = pruner.join();
     tracing::info!("snapbackd stopped");
     result
 }

@@ -219,6 +219,28 @@ fn a_rollback_to_the_oldest_kept_checkpoint_is_not_pruned_under_it() {
 }
 
 #[test]
+fn retention_follows_a_checkpoint_without_waiting_for_another_request() {
+    let d = TestDaemon::start_with_config(Some("[retention]\nkeep_last = 1\nkeep_hourly = 0\nkeep_daily = 0\n"));
+    let root = d.path("sb");
+    d.add_sandbox("sb", &root, &[]);
+    for v in ["a", "b", "c"] {
+        write(&root.join("x.txt"), v);
+        d.checkpoint("sb");
+    }
+    // No request follows: the daemon's pruner applies the policy itself.
+    // Read from the catalogue directly, since any request would apply it.
+    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
+    let count = || -> i64 { conn.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0)).unwrap() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count() > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(count(), 1, "the checkpoints beyond keep_last = 1 were not pruned");
+    let list = d.json(&["list", "sb"]);
+    assert_eq!(list["checkpoints"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
 fn pruning_frees_at_least_the_exclusive_bytes_it_reported() {
     let d = TestDaemon::start();
     let root = d.path("sb");
