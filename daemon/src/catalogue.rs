@@ -49,8 +49,12 @@ fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Reads of large manifests go through the page cache instead of copies.
-    conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
+    // No memory map: every write by another connection (each request's,
+    // and the log checkpointer's after it) makes SQLite unmap the whole
+    // map at the next read transaction and fault the pages back in, which
+    // cost more than the reads it saved (a checkpoint of 100 files on a
+    // 100k-file tree: 11.8 -> 9.7 ms without it).
+    conn.pragma_update(None, "mmap_size", 0i64)?;
     // The write-ahead log is copied back by [`WalCheckpointer`], off the
     // request path, not inside whichever commit crosses 1,000 pages.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
