@@ -58,6 +58,20 @@ fn watched(d: &TestDaemon, name: &str, files: usize) -> std::path::PathBuf {
 }
 
 #[test]
+fn reading_every_file_leaves_nothing_to_compare() {
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let root = watched(&d, "sb", 200);
+    // Agents read far more than they write: opening and reading a file
+    // changes nothing, so the next checkpoint compares nothing.
+    for i in 0..200 {
+        std::fs::read(root.join(format!("d{}/f{i}", i % 10))).unwrap();
+    }
+    let c = checkpoint(&mut d.client(), "sb");
+    assert_eq!((c.full_scan, c.scanned, c.changed), (Some(false), Some(0), 0), "{c:?}");
+}
+
+#[test]
 fn a_thousand_write_then_checkpoint_rounds_capture_every_write() {
     let _serial = serial();
     let d = TestDaemon::start();
