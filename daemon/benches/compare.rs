@@ -1031,7 +1031,7 @@ fn main() {
 
     let mut report = format!(
         "Generated tree: {} files of 1-8 KiB in 1,000 directories and {} of 100 MiB{}. \
-         Medians of {} runs (rsync and cp: one run of the 0 and 10,000 changed checkpoints and of the rollback, \
+         Medians of {} runs (rsync and cp: one run of the 0 and 10,000 changed checkpoints and of each rollback, \
          as each of them copies or links the whole tree); checkpoints of 100 changed files: {} rounds, \
          after which the store is measured. \
          In parentheses: the tool's figure divided by snapback's (above 1: snapback is faster or smaller).\n",
