@@ -761,8 +761,9 @@ impl Engine {
         capture::capture(current, scope, &opts)
     }
 
-    /// Takes a checkpoint, then applies retention; the caller holds the
-    /// sandbox's lock.
+    /// Takes a checkpoint, and records the retention it owes (applied after
+    /// the answer, see [`Engine::retain`]); the caller holds the sandbox's
+    /// lock.
     fn take(&self, conn: &mut Connection, sandbox_id: i64, new: NewCheckpoint) -> Result<CheckpointInfo> {
         let (info, ()) = self.take_then(conn, sandbox_id, new, |_, _| Ok(()))?;
         self.retain(sandbox_id);
@@ -1120,9 +1121,9 @@ impl Engine {
 
     /// The body of a restore whose intent `intent` is recorded: a safety
     /// checkpoint, committed with the plan (recorded in the intent before
-    /// anything is touched), then its application, then retention (after:
-    /// the safety checkpoint could otherwise push the target out of the
-    /// policy while it is being restored).
+    /// anything is touched), then its application; only then is retention
+    /// owed (earlier, the safety checkpoint could push the target out of
+    /// the policy while it is being restored).
     fn restore_intent(
         &self,
         conn: &mut Connection,
