@@ -42,13 +42,18 @@ fn a_socket_activated_daemon_serves_on_the_passed_socket_and_leaves_it_to_system
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn systemd-socket-activate");
+    // The socket file appears at bind(), a moment before listen(): until
+    // then a connect is refused, so wait for a connect, not for the file.
+    // Once it listens, connections queue until the daemon takes them.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
+    let mut client = loop {
         assert!(child.try_wait().unwrap().is_none(), "systemd-socket-activate exited early");
-        assert!(Instant::now() < deadline, "systemd-socket-activate did not listen within 20 s");
+        match Client::connect(&socket) {
+            Ok(client) => break client,
+            Err(e) => assert!(Instant::now() < deadline, "systemd-socket-activate did not listen within 20 s: {e}"),
+        }
         std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut client = Client::connect(&socket).expect("the activated daemon answers");
+    };
     let path = WirePath::from(sandbox.as_path());
     client.sandbox_add(SandboxAdd { path, name: Some("sb".into()), excludes: vec![], store: None }).unwrap();
     let cp = client.checkpoint(CheckpointRequest { sandbox: "sb".into(), ..Default::default() }).unwrap();
