@@ -24,7 +24,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use crate::catalogue::NewRow;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Kind, Live, Manifest, Meta, Row, StatKey, is_within, join, subtree};
-use crate::store::{Store, hash_fd};
+use crate::store::{Pack, Store, hash_fd};
 use crate::sys;
 
 /// Names starting with this are the daemon's own temporary files (written
@@ -121,9 +121,10 @@ pub struct Options<'a> {
     /// Where to put new content; `None` only hashes (a dry run).
     pub store: Option<&'a Store>,
     pub reflink: bool,
-    /// Store small files by copying (see [`Store::put`]): set for captures
-    /// of the paths a watcher marked, which were written moments ago.
-    pub copy_small: bool,
+    /// Where small files go (see [`Store::put`]): given for captures of the
+    /// paths a watcher marked, which were written moments ago (a clone
+    /// would first write their dirty pages out).
+    pub pack: Option<&'a Pack<'a>>,
     /// A path whose mtime or ctime is at or after this instant is racy.
     pub racy_after_ns: i64,
     /// Counts visited entries for a client watching the request.
@@ -621,8 +622,7 @@ fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<O
     stats.read += 1;
     let (hash, st, unstable) = match opts.store {
         Some(store) => {
-            let put =
-                store.put(fd.as_fd(), opts.reflink, opts.copy_small).ctx(|| format!("storing {}", show(&path)))?;
+            let put = store.put(fd.as_fd(), opts.reflink, opts.pack).ctx(|| format!("storing {}", show(&path)))?;
             stats.reflinked += put.reflinked as u64;
             stats.copied += put.copied as u64;
             (put.hash, put.stat, put.unstable)

@@ -30,7 +30,7 @@ use crate::manifest::{Kind, Manifest, is_within};
 use crate::progress;
 use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};
-use crate::store::Store;
+use crate::store::{Pack, Store};
 use crate::sys;
 use crate::watcher::{Drain, SandboxWatch};
 
@@ -736,7 +736,7 @@ impl Engine {
         sandbox: &Sandbox,
         scope: &Scope,
         current: &Manifest,
-        store: Option<&Store>,
+        store: Option<(&Store, Option<&Pack<'_>>)>,
         scan_start_ns: i64,
     ) -> Result<Captured> {
         let root = Self::open_root(sandbox)?;
@@ -750,11 +750,9 @@ impl Engine {
         let opts = Options {
             root: root.as_fd(),
             excludes: &excludes,
-            store,
+            store: store.map(|(s, _)| s),
             reflink: sandbox.clone_method == CloneMethod::Reflink,
-            // Files the watcher marked were written moments ago: their pages
-            // are likely dirty, and a clone would first write them out.
-            copy_small: matches!(scope, Scope::Paths(_)),
+            pack: store.and_then(|(_, p)| p),
             racy_after_ns: scan_start_ns - RACY_WINDOW_NS,
             progress: progress.as_deref(),
         };
@@ -876,7 +874,11 @@ impl Engine {
         let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let mut current = self.take_manifest(conn, &sb)?;
         let rows_ms = ms_since(started);
-        let captured = match self.scan(&sb, scope, &current, Some(&store), scan_start_ns) {
+        // Files the watcher marked were written moments ago: their pages
+        // are likely dirty (a clone would first write them out), and most
+        // are small: those go into one pack rather than a file each.
+        let pack = matches!(scope, Scope::Paths(_)).then(|| store.pack());
+        let captured = match self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns) {
             Ok(c) => c,
             Err(e) => {
                 self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
@@ -932,6 +934,9 @@ impl Engine {
         };
         let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
         let written = (|| {
+            if let Some(pack) = &pack {
+                pack.seal().ctx(|| format!("sealing a pack in {}", store.path().display()))?;
+            }
             if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
                 // One syncfs for all of this checkpoint's objects, before the
                 // catalogue can reference them.

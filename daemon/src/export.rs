@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use crate::manifest::{Kind, Manifest};
-use crate::store::{Store, clone_or_copy};
+use crate::store::Store;
 use crate::sys;
 
 #[derive(Default, Debug)]
@@ -78,7 +78,7 @@ fn fill(rows: &Manifest, root: BorrowedFd<'_>, store: &Store, link: bool, owner:
                 } else {
                     let object = store.open_object(id)?;
                     let f = sys::openat(dir, name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
-                    clone_or_copy(f.as_fd(), object.as_fd(), meta.size, true)?;
+                    object.write_into(f.as_fd(), meta.size, true)?;
                     if let Some(uid) = owner {
                         sys::fchown(f.as_fd(), uid, u32::MAX)?;
                     }

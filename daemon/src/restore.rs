@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::capture::{Excludes, TEMP_PREFIX, show};
 use crate::error::{IoContext, Result};
 use crate::manifest::{Kind, Manifest, Meta, is_within};
-use crate::store::{Store, clone_or_copy};
+use crate::store::Store;
 use crate::sys;
 
 /// What to do with one path.
@@ -406,7 +406,7 @@ fn put_file(
         // the file it becomes.)
         let bits = meta.mode & 0o777;
         let fd: OwnedFd = sys::openat(dir, tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, bits)?;
-        clone_or_copy(fd.as_fd(), object.as_fd(), meta.size, reflink)?;
+        object.write_into(fd.as_fd(), meta.size, reflink)?;
         if as_root {
             let st = sys::fstat(fd.as_fd())?;
             if (st.st_uid, st.st_gid) != (meta.uid, meta.gid) {

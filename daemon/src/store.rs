@@ -1,20 +1,33 @@
-//! The object store: one immutable file per distinct content, named by its
-//! blake3 hash, shared by every checkpoint and path that holds that content.
+//! The object store: immutable content, named by its blake3 hash, shared
+//! by every checkpoint and path that holds that content.
 //!
-//! Objects are made with a reflink (`FICLONE`) where the filesystem allows
-//! it, else with a sparse-aware copy. An object is written under a
-//! temporary name (`.tmp-*`) in its final directory and renamed only when
-//! complete, so an object's name always holds whole content. Objects that
-//! no catalogue row references (left by a checkpoint that never committed,
-//! or freed by a purge) and leftover temporaries are collected by
-//! [`Store::collect_garbage`].
+//! Most objects are files of their own under `objects/`, made with a
+//! reflink (`FICLONE`) where the filesystem allows it, else with a
+//! sparse-aware copy. Such an object is written under a temporary name
+//! (`.tmp-*`) in its final directory and renamed only when complete, so an
+//! object's name always holds whole content.
+//!
+//! The small files that a watcher-driven checkpoint reads are instead
+//! written into one pack per checkpoint (`packs/<ulid>`, see [`Pack`]):
+//! making and renaming a file for each would cost more than their bytes. A
+//! pack's objects become visible when it is sealed, which records where
+//! each one lies in the store's pack index (`packs.db`, SQLite). A dead
+//! packed object's blocks are freed by punching a hole over its slot; a
+//! pack with no live object left is removed.
+//!
+//! Objects that no catalogue row references (left by a checkpoint that
+//! never committed, or freed by a purge), packs never sealed and leftover
+//! temporaries are collected by [`Store::collect_garbage`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::manifest::ObjectId;
 use crate::sys;
@@ -24,6 +37,9 @@ pub struct Store {
     path: PathBuf,
     objects: OwnedFd,
     tmp: OwnedFd,
+    packs: OwnedFd,
+    /// Where each packed object lies: `packed(object, pack, offset, length)`.
+    index: Mutex<Connection>,
     /// Held shared from a checkpoint's first object until its commit, and
     /// exclusively by garbage collection, so that an object a checkpoint
     /// found (and will reference) is never collected before the commit.
@@ -52,12 +68,72 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// several times the copy; a copy of a small file takes a block or a few.
 pub const SMALL_FILE: u64 = 64 * 1024;
 
-/// Reads a file of `size` bytes whole (less if it shrank meanwhile).
-fn read_whole(fd: BorrowedFd<'_>, size: u64) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; size as usize];
+/// Packed objects start on multiples of this, so that the blocks of a dead
+/// one can be freed by punching a hole over its slot.
+const SLOT_ALIGN: u64 = 4096;
+
+fn slot_len(len: u64) -> u64 {
+    len.div_ceil(SLOT_ALIGN) * SLOT_ALIGN
+}
+
+/// An object opened for reading: a file of its own, or a slot of a pack.
+pub enum Object {
+    Loose(OwnedFd),
+    Packed { pack: OwnedFd, offset: u64, len: u64 },
+}
+
+impl Object {
+    /// The object's length in bytes.
+    pub fn size(&self) -> io::Result<u64> {
+        match self {
+            Object::Loose(fd) => Ok(sys::fstat(fd.as_fd())?.st_size as u64),
+            Object::Packed { len, .. } => Ok(*len),
+        }
+    }
+
+    /// Writes the object's content into the empty file `dst`, by a clone
+    /// where `reflink` is set and the pair allows it (loose objects only: a
+    /// clone of a slot would leave a shared block to be copied at the
+    /// truncation to its length), else by a copy. `size` is the length the
+    /// catalogue records. Returns whether it cloned.
+    pub fn write_into(&self, dst: BorrowedFd<'_>, size: u64, reflink: bool) -> io::Result<bool> {
+        match self {
+            Object::Loose(fd) => clone_or_copy(dst, fd.as_fd(), size, reflink),
+            Object::Packed { .. } => {
+                sys::pwrite_all(dst, &self.read()?, 0)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Reads the whole object; for packed (small) objects and tests.
+    pub fn read(&self) -> io::Result<Vec<u8>> {
+        let (fd, offset, len) = match self {
+            Object::Loose(fd) => (fd.as_fd(), 0, sys::fstat(fd.as_fd())?.st_size as u64),
+            Object::Packed { pack, offset, len } => (pack.as_fd(), *offset, *len),
+        };
+        let bytes = read_at(fd, offset, len)?;
+        if (bytes.len() as u64) < len {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the object is shorter than recorded"));
+        }
+        Ok(bytes)
+    }
+
+    /// Hashes the object's content.
+    pub fn hash(&self) -> io::Result<ObjectId> {
+        match self {
+            Object::Loose(fd) => hash_fd(fd.as_fd(), sys::fstat(fd.as_fd())?.st_size as u64),
+            Object::Packed { .. } => Ok(ObjectId(*blake3::hash(&self.read()?).as_bytes())),
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` (fewer if the file ends first).
+fn read_at(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
     let mut done = 0;
     while done < buf.len() {
-        let n = sys::pread(fd, &mut buf[done..], done as u64)?;
+        let n = sys::pread(fd, &mut buf[done..], offset + done as u64)?;
         if n == 0 {
             break;
         }
@@ -65,6 +141,106 @@ fn read_whole(fd: BorrowedFd<'_>, size: u64) -> io::Result<Vec<u8>> {
     }
     buf.truncate(done);
     Ok(buf)
+}
+
+/// The small objects of one capture, written into one pack file as they are
+/// read, each in its own slot. None of them is visible until
+/// [`Pack::seal`]; a pack dropped unsealed removes its file.
+pub struct Pack<'a> {
+    store: &'a Store,
+    name: String,
+    state: Mutex<PackState>,
+}
+
+#[derive(Default)]
+struct PackState {
+    file: Option<Arc<OwnedFd>>,
+    end: u64,
+    slots: Vec<(ObjectId, u64, u64)>,
+    sealed: bool,
+}
+
+impl Pack<'_> {
+    /// Writes `bytes`, whose hash is `id`, into a new slot.
+    fn add(&self, id: ObjectId, bytes: &[u8]) -> io::Result<()> {
+        let (file, offset) = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let file = match &st.file {
+                Some(f) => f.clone(),
+                None => {
+                    // Writable by its owner, unlike a loose object: dead
+                    // slots are freed through a writable descriptor.
+                    let flags = libc::O_CREAT | libc::O_EXCL | libc::O_RDWR;
+                    let f = Arc::new(sys::openat(self.store.packs.as_fd(), self.name.as_bytes(), flags, 0o600)?);
+                    st.file = Some(f.clone());
+                    f
+                }
+            };
+            let offset = st.end;
+            st.end += slot_len(bytes.len() as u64);
+            st.slots.push((id, offset, bytes.len() as u64));
+            (file, offset)
+        };
+        sys::pwrite_all(file.as_fd(), bytes, offset)
+    }
+
+    /// Makes the pack's objects visible: records their slots in the pack
+    /// index, in one transaction. An object the store already holds keeps
+    /// its slot or file, and this pack's copy is freed.
+    pub fn seal(&self) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = st.file.clone() else { return Ok(()) };
+        let mut spare = Vec::new();
+        {
+            let mut index = self.store.index.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = index.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO packed (object, pack, offset, length) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .map_err(db)?;
+                for (id, offset, len) in &st.slots {
+                    if insert.execute(params![&id.0[..], self.name, *offset as i64, *len as i64]).map_err(db)? == 0 {
+                        spare.push((*offset, *len));
+                    }
+                }
+            }
+            tx.commit().map_err(db)?;
+        }
+        st.sealed = true;
+        // Only space is at stake: no reader ever finds these copies.
+        if spare.len() == st.slots.len() {
+            let _ = sys::unlinkat(self.store.packs.as_fd(), self.name.as_bytes(), false);
+        } else {
+            for (offset, len) in spare {
+                let _ = punch(file.as_fd(), offset, len);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pack<'_> {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.file.is_some() && !st.sealed {
+            let _ = sys::unlinkat(self.store.packs.as_fd(), self.name.as_bytes(), false);
+        }
+    }
+}
+
+fn db(e: rusqlite::Error) -> io::Error {
+    io::Error::other(format!("pack index: {e}"))
+}
+
+/// Frees a slot's blocks. Where holes cannot be punched, the space stays
+/// taken until the whole pack is removed.
+fn punch(pack: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    match sys::punch_hole(pack, offset, slot_len(len)) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        r => r,
+    }
 }
 
 /// Hashes the content of an open file, reading only its data segments and
@@ -131,6 +307,7 @@ impl Store {
         builder.recursive(true).mode(0o700);
         builder.create(path.join("objects"))?;
         builder.create(path.join("tmp"))?;
+        builder.create(path.join("packs"))?;
         let objects = OwnedFd::from(File::open(path.join("objects"))?);
         for i in 0..=255u8 {
             match sys::mkdirat(objects.as_fd(), format!("{i:02x}").as_bytes(), 0o700) {
@@ -139,7 +316,9 @@ impl Store {
             }
         }
         let tmp = OwnedFd::from(File::open(path.join("tmp"))?);
-        Ok(Store { path: path.to_owned(), objects, tmp, gc_lock: std::sync::RwLock::new(()) })
+        let packs = OwnedFd::from(File::open(path.join("packs"))?);
+        let index = Mutex::new(open_index(&path.join("packs.db"))?);
+        Ok(Store { path: path.to_owned(), objects, tmp, packs, index, gc_lock: std::sync::RwLock::new(()) })
     }
 
     pub fn path(&self) -> &Path {
@@ -151,32 +330,77 @@ impl Store {
         format!("{}/{hex}", &hex[..2]).into_bytes()
     }
 
-    /// Whether the object exists.
+    /// Whether the object exists, loose or packed.
     pub fn contains(&self, id: &ObjectId) -> bool {
+        self.has_loose(id) || self.slot(id).is_ok_and(|s| s.is_some())
+    }
+
+    fn has_loose(&self, id: &ObjectId) -> bool {
         sys::lstatat(self.objects.as_fd(), &Self::name(id)).is_ok()
     }
 
-    /// Opens an object for reading.
-    pub fn open_object(&self, id: &ObjectId) -> io::Result<OwnedFd> {
-        sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0)
+    /// Where a packed object lies: (pack, offset, length).
+    fn slot(&self, id: &ObjectId) -> io::Result<Option<(String, u64, u64)>> {
+        let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = index.prepare_cached("SELECT pack, offset, length FROM packed WHERE object = ?1").map_err(db)?;
+        stmt.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
+            .optional()
+            .map_err(db)
+    }
+
+    /// Opens an object for reading. A missing one is a `NotFound` error.
+    pub fn open_object(&self, id: &ObjectId) -> io::Result<Object> {
+        match sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            r => return r.map(Object::Loose),
+        }
+        let Some((pack, offset, len)) = self.slot(id)? else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("object {id} is not in the store")));
+        };
+        let pack = sys::openat(self.packs.as_fd(), pack.as_bytes(), libc::O_RDONLY, 0)?;
+        Ok(Object::Packed { pack, offset, len })
+    }
+
+    /// Starts a pack for the small objects of one capture (see [`Pack`]).
+    pub fn pack(&self) -> Pack<'_> {
+        Pack { store: self, name: ulid::Ulid::new().to_string(), state: Mutex::new(PackState::default()) }
     }
 
     /// Stores the content of the open regular file `src`. Returns the
     /// object's hash and the stat its content corresponds to. Clones with
     /// `FICLONE` when `reflink` is set and the pair allows it, except that
-    /// with `copy_small` a file of at most [`SMALL_FILE`] bytes is written
+    /// given a `pack`, a file of at most [`SMALL_FILE`] bytes goes into it,
     /// from the bytes read to hash it.
-    pub fn put(&self, src: BorrowedFd<'_>, reflink: bool, copy_small: bool) -> io::Result<Put> {
+    pub fn put(&self, src: BorrowedFd<'_>, reflink: bool, pack: Option<&Pack<'_>>) -> io::Result<Put> {
         const TRIES: usize = 3;
         for attempt in 1..=TRIES {
             let before = sys::fstat(src)?;
             let size = before.st_size as u64;
-            let bytes = if copy_small && size <= SMALL_FILE { Some(read_whole(src, size)?) } else { None };
-            let hash = match &bytes {
-                Some(b) => ObjectId(*blake3::hash(b).as_bytes()),
-                None => hash_fd(src, size)?,
-            };
-            if self.contains(&hash) {
+            if let Some(pack) = pack.filter(|_| size <= SMALL_FILE) {
+                let bytes = read_at(src, 0, size)?;
+                let hash = ObjectId(*blake3::hash(&bytes).as_bytes());
+                let mut stat = sys::fstat(src)?;
+                // The bytes read belong to `before` when nothing moved in
+                // between; when the file keeps changing, they are still one
+                // whole object named by its own content, and the next scan
+                // reads the file again.
+                let unstable = !same_version(&before, &stat);
+                if unstable && attempt < TRIES {
+                    continue;
+                }
+                if unstable {
+                    stat.st_size = bytes.len() as i64;
+                } else {
+                    stat = before;
+                }
+                let made = !self.has_loose(&hash);
+                if made {
+                    pack.add(hash, &bytes)?;
+                }
+                return Ok(Put { hash, stat, reflinked: false, copied: made, unstable });
+            }
+            let hash = hash_fd(src, size)?;
+            if self.has_loose(&hash) {
                 if same_version(&before, &sys::fstat(src)?) {
                     return Ok(Put { hash, stat: before, reflinked: false, copied: false, unstable: false });
                 }
@@ -187,11 +411,7 @@ impl Store {
             // rename lock, which concurrent readers then queue on.
             let tmp_name = format!("{}/.tmp-{}", &hash.to_string()[..2], ulid::Ulid::new()).into_bytes();
             let tmp = sys::openat(self.objects.as_fd(), &tmp_name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o400)?;
-            let result = match &bytes {
-                Some(b) => sys::pwrite_all(tmp.as_fd(), b, 0).map(|()| false),
-                None => clone_or_copy(tmp.as_fd(), src, size, reflink),
-            };
-            let reflinked = match result {
+            let reflinked = match clone_or_copy(tmp.as_fd(), src, size, reflink) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = sys::unlinkat(self.objects.as_fd(), &tmp_name, false);
@@ -275,26 +495,104 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
+        let slots = {
+            let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = index.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
+            let mut slots = Vec::new();
+            {
+                let mut delete = tx
+                    .prepare_cached("DELETE FROM packed WHERE object = ?1 RETURNING pack, offset, length")
+                    .map_err(db)?;
+                for id in ids {
+                    let slot = delete
+                        .query_row([&id.0[..]], |r| {
+                            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
+                        })
+                        .optional()
+                        .map_err(db)?;
+                    slots.extend(slot);
+                }
+            }
+            tx.commit().map_err(db)?;
+            slots
+        };
+        Ok(bytes + self.free_slots(&slots)?)
+    }
+
+    /// Frees the blocks of slots already gone from the index (so no reader
+    /// can find them), and removes the packs left with no live slot.
+    /// Returns the bytes of the objects freed.
+    fn free_slots(&self, slots: &[(String, u64, u64)]) -> io::Result<u64> {
+        let mut by_pack: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        for (pack, offset, len) in slots {
+            by_pack.entry(pack).or_default().push((*offset, *len));
+        }
+        let mut bytes = 0;
+        for (pack, dead) in by_pack {
+            bytes += dead.iter().map(|&(_, len)| len).sum::<u64>();
+            if self.live_in(pack)? {
+                let fd = match sys::openat(self.packs.as_fd(), pack.as_bytes(), libc::O_WRONLY, 0) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    r => r?,
+                };
+                for (offset, len) in dead {
+                    punch(fd.as_fd(), offset, len)?;
+                }
+            } else {
+                match sys::unlinkat(self.packs.as_fd(), pack.as_bytes(), false) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
         Ok(bytes)
+    }
+
+    /// Whether any object of `pack` is still in the index.
+    fn live_in(&self, pack: &str) -> io::Result<bool> {
+        let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = index.prepare_cached("SELECT EXISTS (SELECT 1 FROM packed WHERE pack = ?1)").map_err(db)?;
+        stmt.query_row([pack], |r| r.get(0)).map_err(db)
     }
 
     /// Returns whether an object has the given size and its content still
     /// hashes to its name. A missing object is a `NotFound` error.
     pub fn check_object(&self, id: &ObjectId, size: u64) -> io::Result<bool> {
-        let fd = self.open_object(id)?;
-        let st = sys::fstat(fd.as_fd())?;
-        if st.st_size as u64 != size {
+        let object = self.open_object(id)?;
+        if object.size()? != size {
             return Ok(false);
         }
-        Ok(hash_fd(fd.as_fd(), size)? == *id)
+        Ok(object.hash()? == *id)
     }
 
-    /// Lists the objects present in the store.
+    /// Lists the objects present in the store, loose and packed.
     pub fn list_objects(&self) -> io::Result<Vec<ObjectId>> {
         let mut out = Vec::new();
         for i in 0..=255u8 {
             let dir = sys::openat(self.objects.as_fd(), format!("{i:02x}").as_bytes(), sys::DIR_FLAGS, 0)?;
             out.extend(sys::read_dir(dir.as_fd())?.iter().filter_map(|e| ObjectId::from_hex(&e.name)));
+        }
+        out.extend(self.packed()?.into_iter().map(|(id, ..)| id));
+        out.sort_unstable_by_key(|id| id.0);
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Every row of the pack index: (object, pack, offset, length).
+    fn packed(&self) -> io::Result<Vec<(ObjectId, String, u64, u64)>> {
+        let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = index.prepare("SELECT object, pack, offset, length FROM packed").map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64))
+            })
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, pack, offset, len) = row.map_err(db)?;
+            let id = ObjectId::from_slice(&id)
+                .ok_or_else(|| io::Error::other("pack index: an object id is not 32 bytes"))?;
+            out.push((id, pack, offset, len));
         }
         Ok(out)
     }
@@ -329,8 +627,71 @@ impl Store {
                 }
             }
         }
+        let rows = self.packed()?;
+        let live: HashSet<&str> =
+            rows.iter().filter(|(id, ..)| referenced.contains(id)).map(|(_, pack, ..)| pack.as_str()).collect();
+        let dead: Vec<_> = rows.iter().filter(|(id, ..)| !referenced.contains(id)).collect();
+        if !dead.is_empty() {
+            let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = index.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM packed WHERE object = ?1").map_err(db)?;
+                for (id, ..) in &dead {
+                    delete.execute([&id.0[..]]).map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+        }
+        let slots: Vec<_> = dead.iter().map(|(_, pack, offset, len)| (pack.clone(), *offset, *len)).collect();
+        count += dead.len() as u64;
+        bytes += self.free_slots(&slots)?;
+        // Packs that no live object is in: emptied above, or never sealed
+        // (their checkpoint failed, or the daemon stopped in it).
+        for entry in sys::read_dir(self.packs.as_fd())? {
+            let name = String::from_utf8_lossy(&entry.name);
+            if !live.contains(name.as_ref()) {
+                match sys::unlinkat(self.packs.as_fd(), &entry.name, false) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
         Ok((count, bytes))
     }
+}
+
+/// Opens (creating if needed) a store's pack index.
+fn open_index(path: &Path) -> io::Result<Connection> {
+    const VERSION: i64 = 1;
+    let conn = Connection::open(path).map_err(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
+    conn.pragma_update(None, "journal_mode", "wal").map_err(db)?;
+    // A sealed pack is made durable with the rest of the store, by the
+    // syncfs before a commit that references it (durability "sync").
+    conn.pragma_update(None, "synchronous", "normal").map_err(db)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db)?;
+    match version {
+        0 => conn
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE IF NOT EXISTS packed (
+                     object BLOB    NOT NULL PRIMARY KEY,  -- blake3 of the content (32 bytes)
+                     pack   TEXT    NOT NULL,              -- file name under packs/
+                     offset INTEGER NOT NULL,              -- a multiple of 4096
+                     length INTEGER NOT NULL
+                 ) WITHOUT ROWID;
+                 CREATE INDEX IF NOT EXISTS packed_pack ON packed(pack);
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )
+            .map_err(db),
+        VERSION => Ok(()),
+        v => Err(io::Error::other(format!(
+            "{}: pack index version {v} was written by a newer snapback (this one knows {VERSION})",
+            path.display()
+        ))),
+    }?;
+    Ok(conn)
 }
 
 /// Fills the empty file `dst` with `src`: a reflink when `reflink` is set
@@ -362,44 +723,140 @@ pub fn clone_or_copy(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64, reflin
 mod tests {
     use super::*;
 
+    fn put_file(store: &Store, path: &Path, pack: Option<&Pack<'_>>) -> Put {
+        store.put(File::open(path).unwrap().as_fd(), true, pack).unwrap()
+    }
+
+    /// The blocks a file takes on disk.
+    fn allocated(path: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
+    }
+
+    fn packs(store: &Store) -> Vec<PathBuf> {
+        std::fs::read_dir(store.path().join("packs")).unwrap().map(|e| e.unwrap().path()).collect()
+    }
+
     #[test]
     fn equal_content_is_stored_once_and_reads_back() {
         let t = tempfile::tempdir().unwrap();
         let store = Store::open(&t.path().join("store")).unwrap();
         std::fs::write(t.path().join("a"), b"same bytes").unwrap();
         std::fs::write(t.path().join("b"), b"same bytes").unwrap();
-        let a = File::open(t.path().join("a")).unwrap();
-        let b = File::open(t.path().join("b")).unwrap();
-        let pa = store.put(a.as_fd(), true, false).unwrap();
-        let pb = store.put(b.as_fd(), true, false).unwrap();
+        let pa = put_file(&store, &t.path().join("a"), None);
+        let pb = put_file(&store, &t.path().join("b"), None);
         assert_eq!(pa.hash, pb.hash);
         assert!(pa.reflinked || pa.copied);
         assert!(!pb.reflinked && !pb.copied, "the second put made a new object");
         assert_eq!(pa.hash.0, *blake3::hash(b"same bytes").as_bytes());
-        let obj = File::from(store.open_object(&pa.hash).unwrap());
-        assert_eq!(std::io::read_to_string(obj).unwrap(), "same bytes");
+        assert_eq!(store.open_object(&pa.hash).unwrap().read().unwrap(), b"same bytes");
     }
 
     #[test]
-    fn small_files_are_copied_from_the_bytes_read_when_asked() {
+    fn small_files_go_into_the_pack_and_are_found_once_it_is_sealed() {
         let t = tempfile::tempdir().unwrap();
         let store = Store::open(&t.path().join("store")).unwrap();
         let small: Vec<u8> = (0..SMALL_FILE as usize).map(|i| (i * 7) as u8).collect();
         let large: Vec<u8> = (0..SMALL_FILE as usize + 1).map(|i| (i * 13) as u8).collect();
         std::fs::write(t.path().join("small"), &small).unwrap();
         std::fs::write(t.path().join("large"), &large).unwrap();
-        let put = |name: &str| store.put(File::open(t.path().join(name)).unwrap().as_fd(), true, true).unwrap();
-        let (s, l) = (put("small"), put("large"));
-        assert!(s.copied && !s.reflinked, "a file of SMALL_FILE bytes is copied");
+        std::fs::write(t.path().join("tiny"), b"tiny").unwrap();
+        let pack = store.pack();
+        let s = put_file(&store, &t.path().join("small"), Some(&pack));
+        let tiny = put_file(&store, &t.path().join("tiny"), Some(&pack));
+        let l = put_file(&store, &t.path().join("large"), Some(&pack));
+        assert!(s.copied && !s.reflinked, "a file of SMALL_FILE bytes is packed");
         assert!(s.hash.0 == *blake3::hash(&small).as_bytes() && !s.unstable);
         assert!(l.reflinked || l.copied, "a larger file is stored the usual way");
-        assert_eq!(l.hash.0, *blake3::hash(&large).as_bytes());
-        for (id, bytes) in [(s.hash, &small), (l.hash, &large)] {
-            let mut obj = File::from(store.open_object(&id).unwrap());
-            let mut back = Vec::new();
-            std::io::Read::read_to_end(&mut obj, &mut back).unwrap();
-            assert!(back == *bytes, "the object does not hold the file's bytes");
+        assert!(store.has_loose(&l.hash) && !store.has_loose(&s.hash) && !store.has_loose(&tiny.hash));
+        assert!(!store.contains(&s.hash), "a packed object is invisible before the seal");
+        pack.seal().unwrap();
+        drop(pack);
+        assert_eq!(packs(&store).len(), 1, "a sealed pack stays");
+        for (id, bytes) in [(s.hash, &small[..]), (tiny.hash, b"tiny"), (l.hash, &large[..])] {
+            assert!(store.contains(&id));
+            let object = store.open_object(&id).unwrap();
+            assert_eq!(object.size().unwrap(), bytes.len() as u64);
+            assert!(object.read().unwrap() == bytes, "the object does not hold the file's bytes");
+            assert!(store.check_object(&id, bytes.len() as u64).unwrap());
+            let out = t.path().join(format!("out-{id}"));
+            let f = File::create(&out).unwrap();
+            object.write_into(f.as_fd(), bytes.len() as u64, true).unwrap();
+            assert!(std::fs::read(&out).unwrap() == bytes);
         }
+        let mut listed = store.list_objects().unwrap();
+        listed.sort_unstable_by_key(|id| id.0);
+        let mut want = vec![s.hash, tiny.hash, l.hash];
+        want.sort_unstable_by_key(|id| id.0);
+        assert_eq!(listed, want);
+    }
+
+    #[test]
+    fn a_pack_dropped_unsealed_leaves_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        std::fs::write(t.path().join("a"), b"never committed").unwrap();
+        let pack = store.pack();
+        let a = put_file(&store, &t.path().join("a"), Some(&pack));
+        assert_eq!(packs(&store).len(), 1);
+        drop(pack);
+        assert!(packs(&store).is_empty());
+        assert!(!store.contains(&a.hash));
+        assert_eq!(store.open_object(&a.hash).err().map(|e| e.kind()), Some(io::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn content_already_stored_is_not_packed_again() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        std::fs::write(t.path().join("a"), b"twice").unwrap();
+        std::fs::write(t.path().join("b"), b"twice").unwrap();
+        let first = store.pack();
+        put_file(&store, &t.path().join("a"), Some(&first));
+        first.seal().unwrap();
+        // Packed twice, in one pack and in the next: one slot each, but the
+        // index keeps the first, and the copies are freed at the seal.
+        std::fs::write(t.path().join("c"), vec![b'c'; 8192]).unwrap();
+        let second = store.pack();
+        let c = put_file(&store, &t.path().join("c"), Some(&second));
+        let b = put_file(&store, &t.path().join("b"), Some(&second));
+        put_file(&store, &t.path().join("a"), Some(&second));
+        second.seal().unwrap();
+        let (pack, ..) = store.slot(&b.hash).unwrap().unwrap();
+        assert_eq!(pack, first.name, "the first copy is the one found");
+        let file = store.path().join("packs").join(&second.name);
+        File::open(&file).unwrap().sync_all().unwrap();
+        assert_eq!(allocated(&file), 8192, "the copies were freed, the new object kept");
+        assert_eq!(store.open_object(&b.hash).unwrap().read().unwrap(), b"twice");
+        assert_eq!(store.open_object(&c.hash).unwrap().read().unwrap(), vec![b'c'; 8192]);
+        // A pack of nothing but copies is removed at its seal.
+        let third = store.pack();
+        put_file(&store, &t.path().join("a"), Some(&third));
+        third.seal().unwrap();
+        assert_eq!(packs(&store).len(), 2);
+    }
+
+    #[test]
+    fn removing_packed_objects_frees_their_slots_then_the_pack() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        let pack = store.pack();
+        let mut ids = Vec::new();
+        for i in 0..3u8 {
+            let path = t.path().join(format!("f{i}"));
+            std::fs::write(&path, vec![i + 1; 10_000]).unwrap();
+            ids.push(put_file(&store, &path, Some(&pack)).hash);
+        }
+        pack.seal().unwrap();
+        let file = store.path().join("packs").join(&pack.name);
+        std::fs::File::open(&file).unwrap().sync_all().unwrap();
+        let before = allocated(&file);
+        assert!(before >= 3 * 12288, "{before} bytes allocated for three slots of 12 KiB");
+        assert_eq!(store.remove_objects(&ids[..1]).unwrap(), 10_000);
+        assert!(!store.contains(&ids[0]) && store.contains(&ids[1]));
+        assert!(allocated(&file) <= before - 12288, "the dead slot's blocks were not freed");
+        assert_eq!(store.open_object(&ids[2]).unwrap().read().unwrap(), vec![3u8; 10_000]);
+        assert_eq!(store.remove_objects(&ids[1..]).unwrap(), 20_000);
+        assert!(!file.exists(), "a pack with no live object is removed");
     }
 
     #[test]
@@ -419,13 +876,38 @@ mod tests {
     fn garbage_collection_keeps_only_referenced_objects() {
         let t = tempfile::tempdir().unwrap();
         let store = Store::open(&t.path().join("store")).unwrap();
-        std::fs::write(t.path().join("a"), b"keep").unwrap();
-        std::fs::write(t.path().join("b"), b"drop").unwrap();
-        let keep = store.put(File::open(t.path().join("a")).unwrap().as_fd(), false, false).unwrap().hash;
-        let drop_ = store.put(File::open(t.path().join("b")).unwrap().as_fd(), false, false).unwrap().hash;
-        let (n, bytes) = store.collect_garbage(&HashSet::from([keep])).unwrap();
-        assert_eq!((n, bytes), (1, 4));
-        assert!(store.contains(&keep));
-        assert!(!store.contains(&drop_));
+        for (name, data) in [("a", "keep"), ("b", "drop"), ("c", "keep packed"), ("d", "drop packed")] {
+            std::fs::write(t.path().join(name), data).unwrap();
+        }
+        let keep = put_file(&store, &t.path().join("a"), None).hash;
+        let drop_ = put_file(&store, &t.path().join("b"), None).hash;
+        let pack = store.pack();
+        let keep_packed = put_file(&store, &t.path().join("c"), Some(&pack)).hash;
+        let drop_packed = put_file(&store, &t.path().join("d"), Some(&pack)).hash;
+        pack.seal().unwrap();
+        // A pack never sealed, as a daemon stopped in a checkpoint leaves.
+        let unsealed = store.pack();
+        put_file(&store, &t.path().join("d"), Some(&unsealed));
+        std::mem::forget(unsealed);
+        assert_eq!(packs(&store).len(), 2);
+        let (n, bytes) = store.collect_garbage(&HashSet::from([keep, keep_packed])).unwrap();
+        assert_eq!((n, bytes), (2, 4 + 11));
+        assert!(store.contains(&keep) && store.contains(&keep_packed));
+        assert!(!store.contains(&drop_) && !store.contains(&drop_packed));
+        assert_eq!(packs(&store), vec![store.path().join("packs").join(&pack.name)], "the unsealed pack was removed");
+        let (n, _) = store.collect_garbage(&HashSet::new()).unwrap();
+        assert_eq!(n, 2);
+        assert!(packs(&store).is_empty());
+    }
+
+    #[test]
+    fn a_pack_index_from_a_newer_snapback_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        drop(Store::open(&t.path().join("store")).unwrap());
+        let conn = Connection::open(t.path().join("store/packs.db")).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        drop(conn);
+        let err = Store::open(&t.path().join("store")).err().expect("refused");
+        assert!(err.to_string().contains("newer snapback"), "{err}");
     }
 }

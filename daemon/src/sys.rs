@@ -261,6 +261,15 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }).map(drop)
 }
 
+/// Frees the blocks of `len` bytes at `off` (`FALLOC_FL_PUNCH_HOLE`), which
+/// then read as zeros; the file keeps its size. A filesystem that cannot
+/// punch holes answers `EOPNOTSUPP`.
+pub fn punch_hole(fd: BorrowedFd<'_>, off: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a borrowed fd.
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop)
+}
+
 /// Whether an error from `FICLONE` means "this pair cannot be cloned" (as
 /// opposed to a real I/O failure).
 pub fn clone_unsupported(e: &io::Error) -> bool {

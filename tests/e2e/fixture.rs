@@ -194,15 +194,12 @@ impl TestDaemon {
         );
     }
 
-    /// Returns the apparent bytes of every object in the default store.
+    /// Returns the bytes of every object in the default store, loose or
+    /// packed.
     pub fn store_bytes(&self) -> u64 {
-        let mut total = 0;
-        for sub in std::fs::read_dir(self.state_dir.join("store/objects")).expect("objects") {
-            for f in std::fs::read_dir(sub.expect("entry").path()).expect("subdir") {
-                total += f.expect("object").metadata().expect("stat").len();
-            }
-        }
-        total
+        let store = open_store(&self.state_dir.join("store"));
+        let objects = store.list_objects().expect("list objects");
+        objects.iter().map(|id| store.open_object(id).and_then(|o| o.size()).expect("an object's length")).sum()
     }
 }
 
@@ -220,12 +217,59 @@ pub fn write(p: &Path, data: impl AsRef<[u8]>) {
     std::fs::write(p, data).expect("write");
 }
 
-/// Returns the number of objects in a store directory.
+/// Opens a store directory with the daemon's own code, beside the daemon
+/// (the pack index is an SQLite database, safe to read concurrently).
+pub fn open_store(store: &Path) -> snapback_daemon::store::Store {
+    snapback_daemon::store::Store::open(store).expect("open the store")
+}
+
+/// Returns the number of objects in a store directory, loose or packed.
 pub fn object_count(store: &Path) -> usize {
-    std::fs::read_dir(store.join("objects"))
-        .expect("objects")
-        .map(|sub| std::fs::read_dir(sub.expect("entry").path()).expect("subdir").count())
-        .sum()
+    open_store(store).list_objects().expect("list objects").len()
+}
+
+/// Returns every file of a store that holds object content: the loose
+/// objects and the packs.
+pub fn store_files(store: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for sub in std::fs::read_dir(store.join("objects")).expect("objects") {
+        files.extend(std::fs::read_dir(sub.expect("entry").path()).expect("subdir").map(|f| f.expect("object").path()));
+    }
+    files.extend(std::fs::read_dir(store.join("packs")).expect("packs").map(|f| f.expect("pack").path()));
+    files
+}
+
+/// Whether any object in the store holds `needle`.
+pub fn store_holds(store: &Path, needle: &[u8]) -> bool {
+    store_files(store).iter().any(|f| {
+        let data = std::fs::read(f).unwrap_or_default();
+        data.windows(needle.len()).any(|w| w == needle)
+    })
+}
+
+/// Overwrites every copy of `needle` in the store's files with `garbage`
+/// (as long), as a power loss might; returns how many it found.
+pub fn corrupt_in_store(store: &Path, needle: &[u8], garbage: &[u8]) -> usize {
+    assert_eq!(needle.len(), garbage.len());
+    let mut hits = 0;
+    for f in store_files(store) {
+        let mut data = std::fs::read(&f).unwrap_or_default();
+        let found: Vec<usize> = (0..data.len().saturating_sub(needle.len() - 1))
+            .filter(|&i| &data[i..i + needle.len()] == needle)
+            .collect();
+        for &i in &found {
+            data[i..i + needle.len()].copy_from_slice(garbage);
+        }
+        if !found.is_empty() {
+            // Objects are read-only: write through a fresh mode.
+            let mode = std::fs::metadata(&f).expect("stat").permissions();
+            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+            std::fs::write(&f, &data).expect("rewrite");
+            std::fs::set_permissions(&f, mode).expect("chmod back");
+            hits += found.len();
+        }
+    }
+    hits
 }
 
 /// Whether this process runs as root. When not, a test that needs root

@@ -367,17 +367,7 @@ fn verify_marks_a_checkpoint_with_a_corrupt_object_broken_and_it_is_never_restor
     write(&sb.join("a.txt"), "version two of a");
     let c2 = d.checkpoint("sb");
     // As after a power loss: the object of a.txt at c1 holds garbage.
-    let objects = d.state_dir.join("store/objects");
-    let mut hit = 0;
-    for sub in std::fs::read_dir(&objects).unwrap() {
-        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
-            let path = f.unwrap().path();
-            if std::fs::read(&path).unwrap() == b"version one of a" {
-                std::fs::write(&path, b"garbage garbage!").unwrap();
-                hit += 1;
-            }
-        }
-    }
+    let hit = crate::fixture::corrupt_in_store(&d.state_dir.join("store"), b"version one of a", b"garbage garbage!");
     assert_eq!(hit, 1);
     let out = d.cli(&["--json", "verify"]);
     assert_eq!(out.status.code(), Some(1), "verify exits 1 when anything is wrong");

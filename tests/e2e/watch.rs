@@ -311,3 +311,44 @@ fn without_the_watcher_every_checkpoint_compares_everything() {
     assert_eq!((c.full_scan, c.scanned, c.changed), (Some(true), Some(2), 1));
     assert_eq!(d.json(&["status"])["sandboxes"][0]["watch"], "not watching");
 }
+
+#[test]
+fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let root = watched(&d, "sb", 20);
+    let store = d.state_dir.join("store");
+    let packs = || std::fs::read_dir(store.join("packs")).unwrap().count();
+    let f = |i: usize| root.join(format!("d{}/f{i}", i % 10));
+    assert_eq!(packs(), 0, "a full scan stores files as objects of their own");
+    let mut client = d.client();
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        for i in 0..20 {
+            write(&f(i), format!("round {round} of f{i}"));
+        }
+        let c = checkpoint(&mut client, "sb");
+        assert_eq!((c.full_scan, c.changed), (Some(false), 20), "{c:?}");
+        ids.push(c.id);
+    }
+    assert_eq!(packs(), 3, "one pack per watched checkpoint");
+    assert!(crate::fixture::store_holds(&store, b"round 0 of f7"));
+    // Restored out of the packs; the safety checkpoint finds its content
+    // packed already and keeps no pack of its own.
+    let report = d.rollback(&ids[1]);
+    assert_eq!(report["restored"], 20, "{report}");
+    for i in 0..20 {
+        assert_eq!(std::fs::read_to_string(f(i)).unwrap(), format!("round 1 of f{i}"));
+    }
+    assert_eq!(packs(), 3);
+    d.assert_verified();
+    // Pruned down to the safety checkpoint (round 2's content): the packs
+    // of rounds 0 and 1 hold nothing live and go.
+    let pruned = d.json(&["prune", "sb", "--keep-last", "1"]);
+    assert!(!pruned["pruned"].as_array().unwrap().is_empty(), "{pruned}");
+    assert_eq!(packs(), 1, "{pruned}");
+    assert!(!crate::fixture::store_holds(&store, b"round 0 of f7"));
+    assert!(crate::fixture::store_holds(&store, b"round 2 of f7"));
+    d.assert_verified();
+    assert_eq!(d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len(), 1);
+}
