@@ -230,6 +230,11 @@ impl Drop for Pack<'_> {
     }
 }
 
+/// Reads (pack, offset, length) from a row of the pack index.
+fn slot_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, u64, u64)> {
+    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
+}
+
 fn db(e: rusqlite::Error) -> io::Error {
     io::Error::other(format!("pack index: {e}"))
 }
@@ -343,9 +348,7 @@ impl Store {
     fn slot(&self, id: &ObjectId) -> io::Result<Option<(String, u64, u64)>> {
         let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = index.prepare_cached("SELECT pack, offset, length FROM packed WHERE object = ?1").map_err(db)?;
-        stmt.query_row([&id.0[..]], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
-            .optional()
-            .map_err(db)
+        stmt.query_row([&id.0[..]], slot_of).optional().map_err(db)
     }
 
     /// Opens an object for reading. A missing one is a `NotFound` error.
@@ -504,13 +507,7 @@ impl Store {
                     .prepare_cached("DELETE FROM packed WHERE object = ?1 RETURNING pack, offset, length")
                     .map_err(db)?;
                 for id in ids {
-                    let slot = delete
-                        .query_row([&id.0[..]], |r| {
-                            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
-                        })
-                        .optional()
-                        .map_err(db)?;
-                    slots.extend(slot);
+                    slots.extend(delete.query_row([&id.0[..]], slot_of).optional().map_err(db)?);
                 }
             }
             tx.commit().map_err(db)?;
@@ -539,13 +536,17 @@ impl Store {
                     punch(fd.as_fd(), offset, len)?;
                 }
             } else {
-                match sys::unlinkat(self.packs.as_fd(), pack.as_bytes(), false) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
+                self.remove_pack(pack.as_bytes())?;
             }
         }
         Ok(bytes)
+    }
+
+    fn remove_pack(&self, name: &[u8]) -> io::Result<()> {
+        match sys::unlinkat(self.packs.as_fd(), name, false) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Whether any object of `pack` is still in the index.
@@ -650,10 +651,7 @@ impl Store {
         for entry in sys::read_dir(self.packs.as_fd())? {
             let name = String::from_utf8_lossy(&entry.name);
             if !live.contains(name.as_ref()) {
-                match sys::unlinkat(self.packs.as_fd(), &entry.name, false) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
+                self.remove_pack(&entry.name)?;
             }
         }
         Ok((count, bytes))
