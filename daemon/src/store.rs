@@ -232,7 +232,18 @@ impl Drop for Pack<'_> {
 
 /// Reads (pack, offset, length) from a row of the pack index.
 fn slot_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, u64, u64)> {
-    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
+    Ok((pack_name(r, 0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
+}
+
+/// Reads a pack's name from the index, refusing anything but the ULID a
+/// pack is named with: the name is opened and unlinked under `packs/`.
+fn pack_name(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<String> {
+    let name: String = r.get(column)?;
+    if name.len() == 26 && name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Ok(name);
+    }
+    let why = io::Error::other(format!("{name:?} is not the name of a pack"));
+    Err(rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(why)))
 }
 
 fn db(e: rusqlite::Error) -> io::Error {
@@ -585,7 +596,7 @@ impl Store {
         let mut stmt = index.prepare("SELECT object, pack, offset, length FROM packed").map_err(db)?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64))
+                Ok((r.get::<_, Vec<u8>>(0)?, pack_name(r, 1)?, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64))
             })
             .map_err(db)?;
         let mut out = Vec::new();
@@ -896,6 +907,22 @@ mod tests {
         let (n, _) = store.collect_garbage(&HashSet::new()).unwrap();
         assert_eq!(n, 2);
         assert!(packs(&store).is_empty());
+    }
+
+    #[test]
+    fn a_pack_name_in_the_index_that_is_not_a_ulid_is_never_opened() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        std::fs::write(t.path().join("victim"), b"outside the store").unwrap();
+        let id = ObjectId([7; 32]);
+        let index = store.index.lock().unwrap();
+        index.execute("INSERT INTO packed VALUES (?1, '../../victim', 0, 17)", [&id.0[..]]).unwrap();
+        drop(index);
+        let err = store.open_object(&id).err().expect("refused");
+        assert!(err.to_string().contains("not the name of a pack"), "{err}");
+        assert!(store.remove_objects(&[id]).is_err());
+        assert!(store.collect_garbage(&HashSet::new()).is_err());
+        assert_eq!(std::fs::read(t.path().join("victim")).unwrap(), b"outside the store");
     }
 
     #[test]
