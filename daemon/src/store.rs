@@ -732,6 +732,14 @@ pub fn clone_or_copy(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64, reflin
 mod tests {
     use super::*;
 
+    /// A fresh store in a temporary directory, which holds the test's
+    /// source files beside it.
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        (t, store)
+    }
+
     fn put_file(store: &Store, path: &Path, pack: Option<&Pack<'_>>) -> Put {
         store.put(File::open(path).unwrap().as_fd(), true, pack).unwrap()
     }
@@ -747,8 +755,7 @@ mod tests {
 
     #[test]
     fn equal_content_is_stored_once_and_reads_back() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(&t.path().join("store")).unwrap();
+        let (t, store) = temp_store();
         std::fs::write(t.path().join("a"), b"same bytes").unwrap();
         std::fs::write(t.path().join("b"), b"same bytes").unwrap();
         let pa = put_file(&store, &t.path().join("a"), None);
@@ -762,8 +769,7 @@ mod tests {
 
     #[test]
     fn small_files_go_into_the_pack_and_are_found_once_it_is_sealed() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(&t.path().join("store")).unwrap();
+        let (t, store) = temp_store();
         let small: Vec<u8> = (0..SMALL_FILE as usize).map(|i| (i * 7) as u8).collect();
         let large: Vec<u8> = (0..SMALL_FILE as usize + 1).map(|i| (i * 13) as u8).collect();
         std::fs::write(t.path().join("small"), &small).unwrap();
@@ -801,8 +807,7 @@ mod tests {
 
     #[test]
     fn a_pack_dropped_unsealed_leaves_nothing() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(&t.path().join("store")).unwrap();
+        let (t, store) = temp_store();
         std::fs::write(t.path().join("a"), b"never committed").unwrap();
         let pack = store.pack();
         let a = put_file(&store, &t.path().join("a"), Some(&pack));
@@ -815,8 +820,7 @@ mod tests {
 
     #[test]
     fn content_already_stored_is_not_packed_again() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(&t.path().join("store")).unwrap();
+        let (t, store) = temp_store();
         std::fs::write(t.path().join("a"), b"twice").unwrap();
         std::fs::write(t.path().join("b"), b"twice").unwrap();
         let first = store.pack();
@@ -846,8 +850,7 @@ mod tests {
 
     #[test]
     fn removing_packed_objects_frees_their_slots_then_the_pack() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(&t.path().join("store")).unwrap();
+        let (t, store) = temp_store();
         let pack = store.pack();
         let mut ids = Vec::new();
         for i in 0..3u8 {
@@ -883,8 +886,7 @@ mod tests {
 
     #[test]
     fn garbage_collection_keeps_only_referenced_objects() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(&t.path().join("store")).unwrap();
+        let (t, store) = temp_store();
         for (name, data) in [("a", "keep"), ("b", "drop"), ("c", "keep packed"), ("d", "drop packed")] {
             std::fs::write(t.path().join(name), data).unwrap();
         }
@@ -911,8 +913,7 @@ mod tests {
 
     #[test]
     fn a_pack_name_in_the_index_that_is_not_a_ulid_is_never_opened() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(&t.path().join("store")).unwrap();
+        let (t, store) = temp_store();
         std::fs::write(t.path().join("victim"), b"outside the store").unwrap();
         let id = ObjectId([7; 32]);
         let index = store.index.lock().unwrap();

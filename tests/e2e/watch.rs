@@ -35,11 +35,16 @@ fn checkpoint(client: &mut snapback::Client, sandbox: &str) -> snapback::proto::
     client.checkpoint(CheckpointRequest { sandbox: sandbox.into(), ..Default::default() }).unwrap()
 }
 
+/// The path of the `i`th file [`watched`] seeds.
+fn seeded(root: &std::path::Path, i: usize) -> std::path::PathBuf {
+    root.join(format!("d{}/f{i}", i % 10))
+}
+
 /// A sandbox with a watch in place and its first (full) checkpoint taken.
 fn watched(d: &TestDaemon, name: &str, files: usize) -> std::path::PathBuf {
     let root = d.path(name);
     for i in 0..files {
-        write(&root.join(format!("d{}/f{i}", i % 10)), "seed");
+        write(&seeded(&root, i), "seed");
     }
     std::fs::create_dir_all(&root).unwrap();
     d.add_sandbox(name, &root, &[]);
@@ -65,7 +70,7 @@ fn reading_every_file_leaves_nothing_to_compare() {
     // Agents read far more than they write: opening and reading a file
     // changes nothing, so the next checkpoint compares nothing.
     for i in 0..200 {
-        std::fs::read(root.join(format!("d{}/f{i}", i % 10))).unwrap();
+        std::fs::read(seeded(&root, i)).unwrap();
     }
     let c = checkpoint(&mut d.client(), "sb");
     assert_eq!((c.full_scan, c.scanned, c.changed), (Some(false), Some(0), 0), "{c:?}");
@@ -319,7 +324,7 @@ fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
     let root = watched(&d, "sb", 20);
     let store = d.state_dir.join("store");
     let packs = || std::fs::read_dir(store.join("packs")).unwrap().count();
-    let f = |i: usize| root.join(format!("d{}/f{i}", i % 10));
+    let f = |i: usize| seeded(&root, i);
     assert_eq!(packs(), 0, "a full scan stores files as objects of their own");
     let mut client = d.client();
     let mut ids = Vec::new();
