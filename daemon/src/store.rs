@@ -509,22 +509,28 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        let slots = {
-            let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = index.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
-            let mut slots = Vec::new();
-            {
-                let mut delete = tx
-                    .prepare_cached("DELETE FROM packed WHERE object = ?1 RETURNING pack, offset, length")
-                    .map_err(db)?;
-                for id in ids {
-                    slots.extend(delete.query_row([&id.0[..]], slot_of).optional().map_err(db)?);
-                }
-            }
-            tx.commit().map_err(db)?;
-            slots
-        };
+        let slots = self.unindex(ids)?;
         Ok(bytes + self.free_slots(&slots)?)
+    }
+
+    /// Deletes the index rows of `ids`, in one transaction, and returns the
+    /// slots they named: from then on no reader finds them.
+    fn unindex(&self, ids: &[ObjectId]) -> io::Result<Vec<(String, u64, u64)>> {
+        let mut slots = Vec::new();
+        if ids.is_empty() {
+            return Ok(slots);
+        }
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = index.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
+        {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM packed WHERE object = ?1 RETURNING pack, offset, length").map_err(db)?;
+            for id in ids {
+                slots.extend(delete.query_row([&id.0[..]], slot_of).optional().map_err(db)?);
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(slots)
     }
 
     /// Frees the blocks of slots already gone from the index (so no reader
@@ -642,20 +648,9 @@ impl Store {
         let rows = self.packed()?;
         let live: HashSet<&str> =
             rows.iter().filter(|(id, ..)| referenced.contains(id)).map(|(_, pack, ..)| pack.as_str()).collect();
-        let dead: Vec<_> = rows.iter().filter(|(id, ..)| !referenced.contains(id)).collect();
-        if !dead.is_empty() {
-            let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = index.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
-            {
-                let mut delete = tx.prepare_cached("DELETE FROM packed WHERE object = ?1").map_err(db)?;
-                for (id, ..) in &dead {
-                    delete.execute([&id.0[..]]).map_err(db)?;
-                }
-            }
-            tx.commit().map_err(db)?;
-        }
-        let slots: Vec<_> = dead.iter().map(|(_, pack, offset, len)| (pack.clone(), *offset, *len)).collect();
-        count += dead.len() as u64;
+        let dead: Vec<ObjectId> = rows.iter().map(|(id, ..)| *id).filter(|id| !referenced.contains(id)).collect();
+        let slots = self.unindex(&dead)?;
+        count += slots.len() as u64;
         bytes += self.free_slots(&slots)?;
         // Packs that no live object is in: emptied above, or never sealed
         // (their checkpoint failed, or the daemon stopped in it).
