@@ -55,59 +55,9 @@ fn configure(conn: &Connection) -> Result<()> {
     // cost more than the reads it saved (a checkpoint of 100 files on a
     // 100k-file tree: 11.8 -> 9.7 ms without it).
     conn.pragma_update(None, "mmap_size", 0i64)?;
-    // The write-ahead log is copied back by [`WalCheckpointer`], off the
-    // request path, not inside whichever commit crosses 1,000 pages.
+    // The write-ahead log is copied back by a [`crate::wal::WalCheckpointer`],
+    // off the request path, not inside whichever commit crosses 1,000 pages.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    Ok(())
-}
-
-/// Copies the write-ahead log back into the database file on a thread of
-/// its own, after writes. SQLite's automatic checkpoint would do it (and
-/// fsync) inside the commit that crosses its threshold, adding tens of
-/// milliseconds to that one request. A passive checkpoint never blocks
-/// readers or writers; when it finds the log fully copied and no reader in
-/// it, the next write starts the log over, so it stays small.
-pub struct WalCheckpointer {
-    kick: std::sync::mpsc::SyncSender<()>,
-}
-
-impl WalCheckpointer {
-    /// Starts the thread, with its own connection to the catalogue at
-    /// `path`. It stops when the checkpointer is dropped.
-    pub fn start(path: &Path) -> Result<WalCheckpointer> {
-        let conn = connect(path)?;
-        let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
-        std::thread::Builder::new()
-            .name("snapback-wal".into())
-            .spawn(move || {
-                while kicked.recv().is_ok() {
-                    if let Err(e) = checkpoint_wal(&conn) {
-                        tracing::warn!("checkpointing the catalogue's write-ahead log: {e}");
-                    }
-                }
-            })
-            .map_err(|e| Error::Internal(format!("starting the log checkpointer: {e}")))?;
-        Ok(WalCheckpointer { kick })
-    }
-
-    /// Asks for a checkpoint soon; never blocks (one pending request
-    /// covers every write made before it runs).
-    pub fn kick(&self) {
-        let _ = self.kick.try_send(());
-    }
-}
-
-/// Copies the write-ahead log back into the database; once all of it is,
-/// starts the log over with a one-row write. The first write of a new log
-/// generation fsyncs the log's header (SQLite orders it before the frames
-/// that follow); done here, that fsync (3 ms on a loop-mounted XFS, more on
-/// a slow disk) is not paid inside the next request's commit.
-fn checkpoint_wal(conn: &Connection) -> Result<()> {
-    let (busy, log, copied): (i64, i64, i64) =
-        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    if busy == 0 && log > 0 && copied == log {
-        conn.execute("UPDATE log_generation SET n = n + 1", [])?;
-    }
     Ok(())
 }
 
@@ -979,7 +929,7 @@ mod tests {
         }
         // No automatic checkpoint: the writes are only in the log.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
-        let wal = WalCheckpointer::start(&path).unwrap();
+        let wal = crate::wal::WalCheckpointer::start(connect(&path).unwrap(), "c.db").unwrap();
         wal.kick();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::fs::metadata(&path).unwrap().len() < before + 200 * 4096 {
@@ -1004,7 +954,7 @@ mod tests {
         for round in 0..3 {
             conn.execute("INSERT INTO t (v) VALUES (zeroblob(4096))", []).unwrap();
             let before = generation();
-            checkpoint_wal(&checkpointer).unwrap();
+            crate::wal::checkpoint(&checkpointer).unwrap();
             let started = generation();
             assert_eq!(started, before + 1, "round {round}: the checkpointer did not start a new log");
             // The next commit appends to that generation instead of

@@ -79,7 +79,7 @@ pub struct Engine {
     /// Idle catalogue connections, reused by requests.
     idle: Mutex<Vec<Connection>>,
     /// Copies the catalogue's write-ahead log back after writes.
-    wal: catalogue::WalCheckpointer,
+    wal: crate::wal::WalCheckpointer,
     /// Exclude globs added to every sandbox registered.
     default_excludes: Vec<String>,
     /// When checkpoints and rollbacks are acknowledged.
@@ -139,6 +139,9 @@ impl Drop for Pooled<'_> {
         let Some(conn) = self.conn.take() else { return };
         if conn.total_changes() != self.changes {
             self.engine.wal.kick();
+            for store in lock(&self.engine.stores).values() {
+                store.checkpoint_index_log();
+            }
         }
         if conn.is_autocommit() {
             let mut idle = lock(&self.engine.idle);
@@ -188,7 +191,8 @@ impl Engine {
         let state_dir = state_dir.canonicalize().ctx(|| format!("opening {}", state_dir.display()))?;
         let db_path = state_dir.join("catalogue.db");
         let conn = catalogue::open(&db_path)?;
-        let wal = catalogue::WalCheckpointer::start(&db_path)?;
+        let wal = crate::wal::WalCheckpointer::start(catalogue::connect(&db_path)?, "the catalogue")
+            .map_err(|e| Error::Internal(format!("starting the catalogue's log checkpointer: {e}")))?;
         let engine = Engine {
             default_store: state_dir.join("store"),
             state_dir,

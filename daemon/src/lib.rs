@@ -19,6 +19,7 @@ pub mod server;
 pub mod store;
 pub mod sys;
 pub mod systemd;
+pub mod wal;
 pub mod watcher;
 
 use std::path::PathBuf;

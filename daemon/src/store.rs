@@ -25,12 +25,14 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::manifest::ObjectId;
 use crate::sys;
+use crate::wal::WalCheckpointer;
 
 /// An object store directory.
 pub struct Store {
@@ -40,6 +42,10 @@ pub struct Store {
     packs: OwnedFd,
     /// Where each packed object lies: `packed(object, pack, offset, length)`.
     index: Mutex<Connection>,
+    /// Copies the index's write-ahead log back when asked, after a request
+    /// wrote to it (see [`Store::checkpoint_index_log`]).
+    index_log: WalCheckpointer,
+    index_written: AtomicBool,
     /// Held shared from a checkpoint's first object until its commit, and
     /// exclusively by garbage collection, so that an object a checkpoint
     /// found (and will reference) is never collected before the commit.
@@ -208,6 +214,7 @@ impl Pack<'_> {
             }
             tx.commit().map_err(db)?;
         }
+        self.store.index_written.store(true, Ordering::Relaxed);
         st.sealed = true;
         // Only space is at stake: no reader ever finds these copies.
         if spare.len() == st.slots.len() {
@@ -333,12 +340,33 @@ impl Store {
         }
         let tmp = OwnedFd::from(File::open(path.join("tmp"))?);
         let packs = OwnedFd::from(File::open(path.join("packs"))?);
-        let index = Mutex::new(open_index(&path.join("packs.db"))?);
-        Ok(Store { path: path.to_owned(), objects, tmp, packs, index, gc_lock: std::sync::RwLock::new(()) })
+        let index_path = path.join("packs.db");
+        let index = Mutex::new(open_index(&index_path)?);
+        let index_log = WalCheckpointer::start(open_index(&index_path)?, &index_path.display().to_string())?;
+        Ok(Store {
+            path: path.to_owned(),
+            objects,
+            tmp,
+            packs,
+            index,
+            index_log,
+            index_written: AtomicBool::new(false),
+            gc_lock: std::sync::RwLock::new(()),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Has the pack index's write-ahead log copied back if anything was
+    /// written to it since the last call. Called once a request is done:
+    /// the copy (and its fsyncs) then does not compete with the request's
+    /// own writes.
+    pub fn checkpoint_index_log(&self) {
+        if self.index_written.swap(false, Ordering::Relaxed) {
+            self.index_log.kick();
+        }
     }
 
     fn name(id: &ObjectId) -> Vec<u8> {
@@ -530,6 +558,7 @@ impl Store {
             }
         }
         tx.commit().map_err(db)?;
+        self.index_written.store(true, Ordering::Relaxed);
         Ok(slots)
     }
 
@@ -664,38 +693,58 @@ impl Store {
     }
 }
 
-/// Opens (creating if needed) a store's pack index.
+/// The pack index's schema: step `i` takes it from version `i` (its
+/// `user_version`) to `i + 1`.
+const INDEX_SCHEMA: &[&str] = &[
+    "CREATE TABLE packed (
+         object BLOB    NOT NULL PRIMARY KEY,  -- blake3 of the content (32 bytes)
+         pack   TEXT    NOT NULL,              -- file name under packs/
+         offset INTEGER NOT NULL,              -- a multiple of 4096
+         length INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX packed_pack ON packed(pack);",
+    // A row for the log checkpointer to start the write-ahead log over
+    // with (see `crate::wal`).
+    "CREATE TABLE log_generation (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         n  INTEGER NOT NULL
+     );
+     INSERT INTO log_generation (id, n) VALUES (1, 0);",
+];
+
+/// Opens (creating or upgrading if needed) a store's pack index.
 fn open_index(path: &Path) -> io::Result<Connection> {
-    const VERSION: i64 = 1;
-    let conn = Connection::open(path).map_err(db)?;
+    let mut conn = Connection::open(path).map_err(db)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
     conn.pragma_update(None, "journal_mode", "wal").map_err(db)?;
     // A sealed pack is made durable with the rest of the store, by the
     // syncfs before a commit that references it (durability "sync").
     conn.pragma_update(None, "synchronous", "normal").map_err(db)?;
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db)?;
-    match version {
-        0 => conn
-            .execute_batch(
-                "BEGIN IMMEDIATE;
-                 CREATE TABLE IF NOT EXISTS packed (
-                     object BLOB    NOT NULL PRIMARY KEY,  -- blake3 of the content (32 bytes)
-                     pack   TEXT    NOT NULL,              -- file name under packs/
-                     offset INTEGER NOT NULL,              -- a multiple of 4096
-                     length INTEGER NOT NULL
-                 ) WITHOUT ROWID;
-                 CREATE INDEX IF NOT EXISTS packed_pack ON packed(pack);
-                 PRAGMA user_version = 1;
-                 COMMIT;",
-            )
-            .map_err(db),
-        VERSION => Ok(()),
-        v => Err(io::Error::other(format!(
-            "{}: pack index version {v} was written by a newer snapback (this one knows {VERSION})",
-            path.display()
-        ))),
-    }?;
+    // Copied back by the store's log checkpointer, off the request path.
+    conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
+    upgrade_index(&mut conn, path)?;
     Ok(conn)
+}
+
+/// Brings the pack index at `path` to the latest schema; refuses a newer one.
+fn upgrade_index(conn: &mut Connection, path: &Path) -> io::Result<()> {
+    let latest = INDEX_SCHEMA.len() as i64;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db)?;
+    if version > latest {
+        return Err(io::Error::other(format!(
+            "{}: pack index version {version} was written by a newer snapback (this one knows {latest})",
+            path.display()
+        )));
+    }
+    if version < latest {
+        for step in &INDEX_SCHEMA[version as usize..] {
+            tx.execute_batch(step).map_err(db)?;
+        }
+        tx.pragma_update(None, "user_version", latest).map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(())
 }
 
 /// Fills the empty file `dst` with `src`: a reflink when `reflink` is set
@@ -926,9 +975,59 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         drop(Store::open(&t.path().join("store")).unwrap());
         let conn = Connection::open(t.path().join("store/packs.db")).unwrap();
-        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.pragma_update(None, "user_version", INDEX_SCHEMA.len() as i64 + 1).unwrap();
         drop(conn);
         let err = Store::open(&t.path().join("store")).err().expect("refused");
         assert!(err.to_string().contains("newer snapback"), "{err}");
+    }
+
+    #[test]
+    fn a_pack_index_of_version_1_is_upgraded_with_its_slots() {
+        let (t, store) = temp_store();
+        let path = t.path().join("small");
+        std::fs::write(&path, b"packed before the upgrade").unwrap();
+        let pack = store.pack();
+        let id = put_file(&store, &path, Some(&pack)).hash;
+        pack.seal().unwrap();
+        drop(pack);
+        drop(store);
+        // Version 1, as the first release with packs wrote it.
+        let conn = Connection::open(t.path().join("store/packs.db")).unwrap();
+        conn.execute_batch("DROP TABLE log_generation; PRAGMA user_version = 1;").unwrap();
+        drop(conn);
+        let store = Store::open(&t.path().join("store")).unwrap();
+        assert_eq!(store.open_object(&id).unwrap().read().unwrap(), b"packed before the upgrade");
+        let index = store.index.lock().unwrap();
+        let version: i64 = index.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, INDEX_SCHEMA.len() as i64);
+        let n: i64 = index.query_row("SELECT n FROM log_generation", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn the_pack_index_log_is_copied_back_once_asked_after_a_write() {
+        let (t, store) = temp_store();
+        let db = store.path().join("packs.db");
+        let before = std::fs::metadata(&db).unwrap().len();
+        // Past SQLite's automatic checkpoint threshold (1,000 pages).
+        let index = store.index.lock().unwrap();
+        index.execute_batch("CREATE TABLE filler (v BLOB)").unwrap();
+        for _ in 0..1100 {
+            index.execute("INSERT INTO filler (v) VALUES (zeroblob(4096))", []).unwrap();
+        }
+        drop(index);
+        let path = t.path().join("small");
+        std::fs::write(&path, b"one slot").unwrap();
+        let pack = store.pack();
+        put_file(&store, &path, Some(&pack));
+        pack.seal().unwrap();
+        // No automatic checkpoint: all of it is only in the log so far.
+        assert_eq!(std::fs::metadata(&db).unwrap().len(), before);
+        store.checkpoint_index_log();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::metadata(&db).unwrap().len() < before + 1100 * 4096 {
+            assert!(std::time::Instant::now() < deadline, "the log was never copied into the pack index");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
