@@ -937,13 +937,23 @@ impl Engine {
             broken: None,
         };
         let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
-        let written = (|| {
-            if let Some(pack) = &pack {
-                pack.seal().ctx(|| format!("sealing a pack in {}", store.path().display()))?;
-            }
+        let written = std::thread::scope(|s| {
+            // The pack index and the catalogue are two databases: the pack's
+            // slots are recorded on a thread of their own while the rows
+            // are written here, and the commit waits for both (a committed
+            // checkpoint never names an object nothing can find).
+            let mut sealing = pack.as_ref().filter(|p| !p.is_empty()).map(|p| s.spawn(move || p.seal()));
+            let mut sealed = || match sealing.take() {
+                Some(seal) => seal
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the sealing thread panicked")))
+                    .ctx(|| format!("sealing a pack in {}", store.path().display())),
+                None => Ok(()),
+            };
             if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
                 // One syncfs for all of this checkpoint's objects, before the
                 // catalogue can reference them.
+                sealed()?;
                 store.sync().ctx(|| format!("syncing the store {}", store.path().display()))?;
             }
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -965,9 +975,10 @@ impl Engine {
                 },
             )?;
             let also = then(&tx, &info)?;
+            sealed()?;
             tx.commit()?;
             Ok::<_, Error>((ids, also))
-        })();
+        });
         let written_ms = ms_since(started);
         let also = match written {
             Ok((ids, also)) => {

@@ -167,6 +167,11 @@ struct PackState {
 }
 
 impl Pack<'_> {
+    /// Whether nothing was written into the pack (sealing it is a no-op).
+    pub fn is_empty(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).file.is_none()
+    }
+
     /// Writes `bytes`, whose hash is `id`, into a new slot.
     fn add(&self, id: ObjectId, bytes: &[u8]) -> io::Result<()> {
         let (file, offset) = {
