@@ -7,9 +7,11 @@
 //! deepest first), then creates and replaces what must come back
 //! (directories shallowest first, then the rest on a few threads), then sets
 //! directory modes (deepest first, so a read-only directory is filled before
-//! it is closed). Files and symlinks are written to a temporary name in
-//! their directory and renamed into place; every call is relative to a
-//! directory fd opened beneath the sandbox root with symlinks refused.
+//! it is closed). A file over a regular file with one name is truncated
+//! and rewritten in place (see [`overwrite`]); other files, and symlinks,
+//! are written to a temporary name in their directory and renamed into
+//! place. Every call is relative to a directory fd opened beneath the
+//! sandbox root with symlinks refused.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -19,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::capture::{Excludes, TEMP_PREFIX, show};
 use crate::error::{IoContext, Result};
 use crate::manifest::{Kind, Manifest, Meta, is_within};
-use crate::store::Store;
+use crate::store::{Object, Store};
 use crate::sys;
 
 /// What to do with one path.
@@ -190,7 +192,9 @@ impl Plan {
                 touched_dirs.insert(sys::split_parent(path).0.to_vec());
             }
             if target.kind != Kind::Dir {
-                leaves.push((path, restorable(target, owner)));
+                // A file over a file is rewritten in place where it may be.
+                let over_file = matches!(step, Step::Restore { live, .. } if live.kind == Kind::File);
+                leaves.push((path, (restorable(target, owner), over_file)));
                 continue;
             }
             tick();
@@ -206,12 +210,13 @@ impl Plan {
             }
             dir_modes.push((path.clone(), restorable(target, owner).into_owned()));
         }
-        let put = |path: &[u8], target: &Meta| -> Result<bool> {
+        let file = FileOptions { reflink, as_root, durable };
+        let put = |path: &[u8], target: &Meta, over_file: bool| -> Result<bool> {
             tick();
             let (parent, name) = sys::split_parent(path);
             let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
             match target.kind {
-                Kind::File => put_file(dir.as_fd(), name, target, store, reflink, as_root, durable),
+                Kind::File => put_file(dir.as_fd(), name, target, store, file, over_file),
                 Kind::Symlink => put_symlink(dir.as_fd(), name, target, as_root),
                 Kind::Special if target.mode & libc::S_IFMT == libc::S_IFIFO => {
                     put_fifo(dir.as_fd(), name, target, as_root)
@@ -221,7 +226,7 @@ impl Plan {
             .ctx(|| format!("restoring {}", show(path)))?;
             Ok(true)
         };
-        let mut not_put = on_threads(&leaves, |(path, target)| put(path, target))?;
+        let mut not_put = on_threads(&leaves, |(path, (target, over_file))| put(path, target, *over_file))?;
         not_put.sort();
         applied.skipped.extend(not_put);
         // 3. Directory owners and modes, deepest first.
@@ -388,17 +393,30 @@ fn via_temp(dir: BorrowedFd<'_>, name: &[u8], fill: impl FnOnce(&[u8]) -> io::Re
     result
 }
 
+/// How file content is written by a restore.
+#[derive(Clone, Copy)]
+struct FileOptions {
+    reflink: bool,
+    as_root: bool,
+    durable: bool,
+}
+
+/// Brings the file `name` in `dir` to `meta`. `over_file`: the live entry
+/// was a regular file when the plan was made, which is then rewritten in
+/// place where [`overwrite`] may; anything else is replaced by a new file.
 fn put_file(
     dir: BorrowedFd<'_>,
     name: &[u8],
     meta: &Meta,
     store: &Store,
-    reflink: bool,
-    as_root: bool,
-    durable: bool,
+    options: FileOptions,
+    over_file: bool,
 ) -> io::Result<()> {
     let id = meta.object.as_ref().ok_or_else(|| io::Error::other("the catalogue has no object for this file"))?;
     let object = store.open_object(id)?;
+    if over_file && overwrite(dir, name, meta, &object, options)? {
+        return Ok(());
+    }
     via_temp(dir, name, |tmp| {
         // Created with its permission bits, so that most files need neither
         // fchmod nor fchown: each is one more inode update, and one more
@@ -406,25 +424,80 @@ fn put_file(
         // the file it becomes.)
         let bits = meta.mode & 0o777;
         let fd: OwnedFd = sys::openat(dir, tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, bits)?;
-        object.write_into(fd.as_fd(), meta.size, reflink)?;
-        if as_root {
-            let st = sys::fstat(fd.as_fd())?;
-            if (st.st_uid, st.st_gid) != (meta.uid, meta.gid) {
-                sys::fchown(fd.as_fd(), meta.uid, meta.gid)?;
-            }
-        }
-        // Set-id and sticky bits are set after the owner (fchown clears
-        // set-id bits); permission bits the umask took off, explicitly.
-        if meta.mode & 0o7000 != 0 || bits & sys::umask() != 0 {
-            sys::fchmod(fd.as_fd(), meta.mode)?;
-        }
-        sys::set_mtime(fd.as_fd(), meta.mtime_ns)?;
-        if durable {
-            // On disk before the rename can make it visible.
-            sys::fsync(fd.as_fd())?;
-        }
-        Ok(())
+        let st = sys::fstat(fd.as_fd())?;
+        fill(fd.as_fd(), &st, meta, &object, options)
     })
+}
+
+/// Rewrites the regular file `name` in `dir` in place: truncated, then
+/// cloned or copied into. That keeps its inode and spares a new one and a
+/// rename over the old (100 small files on trees of 100,000: cloned, 2.4
+/// against 4.5 ms on XFS and 3.5 against 9 on btrfs; copied, 3 against
+/// 5.7 on ext4, 6.4 against 14 on btrfs, level on XFS; `write` then
+/// `ftruncate` instead is slower on XFS). Returns false, having changed nothing, when
+/// `name` is not a file with a single link that the daemon may write to
+/// (another link would see the new content; a running program's file
+/// cannot be opened for writing): the caller then replaces it.
+///
+/// Unlike a rename, this is not atomic: a reader may see the file empty or
+/// part written while it is restored, and a daemon killed half way leaves
+/// it so, until the restore's intent finishes it at the next start.
+fn overwrite(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, object: &Object, options: FileOptions) -> io::Result<bool> {
+    // Never blocks (a FIFO put there since the plan opens with no reader,
+    // or fails), and never follows a symlink (sys::openat adds O_NOFOLLOW).
+    let flags = libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let fd = match sys::openat(dir, name, flags, 0) {
+        Ok(fd) => fd,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(
+                    libc::ENOENT
+                        | libc::EACCES
+                        | libc::EPERM
+                        | libc::ETXTBSY
+                        | libc::ELOOP
+                        | libc::EISDIR
+                        | libc::ENXIO
+                        | libc::EROFS
+                        | libc::EWOULDBLOCK
+                )
+            ) =>
+        {
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let st = sys::fstat(fd.as_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink != 1 {
+        return Ok(false);
+    }
+    sys::ftruncate(fd.as_fd(), 0)?;
+    fill(fd.as_fd(), &st, meta, object, options)?;
+    Ok(true)
+}
+
+/// Writes `object` into the empty regular file `fd` (whose stat was `st`)
+/// and gives it `meta`'s owner, mode and mtime.
+fn fill(fd: BorrowedFd<'_>, st: &libc::stat, meta: &Meta, object: &Object, options: FileOptions) -> io::Result<()> {
+    object.write_into(fd, meta.size, options.reflink)?;
+    let owner_differs = (st.st_uid, st.st_gid) != (meta.uid, meta.gid);
+    if options.as_root && owner_differs {
+        sys::fchown(fd, meta.uid, meta.gid)?;
+    }
+    // Set-id and sticky bits are set after the owner (fchown and writes
+    // clear set-id bits); other bits only when they differ (the umask may
+    // have taken some off a new file).
+    if meta.mode & 0o7000 != 0 || st.st_mode & 0o7777 != meta.mode {
+        sys::fchmod(fd, meta.mode)?;
+    }
+    sys::set_mtime(fd, meta.mtime_ns)?;
+    if options.durable {
+        // On disk before a rename can make it visible, or the restore's
+        // end is acknowledged.
+        sys::fsync(fd)?;
+    }
+    Ok(())
 }
 
 fn put_symlink(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, as_root: bool) -> io::Result<()> {

@@ -385,8 +385,14 @@ pub fn copy_sparse(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64) -> io::R
             }
         }
     }
+    ftruncate(dst, size)
+}
+
+/// Sets the size of the open file `fd`.
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    let size = i64::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: ftruncate on a borrowed fd.
-    check(unsafe { libc::ftruncate(dst.as_raw_fd(), size as i64) }).map(drop)
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }).map(drop)
 }
 
 /// Returns the free bytes available to this process on the filesystem of `fd`.

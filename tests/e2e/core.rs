@@ -262,6 +262,58 @@ fn writing_into_a_live_file_never_changes_a_checkpoint() {
 }
 
 #[test]
+fn a_file_is_restored_in_place_unless_another_name_would_see_it() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("lone.txt"), "lone, as checkpointed");
+    write(&root.join("linked.txt"), "linked, as checkpointed");
+    chmod(&root.join("lone.txt"), 0o600);
+    d.add_sandbox("sb", &root, &[]);
+    let c = d.checkpoint("sb");
+    // A second name for linked.txt, outside the sandbox: a restore must
+    // never write through it.
+    let outside = d.path("outside-name");
+    std::fs::hard_link(root.join("linked.txt"), &outside).unwrap();
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let (lone_ino, linked_ino) = (ino(&root.join("lone.txt")), ino(&root.join("linked.txt")));
+    // Rewritten in place (same inodes): longer, with another mode.
+    write(&root.join("lone.txt"), "lone, rewritten by the agent, and longer");
+    chmod(&root.join("lone.txt"), 0o644);
+    write(&root.join("linked.txt"), "linked, rewritten");
+    let r = d.rollback(&c);
+    assert_eq!(r["restored"], 2, "{r}");
+    let lone = std::fs::metadata(root.join("lone.txt")).unwrap();
+    assert_eq!(std::fs::read(root.join("lone.txt")).unwrap(), b"lone, as checkpointed");
+    assert_eq!(lone.mode() & 0o7777, 0o600);
+    assert_eq!(lone.ino(), lone_ino, "a file with one name is rewritten in place");
+    assert_eq!(std::fs::read(root.join("linked.txt")).unwrap(), b"linked, as checkpointed");
+    assert_ne!(ino(&root.join("linked.txt")), linked_ino, "a file with two names is replaced");
+    assert_eq!(std::fs::read(&outside).unwrap(), b"linked, rewritten", "the other name was written through");
+    assert_eq!(ino(&outside), linked_ino);
+}
+
+#[test]
+fn a_running_program_in_the_sandbox_is_replaced_not_written_into() {
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    let program = root.join("tool");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy("/bin/true", &program).unwrap();
+    d.add_sandbox("sb", &root, &[]);
+    let c = d.checkpoint("sb");
+    // The agent replaces the tool, in place, and runs it: the kernel then
+    // refuses to open its file for writing (ETXTBSY).
+    std::fs::write(&program, std::fs::read("/bin/sleep").unwrap()).unwrap();
+    chmod(&program, 0o755);
+    let mut running = std::process::Command::new(&program).arg("30").spawn().expect("running the tool");
+    let r = d.rollback(&c);
+    let _ = running.kill();
+    let _ = running.wait();
+    assert_eq!(r["restored"], 1, "{r}");
+    assert_eq!(std::fs::read(&program).unwrap(), std::fs::read("/bin/true").unwrap());
+}
+
+#[test]
 fn dry_run_touches_nothing_and_path_restores_only_what_is_named() {
     let d = TestDaemon::start();
     let root = d.path("sb");
