@@ -98,6 +98,7 @@ fn a_users_sandbox_never_gets_setuid_or_setgid_bits_on_entries_it_does_not_own()
     let sb = d.path("theirs");
     write(&sb.join("own-setuid"), "nobody's own");
     write(&sb.join("root-setuid"), "planted by root");
+    write(&sb.join("root-setuid-kept"), "planted by root, kept");
     std::fs::create_dir(sb.join("shared")).unwrap();
     for p in ["", "own-setuid", "shared"] {
         chown(sb.join(p), Some(NOBODY), Some(NOBODY)).unwrap();
@@ -105,6 +106,7 @@ fn a_users_sandbox_never_gets_setuid_or_setgid_bits_on_entries_it_does_not_own()
     let mode = |p: &str, m: u32| std::fs::set_permissions(sb.join(p), std::fs::Permissions::from_mode(m)).unwrap();
     mode("own-setuid", 0o4755);
     mode("root-setuid", 0o6755);
+    mode("root-setuid-kept", 0o6755);
     mode("shared", 0o2775);
     // Registered by root for its owner, nobody.
     let info = d.add_sandbox("theirs", &sb, &[]);
@@ -114,6 +116,10 @@ fn a_users_sandbox_never_gets_setuid_or_setgid_bits_on_entries_it_does_not_own()
         std::fs::remove_file(sb.join(p)).unwrap();
     }
     std::fs::remove_dir(sb.join("shared")).unwrap();
+    // Rewritten in place, special bits and all: restored in place too.
+    let kept_ino = std::fs::metadata(sb.join("root-setuid-kept")).unwrap().ino();
+    std::fs::write(sb.join("root-setuid-kept"), "rewritten").unwrap();
+    mode("root-setuid-kept", 0o6755);
     d.rollback(&id);
     let meta = |p: &str| std::fs::symlink_metadata(sb.join(p)).unwrap();
     // What nobody owned comes back as it was, special bits and all.
@@ -122,4 +128,7 @@ fn a_users_sandbox_never_gets_setuid_or_setgid_bits_on_entries_it_does_not_own()
     // Root's file keeps its owner and content, never its setuid/setgid.
     assert_eq!((meta("root-setuid").uid(), meta("root-setuid").mode() & 0o7777), (0, 0o755));
     assert_eq!(std::fs::read_to_string(sb.join("root-setuid")).unwrap(), "planted by root");
+    let kept = meta("root-setuid-kept");
+    assert_eq!((kept.ino(), kept.uid(), kept.mode() & 0o7777), (kept_ino, 0, 0o755));
+    assert_eq!(std::fs::read_to_string(sb.join("root-setuid-kept")).unwrap(), "planted by root, kept");
 }
