@@ -753,8 +753,8 @@ fn upgrade_index(conn: &mut Connection, path: &Path) -> io::Result<()> {
 }
 
 /// Fills the empty file `dst` with `src`: a reflink when `reflink` is set
-/// and the pair allows it, else a sparse-aware copy. Returns whether it was
-/// a reflink.
+/// and the pair allows it, else a copy (sparse-aware above [`SMALL_FILE`]).
+/// Returns whether it was a reflink.
 pub fn clone_or_copy(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64, reflink: bool) -> io::Result<bool> {
     if reflink {
         match sys::ficlone(dst, src) {
@@ -762,6 +762,19 @@ pub fn clone_or_copy(dst: BorrowedFd<'_>, src: BorrowedFd<'_>, size: u64, reflin
             Err(e) if sys::clone_unsupported(&e) => {}
             Err(e) => return Err(e),
         }
+    }
+    if size <= SMALL_FILE {
+        // One read and one write: a file this small has no holes worth
+        // searching for, and no copy to refuse half way for want of room
+        // (restoring 100 small files on ext4, this spares five calls each).
+        let bytes = read_at(src, 0, size)?;
+        sys::pwrite_all(dst, &bytes, 0)?;
+        if (bytes.len() as u64) < size {
+            // The source shrank while read: the same length a full copy
+            // gives (a capture compares its stat again and retries).
+            sys::ftruncate(dst, size)?;
+        }
+        return Ok(false);
     }
     // A copy takes room: refuse at once, rather than half way, when the
     // destination's filesystem cannot hold the source's data.
@@ -973,6 +986,25 @@ mod tests {
         assert!(store.remove_objects(&[id]).is_err());
         assert!(store.collect_garbage(&HashSet::new()).is_err());
         assert_eq!(std::fs::read(t.path().join("victim")).unwrap(), b"outside the store");
+    }
+
+    #[test]
+    fn a_small_copy_is_whole_and_as_long_as_its_source_was() {
+        let t = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(t.path().join("src"), &content).unwrap();
+        let src = File::open(t.path().join("src")).unwrap();
+        let copy = |name: &str, size: u64| {
+            let dst = File::create(t.path().join(name)).unwrap();
+            assert!(!clone_or_copy(dst.as_fd(), src.as_fd(), size, false).unwrap(), "copied, not cloned");
+            std::fs::read(t.path().join(name)).unwrap()
+        };
+        assert_eq!(copy("whole", 5000), content);
+        // Asked for more than the source holds (it shrank after its stat):
+        // as long as asked, as the sparse-aware copy makes it.
+        let longer = copy("longer", 6000);
+        assert_eq!((&longer[..5000], longer.len()), (&content[..], 6000));
+        assert!(longer[5000..].iter().all(|&b| b == 0));
     }
 
     #[test]
