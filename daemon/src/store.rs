@@ -2,10 +2,10 @@
 //! by every checkpoint and path that holds that content.
 //!
 //! Most objects are files of their own under `objects/`, made with a
-//! reflink (`FICLONE`) where the filesystem allows it, else with a
-//! sparse-aware copy. Such an object is written under a temporary name
-//! (`.tmp-*`) in its final directory and renamed only when complete, so an
-//! object's name always holds whole content.
+//! reflink (`FICLONE`) where the filesystem allows it, else with a copy
+//! (sparse-aware above [`SMALL_FILE`]). Such an object is written under a
+//! temporary name (`.tmp-*`) in its final directory and renamed only when
+//! complete, so an object's name always holds whole content.
 //!
 //! The small files that a watcher-driven checkpoint reads are instead
 //! written into one pack per checkpoint (`packs/<ulid>`, see [`Pack`]):
