@@ -8,7 +8,7 @@
 //! (directories shallowest first, then the rest on a few threads), then sets
 //! directory modes (deepest first, so a read-only directory is filled before
 //! it is closed). A file over a regular file with one name is truncated
-//! and rewritten in place (see [`overwrite`]); other files, and symlinks,
+//! and rewritten in place (see `overwrite`); other files, and symlinks,
 //! are written to a temporary name in their directory and renamed into
 //! place. Every call is relative to a directory fd opened beneath the
 //! sandbox root with symlinks refused.
