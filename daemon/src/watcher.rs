@@ -24,7 +24,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, EventKindMask};
 use notify::{Config, Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 
 use crate::capture::{Excludes, TEMP_PREFIX};
@@ -122,8 +122,9 @@ impl SandboxWatch {
     fn set_up(self: Arc<Self>, tx: SyncSender<notify::Result<Event>>) {
         let overflow = self.overflow.clone();
         let handler = move |event: notify::Result<Event>| {
-            // Dropped here rather than by the consumer: the daemon's own
-            // reads of every file it compares would otherwise each wake it.
+            // Opens and reads are not asked for (see `kinds` below); any
+            // such event that comes anyway is dropped here, before it can
+            // wake the consumer.
             if event.as_ref().is_ok_and(changes_nothing) {
                 return;
             }
@@ -132,7 +133,13 @@ impl SandboxWatch {
                 Err(TrySendError::Full(_)) => overflow.store(true, Ordering::Relaxed),
             }
         };
-        let config = Config::default().with_follow_symlinks(false);
+        // Everything that can change a path, and a close after writing (a
+        // write through a shared mapping raises no other event); not opens
+        // and reads, which change nothing: the kernel would queue one for
+        // every file the daemon compares or restores, and for every file
+        // an agent's tools read, and each would wake the event thread.
+        let kinds = EventKindMask::CORE | EventKindMask::ACCESS_CLOSE;
+        let config = Config::default().with_follow_symlinks(false).with_event_kinds(kinds);
         let result = RecommendedWatcher::new(handler, config).and_then(|mut w| {
             w.watch(&self.cookies, RecursiveMode::NonRecursive)?;
             w.watch(&self.root, RecursiveMode::Recursive)?;
@@ -348,5 +355,83 @@ fn describe(e: &notify::Error) -> String {
             .into()
     } else {
         e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// The masks of this process's inotify watches, from /proc/self/fdinfo.
+    fn watch_masks() -> Vec<u32> {
+        let mut masks = Vec::new();
+        for fd in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+            // Another test may close its descriptors meanwhile.
+            let Ok(info) = std::fs::read_to_string(fd.path()) else { continue };
+            for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+                let hex = line.split_whitespace().find_map(|f| f.strip_prefix("mask:")).unwrap();
+                masks.push(u32::from_str_radix(hex, 16).unwrap());
+            }
+        }
+        masks
+    }
+
+    fn started(root: &Path, cookies: &Path) -> Arc<SandboxWatch> {
+        let watch = SandboxWatch::start(root, cookies, Excludes::new(&[]).unwrap()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !watch.report().watching {
+            assert!(Instant::now() < deadline, "the watch was not set up: {}", watch.report().state);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The first drain after set-up asks for a full comparison.
+        assert!(matches!(watch.drain(), Drain::Everything(_)));
+        watch
+    }
+
+    #[test]
+    fn reads_are_not_watched_and_a_write_through_a_mapping_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sandbox");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let watch = started(&root, &dir.path().join("cookies"));
+
+        // The kernel is asked for changes and closes after writing, never
+        // for opens, reads or closes after reading (root, sub, cookies).
+        let masks = watch_masks();
+        assert!(masks.len() >= 3, "{masks:x?}");
+        for mask in masks {
+            assert_eq!(mask & (libc::IN_OPEN | libc::IN_ACCESS | libc::IN_CLOSE_NOWRITE), 0, "{mask:x}");
+            assert_eq!(mask & (libc::IN_MODIFY | libc::IN_CLOSE_WRITE), libc::IN_MODIFY | libc::IN_CLOSE_WRITE);
+        }
+
+        let file = root.join("sub/f");
+        std::fs::write(&file, b"first").unwrap();
+        assert_eq!(watch.drain(), Drain::Paths(vec![b"sub/f".to_vec()]));
+        assert_eq!(std::fs::read(&file).unwrap(), b"first");
+        assert_eq!(watch.drain(), Drain::Paths(vec![]), "a read marked the file");
+
+        // A write through a shared mapping raises no modify event; the close
+        // of a descriptor opened for writing is what marks the file.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+        // SAFETY: a fresh shared mapping of the file's 5 bytes, written
+        // within them and unmapped before the file is closed.
+        unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                5,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(at, libc::MAP_FAILED);
+            std::ptr::copy_nonoverlapping(b"FIRST".as_ptr(), at.cast::<u8>(), 5);
+            assert_eq!(libc::munmap(at, 5), 0);
+        }
+        drop(f);
+        assert_eq!(std::fs::read(&file).unwrap(), b"FIRST");
+        assert_eq!(watch.drain(), Drain::Paths(vec![b"sub/f".to_vec()]));
+        watch.stop();
     }
 }
