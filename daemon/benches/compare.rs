@@ -20,7 +20,10 @@
 //! (the case), then after 20 more were also deleted, each checked
 //! file by file. Dirty pages are flushed (`sync`)
 //! after every change and before every timed operation, so that no tool
-//! pays for writing out another's data. snapback is reached through its
+//! pays for writing out another's data; and before each of these kinds of
+//! operation, snapbackd is left to finish its background work (until it
+//! uses under 1 ms of CPU in 100 ms), so that one kind does not pay for
+//! the last. snapback is reached through its
 //! client library over the daemon's socket, with one connection, as an
 //! agent harness would.
 //!
@@ -235,6 +238,9 @@ trait Tool {
     fn peak_memory_kib(&self) -> Option<u64> {
         None
     }
+    /// Waits until work the tool left running in the background is done
+    /// (a daemon's); called before each kind of operation is measured.
+    fn quiesce(&self) {}
 }
 
 /// snapbackd with a sandbox on the tree, over one client connection.
@@ -325,6 +331,34 @@ impl Tool for Snapback {
     fn peak_memory_kib(&self) -> Option<u64> {
         Some(peak_rss_kib(self.daemon.id()))
     }
+
+    /// Waits until the daemon used less than 1 ms of CPU time in 100 ms
+    /// (at most 60 s): copying a large write-ahead log back, or pruning,
+    /// after the 10,000-file checkpoints otherwise ran into the first
+    /// rollbacks.
+    fn quiesce(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = cpu_ns(self.daemon.id());
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = cpu_ns(self.daemon.id());
+            if now.saturating_sub(last) < 1_000_000 {
+                return;
+            }
+            last = now;
+        }
+    }
+}
+
+/// CPU time of every thread of process `pid`, in nanoseconds (the first
+/// field of each thread's `schedstat`).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
 }
 
 impl Drop for Snapback {
@@ -644,9 +678,11 @@ fn measure_tool(
         "btrfs" => Box::new(Btrfs(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
         other => panic!("unknown tool {other}"),
     };
+    tool.quiesce();
     settle();
     let (first, _) = tool.checkpoint();
     results.add_time(at, name, FIRST, first);
+    tool.quiesce();
 
     // 100 changed files, `rounds` times: the store is measured after them.
     let mut seed = 1;
@@ -663,10 +699,12 @@ fn measure_tool(
     // and keeps the whole benchmark within 15 minutes (their 100-changed
     // figure is still the median of `rounds`).
     let runs = if matches!(name, "rsync" | "cp") { 1 } else { args.runs };
+    tool.quiesce();
     for _ in 0..runs {
         settle();
         results.add_time(at, name, ZERO, tool.checkpoint().0);
     }
+    tool.quiesce();
     for _ in 0..runs {
         changes.modify(tool.tree(), seed, 10_000);
         seed += 1;
@@ -675,6 +713,7 @@ fn measure_tool(
     }
     // The rollback, then one that also brings back deleted files.
     for (op, deleted) in [(ROLLBACK, 0), (ROLLBACK_DELETED, 20)] {
+        tool.quiesce();
         for _ in 0..runs {
             let (_, target) = tool.checkpoint();
             let damage = Damage::apply(changes, tool.tree(), seed, deleted);
