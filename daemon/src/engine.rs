@@ -1419,15 +1419,39 @@ impl Engine {
         refuse_if_broken(&parent)?;
         let (before, after) = catalogue::rows_between(conn, sandbox.id, parent.info.seq, step.info.seq)?;
         let step_paths = changed_paths(&before, &after);
+        let excludes = Excludes::new(&sandbox.excludes)?;
         let reason = format!("before revert of {}", step.info.id);
-        let (safety, ()) = self.take_then(conn, sandbox.id, safety_checkpoint(reason), |_, _| Ok(()))?;
-        // What changed after the step, up to now.
-        let (then, now) = catalogue::rows_between(conn, sandbox.id, step.info.seq, safety.seq)?;
-        let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
-        let conflicts: Vec<Vec<u8>> = step_paths.iter().filter(|p| later.contains(*p)).cloned().collect();
-        if !conflicts.is_empty() && !force {
+        // The plan is made, and recorded in the intent, in the safety
+        // checkpoint's transaction, from the versions that changed between
+        // the step and now: the live version of a path the step changed is
+        // its version at the step unless it changed again later. A refused
+        // revert still commits its safety checkpoint, without an intent.
+        let (safety, planned) = self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
+            let (then, now) = catalogue::rows_between(tx, sandbox.id, step.info.seq, s.seq)?;
+            let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
+            let conflicts: Vec<Vec<u8>> = step_paths.iter().filter(|p| later.contains(*p)).cloned().collect();
+            if !conflicts.is_empty() && !force {
+                return Ok(Err(conflicts));
+            }
+            let mut target = Manifest::default();
+            let mut live = Manifest::default();
+            for p in &step_paths {
+                if let Some(row) = before.get(p) {
+                    target.insert(p.clone(), row.clone());
+                }
+                let at_now = if later.contains(p) { now.get(p) } else { after.get(p) };
+                if let Some(row) = at_now {
+                    live.insert(p.clone(), row.clone());
+                }
+            }
+            let plan = Plan::new(&target, &live, &[], &excludes);
+            catalogue::intent_applying(tx, intent, &s.id, &plan.desired(), now_ms())?;
+            catalogue::record_rollback(tx, sandbox.id, "revert", &step.info.id, &s.id, now_ms())?;
+            Ok(Ok((plan, conflicts)))
+        })?;
+        let (plan, conflicts) = planned.map_err(|conflicts| {
             let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
-            return Err(Error::Conflict {
+            Error::Conflict {
                 message: format!(
                     "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted. \
                      `revert --force` takes the step's parent version for them",
@@ -1437,26 +1461,8 @@ impl Engine {
                     if conflicts.len() > shown.len() { ", ..." } else { "" }
                 ),
                 paths: conflicts,
-            });
-        }
-        let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
-        let live_all = self.copy_manifest(conn, &sb)?;
-        let mut target = Manifest::default();
-        let mut live = Manifest::default();
-        for p in &step_paths {
-            if let Some(row) = before.get(p) {
-                target.insert(p.clone(), row.clone());
             }
-            if let Some(row) = live_all.get(p) {
-                live.insert(p.clone(), row.clone());
-            }
-        }
-        let excludes = Excludes::new(&sandbox.excludes)?;
-        let plan = Plan::new(&target, &live, &[], &excludes);
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        catalogue::intent_applying(&tx, intent, &safety.id, &plan.desired(), now_ms())?;
-        catalogue::record_rollback(&tx, sandbox.id, "revert", &step.info.id, &safety.id, now_ms())?;
-        tx.commit()?;
+        })?;
         let store = self.store(&sandbox.store)?;
         let total = step_paths.len() as u64;
         let mut report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &step.info.id, total)?;
