@@ -52,7 +52,7 @@ options:
   --files N       small files in the generated tree (default 100000, in 1000 directories)
   --big N         100 MiB files added to the generated tree (default 3)
   --source DIR    also measure a copy of this real tree (e.g. ~/.cargo/registry/src)
-  --runs N        runs per measured operation, medians reported (default 3)
+  --runs N        runs per measured operation, medians reported (default 7)
   --rounds N      checkpoints of 100 changed files before the store is measured (default 20)
   --fs LIST       filesystems to loop-mount as root (default ext4,xfs,btrfs)
   --tools LIST    tools to measure (default snapback,git,rsync,cp,btrfs)
@@ -79,7 +79,7 @@ fn parse_args() -> Args {
         files: 100_000,
         big: 3,
         source: None,
-        runs: 3,
+        runs: 7,
         rounds: 20,
         filesystems: vec!["ext4".into(), "xfs".into(), "btrfs".into()],
         tools: ["snapback", "git", "rsync", "cp", "btrfs"].map(String::from).to_vec(),
