@@ -347,7 +347,7 @@ impl Store {
         let packs = OwnedFd::from(File::open(path.join("packs"))?);
         let index_path = path.join("packs.db");
         let index = Mutex::new(open_index(&index_path)?);
-        let index_log = WalCheckpointer::start(open_index(&index_path)?, &index_path.display().to_string())?;
+        let index_log = WalCheckpointer::start(connect_index(&index_path)?, &index_path.display().to_string())?;
         Ok(Store {
             path: path.to_owned(),
             objects,
@@ -719,7 +719,16 @@ const INDEX_SCHEMA: &[&str] = &[
 
 /// Opens (creating or upgrading if needed) a store's pack index.
 fn open_index(path: &Path) -> io::Result<Connection> {
-    let mut conn = Connection::open(path).map_err(db)?;
+    let mut conn = connect_index(path)?;
+    upgrade_index(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Opens a further connection to a pack index that [`open_index`] has
+/// already brought to the latest schema (as `catalogue::connect` does for
+/// the catalogue).
+fn connect_index(path: &Path) -> io::Result<Connection> {
+    let conn = Connection::open(path).map_err(db)?;
     conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
     conn.pragma_update(None, "journal_mode", "wal").map_err(db)?;
     // A sealed pack is made durable with the rest of the store, by the
@@ -727,7 +736,6 @@ fn open_index(path: &Path) -> io::Result<Connection> {
     conn.pragma_update(None, "synchronous", "normal").map_err(db)?;
     // Copied back by the store's log checkpointer, off the request path.
     conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db)?;
-    upgrade_index(&mut conn, path)?;
     Ok(conn)
 }
 
