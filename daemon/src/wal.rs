@@ -13,7 +13,8 @@ use rusqlite::Connection;
 /// A thread that copies a database's write-ahead log back into the
 /// database file when kicked. A passive checkpoint never blocks readers or
 /// writers; when it finds the log fully copied and no reader in it, the
-/// next write starts the log over, so it stays small.
+/// thread starts the log over itself (see [`checkpoint`]), so it stays
+/// small.
 pub struct WalCheckpointer {
     kick: std::sync::mpsc::SyncSender<()>,
 }
