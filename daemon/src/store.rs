@@ -16,8 +16,10 @@
 //! pack with no live object left is removed.
 //!
 //! Objects that no catalogue row references (left by a checkpoint that
-//! never committed, or freed by a purge), packs never sealed and leftover
-//! temporaries are collected by [`Store::collect_garbage`].
+//! never committed, or freed by a purge), packs never sealed, the blocks
+//! of slots taken out of the index but never punched (the daemon stopped
+//! in between) and leftover temporaries are collected by
+//! [`Store::collect_garbage`].
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -600,6 +602,48 @@ impl Store {
         }
     }
 
+    /// Frees the blocks of `pack` that none of its indexed `slots` covers:
+    /// slots that a removal took out of the index but did not get to free,
+    /// because the daemon stopped in between. Returns the bytes freed.
+    fn free_unindexed(&self, pack: &str, mut slots: Vec<(u64, u64)>) -> io::Result<u64> {
+        let fd = match sys::openat(self.packs.as_fd(), pack.as_bytes(), libc::O_RDWR, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            r => r?,
+        };
+        let size = sys::fstat(fd.as_fd())?.st_size as u64;
+        slots.sort_unstable();
+        // Exact ranges, not rounded up to slots: a data segment may start on
+        // a block smaller than a slot, and must not reach a live one.
+        let mut freed = 0;
+        let mut free = |from: u64, to: u64| -> io::Result<()> {
+            match sys::punch_hole(fd.as_fd(), from, to - from) {
+                Ok(()) => freed += to - from,
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        };
+        for (start, len) in sys::data_segments(fd.as_fd(), size)? {
+            // The last block, partly past the end of the file, is whole
+            // free space only when the hole reaches its end.
+            let end = if start + len >= size { slot_len(size) } else { start + len };
+            let mut at = start;
+            for &(offset, len) in slots.iter().skip_while(|&&(o, l)| o + slot_len(l) <= start) {
+                if offset >= end {
+                    break;
+                }
+                if offset > at {
+                    free(at, offset)?;
+                }
+                at = at.max(offset + slot_len(len));
+            }
+            if at < end {
+                free(at, end)?;
+            }
+        }
+        Ok(freed)
+    }
+
     /// Whether any object of `pack` is still in the index.
     fn live_in(&self, pack: &str) -> io::Result<bool> {
         let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
@@ -686,6 +730,13 @@ impl Store {
         let slots = self.unindex(&dead)?;
         count += slots.len() as u64;
         bytes += self.free_slots(&slots)?;
+        let mut kept: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        for (_, pack, offset, len) in rows.iter().filter(|(id, ..)| referenced.contains(id)) {
+            kept.entry(pack).or_default().push((*offset, *len));
+        }
+        for (pack, slots) in kept {
+            bytes += self.free_unindexed(pack, slots)?;
+        }
         // Packs that no live object is in: emptied above, or never sealed
         // (their checkpoint failed, or the daemon stopped in it).
         for entry in sys::read_dir(self.packs.as_fd())? {
@@ -939,6 +990,38 @@ mod tests {
         assert_eq!(store.open_object(&ids[2]).unwrap().read().unwrap(), vec![3u8; 10_000]);
         assert_eq!(store.remove_objects(&ids[1..]).unwrap(), 20_000);
         assert!(!file.exists(), "a pack with no live object is removed");
+    }
+
+    #[test]
+    fn garbage_collection_frees_slots_a_removal_left_unpunched() {
+        let (t, store) = temp_store();
+        let pack = store.pack();
+        let mut ids = Vec::new();
+        for i in 0..4u8 {
+            let path = t.path().join(format!("f{i}"));
+            std::fs::write(&path, vec![i + 1; 10_000]).unwrap();
+            ids.push(put_file(&store, &path, Some(&pack)).hash);
+        }
+        pack.seal().unwrap();
+        let file = store.path().join("packs").join(&pack.name);
+        std::fs::File::open(&file).unwrap().sync_all().unwrap();
+        let before = allocated(&file);
+        assert!(before >= 4 * 12288, "{before} bytes allocated for four slots of 12 KiB");
+        // A removal that stopped between the index and the punch: the
+        // second and the last slot are gone from the index, their blocks
+        // are not.
+        store.unindex(&[ids[1], ids[3]]).unwrap();
+        assert_eq!(allocated(&file), before);
+        let referenced = HashSet::from([ids[0], ids[2]]);
+        let (objects, bytes) = store.collect_garbage(&referenced).unwrap();
+        assert_eq!(objects, 0, "no object was left to remove");
+        assert!(bytes >= 2 * 12288, "{bytes} bytes reported freed");
+        assert!(allocated(&file) <= before - 2 * 12288, "the two unindexed slots' blocks were not freed");
+        for (i, id) in [(0u8, ids[0]), (2, ids[2])] {
+            assert_eq!(store.open_object(&id).unwrap().read().unwrap(), vec![i + 1; 10_000]);
+        }
+        // Nothing more to free the second time.
+        assert_eq!(store.collect_garbage(&referenced).unwrap(), (0, 0));
     }
 
     #[test]
