@@ -622,7 +622,7 @@ fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<O
     stats.read += 1;
     let (hash, st, unstable) = match opts.store {
         Some(store) => {
-            let put = store.put(fd.as_fd(), opts.reflink, opts.pack).ctx(|| format!("storing {}", show(&path)))?;
+            let put = store.put(fd.as_fd(), st, opts.reflink, opts.pack).ctx(|| format!("storing {}", show(&path)))?;
             stats.reflinked += put.reflinked as u64;
             stats.copied += put.copied as u64;
             (put.hash, put.stat, put.unstable)

@@ -415,15 +415,22 @@ impl Store {
         Pack { store: self, name: ulid::Ulid::new().to_string(), state: Mutex::new(PackState::default()) }
     }
 
-    /// Stores the content of the open regular file `src`. Returns the
-    /// object's hash and the stat its content corresponds to. Clones with
-    /// `FICLONE` when `reflink` is set and the pair allows it, except that
-    /// given a `pack`, a file of at most [`SMALL_FILE`] bytes goes into it,
-    /// from the bytes read to hash it.
-    pub fn put(&self, src: BorrowedFd<'_>, reflink: bool, pack: Option<&Pack<'_>>) -> io::Result<Put> {
+    /// Stores the content of the open regular file `src`, whose `fstat`
+    /// the caller took after opening it. Returns the object's hash and the
+    /// stat its content corresponds to. Clones with `FICLONE` when
+    /// `reflink` is set and the pair allows it, except that given a `pack`,
+    /// a file of at most [`SMALL_FILE`] bytes goes into it, from the bytes
+    /// read to hash it.
+    pub fn put(
+        &self,
+        src: BorrowedFd<'_>,
+        opened: libc::stat,
+        reflink: bool,
+        pack: Option<&Pack<'_>>,
+    ) -> io::Result<Put> {
         const TRIES: usize = 3;
         for attempt in 1..=TRIES {
-            let before = sys::fstat(src)?;
+            let before = if attempt == 1 { opened } else { sys::fstat(src)? };
             let size = before.st_size as u64;
             if let Some(pack) = pack.filter(|_| size <= SMALL_FILE) {
                 let bytes = read_at(src, 0, size)?;
@@ -658,7 +665,11 @@ impl Store {
         if object.size()? != size {
             return Ok(false);
         }
-        Ok(object.hash()? == *id)
+        let hash = match &object {
+            Object::Loose(fd) => hash_fd(fd.as_fd(), size)?,
+            Object::Packed { .. } => object.hash()?,
+        };
+        Ok(hash == *id)
     }
 
     /// Lists the objects present in the store, loose and packed.
@@ -862,7 +873,8 @@ mod tests {
     }
 
     fn put_file(store: &Store, path: &Path, pack: Option<&Pack<'_>>) -> Put {
-        store.put(File::open(path).unwrap().as_fd(), true, pack).unwrap()
+        let file = File::open(path).unwrap();
+        store.put(file.as_fd(), sys::fstat(file.as_fd()).unwrap(), true, pack).unwrap()
     }
 
     /// The blocks a file takes on disk.
