@@ -679,7 +679,13 @@ impl Store {
             let dir = sys::openat(self.objects.as_fd(), format!("{i:02x}").as_bytes(), sys::DIR_FLAGS, 0)?;
             out.extend(sys::read_dir(dir.as_fd())?.iter().filter_map(|e| ObjectId::from_hex(&e.name)));
         }
-        out.extend(self.packed()?.into_iter().map(|(id, ..)| id));
+        {
+            let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stmt = index.prepare("SELECT object FROM packed").map_err(db)?;
+            for id in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(db)? {
+                out.push(indexed_id(&id.map_err(db)?)?);
+            }
+        }
         out.sort_unstable_by_key(|id| id.0);
         out.dedup();
         Ok(out)
@@ -697,9 +703,7 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, pack, offset, len) = row.map_err(db)?;
-            let id = ObjectId::from_slice(&id)
-                .ok_or_else(|| io::Error::other("pack index: an object id is not 32 bytes"))?;
-            out.push((id, pack, offset, len));
+            out.push((indexed_id(&id)?, pack, offset, len));
         }
         Ok(out)
     }
@@ -758,6 +762,11 @@ impl Store {
         }
         Ok((count, bytes))
     }
+}
+
+/// An object id read from the pack index.
+fn indexed_id(bytes: &[u8]) -> io::Result<ObjectId> {
+    ObjectId::from_slice(bytes).ok_or_else(|| io::Error::other("pack index: an object id is not 32 bytes"))
 }
 
 /// The pack index's schema: step `i` takes it from version `i` (its
