@@ -538,21 +538,30 @@ impl Store {
 
     /// Deletes the given objects; returns the bytes freed. The caller holds
     /// `gc_lock` exclusively and has checked that nothing references them.
+    /// An object that cannot be removed does not keep the others: the
+    /// first error is returned once all were tried, and what it left is
+    /// collected at the next start.
     pub fn remove_objects(&self, ids: &[ObjectId]) -> io::Result<u64> {
         let mut bytes = 0;
+        let mut failed = None;
         for id in ids {
             let name = Self::name(id);
-            match sys::lstatat(self.objects.as_fd(), &name) {
-                Ok(st) => {
-                    sys::unlinkat(self.objects.as_fd(), &name, false)?;
-                    bytes += st.st_size as u64;
-                }
+            let removed = sys::lstatat(self.objects.as_fd(), &name)
+                .and_then(|st| sys::unlinkat(self.objects.as_fd(), &name, false).map(|()| st.st_size as u64));
+            match removed {
+                Ok(size) => bytes += size,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed.get_or_insert(io::Error::new(e.kind(), format!("removing object {id}: {e}")));
+                }
             }
         }
         let slots = self.unindex(ids)?;
-        Ok(bytes + self.free_slots(&slots)?)
+        bytes += self.free_slots(&slots)?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(bytes),
+        }
     }
 
     /// Deletes the index rows of `ids`, in one transaction, and returns the
@@ -721,6 +730,7 @@ impl Store {
             let _ = sys::unlinkat(self.tmp.as_fd(), &entry.name, false);
         }
         let (mut count, mut bytes) = (0, 0);
+        let mut failed = None;
         for i in 0..=255u8 {
             let sub = format!("{i:02x}");
             let dir = match sys::openat(self.objects.as_fd(), sub.as_bytes(), sys::DIR_FLAGS, 0) {
@@ -732,9 +742,15 @@ impl Store {
                 let keep = ObjectId::from_hex(&entry.name).is_some_and(|id| referenced.contains(&id));
                 if !keep {
                     let size = sys::lstatat(dir.as_fd(), &entry.name).map(|st| st.st_size as u64).unwrap_or(0);
-                    sys::unlinkat(dir.as_fd(), &entry.name, false)?;
-                    count += 1;
-                    bytes += size;
+                    // One that cannot go does not keep the rest, nor the packs.
+                    match sys::unlinkat(dir.as_fd(), &entry.name, false) {
+                        Ok(()) => (count, bytes) = (count + 1, bytes + size),
+                        Err(e) => {
+                            let name = String::from_utf8_lossy(&entry.name);
+                            failed
+                                .get_or_insert(io::Error::new(e.kind(), format!("removing objects/{sub}/{name}: {e}")));
+                        }
+                    }
                 }
             }
         }
@@ -760,7 +776,10 @@ impl Store {
                 self.remove_pack(&entry.name)?;
             }
         }
-        Ok((count, bytes))
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((count, bytes)),
+        }
     }
 }
 
@@ -1011,6 +1030,41 @@ mod tests {
         assert_eq!(store.open_object(&ids[2]).unwrap().read().unwrap(), vec![3u8; 10_000]);
         assert_eq!(store.remove_objects(&ids[1..]).unwrap(), 20_000);
         assert!(!file.exists(), "a pack with no live object is removed");
+    }
+
+    #[test]
+    fn an_object_that_cannot_be_removed_does_not_keep_the_others() {
+        let (t, store) = temp_store();
+        let mut ids = Vec::new();
+        for (name, data) in [("a", "first"), ("b", "second"), ("c", "third")] {
+            std::fs::write(t.path().join(name), data).unwrap();
+            ids.push(put_file(&store, &t.path().join(name), None).hash);
+        }
+        let pack = store.pack();
+        std::fs::write(t.path().join("d"), "packed").unwrap();
+        ids.push(put_file(&store, &t.path().join("d"), Some(&pack)).hash);
+        pack.seal().unwrap();
+        // The second object's name now holds a directory, which unlink
+        // refuses (EISDIR), whoever runs the test.
+        let second = store.path().join("objects").join(String::from_utf8(Store::name(&ids[1])).unwrap());
+        std::fs::remove_file(&second).unwrap();
+        std::fs::create_dir(&second).unwrap();
+        let e = store.remove_objects(&ids).unwrap_err();
+        assert!(e.to_string().contains(&ids[1].to_string()), "the error names the object: {e}");
+        for id in [ids[0], ids[2], ids[3]] {
+            assert!(!store.contains(&id), "object {id} was kept by another's failure");
+        }
+        assert!(second.is_dir());
+        // Collection goes past it too, to the pack and the other names.
+        // One whose directory comes after the directory's (they are walked
+        // in order).
+        let after =
+            (0..).map(|i| format!("fifth {i}")).find(|c| blake3::hash(c.as_bytes()).as_bytes()[0] > ids[1].0[0]);
+        std::fs::write(t.path().join("e"), after.unwrap()).unwrap();
+        let fifth = put_file(&store, &t.path().join("e"), None).hash;
+        let e = store.collect_garbage(&HashSet::new()).unwrap_err();
+        assert!(e.to_string().contains(&ids[1].to_string()), "the error names the object: {e}");
+        assert!(!store.contains(&fifth), "collection stopped at the directory");
     }
 
     #[test]
