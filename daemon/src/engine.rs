@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 use snapback::proto::{
@@ -90,10 +90,26 @@ pub struct Engine {
 #[derive(Default)]
 struct Owed {
     sandboxes: std::collections::BTreeSet<i64>,
+    /// Sandboxes whose pruning failed: when the pruner tries again, and
+    /// how many times in a row it failed.
+    retry: std::collections::BTreeMap<i64, (Instant, u32)>,
     /// Sandboxes being pruned right now.
     running: usize,
     /// The pruner thread is asked to stop.
     stopped: bool,
+}
+
+/// How long the pruner waits before its `failures`-th retry of a sandbox:
+/// 30 s, doubling to at most an hour. (With `SNAPBACK_TEST_HOOKS=1`,
+/// `SNAPBACK_TEST_PRUNE_RETRY_MS` replaces the 30 s, for tests.)
+fn retry_delay(failures: u32) -> Duration {
+    let hooks = std::env::var_os("SNAPBACK_TEST_HOOKS").is_some_and(|v| v == "1");
+    let first = std::env::var("SNAPBACK_TEST_PRUNE_RETRY_MS")
+        .ok()
+        .filter(|_| hooks)
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis);
+    (first * 2u32.saturating_pow(failures.saturating_sub(1).min(16))).min(Duration::from_secs(3600))
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -789,10 +805,21 @@ impl Engine {
         loop {
             if let Some(id) = owed.sandboxes.pop_first() {
                 owed.running += 1;
+                let failures = owed.retry.get(&id).map_or(0, |&(_, n)| n);
                 drop(owed);
-                self.retain_now(id);
+                let result = self.retain_now(id, failures > 0);
                 owed = lock(&self.owed);
                 owed.running -= 1;
+                match result {
+                    Ok(()) => {
+                        owed.retry.remove(&id);
+                    }
+                    Err(e) => {
+                        let wait = retry_delay(failures + 1);
+                        tracing::warn!(sandbox_id = id, "pruning: {e}; trying again in {} s", wait.as_secs_f64());
+                        owed.retry.insert(id, (Instant::now() + wait, failures + 1));
+                    }
+                }
                 self.owed_changed.notify_all();
             } else if owed.running > 0 {
                 owed = self.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner());
@@ -809,7 +836,17 @@ impl Engine {
         loop {
             let mut owed = lock(&self.owed);
             while owed.sandboxes.is_empty() && !owed.stopped {
-                owed = self.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner());
+                // A failed pruning is owed again once its delay is up.
+                let now = Instant::now();
+                let due: Vec<i64> = owed.retry.iter().filter(|(_, (at, _))| *at <= now).map(|(&id, _)| id).collect();
+                if !due.is_empty() {
+                    owed.sandboxes.extend(due);
+                    break;
+                }
+                owed = match owed.retry.values().map(|&(at, _)| at).min() {
+                    Some(at) => self.owed_changed.wait_timeout(owed, at - now).unwrap_or_else(|p| p.into_inner()).0,
+                    None => self.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner()),
+                };
             }
             let stopped = owed.stopped;
             drop(owed);
@@ -825,21 +862,26 @@ impl Engine {
         self.owed_changed.notify_all();
     }
 
-    /// Prunes one sandbox under its lock. A failure to prune is logged: it
-    /// does not undo the checkpoint that was taken.
-    fn retain_now(&self, sandbox_id: i64) {
+    /// Prunes one sandbox under its lock. A failure does not undo the
+    /// checkpoint that was taken: the caller has the pruner try again later.
+    /// On such a later try (`sweep`), the sandbox's store is also swept for
+    /// objects nothing references, which a failed removal may have left.
+    fn retain_now(&self, sandbox_id: i64, sweep: bool) -> Result<()> {
         let guard = self.sandbox_lock(sandbox_id);
         let _held = lock(&guard);
-        let pruned = self.db().and_then(|mut conn| {
-            let sb = catalogue::sandbox_by_id(&conn, sandbox_id)?;
-            if sb.state != "active" {
-                return Ok(());
-            }
-            self.enforce_retention(&mut conn, &sb, &self.retention.policy(&sb.name)).map(|_| ())
-        });
-        if let Err(e) = pruned {
-            tracing::warn!(sandbox_id, "pruning: {e}");
+        let mut conn = self.db()?;
+        let sb = catalogue::sandbox_by_id(&conn, sandbox_id)?;
+        if sb.state != "active" {
+            return Ok(());
         }
+        self.enforce_retention(&mut conn, &sb, &self.retention.policy(&sb.name))?;
+        if sweep {
+            let store = self.store(&sb.store)?;
+            let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let (n, bytes) = self.collect_garbage(&conn, &sb.store)?;
+            tracing::info!(sandbox = %sb.name, objects = n, bytes, "pruned after an earlier failure");
+        }
+        Ok(())
     }
 
     /// Takes a checkpoint and runs `then` in the transaction that records

@@ -42,7 +42,9 @@ impl TestDaemon {
         Self::start_full(config, &[])
     }
 
-    fn start_full(config: Option<&str>, env: &[(&str, &str)]) -> TestDaemon {
+    /// Starts a daemon with this configuration file content, if any, and
+    /// these extra environment variables.
+    pub fn start_full(config: Option<&str>, env: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("snapback-e2e-").tempdir().expect("tempdir");
         let socket = dir.path().join("run/snapbackd.sock");
         let state_dir = dir.path().join("state");

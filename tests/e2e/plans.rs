@@ -1,10 +1,11 @@
 //! Plans, the applied guard, revert, undo, retention, budgets and export.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use snapback::proto::{ErrorCode, PlanRollbackRequest};
 
-use crate::fixture::{TestDaemon, write};
+use crate::fixture::{TestDaemon, store_files, write};
 use crate::tree::{assert_same, snapshot};
 
 fn id(v: &serde_json::Value) -> String {
@@ -238,6 +239,51 @@ fn retention_follows_a_checkpoint_without_waiting_for_another_request() {
     assert_eq!(count(), 1, "the checkpoints beyond keep_last = 1 were not pruned");
     let list = d.json(&["list", "sb"]);
     assert_eq!(list["checkpoints"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
+fn a_pruning_that_failed_is_tried_again_and_frees_what_it_left() {
+    let d = TestDaemon::start_full(
+        Some("[retention]\nkeep_last = 1\nkeep_hourly = 0\nkeep_daily = 0\n"),
+        &[("SNAPBACK_TEST_HOOKS", "1"), ("SNAPBACK_TEST_PRUNE_RETRY_MS", "50")],
+    );
+    let root = d.path("sb");
+    // Too large for a pack: an object file of its own.
+    let first = vec![b'a'; 100_000];
+    write(&root.join("x.bin"), &first);
+    d.add_sandbox("sb", &root, &[]);
+    d.checkpoint("sb");
+    let store = d.state_dir.join("store");
+    let object = store_files(&store)
+        .into_iter()
+        .find(|f| std::fs::read(f).is_ok_and(|data| data == first))
+        .expect("the first version's object file");
+    // A directory where the object was: removing it fails (EISDIR).
+    let aside = d.path("aside");
+    std::fs::rename(&object, &aside).unwrap();
+    std::fs::create_dir(&object).unwrap();
+    write(&root.join("x.bin"), vec![b'b'; 100_000]);
+    d.checkpoint("sb");
+    // keep_last = 1 prunes the first checkpoint; its object cannot go.
+    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
+    let count = || -> i64 { conn.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0)).unwrap() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(count(), 1, "the checkpoint beyond keep_last = 1 was not pruned");
+    std::thread::sleep(Duration::from_millis(300)); // a few retries fail
+    assert!(object.is_dir());
+    // Put the object file back: the next retry removes it, with no
+    // request and no restart to prompt it.
+    std::fs::remove_dir(&object).unwrap();
+    std::fs::rename(&aside, &object).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while object.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!object.exists(), "the object a failed pruning left was never removed");
+    d.assert_verified();
 }
 
 #[test]
