@@ -966,6 +966,37 @@ mod tests {
         assert_eq!(n, 3);
     }
 
+    /// SQLite 3.51.1 (rusqlite 0.38) could deadlock here: closing one
+    /// connection took its VFS mutex and then the file's lock mutex, while
+    /// a write on another took them in the other order. The daemon opens
+    /// and closes connections to the catalogue on several threads.
+    #[test]
+    fn connections_opened_and_closed_on_several_threads_never_deadlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        drop(open(&path).unwrap());
+        let (done, finished) = std::sync::mpsc::channel();
+        const THREADS: usize = 4;
+        for _ in 0..THREADS {
+            let (path, done) = (path.clone(), done.clone());
+            // Detached: a deadlocked thread must not keep the test waiting.
+            std::thread::spawn(move || {
+                let result = (0..300).try_for_each(|_| -> Result<()> {
+                    let conn = connect(&path)?;
+                    conn.execute("UPDATE log_generation SET n = n + 1", [])?;
+                    Ok(())
+                });
+                let _ = done.send(result.map_err(|e| e.to_string()));
+            });
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        for _ in 0..THREADS {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let result = finished.recv_timeout(left);
+            result.expect("a thread opening and closing connections never finished: deadlock").unwrap();
+        }
+    }
+
     #[test]
     fn migration_files_are_numbered_without_gaps() {
         for (i, (name, _)) in MIGRATIONS.iter().enumerate() {
