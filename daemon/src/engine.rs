@@ -805,7 +805,14 @@ impl Engine {
         loop {
             if let Some(id) = owed.sandboxes.pop_first() {
                 owed.running += 1;
-                let failures = owed.retry.get(&id).map_or(0, |&(_, n)| n);
+                // A retry being made is not due again meanwhile.
+                let failures = match owed.retry.get_mut(&id) {
+                    Some((at, n)) => {
+                        *at = Instant::now() + retry_delay(*n);
+                        *n
+                    }
+                    None => 0,
+                };
                 drop(owed);
                 let result = self.retain_now(id, failures > 0);
                 owed = lock(&self.owed);
@@ -870,10 +877,12 @@ impl Engine {
         let guard = self.sandbox_lock(sandbox_id);
         let _held = lock(&guard);
         let mut conn = self.db()?;
-        let sb = catalogue::sandbox_by_id(&conn, sandbox_id)?;
-        if sb.state != "active" {
-            return Ok(());
-        }
+        let sb = match catalogue::sandbox_by_id(&conn, sandbox_id) {
+            Ok(sb) if sb.state == "active" => sb,
+            // Removed or purged since: nothing left to prune.
+            Ok(_) | Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         self.enforce_retention(&mut conn, &sb, &self.retention.policy(&sb.name))?;
         if sweep {
             let store = self.store(&sb.store)?;
