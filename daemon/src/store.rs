@@ -621,7 +621,7 @@ impl Store {
     /// Frees the blocks of `pack` that none of its indexed `slots` covers:
     /// slots that a removal took out of the index but did not get to free,
     /// because the daemon stopped in between. Returns the bytes freed.
-    fn free_unindexed(&self, pack: &str, mut slots: Vec<(u64, u64)>) -> io::Result<u64> {
+    fn free_unindexed(&self, pack: &str, slots: &mut [(u64, u64)]) -> io::Result<u64> {
         let fd = match sys::openat(self.packs.as_fd(), pack.as_bytes(), libc::O_RDWR, 0) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             r => r?,
@@ -754,25 +754,28 @@ impl Store {
                 }
             }
         }
+        // The slots still live, by pack, and the objects to drop.
         let rows = self.packed()?;
-        let live: HashSet<&str> =
-            rows.iter().filter(|(id, ..)| referenced.contains(id)).map(|(_, pack, ..)| pack.as_str()).collect();
-        let dead: Vec<ObjectId> = rows.iter().map(|(id, ..)| *id).filter(|id| !referenced.contains(id)).collect();
+        let mut live: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        let mut dead = Vec::new();
+        for (id, pack, offset, len) in &rows {
+            if referenced.contains(id) {
+                live.entry(pack).or_default().push((*offset, *len));
+            } else {
+                dead.push(*id);
+            }
+        }
         let slots = self.unindex(&dead)?;
         count += slots.len() as u64;
         bytes += self.free_slots(&slots)?;
-        let mut kept: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
-        for (_, pack, offset, len) in rows.iter().filter(|(id, ..)| referenced.contains(id)) {
-            kept.entry(pack).or_default().push((*offset, *len));
-        }
-        for (pack, slots) in kept {
+        for (pack, slots) in &mut live {
             bytes += self.free_unindexed(pack, slots)?;
         }
         // Packs that no live object is in: emptied above, or never sealed
         // (their checkpoint failed, or the daemon stopped in it).
         for entry in sys::read_dir(self.packs.as_fd())? {
             let name = String::from_utf8_lossy(&entry.name);
-            if !live.contains(name.as_ref()) {
+            if !live.contains_key(name.as_ref()) {
                 self.remove_pack(&entry.name)?;
             }
         }
@@ -1009,21 +1012,29 @@ mod tests {
         assert_eq!(packs(&store).len(), 2);
     }
 
-    #[test]
-    fn removing_packed_objects_frees_their_slots_then_the_pack() {
-        let (t, store) = temp_store();
+    /// Packs `n` objects of 10,000 bytes (object `i` all `i + 1`) into one
+    /// sealed pack, written out; returns their ids and the pack's path.
+    fn sealed_pack(t: &tempfile::TempDir, store: &Store, n: u8) -> (Vec<ObjectId>, PathBuf) {
         let pack = store.pack();
         let mut ids = Vec::new();
-        for i in 0..3u8 {
+        for i in 0..n {
             let path = t.path().join(format!("f{i}"));
             std::fs::write(&path, vec![i + 1; 10_000]).unwrap();
-            ids.push(put_file(&store, &path, Some(&pack)).hash);
+            ids.push(put_file(store, &path, Some(&pack)).hash);
         }
         pack.seal().unwrap();
         let file = store.path().join("packs").join(&pack.name);
         std::fs::File::open(&file).unwrap().sync_all().unwrap();
         let before = allocated(&file);
-        assert!(before >= 3 * 12288, "{before} bytes allocated for three slots of 12 KiB");
+        assert!(before >= u64::from(n) * 12288, "{before} bytes allocated for {n} slots of 12 KiB");
+        (ids, file)
+    }
+
+    #[test]
+    fn removing_packed_objects_frees_their_slots_then_the_pack() {
+        let (t, store) = temp_store();
+        let (ids, file) = sealed_pack(&t, &store, 3);
+        let before = allocated(&file);
         assert_eq!(store.remove_objects(&ids[..1]).unwrap(), 10_000);
         assert!(!store.contains(&ids[0]) && store.contains(&ids[1]));
         assert!(allocated(&file) <= before - 12288, "the dead slot's blocks were not freed");
@@ -1070,18 +1081,8 @@ mod tests {
     #[test]
     fn garbage_collection_frees_slots_a_removal_left_unpunched() {
         let (t, store) = temp_store();
-        let pack = store.pack();
-        let mut ids = Vec::new();
-        for i in 0..4u8 {
-            let path = t.path().join(format!("f{i}"));
-            std::fs::write(&path, vec![i + 1; 10_000]).unwrap();
-            ids.push(put_file(&store, &path, Some(&pack)).hash);
-        }
-        pack.seal().unwrap();
-        let file = store.path().join("packs").join(&pack.name);
-        std::fs::File::open(&file).unwrap().sync_all().unwrap();
+        let (ids, file) = sealed_pack(&t, &store, 4);
         let before = allocated(&file);
-        assert!(before >= 4 * 12288, "{before} bytes allocated for four slots of 12 KiB");
         // A removal that stopped between the index and the punch: the
         // second and the last slot are gone from the index, their blocks
         // are not.
