@@ -789,10 +789,15 @@ pub fn delete_checkpoints(tx: &Transaction<'_>, sandbox_id: i64, ids: &[String])
     let (Some(&lo), Some(&hi)) = (seqs.iter().min(), seqs.iter().max()) else {
         return Ok(Vec::new());
     };
+    // Only the checkpoints that followed a deleted one change parent: the
+    // rest are read, not rewritten (each rewrite is a page in the log, and
+    // with the default policy every checkpoint prunes one).
+    let nearest = "(SELECT c2.id FROM checkpoints c2 WHERE c2.sandbox_id = checkpoints.sandbox_id
+                    AND c2.seq < checkpoints.seq ORDER BY c2.seq DESC LIMIT 1)";
     tx.execute(
-        "UPDATE checkpoints SET parent = (SELECT c2.id FROM checkpoints c2 WHERE c2.sandbox_id = checkpoints.sandbox_id
-                                           AND c2.seq < checkpoints.seq ORDER BY c2.seq DESC LIMIT 1)
-         WHERE sandbox_id = ?1 AND seq > ?2",
+        &format!(
+            "UPDATE checkpoints SET parent = {nearest} WHERE sandbox_id = ?1 AND seq > ?2 AND parent IS NOT {nearest}"
+        ),
         params![sandbox_id, lo],
     )?;
     // A version is needed while some remaining checkpoint lies in its

@@ -182,6 +182,13 @@ fn the_default_policy_prunes_without_being_asked_and_keeps_what_it_must() {
         assert!(ids.contains(&p.as_str()), "pinned {p} was pruned");
     }
     assert!(ids.contains(&safety.as_str()), "the latest rollback's safety checkpoint was pruned");
+    // Each kept checkpoint's parent is the one kept before it.
+    let parents: Vec<&serde_json::Value> =
+        list["checkpoints"].as_array().unwrap().iter().map(|c| &c["parent"]).collect();
+    assert_eq!(parents[0], &serde_json::Value::Null, "the oldest kept checkpoint has a parent");
+    for (i, parent) in parents.iter().enumerate().skip(1) {
+        assert_eq!(parent.as_str(), Some(ids[i - 1]), "the parent of checkpoint {i} of {}", ids.len());
+    }
     // Objects of pruned versions are gone: one object per kept counter value.
     let objects = crate::fixture::object_count(&d.state_dir.join("store"));
     assert!(objects <= ids.len() + 1, "{objects} objects for {} checkpoints", ids.len());
