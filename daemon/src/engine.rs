@@ -1331,7 +1331,18 @@ impl Engine {
         let mut skipped = Vec::new();
         if safety.is_some() {
             let root = Self::open_root(sandbox)?;
-            skipped = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?.skipped;
+            let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
+            skipped = applied.skipped;
+            if !applied.cloned.is_empty() {
+                // On a thread of its own: the answer does not wait for
+                // what only the next checkpoint gains from.
+                let warming = std::thread::Builder::new()
+                    .name("snapback-warm".into())
+                    .spawn(move || crate::restore::warm(root.as_fd(), &applied.cloned));
+                if let Err(e) = warming {
+                    tracing::debug!("not warming the restored files: {e}");
+                }
+            }
         }
         let (restored, created, deleted) = plan.counts();
         Ok(RollbackReport {

@@ -113,6 +113,17 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// Asks for the whole of `fd`'s content to be read into the page cache
+/// (`POSIX_FADV_WILLNEED`); starts the reads and returns.
+pub fn fadvise_willneed(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: posix_fadvise only reads its arguments; it returns the error
+    // number instead of setting errno.
+    match unsafe { libc::posix_fadvise(fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 /// Reads the target of the symlink `name` in `dir`.
 pub fn readlinkat(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<u8>> {
     let c = cstr(name)?;

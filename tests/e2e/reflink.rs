@@ -69,3 +69,78 @@ fn btrfs_checkpoints_and_rollbacks_share_extents() {
         objects_share_extents("btrfs");
     }
 }
+
+/// How many of the file's pages are in the page cache, and how many it has
+/// (`mincore` over a read-only mapping; root may ask it of any file).
+fn resident_pages(path: &std::path::Path) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    // SAFETY: a fresh read-only shared mapping of the whole file, only
+    // passed to mincore and unmapped before the file is closed.
+    unsafe {
+        let at = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0);
+        assert_ne!(at, libc::MAP_FAILED, "mmap {}", path.display());
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(at, len, vec.as_mut_ptr()), 0, "mincore {}", path.display());
+        assert_eq!(libc::munmap(at, len), 0);
+        (vec.iter().filter(|&&v| v & 1 == 1).count(), pages)
+    }
+}
+
+/// A clone leaves none of a file's pages in memory, and the checkpoint
+/// after a rollback reads every restored file again: the daemon has the
+/// small ones it cloned read in meanwhile (and nothing else is there to).
+fn cloned_files_are_read_in_after_a_rollback(fs: &str) {
+    let m = Mounted::new(fs, 512 << 20);
+    let d = TestDaemon::start();
+    let sandbox = m.mountpoint.join("sandbox");
+    let store = m.mountpoint.join("store");
+    std::fs::create_dir_all(&sandbox).unwrap();
+    let names: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
+    let content =
+        |name: &str, round: u8| -> Vec<u8> { name.bytes().cycle().take(16 << 10).map(|b| b ^ round).collect() };
+    for n in &names {
+        std::fs::write(sandbox.join(n), content(n, 0)).unwrap();
+    }
+    let added = d.add_sandbox("warm", &sandbox, &["--store", store.to_str().unwrap()]);
+    assert_eq!(added["clone_method"], "reflink", "{added}");
+    let c = d.checkpoint("warm");
+    for n in &names {
+        std::fs::write(sandbox.join(n), content(n, 1)).unwrap();
+    }
+    let report = d.rollback(&c);
+    assert_eq!(report["restored"], 20, "{report}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for n in &names {
+        loop {
+            let (resident, pages) = resident_pages(&sandbox.join(n));
+            if resident == pages {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{fs}: {n} has {resident} of its {pages} pages in memory 30 s after the rollback"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(std::fs::read(sandbox.join(n)).unwrap(), content(n, 0), "{fs}: {n}");
+    }
+    drop(d);
+}
+
+#[test]
+fn xfs_cloned_files_are_read_in_after_a_rollback() {
+    if root_or_skip("xfs_cloned_files_are_read_in_after_a_rollback") {
+        cloned_files_are_read_in_after_a_rollback("xfs");
+    }
+}
+
+#[test]
+fn btrfs_cloned_files_are_read_in_after_a_rollback() {
+    if root_or_skip("btrfs_cloned_files_are_read_in_after_a_rollback") {
+        cloned_files_are_read_in_after_a_rollback("btrfs");
+    }
+}
