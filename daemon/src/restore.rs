@@ -381,7 +381,11 @@ pub fn warm(root: BorrowedFd<'_>, cloned: &[(Vec<u8>, u64)]) {
         };
         let (parent, name) = sys::split_parent(path);
         let Ok(dir) = sys::open_beneath(root, parent) else { continue };
-        // Never blocks on a FIFO put there since, never follows a symlink.
+        // Opened only as a regular file, as a scan opens one: never a device
+        // put there since, never blocking on a FIFO, never through a symlink.
+        if !sys::lstatat(dir.as_fd(), name).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG) {
+            continue;
+        }
         let Ok(fd) = sys::openat(dir.as_fd(), name, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0) else {
             continue;
         };
