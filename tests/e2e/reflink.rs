@@ -76,7 +76,8 @@ fn resident_pages(path: &std::path::Path) -> (usize, usize) {
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).unwrap();
     let len = file.metadata().unwrap().len() as usize;
-    let page = 4096;
+    // SAFETY: sysconf only reads its argument.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
     let pages = len.div_ceil(page);
     // SAFETY: a fresh read-only shared mapping of the whole file, only
     // passed to mincore and unmapped before the file is closed.
@@ -92,7 +93,8 @@ fn resident_pages(path: &std::path::Path) -> (usize, usize) {
 
 /// A clone leaves none of a file's pages in memory, and the checkpoint
 /// after a rollback reads every restored file again: the daemon has the
-/// small ones it cloned read in meanwhile (and nothing else is there to).
+/// small ones it cloned read in meanwhile (nothing else in this test reads
+/// them before it looks).
 fn cloned_files_are_read_in_after_a_rollback(fs: &str) {
     let m = Mounted::new(fs, 512 << 20);
     let d = TestDaemon::start();
