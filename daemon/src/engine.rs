@@ -103,13 +103,18 @@ struct Owed {
 /// 30 s, doubling to at most an hour. (With `SNAPBACK_TEST_HOOKS=1`,
 /// `SNAPBACK_TEST_PRUNE_RETRY_MS` replaces the 30 s, for tests.)
 fn retry_delay(failures: u32) -> Duration {
-    let hooks = std::env::var_os("SNAPBACK_TEST_HOOKS").is_some_and(|v| v == "1");
     let first = std::env::var("SNAPBACK_TEST_PRUNE_RETRY_MS")
         .ok()
-        .filter(|_| hooks)
+        .filter(|_| test_hooks())
         .and_then(|v| v.parse().ok())
         .map_or(Duration::from_secs(30), Duration::from_millis);
     (first * 2u32.saturating_pow(failures.saturating_sub(1).min(16))).min(Duration::from_secs(3600))
+}
+
+/// Whether the daemon runs with `SNAPBACK_TEST_HOOKS=1`, which turns on
+/// what only tests may use.
+fn test_hooks() -> bool {
+    std::env::var_os("SNAPBACK_TEST_HOOKS").is_some_and(|v| v == "1")
 }
 
 /// What a caller chooses about a new checkpoint.
@@ -346,7 +351,7 @@ impl Engine {
     /// queue overflow would: the `inject_rescan` test hook, served only when
     /// the daemon runs with `SNAPBACK_TEST_HOOKS=1`.
     fn inject(&self, peer: Peer, reference: &str) -> Result<SandboxInfo> {
-        if std::env::var_os("SNAPBACK_TEST_HOOKS").is_none_or(|v| v != "1") {
+        if !test_hooks() {
             return Err(Error::InvalidRequest("test hooks are off (SNAPBACK_TEST_HOOKS=1 turns them on)".into()));
         }
         let conn = self.db()?;

@@ -127,10 +127,11 @@ impl Object {
         Ok(bytes)
     }
 
-    /// Hashes the object's content.
-    pub fn hash(&self) -> io::Result<ObjectId> {
+    /// Hashes the object's content, whose length the caller has from
+    /// [`Object::size`].
+    pub fn hash(&self, size: u64) -> io::Result<ObjectId> {
         match self {
-            Object::Loose(fd) => hash_fd(fd.as_fd(), sys::fstat(fd.as_fd())?.st_size as u64),
+            Object::Loose(fd) => hash_fd(fd.as_fd(), size),
             Object::Packed { .. } => Ok(ObjectId(*blake3::hash(&self.read()?).as_bytes())),
         }
     }
@@ -674,11 +675,7 @@ impl Store {
         if object.size()? != size {
             return Ok(false);
         }
-        let hash = match &object {
-            Object::Loose(fd) => hash_fd(fd.as_fd(), size)?,
-            Object::Packed { .. } => object.hash()?,
-        };
-        Ok(hash == *id)
+        Ok(object.hash(size)? == *id)
     }
 
     /// Lists the objects present in the store, loose and packed.
