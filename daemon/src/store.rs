@@ -114,6 +114,42 @@ impl Object {
         }
     }
 
+    /// Writes the object's content over the regular file `dst`, now
+    /// `dst_len` bytes long, which ends as long as [`Object::write_into`]
+    /// makes an empty one. Returns whether it cloned.
+    ///
+    /// A copy of a small object (any packed one; a loose one of at most
+    /// [`SMALL_FILE`] bytes, when not cloning) is written over the old
+    /// bytes, and only a longer file's tail is cut off. Emptying the file
+    /// first frees blocks that the write then allocates again, and on ext4
+    /// arms a flush at its close: rewriting 100 files of 1-8 KiB took half
+    /// the time without it on XFS, btrfs and ext4 (2.1-2.7 against
+    /// 4.4-6.0 ms). A clone, or a copy that skips holes, goes into the file
+    /// emptied first: a clone over the old extents took three times as long
+    /// on XFS (level on btrfs).
+    pub fn write_over(&self, dst: BorrowedFd<'_>, dst_len: u64, size: u64, reflink: bool) -> io::Result<bool> {
+        let (bytes, len) = match self {
+            Object::Packed { len, .. } => (self.read()?, *len),
+            Object::Loose(fd) if !reflink && size <= SMALL_FILE => (read_at(fd.as_fd(), 0, size)?, size),
+            Object::Loose(_) => {
+                if dst_len > 0 {
+                    sys::ftruncate(dst, 0)?;
+                }
+                return self.write_into(dst, size, reflink);
+            }
+        };
+        if dst_len > len {
+            sys::ftruncate(dst, len)?;
+        }
+        sys::pwrite_all(dst, &bytes, 0)?;
+        if (bytes.len() as u64) < len {
+            // A loose object shorter than recorded: as long as a copy into
+            // an empty file makes it.
+            sys::ftruncate(dst, len)?;
+        }
+        Ok(false)
+    }
+
     /// Reads the whole object; for packed (small) objects and tests.
     pub fn read(&self) -> io::Result<Vec<u8>> {
         let (fd, offset, len) = match self {
@@ -1169,6 +1205,47 @@ mod tests {
         let longer = copy("longer", 6000);
         assert_eq!((&longer[..5000], longer.len()), (&content[..], 6000));
         assert!(longer[5000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn an_object_written_over_a_file_leaves_exactly_its_content() {
+        use std::io::{Seek, SeekFrom, Write};
+        let (t, store) = temp_store();
+        let small: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(t.path().join("small"), &small).unwrap();
+        // A large file with a hole in it: copied segment by segment, the
+        // hole must not keep what the old file had there.
+        let mut f = File::create(t.path().join("sparse")).unwrap();
+        f.write_all(b"head").unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(b"tail").unwrap();
+        drop(f);
+        let sparse = std::fs::read(t.path().join("sparse")).unwrap();
+        let pack = store.pack();
+        let packed = put_file(&store, &t.path().join("small"), Some(&pack)).hash;
+        pack.seal().unwrap();
+        drop(pack);
+        let loose = put_file(&store, &t.path().join("small"), None).hash;
+        let big = put_file(&store, &t.path().join("sparse"), None).hash;
+        assert!(store.has_loose(&loose) && store.slot(&packed).unwrap().is_some());
+        for (id, want) in [(packed, &small), (loose, &small), (big, &sparse)] {
+            for reflink in [false, true] {
+                for old_len in [0, 10, 4999, 5000, 5001, 4 << 20] {
+                    let path = t.path().join("dst");
+                    std::fs::write(&path, vec![0xEEu8; old_len]).unwrap();
+                    let dst = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                    let object = store.open_object(&id).unwrap();
+                    object.write_over(dst.as_fd(), old_len as u64, want.len() as u64, reflink).unwrap();
+                    let got = std::fs::read(&path).unwrap();
+                    assert!(
+                        got == *want,
+                        "{id} over {old_len} bytes (reflink {reflink}): {} bytes, not the object's {}",
+                        got.len(),
+                        want.len()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

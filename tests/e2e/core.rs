@@ -267,6 +267,7 @@ fn a_file_is_restored_in_place_unless_another_name_would_see_it() {
     let root = d.path("sb");
     write(&root.join("lone.txt"), "lone, as checkpointed");
     write(&root.join("linked.txt"), "linked, as checkpointed");
+    write(&root.join("short.txt"), "short, as checkpointed");
     chmod(&root.join("lone.txt"), 0o600);
     d.add_sandbox("sb", &root, &[]);
     let c = d.checkpoint("sb");
@@ -276,12 +277,16 @@ fn a_file_is_restored_in_place_unless_another_name_would_see_it() {
     std::fs::hard_link(root.join("linked.txt"), &outside).unwrap();
     let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
     let (lone_ino, linked_ino) = (ino(&root.join("lone.txt")), ino(&root.join("linked.txt")));
-    // Rewritten in place (same inodes): longer, with another mode.
+    let short_ino = ino(&root.join("short.txt"));
+    // Rewritten in place (same inodes): longer, with another mode; shorter.
     write(&root.join("lone.txt"), "lone, rewritten by the agent, and longer");
     chmod(&root.join("lone.txt"), 0o644);
+    write(&root.join("short.txt"), "s");
     write(&root.join("linked.txt"), "linked, rewritten");
     let r = d.rollback(&c);
-    assert_eq!(r["restored"], 2, "{r}");
+    assert_eq!(r["restored"], 3, "{r}");
+    assert_eq!(std::fs::read(root.join("short.txt")).unwrap(), b"short, as checkpointed");
+    assert_eq!(ino(&root.join("short.txt")), short_ino);
     let lone = std::fs::metadata(root.join("lone.txt")).unwrap();
     assert_eq!(std::fs::read(root.join("lone.txt")).unwrap(), b"lone, as checkpointed");
     assert_eq!(lone.mode() & 0o7777, 0o600);
