@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::fixture::{TestDaemon, binary, write};
+use crate::fixture::{TestDaemon, binary, eventually, write};
 use crate::tree::{assert_same, snapshot};
 
 /// A small xorshift generator, seeded from the clock and printed, so that a
@@ -49,17 +49,12 @@ fn spawn_cli(d: &TestDaemon, args: &[&str]) -> Child {
 /// intent is recorded), so that the kill lands during it.
 fn wait_for_intent(state_dir: &Path) {
     let conn = snapback_daemon::catalogue::connect(&state_dir.join("catalogue.db")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), Duration::from_millis(1), || {
         let n: i64 = conn
             .query_row("SELECT count(*) FROM intents WHERE state IN ('pending', 'applying')", [], |r| r.get(0))
             .unwrap();
-        if n > 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the rollback never started");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        if n > 0 { Ok(()) } else { Err("the rollback never started".into()) }
+    })
 }
 
 fn kill9(d: &TestDaemon) {

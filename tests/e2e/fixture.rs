@@ -114,16 +114,14 @@ impl TestDaemon {
         // Generous: a start fsyncs the catalogue, and on a disk the other
         // tests keep busy one fsync can wait seconds for their writeback.
         // Only a hung daemon comes near this.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Client::connect(&self.socket).is_err() {
+        eventually(Duration::from_secs(60), Duration::from_millis(10), || {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 std::thread::sleep(Duration::from_millis(100)); // let the reader catch the last lines
                 let text = String::from_utf8_lossy(&log.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
                 panic!("snapbackd exited with {status}: {text}");
             }
-            assert!(Instant::now() < deadline, "snapbackd did not answer within 60 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            Client::connect(&self.socket).map(drop).map_err(|e| format!("snapbackd does not answer: {e}"))
+        });
         self.child = Some(child);
     }
 
@@ -211,6 +209,21 @@ impl TestDaemon {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Calls `check` every `every` until it gives `Ok`, and returns what it
+/// gave; past `limit`, fails the test with its last `Err`. For what the
+/// daemon does in the background (its pruner, its watcher, the thread that
+/// reads restored files in), which a test can only poll for.
+pub fn eventually<T>(limit: Duration, every: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(done) => return done,
+            Err(why) if Instant::now() >= deadline => panic!("still, after {limit:?}: {why}"),
+            Err(_) => std::thread::sleep(every),
+        }
     }
 }
 

@@ -1,11 +1,11 @@
 //! Plans, the applied guard, revert, undo, retention, budgets and export.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use snapback::proto::{ErrorCode, PlanRollbackRequest};
 
-use crate::fixture::{TestDaemon, store_files, write};
+use crate::fixture::{TestDaemon, eventually, store_files, write};
 use crate::tree::{assert_same, snapshot};
 
 fn id(v: &serde_json::Value) -> String {
@@ -236,16 +236,20 @@ fn retention_follows_a_checkpoint_without_waiting_for_another_request() {
         d.checkpoint("sb");
     }
     // No request follows: the daemon's pruner applies the policy itself.
-    // Read from the catalogue directly, since any request would apply it.
-    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
-    let count = || -> i64 { conn.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0)).unwrap() };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while count() > 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert_eq!(count(), 1, "the checkpoints beyond keep_last = 1 were not pruned");
+    pruned_to_one(&d, "the checkpoints beyond keep_last = 1 were not pruned");
     let list = d.json(&["list", "sb"]);
     assert_eq!(list["checkpoints"].as_array().unwrap().len(), 1, "{list}");
+}
+
+/// Waits until the daemon's pruner has left one checkpoint, with no
+/// request to prompt it: read from the catalogue directly, since any
+/// request would apply the policy itself.
+fn pruned_to_one(d: &TestDaemon, what: &str) {
+    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
+    eventually(Duration::from_secs(20), Duration::from_millis(10), || {
+        let n: i64 = conn.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0)).unwrap();
+        if n == 1 { Ok(()) } else { Err(format!("{what}: {n} checkpoints")) }
+    });
 }
 
 #[test]
@@ -272,24 +276,17 @@ fn a_pruning_that_failed_is_tried_again_and_frees_what_it_left() {
     write(&root.join("x.bin"), vec![b'b'; 100_000]);
     d.checkpoint("sb");
     // keep_last = 1 prunes the first checkpoint; its object cannot go.
-    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
-    let count = || -> i64 { conn.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0)).unwrap() };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while count() > 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(count(), 1, "the checkpoint beyond keep_last = 1 was not pruned");
+    pruned_to_one(&d, "the checkpoint beyond keep_last = 1 was not pruned");
     std::thread::sleep(Duration::from_millis(300)); // a few retries fail
     assert!(object.is_dir());
     // Put the object file back: the next retry removes it, with no
     // request and no restart to prompt it.
     std::fs::remove_dir(&object).unwrap();
     std::fs::rename(&aside, &object).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while object.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(!object.exists(), "the object a failed pruning left was never removed");
+    eventually(Duration::from_secs(20), Duration::from_millis(10), || match object.exists() {
+        true => Err("the object a failed pruning left was never removed".into()),
+        false => Ok(()),
+    });
     d.assert_verified();
 }
 

@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use crate::fixture::{Mounted, TestDaemon, object_count, root_or_skip};
+use crate::fixture::{Mounted, TestDaemon, eventually, object_count, root_or_skip};
 
 /// Checkpoints and rolls back 64 MiB on `fs` and checks that neither copies
 /// the data: free space barely moves while objects and files appear.
@@ -115,19 +115,12 @@ fn cloned_files_are_read_in_after_a_rollback(fs: &str) {
     }
     let report = d.rollback(&c);
     assert_eq!(report["restored"], 20, "{report}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (limit, every) = (std::time::Duration::from_secs(30), std::time::Duration::from_millis(20));
     for n in &names {
-        loop {
-            let (resident, pages) = resident_pages(&sandbox.join(n));
-            if resident == pages {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{fs}: {n} has {resident} of its {pages} pages in memory 30 s after the rollback"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        eventually(limit, every, || match resident_pages(&sandbox.join(n)) {
+            (resident, pages) if resident == pages => Ok(()),
+            (resident, pages) => Err(format!("{fs}: {n} has {resident} of its {pages} pages in memory")),
+        });
         assert_eq!(std::fs::read(sandbox.join(n)).unwrap(), content(n, 0), "{fs}: {n}");
     }
     drop(d);

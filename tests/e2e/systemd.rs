@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use snapback::Client;
 use snapback::proto::{CheckpointRequest, SandboxAdd, WirePath};
 
-use crate::fixture::{binary, tool_or_skip, write};
+use crate::fixture::{binary, eventually, tool_or_skip, write};
 
 fn sigterm(child: &std::process::Child) {
     // SAFETY: signalling a child we own and have not reaped.
@@ -46,15 +46,10 @@ fn a_socket_activated_daemon_serves_on_the_passed_socket_and_leaves_it_to_system
     // The socket file appears at bind(), a moment before listen(): until
     // then a connect is refused, so wait for a connect, not for the file.
     // Once it listens, connections queue until the daemon takes them.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut client = loop {
+    let mut client = eventually(Duration::from_secs(20), Duration::from_millis(10), || {
         assert!(child.try_wait().unwrap().is_none(), "systemd-socket-activate exited early");
-        match Client::connect(&socket) {
-            Ok(client) => break client,
-            Err(e) => assert!(Instant::now() < deadline, "systemd-socket-activate did not listen within 20 s: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+        Client::connect(&socket).map_err(|e| format!("systemd-socket-activate does not listen: {e}"))
+    });
     let path = WirePath::from(sandbox.as_path());
     client.sandbox_add(SandboxAdd { path, name: Some("sb".into()), excludes: vec![], store: None }).unwrap();
     let cp = client.checkpoint(CheckpointRequest { sandbox: "sb".into(), ..Default::default() }).unwrap();

@@ -1,11 +1,11 @@
 //! The watcher: incremental checkpoints that miss nothing.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use snapback::proto::CheckpointRequest;
 
-use crate::fixture::{TestDaemon, root_or_skip, write};
+use crate::fixture::{TestDaemon, eventually, root_or_skip, write};
 
 /// The real-overflow test lowers a system-wide inotify limit for a moment;
 /// the other tests here assert incremental scans, so they do not overlap it.
@@ -17,18 +17,15 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Waits until the sandbox's watch is set up (a readiness signal, polled).
 fn wait_watching(d: &TestDaemon, name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let watch = eventually(Duration::from_secs(30), Duration::from_millis(20), || {
         let status = d.json(&["status"]);
         let sb = status["sandboxes"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap();
-        let watch = sb["watch"].as_str().unwrap();
-        if watch != "starting" {
-            assert!(!watch.starts_with("degraded"), "{watch}");
-            return;
+        match sb["watch"].as_str().unwrap() {
+            "starting" => Err(format!("the watch of {name} never came up")),
+            watch => Ok(watch.to_owned()),
         }
-        assert!(Instant::now() < deadline, "the watch of {name} never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    });
+    assert!(!watch.starts_with("degraded"), "{watch}");
 }
 
 fn checkpoint(client: &mut snapback::Client, sandbox: &str) -> snapback::proto::CheckpointInfo {
@@ -244,18 +241,15 @@ fn status_shows_the_watch() {
     let root = watched(&d, "sb", 30);
     write(&root.join("d1/pending.txt"), "not yet checkpointed");
     // Dirty paths appear once their events are read: poll for them.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let sb = loop {
-        let status = d.json(&["status"]);
-        let sb = status["sandboxes"][0].clone();
-        if sb["dirty_paths"].as_u64().unwrap() > 0 || Instant::now() > deadline {
-            break sb;
+    let sb = eventually(Duration::from_secs(10), Duration::from_millis(10), || {
+        let sb = d.json(&["status"])["sandboxes"][0].clone();
+        match sb["dirty_paths"].as_u64().unwrap() {
+            0 => Err(format!("no dirty path: {sb}")),
+            _ => Ok(sb),
         }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    });
     assert_eq!(sb["watch"], "watching", "{sb}");
     assert_eq!(sb["watched_dirs"], 11, "{sb}");
-    assert!(sb["dirty_paths"].as_u64().unwrap() >= 1, "{sb}");
     assert!(sb["checkpoints"].as_u64().unwrap() >= 2);
     assert!(sb["store_bytes"].as_u64().unwrap() > 0);
     assert!(["reflink", "copy"].contains(&sb["clone_method"].as_str().unwrap()));
@@ -286,18 +280,12 @@ fn auto_checkpoints_follow_a_quiet_period() {
     let d = TestDaemon::start_with_config(Some("[sandbox.sb]\nauto_checkpoint_ms = 200\n"));
     let root = watched(&d, "sb", 5);
     write(&root.join("edited.txt"), "by an agent");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let auto = eventually(Duration::from_secs(20), Duration::from_millis(50), || {
         let list = d.json(&["list", "sb"]);
-        let autos: Vec<serde_json::Value> =
-            list["checkpoints"].as_array().unwrap().iter().filter(|c| c["kind"] == "auto").cloned().collect();
-        if let Some(a) = autos.first() {
-            assert_eq!(a["changed"], 1, "{a}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no auto checkpoint came");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        let mut checkpoints = list["checkpoints"].as_array().unwrap().iter();
+        checkpoints.find(|c| c["kind"] == "auto").cloned().ok_or_else(|| "no auto checkpoint came".to_string())
+    });
+    assert_eq!(auto["changed"], 1, "{auto}");
     // Without changes, no more come.
     let count = d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len();
     std::thread::sleep(Duration::from_millis(600));
