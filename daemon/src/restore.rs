@@ -493,8 +493,9 @@ fn put_file(
 /// mtime): the caller then replaces it.
 ///
 /// Unlike a rename, this is not atomic: a reader may see the file empty,
-/// or part old and part new, while it is restored, and a daemon killed half way leaves
-/// it so, until the restore's intent finishes it at the next start.
+/// or part old and part new, while it is restored, and a daemon killed
+/// half way leaves it so, until the restore's intent finishes it at the
+/// next start.
 fn overwrite(
     dir: BorrowedFd<'_>,
     name: &[u8],

@@ -1212,7 +1212,9 @@ mod tests {
         use std::io::{Seek, SeekFrom, Write};
         let (t, store) = temp_store();
         let small: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let other: Vec<u8> = small.iter().map(|b| b ^ 0x55).collect();
         std::fs::write(t.path().join("small"), &small).unwrap();
+        std::fs::write(t.path().join("other"), &other).unwrap();
         // A large file with a hole in it: copied segment by segment, the
         // hole must not keep what the old file had there.
         let mut f = File::create(t.path().join("sparse")).unwrap();
@@ -1225,16 +1227,16 @@ mod tests {
         let packed = put_file(&store, &t.path().join("small"), Some(&pack)).hash;
         pack.seal().unwrap();
         drop(pack);
-        let loose = put_file(&store, &t.path().join("small"), None).hash;
+        let loose = put_file(&store, &t.path().join("other"), None).hash;
         let big = put_file(&store, &t.path().join("sparse"), None).hash;
-        assert!(store.has_loose(&loose) && store.slot(&packed).unwrap().is_some());
-        for (id, want) in [(packed, &small), (loose, &small), (big, &sparse)] {
+        for (id, want, packed) in [(packed, &small, true), (loose, &other, false), (big, &sparse, false)] {
             for reflink in [false, true] {
                 for old_len in [0, 10, 4999, 5000, 5001, 4 << 20] {
                     let path = t.path().join("dst");
                     std::fs::write(&path, vec![0xEEu8; old_len]).unwrap();
                     let dst = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
                     let object = store.open_object(&id).unwrap();
+                    assert_eq!(matches!(object, Object::Packed { .. }), packed, "{id}");
                     object.write_over(dst.as_fd(), old_len as u64, want.len() as u64, reflink).unwrap();
                     let got = std::fs::read(&path).unwrap();
                     assert!(
