@@ -103,7 +103,9 @@ impl Object {
     /// where `reflink` is set and the pair allows it (loose objects only: a
     /// clone of a slot would leave a shared block to be copied at the
     /// truncation to its length), else by a copy. `size` is the length the
-    /// catalogue records. Returns whether it cloned.
+    /// catalogue records. Returns whether it cloned. A copy of a small
+    /// object writes every byte from the start, so `dst` may also hold no
+    /// more than that (see [`Object::write_over`]).
     pub fn write_into(&self, dst: BorrowedFd<'_>, size: u64, reflink: bool) -> io::Result<bool> {
         match self {
             Object::Loose(fd) => clone_or_copy(dst, fd.as_fd(), size, reflink),
