@@ -129,12 +129,44 @@ struct NewCheckpoint {
     pinned: bool,
 }
 
+/// Background work a request starts, begun only once its answer is sent
+/// (see [`Engine::handle`]).
+enum Later {
+    /// Copy the write-ahead logs back (catalogue and pack indexes).
+    CheckpointLogs,
+    /// Wake the pruner for the retention owed.
+    WakePruner,
+    /// Read restored files in (see [`crate::restore::warm`]).
+    Warm(OwnedFd, Vec<(Vec<u8>, u64)>),
+}
+
+thread_local! {
+    /// The work deferred by the request running on this thread, if one
+    /// is (see [`Engine::handle`]).
+    static DEFERRED: std::cell::RefCell<Option<Vec<Later>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Work a request left for after its answer: run when dropped.
+pub struct After {
+    engine: Arc<Engine>,
+    work: Vec<Later>,
+}
+
+impl Drop for After {
+    fn drop(&mut self) {
+        for later in self.work.drain(..) {
+            self.engine.run_later(later);
+        }
+    }
+}
+
 /// Idle connections kept beyond this many are closed.
 const MAX_IDLE_CONNECTIONS: usize = 8;
 
 /// A catalogue connection that goes back to the engine's pool when
 /// dropped, unless a transaction was left open on it. Dropping one that
-/// wrote asks for a checkpoint of the write-ahead log.
+/// wrote asks for a checkpoint of the write-ahead log (after the answer,
+/// when a request is running: see [`Engine::handle`]).
 struct Pooled<'a> {
     conn: Option<Connection>,
     /// The connection's change counter when it was handed out.
@@ -159,10 +191,7 @@ impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
         if conn.total_changes() != self.changes {
-            self.engine.wal.kick();
-            for store in lock(&self.engine.stores).values() {
-                store.checkpoint_index_log();
-            }
+            self.engine.later(Later::CheckpointLogs);
         }
         if conn.is_autocommit() {
             let mut idle = lock(&self.engine.idle);
@@ -439,8 +468,34 @@ impl Engine {
         store.collect_garbage(&referenced).ctx(|| format!("collecting garbage in {}", store.path().display()))
     }
 
-    /// Answers one request. Errors become `Response::Error`.
-    pub fn handle(&self, peer: Peer, request: Request) -> Response {
+    /// Answers one request; errors become `Response::Error`. The background work it starts (copying
+    /// write-ahead logs back, waking the pruner, reading restored files
+    /// in) is left to the returned [`After`]: the caller sends the answer
+    /// first, then drops it, so that the work does not compete with the
+    /// answer for the CPU.
+    pub fn handle(self: &Arc<Self>, peer: Peer, request: Request) -> (Response, After) {
+        /// Ends the deferral when the request ends, even by a panic; the
+        /// work collected then runs at once.
+        struct Collecting<'a>(&'a Arc<Engine>);
+        impl Collecting<'_> {
+            fn take(&self) -> After {
+                let work = DEFERRED.with_borrow_mut(Option::take).unwrap_or_default();
+                After { engine: self.0.clone(), work }
+            }
+        }
+        impl Drop for Collecting<'_> {
+            fn drop(&mut self) {
+                drop(self.take());
+            }
+        }
+        DEFERRED.with_borrow_mut(|d| *d = Some(Vec::new()));
+        let collecting = Collecting(self);
+        let response = self.answer(peer, request);
+        let after = collecting.take();
+        (response, after)
+    }
+
+    fn answer(&self, peer: Peer, request: Request) -> Response {
         // Every request sees the retention of the checkpoints answered
         // before it.
         self.settle_retention();
@@ -799,7 +854,42 @@ impl Engine {
     /// it comes sooner (see [`Engine::settle_retention`]).
     fn retain(&self, sandbox_id: i64) {
         lock(&self.owed).sandboxes.insert(sandbox_id);
-        self.owed_changed.notify_all();
+        self.later(Later::WakePruner);
+    }
+
+    /// Runs `work` now, or after the answer of the request running on
+    /// this thread (see [`Engine::handle`]).
+    fn later(&self, work: Later) {
+        let work = DEFERRED.with_borrow_mut(|d| match d {
+            Some(deferred) => {
+                deferred.push(work);
+                None
+            }
+            None => Some(work),
+        });
+        if let Some(work) = work {
+            self.run_later(work);
+        }
+    }
+
+    fn run_later(&self, work: Later) {
+        match work {
+            Later::CheckpointLogs => {
+                self.wal.kick();
+                for store in lock(&self.stores).values() {
+                    store.checkpoint_index_log();
+                }
+            }
+            Later::WakePruner => self.owed_changed.notify_all(),
+            Later::Warm(root, cloned) => {
+                let warming = std::thread::Builder::new()
+                    .name("snapback-warm".into())
+                    .spawn(move || crate::restore::warm(root.as_fd(), &cloned));
+                if let Err(e) = warming {
+                    tracing::debug!("not warming the restored files: {e}");
+                }
+            }
+        }
     }
 
     /// Applies the retention owed, and waits for any being applied: after
@@ -1339,14 +1429,9 @@ impl Engine {
             let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
             skipped = applied.skipped;
             if !applied.cloned.is_empty() {
-                // On a thread of its own: the answer does not wait for
-                // what only the next checkpoint gains from.
-                let warming = std::thread::Builder::new()
-                    .name("snapback-warm".into())
-                    .spawn(move || crate::restore::warm(root.as_fd(), &applied.cloned));
-                if let Err(e) = warming {
-                    tracing::debug!("not warming the restored files: {e}");
-                }
+                // After the answer, on a thread of its own: the answer does
+                // not wait for what only the next checkpoint gains from.
+                self.later(Later::Warm(root, applied.cloned));
             }
         }
         let (restored, created, deleted) = plan.counts();

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::engine::After;
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, PROTOCOL, Request, Response, Welcome};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -350,7 +351,15 @@ async fn serve_line(
             return Ok(false);
         }
         (false, _) => error(ErrorCode::InvalidRequest, "the first request must be hello"),
-        (true, request) => run(engine, peer, request, *wants_progress, write).await?,
+        (true, request) => {
+            let (response, after) = run(engine, peer, request, *wants_progress, write).await?;
+            // The answer goes out before the background work the request
+            // started: the work runs when `after` drops, sent or not.
+            let sent = send(write, &response).await;
+            drop(after);
+            sent?;
+            return Ok(true);
+        }
     };
     send(write, &response).await?;
     Ok(true)
@@ -365,15 +374,22 @@ async fn run(
     request: Request,
     wants_progress: bool,
     write: &mut tokio::net::unix::OwnedWriteHalf,
-) -> io::Result<Response> {
-    let failed = |e: tokio::task::JoinError| error(ErrorCode::Internal, format!("the request failed: {e}"));
+) -> io::Result<(Response, Option<After>)> {
+    let failed = |e: tokio::task::JoinError| (error(ErrorCode::Internal, format!("the request failed: {e}")), None);
     let engine = engine.clone();
     if !wants_progress {
-        return Ok(tokio::task::spawn_blocking(move || engine.handle(peer, request)).await.unwrap_or_else(failed));
+        let task = tokio::task::spawn_blocking(move || {
+            let (response, after) = engine.handle(peer, request);
+            (response, Some(after))
+        });
+        return Ok(task.await.unwrap_or_else(failed));
     }
     let counters = Arc::new(Progress::default());
     let shared = counters.clone();
-    let mut task = tokio::task::spawn_blocking(move || progress::scoped(shared, || engine.handle(peer, request)));
+    let mut task = tokio::task::spawn_blocking(move || {
+        let (response, after) = progress::scoped(shared, || engine.handle(peer, request));
+        (response, Some(after))
+    });
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = None;

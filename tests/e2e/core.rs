@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::fixture::{TestDaemon, object_count, write};
+use crate::fixture::{TestDaemon, eventually, object_count, write};
 use crate::tree::{Node, assert_same, snapshot};
 
 fn chmod(p: &Path, mode: u32) {
@@ -485,6 +485,28 @@ fn objects_are_shared_when_files_do_not_change() {
     } else {
         panic!("d0/f0 is not a file");
     }
+}
+
+#[test]
+fn the_catalogue_log_is_copied_back_once_a_request_is_answered() {
+    // The daemon's thread of its own copies the write-ahead log back into
+    // the database file, started once the request that wrote has been
+    // answered. Without it, the log would only grow.
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("x.txt"), "a");
+    d.add_sandbox("sb", &root, &[]);
+    let id = d.checkpoint("sb");
+    // The database file alone, as if there were no log.
+    let uri = format!("file:{}?immutable=1", d.state_dir.join("catalogue.db").display());
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+    eventually(Duration::from_secs(10), Duration::from_millis(10), || {
+        let conn = rusqlite::Connection::open_with_flags(&uri, flags).map_err(|e| e.to_string())?;
+        let found: i64 = conn
+            .query_row("SELECT count(*) FROM checkpoints WHERE id = ?1", [&id], |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        if found == 1 { Ok(()) } else { Err(format!("checkpoint {id} is still only in the log")) }
+    });
 }
 
 fn rusqlite_count(db: &Path) -> i64 {
