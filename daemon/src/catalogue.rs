@@ -609,59 +609,21 @@ pub fn begin_intent(
     Ok(conn.last_insert_rowid())
 }
 
-/// Records a restore's safety checkpoint and the desired version (`None`:
-/// absent) of every path it is about to touch, in the caller's transaction
-/// (the one that writes the safety checkpoint, or its own).
-pub fn intent_applying(
-    tx: &Transaction<'_>,
-    id: i64,
-    safety: &str,
-    desired: &[(&[u8], Option<&Meta>)],
-    now_ms: i64,
-) -> Result<()> {
+/// Records a restore's safety checkpoint, in the caller's transaction (the
+/// one that writes it). The target and the safety checkpoint determine the
+/// version every touched path must end with (see
+/// `Engine::resume_one`), so no path is written here.
+pub fn intent_applying(tx: &Transaction<'_>, id: i64, safety: &str, now_ms: i64) -> Result<()> {
     tx.execute(
         "UPDATE intents SET state = 'applying', safety = ?2, updated_ms = ?3 WHERE id = ?1",
         params![id, safety, now_ms],
     )?;
-    {
-        let mut stmt = tx.prepare(
-            "INSERT INTO intent_paths (intent_id, path, kind, mode, uid, gid, size, mtime_ns, target, object)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?;
-        for (path, meta) in desired {
-            match meta {
-                Some(m) => stmt.execute(params![
-                    id,
-                    path,
-                    m.kind.as_str(),
-                    m.mode,
-                    m.uid,
-                    m.gid,
-                    m.size as i64,
-                    m.mtime_ns,
-                    m.target,
-                    m.object.as_ref().map(|o| o.0.to_vec())
-                ])?,
-                None => stmt.execute(params![
-                    id,
-                    path,
-                    None::<&str>,
-                    None::<i64>,
-                    None::<i64>,
-                    None::<i64>,
-                    None::<i64>,
-                    None::<i64>,
-                    None::<Vec<u8>>,
-                    None::<Vec<u8>>
-                ])?,
-            };
-        }
-    }
     Ok(())
 }
 
-/// Returns the desired versions an `applying` intent recorded: those to
-/// exist, and the paths that must not.
+/// Returns the desired versions an `applying` intent recorded path by path,
+/// as earlier daemons did (migration 3): those to exist, and the paths that
+/// must not. Empty for an intent recorded since.
 pub fn intent_paths(conn: &Connection, id: i64) -> Result<(Manifest, Vec<Vec<u8>>)> {
     let mut stmt = conn.prepare(
         "SELECT 0, path, kind, mode, uid, gid, size, mtime_ns, target, object, 0, 0, 0

@@ -390,6 +390,18 @@ impl Engine {
         self.sandbox_info(&conn, &sandbox)
     }
 
+    /// The `stop-after-safety` test hook, on only with
+    /// `SNAPBACK_TEST_HOOKS=1`: a restore whose safety checkpoint and
+    /// intent have just committed ends the daemon there, before it touches
+    /// the sandbox, once for each time a test creates the file
+    /// `stop-after-safety` in the state directory.
+    fn stop_after_safety_hook(&self) {
+        if test_hooks() && std::fs::remove_file(self.state_dir.join("stop-after-safety")).is_ok() {
+            tracing::warn!("test hook: stopping after the safety checkpoint");
+            std::process::exit(70);
+        }
+    }
+
     /// Returns a catalogue connection: an idle one from the pool, or a new
     /// one. Reusing connections keeps their prepared statements and schema
     /// cache; opening one costs about a millisecond.
@@ -1305,14 +1317,14 @@ impl Engine {
         let reason = format!("before {kind} to {}", target.info.id);
         let (safety, (plan, t_side, l_side)) =
             self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
-                let (t_side, l_side) = catalogue::rows_between(tx, sandbox.id, target.info.seq, s.seq)?;
-                let plan = Plan::new(&t_side, &l_side, filter, &excludes);
-                catalogue::intent_applying(tx, intent, &s.id, &plan.desired(), now_ms())?;
+                let planned = restore_plan(tx, sandbox.id, target.info.seq, s.seq, filter, &excludes)?;
+                catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
                 // Recorded first: a rollback that fails half way can still be
                 // undone to the state before it.
                 catalogue::record_rollback(tx, sandbox.id, kind, &target.info.id, &s.id, now_ms())?;
-                Ok((plan, t_side, l_side))
+                Ok(planned)
             })?;
+        self.stop_after_safety_hook();
         let safety_ms = ms_since(started);
         let total = self.restore_total(conn, sandbox, target, safety.seq, (&t_side, &l_side), filter, &excludes)?;
         let plan_ms = ms_since(started);
@@ -1396,7 +1408,7 @@ impl Engine {
             };
             return Ok(report.restored + report.created + report.deleted);
         }
-        let (present, absent) = catalogue::intent_paths(conn, intent.id)?;
+        let (present, absent) = intent_desired(conn, &sandbox, intent)?;
         let live = self.live_state(conn, &sandbox)?;
         let wanted: std::collections::HashSet<&[u8]> =
             present.keys().map(Vec::as_slice).chain(absent.iter().map(Vec::as_slice)).collect();
@@ -1567,41 +1579,24 @@ impl Engine {
                 step.info.id, sandbox.name
             ))
         })?;
-        // What the step changed: versions at its parent and at the step.
         refuse_if_broken(&parent)?;
-        let (before, after) = catalogue::rows_between(conn, sandbox.id, parent.info.seq, step.info.seq)?;
-        let step_paths = changed_paths(&before, &after);
         let excludes = Excludes::new(&sandbox.excludes)?;
         let reason = format!("before revert of {}", step.info.id);
-        // The plan is made, and recorded in the intent, in the safety
-        // checkpoint's transaction, from the versions that changed between
-        // the step and now: the live version of a path the step changed is
-        // its version at the step unless it changed again later. A refused
-        // revert still commits its safety checkpoint, without an intent.
+        // The plan is made in the safety checkpoint's transaction, from the
+        // versions that changed between the step and now. A refused revert
+        // still commits its safety checkpoint, without an applying intent.
         let (safety, planned) = self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
-            let (then, now) = catalogue::rows_between(tx, sandbox.id, step.info.seq, s.seq)?;
-            let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
-            let conflicts: Vec<Vec<u8>> = step_paths.iter().filter(|p| later.contains(*p)).cloned().collect();
-            if !conflicts.is_empty() && !force {
-                return Ok(Err(conflicts));
+            let planned = revert_plan(tx, sandbox.id, (parent.info.seq, step.info.seq, s.seq), force, &excludes)?;
+            if planned.is_ok() {
+                catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
+                catalogue::record_rollback(tx, sandbox.id, "revert", &step.info.id, &s.id, now_ms())?;
             }
-            let mut target = Manifest::default();
-            let mut live = Manifest::default();
-            for p in &step_paths {
-                if let Some(row) = before.get(p) {
-                    target.insert(p.clone(), row.clone());
-                }
-                let at_now = if later.contains(p) { now.get(p) } else { after.get(p) };
-                if let Some(row) = at_now {
-                    live.insert(p.clone(), row.clone());
-                }
-            }
-            let plan = Plan::new(&target, &live, &[], &excludes);
-            catalogue::intent_applying(tx, intent, &s.id, &plan.desired(), now_ms())?;
-            catalogue::record_rollback(tx, sandbox.id, "revert", &step.info.id, &s.id, now_ms())?;
-            Ok(Ok((plan, conflicts)))
+            Ok(planned)
         })?;
-        let (plan, conflicts) = planned.map_err(|conflicts| {
+        if planned.is_ok() {
+            self.stop_after_safety_hook();
+        }
+        let Reverting { plan, conflicts, step_paths } = planned.map_err(|conflicts| {
             let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
             Error::Conflict {
                 message: format!(
@@ -1616,7 +1611,7 @@ impl Engine {
             }
         })?;
         let store = self.store(&sandbox.store)?;
-        let total = step_paths.len() as u64;
+        let total = step_paths as u64;
         let mut report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &step.info.id, total)?;
         self.retain(sandbox.id);
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
@@ -1875,6 +1870,115 @@ impl Engine {
             sandboxes,
         })
     }
+}
+
+/// The plan of a rollback or undo to checkpoint `target` whose safety
+/// checkpoint is `now`: the paths that differ between the two (within
+/// `filter`) go back to their versions at `target`. Also returns the two
+/// sides of the difference. Made in the safety checkpoint's transaction,
+/// and again from the committed catalogue when a crash cut the restore
+/// short (see [`intent_desired`]).
+fn restore_plan(
+    conn: &Connection,
+    sandbox_id: i64,
+    target: u64,
+    now: u64,
+    filter: &[Vec<u8>],
+    excludes: &Excludes,
+) -> Result<(Plan, Manifest, Manifest)> {
+    let (t_side, l_side) = catalogue::rows_between(conn, sandbox_id, target, now)?;
+    let plan = Plan::new(&t_side, &l_side, filter, excludes);
+    Ok((plan, t_side, l_side))
+}
+
+/// What a revert does.
+struct Reverting {
+    plan: Plan,
+    /// Paths the step changed that were changed again after it.
+    conflicts: Vec<Vec<u8>>,
+    /// How many paths the step changed.
+    step_paths: usize,
+}
+
+/// The plan of a revert of checkpoint `step` (`parent` is the checkpoint
+/// before it) whose safety checkpoint is `now` (seqs, in that order): each
+/// path the step changed goes back to its version at `parent`. Its live
+/// version is its version at the step, unless it changed again later: those
+/// paths conflict, and unless `force` the revert is refused (`Err`, with
+/// them). Made like [`restore_plan`].
+fn revert_plan(
+    conn: &Connection,
+    sandbox_id: i64,
+    (parent, step, now): (u64, u64, u64),
+    force: bool,
+    excludes: &Excludes,
+) -> Result<std::result::Result<Reverting, Vec<Vec<u8>>>> {
+    let (before, after) = catalogue::rows_between(conn, sandbox_id, parent, step)?;
+    let step_paths = changed_paths(&before, &after);
+    let (then, now) = catalogue::rows_between(conn, sandbox_id, step, now)?;
+    let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
+    let conflicts: Vec<Vec<u8>> = step_paths.iter().filter(|p| later.contains(*p)).cloned().collect();
+    if !conflicts.is_empty() && !force {
+        return Ok(Err(conflicts));
+    }
+    let mut target = Manifest::default();
+    let mut live = Manifest::default();
+    for p in &step_paths {
+        if let Some(row) = before.get(p) {
+            target.insert(p.clone(), row.clone());
+        }
+        let at_now = if later.contains(p) { now.get(p) } else { after.get(p) };
+        if let Some(row) = at_now {
+            live.insert(p.clone(), row.clone());
+        }
+    }
+    let plan = Plan::new(&target, &live, &[], excludes);
+    Ok(Ok(Reverting { plan, conflicts, step_paths: step_paths.len() }))
+}
+
+/// The version every path an `applying` intent touches must end with, and
+/// the paths that must not exist: made again from its target and safety
+/// checkpoint, as the interrupted request made them (nothing in the
+/// sandbox's history changes while a restore holds its lock, and neither
+/// checkpoint can be pruned before the restore is finished), or read as an
+/// earlier daemon recorded them.
+fn intent_desired(
+    conn: &Connection,
+    sandbox: &Sandbox,
+    intent: &catalogue::Intent,
+) -> Result<(Manifest, Vec<Vec<u8>>)> {
+    let recorded = catalogue::intent_paths(conn, intent.id)?;
+    if !recorded.0.is_empty() || !recorded.1.is_empty() {
+        return Ok(recorded);
+    }
+    let safety = intent
+        .safety
+        .as_deref()
+        .ok_or_else(|| Error::Internal(format!("the applying intent {} names no safety checkpoint", intent.id)))?;
+    let now = catalogue::checkpoint_by_ref(conn, safety)?.info.seq;
+    let target = catalogue::checkpoint_by_ref(conn, &intent.target)?;
+    let excludes = Excludes::new(&sandbox.excludes)?;
+    let plan = if intent.kind == "revert" {
+        let parent = catalogue::previous_checkpoint(conn, sandbox.id, target.info.seq)?
+            .ok_or_else(|| Error::Internal(format!("the checkpoint before {} is gone", target.info.id)))?;
+        revert_plan(conn, sandbox.id, (parent.info.seq, target.info.seq, now), intent.force, &excludes)?
+            .map_err(|_| Error::Internal(format!("the revert of {} now conflicts", target.info.id)))?
+            .plan
+    } else {
+        restore_plan(conn, sandbox.id, target.info.seq, now, &intent.filter, &excludes)?.0
+    };
+    let mut present = Manifest::default();
+    let mut absent = Vec::new();
+    for (path, meta) in plan.desired() {
+        match meta {
+            Some(meta) => {
+                let key = crate::manifest::StatKey { ctime_ns: 0, ino: 0, racy: false };
+                present.insert(path.to_vec(), crate::manifest::Row { id: 0, meta: meta.clone(), key });
+            }
+            None => absent.push(path.to_vec()),
+        }
+    }
+    Ok((present, absent))
 }
 
 /// Refuses to restore from a checkpoint `verify` found broken.

@@ -152,3 +152,54 @@ fn a_checkpoint_killed_at_random_points_is_listed_complete_or_absent() {
         }
     }
 }
+
+/// Runs `snapback ARGS` against a daemon that the `stop-after-safety` hook
+/// ends right after the request's safety checkpoint, then starts it again;
+/// returns the recovery note `status` reports.
+fn stopped_after_safety_then_restarted(d: &mut TestDaemon, args: &[&str]) -> String {
+    let hook = d.state_dir.join("stop-after-safety");
+    std::fs::write(&hook, b"").unwrap();
+    let out = d.cli(args);
+    assert!(!out.status.success(), "{args:?} was answered although the daemon was to stop");
+    assert!(!hook.exists(), "{args:?}: the daemon did not stop at the hook");
+    d.restart();
+    let status = d.json(&["status"]);
+    status["sandboxes"][0]["recovery"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn restores_stopped_after_their_safety_checkpoint_are_finished_at_restart() {
+    // Each kind of restore, stopped once its intent and safety checkpoint
+    // are committed and nothing is touched yet: the restart makes its plan
+    // again from the catalogue and applies all of it.
+    let mut d = TestDaemon::start_with_env(&[("SNAPBACK_TEST_HOOKS", "1")]);
+    let sb = d.path("sb");
+    write(&sb.join("a/x.txt"), "x1");
+    write(&sb.join("b/y.txt"), "y1");
+    d.add_sandbox("sb", &sb, &[]);
+    let first = d.checkpoint("sb");
+    write(&sb.join("a/x.txt"), "x2");
+    write(&sb.join("a/new.txt"), "new");
+    write(&sb.join("b/y.txt"), "y2");
+    d.checkpoint("sb");
+    write(&sb.join("b/y.txt"), "y3");
+    let step = d.checkpoint("sb");
+    let read = |p: &str| std::fs::read_to_string(sb.join(p)).ok();
+
+    // A rollback of `a` only.
+    let note =
+        stopped_after_safety_then_restarted(&mut d, &["rollback", &first, "--path", &sb.join("a").to_string_lossy()]);
+    assert!(note.contains("finished at start"), "status reports {note:?}");
+    assert_eq!((read("a/x.txt"), read("a/new.txt"), read("b/y.txt")), (Some("x1".into()), None, Some("y3".into())));
+
+    // A revert of the step that wrote y3.
+    let note = stopped_after_safety_then_restarted(&mut d, &["revert", &step]);
+    assert!(note.contains("finished at start"), "status reports {note:?}");
+    assert_eq!((read("a/x.txt"), read("a/new.txt"), read("b/y.txt")), (Some("x1".into()), None, Some("y2".into())));
+
+    // Undo of that revert.
+    let note = stopped_after_safety_then_restarted(&mut d, &["undo", "sb"]);
+    assert!(note.contains("finished at start"), "status reports {note:?}");
+    assert_eq!((read("a/x.txt"), read("a/new.txt"), read("b/y.txt")), (Some("x1".into()), None, Some("y3".into())));
+    d.assert_verified();
+}
