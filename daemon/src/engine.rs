@@ -480,11 +480,11 @@ impl Engine {
         store.collect_garbage(&referenced).ctx(|| format!("collecting garbage in {}", store.path().display()))
     }
 
-    /// Answers one request; errors become `Response::Error`. The background work it starts (copying
-    /// write-ahead logs back, waking the pruner, reading restored files
-    /// in) is left to the returned [`After`]: the caller sends the answer
-    /// first, then drops it, so that the work does not compete with the
-    /// answer for the CPU.
+    /// Answers one request; errors become `Response::Error`. The
+    /// background work it starts (copying write-ahead logs back, waking the
+    /// pruner, reading restored files in) is left to the returned
+    /// [`After`]: the caller sends the answer first, then drops it, so that
+    /// the work does not compete with the answer for the CPU.
     pub fn handle(self: &Arc<Self>, peer: Peer, request: Request) -> (Response, After) {
         /// Ends the deferral when the request ends, even by a panic; the
         /// work collected then runs at once.
@@ -1981,7 +1981,6 @@ fn intent_desired(
     Ok((present, absent))
 }
 
-/// Refuses to restore from a checkpoint `verify` found broken.
 /// A safety checkpoint's request: taken by the daemon before it changes a
 /// sandbox.
 fn safety_checkpoint(reason: String) -> NewCheckpoint {
@@ -1999,6 +1998,7 @@ fn still_there(conn: &Connection, c: &Checkpoint) -> Result<Checkpoint> {
     })
 }
 
+/// Refuses to restore from a checkpoint `verify` found broken.
 fn refuse_if_broken(target: &Checkpoint) -> Result<()> {
     match &target.info.broken {
         Some(why) => Err(Error::InvalidRequest(format!(
