@@ -11,14 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::engine::After;
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, PROTOCOL, Request, Response, Welcome};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
-use crate::engine::{Engine, Peer, daemon_name};
+use crate::engine::{After, Engine, Peer, daemon_name};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::{self, Progress};
 

@@ -1,6 +1,8 @@
 //! `kill -9` of the daemon in the middle of a rollback or a checkpoint: a
 //! restart finishes the rollback to its target exactly, a checkpoint is
-//! listed complete or not at all, and `verify` is clean after each.
+//! listed complete or not at all, and `verify` is clean after each. And a
+//! daemon stopped by a test hook right after the safety checkpoint of a
+//! rollback, revert or undo finishes each at restart.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
