@@ -156,9 +156,9 @@ fn a_checkpoint_killed_at_random_points_is_listed_complete_or_absent() {
 }
 
 /// Runs `snapback ARGS` against a daemon that the `stop-after-safety` hook
-/// ends right after the request's safety checkpoint, then starts it again;
-/// returns the recovery note `status` reports.
-fn stopped_after_safety_then_restarted(d: &mut TestDaemon, args: &[&str]) -> String {
+/// ends right after the request's safety checkpoint, starts it again, and
+/// checks that `status` reports the request finished at start.
+fn stopped_after_safety_then_restarted(d: &mut TestDaemon, args: &[&str]) {
     let hook = d.state_dir.join("stop-after-safety");
     std::fs::write(&hook, b"").unwrap();
     let out = d.cli(args);
@@ -166,7 +166,8 @@ fn stopped_after_safety_then_restarted(d: &mut TestDaemon, args: &[&str]) -> Str
     assert!(!hook.exists(), "{args:?}: the daemon did not stop at the hook");
     d.restart();
     let status = d.json(&["status"]);
-    status["sandboxes"][0]["recovery"].as_str().unwrap_or_default().to_owned()
+    let note = status["sandboxes"][0]["recovery"].as_str().unwrap_or_default();
+    assert!(note.contains("finished at start"), "{args:?}: status reports {note:?}");
 }
 
 #[test]
@@ -186,22 +187,19 @@ fn restores_stopped_after_their_safety_checkpoint_are_finished_at_restart() {
     d.checkpoint("sb");
     write(&sb.join("b/y.txt"), "y3");
     let step = d.checkpoint("sb");
-    let read = |p: &str| std::fs::read_to_string(sb.join(p)).ok();
+    let tree = || ["a/x.txt", "a/new.txt", "b/y.txt"].map(|p| std::fs::read_to_string(sb.join(p)).ok());
+    let text = |s: &str| Some(s.to_owned());
 
     // A rollback of `a` only.
-    let note =
-        stopped_after_safety_then_restarted(&mut d, &["rollback", &first, "--path", &sb.join("a").to_string_lossy()]);
-    assert!(note.contains("finished at start"), "status reports {note:?}");
-    assert_eq!((read("a/x.txt"), read("a/new.txt"), read("b/y.txt")), (Some("x1".into()), None, Some("y3".into())));
+    stopped_after_safety_then_restarted(&mut d, &["rollback", &first, "--path", &sb.join("a").to_string_lossy()]);
+    assert_eq!(tree(), [text("x1"), None, text("y3")]);
 
     // A revert of the step that wrote y3.
-    let note = stopped_after_safety_then_restarted(&mut d, &["revert", &step]);
-    assert!(note.contains("finished at start"), "status reports {note:?}");
-    assert_eq!((read("a/x.txt"), read("a/new.txt"), read("b/y.txt")), (Some("x1".into()), None, Some("y2".into())));
+    stopped_after_safety_then_restarted(&mut d, &["revert", &step]);
+    assert_eq!(tree(), [text("x1"), None, text("y2")]);
 
     // Undo of that revert.
-    let note = stopped_after_safety_then_restarted(&mut d, &["undo", "sb"]);
-    assert!(note.contains("finished at start"), "status reports {note:?}");
-    assert_eq!((read("a/x.txt"), read("a/new.txt"), read("b/y.txt")), (Some("x1".into()), None, Some("y3".into())));
+    stopped_after_safety_then_restarted(&mut d, &["undo", "sb"]);
+    assert_eq!(tree(), [text("x1"), None, text("y3")]);
     d.assert_verified();
 }
