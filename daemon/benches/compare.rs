@@ -18,12 +18,15 @@
 //! 100 (`--rounds` of them: the store is measured after these) and 10,000
 //! changed files; rollbacks after 100 files were modified and 50 created
 //! (the issue's case), then after 20 more were also deleted, each checked
-//! file by file. Dirty pages are flushed (`sync`)
-//! after every change and before every timed operation, so that no tool
-//! pays for writing out another's data; and before each of these kinds of
-//! operation, snapbackd is left to finish its background work (until it
-//! uses under 1 ms of CPU in 100 ms), so that one kind does not pay for
-//! the last. snapback is reached through its
+//! file by file. Each timed operation follows its changes straight away, as
+//! an agent's next tool call follows the last: their writes are still in
+//! the page cache, and what a tool has to write out of them is part of its
+//! time (`--sync-after-changes` flushes them first instead). Dirty pages
+//! are flushed (`sync`) before every change, so that no tool pays for
+//! writing out another's data or an earlier step's; and before each of
+//! these kinds of operation, snapbackd is left to finish its background
+//! work (until it uses under 1 ms of CPU in 100 ms), so that one kind does
+//! not pay for the last. snapback is reached through its
 //! client library over the daemon's socket, with one connection, as an
 //! agent harness would.
 //!
@@ -58,6 +61,10 @@ options:
   --tools LIST    tools to measure (default snapback,git,rsync,cp,btrfs)
   --out DIR       where results.csv, table.md and checkpoint-time.png go (default target/bench)
   --no-startup    skip the daemon start-up measurement
+  --sync-after-changes
+                  sync between the changes and the operation timed after them
+                  (by default the sync comes before the changes, as an agent
+                  leaves a tree: its writes still in the page cache)
   --chart-from F  measure nothing: draw <out>/checkpoint-time.png from the CSV F of an earlier run";
 
 struct Args {
@@ -70,6 +77,9 @@ struct Args {
     tools: Vec<String>,
     out: PathBuf,
     startup: bool,
+    /// `sync` between the changes and the operation timed after them (the
+    /// method of runs before this option existed).
+    sync_after_changes: bool,
     /// Only draw the chart from this CSV (written by an earlier run).
     chart_from: Option<PathBuf>,
 }
@@ -85,6 +95,7 @@ fn parse_args() -> Args {
         tools: ["snapback", "git", "rsync", "cp", "btrfs"].map(String::from).to_vec(),
         out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")),
         startup: true,
+        sync_after_changes: false,
         chart_from: None,
     };
     let mut it = std::env::args().skip(1);
@@ -101,6 +112,7 @@ fn parse_args() -> Args {
             "--tools" => args.tools = list(it.next()),
             "--out" => args.out = PathBuf::from(it.next().expect("--out DIR")),
             "--no-startup" => args.startup = false,
+            "--sync-after-changes" => args.sync_after_changes = true,
             "--chart-from" => args.chart_from = Some(PathBuf::from(it.next().expect("--chart-from CSV"))),
             "--bench" => {} // passed by cargo bench
             "--help" | "-h" => {
@@ -111,6 +123,15 @@ fn parse_args() -> Args {
         }
     }
     args
+}
+
+impl Args {
+    /// Called between the changes and the operation timed after them.
+    fn sync_if_asked(&self) {
+        if self.sync_after_changes {
+            settle();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -687,9 +708,10 @@ fn measure_tool(
     // 100 changed files, `rounds` times: the store is measured after them.
     let mut seed = 1;
     for _ in 0..args.rounds {
+        settle();
         changes.modify(tool.tree(), seed, 100);
         seed += 1;
-        settle();
+        args.sync_if_asked();
         results.add_time(at, name, HUNDRED, tool.checkpoint().0);
     }
     results.add(at, name, STORE, (used_bytes(base).saturating_sub(before)) as f64);
@@ -706,9 +728,10 @@ fn measure_tool(
     }
     tool.quiesce();
     for _ in 0..runs {
+        settle();
         changes.modify(tool.tree(), seed, 10_000);
         seed += 1;
-        settle();
+        args.sync_if_asked();
         results.add_time(at, name, TEN_K, tool.checkpoint().0);
     }
     // The issue's rollback, then one that also brings back deleted files.
@@ -716,9 +739,10 @@ fn measure_tool(
         tool.quiesce();
         for _ in 0..runs {
             let (_, target) = tool.checkpoint();
+            settle();
             let damage = Damage::apply(changes, tool.tree(), seed, deleted);
             seed += 1;
-            settle();
+            args.sync_if_asked();
             results.add_time(at, name, op, tool.rollback(&target));
             damage.check_undone(tool.tree(), name);
         }
