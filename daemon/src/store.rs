@@ -179,20 +179,29 @@ fn read_at(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The small objects of one capture, written into one pack file as they are
-/// read, each in its own slot. None of them is visible until
-/// [`Pack::seal`]; a pack dropped unsealed removes its file.
+/// The small objects of one capture, written into one pack file, each in
+/// its own slot. None of them is visible until [`Pack::seal`]; a pack
+/// dropped unsealed removes its file.
 pub struct Pack<'a> {
     store: &'a Store,
     name: String,
     state: Mutex<PackState>,
 }
 
+/// Slots are gathered in memory and written [`PACK_BUFFER`] bytes at a time:
+/// on btrfs every write reserves metadata space of its own, and 150 writes
+/// of a few KiB each took 2.7 ms where one write of the same bytes took
+/// 0.9 ms (as on ext4, either way).
+const PACK_BUFFER: usize = 1 << 20;
+
 #[derive(Default)]
 struct PackState {
     file: Option<Arc<OwnedFd>>,
     end: u64,
     slots: Vec<(ObjectId, u64, u64)>,
+    /// The slots not written yet, padded to their length: the bytes from
+    /// offset `end - buffer.len()` to `end`.
+    buffer: Vec<u8>,
     sealed: bool,
 }
 
@@ -202,9 +211,9 @@ impl Pack<'_> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).file.is_none()
     }
 
-    /// Writes `bytes`, whose hash is `id`, into a new slot.
+    /// Adds `bytes`, whose hash is `id`, in a new slot.
     fn add(&self, id: ObjectId, bytes: &[u8]) -> io::Result<()> {
-        let (file, offset) = {
+        let (file, full, at) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let file = match &st.file {
                 Some(f) => f.clone(),
@@ -217,20 +226,32 @@ impl Pack<'_> {
                     f
                 }
             };
-            let offset = st.end;
-            st.end += slot_len(bytes.len() as u64);
-            st.slots.push((id, offset, bytes.len() as u64));
-            (file, offset)
+            let (offset, len) = (st.end, bytes.len() as u64);
+            st.end += slot_len(len);
+            st.slots.push((id, offset, len));
+            st.buffer.extend_from_slice(bytes);
+            let padded = st.buffer.len() + (slot_len(len) - len) as usize;
+            st.buffer.resize(padded, 0);
+            if st.buffer.len() < PACK_BUFFER {
+                return Ok(());
+            }
+            let at = st.end - st.buffer.len() as u64;
+            let full = std::mem::replace(&mut st.buffer, Vec::with_capacity(PACK_BUFFER + SMALL_FILE as usize));
+            (file, full, at)
         };
-        sys::pwrite_all(file.as_fd(), bytes, offset)
+        // Written outside the lock: another thread fills the next buffer.
+        sys::pwrite_all(file.as_fd(), &full, at)
     }
 
-    /// Makes the pack's objects visible: records their slots in the pack
-    /// index, in one transaction. An object the store already holds keeps
-    /// its slot or file, and this pack's copy is freed.
+    /// Makes the pack's objects visible, once every [`Store::put`] into it
+    /// has returned: writes the slots still buffered, then records them all
+    /// in the pack index, in one transaction. An object the store already
+    /// holds keeps its slot or file, and this pack's copy is freed.
     pub fn seal(&self) -> io::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = st.file.clone() else { return Ok(()) };
+        let rest = std::mem::take(&mut st.buffer);
+        sys::pwrite_all(file.as_fd(), &rest, st.end - rest.len() as u64)?;
         let mut spare = Vec::new();
         {
             let mut index = self.store.index.lock().unwrap_or_else(|p| p.into_inner());
@@ -991,6 +1012,35 @@ mod tests {
         let mut want = vec![s.hash, tiny.hash, l.hash];
         want.sort_unstable_by_key(|id| id.0);
         assert_eq!(listed, want);
+    }
+
+    #[test]
+    fn a_pack_written_out_in_several_parts_by_two_threads_reads_back() {
+        let (t, store) = temp_store();
+        // 400 slots of 8 KiB: more than three buffers' worth.
+        let content = |i: usize| -> Vec<u8> { (0..5000).map(|k| (i * 31 + k) as u8).collect() };
+        let paths: Vec<PathBuf> = (0..400)
+            .map(|i| {
+                let path = t.path().join(format!("f{i}"));
+                std::fs::write(&path, content(i)).unwrap();
+                path
+            })
+            .collect();
+        let pack = store.pack();
+        let ids: Vec<ObjectId> = std::thread::scope(|s| {
+            let halves: Vec<_> = paths
+                .chunks(200)
+                .map(|half| s.spawn(|| half.iter().map(|p| put_file(&store, p, Some(&pack)).hash).collect::<Vec<_>>()))
+                .collect();
+            halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| !store.contains(id)), "visible before the seal");
+        pack.seal().unwrap();
+        let file = store.path().join("packs").join(&pack.name);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 400 * 8192);
+        for (i, id) in ids.iter().enumerate() {
+            assert!(store.open_object(id).unwrap().read().unwrap() == content(i), "object {i} does not read back");
+        }
     }
 
     #[test]
