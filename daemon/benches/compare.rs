@@ -818,7 +818,12 @@ fn measure_fs(fs: &str, base: &Path, scratch_mount: bool, started: Instant, args
         let at = Site { fs, tree: label, scratch_mount, started };
         for tool in &args.tools {
             match applies(tool, fs, base) {
-                Ok(()) => measure_tool(tool, &at, base, &pristine, &changes, args, results),
+                Ok(()) => {
+                    measure_tool(tool, &at, base, &pristine, &changes, args, results);
+                    // Kept as they come: a run that fails later still
+                    // leaves every figure measured before.
+                    write_csv(results, &args.out.join("results.csv"));
+                }
                 Err(why) => {
                     if !results.skipped.contains(&why) {
                         results.skipped.push(why);
@@ -843,7 +848,10 @@ impl Mount {
         let image = base.join(format!("{fs}.img"));
         let point = base.join(fs);
         std::fs::create_dir_all(&point).unwrap();
-        run(Command::new("truncate").args(["-s", "16G"]).arg(&image));
+        // Sparse: only what the tools write takes space. The snapshots of
+        // every tool on both trees stay until the end, and filled 16 GiB of
+        // btrfs once.
+        run(Command::new("truncate").args(["-s", "32G"]).arg(&image));
         match fs {
             // One inode per 4 KiB: the snapshots the tools leave behind (they
             // are removed only with the image) need millions.
