@@ -334,12 +334,12 @@ async fn serve_line(
             return Ok(true);
         }
     };
-    let response = match (*greeted, request) {
+    let (response, after) = match (*greeted, request) {
         (false, Request::Hello(hello)) if hello.protocol == PROTOCOL => {
             *greeted = true;
             *wants_progress = hello.progress;
             tracing::debug!(uid = peer.uid, client = %hello.client, "hello");
-            Response::Welcome(Welcome { protocol: PROTOCOL, daemon: daemon_name() })
+            (Response::Welcome(Welcome { protocol: PROTOCOL, daemon: daemon_name() }), None)
         }
         (false, Request::Hello(hello)) => {
             let e = error(
@@ -349,18 +349,14 @@ async fn serve_line(
             send(write, &e).await?;
             return Ok(false);
         }
-        (false, _) => error(ErrorCode::InvalidRequest, "the first request must be hello"),
-        (true, request) => {
-            let (response, after) = run(engine, peer, request, *wants_progress, write).await?;
-            // The answer goes out before the background work the request
-            // started: the work runs when `after` drops, sent or not.
-            let sent = send(write, &response).await;
-            drop(after);
-            sent?;
-            return Ok(true);
-        }
+        (false, _) => (error(ErrorCode::InvalidRequest, "the first request must be hello"), None),
+        (true, request) => run(engine, peer, request, *wants_progress, write).await?,
     };
-    send(write, &response).await?;
+    // The answer goes out before the background work the request started:
+    // the work runs when `after` drops, sent or not.
+    let sent = send(write, &response).await;
+    drop(after);
+    sent?;
     Ok(true)
 }
 
@@ -374,27 +370,23 @@ async fn run(
     wants_progress: bool,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> io::Result<(Response, Option<After>)> {
-    let failed = |e: tokio::task::JoinError| (error(ErrorCode::Internal, format!("the request failed: {e}")), None);
+    let finished = |done: std::result::Result<(Response, After), tokio::task::JoinError>| match done {
+        Ok((response, after)) => (response, Some(after)),
+        Err(e) => (error(ErrorCode::Internal, format!("the request failed: {e}")), None),
+    };
     let engine = engine.clone();
     if !wants_progress {
-        let task = tokio::task::spawn_blocking(move || {
-            let (response, after) = engine.handle(peer, request);
-            (response, Some(after))
-        });
-        return Ok(task.await.unwrap_or_else(failed));
+        return Ok(finished(tokio::task::spawn_blocking(move || engine.handle(peer, request)).await));
     }
     let counters = Arc::new(Progress::default());
     let shared = counters.clone();
-    let mut task = tokio::task::spawn_blocking(move || {
-        let (response, after) = progress::scoped(shared, || engine.handle(peer, request));
-        (response, Some(after))
-    });
+    let mut task = tokio::task::spawn_blocking(move || progress::scoped(shared, || engine.handle(peer, request)));
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = None;
     loop {
         tokio::select! {
-            done = &mut task => return Ok(done.unwrap_or_else(failed)),
+            done = &mut task => return Ok(finished(done)),
             _ = tick.tick() => {
                 let now = counters.report();
                 if let Some(report) = now.as_ref().filter(|_| now != last) {
