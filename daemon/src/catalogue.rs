@@ -23,6 +23,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0003_restore_intents.sql", include_str!("../../migrations/0003_restore_intents.sql")),
     ("0004_broken_checkpoints.sql", include_str!("../../migrations/0004_broken_checkpoints.sql")),
     ("0005_log_generation.sql", include_str!("../../migrations/0005_log_generation.sql")),
+    ("0006_no_current_path_index.sql", include_str!("../../migrations/0006_no_current_path_index.sql")),
 ];
 
 /// The schema version this build writes.
@@ -321,7 +322,13 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
     {
         let mut end = tx.prepare_cached("UPDATE entries SET end_seq = ?2 WHERE id = ?1 AND end_seq IS NULL")?;
         for id in w.ended {
-            end.execute(params![id, seq])?;
+            // The guard of one current version per path: a version this
+            // checkpoint replaces must still be current.
+            if end.execute(params![id, seq])? != 1 {
+                return Err(Error::Internal(format!(
+                    "path version {id} is not current: the checkpoint is not written"
+                )));
+            }
         }
         let mut add = tx.prepare_cached(
             "INSERT INTO entries (sandbox_id, path, start_seq, kind, mode, uid, gid, size, mtime_ns, target, object,
@@ -882,6 +889,75 @@ mod tests {
         let conn = open(&dir.path().join("c.db")).unwrap();
         let again: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(again, SCHEMA_VERSION);
+    }
+
+    /// Writes checkpoint `seq` of sandbox `sb`, adding `added` paths and
+    /// ending the versions `ended`; returns the new versions' ids.
+    fn write_seq(conn: &mut Connection, sb: i64, seq: u64, ended: &[i64], added: &[&[u8]]) -> Result<Vec<i64>> {
+        let info = CheckpointInfo {
+            id: format!("01TEST{seq:020}"),
+            sandbox: "s".into(),
+            seq,
+            parent: None,
+            plan: None,
+            reason: None,
+            tool: None,
+            phase: None,
+            labels: BTreeMap::new(),
+            kind: CheckpointKind::Manual,
+            pinned: false,
+            created_unix_ms: 0,
+            files: 0,
+            dirs: 0,
+            symlinks: 0,
+            bytes: 0,
+            changed: 0,
+            exclusive_bytes: None,
+            scanned: None,
+            full_scan: None,
+            broken: None,
+        };
+        let meta =
+            Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size: 0, mtime_ns: 0, target: None, object: None };
+        let key = StatKey { ctime_ns: 0, ino: 0, racy: false };
+        let added: Vec<NewRow> = added.iter().map(|p| NewRow { path: p.to_vec(), meta: meta.clone(), key }).collect();
+        let tx = conn.transaction()?;
+        let ids = write_checkpoint(
+            &tx,
+            &CheckpointWrite { info: &info, sandbox_id: sb, scan_start_ns: 0, ended, added: &added, rekeyed: &[] },
+        )?;
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    #[test]
+    fn a_checkpoint_that_ends_a_version_no_longer_current_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("c.db")).unwrap();
+        let sandbox = Sandbox {
+            id: 0,
+            name: "s".into(),
+            root: b"/s".to_vec(),
+            store: b"/st".to_vec(),
+            clone_method: CloneMethod::Copy,
+            clone_note: String::new(),
+            excludes: vec![],
+            owner_uid: 0,
+            state: "active".into(),
+            head_seq: 0,
+            created_ms: 0,
+        };
+        let sb = insert_sandbox(&conn, &sandbox).unwrap();
+        let first = write_seq(&mut conn, sb, 1, &[], &[b"a"]).unwrap();
+        write_seq(&mut conn, sb, 2, &first, &[b"a"]).unwrap();
+        // A stale manifest would end version 1 of `a` again and add a
+        // second current version beside version 2.
+        let err = write_seq(&mut conn, sb, 3, &first, &[b"a"]).unwrap_err().to_string();
+        assert!(err.contains("is not current"), "{err}");
+        assert_eq!(sandbox_by_id(&conn, sb).unwrap().head_seq, 2);
+        let current = current_rows(&conn, sb).unwrap();
+        assert_eq!(current.keys().collect::<Vec<_>>(), [b"a"]);
+        assert_eq!(count_at(&conn, sb, 2).unwrap(), 1);
     }
 
     #[test]
