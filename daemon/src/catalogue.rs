@@ -325,8 +325,8 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             // The guard of one current version per path: a version this
             // checkpoint replaces must still be current.
             if end.execute(params![id, seq])? != 1 {
-                return Err(Error::Internal(format!(
-                    "path version {id} is not current: the checkpoint is not written"
+                return Err(Error::Stale(format!(
+                    "path version {id} is not current: the checkpoint is not written (the next one compares the whole tree with the catalogue)"
                 )));
             }
         }

@@ -446,7 +446,8 @@ impl Engine {
     }
 
     /// Undoes a checkpoint that failed before its commit: the cached
-    /// manifest goes back, the next checkpoint compares everything (this one
+    /// manifest goes back (unless `current` is `None`: the catalogue
+    /// refused it as stale), the next checkpoint compares everything (this one
     /// drained the dirty set), and the objects it stored are removed, so an
     /// absent checkpoint leaves nothing behind, not even until the next
     /// start. `storing` is the checkpoint's shared hold on the store.
@@ -456,10 +457,12 @@ impl Engine {
         sandbox: &Sandbox,
         store: &Store,
         watch: Option<&SandboxWatch>,
-        current: Manifest,
+        current: Option<Manifest>,
         storing: std::sync::RwLockReadGuard<'_, ()>,
     ) {
-        self.put_manifest(sandbox.id, sandbox.head_seq, current);
+        if let Some(current) = current {
+            self.put_manifest(sandbox.id, sandbox.head_seq, current);
+        }
         if let Some(w) = watch {
             w.force_full("the previous checkpoint failed".into());
         }
@@ -1043,7 +1046,7 @@ impl Engine {
         let captured = match self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns) {
             Ok(c) => c,
             Err(e) => {
-                self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
+                self.abandon(conn, &sb, &store, watch.as_deref(), Some(current), storing);
                 return Err(e);
             }
         };
@@ -1145,6 +1148,9 @@ impl Engine {
                 also
             }
             Err(e) => {
+                // A manifest the catalogue refused is dropped: the next
+                // checkpoint reads the current versions from the catalogue.
+                let current = (!matches!(e, Error::Stale(_))).then_some(current);
                 self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
                 return Err(e);
             }
@@ -2172,5 +2178,50 @@ mod tests {
         assert_eq!(relative_to_root(b"/s", b"/s").unwrap(), b"");
         assert!(relative_to_root(b"/s", b"/t/a").is_err());
         assert!(relative_to_root(b"/s", b"a/../../etc").is_err());
+    }
+
+    #[test]
+    fn a_manifest_the_catalogue_refuses_is_read_again_by_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sandbox");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("a"), b"one").unwrap();
+        let config = crate::Config {
+            socket: dir.path().join("sock"),
+            listener: None,
+            socket_group: None,
+            state_dir: dir.path().join("state"),
+            retention: Default::default(),
+            auto_checkpoints: Default::default(),
+            watch: false,
+            default_excludes: vec![],
+            register: vec![],
+            limits: Default::default(),
+            durability: Default::default(),
+        };
+        let engine = Engine::open(&config).unwrap();
+        let peer = Peer { uid: sys::euid() };
+        let add =
+            SandboxAdd { path: WirePath::from(root.as_path()), name: Some("s".into()), excludes: vec![], store: None };
+        engine.sandbox_add(peer, add).unwrap();
+        let take = || engine.checkpoint(peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() });
+        take().unwrap();
+        let (seq, stale) = lock(&engine.manifests).get(&1).cloned().unwrap();
+        std::fs::write(root.join("a"), b"two").unwrap();
+        take().unwrap();
+        // The manifest of the first checkpoint, passed off as the second's:
+        // its version of `a` ended at the second.
+        assert_eq!(seq, 1);
+        lock(&engine.manifests).insert(1, (2, stale));
+        std::fs::write(root.join("a"), b"three").unwrap();
+        let err = take().unwrap_err();
+        assert!(matches!(err, Error::Stale(_)), "{err}");
+        let third = take().unwrap();
+        assert_eq!(third.seq, 3);
+        let conn = engine.db().unwrap();
+        let current = catalogue::current_rows(&conn, 1).unwrap();
+        assert_eq!(current.keys().collect::<Vec<_>>(), [b"a"]);
+        assert_eq!(current[&b"a"[..]].meta.size, 5, "the third checkpoint holds `three`");
+        assert_eq!(catalogue::count_at(&conn, 1, 3).unwrap(), 1);
     }
 }

@@ -27,6 +27,10 @@ pub enum Error {
     Db(#[from] rusqlite::Error),
     #[error("{0}")]
     Internal(String),
+    /// The catalogue refused a write made from a manifest the daemon held
+    /// in memory that no longer matches it.
+    #[error("{0}")]
+    Stale(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,7 +50,7 @@ impl Error {
             Error::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => {
                 ErrorCode::Busy
             }
-            Error::Db(_) | Error::Internal(_) => ErrorCode::Internal,
+            Error::Db(_) | Error::Internal(_) | Error::Stale(_) => ErrorCode::Internal,
         }
     }
 
