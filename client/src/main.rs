@@ -490,11 +490,21 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         println!("  {what} {id}");
                     }
                 }
+                for twice in &r.current_twice {
+                    println!("  two current versions: {} {}", twice.sandbox, twice.path.display());
+                }
             })?;
             match (report.clean(), json) {
                 (true, _) => Ok(()),
                 (false, true) => Err(Failure::Reported),
-                (false, false) => Err(Failure::Refused("the store does not match the catalogue".into())),
+                (false, false) => {
+                    let store_agrees =
+                        report.missing.is_empty() && report.corrupt.is_empty() && report.unreferenced.is_empty();
+                    Err(Failure::Refused(match store_agrees {
+                        true => "the catalogue holds two current versions of a path".into(),
+                        false => "the store does not match the catalogue".into(),
+                    }))
+                }
             }
         }
         Command::Status => {

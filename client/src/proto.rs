@@ -414,12 +414,26 @@ pub struct VerifyReport {
     /// missing or corrupt object.
     #[serde(default)]
     pub broken: Vec<String>,
+    /// Paths the catalogue holds two or more current versions of, which
+    /// no checkpoint should ever write.
+    #[serde(default)]
+    pub current_twice: Vec<SandboxPath>,
+}
+
+/// A path of a sandbox, relative to its root.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SandboxPath {
+    pub sandbox: String,
+    pub path: WirePath,
 }
 
 impl VerifyReport {
     /// Whether the stores and the catalogue agree.
     pub fn clean(&self) -> bool {
-        self.missing.is_empty() && self.corrupt.is_empty() && self.unreferenced.is_empty()
+        self.missing.is_empty()
+            && self.corrupt.is_empty()
+            && self.unreferenced.is_empty()
+            && self.current_twice.is_empty()
     }
 }
 

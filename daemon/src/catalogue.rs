@@ -796,6 +796,19 @@ pub fn delete_checkpoints(tx: &Transaction<'_>, sandbox_id: i64, ids: &[String])
     Ok(objects)
 }
 
+/// Returns (sandbox name, path) of every path with more than one current
+/// version. A checkpoint ends the versions it replaces by id (there is no
+/// unique index by path, see migration 0006), so this is `verify`'s check
+/// that none ever added a second one. Reads every row.
+pub fn paths_current_twice(conn: &Connection) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut stmt = conn.prepare(
+        "SELECT s.name, e.path FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
+         WHERE e.end_seq IS NULL GROUP BY e.sandbox_id, e.path HAVING count(*) > 1 ORDER BY s.name, e.path",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// Returns those of `objects` that no version of any sandbox using `store`
 /// references.
 pub fn unreferenced(conn: &Connection, store: &[u8], objects: &[ObjectId]) -> Result<Vec<ObjectId>> {
@@ -958,6 +971,33 @@ mod tests {
         let current = current_rows(&conn, sb).unwrap();
         assert_eq!(current.keys().collect::<Vec<_>>(), [b"a"]);
         assert_eq!(count_at(&conn, sb, 2).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_path_with_two_current_versions_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("c.db")).unwrap();
+        let sandbox = Sandbox {
+            id: 0,
+            name: "s".into(),
+            root: b"/s".to_vec(),
+            store: b"/st".to_vec(),
+            clone_method: CloneMethod::Copy,
+            clone_note: String::new(),
+            excludes: vec![],
+            owner_uid: 0,
+            state: "active".into(),
+            head_seq: 0,
+            created_ms: 0,
+        };
+        let sb = insert_sandbox(&conn, &sandbox).unwrap();
+        let first = write_seq(&mut conn, sb, 1, &[], &[b"a", b"b\xff"]).unwrap();
+        write_seq(&mut conn, sb, 2, &first[..1], &[b"a"]).unwrap();
+        assert!(paths_current_twice(&conn).unwrap().is_empty());
+        // What a manifest missing `b\xff` would write: a second current
+        // version beside the first, which nothing in the write refuses.
+        write_seq(&mut conn, sb, 3, &[], &[b"b\xff"]).unwrap();
+        assert_eq!(paths_current_twice(&conn).unwrap(), [("s".to_string(), b"b\xff".to_vec())]);
     }
 
     #[test]

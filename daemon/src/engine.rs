@@ -19,7 +19,8 @@ use snapback::proto::{
     Change, ChangeKind, CheckpointInfo, CheckpointKind, CheckpointRequest, Checkpoints, CloneMethod, DiffReport,
     DiffRequest, ExportReport, ExportRequest, ListRequest, PROTOCOL, PlanInfo, PlanRollbackRequest, PlanState,
     PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
-    SandboxInfo, SandboxRemove, SandboxStatus, Sandboxes, StatusReport, UndoRequest, VerifyReport, WirePath,
+    SandboxInfo, SandboxPath, SandboxRemove, SandboxStatus, Sandboxes, StatusReport, UndoRequest, VerifyReport,
+    WirePath,
 };
 
 use crate::capture::{self, Captured, Excludes, Options, Scope};
@@ -1784,8 +1785,18 @@ impl Engine {
             return Err(Error::PermissionDenied("verify checks every sandbox's store: run it as root".into()));
         }
         let mut conn = self.db()?;
-        let mut report =
-            VerifyReport { objects: 0, missing: vec![], corrupt: vec![], unreferenced: vec![], broken: vec![] };
+        let current_twice = catalogue::paths_current_twice(&conn)?
+            .into_iter()
+            .map(|(sandbox, path)| SandboxPath { sandbox, path: WirePath(path) })
+            .collect();
+        let mut report = VerifyReport {
+            objects: 0,
+            missing: vec![],
+            corrupt: vec![],
+            unreferenced: vec![],
+            broken: vec![],
+            current_twice,
+        };
         let mut bad = Vec::new();
         let mut stores = catalogue::stores(&conn)?;
         let default = bytes_of(&self.default_store);
@@ -2180,8 +2191,9 @@ mod tests {
         assert!(relative_to_root(b"/s", b"a/../../etc").is_err());
     }
 
-    #[test]
-    fn a_manifest_the_catalogue_refuses_is_read_again_by_the_next_checkpoint() {
+    /// An engine (no watcher) on a temporary state directory, with sandbox
+    /// `s` (id 1) holding the file `a`: "one".
+    fn test_engine() -> (tempfile::TempDir, PathBuf, Engine, Peer) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("sandbox");
         std::fs::create_dir(&root).unwrap();
@@ -2204,6 +2216,33 @@ mod tests {
         let add =
             SandboxAdd { path: WirePath::from(root.as_path()), name: Some("s".into()), excludes: vec![], store: None };
         engine.sandbox_add(peer, add).unwrap();
+        (dir, root, engine, peer)
+    }
+
+    #[test]
+    fn verify_reports_a_path_with_two_current_versions() {
+        let (_dir, _root, engine, peer) = test_engine();
+        engine.checkpoint(peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() }).unwrap();
+        let report = engine.verify(peer).unwrap();
+        assert!(report.clean(), "{report:?}");
+        // A second current version of `a`, as a write from a manifest that
+        // lacked it would have added.
+        let conn = engine.db().unwrap();
+        conn.execute(
+            "INSERT INTO entries (sandbox_id, path, start_seq, kind, mode, uid, gid, size, mtime_ns, ctime_ns, ino)
+             SELECT sandbox_id, path, start_seq, kind, mode, uid, gid, size, mtime_ns, ctime_ns, ino FROM entries",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let report = engine.verify(peer).unwrap();
+        assert_eq!(report.current_twice, [SandboxPath { sandbox: "s".into(), path: WirePath(b"a".to_vec()) }]);
+        assert!(!report.clean());
+    }
+
+    #[test]
+    fn a_manifest_the_catalogue_refuses_is_read_again_by_the_next_checkpoint() {
+        let (_dir, root, engine, peer) = test_engine();
         let take = || engine.checkpoint(peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() });
         take().unwrap();
         let (seq, stale) = lock(&engine.manifests).get(&1).cloned().unwrap();

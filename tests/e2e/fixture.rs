@@ -186,13 +186,14 @@ impl TestDaemon {
     }
 
     /// Asserts that `snapback verify` finds the store and catalogue in
-    /// agreement.
+    /// agreement, and no path with two current versions.
     pub fn assert_verified(&self) {
         let v = self.json(&["verify"]);
         assert!(
             v["missing"].as_array().unwrap().is_empty()
                 && v["corrupt"].as_array().unwrap().is_empty()
-                && v["unreferenced"].as_array().unwrap().is_empty(),
+                && v["unreferenced"].as_array().unwrap().is_empty()
+                && v["current_twice"].as_array().unwrap().is_empty(),
             "verify: {v}"
         );
     }
