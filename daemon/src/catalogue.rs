@@ -943,10 +943,11 @@ mod tests {
         Ok(ids)
     }
 
-    #[test]
-    fn a_checkpoint_that_ends_a_version_no_longer_current_is_not_written() {
+    /// A fresh catalogue in a temporary directory with one sandbox, `s`;
+    /// returns the directory, a connection and the sandbox's id.
+    fn with_sandbox() -> (tempfile::TempDir, Connection, i64) {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = open(&dir.path().join("c.db")).unwrap();
+        let conn = open(&dir.path().join("c.db")).unwrap();
         let sandbox = Sandbox {
             id: 0,
             name: "s".into(),
@@ -961,6 +962,12 @@ mod tests {
             created_ms: 0,
         };
         let sb = insert_sandbox(&conn, &sandbox).unwrap();
+        (dir, conn, sb)
+    }
+
+    #[test]
+    fn a_checkpoint_that_ends_a_version_no_longer_current_is_not_written() {
+        let (_dir, mut conn, sb) = with_sandbox();
         let first = write_seq(&mut conn, sb, 1, &[], &[b"a"]).unwrap();
         write_seq(&mut conn, sb, 2, &first, &[b"a"]).unwrap();
         // A stale manifest would end version 1 of `a` again and add a
@@ -975,22 +982,7 @@ mod tests {
 
     #[test]
     fn a_path_with_two_current_versions_is_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = open(&dir.path().join("c.db")).unwrap();
-        let sandbox = Sandbox {
-            id: 0,
-            name: "s".into(),
-            root: b"/s".to_vec(),
-            store: b"/st".to_vec(),
-            clone_method: CloneMethod::Copy,
-            clone_note: String::new(),
-            excludes: vec![],
-            owner_uid: 0,
-            state: "active".into(),
-            head_seq: 0,
-            created_ms: 0,
-        };
-        let sb = insert_sandbox(&conn, &sandbox).unwrap();
+        let (_dir, mut conn, sb) = with_sandbox();
         let first = write_seq(&mut conn, sb, 1, &[], &[b"a", b"b\xff"]).unwrap();
         write_seq(&mut conn, sb, 2, &first[..1], &[b"a"]).unwrap();
         assert!(paths_current_twice(&conn).unwrap().is_empty());
