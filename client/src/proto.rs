@@ -428,7 +428,8 @@ pub struct SandboxPath {
 }
 
 impl VerifyReport {
-    /// Whether the stores and the catalogue agree.
+    /// Whether the stores and the catalogue agree, and the catalogue holds
+    /// no path twice.
     pub fn clean(&self) -> bool {
         self.missing.is_empty()
             && self.corrupt.is_empty()
