@@ -25,10 +25,22 @@ impl WalCheckpointer {
     /// `what` names the database in warnings. The thread stops when the
     /// checkpointer is dropped.
     pub fn start(conn: Connection, what: &str) -> io::Result<WalCheckpointer> {
+        Self::start_with(conn, what, || {})
+    }
+
+    /// Like [`WalCheckpointer::start`], with `before` run on the thread at
+    /// each kick, before the checkpoint: work of its own that writes to the
+    /// database after a request (a store records its sealed packs).
+    pub fn start_with(
+        conn: Connection,
+        what: &str,
+        mut before: impl FnMut() + Send + 'static,
+    ) -> io::Result<WalCheckpointer> {
         let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
         let what = what.to_owned();
         std::thread::Builder::new().name("snapback-wal".into()).spawn(move || {
             while kicked.recv().is_ok() {
+                before();
                 if let Err(e) = checkpoint(&conn) {
                     tracing::warn!("checkpointing the write-ahead log of {what}: {e}");
                 }
