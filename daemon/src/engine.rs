@@ -114,7 +114,7 @@ fn retry_delay(failures: u32) -> Duration {
 
 /// Whether the daemon runs with `SNAPBACK_TEST_HOOKS=1`, which turns on
 /// what only tests may use.
-fn test_hooks() -> bool {
+pub(crate) fn test_hooks() -> bool {
     std::env::var_os("SNAPBACK_TEST_HOOKS").is_some_and(|v| v == "1")
 }
 

@@ -573,10 +573,18 @@ impl Store {
             tracing::info!(store = %path.display(), packs = recovered, "recorded packs sealed before a stop");
         }
         let index = Arc::new(Mutex::new(index));
+        // With `SNAPBACK_TEST_HOOKS=1` and `SNAPBACK_TEST_HOLD_PACKS=1`, the
+        // thread leaves sealed packs unrecorded, for a test that kills the
+        // daemon to see them recovered.
+        let hold =
+            crate::engine::test_hooks() && std::env::var_os("SNAPBACK_TEST_HOLD_PACKS").is_some_and(|v| v == "1");
         let index_log = {
             let (index, packs) = (index.clone(), packs.try_clone()?);
             let what = index_path.display().to_string();
             WalCheckpointer::start_with(connect_index(&index_path)?, &what.clone(), move || {
+                if hold {
+                    return;
+                }
                 let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
                 if let Err(e) = record_sealed(&mut index, packs.as_fd()) {
                     tracing::warn!("recording sealed packs in {what}: {e}");

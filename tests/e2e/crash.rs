@@ -2,7 +2,8 @@
 //! restart finishes the rollback to its target exactly, a checkpoint is
 //! listed complete or not at all, and `verify` is clean after each. And a
 //! daemon stopped by a test hook right after the safety checkpoint of a
-//! rollback, revert or undo finishes each at restart.
+//! rollback, revert or undo finishes each at restart; one killed before
+//! it recorded a checkpoint's pack in the pack index records it at restart.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -201,5 +202,45 @@ fn restores_stopped_after_their_safety_checkpoint_are_finished_at_restart() {
     // Undo of that revert.
     stopped_after_safety_then_restarted(&mut d, &["undo", "sb"]);
     assert_eq!(tree(), [text("x1"), None, text("y3")]);
+    d.assert_verified();
+}
+
+#[test]
+fn a_checkpoint_whose_pack_was_never_recorded_is_whole_after_a_kill() {
+    // A watched checkpoint's small files go into a pack that the pack index
+    // records after the answer. Held there by a test hook, a daemon killed
+    // with the pack sealed but unrecorded records it from the pack's
+    // trailer at the next start.
+    let _serial = crate::watch::serial();
+    let hold = [("SNAPBACK_TEST_HOOKS", "1"), ("SNAPBACK_TEST_HOLD_PACKS", "1")];
+    let mut d = TestDaemon::start_with_env(&hold);
+    let sb = d.path("sb");
+    let file = |i: usize| sb.join(format!("d{}/f{i}", i % 10));
+    for i in 0..200 {
+        write(&file(i), format!("first {i}"));
+    }
+    d.add_sandbox("sb", &sb, &[]);
+    crate::watch::wait_watching(&d, "sb");
+    d.checkpoint("sb");
+    for i in 0..100 {
+        write(&file(i), format!("second {i}"));
+    }
+    let second = d.checkpoint("sb");
+    let tree = snapshot(&sb);
+    let store = d.state_dir.join("store");
+    let packs = || std::fs::read_dir(store.join("packs")).unwrap().count();
+    let recorded = || -> i64 {
+        let index = rusqlite::Connection::open(store.join("packs.db")).unwrap();
+        index.query_row("SELECT count(*) FROM packed", [], |r| r.get(0)).unwrap()
+    };
+    assert_eq!((packs(), recorded()), (1, 0), "the second checkpoint's files were not left in an unrecorded pack");
+    kill9(&d);
+    d.restart();
+    assert_eq!(recorded(), 100, "the pack was not recorded at the restart");
+    for i in 0..150 {
+        write(&file(i), format!("third {i}"));
+    }
+    d.rollback(&second);
+    assert_same(&snapshot(&sb), &tree, "rolled back to the checkpoint of the unrecorded pack");
     d.assert_verified();
 }

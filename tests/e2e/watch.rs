@@ -11,12 +11,12 @@ use crate::fixture::{TestDaemon, eventually, root_or_skip, write};
 /// the other tests here assert incremental scans, so they do not overlap it.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Waits until the sandbox's watch is set up (a readiness signal, polled).
-fn wait_watching(d: &TestDaemon, name: &str) {
+pub(crate) fn wait_watching(d: &TestDaemon, name: &str) {
     let watch = eventually(Duration::from_secs(30), Duration::from_millis(20), || {
         let status = d.json(&["status"]);
         let sb = status["sandboxes"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap();
