@@ -446,8 +446,18 @@ fn recover_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Result<usize>
         if recorded {
             continue;
         }
-        let fd = sys::openat(packs, name.as_bytes(), libc::O_RDONLY, 0)?;
-        let Some((mut slots, trailer_at)) = read_trailer(fd.as_fd())? else { continue };
+        // One that cannot be read is not recovered (`verify` reports the
+        // objects it held as missing), and the store still opens.
+        let read =
+            sys::openat(packs, name.as_bytes(), libc::O_RDONLY, 0).and_then(|fd| Ok((read_trailer(fd.as_fd())?, fd)));
+        let (mut slots, trailer_at, fd) = match read {
+            Ok((Some((slots, at)), fd)) => (slots, at, fd),
+            Ok((None, _)) => continue,
+            Err(e) => {
+                tracing::warn!("reading the trailer of pack {name}: {e}");
+                continue;
+            }
+        };
         slots.retain(|&(id, offset, len)| {
             read_at(fd.as_fd(), offset, len)
                 .is_ok_and(|b| b.len() as u64 == len && blake3::hash(&b) == blake3::Hash::from(id.0))
@@ -1384,6 +1394,16 @@ mod tests {
         let (n, _) = store.collect_garbage(&ids.iter().copied().collect()).unwrap();
         assert_eq!(n, 0);
         assert_eq!(packs(&store), vec![file], "garbage collection left the unsealed pack");
+    }
+
+    #[test]
+    fn a_pack_that_cannot_be_read_does_not_keep_the_store_from_opening() {
+        let (t, store) = temp_store();
+        drop(store);
+        // Named as a pack, but a directory: reading its trailer fails.
+        std::fs::create_dir(t.path().join("store/packs/01JAAAAAAAAAAAAAAAAAAAAAAA")).unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        assert_eq!(recorded_rows(&store), 0);
     }
 
     #[test]
