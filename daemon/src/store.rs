@@ -69,8 +69,9 @@ struct Index {
     conn: Connection,
     /// Packs sealed but not recorded in `conn` yet, oldest first.
     sealed: Vec<Sealed>,
-    /// Where the objects of `sealed` lie: in the first of them that holds
-    /// each, the slot that recording keeps (see [`record_sealed`]).
+    /// Where the objects of `sealed` lie: for each, its slot in the first
+    /// of them that holds it, which recording keeps unless the index
+    /// holds the object already (see [`record_sealed`]).
     sealed_slots: HashMap<ObjectId, (Arc<str>, u64, u64)>,
 }
 
