@@ -75,6 +75,22 @@ struct Index {
     sealed_slots: HashMap<ObjectId, (Arc<str>, u64, u64)>,
 }
 
+impl Index {
+    /// Adds a sealed pack to find in memory and record later.
+    fn add_sealed(&mut self, name: Arc<str>, slots: Vec<Slot>, trailer_at: u64) {
+        for &(id, offset, len) in &slots {
+            self.sealed_slots.entry(id).or_insert_with(|| (name.clone(), offset, len));
+        }
+        self.sealed.push(Sealed { name, slots, trailer_at });
+    }
+
+    /// Whether any object of `pack` is in the index.
+    fn has_rows(&self, pack: &str) -> io::Result<bool> {
+        let mut stmt = self.conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM packed WHERE pack = ?1)").map_err(db)?;
+        stmt.query_row([pack], |r| r.get(0)).map_err(db)
+    }
+}
+
 /// A packed object and where it lies in its pack: (id, offset, length).
 type Slot = (ObjectId, u64, u64);
 
@@ -292,14 +308,8 @@ impl Pack<'_> {
         let at = st.end - rest.len() as u64;
         rest.extend_from_slice(&trailer(&st.slots));
         sys::pwrite_all(file.as_fd(), &rest, at)?;
-        let name: Arc<str> = Arc::from(self.name.as_str());
-        {
-            let mut index = self.store.index.lock().unwrap_or_else(|p| p.into_inner());
-            for &(id, offset, len) in &st.slots {
-                index.sealed_slots.entry(id).or_insert_with(|| (name.clone(), offset, len));
-            }
-            index.sealed.push(Sealed { name, slots: std::mem::take(&mut st.slots), trailer_at: st.end });
-        }
+        let slots = std::mem::take(&mut st.slots);
+        self.store.index.lock().unwrap_or_else(|p| p.into_inner()).add_sealed(self.name.as_str().into(), slots, st.end);
         self.store.index_written.store(true, Ordering::Relaxed);
         st.sealed = true;
         Ok(())
@@ -436,15 +446,7 @@ fn recover_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Result<usize>
     entries.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     for entry in entries {
         let Ok(name) = std::str::from_utf8(&entry.name) else { continue };
-        if name.len() != 26 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            continue;
-        }
-        let recorded: bool = index
-            .conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM packed WHERE pack = ?1)")
-            .and_then(|mut s| s.query_row([name], |r| r.get(0)))
-            .map_err(db)?;
-        if recorded {
+        if !is_pack_name(name) || index.has_rows(name)? {
             continue;
         }
         // One that cannot be read is not recovered (`verify` reports the
@@ -463,11 +465,7 @@ fn recover_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Result<usize>
             read_at(fd.as_fd(), offset, len)
                 .is_ok_and(|b| b.len() as u64 == len && blake3::hash(&b) == blake3::Hash::from(id.0))
         });
-        let name: Arc<str> = Arc::from(name);
-        for &(id, offset, len) in &slots {
-            index.sealed_slots.entry(id).or_insert_with(|| (name.clone(), offset, len));
-        }
-        index.sealed.push(Sealed { name, slots, trailer_at });
+        index.add_sealed(name.into(), slots, trailer_at);
         recovered += 1;
     }
     record_sealed(index, packs)?;
@@ -479,11 +477,17 @@ fn slot_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, u64, u64)> {
     Ok((pack_name(r, 0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
 }
 
-/// Reads a pack's name from the index, refusing anything but the ULID a
-/// pack is named with: the name is opened and unlinked under `packs/`.
+/// Whether `name` is a ULID, as a pack is named: only such a name is
+/// opened or unlinked under `packs/`.
+fn is_pack_name(name: &str) -> bool {
+    name.len() == 26 && name.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Reads a pack's name from the index, refusing anything but a pack's
+/// name (see [`is_pack_name`]).
 fn pack_name(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<String> {
     let name: String = r.get(column)?;
-    if name.len() == 26 && name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if is_pack_name(&name) {
         return Ok(name);
     }
     let why = io::Error::other(format!("{name:?} is not the name of a pack"));
@@ -951,9 +955,7 @@ impl Store {
 
     /// Whether any object of `pack` is still in the index.
     fn live_in(&self, pack: &str) -> io::Result<bool> {
-        let index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = index.conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM packed WHERE pack = ?1)").map_err(db)?;
-        stmt.query_row([pack], |r| r.get(0)).map_err(db)
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).has_rows(pack)
     }
 
     /// Returns whether an object has the given size and its content still
@@ -1309,6 +1311,24 @@ mod tests {
         assert_eq!(store.open_object(&a.hash).err().map(|e| e.kind()), Some(io::ErrorKind::NotFound));
     }
 
+    /// Packs `bodies` (from files `f0`, `f1`, ... beside the store) into
+    /// one pack, sealed and not yet recorded; returns their ids and the
+    /// pack's path.
+    fn sealed_unrecorded(t: &tempfile::TempDir, store: &Store, bodies: &[Vec<u8>]) -> (Vec<ObjectId>, PathBuf) {
+        let pack = store.pack();
+        let ids = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let path = t.path().join(format!("f{i}"));
+                std::fs::write(&path, b).unwrap();
+                put_file(store, &path, Some(&pack)).hash
+            })
+            .collect();
+        pack.seal().unwrap();
+        (ids, store.path().join("packs").join(&pack.name))
+    }
+
     fn recorded_rows(store: &Store) -> i64 {
         store.index.lock().unwrap().conn.query_row("SELECT count(*) FROM packed", [], |r| r.get(0)).unwrap()
     }
@@ -1317,18 +1337,7 @@ mod tests {
     fn a_sealed_pack_is_found_before_it_is_recorded_and_its_trailer_freed_after() {
         let (t, store) = temp_store();
         let bodies: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 5000]).collect();
-        let pack = store.pack();
-        let ids: Vec<ObjectId> = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let path = t.path().join(format!("f{i}"));
-                std::fs::write(&path, b).unwrap();
-                put_file(&store, &path, Some(&pack)).hash
-            })
-            .collect();
-        pack.seal().unwrap();
-        let file = store.path().join("packs").join(&pack.name);
+        let (ids, file) = sealed_unrecorded(&t, &store, &bodies);
         let (listed, trailer_at) = read_trailer(File::open(&file).unwrap().as_fd()).unwrap().expect("a trailer");
         assert_eq!(listed.iter().map(|s| s.0).collect::<Vec<_>>(), ids);
         assert_eq!(trailer_at, 3 * 8192);
@@ -1350,19 +1359,7 @@ mod tests {
     fn a_pack_sealed_but_never_recorded_is_recorded_from_its_trailer_at_the_next_open() {
         let (t, store) = temp_store();
         let bodies: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 3000]).collect();
-        let pack = store.pack();
-        let ids: Vec<ObjectId> = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let path = t.path().join(format!("f{i}"));
-                std::fs::write(&path, b).unwrap();
-                put_file(&store, &path, Some(&pack)).hash
-            })
-            .collect();
-        pack.seal().unwrap();
-        let name = pack.name.clone();
-        drop(pack);
+        let (ids, file) = sealed_unrecorded(&t, &store, &bodies);
         // One never sealed, as a daemon stopped in a checkpoint leaves.
         std::fs::write(t.path().join("unsealed"), b"never sealed").unwrap();
         let unsealed = store.pack();
@@ -1376,7 +1373,6 @@ mod tests {
         }
         drop(store);
         // And the third object's slot lost its content (a power loss).
-        let file = t.path().join("store/packs").join(&name);
         let mut data = std::fs::read(&file).unwrap();
         data[2 * 4096..2 * 4096 + 3000].fill(0);
         std::fs::write(&file, &data).unwrap();
@@ -1482,16 +1478,9 @@ mod tests {
     /// Packs `n` objects of 10,000 bytes (object `i` all `i + 1`) into one
     /// sealed pack, written out; returns their ids and the pack's path.
     fn sealed_pack(t: &tempfile::TempDir, store: &Store, n: u8) -> (Vec<ObjectId>, PathBuf) {
-        let pack = store.pack();
-        let mut ids = Vec::new();
-        for i in 0..n {
-            let path = t.path().join(format!("f{i}"));
-            std::fs::write(&path, vec![i + 1; 10_000]).unwrap();
-            ids.push(put_file(store, &path, Some(&pack)).hash);
-        }
-        pack.seal().unwrap();
+        let bodies: Vec<Vec<u8>> = (0..n).map(|i| vec![i + 1; 10_000]).collect();
+        let (ids, file) = sealed_unrecorded(t, store, &bodies);
         store.record().unwrap();
-        let file = store.path().join("packs").join(&pack.name);
         std::fs::File::open(&file).unwrap().sync_all().unwrap();
         let before = allocated(&file);
         assert!(before >= u64::from(n) * 12288, "{before} bytes allocated for {n} slots of 12 KiB");
