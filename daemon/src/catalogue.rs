@@ -5,7 +5,7 @@
 //! the number of the last one applied. A database from a newer schema is
 //! refused, never guessed at.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0004_broken_checkpoints.sql", include_str!("../../migrations/0004_broken_checkpoints.sql")),
     ("0005_log_generation.sql", include_str!("../../migrations/0005_log_generation.sql")),
     ("0006_no_current_path_index.sql", include_str!("../../migrations/0006_no_current_path_index.sql")),
+    ("0007_no_object_index.sql", include_str!("../../migrations/0007_no_object_index.sql")),
 ];
 
 /// The schema version this build writes.
@@ -465,7 +466,7 @@ pub fn store_bytes(conn: &Connection, sandbox_id: i64) -> Result<u64> {
 
 /// Returns every object referenced by any sandbox whose store is `store`,
 /// with its recorded size.
-pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collections::HashMap<ObjectId, u64>> {
+pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<HashMap<ObjectId, u64>> {
     // An interrupted restore's desired versions count too: the restart
     // that finishes it needs their objects.
     let mut stmt = conn.prepare(
@@ -475,7 +476,7 @@ pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<std::collec
          SELECT DISTINCT p.object, p.size FROM intent_paths p JOIN intents i ON i.id = p.intent_id
          JOIN sandboxes s ON s.id = i.sandbox_id WHERE s.store = ?1 AND p.object IS NOT NULL",
     )?;
-    let mut out = std::collections::HashMap::new();
+    let mut out = HashMap::new();
     for r in stmt.query_map([store], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))? {
         let (b, size) = r?;
         let id = ObjectId::from_slice(&b).ok_or_else(|| Error::Internal("an object id is not 32 bytes".into()))?;
@@ -701,32 +702,53 @@ pub fn intents(conn: &Connection, states: &[&str], sandbox_id: Option<i64>) -> R
 }
 
 /// Marks broken every checkpoint whose state holds a version of a file
-/// with one of `objects` (missing or corrupt in its store). Returns the ids
-/// newly marked.
+/// with one of `objects` (missing or corrupt in its store), with the reason
+/// given for the first of them it holds. Returns the ids newly marked.
 pub fn mark_broken(conn: &mut Connection, objects: &[(ObjectId, String)]) -> Result<Vec<String>> {
+    let order: HashMap<ObjectId, usize> = objects.iter().enumerate().rev().map(|(i, (o, _))| (*o, i)).collect();
     // Immediate, as every transaction that reads before it writes: a
     // deferred one fails (SQLITE_BUSY_SNAPSHOT) when another connection
     // commits between its first read and its first write.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut marked = Vec::new();
     {
+        // The versions holding them, found in one pass (there is no index
+        // by object: see migration 0007).
+        let mut hits = Vec::new();
+        let mut scan = tx.prepare(
+            "SELECT sandbox_id, start_seq, end_seq, object FROM entries NOT INDEXED WHERE object IS NOT NULL",
+        )?;
+        let mut rows = scan.query([])?;
+        while let Some(r) = rows.next()? {
+            if let Some(&i) = object_of(r, 3)?.and_then(|o| order.get(&o)) {
+                hits.push((i, r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?));
+            }
+        }
+        hits.sort_unstable();
         let mut find = tx.prepare(
-            "SELECT DISTINCT c.id FROM entries e JOIN checkpoints c ON c.sandbox_id = e.sandbox_id
-             WHERE e.object = ?1 AND c.seq >= e.start_seq AND (e.end_seq IS NULL OR c.seq < e.end_seq)
-               AND c.broken IS NULL",
+            "SELECT id FROM checkpoints WHERE sandbox_id = ?1 AND seq >= ?2 AND (?3 IS NULL OR seq < ?3)
+               AND broken IS NULL",
         )?;
         let mut mark = tx.prepare("UPDATE checkpoints SET broken = ?2 WHERE id = ?1")?;
-        for (object, why) in objects {
+        for (i, sandbox_id, start, end) in hits {
             let ids: Vec<String> =
-                find.query_map([object.0.to_vec()], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+                find.query_map(params![sandbox_id, start, end], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
             for id in ids {
-                mark.execute(params![id, why])?;
+                mark.execute(params![id, objects[i].1])?;
                 marked.push(id);
             }
         }
     }
     tx.commit()?;
     Ok(marked)
+}
+
+/// The object id in column `i` of a version's row, if it has one.
+fn object_of(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<ObjectId>> {
+    Ok(match row.get_ref(i)? {
+        rusqlite::types::ValueRef::Blob(b) => ObjectId::from_slice(b),
+        _ => None,
+    })
 }
 
 /// Returns a sandbox's checkpoints as retention sees them, by seq.
@@ -810,19 +832,31 @@ pub fn paths_current_twice(conn: &Connection) -> Result<Vec<(String, Vec<u8>)>> 
 }
 
 /// Returns those of `objects` that no version of any sandbox using `store`
-/// references.
+/// references, nor an interrupted restore's desired version (see
+/// [`referenced_objects`]). Reads the store's versions once, in table
+/// order: there is no index by object (see migration 0007).
 pub fn unreferenced(conn: &Connection, store: &[u8], objects: &[ObjectId]) -> Result<Vec<ObjectId>> {
+    let mut unseen: HashSet<ObjectId> = objects.iter().copied().collect();
+    if unseen.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut stmt = conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
-                        WHERE e.object = ?1 AND s.store = ?2)",
+        "SELECT object FROM entries NOT INDEXED
+         WHERE object IS NOT NULL AND sandbox_id IN (SELECT id FROM sandboxes WHERE store = ?1)
+         UNION ALL
+         SELECT p.object FROM intent_paths p JOIN intents i ON i.id = p.intent_id
+         JOIN sandboxes s ON s.id = i.sandbox_id WHERE s.store = ?1 AND p.object IS NOT NULL",
     )?;
-    let mut out = Vec::new();
-    for o in objects {
-        if !stmt.query_row(params![o.0.as_slice(), store], |r| r.get::<_, bool>(0))? {
-            out.push(*o);
+    let mut rows = stmt.query([store])?;
+    while let Some(r) = rows.next()? {
+        if let Some(o) = object_of(r, 0)? {
+            unseen.remove(&o);
+            if unseen.is_empty() {
+                break;
+            }
         }
     }
-    Ok(out)
+    Ok(objects.iter().filter(|o| unseen.remove(o)).copied().collect())
 }
 
 /// Returns the bytes of the objects that this sandbox references and no
@@ -831,8 +865,8 @@ pub fn sandbox_exclusive_bytes(conn: &Connection, sandbox_id: i64, store: &[u8])
     Ok(conn.query_row(
         "SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT e.object, e.size FROM entries e
          WHERE e.sandbox_id = ?1 AND e.object IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM entries o JOIN sandboxes s ON s.id = o.sandbox_id
-                           WHERE o.object = e.object AND o.sandbox_id != ?1 AND s.store = ?2))",
+           AND e.object NOT IN (SELECT o.object FROM entries o JOIN sandboxes s ON s.id = o.sandbox_id
+                                WHERE o.sandbox_id != ?1 AND s.store = ?2 AND o.object IS NOT NULL))",
         params![sandbox_id, store],
         |r| r.get::<_, i64>(0),
     )? as u64)
@@ -849,9 +883,9 @@ pub fn checkpoint_exclusive_bytes(conn: &Connection, sandbox_id: i64, seq: u64, 
                AND NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.sandbox_id = ?1 AND c.seq != ?2
                                AND c.seq >= e.start_seq AND (e.end_seq IS NULL OR c.seq < e.end_seq)))
          SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT h.object, h.size FROM only_here h
-             WHERE NOT EXISTS (SELECT 1 FROM entries x JOIN sandboxes s ON s.id = x.sandbox_id
-                               WHERE x.object = h.object AND s.store = ?3
-                                 AND x.id NOT IN (SELECT id FROM only_here)))",
+             WHERE h.object NOT IN (SELECT x.object FROM entries x JOIN sandboxes s ON s.id = x.sandbox_id
+                                    WHERE s.store = ?3 AND x.object IS NOT NULL
+                                      AND x.id NOT IN (SELECT id FROM only_here)))",
         params![sandbox_id, seq as i64, store],
         |r| r.get::<_, i64>(0),
     )? as u64)
@@ -897,6 +931,14 @@ mod tests {
                 .unwrap();
             assert_eq!(n, 1, "table {table} missing");
         }
+        // Versions are indexed by checkpoint only: an index by path or by
+        // object puts each new version at a random page (migrations 6, 7).
+        let mut stmt =
+            conn.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries'").unwrap();
+        let mut indexes: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        indexes.sort();
+        assert_eq!(indexes, ["entries_end", "entries_start"]);
+        drop(stmt);
         drop(conn);
         // Opening again applies nothing and keeps the version.
         let conn = open(&dir.path().join("c.db")).unwrap();
@@ -907,8 +949,20 @@ mod tests {
     /// Writes checkpoint `seq` of sandbox `sb`, adding `added` paths and
     /// ending the versions `ended`; returns the new versions' ids.
     fn write_seq(conn: &mut Connection, sb: i64, seq: u64, ended: &[i64], added: &[&[u8]]) -> Result<Vec<i64>> {
+        let files: Vec<_> = added.iter().map(|&p| (p, None, 0)).collect();
+        write_files(conn, sb, seq, ended, &files)
+    }
+
+    /// [`write_seq`] with each added file's object and size.
+    fn write_files(
+        conn: &mut Connection,
+        sb: i64,
+        seq: u64,
+        ended: &[i64],
+        added: &[(&[u8], Option<ObjectId>, u64)],
+    ) -> Result<Vec<i64>> {
         let info = CheckpointInfo {
-            id: format!("01TEST{seq:020}"),
+            id: checkpoint_id(sb, seq),
             sandbox: "s".into(),
             seq,
             parent: None,
@@ -930,10 +984,15 @@ mod tests {
             full_scan: None,
             broken: None,
         };
-        let meta =
-            Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size: 0, mtime_ns: 0, target: None, object: None };
         let key = StatKey { ctime_ns: 0, ino: 0, racy: false };
-        let added: Vec<NewRow> = added.iter().map(|p| NewRow { path: p.to_vec(), meta: meta.clone(), key }).collect();
+        let added: Vec<NewRow> = added
+            .iter()
+            .map(|&(path, object, size)| NewRow {
+                path: path.to_vec(),
+                meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object },
+                key,
+            })
+            .collect();
         let tx = conn.transaction()?;
         let ids = write_checkpoint(
             &tx,
@@ -943,15 +1002,25 @@ mod tests {
         Ok(ids)
     }
 
+    fn checkpoint_id(sb: i64, seq: u64) -> String {
+        format!("01TEST{sb:04}{seq:016}")
+    }
+
     /// A fresh catalogue in a temporary directory with one sandbox, `s`;
     /// returns the directory, a connection and the sandbox's id.
     fn with_sandbox() -> (tempfile::TempDir, Connection, i64) {
         let dir = tempfile::tempdir().unwrap();
         let conn = open(&dir.path().join("c.db")).unwrap();
+        let sb = add_sandbox(&conn, "s");
+        (dir, conn, sb)
+    }
+
+    /// Adds sandbox `name`, rooted at `/name`, with the store `/st`.
+    fn add_sandbox(conn: &Connection, name: &str) -> i64 {
         let sandbox = Sandbox {
             id: 0,
-            name: "s".into(),
-            root: b"/s".to_vec(),
+            name: name.into(),
+            root: format!("/{name}").into_bytes(),
             store: b"/st".to_vec(),
             clone_method: CloneMethod::Copy,
             clone_note: String::new(),
@@ -961,8 +1030,49 @@ mod tests {
             head_seq: 0,
             created_ms: 0,
         };
-        let sb = insert_sandbox(&conn, &sandbox).unwrap();
-        (dir, conn, sb)
+        insert_sandbox(conn, &sandbox).unwrap()
+    }
+
+    /// Sandbox `s` holds `x` (object 1, then 3) and `y` (object 2, shared
+    /// with sandbox `t`), `t` also holds `w` (object 4); all share a store.
+    /// What each query that looks objects up answers, now that it reads
+    /// the versions instead of an index by object (migration 0007).
+    #[test]
+    fn objects_are_looked_up_in_every_version_of_every_sandbox_of_the_store() {
+        let (_dir, mut conn, s) = with_sandbox();
+        let t = add_sandbox(&conn, "t");
+        let o = |n: u8| ObjectId([n; 32]);
+        let first = write_files(&mut conn, s, 1, &[], &[(b"x", Some(o(1)), 10), (b"y", Some(o(2)), 20)]).unwrap();
+        write_files(&mut conn, s, 2, &first[..1], &[(b"x", Some(o(3)), 30)]).unwrap();
+        write_files(&mut conn, t, 1, &[], &[(b"z", Some(o(2)), 20), (b"w", Some(o(4)), 40)]).unwrap();
+        write_seq(&mut conn, t, 2, &[], &[b"empty"]).unwrap();
+
+        let unused = [o(5), o(1), o(2), o(3), o(4), o(5), o(6)];
+        assert_eq!(unreferenced(&conn, b"/st", &unused).unwrap(), [o(5), o(6)]);
+        assert_eq!(unreferenced(&conn, b"/elsewhere", &[o(2), o(1)]).unwrap(), [o(2), o(1)]);
+        assert!(unreferenced(&conn, b"/st", &[]).unwrap().is_empty());
+
+        // Object 2 is `t`'s too; objects 1 and 3 are `s`'s alone.
+        assert_eq!(sandbox_exclusive_bytes(&conn, s, b"/st").unwrap(), 10 + 30);
+        assert_eq!(sandbox_exclusive_bytes(&conn, t, b"/st").unwrap(), 40);
+        assert_eq!(checkpoint_exclusive_bytes(&conn, s, 1, b"/st").unwrap(), 10);
+        assert_eq!(checkpoint_exclusive_bytes(&conn, s, 2, b"/st").unwrap(), 30);
+        assert_eq!(checkpoint_exclusive_bytes(&conn, t, 1, b"/st").unwrap(), 0, "t's seq 2 holds the same");
+
+        // Each checkpoint holding one is marked, with the reason given
+        // first among those it holds.
+        let bad = [(o(4), "4 is corrupt".to_string()), (o(1), "1 is missing".into()), (o(2), "2 is missing".into())];
+        let mut marked = mark_broken(&mut conn, &bad).unwrap();
+        marked.sort();
+        let mut expected = [checkpoint_id(s, 1), checkpoint_id(s, 2), checkpoint_id(t, 1), checkpoint_id(t, 2)];
+        expected.sort();
+        assert_eq!(marked, expected);
+        let why = |sb, seq| checkpoint_by_ref(&conn, &checkpoint_id(sb, seq)).unwrap().info.broken.unwrap();
+        assert_eq!(why(s, 1), "1 is missing");
+        assert_eq!(why(s, 2), "2 is missing");
+        assert_eq!(why(t, 1), "4 is corrupt");
+        assert_eq!(why(t, 2), "4 is corrupt");
+        assert!(mark_broken(&mut conn, &bad).unwrap().is_empty(), "marked once");
     }
 
     #[test]

@@ -1,0 +1,11 @@
+-- Schema version 7: no index of versions by object.
+--
+-- `entries_object` found the versions holding an object. Object ids are
+-- content hashes, so every new version put its entry at a random page of
+-- that index: in a rollback's safety checkpoint of 150 changed paths on a
+-- 100,000-file tree, about 140 of the 250 pages its commit wrote to the
+-- log. The queries that asked it (which objects pruning left unused, which
+-- checkpoints a broken object touches, how many bytes a checkpoint or a
+-- sandbox holds alone) now read the store's versions once, in table order,
+-- instead of looking each object up.
+DROP INDEX entries_object;
