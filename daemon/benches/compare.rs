@@ -569,7 +569,9 @@ impl Results {
 
     /// Reads back what [`write_csv`] wrote.
     fn read_csv(path: &Path) -> Results {
-        let text = std::fs::read_to_string(path).unwrap();
+        // cargo bench runs in the package's directory: a relative path is
+        // read from there.
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mut results = Results::default();
         for line in text.lines().skip(1) {
             // fs,tree,tool,"operation",run,value,unit: the operation is the
@@ -1018,7 +1020,7 @@ fn chart(results: &Results, args: &Args, out: &Path) -> Result<PathBuf, String> 
     let mut script = format!(
         "set terminal pngcairo size {},{} font 'sans,10'\nset output '{}'\n\
          set logscale y\nset ylabel 'checkpoint time (ms, log scale)'\nset xlabel 'changed files'\n\
-         set grid ytics\nset key top left horizontal maxcols 3\nset yrange [1:100000]\n\
+         set grid ytics\nset key top left horizontal maxcols 3\nset yrange [0.1:100000]\n\
          set style data linespoints\nset offsets 0.2, 0.2, 0, 0\n\
          set multiplot layout {},{}\n",
         460 * panels.len().min(3),
