@@ -1411,15 +1411,12 @@ mod tests {
     #[test]
     fn a_pack_another_process_recorded_first_keeps_its_slots() {
         let (t, store) = temp_store();
-        std::fs::write(t.path().join("a"), b"recorded twice").unwrap();
-        let pack = store.pack();
-        let a = put_file(&store, &t.path().join("a"), Some(&pack));
-        pack.seal().unwrap();
+        let (ids, _) = sealed_unrecorded(&t, &store, &[b"recorded twice".to_vec()]);
         // A second process opens the store (as a test beside the daemon
         // does) and records the pack from its trailer.
         drop(Store::open(store.path()).unwrap());
         store.record().unwrap();
-        assert_eq!(store.open_object(&a.hash).unwrap().read().unwrap(), b"recorded twice");
+        assert_eq!(store.open_object(&ids[0]).unwrap().read().unwrap(), b"recorded twice");
     }
 
     #[test]
