@@ -8,6 +8,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
 use libc::c_int;
 
@@ -84,6 +85,224 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
         dir = openat(dir.as_fd(), component, DIR_FLAGS, 0)?;
     }
     Ok(dir)
+}
+
+/// The components of an absolute path, which must be clean: it starts
+/// with `/` and has no empty (`//`), `.` or `..` component and no NUL; a
+/// trailing `/` is allowed. `/` itself has no component. Clean paths are
+/// what the daemon stores and compares, so that a prefix test on bytes
+/// means what it says.
+pub fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
+    let rest = path.strip_prefix(b"/")?;
+    if rest.is_empty() {
+        return Some(Vec::new());
+    }
+    let rest = rest.strip_suffix(b"/").unwrap_or(rest);
+    if rest.is_empty() {
+        return None; // `//`
+    }
+    let parts: Vec<&[u8]> = rest.split(|&b| b == b'/').collect();
+    let bad = |c: &&[u8]| c.is_empty() || *c == b"." || *c == b".." || c.contains(&0);
+    if parts.iter().any(bad) {
+        return None;
+    }
+    Some(parts)
+}
+
+/// Why a directory could not be opened by [`open_dir_pinned`]: which
+/// prefix of the path failed, and how.
+#[derive(Debug)]
+pub struct PinError {
+    /// The prefix of the path at which the walk stopped.
+    pub at: Vec<u8>,
+    pub source: io::Error,
+}
+
+impl PinError {
+    /// Whether the walk met a symlink (or a magic link) at `at`.
+    pub fn is_symlink(&self) -> bool {
+        self.source.raw_os_error() == Some(libc::ELOOP)
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.source.kind() == io::ErrorKind::NotFound
+    }
+}
+
+impl std::fmt::Display for PinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = std::path::Path::new(std::ffi::OsStr::from_bytes(&self.at)).display();
+        if self.is_symlink() {
+            write!(f, "{at} is a symbolic link, which is never followed")
+        } else if self.source.raw_os_error() == Some(libc::ENOTDIR) {
+            write!(f, "{at} is not a directory")
+        } else {
+            write!(f, "{at}: {}", self.source)
+        }
+    }
+}
+
+/// Opens the directory at the absolute, clean `path` from `/`, one
+/// component at a time with `O_NOFOLLOW | O_DIRECTORY`: a symlink (or
+/// `/proc` magic link) anywhere on the way is refused, not followed, and no
+/// call is handed more than one name, so any depth can be opened. The
+/// permission checks are those of the calling thread's filesystem
+/// credentials (see [`FsCreds`]).
+pub fn open_dir_pinned(path: &[u8]) -> Result<OwnedFd, PinError> {
+    let fail = |at: &[u8], source| PinError { at: at.to_vec(), source };
+    let Some(parts) = clean_components(path) else {
+        return Err(fail(path, io::Error::new(io::ErrorKind::InvalidInput, "not a clean absolute path")));
+    };
+    let c = c"/";
+    // SAFETY: open with a valid C string; the result is checked.
+    let mut dir = check_fd(unsafe { libc::open(c.as_ptr(), DIR_FLAGS) }).map_err(|e| fail(b"/", e))?;
+    let mut end = 0;
+    for part in parts {
+        end += 1 + part.len();
+        dir = step(dir.as_fd(), part).map_err(|e| fail(&path[..end], e))?;
+    }
+    Ok(dir)
+}
+
+/// The supplementary groups of the process at the other end of a Unix
+/// socket, as the kernel recorded them when it connected
+/// (`SO_PEERGROUPS`).
+pub fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * 4) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most len bytes into groups and sets
+        // len to the size it needs or wrote.
+        let ret = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if ret == 0 {
+            groups.truncate(len as usize / 4);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || len as usize <= groups.len() * 4 {
+            return Err(err);
+        }
+        groups.resize(len as usize / 4, 0);
+    }
+}
+
+/// Opens the directory `name` in `dir`, not following a symlink. With
+/// `O_DIRECTORY`, the kernel answers a symlink with `ENOTDIR`; it is told
+/// apart (as `ELOOP`) so that the error says what was met.
+fn step(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
+    openat(dir, name, DIR_FLAGS, 0).map_err(|e| {
+        let symlink = e.raw_os_error() == Some(libc::ENOTDIR)
+            && lstatat(dir, name).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+        if symlink { io::Error::from_raw_os_error(libc::ELOOP) } else { e }
+    })
+}
+
+/// Opens the directory at the absolute, clean `path` like
+/// [`open_dir_pinned`], creating each missing component (with `mode`) on
+/// the way: still one name per call, and never through a symlink.
+pub fn make_dir_pinned(path: &[u8], mode: u32) -> Result<OwnedFd, PinError> {
+    let fail = |at: &[u8], source| PinError { at: at.to_vec(), source };
+    let Some(parts) = clean_components(path) else {
+        return Err(fail(path, io::Error::new(io::ErrorKind::InvalidInput, "not a clean absolute path")));
+    };
+    let c = c"/";
+    // SAFETY: open with a valid C string; the result is checked.
+    let mut dir = check_fd(unsafe { libc::open(c.as_ptr(), DIR_FLAGS) }).map_err(|e| fail(b"/", e))?;
+    let mut end = 0;
+    for part in parts {
+        end += 1 + part.len();
+        match mkdirat(dir.as_fd(), part, mode) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(fail(&path[..end], e)),
+            _ => {}
+        }
+        dir = step(dir.as_fd(), part).map_err(|e| fail(&path[..end], e))?;
+    }
+    Ok(dir)
+}
+
+/// What a directory is, whatever it is called: its device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl Identity {
+    pub fn of(fd: BorrowedFd<'_>) -> io::Result<Identity> {
+        let st = fstat(fd)?;
+        Ok(Identity { dev: st.st_dev, ino: st.st_ino })
+    }
+}
+
+/// A set of filesystem credentials: the uid and gids the kernel checks
+/// permissions against when this thread opens, creates or removes files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsCreds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl FsCreds {
+    /// The calling thread's filesystem credentials.
+    pub fn current() -> io::Result<FsCreds> {
+        // SAFETY: setfsuid(-1) and setfsgid(-1) change nothing and return
+        // the current values; getgroups with a null buffer returns the count.
+        let (uid, gid, n) = unsafe {
+            (
+                libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
+                libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
+                libc::syscall(libc::SYS_getgroups, 0, std::ptr::null_mut::<libc::gid_t>()),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        // SAFETY: groups has room for n entries.
+        let n = unsafe { libc::syscall(libc::SYS_getgroups, groups.len(), groups.as_mut_ptr()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        groups.truncate(n as usize);
+        Ok(FsCreds { uid, gid, groups })
+    }
+
+    /// Makes these the calling thread's, and only this thread's,
+    /// filesystem credentials: the raw system calls, not the C library's
+    /// wrappers, which would change every thread of the process. Changing
+    /// the filesystem uid away from 0 also clears the filesystem
+    /// capabilities (`CAP_DAC_OVERRIDE`, `CAP_FOWNER`, ...) from the
+    /// thread's effective set, and changing it back to 0 restores them.
+    /// Needs `CAP_SETUID` and `CAP_SETGID` (root) unless nothing changes.
+    pub fn assume(&self) -> io::Result<()> {
+        // SAFETY: per-thread credential calls with plain integer arguments
+        // and a buffer of groups.len() gids.
+        unsafe {
+            if libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_setfsgid, self.gid);
+            libc::syscall(libc::SYS_setfsuid, self.uid);
+        }
+        // setfsuid and setfsgid report failure only by leaving the value.
+        let now = FsCreds::current()?;
+        if now.uid != self.uid || now.gid != self.gid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("cannot act as uid {} gid {}", self.uid, self.gid),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Splits `a/b/c` into (`a/b`, `c`); a name without `/` has parent ``.
@@ -462,11 +681,47 @@ pub fn umask() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{MetadataExt, symlink};
 
     fn open_dir(p: &std::path::Path) -> OwnedFd {
         let fd = std::fs::File::open(p).unwrap();
         OwnedFd::from(fd)
+    }
+
+    #[test]
+    fn only_clean_absolute_paths_have_components() {
+        assert_eq!(clean_components(b"/"), Some(vec![]));
+        assert_eq!(clean_components(b"/a/b/"), Some(vec![&b"a"[..], b"b"]));
+        for bad in [&b""[..], b"a/b", b"//", b"/a//b", b"/a/./b", b"/a/../b", b"/a/\0"] {
+            assert_eq!(clean_components(bad), None, "{:?}", bad.escape_ascii().to_string());
+        }
+    }
+
+    #[test]
+    fn a_pinned_walk_refuses_a_symlink_anywhere_and_reaches_any_depth() {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().as_os_str().as_bytes().to_vec();
+        std::fs::create_dir_all(t.path().join("a/b")).unwrap();
+        symlink(t.path().join("a"), t.path().join("l")).unwrap();
+        let id = |p: &str| Identity::of(open_dir_pinned(&[&base[..], p.as_bytes()].concat()).unwrap().as_fd()).unwrap();
+        let b = std::fs::metadata(t.path().join("a/b")).unwrap();
+        assert_eq!(id("/a/b"), Identity { dev: b.dev(), ino: b.ino() });
+        for through in ["/l/b", "/l"] {
+            let e = open_dir_pinned(&[&base[..], through.as_bytes()].concat()).unwrap_err();
+            assert!(e.is_symlink(), "{through}: {e}");
+            assert!(e.at.ends_with(b"/l"), "{through}: {e}");
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+        }
+        let e = open_dir_pinned(&[&base[..], b"/a/missing"].concat()).unwrap_err();
+        assert!(e.is_not_found());
+        // Deeper than PATH_MAX: one name per call.
+        let mut deep = [&base[..], b"/a"].concat();
+        while deep.len() < 6000 {
+            deep.extend_from_slice(b"/");
+            deep.extend_from_slice(&[b'd'; 200]);
+        }
+        let made = make_dir_pinned(&deep, 0o700).unwrap();
+        assert_eq!(Identity::of(made.as_fd()).unwrap(), Identity::of(open_dir_pinned(&deep).unwrap().as_fd()).unwrap());
     }
 
     #[test]
