@@ -256,6 +256,7 @@ mod tests {
             clone_note: String::new(),
             excludes: Vec::new(),
             state: "active".into(),
+            moved: None,
             owner_uid: 0,
             checkpoints: 0,
             created_unix_ms: 0,

@@ -314,6 +314,30 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
     std::path::absolute(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
 }
 
+/// Resolves a path the daemon will open for this user: the daemon follows
+/// no symlink (a swapped parent must not lead it elsewhere), so the CLI
+/// resolves the user's own, with the user's rights: the longest existing
+/// prefix is made canonical, and the components that do not exist yet are
+/// kept as given.
+fn resolved(path: &Path) -> Result<PathBuf, Failure> {
+    let path = absolute(path)?;
+    let mut missing = Vec::new();
+    let mut existing = path.as_path();
+    loop {
+        if let Ok(mut base) = existing.canonicalize() {
+            base.extend(missing.iter().rev());
+            return Ok(base);
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name);
+                existing = parent;
+            }
+            _ => return Ok(path), // nothing resolves: the daemon says why
+        }
+    }
+}
+
 /// A sandbox argument is a name, or a path to a registered directory. A
 /// name is tried first; when it is not registered and names a directory,
 /// the directory's canonical path is used.
@@ -346,8 +370,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let mut client = connect(cli.socket)?;
             match cmd {
                 SandboxCommand::Add { dir, name, excludes, store } => {
-                    let path = WirePath::from(absolute(&dir)?.as_path());
-                    let store = store.map(|s| absolute(&s)).transpose()?.map(|s| WirePath::from(s.as_path()));
+                    let path = WirePath::from(resolved(&dir)?.as_path());
+                    let store = store.map(|s| resolved(&s)).transpose()?.map(|s| WirePath::from(s.as_path()));
                     let info = client.sandbox_add(SandboxAdd { path, name, excludes, store })?;
                     emit(json, &info, |i| {
                         println!("registered {} at {}", i.name, i.path.display());
@@ -456,18 +480,26 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             })
         }
         Command::Export { checkpoint, dir } => {
-            let dir = WirePath::from(absolute(&dir)?.as_path());
+            let dir = WirePath::from(resolved(&dir)?.as_path());
             let report = connect(cli.socket)?.export(ExportRequest { checkpoint, dir })?;
             emit(json, &report, |r| {
                 println!(
-                    "exported {} to {}: {} files ({} hardlinked), {} directories, {} symlinks",
+                    "exported {} to {}: {} files ({} cloned), {} directories, {} symlinks",
                     r.checkpoint,
                     r.dir.display(),
                     r.files,
-                    r.hardlinked,
+                    r.cloned,
                     r.dirs,
                     r.symlinks
                 );
+                for (what, notes) in [("withheld", &r.withheld), ("left out", &r.skipped)] {
+                    if !notes.is_empty() {
+                        println!("{what}: {} {}", notes.len(), if notes.len() == 1 { "path" } else { "paths" });
+                    }
+                    for n in notes {
+                        println!("  {}: {}", n.path.display(), n.why);
+                    }
+                }
             })
         }
         Command::Verify => {

@@ -108,6 +108,50 @@ impl<'de> Deserialize<'de> for WirePath {
     }
 }
 
+/// Checks a request field that names a place on the filesystem: absolute,
+/// and without a NUL byte (which no system call could be handed).
+fn check_absolute(field: &str, p: &WirePath) -> Result<(), String> {
+    if p.0.contains(&0) {
+        return Err(format!("{field}: {} contains a NUL byte", p.display()));
+    }
+    if p.0.first() != Some(&b'/') {
+        return Err(format!("{field}: {} is not an absolute path", p.display()));
+    }
+    Ok(())
+}
+
+/// Checks a request field that names a path inside a sandbox: absolute (below
+/// its root) or relative to its root, without a NUL byte or a `..`.
+fn check_sandbox_path(field: &str, p: &WirePath) -> Result<(), String> {
+    if p.0.contains(&0) {
+        return Err(format!("{field}: {} contains a NUL byte", p.display()));
+    }
+    if p.0.is_empty() || p.0.split(|&b| b == b'/').any(|c| c == b"..") {
+        return Err(format!("{field}: {} is not a path inside a sandbox", p.display()));
+    }
+    Ok(())
+}
+
+impl Request {
+    /// Checks every path field of the request, as the daemon does right
+    /// after decoding it: a bad one is an `invalid_request`, whatever the
+    /// request would have done with it.
+    pub fn check_paths(&self) -> Result<(), String> {
+        match self {
+            Request::SandboxAdd(r) => {
+                check_absolute("path", &r.path)?;
+                r.store.iter().try_for_each(|s| check_absolute("store", s))
+            }
+            Request::Export(r) => check_absolute("dir", &r.dir),
+            Request::Rollback(RollbackRequest { paths, .. })
+            | Request::PlanRollback(PlanRollbackRequest { paths, .. }) => {
+                paths.iter().try_for_each(|p| check_sandbox_path("paths", p))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One request line, sent by a client.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -499,8 +543,28 @@ pub struct ExportReport {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
-    /// Files that are hardlinks to store objects (no data written).
+    /// Files whose content was cloned (reflinked), not copied.
+    #[serde(default)]
+    pub cloned: u64,
+    /// Always 0: exports no longer hardlink store objects. Kept so that
+    /// clients of the first protocol revision still read the answer.
+    #[serde(default)]
     pub hardlinked: u64,
+    /// Files left out because the caller could not have read them at
+    /// capture time, each with why.
+    #[serde(default)]
+    pub withheld: Vec<PathNote>,
+    /// Entries left out because an export holds only directories, files
+    /// and symlinks (FIFOs, sockets, devices), each with what it was.
+    #[serde(default)]
+    pub skipped: Vec<PathNote>,
+}
+
+/// A path and a sentence about it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PathNote {
+    pub path: WirePath,
+    pub why: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -547,8 +611,13 @@ pub struct SandboxInfo {
     /// Why the clone method is what it is, in a sentence.
     pub clone_note: String,
     pub excludes: Vec<String>,
-    /// `active`, or `removed` for a sandbox unregistered without `--purge`.
+    /// `active`; `removed` for a sandbox unregistered without `--purge`;
+    /// `moved` for one whose root is no longer the registered directory
+    /// (see `moved`), until its owner registers it again.
     pub state: String,
+    /// Why the sandbox is `moved`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved: Option<String>,
     pub owner_uid: u32,
     pub checkpoints: u64,
     pub created_unix_ms: i64,
@@ -729,6 +798,9 @@ pub enum ErrorCode {
     PermissionDenied,
     InvalidRequest,
     ProtocolMismatch,
+    /// A sandbox root or store is no longer the directory that was
+    /// registered; its owner registers it again to go on.
+    Moved,
     Busy,
     Io,
     Internal,
@@ -748,6 +820,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::ProtocolMismatch => "protocol_mismatch",
+            ErrorCode::Moved => "moved",
             ErrorCode::Busy => "busy",
             ErrorCode::Io => "io",
             ErrorCode::Internal => "internal",
@@ -775,6 +848,27 @@ impl fmt::Display for ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_path_field_is_checked_as_the_request_is_decoded() {
+        let bad = |json: &str| {
+            let r: Request = serde_json::from_str(json).unwrap();
+            r.check_paths().unwrap_err()
+        };
+        let ok = |json: &str| serde_json::from_str::<Request>(json).unwrap().check_paths().unwrap();
+        ok(r#"{"type":"sandbox_add","path":{"text":"/a"},"store":{"text":"/s"}}"#);
+        ok(r#"{"type":"export","checkpoint":"c","dir":{"text":"/out"}}"#);
+        ok(r#"{"type":"rollback","checkpoint":"c","paths":[{"text":"src/a"},{"text":"/abs/b"}]}"#);
+        assert!(bad(r#"{"type":"sandbox_add","path":{"text":"rel"}}"#).contains("not an absolute path"));
+        assert!(bad(r#"{"type":"sandbox_add","path":{"text":"/a\u0000"}}"#).contains("NUL"));
+        assert!(bad(r#"{"type":"sandbox_add","path":{"text":"/a"},"store":{"text":"s"}}"#).starts_with("store"));
+        assert!(bad(r#"{"type":"export","checkpoint":"c","dir":{"bytes":"L2EAYg=="}}"#).contains("NUL"));
+        assert!(bad(r#"{"type":"export","checkpoint":"c","dir":{"text":""}}"#).contains("absolute"));
+        assert!(bad(r#"{"type":"rollback","checkpoint":"c","paths":[{"text":"a/../b"}]}"#).contains("inside"));
+        assert!(
+            bad(r#"{"type":"plan_rollback","plan":"p","checkpoint":"c","paths":[{"text":"\u0000"}]}"#).contains("NUL")
+        );
+    }
 
     /// A bounded, seeded mutation fuzz of the request decoder: valid lines
     /// with bytes flipped, cut, duplicated and spliced. Decoding must answer

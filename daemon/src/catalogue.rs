@@ -14,6 +14,7 @@ use snapback::proto::{CheckpointInfo, CheckpointKind, CloneMethod, PlanState};
 use crate::error::{Error, Result};
 use crate::manifest::{Kind, Manifest, Meta, ObjectId, Row, StatKey};
 use crate::retention::Candidate;
+use crate::sys::Identity;
 
 /// The migrations, in order. Migration `i` (from 0) takes the schema from
 /// version `i` to `i + 1`.
@@ -25,6 +26,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0005_log_generation.sql", include_str!("../../migrations/0005_log_generation.sql")),
     ("0006_no_current_path_index.sql", include_str!("../../migrations/0006_no_current_path_index.sql")),
     ("0007_no_object_index.sql", include_str!("../../migrations/0007_no_object_index.sql")),
+    ("0008_pinned_roots.sql", include_str!("../../migrations/0008_pinned_roots.sql")),
 ];
 
 /// The schema version this build writes.
@@ -96,10 +98,16 @@ pub struct Sandbox {
     pub state: String,
     pub head_seq: u64,
     pub created_ms: i64,
+    /// The root's device and inode when it was registered; `None` for a
+    /// sandbox registered before they were recorded.
+    pub identity: Option<Identity>,
+    /// Why the root is no longer the registered directory, once an
+    /// operation found it so; cleared by registering it again.
+    pub moved: Option<String>,
 }
 
-const SANDBOX_COLS: &str =
-    "id, name, root, store, clone_method, clone_note, excludes, owner_uid, state, head_seq, created_ms";
+const SANDBOX_COLS: &str = "id, name, root, store, clone_method, clone_note, excludes, owner_uid, state, head_seq, \
+     created_ms, root_dev, root_ino, moved";
 
 fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sandbox> {
     let method: String = r.get(4)?;
@@ -116,7 +124,13 @@ fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sandbox> {
         state: r.get(8)?,
         head_seq: r.get::<_, i64>(9)? as u64,
         created_ms: r.get(10)?,
+        identity: identity_from(r.get(11)?, r.get(12)?),
+        moved: r.get(13)?,
     })
+}
+
+fn identity_from(dev: Option<i64>, ino: Option<i64>) -> Option<Identity> {
+    Some(Identity { dev: dev? as u64, ino: ino? as u64 })
 }
 
 pub fn sandboxes(conn: &Connection) -> Result<Vec<Sandbox>> {
@@ -143,8 +157,9 @@ pub fn sandbox_by_id(conn: &Connection, id: i64) -> Result<Sandbox> {
 /// Inserts a sandbox and returns its id.
 pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
     conn.execute(
-        "INSERT INTO sandboxes (name, root, store, clone_method, clone_note, excludes, owner_uid, state, head_seq, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', 0, ?8)",
+        "INSERT INTO sandboxes (name, root, store, clone_method, clone_note, excludes, owner_uid, state, head_seq,
+                                created_ms, root_dev, root_ino)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', 0, ?8, ?9, ?10)",
         params![
             s.name,
             s.root,
@@ -153,7 +168,9 @@ pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
             s.clone_note,
             serde_json::to_string(&s.excludes).map_err(|e| Error::Internal(e.to_string()))?,
             s.owner_uid,
-            s.created_ms
+            s.created_ms,
+            s.identity.map(|i| i.dev as i64),
+            s.identity.map(|i| i.ino as i64),
         ],
     )?;
     Ok(conn.last_insert_rowid())
@@ -161,6 +178,41 @@ pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
 
 pub fn set_sandbox_state(conn: &Connection, id: i64, state: &str) -> Result<()> {
     conn.execute("UPDATE sandboxes SET state = ?2 WHERE id = ?1", params![id, state])?;
+    Ok(())
+}
+
+/// Records the directory a sandbox's root now is (registered again, or
+/// adopted by a sandbox from before identities were recorded), and clears
+/// its `moved` note.
+pub fn set_sandbox_identity(conn: &Connection, id: i64, identity: Identity) -> Result<()> {
+    conn.execute(
+        "UPDATE sandboxes SET root_dev = ?2, root_ino = ?3, moved = NULL WHERE id = ?1",
+        params![id, identity.dev as i64, identity.ino as i64],
+    )?;
+    Ok(())
+}
+
+/// Records why a sandbox's root is no longer the registered directory.
+pub fn set_sandbox_moved(conn: &Connection, id: i64, why: &str) -> Result<()> {
+    conn.execute("UPDATE sandboxes SET moved = ?2 WHERE id = ?1", params![id, why])?;
+    Ok(())
+}
+
+/// The recorded identity of the store at `path`, if it was opened before.
+pub fn store_identity(conn: &Connection, path: &[u8]) -> Result<Option<Identity>> {
+    Ok(conn
+        .query_row("SELECT dev, ino FROM stores WHERE path = ?1", [path], |r| {
+            Ok(Identity { dev: r.get::<_, i64>(0)? as u64, ino: r.get::<_, i64>(1)? as u64 })
+        })
+        .optional()?)
+}
+
+/// Records the identity of a store opened for the first time.
+pub fn insert_store(conn: &Connection, path: &[u8], identity: Identity) -> Result<()> {
+    conn.execute(
+        "INSERT INTO stores (path, dev, ino) VALUES (?1, ?2, ?3)",
+        params![path, identity.dev as i64, identity.ino as i64],
+    )?;
     Ok(())
 }
 
@@ -1029,6 +1081,8 @@ mod tests {
             state: "active".into(),
             head_seq: 0,
             created_ms: 0,
+            identity: None,
+            moved: None,
         };
         insert_sandbox(conn, &sandbox).unwrap()
     }

@@ -7,9 +7,8 @@
 //! that guards an operation lives in this struct.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,12 +16,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::Connection;
 use snapback::proto::{
     Change, ChangeKind, CheckpointInfo, CheckpointKind, CheckpointRequest, Checkpoints, CloneMethod, DiffReport,
-    DiffRequest, ExportReport, ExportRequest, ListRequest, PROTOCOL, PlanInfo, PlanRollbackRequest, PlanState,
-    PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
-    SandboxInfo, SandboxPath, SandboxRemove, SandboxStatus, Sandboxes, StatusReport, UndoRequest, VerifyReport,
-    WirePath,
+    DiffRequest, ExportReport, ExportRequest, ListRequest, PROTOCOL, PathNote, PlanInfo, PlanRollbackRequest,
+    PlanState, PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest,
+    SandboxAdd, SandboxInfo, SandboxPath, SandboxRemove, SandboxStatus, Sandboxes, StatusReport, UndoRequest,
+    VerifyReport, WirePath,
 };
 
+use crate::access;
 use crate::capture::{self, Captured, Excludes, Options, Scope};
 use crate::catalogue::{self, Checkpoint, CheckpointWrite, Sandbox};
 use crate::config::Retention;
@@ -32,7 +32,7 @@ use crate::progress;
 use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};
 use crate::store::{Pack, Store};
-use crate::sys;
+use crate::sys::{self, Identity};
 use crate::watcher::{Drain, SandboxWatch};
 
 /// A file changed less than this long before a scan began is marked racy:
@@ -42,25 +42,23 @@ use crate::watcher::{Drain, SandboxWatch};
 /// after the barrier of a watched checkpoint marks its path dirty.
 const RACY_WINDOW_NS: i64 = 20_000_000;
 
-/// Who sent a request, from `SO_PEERCRED`.
-#[derive(Clone, Copy, Debug)]
-pub struct Peer {
-    pub uid: u32,
-}
+pub use crate::access::Peer;
 
-impl Peer {
-    fn may_use(&self, sandbox: &Sandbox) -> bool {
-        self.uid == 0 || self.uid == sandbox.owner_uid
-    }
+fn may_use(peer: &Peer, sandbox: &Sandbox) -> bool {
+    peer.is_root() || peer.uid == sandbox.owner_uid
 }
 
 pub struct Engine {
     state_dir: PathBuf,
+    /// The state directory, held open: the catalogue is reached through it.
+    _state_fd: OwnedFd,
     db_path: PathBuf,
     default_store: PathBuf,
     socket: PathBuf,
     started: Instant,
     stores: Mutex<HashMap<Vec<u8>, Arc<Store>>>,
+    /// Held while a store is opened for the first time.
+    opening_store: Mutex<()>,
     locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     /// Current manifests by sandbox, each valid only while the sandbox's
     /// head seq in the catalogue equals the seq it was read at. A cache, not
@@ -233,24 +231,34 @@ impl Engine {
     /// catalogue up to date and collects objects left by checkpoints that
     /// never committed.
     pub fn open(config: &crate::Config) -> Result<Engine> {
-        let state_dir = &config.state_dir;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .ctx(|| format!("creating the state directory {}", state_dir.display()))?;
-        let state_dir = state_dir.canonicalize().ctx(|| format!("opening {}", state_dir.display()))?;
-        let db_path = state_dir.join("catalogue.db");
+        // Opened from `/` without following a symlink, like a sandbox root,
+        // and held open: the catalogue is reached through the open
+        // directory (see [`Store::open_in`] for why `/proc/self/fd`).
+        let given = std::path::absolute(&config.state_dir)
+            .ctx(|| format!("resolving the state directory {}", config.state_dir.display()))?;
+        let state_b = clean_path("the state directory", given.as_os_str().as_bytes())?;
+        let state_fd = sys::make_dir_pinned(&state_b, 0o700)
+            .map_err(|e| Error::InvalidRequest(format!("cannot use the state directory {}: {e}", given.display())))?;
+        let state_dir = path_of(&state_b).to_owned();
+        let db_path = PathBuf::from(format!("/proc/self/fd/{}/catalogue.db", state_fd.as_raw_fd()));
+        match sys::mkdirat(state_fd.as_fd(), b"store", 0o700) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).ctx(|| format!("creating the store in {}", state_dir.display()));
+            }
+            _ => {}
+        }
         let conn = catalogue::open(&db_path)?;
         let wal = crate::wal::WalCheckpointer::start(catalogue::connect(&db_path)?, "the catalogue")
             .map_err(|e| Error::Internal(format!("starting the catalogue's log checkpointer: {e}")))?;
         let engine = Engine {
             default_store: state_dir.join("store"),
             state_dir,
+            _state_fd: state_fd,
             db_path,
             socket: config.socket.clone(),
             started: Instant::now(),
             stores: Mutex::new(HashMap::new()),
+            opening_store: Mutex::new(()),
             locks: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             retention: config.retention.clone(),
@@ -288,7 +296,7 @@ impl Engine {
             excludes: r.excludes.clone(),
             store: r.store.as_deref().map(WirePath::from),
         };
-        match self.sandbox_add(Peer { uid: sys::euid() }, req) {
+        match self.sandbox_add(&Peer::daemon(), req) {
             Ok(info) => tracing::info!(name = %info.name, "registered from the configuration"),
             Err(Error::AlreadyExists(_)) => {}
             Err(e) => {
@@ -301,8 +309,9 @@ impl Engine {
     /// returns at once).
     pub fn start_watches(&self) -> Result<()> {
         let conn = self.db()?;
-        for sandbox in catalogue::sandboxes(&conn)? {
-            if sandbox.state == "active" {
+        for mut sandbox in catalogue::sandboxes(&conn)? {
+            self.recheck_root(&conn, &mut sandbox);
+            if sandbox.state == "active" && sandbox.moved.is_none() {
                 self.watch_sandbox(&sandbox);
             }
         }
@@ -380,7 +389,7 @@ impl Engine {
     /// Makes a sandbox's next checkpoint compare everything, as a kernel
     /// queue overflow would: the `inject_rescan` test hook, served only when
     /// the daemon runs with `SNAPBACK_TEST_HOOKS=1`.
-    fn inject(&self, peer: Peer, reference: &str) -> Result<SandboxInfo> {
+    fn inject(&self, peer: &Peer, reference: &str) -> Result<SandboxInfo> {
         if !test_hooks() {
             return Err(Error::InvalidRequest("test hooks are off (SNAPBACK_TEST_HOOKS=1 turns them on)".into()));
         }
@@ -421,14 +430,50 @@ impl Engine {
         Ok(Pooled { changes: conn.total_changes(), conn: Some(conn), engine: self })
     }
 
+    /// Returns the store at `path`, opening it the first time: from `/`
+    /// without following a symlink, and only if it is the directory the
+    /// catalogue recorded when it was first opened (a store whose path now
+    /// leads elsewhere is never read, written or collected).
     fn store(&self, path: &[u8]) -> Result<Arc<Store>> {
-        let mut stores = lock(&self.stores);
-        if let Some(s) = stores.get(path) {
+        if let Some(s) = lock(&self.stores).get(path) {
             return Ok(s.clone());
         }
-        let store =
-            Arc::new(Store::open(path_of(path)).ctx(|| format!("opening the store {}", path_of(path).display()))?);
-        stores.insert(path.to_vec(), store.clone());
+        // One first open at a time; `stores` itself is not held across the
+        // catalogue lookup, whose connection runs deferred work that reads
+        // `stores` when it goes back to the pool.
+        let _opening = lock(&self.opening_store);
+        if let Some(s) = lock(&self.stores).get(path) {
+            return Ok(s.clone());
+        }
+        let shown = path_of(path).display();
+        let moved = |why: String| Error::Moved {
+            message: format!("the store {shown} is no longer the directory that was registered: {why}"),
+            sandbox: None,
+            why,
+        };
+        let dir = match sys::open_dir_pinned(path) {
+            Ok(dir) => dir,
+            Err(e) if e.is_symlink() || e.source.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(moved(e.to_string()));
+            }
+            Err(e) => return Err(e.source).ctx(|| format!("opening the store {shown}")),
+        };
+        let now = Identity::of(dir.as_fd()).ctx(|| format!("reading the store {shown}"))?;
+        let conn = self.db()?;
+        let registered = catalogue::store_identity(&conn, path)?;
+        match registered {
+            Some(registered) if registered != now => {
+                return Err(moved(format!(
+                    "{shown} is another directory now (device {}, inode {}; registered: device {}, inode {})",
+                    now.dev, now.ino, registered.dev, registered.ino
+                )));
+            }
+            Some(_) => {}
+            None => catalogue::insert_store(&conn, path, now)?,
+        }
+        drop(conn);
+        let store = Arc::new(Store::open_in(dir, path_of(path)).ctx(|| format!("opening the store {shown}"))?);
+        lock(&self.stores).insert(path.to_vec(), store.clone());
         Ok(store)
     }
 
@@ -506,12 +551,12 @@ impl Engine {
         }
         DEFERRED.with_borrow_mut(|d| *d = Some(Vec::new()));
         let collecting = Collecting(self);
-        let response = self.answer(peer, request);
+        let response = self.answer(&peer, request);
         let after = collecting.take();
         (response, after)
     }
 
-    fn answer(&self, peer: Peer, request: Request) -> Response {
+    fn answer(&self, peer: &Peer, request: Request) -> Response {
         // Every request sees the retention of the checkpoints answered
         // before it.
         self.settle_retention();
@@ -538,24 +583,29 @@ impl Engine {
             Request::InjectRescan(r) => self.inject(peer, &r.sandbox).map(Response::Sandbox),
         };
         result.unwrap_or_else(|e| {
+            if let Error::Moved { sandbox: Some(id), why, .. } = &e
+                && let Ok(conn) = self.db()
+            {
+                self.record_moved(&conn, *id, why);
+            }
             tracing::debug!(code = e.code().as_str(), "request refused: {e}");
             Response::Error(e.to_body())
         })
     }
 
-    fn sandbox_ref(&self, conn: &Connection, peer: Peer, reference: &str) -> Result<Sandbox> {
+    fn sandbox_ref(&self, conn: &Connection, peer: &Peer, reference: &str) -> Result<Sandbox> {
         let sandbox = catalogue::sandbox_by_ref(conn, reference)?;
-        if !peer.may_use(&sandbox) {
+        if !may_use(peer, &sandbox) {
             return Err(Error::NotFound(format!("no sandbox named or rooted at {reference:?}")));
         }
         Ok(sandbox)
     }
 
-    fn checkpoint_ref(&self, peer: Peer, reference: &str) -> Result<catalogue::Checkpoint> {
+    fn checkpoint_ref(&self, peer: &Peer, reference: &str) -> Result<catalogue::Checkpoint> {
         let conn = self.db()?;
         let c = catalogue::checkpoint_by_ref(&conn, reference)?;
         let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
-        if !peer.may_use(&sandbox) {
+        if !may_use(peer, &sandbox) {
             return Err(Error::NotFound(format!("no checkpoint {reference}")));
         }
         Ok(c)
@@ -569,68 +619,46 @@ impl Engine {
             clone_method: s.clone_method,
             clone_note: s.clone_note.clone(),
             excludes: s.excludes.clone(),
-            state: s.state.clone(),
+            state: shown_state(s).into(),
+            moved: s.moved.clone(),
             owner_uid: s.owner_uid,
             checkpoints: catalogue::checkpoint_count(conn, s.id)?,
             created_unix_ms: s.created_ms,
         })
     }
 
-    fn sandbox_add(&self, peer: Peer, req: SandboxAdd) -> Result<SandboxInfo> {
+    /// Registers a directory. Nothing is written before every check has
+    /// passed: the root is opened from `/` without following a symlink (as
+    /// the caller, so it must be a directory the caller can reach and
+    /// owns), its identity recorded; the placement rule
+    /// ([`access::check_placement`]) and the store's rule
+    /// ([`Engine::prepare_store`]) are applied; then the store is made.
+    fn sandbox_add(&self, peer: &Peer, req: SandboxAdd) -> Result<SandboxInfo> {
         let SandboxAdd { path, name, mut excludes, store } = req;
         for default in &self.default_excludes {
             if !excludes.contains(default) {
                 excludes.push(default.clone());
             }
         }
-        let given = path.as_path();
-        if !given.is_absolute() {
-            return Err(Error::InvalidRequest(format!("{} is not an absolute path", path.display())));
-        }
-        let root = given
-            .canonicalize()
-            .map_err(|e| Error::InvalidRequest(format!("cannot register {}: {e}", path.display())))?;
-        let meta = std::fs::symlink_metadata(&root).ctx(|| format!("reading {}", root.display()))?;
-        if !meta.is_dir() {
-            return Err(Error::InvalidRequest(format!("{} is not a directory", root.display())));
-        }
-        if peer.uid != 0 && meta.uid() != peer.uid {
+        let root_b = clean_path("the sandbox", path.as_bytes())?;
+        let root = path_of(&root_b).to_owned();
+        let root_fd = access::with_caller_creds(peer, |_| Ok(sys::open_dir_pinned(&root_b)))
+            .ctx(|| format!("opening {}", root.display()))?
+            .map_err(|e| Error::InvalidRequest(format!("cannot register {}: {e}", root.display())))?;
+        let meta = sys::fstat(root_fd.as_fd()).ctx(|| format!("reading {}", root.display()))?;
+        if !peer.is_root() && meta.st_uid != peer.uid {
             return Err(Error::PermissionDenied(format!(
                 "{} belongs to uid {}; only its owner or root may register it",
                 root.display(),
-                meta.uid()
+                meta.st_uid
             )));
         }
+        let identity = Identity { dev: meta.st_dev, ino: meta.st_ino };
         Excludes::new(&excludes)?; // refuse bad patterns before anything is written
-        // Resolve the store without creating it: nothing is written before
-        // every check has passed.
-        let store_path = match store {
-            None => self.default_store.clone(),
-            Some(s) => {
-                let p = s.as_path();
-                if !p.is_absolute() {
-                    return Err(Error::InvalidRequest(format!("store {} is not an absolute path", s.display())));
-                }
-                resolve_new_dir(p)?
-            }
+        let store_b = match &store {
+            None => bytes_of(&self.default_store),
+            Some(s) => clean_path("the store", s.as_bytes())?,
         };
-        let root_b = bytes_of(&root);
-        let store_b = bytes_of(&store_path);
-        let overlaps = |a: &[u8], b: &[u8]| is_within(a, b) || is_within(b, a);
-        if overlaps(&root_b, &bytes_of(&self.state_dir)) {
-            return Err(Error::InvalidRequest(format!(
-                "{} overlaps the daemon's state directory {}",
-                root.display(),
-                self.state_dir.display()
-            )));
-        }
-        if overlaps(&root_b, &store_b) {
-            return Err(Error::InvalidRequest(format!(
-                "{} overlaps its store {}; put the store outside the sandbox",
-                root.display(),
-                store_path.display()
-            )));
-        }
         let name = match name {
             Some(n) => n,
             None => root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into()),
@@ -639,60 +667,30 @@ impl Engine {
             return Err(Error::InvalidRequest(format!("{name:?} is not a valid sandbox name")));
         }
         let conn = self.db()?;
-        for other in catalogue::sandboxes(&conn)? {
-            if other.root == root_b {
-                if other.state == "removed" && peer.may_use(&other) {
-                    catalogue::set_sandbox_state(&conn, other.id, "active")?;
-                    let again = catalogue::sandbox_by_id(&conn, other.id)?;
-                    self.watch_sandbox(&again);
-                    return self.sandbox_info(&conn, &again);
-                }
-                return Err(Error::AlreadyExists(format!(
-                    "{} is already registered as {}",
-                    root.display(),
-                    other.name
-                )));
-            }
-            if overlaps(&root_b, &other.root) {
-                return Err(Error::InvalidRequest(format!(
-                    "{} overlaps the sandbox {} at {}",
-                    root.display(),
-                    other.name,
-                    path_of(&other.root).display()
-                )));
-            }
-            if is_within(&other.store, &root_b) {
-                return Err(Error::InvalidRequest(format!(
-                    "{} contains the store of the sandbox {}",
-                    root.display(),
-                    other.name
-                )));
-            }
-            if overlaps(&store_b, &other.root) {
-                return Err(Error::InvalidRequest(format!(
-                    "the store {} overlaps the sandbox {}",
-                    store_path.display(),
-                    other.name
-                )));
-            }
-            if other.name == name {
-                return Err(Error::AlreadyExists(format!("a sandbox named {name} already exists")));
-            }
+        let all = catalogue::sandboxes(&conn)?;
+        if let Some(other) = all.iter().find(|o| o.root == root_b) {
+            return self.register_again(&conn, peer, other, identity);
         }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&store_path)
-            .ctx(|| format!("creating the store {}", store_path.display()))?;
+        let others: Vec<access::Placed<'_>> =
+            all.iter().map(|o| access::Placed { name: &o.name, root: &o.root, store: &o.store }).collect();
+        access::check_placement(&root_b, &store_b, &bytes_of(&self.state_dir), &bytes_of(&self.default_store), &others)
+            .map_err(Error::InvalidRequest)?;
+        if let Some(other) = all.iter().find(|o| o.name == name) {
+            return Err(Error::AlreadyExists(format!("a sandbox named {} already exists", other.name)));
+        }
+        if store.is_some() {
+            let shares = all.iter().any(|o| o.store == store_b && may_use(peer, o));
+            self.prepare_store(&conn, peer, &store_b, shares)?;
+        }
         let store = self.store(&store_b)?;
-        let same_fs = store.device().ctx(|| "reading the store".into())? == meta.dev();
+        let same_fs = store.device().ctx(|| "reading the store".into())? == meta.st_dev;
         let (clone_method, clone_note) = if !same_fs {
             (
                 CloneMethod::Copy,
                 format!(
                     "copy: the store {} is on another filesystem than the sandbox; add the sandbox with \
                      --store DIR on its own filesystem to get reflinks",
-                    store_path.display()
+                    path_of(&store_b).display()
                 ),
             )
         } else if store.probe_reflink() {
@@ -708,10 +706,12 @@ impl Engine {
             clone_method,
             clone_note,
             excludes,
-            owner_uid: if peer.uid == 0 { meta.uid() } else { peer.uid },
+            owner_uid: if peer.is_root() { meta.st_uid } else { peer.uid },
             state: "active".into(),
             head_seq: 0,
             created_ms: now_ns() / 1_000_000,
+            identity: Some(identity),
+            moved: None,
         };
         sandbox.id = catalogue::insert_sandbox(&conn, &sandbox)?;
         self.watch_sandbox(&sandbox);
@@ -719,18 +719,89 @@ impl Engine {
         self.sandbox_info(&conn, &sandbox)
     }
 
-    fn sandbox_list(&self, peer: Peer) -> Result<Sandboxes> {
+    /// `sandbox add` of a path registered already: a removed or moved
+    /// sandbox of the caller's comes back, pinned to the directory there
+    /// now (its next checkpoint compares the whole tree); an active one is
+    /// an error.
+    fn register_again(&self, conn: &Connection, peer: &Peer, other: &Sandbox, now: Identity) -> Result<SandboxInfo> {
+        let moved = other.moved.is_some() || other.identity.is_some_and(|i| i != now);
+        if !may_use(peer, other) || (other.state != "removed" && !moved) {
+            return Err(Error::AlreadyExists(format!(
+                "{} is already registered as {}",
+                path_of(&other.root).display(),
+                other.name
+            )));
+        }
+        let guard = self.sandbox_lock(other.id);
+        let _held = lock(&guard);
+        catalogue::set_sandbox_identity(conn, other.id, now)?;
+        catalogue::set_sandbox_state(conn, other.id, "active")?;
+        lock(&self.manifests).remove(&other.id);
+        let again = catalogue::sandbox_by_id(conn, other.id)?;
+        self.watch_sandbox(&again);
+        if moved {
+            tracing::info!(name = %again.name, "registered again after its root moved");
+        }
+        self.sandbox_info(conn, &again)
+    }
+
+    /// Checks, and makes if needed, a store directory a caller named with
+    /// `--store`. One that exists must be reached without a symlink and be
+    /// the caller's (any, for root), and be empty or a snapback store; one
+    /// the caller already shares (`shares`: a sandbox of the caller's uses
+    /// it) needs nothing more. A missing one is created with the caller's
+    /// credentials (so only where the caller could create it), then given
+    /// to the daemon, mode 0700: what is inside is the daemon's alone.
+    fn prepare_store(&self, conn: &Connection, peer: &Peer, store: &[u8], shares: bool) -> Result<()> {
+        let shown = path_of(store).display().to_string();
+        if shares && catalogue::store_identity(conn, store)?.is_some() {
+            return Ok(());
+        }
+        match sys::open_dir_pinned(store) {
+            Ok(dir) => {
+                let st = sys::fstat(dir.as_fd()).ctx(|| format!("reading {shown}"))?;
+                if !peer.is_root() && st.st_uid != peer.uid {
+                    return Err(Error::PermissionDenied(format!(
+                        "the store {shown} belongs to uid {}; name an empty directory of yours, or a new one",
+                        st.st_uid
+                    )));
+                }
+                let empty = sys::read_dir(dir.as_fd()).ctx(|| format!("reading {shown}"))?.is_empty();
+                if !empty && !crate::store::is_store(dir.as_fd()) {
+                    return Err(Error::InvalidRequest(format!(
+                        "the store {shown} is not empty and not a snapback store; name an empty or a new directory"
+                    )));
+                }
+                if empty {
+                    sys::fchown(dir.as_fd(), sys::euid(), u32::MAX).ctx(|| format!("taking {shown}"))?;
+                    sys::fchmod(dir.as_fd(), 0o700).ctx(|| format!("taking {shown}"))?;
+                }
+                Ok(())
+            }
+            Err(e) if e.is_not_found() => {
+                let made = access::with_caller_creds(peer, |_| Ok(sys::make_dir_pinned(store, 0o700)))
+                    .ctx(|| format!("creating the store {shown}"))?
+                    .map_err(|e| Error::InvalidRequest(format!("cannot create the store {shown}: {e}")))?;
+                sys::fchown(made.as_fd(), sys::euid(), u32::MAX).ctx(|| format!("taking {shown}"))?;
+                Ok(())
+            }
+            Err(e) => Err(Error::InvalidRequest(format!("cannot use the store {shown}: {e}"))),
+        }
+    }
+
+    fn sandbox_list(&self, peer: &Peer) -> Result<Sandboxes> {
         let conn = self.db()?;
         let mut out = Vec::new();
-        for s in catalogue::sandboxes(&conn)? {
-            if peer.may_use(&s) {
+        for mut s in catalogue::sandboxes(&conn)? {
+            if may_use(peer, &s) {
+                self.recheck_root(&conn, &mut s);
                 out.push(self.sandbox_info(&conn, &s)?);
             }
         }
         Ok(Sandboxes { sandboxes: out })
     }
 
-    fn sandbox_remove(&self, peer: Peer, req: SandboxRemove) -> Result<SandboxInfo> {
+    fn sandbox_remove(&self, peer: &Peer, req: SandboxRemove) -> Result<SandboxInfo> {
         let conn = self.db()?;
         let sandbox = self.sandbox_ref(&conn, peer, &req.sandbox)?;
         let guard = self.sandbox_lock(sandbox.id);
@@ -756,7 +827,7 @@ impl Engine {
         Ok(info)
     }
 
-    fn active_sandbox(&self, conn: &Connection, peer: Peer, reference: &str) -> Result<Sandbox> {
+    fn active_sandbox(&self, conn: &Connection, peer: &Peer, reference: &str) -> Result<Sandbox> {
         let sandbox = self.sandbox_ref(conn, peer, reference)?;
         if sandbox.state != "active" {
             return Err(Error::InvalidRequest(format!(
@@ -767,7 +838,7 @@ impl Engine {
         Ok(sandbox)
     }
 
-    fn checkpoint(&self, peer: Peer, req: CheckpointRequest) -> Result<CheckpointInfo> {
+    fn checkpoint(&self, peer: &Peer, req: CheckpointRequest) -> Result<CheckpointInfo> {
         let CheckpointRequest { sandbox, plan, reason, tool, phase, labels, pin, kind } = req;
         let kind = kind.unwrap_or(if tool.is_some() { CheckpointKind::Tool } else { CheckpointKind::Manual });
         if kind == CheckpointKind::Safety {
@@ -787,17 +858,68 @@ impl Engine {
         self.take(&mut conn, sb.id, new)
     }
 
-    /// Opens a sandbox's root directory, refusing a symlink in its place.
-    fn open_root(sandbox: &Sandbox) -> Result<OwnedFd> {
-        let path = path_of(&sandbox.root);
-        let c = sys::cstr(&sandbox.root).ctx(|| format!("opening {}", path.display()))?;
-        // SAFETY: open with a valid C string; the fd is checked below.
-        let fd = unsafe { libc::open(c.as_ptr(), sys::DIR_FLAGS) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).ctx(|| format!("opening the sandbox {}", path.display()));
+    /// Opens a sandbox's root from `/` without following a symlink, and
+    /// checks that it is the directory that was registered. One that is
+    /// not (renamed, replaced, missing, or reached through a symlink now)
+    /// is an [`Error::Moved`], which [`Engine::answer`] records.
+    fn open_root(&self, sandbox: &Sandbox) -> Result<OwnedFd> {
+        let path = path_of(&sandbox.root).display();
+        let moved = |why: String| Error::Moved {
+            message: format!(
+                "the sandbox {} is no longer the directory that was registered: {why}. Nothing was read or \
+                 written there; its checkpoints stay readable, and `snapback sandbox add {path}` registers \
+                 the directory there now",
+                sandbox.name
+            ),
+            sandbox: Some(sandbox.id),
+            why,
+        };
+        if let Some(why) = &sandbox.moved {
+            return Err(moved(why.clone()));
         }
-        // SAFETY: fd is a new, valid descriptor we own.
-        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+        let fd = match sys::open_dir_pinned(&sandbox.root) {
+            Ok(fd) => fd,
+            Err(e) if e.is_symlink() || e.is_not_found() || e.source.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(moved(e.to_string()));
+            }
+            Err(e) => return Err(e.source).ctx(|| format!("opening the sandbox {path}")),
+        };
+        let now = Identity::of(fd.as_fd()).ctx(|| format!("reading the sandbox {path}"))?;
+        match sandbox.identity {
+            Some(registered) if registered != now => Err(moved(format!(
+                "{path} is another directory now (device {}, inode {}; registered: device {}, inode {})",
+                now.dev, now.ino, registered.dev, registered.ino
+            ))),
+            Some(_) => Ok(fd),
+            None => {
+                // Registered before identities were recorded: the first open
+                // after the upgrade records what it finds.
+                catalogue::set_sandbox_identity(&*self.db()?, sandbox.id, now)?;
+                tracing::info!(sandbox = %sandbox.name, "recorded the root's identity");
+                Ok(fd)
+            }
+        }
+    }
+
+    /// Whether a sandbox's root is still what was registered; records it
+    /// as moved if not. For `status` and `sandbox list`.
+    fn recheck_root(&self, conn: &Connection, sandbox: &mut Sandbox) {
+        if sandbox.state != "active" || sandbox.moved.is_some() {
+            return;
+        }
+        if let Err(Error::Moved { why, .. }) = self.open_root(sandbox) {
+            self.record_moved(conn, sandbox.id, &why);
+            sandbox.moved = Some(why);
+        }
+    }
+
+    /// Records that a sandbox's root moved, and stops watching it.
+    fn record_moved(&self, conn: &Connection, id: i64, why: &str) {
+        if let Err(e) = catalogue::set_sandbox_moved(conn, id, why) {
+            tracing::warn!("recording that sandbox {id} moved: {e}");
+        }
+        self.unwatch_sandbox(id);
+        tracing::warn!(sandbox = id, "the root moved: {why}");
     }
 
     /// Takes the current manifest of a sandbox out of the cache, or reads it
@@ -835,7 +957,7 @@ impl Engine {
         store: Option<(&Store, Option<&Pack<'_>>)>,
         scan_start_ns: i64,
     ) -> Result<Captured> {
-        let root = Self::open_root(sandbox)?;
+        let root = self.open_root(sandbox)?;
         let excludes = Excludes::new(&sandbox.excludes)?;
         let progress = progress::current();
         if let Some(p) = &progress {
@@ -1166,14 +1288,14 @@ impl Engine {
         Ok((info, also))
     }
 
-    fn list(&self, peer: Peer, req: ListRequest) -> Result<Checkpoints> {
+    fn list(&self, peer: &Peer, req: ListRequest) -> Result<Checkpoints> {
         let conn = self.db()?;
         let sandbox_id = match &req.sandbox {
             Some(s) => Some(self.sandbox_ref(&conn, peer, s)?.id),
             None => None,
         };
         let visible: std::collections::HashSet<i64> =
-            catalogue::sandboxes(&conn)?.into_iter().filter(|s| peer.may_use(s)).map(|s| s.id).collect();
+            catalogue::sandboxes(&conn)?.into_iter().filter(|s| may_use(peer, s)).map(|s| s.id).collect();
         let checkpoints = catalogue::checkpoints(&conn, sandbox_id, req.plan.as_deref())?
             .into_iter()
             .filter(|c| visible.contains(&c.sandbox_id))
@@ -1191,7 +1313,7 @@ impl Engine {
         Ok(current)
     }
 
-    fn diff(&self, peer: Peer, req: DiffRequest) -> Result<DiffReport> {
+    fn diff(&self, peer: &Peer, req: DiffRequest) -> Result<DiffReport> {
         let from = self.checkpoint_ref(peer, &req.from)?;
         let conn = self.db()?;
         let (to_id, changes) = match &req.to {
@@ -1222,7 +1344,7 @@ impl Engine {
         Ok(DiffReport { from: from.info.id, to: to_id, changes })
     }
 
-    fn rollback(&self, peer: Peer, req: RollbackRequest) -> Result<RollbackReport> {
+    fn rollback(&self, peer: &Peer, req: RollbackRequest) -> Result<RollbackReport> {
         let target = self.checkpoint_ref(peer, &req.checkpoint)?;
         let mut conn = self.db()?;
         let sandbox = self.active_sandbox_by_id(&conn, peer, target.sandbox_id)?;
@@ -1232,7 +1354,7 @@ impl Engine {
         self.restore_to(&mut conn, &sandbox, &target, &filter, req.dry_run, "rollback")
     }
 
-    fn active_sandbox_by_id(&self, conn: &Connection, peer: Peer, id: i64) -> Result<Sandbox> {
+    fn active_sandbox_by_id(&self, conn: &Connection, peer: &Peer, id: i64) -> Result<Sandbox> {
         let sandbox = catalogue::sandbox_by_id(conn, id)?;
         self.active_sandbox(conn, peer, &sandbox.name)
     }
@@ -1423,7 +1545,7 @@ impl Engine {
         let excludes = Excludes::new(&sandbox.excludes)?;
         let plan = Plan::new(&present, &live_side, &[], &excludes);
         let store = self.store(&sandbox.store)?;
-        let root = Self::open_root(&sandbox)?;
+        let root = self.open_root(&sandbox)?;
         plan.apply(root.as_fd(), &store, &self.apply_options(&sandbox))?;
         let touched: Vec<&[u8]> = wanted.into_iter().collect();
         crate::restore::remove_leftover_temps(root.as_fd(), &touched)?;
@@ -1444,7 +1566,7 @@ impl Engine {
     ) -> Result<RollbackReport> {
         let mut skipped = Vec::new();
         if safety.is_some() {
-            let root = Self::open_root(sandbox)?;
+            let root = self.open_root(sandbox)?;
             let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
             skipped = applied.skipped;
             if !applied.cloned.is_empty() {
@@ -1475,7 +1597,7 @@ impl Engine {
         })
     }
 
-    fn show(&self, peer: Peer, reference: &str) -> Result<CheckpointInfo> {
+    fn show(&self, peer: &Peer, reference: &str) -> Result<CheckpointInfo> {
         let c = self.checkpoint_ref(peer, reference)?;
         let conn = self.db()?;
         let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
@@ -1485,11 +1607,11 @@ impl Engine {
         Ok(info)
     }
 
-    fn plan_ref(&self, conn: &Connection, peer: Peer, id: &str) -> Result<(catalogue::Plan, Sandbox)> {
+    fn plan_ref(&self, conn: &Connection, peer: &Peer, id: &str) -> Result<(catalogue::Plan, Sandbox)> {
         let missing = || Error::NotFound(format!("no plan {id:?}"));
         let plan = catalogue::plan(conn, id)?.ok_or_else(missing)?;
         let sandbox = catalogue::sandbox_by_id(conn, plan.sandbox_id)?;
-        if !peer.may_use(&sandbox) {
+        if !may_use(peer, &sandbox) {
             return Err(missing());
         }
         Ok((plan, sandbox))
@@ -1509,7 +1631,7 @@ impl Engine {
         })
     }
 
-    fn plan_show(&self, peer: Peer, id: &str) -> Result<PlanInfo> {
+    fn plan_show(&self, peer: &Peer, id: &str) -> Result<PlanInfo> {
         let conn = self.db()?;
         let (plan, sandbox) = self.plan_ref(&conn, peer, id)?;
         self.plan_info(&conn, &plan, &sandbox)
@@ -1517,7 +1639,7 @@ impl Engine {
 
     /// Applies or abandons an active plan. Holds the sandbox's lock, so no
     /// rollback of the plan is between its guard and its work meanwhile.
-    fn plan_close(&self, peer: Peer, id: &str, state: PlanState) -> Result<PlanInfo> {
+    fn plan_close(&self, peer: &Peer, id: &str, state: PlanState) -> Result<PlanInfo> {
         let conn = self.db()?;
         let (_, sandbox) = self.plan_ref(&conn, peer, id)?;
         let guard = self.sandbox_lock(sandbox.id);
@@ -1535,7 +1657,7 @@ impl Engine {
         self.plan_info(&conn, &plan, &sandbox)
     }
 
-    fn plan_rollback(&self, peer: Peer, req: PlanRollbackRequest) -> Result<RollbackReport> {
+    fn plan_rollback(&self, peer: &Peer, req: PlanRollbackRequest) -> Result<RollbackReport> {
         let mut conn = self.db()?;
         let (_, sandbox) = self.plan_ref(&conn, peer, &req.plan)?;
         let target = self.checkpoint_ref(peer, &req.checkpoint)?;
@@ -1554,7 +1676,7 @@ impl Engine {
         self.restore_to(&mut conn, &sandbox, &target, &filter, req.dry_run, "rollback")
     }
 
-    fn revert(&self, peer: Peer, req: RevertRequest) -> Result<RollbackReport> {
+    fn revert(&self, peer: &Peer, req: RevertRequest) -> Result<RollbackReport> {
         let step = self.checkpoint_ref(peer, &req.checkpoint)?;
         let mut conn = self.db()?;
         let sandbox = self.active_sandbox_by_id(&conn, peer, step.sandbox_id)?;
@@ -1626,7 +1748,7 @@ impl Engine {
         Ok(report)
     }
 
-    fn undo(&self, peer: Peer, req: UndoRequest) -> Result<RollbackReport> {
+    fn undo(&self, peer: &Peer, req: UndoRequest) -> Result<RollbackReport> {
         let mut conn = self.db()?;
         let sandbox = self.active_sandbox(&conn, peer, &req.sandbox)?;
         let guard = self.sandbox_lock(sandbox.id);
@@ -1640,7 +1762,7 @@ impl Engine {
         self.restore_to(&mut conn, &sandbox, &back, &[], false, "undo")
     }
 
-    fn prune(&self, peer: Peer, req: PruneRequest) -> Result<PruneReport> {
+    fn prune(&self, peer: &Peer, req: PruneRequest) -> Result<PruneReport> {
         let mut conn = self.db()?;
         let sandbox = self.sandbox_ref(&conn, peer, &req.sandbox)?;
         let guard = self.sandbox_lock(sandbox.id);
@@ -1724,63 +1846,59 @@ impl Engine {
         store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
     }
 
-    fn export(&self, peer: Peer, req: ExportRequest) -> Result<ExportReport> {
+    /// Writes a checkpoint out as a new read-only tree, with the caller's
+    /// filesystem credentials (see [`access::with_caller_creds`]): the
+    /// destination's parent is opened from `/` as the caller, without
+    /// following a symlink, and everything is created in it through that
+    /// fd. Content the caller could not have read is withheld.
+    fn export(&self, peer: &Peer, req: ExportRequest) -> Result<ExportReport> {
         let c = self.checkpoint_ref(peer, &req.checkpoint)?;
         let conn = self.db()?;
         let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
-        let dir = req.dir.as_path();
-        if !dir.is_absolute() {
-            return Err(Error::InvalidRequest(format!("{} is not an absolute path", req.dir.display())));
+        let dest = clean_path("the export", req.dir.as_bytes())?;
+        let (parent, name) = sys::split_parent(&dest);
+        if name.is_empty() {
+            return Err(Error::InvalidRequest("cannot export into /".into()));
         }
-        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-            return Err(Error::InvalidRequest(format!("cannot export into {}", req.dir.display())));
-        };
-        let parent = parent.canonicalize().map_err(|e| Error::InvalidRequest(format!("{}: {e}", parent.display())))?;
-        let parent_meta = std::fs::metadata(&parent).ctx(|| format!("reading {}", parent.display()))?;
-        if peer.uid != 0 && parent_meta.uid() != peer.uid {
-            return Err(Error::PermissionDenied(format!(
-                "{} is not yours: export into a directory you own",
-                parent.display()
-            )));
-        }
-        let dest = parent.join(name);
-        let dest_b = bytes_of(&dest);
+        let parent = if parent.is_empty() { b"/".as_slice() } else { parent };
+        let shown = path_of(&dest).display().to_string();
         let overlaps = |a: &[u8], b: &[u8]| is_within(a, b) || is_within(b, a);
-        if overlaps(&dest_b, &bytes_of(&self.state_dir)) {
+        if overlaps(&dest, &bytes_of(&self.state_dir)) {
             return Err(Error::InvalidRequest("cannot export into the daemon's state directory".into()));
         }
         for other in catalogue::sandboxes(&conn)? {
-            if overlaps(&dest_b, &other.root) || overlaps(&dest_b, &other.store) {
-                return Err(Error::InvalidRequest(format!(
-                    "{} overlaps the sandbox {} or its store",
-                    dest.display(),
-                    other.name
-                )));
+            if overlaps(&dest, &other.root) || overlaps(&dest, &other.store) {
+                return Err(Error::InvalidRequest(format!("{shown} overlaps the sandbox {} or its store", other.name)));
             }
         }
         let guard = self.sandbox_lock(sandbox.id);
         let _held = lock(&guard);
         let rows = catalogue::rows_at(&conn, sandbox.id, c.info.seq)?;
         let store = self.store(&sandbox.store)?;
-        // Hardlinks expose the store's own files: only to the uid that owns
-        // them (or root); others get copies they can read.
-        let link = peer.uid == sys::euid() || peer.uid == 0;
-        let give_to = (sys::euid() == 0 && peer.uid != 0).then_some(peer.uid);
-        let report = crate::export::export(&rows, &parent, name.as_bytes(), &store, link, give_to)
-            .ctx(|| format!("exporting into {}", dest.display()))?;
+        let report = access::with_caller_creds(peer, |acting| {
+            let parent_fd =
+                sys::open_dir_pinned(parent).map_err(|e| std::io::Error::new(e.source.kind(), e.to_string()))?;
+            crate::export::export(&rows, parent_fd.as_fd(), name, &store, peer, acting)
+        })
+        .ctx(|| format!("exporting into {shown}"))?;
+        let notes =
+            |v: Vec<(Vec<u8>, String)>| v.into_iter().map(|(p, why)| PathNote { path: WirePath(p), why }).collect();
         Ok(ExportReport {
             checkpoint: c.info.id,
-            dir: WirePath(dest_b),
+            dir: WirePath(dest),
             files: report.files,
             dirs: report.dirs,
             symlinks: report.symlinks,
-            hardlinked: report.hardlinked,
+            cloned: report.cloned,
+            hardlinked: 0,
+            withheld: notes(report.withheld),
+            skipped: notes(report.skipped),
         })
     }
 
     /// Checks every store against the catalogue. Holds each store's
     /// collection lock, so no checkpoint's objects are half-referenced.
-    fn verify(&self, peer: Peer) -> Result<VerifyReport> {
+    fn verify(&self, peer: &Peer) -> Result<VerifyReport> {
         if peer.uid != 0 && peer.uid != sys::euid() {
             return Err(Error::PermissionDenied("verify checks every sandbox's store: run it as root".into()));
         }
@@ -1833,13 +1951,14 @@ impl Engine {
         Ok(report)
     }
 
-    fn status(&self, peer: Peer) -> Result<StatusReport> {
+    fn status(&self, peer: &Peer) -> Result<StatusReport> {
         let conn = self.db()?;
         let mut sandboxes = Vec::new();
-        for s in catalogue::sandboxes(&conn)? {
-            if !peer.may_use(&s) {
+        for mut s in catalogue::sandboxes(&conn)? {
+            if !may_use(peer, &s) {
                 continue;
             }
+            self.recheck_root(&conn, &mut s);
             let last = match s.head_seq {
                 0 => None,
                 head => catalogue::checkpoint_at(&conn, s.id, head)?.map(|c| c.info.id),
@@ -1870,7 +1989,7 @@ impl Engine {
                 budget_pruned: catalogue::budget_pruned(&conn, s.id)?,
                 name: s.name.clone(),
                 path: WirePath(s.root.clone()),
-                state: s.state.clone(),
+                state: shown_state(&s).into(),
                 clone_method: s.clone_method,
                 checkpoints: catalogue::checkpoint_count(&conn, s.id)?,
                 store_bytes: catalogue::store_bytes(&conn, s.id)?,
@@ -2118,33 +2237,26 @@ fn changes(from: &Manifest, to: &Manifest) -> Vec<Change> {
     out
 }
 
-/// Returns the canonical form of a directory that may not exist yet: its
-/// nearest existing ancestor canonicalized, plus the missing components.
-fn resolve_new_dir(p: &Path) -> Result<PathBuf> {
-    let mut missing = Vec::new();
-    let mut existing = p;
-    loop {
-        match existing.canonicalize() {
-            Ok(base) => {
-                let mut out = base;
-                for part in missing.iter().rev() {
-                    out.push(part);
-                }
-                return Ok(out);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
-                    return Err(e).ctx(|| format!("resolving {}", p.display()));
-                };
-                if name == ".." || name == "." {
-                    return Err(Error::InvalidRequest(format!("{} is not a clean path", p.display())));
-                }
-                missing.push(name.to_owned());
-                existing = parent;
-            }
-            Err(e) => return Err(e).ctx(|| format!("resolving {}", p.display())),
-        }
+/// Checks that a path from a request is clean and absolute (no `.`, `..`
+/// or empty component: see [`sys::clean_components`]), and returns it
+/// without a trailing `/`. Symlinks are not resolved, here or anywhere in
+/// the daemon: the client resolves its own (the CLI does), with its own
+/// rights, and the daemon refuses any it meets.
+fn clean_path(what: &str, p: &[u8]) -> Result<Vec<u8>> {
+    match sys::clean_components(p) {
+        Some(parts) if parts.is_empty() => Ok(b"/".to_vec()),
+        Some(_) => Ok(p.strip_suffix(b"/").unwrap_or(p).to_vec()),
+        None => Err(Error::InvalidRequest(format!(
+            "{what} {} is not a clean absolute path (no `.`, `..` or `//`)",
+            WirePath(p.to_vec()).display()
+        ))),
     }
+}
+
+/// The state a sandbox is shown in: `moved` once its root was found to be
+/// another directory, else its recorded state.
+fn shown_state(s: &Sandbox) -> &str {
+    if s.moved.is_some() && s.state == "active" { "moved" } else { &s.state }
 }
 
 /// Turns a `--path` argument into a clean sandbox-relative path: relative
@@ -2212,18 +2324,18 @@ mod tests {
             durability: Default::default(),
         };
         let engine = Engine::open(&config).unwrap();
-        let peer = Peer { uid: sys::euid() };
+        let peer = Peer::daemon();
         let add =
             SandboxAdd { path: WirePath::from(root.as_path()), name: Some("s".into()), excludes: vec![], store: None };
-        engine.sandbox_add(peer, add).unwrap();
+        engine.sandbox_add(&peer, add).unwrap();
         (dir, root, engine, peer)
     }
 
     #[test]
     fn verify_reports_a_path_with_two_current_versions() {
         let (_dir, _root, engine, peer) = test_engine();
-        engine.checkpoint(peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() }).unwrap();
-        let report = engine.verify(peer).unwrap();
+        engine.checkpoint(&peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() }).unwrap();
+        let report = engine.verify(&peer).unwrap();
         assert!(report.clean(), "{report:?}");
         // A second current version of `a`, as a write from a manifest that
         // lacked it would have added.
@@ -2235,7 +2347,7 @@ mod tests {
         )
         .unwrap();
         drop(conn);
-        let report = engine.verify(peer).unwrap();
+        let report = engine.verify(&peer).unwrap();
         assert_eq!(report.current_twice, [SandboxPath { sandbox: "s".into(), path: WirePath(b"a".to_vec()) }]);
         assert!(!report.clean());
     }
@@ -2243,7 +2355,7 @@ mod tests {
     #[test]
     fn a_manifest_the_catalogue_refuses_is_read_again_by_the_next_checkpoint() {
         let (_dir, root, engine, peer) = test_engine();
-        let take = || engine.checkpoint(peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() });
+        let take = || engine.checkpoint(&peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() });
         take().unwrap();
         let (seq, stale) = lock(&engine.manifests).get(&1).cloned().unwrap();
         std::fs::write(root.join("a"), b"two").unwrap();

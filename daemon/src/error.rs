@@ -31,6 +31,12 @@ pub enum Error {
     /// in memory that no longer matches it.
     #[error("{0}")]
     Stale(String),
+    /// A sandbox root or a store is no longer the directory that was
+    /// registered (renamed, replaced, or reached through a symlink). With
+    /// a sandbox id, the answer records `why` as the sandbox's `moved`
+    /// note (see `Engine::answer`).
+    #[error("{message}")]
+    Moved { message: String, sandbox: Option<i64>, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -44,6 +50,7 @@ impl Error {
             Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::PlanApplied(_) => ErrorCode::PlanApplied,
+            Error::Moved { .. } => ErrorCode::Moved,
             Error::Conflict { .. } => ErrorCode::Conflict,
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
             Error::Io { .. } => ErrorCode::Io,

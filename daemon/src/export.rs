@@ -1,15 +1,24 @@
 //! Export: a checkpoint materialized as a read-only directory tree that a
 //! person can browse with ordinary tools.
 //!
-//! Files are hardlinks to the store's objects where allowed (same
-//! filesystem, and the caller owns the store), else clones or copies. The
-//! tree is built under a temporary name beside the destination and renamed
-//! into place when complete; directories are made read-only last.
+//! Files are clones of the store's objects where the filesystem can clone,
+//! else copies; never hardlinks, which would share the object's inode (its
+//! mode, its mtime, and the store itself) with the export. Each file gets
+//! its recorded mode less the write bits, and its recorded mtime. The tree
+//! is built under a temporary name beside the destination and renamed into
+//! place when complete; directories are made read-only last.
+//!
+//! The caller of [`export`] runs it with the requesting user's filesystem
+//! credentials (see [`crate::access::with_caller_creds`]): everything is
+//! created as that user, where that user could create it. Only the store's
+//! objects are opened as the daemon. Content the user could not have read
+//! at capture time is withheld, and FIFOs, sockets and devices are left
+//! out; both are reported, path by path.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::{AsFd, BorrowedFd};
 
+use crate::access::{Acting, Peer};
 use crate::manifest::{Kind, Manifest};
 use crate::store::Store;
 use crate::sys;
@@ -19,93 +28,110 @@ pub struct Exported {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
-    pub hardlinked: u64,
+    /// Files whose content was cloned, not copied.
+    pub cloned: u64,
+    /// Files left out because the caller could not have read them, and why.
+    pub withheld: Vec<(Vec<u8>, String)>,
+    /// Entries left out because an export holds only directories, files and
+    /// symlinks, and what they were.
+    pub skipped: Vec<(Vec<u8>, String)>,
 }
 
-/// Writes `rows` as a new directory `name` in `parent`. `link`: hardlink
-/// objects where possible. `owner`: give what is created to this uid.
+/// Writes `rows` as a new directory `name` in `parent`, for `peer`.
+/// `acting`: the thread acts as the caller, and steps back to the daemon
+/// to open store objects.
 pub fn export(
     rows: &Manifest,
-    parent: &Path,
+    parent: BorrowedFd<'_>,
     name: &[u8],
     store: &Store,
-    link: bool,
-    owner: Option<u32>,
+    peer: &Peer,
+    acting: Option<&Acting>,
 ) -> io::Result<Exported> {
-    let parent_fd = OwnedFd::from(std::fs::File::open(parent)?);
-    if sys::lstatat(parent_fd.as_fd(), name).is_ok() {
+    if sys::lstatat(parent, name).is_ok() {
         return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the destination already exists"));
     }
     let mut tmp = b".snapback-export.".to_vec();
     tmp.extend_from_slice(ulid::Ulid::new().to_string().as_bytes());
-    sys::mkdirat(parent_fd.as_fd(), &tmp, 0o700)?;
+    sys::mkdirat(parent, &tmp, 0o700)?;
     let result = (|| {
-        let root = sys::openat(parent_fd.as_fd(), &tmp, sys::DIR_FLAGS, 0)?;
-        let out = fill(rows, root.as_fd(), store, link, owner)?;
-        sys::renameat(parent_fd.as_fd(), &tmp, parent_fd.as_fd(), name, true)?;
-        if let Some(uid) = owner {
-            sys::fchown(root.as_fd(), uid, u32::MAX)?;
-        }
+        let root = sys::openat(parent, &tmp, sys::DIR_FLAGS, 0)?;
+        let out = fill(rows, root.as_fd(), store, peer, acting)?;
+        sys::renameat(parent, &tmp, parent, name, true)?;
         sys::fchmod(root.as_fd(), 0o555)?;
         Ok(out)
     })();
     if result.is_err() {
-        let _ = remove_tree(parent_fd.as_fd(), &tmp);
+        let _ = remove_tree(parent, &tmp);
     }
     result
 }
 
-fn fill(rows: &Manifest, root: BorrowedFd<'_>, store: &Store, link: bool, owner: Option<u32>) -> io::Result<Exported> {
-    let mut paths: Vec<&Vec<u8>> = rows.keys().collect();
-    paths.sort();
+fn fill(
+    rows: &Manifest,
+    root: BorrowedFd<'_>,
+    store: &Store,
+    peer: &Peer,
+    acting: Option<&Acting>,
+) -> io::Result<Exported> {
     let mut out = Exported::default();
     let mut dirs = Vec::new();
-    for path in paths {
-        let meta = &rows[path].meta;
+    // A manifest is sorted, so a directory comes before what it holds.
+    for (path, row) in rows {
+        let meta = &row.meta;
         let (parent, name) = sys::split_parent(path);
         let dir = sys::open_beneath(root, parent)?;
         let dir = dir.as_fd();
         match meta.kind {
             Kind::Dir => {
                 sys::mkdirat(dir, name, 0o700)?;
-                dirs.push((path.clone(), meta.mode));
+                dirs.push((path, meta.mode));
                 out.dirs += 1;
             }
             Kind::File => {
-                let id = meta.object.as_ref().ok_or_else(|| io::Error::other("a file without an object"))?;
-                if link && store.link_object(id, dir, name).is_ok() {
-                    out.hardlinked += 1;
-                } else {
-                    let object = store.open_object(id)?;
-                    let f = sys::openat(dir, name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
-                    object.write_into(f.as_fd(), meta.size, true)?;
-                    if let Some(uid) = owner {
-                        sys::fchown(f.as_fd(), uid, u32::MAX)?;
-                    }
-                    sys::fchmod(f.as_fd(), meta.mode & 0o555)?;
-                    sys::set_mtime(f.as_fd(), meta.mtime_ns)?;
+                if let Some(why) = peer.withheld(rows, path) {
+                    out.withheld.push((path.clone(), why));
+                    continue;
                 }
+                let id = meta.object.as_ref().ok_or_else(|| io::Error::other("a file without an object"))?;
+                let object = match acting {
+                    Some(a) => a.as_daemon(|| store.open_object(id))?,
+                    None => store.open_object(id)?,
+                };
+                let f = sys::openat(dir, name, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+                if object.write_into(f.as_fd(), meta.size, true)? {
+                    out.cloned += 1;
+                }
+                sys::fchmod(f.as_fd(), meta.mode & 0o7555)?;
+                sys::set_mtime(f.as_fd(), meta.mtime_ns)?;
                 out.files += 1;
             }
             Kind::Symlink => {
                 let target = meta.target.as_deref().ok_or_else(|| io::Error::other("a symlink without a target"))?;
                 sys::symlinkat(target, dir, name)?;
-                if let Some(uid) = owner {
-                    sys::lchownat(dir, name, uid, u32::MAX)?;
-                }
                 out.symlinks += 1;
             }
-            Kind::Special => {}
+            Kind::Special => {
+                out.skipped.push((path.clone(), special_kind(meta.mode).into()));
+            }
         }
     }
     for (path, mode) in dirs.iter().rev() {
         let dir = sys::open_beneath(root, path)?;
-        if let Some(uid) = owner {
-            sys::fchown(dir.as_fd(), uid, u32::MAX)?;
-        }
-        sys::fchmod(dir.as_fd(), (mode & 0o555) | 0o500)?;
+        sys::fchmod(dir.as_fd(), (mode & 0o7555) | 0o500)?;
     }
     Ok(out)
+}
+
+/// Names what kind of special file a recorded `st_mode` is.
+fn special_kind(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        _ => "a special file",
+    }
 }
 
 /// Removes `name` in `dir` and everything below it, never following a

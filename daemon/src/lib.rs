@@ -5,6 +5,7 @@
 //! binds the socket, and serves until `shutdown` resolves. The `snapbackd`
 //! binary parses arguments and calls it; tests call it too.
 
+pub mod access;
 pub mod capture;
 pub mod catalogue;
 pub mod config;

@@ -221,7 +221,9 @@ async fn admit(
     registry: Arc<Registry>,
     limits: Limits,
 ) -> io::Result<()> {
-    let peer = Peer { uid: stream.peer_cred()?.uid() };
+    let cred = stream.peer_cred()?;
+    let groups = crate::sys::peer_groups(std::os::fd::AsFd::as_fd(&stream))?;
+    let peer = Peer { uid: cred.uid(), gid: cred.gid(), groups: groups.into() };
     match registry.admit(peer.uid, accepted) {
         Some(admitted) => connection(stream, peer, engine, &admitted, limits).await,
         None => {
@@ -300,7 +302,7 @@ async fn connection(
             return send(&mut write, &e).await;
         };
         slot.busy.store(true, Ordering::Release);
-        let served = serve_line(read?, &mut greeted, &mut wants_progress, peer, &engine, &mut write).await;
+        let served = serve_line(read?, &mut greeted, &mut wants_progress, &peer, &engine, &mut write).await;
         slot.last_active.store(admitted.registry.tick(), Ordering::Relaxed);
         slot.busy.store(false, Ordering::Release);
         if !served? {
@@ -314,7 +316,7 @@ async fn serve_line(
     line: Line,
     greeted: &mut bool,
     wants_progress: &mut bool,
-    peer: Peer,
+    peer: &Peer,
     engine: &Arc<Engine>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> io::Result<bool> {
@@ -334,6 +336,10 @@ async fn serve_line(
             return Ok(true);
         }
     };
+    if let Err(e) = request.check_paths() {
+        send(write, &error(ErrorCode::InvalidRequest, e)).await?;
+        return Ok(true);
+    }
     let (response, after) = match (*greeted, request) {
         (false, Request::Hello(hello)) if hello.protocol == PROTOCOL => {
             *greeted = true;
@@ -365,7 +371,7 @@ async fn serve_line(
 /// (only when something moved); the answer follows.
 async fn run(
     engine: &Arc<Engine>,
-    peer: Peer,
+    peer: &Peer,
     request: Request,
     wants_progress: bool,
     write: &mut tokio::net::unix::OwnedWriteHalf,
@@ -375,6 +381,7 @@ async fn run(
         Err(e) => (error(ErrorCode::Internal, format!("the request failed: {e}")), None),
     };
     let engine = engine.clone();
+    let peer = peer.clone();
     if !wants_progress {
         return Ok(finished(tokio::task::spawn_blocking(move || engine.handle(peer, request)).await));
     }

@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,7 +42,11 @@ use crate::wal::WalCheckpointer;
 
 /// An object store directory.
 pub struct Store {
+    /// How the store is named in messages.
     path: PathBuf,
+    /// The store's directory, held open: the pack index is reached through
+    /// it (see [`Store::open_in`]).
+    _dir: OwnedFd,
     objects: OwnedFd,
     tmp: OwnedFd,
     packs: OwnedFd,
@@ -562,6 +566,24 @@ fn hash_with(fd: BorrowedFd<'_>, size: u64, buf: &mut [u8]) -> io::Result<Object
     Ok(ObjectId(*hasher.finalize().as_bytes()))
 }
 
+/// The file that marks a directory as a snapback store.
+pub const MARKER: &[u8] = b"snapback-store";
+
+/// Writes the store marker, if it is not there yet.
+fn mark_as_store(dir: BorrowedFd<'_>) -> io::Result<()> {
+    match sys::openat(dir, MARKER, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600) {
+        Ok(f) => sys::pwrite_all(f.as_fd(), b"a snapback object store: written by snapbackd only\n", 0),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the directory `dir` is a snapback store: it has the marker, or
+/// (a store from before the marker) a pack index.
+pub fn is_store(dir: BorrowedFd<'_>) -> bool {
+    sys::lstatat(dir, MARKER).is_ok() || sys::lstatat(dir, b"packs.db").is_ok()
+}
+
 fn same_version(a: &libc::stat, b: &libc::stat) -> bool {
     a.st_ino == b.st_ino
         && a.st_size == b.st_size
@@ -570,23 +592,40 @@ fn same_version(a: &libc::stat, b: &libc::stat) -> bool {
 }
 
 impl Store {
-    /// Opens the store at `path`, creating it (mode 0700) if needed.
+    /// Opens the store at `path`, creating it (mode 0700) if needed. For
+    /// tools and tests that own the path; the daemon opens its stores
+    /// through a pinned directory with [`Store::open_in`].
     pub fn open(path: &Path) -> io::Result<Store> {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true).mode(0o700);
-        builder.create(path.join("objects"))?;
-        builder.create(path.join("tmp"))?;
-        builder.create(path.join("packs"))?;
-        let objects = OwnedFd::from(File::open(path.join("objects"))?);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+        let dir = OwnedFd::from(File::open(path)?);
+        Store::open_in(dir, path)
+    }
+
+    /// Opens the store whose directory is `dir`, creating its layout in
+    /// it if needed; `path` is only how it is named in messages. Nothing
+    /// is looked up by `path`: the subdirectories are opened from `dir`
+    /// with symlinks refused, and the pack index (which SQLite opens by
+    /// name) through `/proc/self/fd`, which the kernel resolves from the
+    /// open directory, not by walking `path` again.
+    pub fn open_in(dir: OwnedFd, path: &Path) -> io::Result<Store> {
+        let subdir = |name: &[u8]| -> io::Result<OwnedFd> {
+            match sys::mkdirat(dir.as_fd(), name, 0o700) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            sys::openat(dir.as_fd(), name, sys::DIR_FLAGS, 0)
+        };
+        let objects = subdir(b"objects")?;
         for i in 0..=255u8 {
             match sys::mkdirat(objects.as_fd(), format!("{i:02x}").as_bytes(), 0o700) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
                 _ => {}
             }
         }
-        let tmp = OwnedFd::from(File::open(path.join("tmp"))?);
-        let packs = OwnedFd::from(File::open(path.join("packs"))?);
-        let index_path = path.join("packs.db");
+        let tmp = subdir(b"tmp")?;
+        let packs = subdir(b"packs")?;
+        mark_as_store(dir.as_fd())?;
+        let index_path = PathBuf::from(format!("/proc/self/fd/{}/packs.db", dir.as_raw_fd()));
         let mut index = Index { conn: open_index(&index_path)?, sealed: Vec::new(), sealed_slots: HashMap::new() };
         let recovered = recover_sealed(&mut index, packs.as_fd())?;
         if recovered > 0 {
@@ -613,6 +652,7 @@ impl Store {
         };
         Ok(Store {
             path: path.to_owned(),
+            _dir: dir,
             objects,
             tmp,
             packs,
