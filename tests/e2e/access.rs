@@ -3,24 +3,15 @@
 
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use crate::fixture::{TestDaemon, binary, root_or_skip, tool_or_skip, write};
+use crate::fixture::{TestDaemon, root_or_skip, tool_or_skip, write};
 use crate::tree::snapshot;
 
 const NOBODY: u32 = 65534;
 
-/// Runs the CLI as `nobody` (group `nogroup`) through `setpriv`.
 fn as_nobody(setpriv: &Path, socket: &Path, args: &[&str]) -> Output {
-    Command::new(setpriv)
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(binary("snapback"))
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .env_remove("XDG_RUNTIME_DIR")
-        .output()
-        .unwrap()
+    crate::fixture::as_nobody(setpriv, socket, args)
 }
 
 #[test]

@@ -370,3 +370,49 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(&self.mountpoint).status();
     }
 }
+
+/// Runs the CLI as `nobody` (group `nogroup`) through `setpriv`.
+pub fn as_nobody(setpriv: &Path, socket: &Path, args: &[&str]) -> Output {
+    Command::new(setpriv)
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(binary("snapback"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap()
+}
+
+/// Runs a shell command as `nobody` (an attacker's own moves).
+pub fn sh_as_nobody(setpriv: &Path, script: &str) {
+    let out = Command::new(setpriv)
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Sends one raw request line as `nobody` (after the hello) and returns
+/// the daemon's answer: for requests the CLI would never send.
+pub fn raw_as_nobody(setpriv: &Path, socket: &Path, line: &str) -> serde_json::Value {
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rwb")
+f.write(b'{"type":"hello","protocol":1,"client":"raw test"}\n'); f.flush(); f.readline()
+f.write(sys.argv[2].encode() + b"\n"); f.flush()
+sys.stdout.write(f.readline().decode())
+"#;
+    let out = Command::new(setpriv)
+        // Debian's own python3: one under root's home (pyenv) is out of
+        // nobody's reach. `.ci/run` installs it.
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", script])
+        .arg(socket)
+        .arg(line)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}

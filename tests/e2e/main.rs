@@ -21,5 +21,6 @@ mod plans;
 mod protocol;
 mod python;
 mod reflink;
+mod security;
 mod systemd;
 mod watch;

@@ -386,8 +386,15 @@ fn export_writes_a_browsable_read_only_tree() {
     let out = d.path("export");
     let r = d.json(&["export", &c, out.to_str().unwrap()]);
     assert_eq!((r["files"].as_u64(), r["dirs"].as_u64(), r["symlinks"].as_u64()), (Some(2), Some(2), Some(1)));
-    assert_eq!(r["hardlinked"], 2, "same filesystem, same owner: hardlinks");
+    assert_eq!(r["hardlinked"], 0, "exports never hardlink the store's objects");
     assert_eq!(std::fs::read_to_string(out.join("README")).unwrap(), "hello\n");
+    // Each file is its own, with the checkpoint's mtime: a write through
+    // it cannot reach the store.
+    use std::os::unix::fs::MetadataExt;
+    let readme = std::fs::metadata(out.join("README")).unwrap();
+    assert_eq!(readme.nlink(), 1);
+    assert!(matches!(&expected[&b"README".to_vec()], crate::tree::Node::File { mtime_ns, .. }
+        if *mtime_ns == readme.mtime() * 1_000_000_000 + readme.mtime_nsec()));
     assert_eq!(std::fs::read_link(out.join("link")).unwrap(), Path::new("src/main.rs"));
     let exported = snapshot(&out);
     assert_eq!(exported.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
@@ -399,6 +406,8 @@ fn export_writes_a_browsable_read_only_tree() {
     assert_eq!(std::fs::metadata(out.join("README")).unwrap().permissions().mode() & 0o222, 0);
     assert_eq!(d.cli(&["export", &c, out.to_str().unwrap()]).status.code(), Some(1), "export over an existing dir");
     assert_eq!(d.cli(&["export", &c, root.join("inside").to_str().unwrap()]).status.code(), Some(1));
+    std::fs::set_permissions(out.join("README"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(out.join("README"), "edited in the export").unwrap();
     d.assert_verified();
     // Let the temporary directory be removed.
     for p in ["", "src", "empty"] {
