@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0006_no_current_path_index.sql", include_str!("../../migrations/0006_no_current_path_index.sql")),
     ("0007_no_object_index.sql", include_str!("../../migrations/0007_no_object_index.sql")),
     ("0008_pinned_roots.sql", include_str!("../../migrations/0008_pinned_roots.sql")),
+    ("0009_catalogue_id.sql", include_str!("../../migrations/0009_catalogue_id.sql")),
 ];
 
 /// The schema version this build writes.
@@ -39,6 +40,26 @@ pub fn open(path: &Path) -> Result<Connection> {
     configure(&conn)?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Whether the catalogue at `path` holds nothing yet: missing, empty (a
+/// 0-byte file is an empty database to SQLite), or without any schema.
+/// Read before [`open`] writes one.
+pub fn is_new(path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(Error::Internal(format!("reading the catalogue: {e}"))),
+        Ok(m) if m.len() == 0 => return Ok(true),
+        Ok(_) => {}
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    Ok(version == 0)
+}
+
+/// The catalogue's id, which its stores record.
+pub fn catalogue_id(conn: &Connection) -> Result<String> {
+    Ok(conn.query_row("SELECT id FROM catalogue_id", [], |r| r.get(0))?)
 }
 
 /// Opens a further connection to an already migrated catalogue.

@@ -52,6 +52,8 @@ pub struct Engine {
     state_dir: PathBuf,
     /// The state directory, held open: the catalogue is reached through it.
     _state_fd: OwnedFd,
+    /// The catalogue's id, which each of its stores records.
+    catalogue_id: String,
     db_path: PathBuf,
     default_store: PathBuf,
     socket: PathBuf,
@@ -247,13 +249,16 @@ impl Engine {
             }
             _ => {}
         }
+        refuse_new_catalogue_beside_objects(&state_fd, &state_dir, &db_path)?;
         let conn = catalogue::open(&db_path)?;
+        let catalogue_id = catalogue::catalogue_id(&conn)?;
         let wal = crate::wal::WalCheckpointer::start(catalogue::connect(&db_path)?, "the catalogue")
             .map_err(|e| Error::Internal(format!("starting the catalogue's log checkpointer: {e}")))?;
         let engine = Engine {
             default_store: state_dir.join("store"),
             state_dir,
             _state_fd: state_fd,
+            catalogue_id,
             db_path,
             socket: config.socket.clone(),
             started: Instant::now(),
@@ -459,6 +464,15 @@ impl Engine {
             Err(e) => return Err(e.source).ctx(|| format!("opening the store {shown}")),
         };
         let now = Identity::of(dir.as_fd()).ctx(|| format!("reading the store {shown}"))?;
+        if let Some(Some(theirs)) = crate::store::catalogue_of(dir.as_fd()).ctx(|| format!("reading {shown}"))?
+            && theirs != self.catalogue_id
+        {
+            return Err(Error::Internal(format!(
+                "the store {shown} belongs to another catalogue ({theirs}) than this daemon's ({}): \
+                 it is neither written nor collected. If the catalogue was lost, restore it from a backup",
+                self.catalogue_id
+            )));
+        }
         let conn = self.db()?;
         let registered = catalogue::store_identity(&conn, path)?;
         match registered {
@@ -472,7 +486,10 @@ impl Engine {
             None => catalogue::insert_store(&conn, path, now)?,
         }
         drop(conn);
-        let store = Arc::new(Store::open_in(dir, path_of(path)).ctx(|| format!("opening the store {shown}"))?);
+        let store = Arc::new(
+            Store::open_in(dir, path_of(path), Some(&self.catalogue_id))
+                .ctx(|| format!("opening the store {shown}"))?,
+        );
         lock(&self.stores).insert(path.to_vec(), store.clone());
         Ok(store)
     }
@@ -2235,6 +2252,30 @@ fn changes(from: &Manifest, to: &Manifest) -> Vec<Change> {
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+/// Refuses to start on a catalogue that holds nothing (missing, a 0-byte
+/// file, no schema) while the default store beside it holds objects: the
+/// catalogue that knew them was lost, and a new one would find every object
+/// unreferenced and collect it. Checked before the catalogue is written.
+fn refuse_new_catalogue_beside_objects(state: &OwnedFd, state_dir: &Path, db_path: &Path) -> Result<()> {
+    if !catalogue::is_new(db_path)? {
+        return Ok(());
+    }
+    let store = match sys::openat(state.as_fd(), b"store", sys::DIR_FLAGS, 0) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx(|| format!("opening the store in {}", state_dir.display())),
+    };
+    if !crate::store::holds_objects(store.as_fd()).ctx(|| format!("reading the store in {}", state_dir.display()))? {
+        return Ok(());
+    }
+    Err(Error::Internal(format!(
+        "the catalogue {0}/catalogue.db is missing or empty, but the store {0}/store holds the objects of \
+         checkpoints: snapbackd does not start, so that none of them is collected. Restore catalogue.db \
+         from a backup; or, to start afresh on purpose, move {0}/store away first",
+        state_dir.display()
+    )))
 }
 
 /// Checks that a path from a request is clean and absolute (no `.`, `..`

@@ -569,13 +569,65 @@ fn hash_with(fd: BorrowedFd<'_>, size: u64, buf: &mut [u8]) -> io::Result<Object
 /// The file that marks a directory as a snapback store.
 pub const MARKER: &[u8] = b"snapback-store";
 
-/// Writes the store marker, if it is not there yet.
-fn mark_as_store(dir: BorrowedFd<'_>) -> io::Result<()> {
-    match sys::openat(dir, MARKER, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600) {
-        Ok(f) => sys::pwrite_all(f.as_fd(), b"a snapback object store: written by snapbackd only\n", 0),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
+const MARKER_TEXT: &str = "a snapback object store: written by snapbackd only\n";
+
+/// Writes the store marker, if it is not there yet, naming `catalogue` (the
+/// id of the catalogue the store belongs to) when given; a marker from
+/// before stores named their catalogue gets the name added.
+fn mark_as_store(dir: BorrowedFd<'_>, catalogue: Option<&str>) -> io::Result<()> {
+    let text = match catalogue {
+        Some(id) => format!("{MARKER_TEXT}catalogue {id}\n"),
+        None => MARKER_TEXT.to_owned(),
+    };
+    match catalogue_of(dir)? {
+        Some(Some(_)) => return Ok(()),
+        Some(None) if catalogue.is_none() => return Ok(()),
+        _ => {}
     }
+    let mut tmp = MARKER.to_vec();
+    tmp.extend_from_slice(b".tmp");
+    let _ = sys::unlinkat(dir, &tmp, false);
+    let f = sys::openat(dir, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
+    sys::pwrite_all(f.as_fd(), text.as_bytes(), 0)?;
+    sys::fsync(f.as_fd())?;
+    sys::renameat(dir, &tmp, dir, MARKER, false)
+}
+
+/// What the store marker in `dir` says of the catalogue the store belongs
+/// to: `None` without a marker, `Some(None)` for a marker that names none.
+pub fn catalogue_of(dir: BorrowedFd<'_>) -> io::Result<Option<Option<String>>> {
+    let f = match sys::openat(dir, MARKER, libc::O_RDONLY, 0) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let text = read_at(f.as_fd(), 0, 4096)?;
+    let id = String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("catalogue ").map(|id| id.trim().to_owned()));
+    Ok(Some(id))
+}
+
+/// Whether the store directory `dir` holds any object, loose or packed.
+pub fn holds_objects(dir: BorrowedFd<'_>) -> io::Result<bool> {
+    let open = |name: &[u8]| match sys::openat(dir, name, sys::DIR_FLAGS, 0) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    };
+    if let Some(packs) = open(b"packs")?
+        && !sys::read_dir(packs.as_fd())?.is_empty()
+    {
+        return Ok(true);
+    }
+    let Some(objects) = open(b"objects")? else { return Ok(false) };
+    for fan in sys::read_dir(objects.as_fd())? {
+        let sub = sys::openat(objects.as_fd(), &fan.name, sys::DIR_FLAGS, 0)?;
+        if !sys::read_dir(sub.as_fd())?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Whether the directory `dir` is a snapback store: it has the marker, or
@@ -598,7 +650,7 @@ impl Store {
     pub fn open(path: &Path) -> io::Result<Store> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
         let dir = OwnedFd::from(File::open(path)?);
-        Store::open_in(dir, path)
+        Store::open_in(dir, path, None)
     }
 
     /// Opens the store whose directory is `dir`, creating its layout in
@@ -606,8 +658,10 @@ impl Store {
     /// is looked up by `path`: the subdirectories are opened from `dir`
     /// with symlinks refused, and the pack index (which SQLite opens by
     /// name) through `/proc/self/fd`, which the kernel resolves from the
-    /// open directory, not by walking `path` again.
-    pub fn open_in(dir: OwnedFd, path: &Path) -> io::Result<Store> {
+    /// open directory, not by walking `path` again. `catalogue`: the id of
+    /// the catalogue the store belongs to, recorded in its marker if the
+    /// marker names none yet (the caller checks that it names no other).
+    pub fn open_in(dir: OwnedFd, path: &Path, catalogue: Option<&str>) -> io::Result<Store> {
         let subdir = |name: &[u8]| -> io::Result<OwnedFd> {
             match sys::mkdirat(dir.as_fd(), name, 0o700) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
@@ -624,7 +678,7 @@ impl Store {
         }
         let tmp = subdir(b"tmp")?;
         let packs = subdir(b"packs")?;
-        mark_as_store(dir.as_fd())?;
+        mark_as_store(dir.as_fd(), catalogue)?;
         let index_path = PathBuf::from(format!("/proc/self/fd/{}/packs.db", dir.as_raw_fd()));
         let mut index = Index { conn: open_index(&index_path)?, sealed: Vec::new(), sealed_slots: HashMap::new() };
         let recovered = recover_sealed(&mut index, packs.as_fd())?;

@@ -244,3 +244,87 @@ fn a_checkpoint_whose_pack_was_never_recorded_is_whole_after_a_kill() {
     assert_same(&snapshot(&sb), &tree, "rolled back to the checkpoint of the unrecorded pack");
     d.assert_verified();
 }
+
+/// Starts the daemon on `d`'s state and expects it to refuse to start
+/// (to exit unsuccessfully within a minute): returns what it said.
+fn refused_start(d: &TestDaemon) -> String {
+    let mut child = Command::new(binary("snapbackd"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--state-dir")
+        .arg(&d.state_dir)
+        .env("SNAPBACK_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run snapbackd");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("snapbackd started and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped stderr"), &mut stderr).unwrap();
+    assert!(!status.success(), "snapbackd exited successfully: {stderr}");
+    stderr
+}
+
+#[test]
+fn a_lost_catalogue_never_costs_the_store_its_objects() {
+    let mut d = TestDaemon::start();
+    let sb = d.path("sb");
+    write(&sb.join("a.txt"), "kept through a lost catalogue");
+    write(&sb.join("big.bin"), vec![7u8; 256 << 10]);
+    d.add_sandbox("sb", &sb, &[]);
+    d.checkpoint("sb");
+    d.stop();
+    let store = d.state_dir.join("store");
+    let objects = crate::fixture::object_count(&store);
+    assert!(objects >= 2, "{objects}");
+
+    // The catalogue truncated to 0 bytes, as a full disk or a bad copy
+    // leaves it: the daemon refuses to start, now and next time, and says
+    // how to start afresh; the objects stay.
+    let db = d.state_dir.join("catalogue.db");
+    std::fs::File::create(&db).unwrap();
+    for extra in ["catalogue.db-wal", "catalogue.db-shm"] {
+        let _ = std::fs::remove_file(d.state_dir.join(extra));
+    }
+    for _ in 0..2 {
+        let said = refused_start(&d);
+        assert!(said.contains("holds the objects") && said.contains("move"), "{said}");
+        assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "the catalogue was written");
+    }
+    assert_eq!(crate::fixture::object_count(&store), objects);
+
+    // Afresh on purpose: the store moved away, a new catalogue and store.
+    let old_store = d.state_dir.join("store.old");
+    std::fs::rename(&store, &old_store).unwrap();
+    d.restart();
+    d.stop();
+    // The old store put back in place of the new one belongs to the lost
+    // catalogue: neither written nor collected.
+    let new_store = d.state_dir.join("store.new");
+    std::fs::rename(&store, &new_store).unwrap();
+    std::fs::rename(&old_store, &store).unwrap();
+    let said = refused_start(&d);
+    assert!(said.contains("belongs to another catalogue"), "{said}");
+    assert_eq!(crate::fixture::object_count(&store), objects);
+
+    // Another daemon's catalogue copied over this one has never seen this
+    // store, whose marker names the catalogue it belongs to.
+    let mut other = TestDaemon::start();
+    other.stop();
+    std::fs::copy(other.state_dir.join("catalogue.db"), &db).unwrap();
+    let said = refused_start(&d);
+    assert!(said.contains("belongs to another catalogue"), "{said}");
+    assert_eq!(crate::fixture::object_count(&store), objects);
+}
