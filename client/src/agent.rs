@@ -62,7 +62,7 @@ pub fn hook(socket: Option<PathBuf>, sandbox: Option<String>, json: bool) -> Exi
     };
     // Both agents parse a hook's stdout as JSON: `{}` asks nothing of them.
     let doc = if json { serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into()) } else { "{}".into() };
-    println!("{doc}");
+    outln!("{doc}");
     ExitCode::SUCCESS
 }
 
@@ -206,7 +206,7 @@ pub fn exec(
         }
     };
     if json && let Ok(doc) = serde_json::to_string_pretty(&ExecOutcome { pre, post, exit }) {
-        println!("{doc}");
+        outln!("{doc}");
     }
     Ok(ExitCode::from((exit & 0xff) as u8))
 }

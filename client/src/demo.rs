@@ -79,7 +79,7 @@ fn write(path: &Path, text: &str) -> Result<(), Failure> {
 
 fn say(json: bool, text: &str) {
     if !json {
-        println!("{text}");
+        outln!("{text}");
     }
 }
 
@@ -117,14 +117,14 @@ pub fn run(json: bool) -> Result<(), Failure> {
     let diff = client.diff(DiffRequest { from: before.id.clone(), to: None })?;
     if !json {
         print_diff(&diff);
-        println!();
+        outln!();
     }
 
     say(json, &format!("$ snapback rollback {}", before.id));
     let rollback = client.rollback(RollbackRequest { checkpoint: before.id.clone(), paths: vec![], dry_run: false })?;
     if !json {
         print_rollback(&rollback);
-        println!();
+        outln!();
     }
 
     let app = std::fs::read_to_string(project.join("src/app.py")).map_err(|e| fail("reading src/app.py", e))?;
@@ -138,10 +138,10 @@ pub fn run(json: bool) -> Result<(), Failure> {
             "rollback": rollback,
             "restored_exactly": back,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else if back {
-        println!("The sandbox is back as it was: src/app.py restored, README.md recreated, notes.txt removed.");
-        println!("Next: run `snapbackd` yourself and `snapback --help`; see README.md.");
+        outln!("The sandbox is back as it was: src/app.py restored, README.md recreated, notes.txt removed.");
+        outln!("Next: run `snapbackd` yourself and `snapback --help`; see README.md.");
     }
     drop(private);
     if back { Ok(()) } else { Err(fail("the sandbox did not come back as it was", "see above")) }

@@ -16,11 +16,31 @@ use snapback::proto::{
     PlanRollbackRequest, PruneRequest, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
     SandboxRemove, WirePath,
 };
-use snapback::{Client, ClientError, ConnectOptions};
+use snapback::{Client, ClientError, ConnectOptions, utc};
+
+/// Prints a line on stdout, like `println!`; when stdout is closed (`|
+/// head`), the CLI ends quietly with exit 0, which `println!` would turn
+/// into a panic.
+macro_rules! outln {
+    () => { $crate::out_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::out_line(format_args!($($arg)*)) };
+}
 
 mod agent;
 mod demo;
 mod progress;
+
+/// Writes one line on stdout; see [`outln`].
+fn out_line(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("snapback: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// Checkpoints and rollbacks of sandbox directories, through snapbackd.
 #[derive(Parser)]
@@ -232,6 +252,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// How a command ended, for the exit code.
 enum Failure {
     Refused(String),
+    /// Refused by the daemon, with its error code.
+    Daemon(&'static str, String),
     Usage(String),
     Unreachable(String),
     /// Refused, and already reported on stdout (a `--json` verify report
@@ -242,16 +264,24 @@ enum Failure {
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         match e {
-            ClientError::Unreachable { path, source } => Failure::Unreachable(format!(
-                "snapbackd is not running at {} ({source}).\n\
-                 Start it with `snapbackd --socket {}` (or `systemctl --user start snapbackd`), \
-                 or point --socket / SNAPBACK_SOCKET at the right socket.",
-                path.display(),
-                path.display()
-            )),
-            ClientError::Daemon(body) if !body.paths.is_empty() => {
+            ClientError::Unreachable { path, source } => {
+                // SAFETY: geteuid cannot fail.
+                let service = if unsafe { libc::geteuid() } == 0 {
+                    "systemctl start snapbackd"
+                } else {
+                    "systemctl --user start snapbackd"
+                };
+                Failure::Unreachable(format!(
+                    "snapbackd is not running at {} ({source}).\n\
+                     Start it with `snapbackd --socket {}` (or `{service}`), \
+                     or point --socket / SNAPBACK_SOCKET at the right socket.",
+                    path.display(),
+                    path.display()
+                ))
+            }
+            ClientError::Daemon(body) => {
                 let list: Vec<String> = body.paths.iter().map(|p| format!("\n  {}", p.display())).collect();
-                Failure::Refused(format!("{}{}", body.message, list.concat()))
+                Failure::Daemon(body.code.as_str(), format!("{}{}", body.message, list.concat()))
             }
             other => Failure::Refused(other.to_string()),
         }
@@ -259,23 +289,44 @@ impl From<ClientError> for Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: what was asked for, on stdout.
+            outln!("{}", e.to_string().trim_end());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Before parsing succeeds, `--json` is looked for by hand: a
+            // script that asked for JSON gets JSON, usage errors included.
+            if std::env::args_os().any(|a| a == "--json") {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                let message = first.strip_prefix("error: ").unwrap_or(first);
+                let doc = serde_json::json!({"error": {"exit": 2, "code": "usage", "message": message}});
+                outln!("{doc}");
+            }
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+    };
     let json = cli.json;
     match run(cli) {
         Ok(code) => code,
         Err(failure) => {
-            let (code, message) = match failure {
-                Failure::Refused(m) => (1, m),
-                Failure::Usage(m) => (2, m),
-                Failure::Unreachable(m) => (3, m),
+            let (exit, code, message) = match failure {
+                Failure::Refused(m) => (1, "refused", m),
+                Failure::Daemon(code, m) => (1, code, m),
+                Failure::Usage(m) => (2, "usage", m),
+                Failure::Unreachable(m) => (3, "unreachable", m),
                 Failure::Reported => return ExitCode::from(1),
             };
             if json {
-                let doc = serde_json::json!({"error": {"exit": code, "message": message}});
-                println!("{doc}");
+                let doc = serde_json::json!({"error": {"exit": exit, "code": code, "message": message}});
+                outln!("{doc}");
             }
             eprintln!("snapback: {message}");
-            ExitCode::from(code)
+            ExitCode::from(exit)
         }
     }
 }
@@ -303,7 +354,7 @@ fn connect_with_bar(socket: Option<PathBuf>, json: bool) -> Result<(Client, prog
 fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T)) -> Result<(), Failure> {
     if json {
         let out = serde_json::to_string_pretty(value).map_err(|e| Failure::Refused(e.to_string()))?;
-        println!("{out}");
+        outln!("{out}");
     } else {
         text(value);
     }
@@ -374,8 +425,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     let store = store.map(|s| resolved(&s)).transpose()?.map(|s| WirePath::from(s.as_path()));
                     let info = client.sandbox_add(SandboxAdd { path, name, excludes, store })?;
                     emit(json, &info, |i| {
-                        println!("registered {} at {}", i.name, i.path.display());
-                        println!("clone method: {}", i.clone_note);
+                        outln!("registered {} at {}", i.name, i.path.display());
+                        outln!("clone method: {}", i.clone_note);
                     })
                 }
                 SandboxCommand::List => {
@@ -387,11 +438,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     let info = client.sandbox_remove(SandboxRemove { sandbox, purge })?;
                     emit(json, &info, |i| {
                         if purge {
-                            println!("removed {} and deleted its checkpoints", i.name);
+                            outln!("removed {} and deleted its checkpoints", i.name);
                         } else {
-                            println!(
+                            outln!(
                                 "removed {} ({} checkpoints kept; `snapback sandbox add` brings it back)",
-                                i.name, i.checkpoints
+                                i.name,
+                                i.checkpoints
                             );
                         }
                     })
@@ -407,7 +459,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             bar.finish();
             let info = info?;
             emit(json, &info, |c| {
-                println!(
+                outln!(
                     "{}  checkpoint {} of {}: {} changed, {} files, {}",
                     c.id,
                     c.seq,
@@ -456,21 +508,21 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
             let report = client.revert(RevertRequest { checkpoint, force });
             bar.finish();
-            emit(json, &report?, print_rollback)
+            emit(json, &report?, |r| print_restore(Restore::Revert, r))
         }
         Command::Undo { sandbox } => {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;
             let report = client.undo(&sandbox);
             bar.finish();
-            emit(json, &report?, print_rollback)
+            emit(json, &report?, |r| print_restore(Restore::Undo, r))
         }
         Command::Prune { sandbox, keep_last, keep_within } => {
             let mut client = connect(cli.socket)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;
             let report = client.prune(PruneRequest { sandbox, keep_last, keep_within_secs: keep_within })?;
             emit(json, &report, |r| {
-                println!(
+                outln!(
                     "pruned {} checkpoints of {}, {} kept, {} freed",
                     r.pruned.len(),
                     r.sandbox,
@@ -483,7 +535,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let dir = WirePath::from(resolved(&dir)?.as_path());
             let report = connect(cli.socket)?.export(ExportRequest { checkpoint, dir })?;
             emit(json, &report, |r| {
-                println!(
+                outln!(
                     "exported {} to {}: {} files ({} cloned), {} directories, {} symlinks",
                     r.checkpoint,
                     r.dir.display(),
@@ -494,10 +546,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 );
                 for (what, notes) in [("withheld", &r.withheld), ("left out", &r.skipped)] {
                     if !notes.is_empty() {
-                        println!("{what}: {} {}", notes.len(), if notes.len() == 1 { "path" } else { "paths" });
+                        outln!("{what}: {} {}", notes.len(), if notes.len() == 1 { "path" } else { "paths" });
                     }
                     for n in notes {
-                        println!("  {}: {}", n.path.display(), n.why);
+                        outln!("  {}: {}", n.path.display(), n.why);
                     }
                 }
             })
@@ -505,7 +557,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Verify => {
             let report = connect(cli.socket)?.verify()?;
             emit(json, &report, |r| {
-                println!(
+                outln!(
                     "{} objects checked: {} missing, {} corrupt, {} unreferenced",
                     r.objects,
                     r.missing.len(),
@@ -519,11 +571,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     ("marked broken: checkpoint", &r.broken),
                 ] {
                     for id in list {
-                        println!("  {what} {id}");
+                        outln!("  {what} {id}");
                     }
                 }
                 for twice in &r.current_twice {
-                    println!("  two current versions: {} {}", twice.sandbox, twice.path.display());
+                    outln!("  two current versions: {} {}", twice.sandbox, twice.path.display());
                 }
             })?;
             match (report.clean(), json) {
@@ -542,11 +594,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Status => {
             let report = connect(cli.socket)?.status()?;
             emit(json, &report, |s| {
-                println!("{} (protocol {}), pid {}, up {}s", s.daemon, s.protocol, s.pid, s.uptime_ms / 1000);
-                println!("socket     {}", s.socket.display());
-                println!("state dir  {}", s.state_dir.display());
+                outln!("{} (protocol {}), pid {}, up {}s", s.daemon, s.protocol, s.pid, s.uptime_ms / 1000);
+                outln!("socket     {}", s.socket.display());
+                outln!("state dir  {}", s.state_dir.display());
                 if s.sandboxes.is_empty() {
-                    println!("no sandboxes; register one with `snapback sandbox add DIR`");
+                    outln!("no sandboxes; register one with `snapback sandbox add DIR`");
                     return;
                 }
                 let rows: Vec<Vec<String>> = s
@@ -571,14 +623,14 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     &rows,
                 );
                 for b in &s.sandboxes {
-                    println!("{}: {}", b.name, b.watch);
+                    outln!("{}: {}", b.name, b.watch);
                     if let Some(r) = &b.recovery {
-                        println!("{}: {r}", b.name);
+                        outln!("{}: {r}", b.name);
                     }
                 }
                 for b in &s.sandboxes {
                     if let (Some(budget), Some(exclusive)) = (b.budget_bytes, b.exclusive_bytes) {
-                        println!(
+                        outln!(
                             "{}: storage budget {}, using {}; {} checkpoints pruned to fit so far",
                             b.name,
                             human_bytes(budget),
@@ -621,7 +673,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 
 fn print_sandboxes(list: &[SandboxInfo]) {
     if list.is_empty() {
-        println!("no sandboxes; register one with `snapback sandbox add DIR`");
+        outln!("no sandboxes; register one with `snapback sandbox add DIR`");
         return;
     }
     let rows: Vec<Vec<String>> = list
@@ -641,7 +693,7 @@ fn print_sandboxes(list: &[SandboxInfo]) {
 
 fn print_checkpoints(list: &[CheckpointInfo]) {
     if list.is_empty() {
-        println!("no checkpoints");
+        outln!("no checkpoints");
         return;
     }
     let rows: Vec<Vec<String>> = list
@@ -665,30 +717,30 @@ fn print_checkpoints(list: &[CheckpointInfo]) {
 
 fn print_checkpoint(c: &CheckpointInfo) {
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-    println!("id         {}", c.id);
-    println!("sandbox    {} (checkpoint {})", c.sandbox, c.seq);
-    println!("parent     {}", opt(&c.parent));
-    println!("created    {} UTC", utc(c.created_unix_ms));
-    println!("kind       {}{}", c.kind.as_str(), if c.pinned { ", pinned" } else { "" });
-    println!("plan       {}", opt(&c.plan));
-    println!("tool       {}", opt(&c.tool));
-    println!("phase      {}", opt(&c.phase));
-    println!("reason     {}", opt(&c.reason));
+    outln!("id         {}", c.id);
+    outln!("sandbox    {} (checkpoint {})", c.sandbox, c.seq);
+    outln!("parent     {}", opt(&c.parent));
+    outln!("created    {} UTC", utc(c.created_unix_ms));
+    outln!("kind       {}{}", c.kind.as_str(), if c.pinned { ", pinned" } else { "" });
+    outln!("plan       {}", opt(&c.plan));
+    outln!("tool       {}", opt(&c.tool));
+    outln!("phase      {}", opt(&c.phase));
+    outln!("reason     {}", opt(&c.reason));
     for (k, v) in &c.labels {
-        println!("label      {k}={v}");
+        outln!("label      {k}={v}");
     }
-    println!("files      {} ({}), {} directories, {} symlinks", c.files, human_bytes(c.bytes), c.dirs, c.symlinks);
-    println!("changed    {} paths since its parent", c.changed);
+    outln!("files      {} ({}), {} directories, {} symlinks", c.files, human_bytes(c.bytes), c.dirs, c.symlinks);
+    outln!("changed    {} paths since its parent", c.changed);
     if let Some(why) = &c.broken {
-        println!("broken     {why}: it cannot be restored");
+        outln!("broken     {why}: it cannot be restored");
     }
     if let Some(b) = c.exclusive_bytes {
-        println!("exclusive  {} (what pruning it would free)", human_bytes(b));
+        outln!("exclusive  {} (what pruning it would free)", human_bytes(b));
     }
 }
 
 fn print_plan(p: &PlanInfo) {
-    println!("plan {} of {}: {} ({} checkpoints)", p.id, p.sandbox, p.state.as_str(), p.checkpoints.len());
+    outln!("plan {} of {}: {} ({} checkpoints)", p.id, p.sandbox, p.state.as_str(), p.checkpoints.len());
     print_checkpoints(&p.checkpoints);
 }
 
@@ -700,30 +752,63 @@ fn print_diff(d: &DiffReport) {
             ChangeKind::Deleted => "D",
             ChangeKind::TypeChanged => "T",
         };
-        println!("{mark}  {}", c.path.display());
+        outln!("{mark}  {}", c.path.display());
     }
     let to = d.to.clone().unwrap_or_else(|| "the live tree".into());
-    println!("{} changes from {} to {}", d.changes.len(), d.from, to);
+    outln!("{} changes from {} to {}", d.changes.len(), d.from, to);
+}
+
+/// Which command a restore report answers, for its human output.
+#[derive(Clone, Copy)]
+enum Restore {
+    Rollback,
+    Revert,
+    Undo,
 }
 
 fn print_rollback(r: &RollbackReport) {
-    let verb = if r.dry_run { "would restore" } else { "restored" };
-    println!(
-        "{verb} {} to {}: {} restored, {} created, {} deleted, {} unchanged",
-        r.sandbox, r.checkpoint, r.restored, r.created, r.deleted, r.unchanged
+    print_restore(Restore::Rollback, r)
+}
+
+fn print_restore(what: Restore, r: &RollbackReport) {
+    let (done, would, rest) = match what {
+        Restore::Rollback => ("rolled back", "would roll back", format!("{} to {}", r.sandbox, r.checkpoint)),
+        Restore::Revert => ("reverted", "would revert", format!("{} in {}", r.checkpoint, r.sandbox)),
+        Restore::Undo => (
+            "undid the last restore of",
+            "would undo the last restore of",
+            format!("{}: back to {}", r.sandbox, r.checkpoint),
+        ),
+    };
+    let verb = if r.dry_run { would } else { done };
+    outln!(
+        "{verb} {rest}: {} restored, {} created, {} deleted, {} unchanged",
+        r.restored,
+        r.created,
+        r.deleted,
+        r.unchanged
     );
-    for p in &r.changed {
-        let mark = if r.removed.contains(p) { "-" } else { "~" };
-        println!("  {mark} {}", p.display());
+    let marks = [("+", &r.created_paths), ("~", &r.restored_paths), ("-", &r.removed)];
+    let mut lines: Vec<(&WirePath, &str)> =
+        marks.iter().flat_map(|(mark, paths)| paths.iter().map(move |p| (p, *mark))).collect();
+    lines.sort();
+    for (p, mark) in lines {
+        outln!("  {mark} {}", p.display());
     }
     for p in &r.skipped {
-        println!("  ! {} (left as it is)", p.display());
+        outln!("  ! {} (left as it is)", p.display());
     }
     for p in &r.conflicts {
-        println!("  forced over a later change: {}", p.display());
+        outln!("  forced over a later change: {}", p.display());
     }
     if let Some(safety) = &r.safety_checkpoint {
-        println!("undo with: snapback rollback {safety}");
+        if matches!(what, Restore::Undo) && !r.changed.is_empty() {
+            outln!(
+                "discarded: the live state of {} paths since the restore it undid, kept in {safety}",
+                r.changed.len()
+            );
+        }
+        outln!("undo with: snapback rollback {safety}");
     }
 }
 
@@ -736,23 +821,6 @@ fn human_bytes(n: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
-}
-
-/// Formats milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` in UTC.
-fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]

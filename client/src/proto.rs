@@ -326,6 +326,10 @@ pub enum CheckpointKind {
     Safety,
     /// Taken by the daemon on its own.
     Auto,
+    /// Recorded by the daemon when a rollback, revert or undo is done: the
+    /// state it restored, so that the next checkpoint holds the next step
+    /// only.
+    Restore,
 }
 
 impl CheckpointKind {
@@ -336,6 +340,7 @@ impl CheckpointKind {
             CheckpointKind::Tool => "tool",
             CheckpointKind::Safety => "safety",
             CheckpointKind::Auto => "auto",
+            CheckpointKind::Restore => "restore",
         }
     }
 
@@ -346,6 +351,7 @@ impl CheckpointKind {
             "tool" => CheckpointKind::Tool,
             "safety" => CheckpointKind::Safety,
             "auto" => CheckpointKind::Auto,
+            "restore" => CheckpointKind::Restore,
             _ => return None,
         })
     }
@@ -721,6 +727,11 @@ pub struct RollbackReport {
     /// The checkpoint of the pre-rollback state; rolling back to it undoes
     /// this rollback. `None` on a dry run.
     pub safety_checkpoint: Option<String>,
+    /// The checkpoint of the state the restore left (kind `restore`), which
+    /// the next checkpoint follows. `None` on a dry run, or when nothing
+    /// changed.
+    #[serde(default)]
+    pub restore_checkpoint: Option<String>,
     pub dry_run: bool,
     /// Paths that existed and were replaced or had their metadata reset.
     pub restored: u64,
@@ -732,6 +743,12 @@ pub struct RollbackReport {
     pub unchanged: u64,
     /// Every path touched (or, on a dry run, that would be), sorted.
     pub changed: Vec<WirePath>,
+    /// The created paths among `changed`.
+    #[serde(default)]
+    pub created_paths: Vec<WirePath>,
+    /// The restored (replaced, or metadata reset) paths among `changed`.
+    #[serde(default)]
+    pub restored_paths: Vec<WirePath>,
     /// The removed paths among `changed`.
     pub removed: Vec<WirePath>,
     /// Paths that could not be brought back (sockets, devices) or could not

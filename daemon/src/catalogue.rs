@@ -28,6 +28,8 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0007_no_object_index.sql", include_str!("../../migrations/0007_no_object_index.sql")),
     ("0008_pinned_roots.sql", include_str!("../../migrations/0008_pinned_roots.sql")),
     ("0009_catalogue_id.sql", include_str!("../../migrations/0009_catalogue_id.sql")),
+    ("0010_restore_checkpoints.sql", include_str!("../../migrations/0010_restore_checkpoints.sql")),
+    ("0011_pruned.sql", include_str!("../../migrations/0011_pruned.sql")),
 ];
 
 /// The schema version this build writes.
@@ -311,6 +313,25 @@ pub fn count_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<u64> {
     )? as u64)
 }
 
+/// Whether the checkpoint at `seq` holds `path` or anything below it. Reads
+/// the sandbox's versions (there is no index by path): for the rare request
+/// that names a path the live tree lacks.
+pub fn holds_path_at(conn: &Connection, sandbox_id: i64, seq: u64, path: &[u8]) -> Result<bool> {
+    let mut below = path.to_vec();
+    below.push(b'/');
+    let mut past = path.to_vec();
+    past.push(b'/' + 1);
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)
+             AND (path = ?3 OR (path >= ?4 AND path < ?5)) LIMIT 1",
+            params![sandbox_id, seq as i64, path, below, past],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
 /// Returns, for two checkpoints `a < b`, the versions valid at `a` but not
 /// at `b` and those valid at `b` but not at `a`: only the rows that begin
 /// or end between them are read.
@@ -499,6 +520,18 @@ pub fn checkpoint_by_ref(conn: &Connection, reference: &str) -> Result<Checkpoin
         1 => Ok(found.into_iter().next().unwrap_or_else(|| unreachable!())),
         _ => Err(Error::Ambiguous(format!("{reference} matches more than one checkpoint; give more of the id"))),
     }
+}
+
+/// A pruned checkpoint that `reference` (an id or a prefix) names alone:
+/// its id, sandbox, when it was pruned and by what.
+pub fn pruned(conn: &Connection, reference: &str) -> Result<Option<(String, i64, i64, String)>> {
+    let mut stmt = conn.prepare_cached("SELECT id, sandbox_id, pruned_ms, why FROM pruned WHERE id GLOB ?1 LIMIT 2")?;
+    let found: Vec<(String, i64, i64, String)> = stmt
+        .query_map([format!("{}*", reference.to_ascii_uppercase())], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(if found.len() == 1 { found.into_iter().next() } else { None })
 }
 
 /// Lists checkpoints, oldest first, optionally of one sandbox and/or plan.
@@ -838,14 +871,23 @@ pub fn retention_candidates(conn: &Connection, sandbox_id: i64) -> Result<Vec<Ca
 /// needs, and re-points parents at the nearest remaining older checkpoint.
 /// Returns the objects the deleted versions referenced (to collect those no
 /// longer referenced anywhere).
-pub fn delete_checkpoints(tx: &Transaction<'_>, sandbox_id: i64, ids: &[String]) -> Result<Vec<ObjectId>> {
+pub fn delete_checkpoints(
+    tx: &Transaction<'_>,
+    sandbox_id: i64,
+    ids: &[String],
+    why: &str,
+    now_ms: i64,
+) -> Result<Vec<ObjectId>> {
     let mut seqs = Vec::with_capacity(ids.len());
     {
         let mut get = tx.prepare_cached("SELECT seq FROM checkpoints WHERE id = ?1 AND sandbox_id = ?2")?;
         let mut del = tx.prepare_cached("DELETE FROM checkpoints WHERE id = ?1 AND sandbox_id = ?2")?;
+        let mut remember = tx
+            .prepare_cached("INSERT OR REPLACE INTO pruned (id, sandbox_id, pruned_ms, why) VALUES (?1, ?2, ?3, ?4)")?;
         for id in ids {
             if let Some(seq) = get.query_row(params![id, sandbox_id], |r| r.get::<_, i64>(0)).optional()? {
                 del.execute(params![id, sandbox_id])?;
+                remember.execute(params![id, sandbox_id, now_ms, why])?;
                 seqs.push(seq);
             }
         }

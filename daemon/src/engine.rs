@@ -27,7 +27,7 @@ use crate::capture::{self, Captured, Excludes, Options, Scope};
 use crate::catalogue::{self, Checkpoint, CheckpointWrite, Sandbox};
 use crate::config::Retention;
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Kind, Manifest, is_within};
+use crate::manifest::{Kind, Manifest, StatKey, is_within};
 use crate::progress;
 use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};
@@ -620,12 +620,29 @@ impl Engine {
 
     fn checkpoint_ref(&self, peer: &Peer, reference: &str) -> Result<catalogue::Checkpoint> {
         let conn = self.db()?;
-        let c = catalogue::checkpoint_by_ref(&conn, reference)?;
+        let c =
+            catalogue::checkpoint_by_ref(&conn, reference).map_err(|e| self.pruned_or(&conn, peer, reference, e))?;
         let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
         if !may_use(peer, &sandbox) {
             return Err(Error::NotFound(format!("no checkpoint {reference}")));
         }
         Ok(c)
+    }
+
+    /// Turns "no checkpoint X" into "X was pruned by ... on ..." when X
+    /// names a pruned checkpoint of a sandbox the caller may use.
+    fn pruned_or(&self, conn: &Connection, peer: &Peer, reference: &str, e: Error) -> Error {
+        if !matches!(e, Error::NotFound(_)) {
+            return e;
+        }
+        match catalogue::pruned(conn, reference) {
+            Ok(Some((id, sandbox_id, at_ms, why)))
+                if catalogue::sandbox_by_id(conn, sandbox_id).is_ok_and(|s| may_use(peer, &s)) =>
+            {
+                Error::NotFound(format!("checkpoint {id} was pruned by {why} on {} UTC", snapback::utc(at_ms)))
+            }
+            _ => e,
+        }
     }
 
     fn sandbox_info(&self, conn: &Connection, s: &Sandbox) -> Result<SandboxInfo> {
@@ -858,8 +875,8 @@ impl Engine {
     fn checkpoint(&self, peer: &Peer, req: CheckpointRequest) -> Result<CheckpointInfo> {
         let CheckpointRequest { sandbox, plan, reason, tool, phase, labels, pin, kind } = req;
         let kind = kind.unwrap_or(if tool.is_some() { CheckpointKind::Tool } else { CheckpointKind::Manual });
-        if kind == CheckpointKind::Safety {
-            return Err(Error::InvalidRequest("safety checkpoints are taken by the daemon itself".into()));
+        if matches!(kind, CheckpointKind::Safety | CheckpointKind::Restore) {
+            return Err(Error::InvalidRequest(format!("{} checkpoints are taken by the daemon itself", kind.as_str())));
         }
         let mut conn = self.db()?;
         let sb = self.active_sandbox(&conn, peer, &sandbox)?;
@@ -1133,7 +1150,7 @@ impl Engine {
             Ok(_) | Err(Error::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        self.enforce_retention(&mut conn, &sb, &self.retention.policy(&sb.name))?;
+        self.enforce_retention(&mut conn, &sb, &self.retention.policy(&sb.name), "retention")?;
         if sweep {
             let store = self.store(&sb.store)?;
             let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
@@ -1394,6 +1411,7 @@ impl Engine {
             refuse_if_applied(conn, plan)?;
         }
         refuse_if_broken(target)?;
+        self.check_filter(conn, sandbox, target, filter)?;
         if !dry_run {
             let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
             let result = self.restore_intent(conn, sandbox, target, filter, kind, intent);
@@ -1412,6 +1430,39 @@ impl Engine {
             _ => then.keys().filter(|p| selected(p, filter, &excludes)).count(),
         } as u64;
         self.apply_plan(sandbox, &plan, &store, None, &target.info.id, total)
+    }
+
+    /// Refuses a `--path` that a rollback could do nothing with, before
+    /// anything is written: one that is excluded (a rollback never touches
+    /// it), or that is neither in the target checkpoint nor in the live
+    /// tree (a typo, most likely).
+    fn check_filter(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+    ) -> Result<()> {
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        for path in filter.iter().filter(|p| !p.is_empty()) {
+            let shown = capture::show(path);
+            if excludes.covers(path) {
+                return Err(Error::InvalidRequest(format!(
+                    "{shown} is excluded from {}: a rollback never touches it",
+                    sandbox.name
+                )));
+            }
+            let root = self.open_root(sandbox)?;
+            let (dir, name) = sys::split_parent(path);
+            let live = sys::open_beneath(root.as_fd(), dir).and_then(|d| sys::lstatat(d.as_fd(), name)).is_ok();
+            if !live && !catalogue::holds_path_at(conn, sandbox.id, target.info.seq, path)? {
+                return Err(Error::InvalidRequest(format!(
+                    "{shown} is neither in checkpoint {} nor in the sandbox {}",
+                    target.info.id, sandbox.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Counts the target paths a restore covers (for `unchanged`). `head`
@@ -1563,9 +1614,19 @@ impl Engine {
         let plan = Plan::new(&present, &live_side, &[], &excludes);
         let store = self.store(&sandbox.store)?;
         let root = self.open_root(&sandbox)?;
-        plan.apply(root.as_fd(), &store, &self.apply_options(&sandbox))?;
+        let applied = plan.apply(root.as_fd(), &store, &self.apply_options(&sandbox))?;
         let touched: Vec<&[u8]> = wanted.into_iter().collect();
         crate::restore::remove_leftover_temps(root.as_fd(), &touched)?;
+        // The state it restored becomes the head, as after a restore that
+        // was not interrupted (nothing is written if that was done already).
+        let skipped: std::collections::HashSet<&[u8]> = applied.skipped.iter().map(Vec::as_slice).collect();
+        let desired = present
+            .iter()
+            .map(|(p, r)| (p.as_slice(), Some(&r.meta)))
+            .chain(absent.iter().map(|p| (p.as_slice(), None)))
+            .filter(|(p, _)| !skipped.contains(p));
+        let reason = format!("{} to {}, finished at start", intent.kind, intent.target);
+        self.record_restored(&sandbox, desired, root.as_fd(), reason);
         Ok(plan.steps.len() as u64)
     }
 
@@ -1582,10 +1643,15 @@ impl Engine {
         total: u64,
     ) -> Result<RollbackReport> {
         let mut skipped = Vec::new();
-        if safety.is_some() {
+        let mut restore_checkpoint = None;
+        if let Some(safety) = safety {
             let root = self.open_root(sandbox)?;
             let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
             skipped = applied.skipped;
+            let done: std::collections::HashSet<&[u8]> = skipped.iter().map(Vec::as_slice).collect();
+            let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
+            let reason = format!("{} to {target_id}, after {}", restore_label(&safety.reason), safety.id);
+            restore_checkpoint = self.record_restored(sandbox, desired, root.as_fd(), reason).map(|c| c.id);
             if !applied.cloned.is_empty() {
                 // After the answer, on a thread of its own: the answer does
                 // not wait for what only the next checkpoint gains from.
@@ -1593,24 +1659,143 @@ impl Engine {
             }
         }
         let (restored, created, deleted) = plan.counts();
+        let paths_of = |f: fn(&Step) -> bool| -> Vec<WirePath> {
+            plan.steps.iter().filter(|(_, s)| f(s)).map(|(p, _)| WirePath(p.clone())).collect()
+        };
         Ok(RollbackReport {
             checkpoint: target_id.to_owned(),
             sandbox: sandbox.name.clone(),
             safety_checkpoint: safety.map(|s| s.id.clone()),
+            restore_checkpoint,
+            created_paths: paths_of(|s| matches!(s, Step::Create(_))),
+            restored_paths: paths_of(|s| matches!(s, Step::Restore { .. })),
             dry_run: safety.is_none(),
             restored,
             created,
             deleted,
             unchanged: total.saturating_sub(restored + created),
             changed: plan.steps.keys().map(|p| WirePath(p.clone())).collect(),
-            removed: plan
-                .steps
-                .iter()
-                .filter(|(_, s)| matches!(s, Step::Delete(_)))
-                .map(|(p, _)| WirePath(p.clone()))
-                .collect(),
+            removed: paths_of(|s| matches!(s, Step::Delete(_))),
             skipped: skipped.into_iter().map(WirePath).collect(),
             conflicts: Vec::new(),
+        })
+    }
+
+    /// Records the state a restore left as the sandbox's newest
+    /// checkpoint, of kind `restore`: the head's versions, with `desired`
+    /// (each path's restored version, or `None` for a path removed) put in
+    /// place. So the next checkpoint, and a revert of it, hold the next step
+    /// only, while `undo` still goes back to the safety checkpoint before
+    /// the restore. Nothing is read again: the versions are the ones the
+    /// restore wrote, and each file's stat is taken now, marked racy, so
+    /// the next checkpoint reads again any of them that got an event. Paths
+    /// that already hold their version write nothing; a restore that
+    /// changed nothing records no checkpoint. A failure is logged: the
+    /// restore is done, and the next checkpoint then counts its changes, as
+    /// it would without this record.
+    fn record_restored<'a>(
+        &self,
+        sandbox: &Sandbox,
+        desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
+        root: std::os::fd::BorrowedFd<'_>,
+        reason: String,
+    ) -> Option<CheckpointInfo> {
+        let recorded = (|| {
+            let mut conn = self.db()?;
+            let sb = catalogue::sandbox_by_id(&conn, sandbox.id)?;
+            let mut current = self.take_manifest(&conn, &sb)?;
+            let mut ended = Vec::new();
+            let mut added = Vec::new();
+            for (path, want) in desired {
+                let have = current.get(path);
+                if have.map(|r| &r.meta) == want {
+                    continue;
+                }
+                if let Some(r) = have {
+                    ended.push((path.to_vec(), r.id, r.meta.kind, r.meta.size));
+                }
+                if let Some(meta) = want {
+                    let (dir, name) = sys::split_parent(path);
+                    let st = sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name));
+                    let key = match st {
+                        Ok(st) => StatKey { ctime_ns: sys::ctime_ns(&st), ino: st.st_ino, racy: true },
+                        Err(_) => StatKey { ctime_ns: 0, ino: 0, racy: true },
+                    };
+                    added.push(catalogue::NewRow { path: path.to_vec(), meta: meta.clone(), key });
+                }
+            }
+            if ended.is_empty() && added.is_empty() {
+                self.put_manifest(sb.id, sb.head_seq, current);
+                return Ok(None);
+            }
+            let parent = catalogue::checkpoint_at(&conn, sb.id, sb.head_seq)?;
+            let mut counts = parent.as_ref().map_or([0i64; 4], |p| {
+                [p.info.files as i64, p.info.dirs as i64, p.info.symlinks as i64, p.info.bytes as i64]
+            });
+            let mut tally = |kind: Kind, size: u64, sign: i64| match kind {
+                Kind::File => {
+                    counts[0] += sign;
+                    counts[3] += sign * size as i64;
+                }
+                Kind::Dir => counts[1] += sign,
+                Kind::Symlink => counts[2] += sign,
+                Kind::Special => {}
+            };
+            ended.iter().for_each(|(_, _, kind, size)| tally(*kind, *size, -1));
+            added.iter().for_each(|a| tally(a.meta.kind, a.meta.size, 1));
+            let mut changed: Vec<&[u8]> =
+                ended.iter().map(|(p, ..)| p.as_slice()).chain(added.iter().map(|a| a.path.as_slice())).collect();
+            changed.sort();
+            changed.dedup();
+            let info = CheckpointInfo {
+                id: ulid::Ulid::new().to_string(),
+                sandbox: sb.name.clone(),
+                seq: sb.head_seq + 1,
+                parent: parent.map(|p| p.info.id),
+                plan: None,
+                reason: Some(reason),
+                tool: None,
+                phase: None,
+                labels: Default::default(),
+                kind: CheckpointKind::Restore,
+                pinned: false,
+                created_unix_ms: now_ns() / 1_000_000,
+                files: counts[0].max(0) as u64,
+                dirs: counts[1].max(0) as u64,
+                symlinks: counts[2].max(0) as u64,
+                bytes: counts[3].max(0) as u64,
+                changed: changed.len() as u64,
+                exclusive_bytes: None,
+                scanned: None,
+                full_scan: None,
+                broken: None,
+            };
+            let ended_ids: Vec<i64> = ended.iter().map(|(_, id, ..)| *id).collect();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let ids = catalogue::write_checkpoint(
+                &tx,
+                &CheckpointWrite {
+                    info: &info,
+                    sandbox_id: sb.id,
+                    scan_start_ns: now_ns(),
+                    ended: &ended_ids,
+                    added: &added,
+                    rekeyed: &[],
+                },
+            )?;
+            tx.commit()?;
+            for (path, ..) in &ended {
+                current.remove(path);
+            }
+            for (row, id) in added.into_iter().zip(ids) {
+                current.insert(row.path, crate::manifest::Row { id, meta: row.meta, key: row.key });
+            }
+            self.put_manifest(sb.id, info.seq, current);
+            Ok::<_, Error>(Some(info))
+        })();
+        recorded.unwrap_or_else(|e| {
+            tracing::warn!(sandbox = %sandbox.name, "recording the restored state: {e}");
+            None
         })
     }
 
@@ -1730,32 +1915,29 @@ impl Engine {
         let reason = format!("before revert of {}", step.info.id);
         // The plan is made in the safety checkpoint's transaction, from the
         // versions that changed between the step and now. A refused revert
-        // still commits its safety checkpoint, without an applying intent.
+        // rolls that transaction back: it leaves no checkpoint behind.
         let (safety, planned) = self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
-            let planned = revert_plan(tx, sandbox.id, (parent.info.seq, step.info.seq, s.seq), force, &excludes)?;
-            if planned.is_ok() {
-                catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
-                catalogue::record_rollback(tx, sandbox.id, "revert", &step.info.id, &s.id, now_ms())?;
-            }
+            let planned = revert_plan(tx, sandbox.id, (parent.info.seq, step.info.seq, s.seq), force, &excludes)?
+                .map_err(|conflicts| {
+                    let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
+                    Error::Conflict {
+                        message: format!(
+                            "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted. \
+                             `revert --force` takes the step's parent version for them",
+                            conflicts.len(),
+                            step.info.id,
+                            shown.join(", "),
+                            if conflicts.len() > shown.len() { ", ..." } else { "" }
+                        ),
+                        paths: conflicts,
+                    }
+                })?;
+            catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
+            catalogue::record_rollback(tx, sandbox.id, "revert", &step.info.id, &s.id, now_ms())?;
             Ok(planned)
         })?;
-        if planned.is_ok() {
-            self.stop_after_safety_hook();
-        }
-        let Reverting { plan, conflicts, step_paths } = planned.map_err(|conflicts| {
-            let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
-            Error::Conflict {
-                message: format!(
-                    "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted. \
-                     `revert --force` takes the step's parent version for them",
-                    conflicts.len(),
-                    step.info.id,
-                    shown.join(", "),
-                    if conflicts.len() > shown.len() { ", ..." } else { "" }
-                ),
-                paths: conflicts,
-            }
-        })?;
+        self.stop_after_safety_hook();
+        let Reverting { plan, conflicts, step_paths } = planned;
         let store = self.store(&sandbox.store)?;
         let total = step_paths as u64;
         let mut report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &step.info.id, total)?;
@@ -1791,7 +1973,7 @@ impl Engine {
         if let Some(secs) = req.keep_within_secs {
             policy.keep_within_ms = Some(secs.saturating_mul(1000).min(i64::MAX as u64) as i64);
         }
-        let (pruned, freed_bytes) = self.enforce_retention(&mut conn, &sandbox, &policy)?;
+        let (pruned, freed_bytes) = self.enforce_retention(&mut conn, &sandbox, &policy, "`snapback prune`")?;
         Ok(PruneReport {
             sandbox: sandbox.name.clone(),
             pruned,
@@ -1809,6 +1991,7 @@ impl Engine {
         conn: &mut Connection,
         sandbox: &Sandbox,
         policy: &Policy,
+        why: &str,
     ) -> Result<(Vec<String>, u64)> {
         let started = Instant::now();
         let candidates = catalogue::retention_candidates(conn, sandbox.id)?;
@@ -1823,14 +2006,14 @@ impl Engine {
             .filter(|c| retention::prunable(c, newest, &protected))
             .partition(|c| !keep.contains(&c.id));
         let mut pruned: Vec<String> = victims.iter().map(|c| c.id.clone()).collect();
-        let mut freed = self.delete_checkpoints(conn, sandbox, &pruned)?;
+        let mut freed = self.delete_checkpoints(conn, sandbox, &pruned, why)?;
         if let Some(budget) = policy.budget_bytes {
             let mut budget_pruned = 0;
             for c in survivors {
                 if catalogue::sandbox_exclusive_bytes(conn, sandbox.id, &sandbox.store)? <= budget {
                     break;
                 }
-                freed += self.delete_checkpoints(conn, sandbox, std::slice::from_ref(&c.id))?;
+                freed += self.delete_checkpoints(conn, sandbox, std::slice::from_ref(&c.id), "the storage budget")?;
                 pruned.push(c.id.clone());
                 budget_pruned += 1;
             }
@@ -1847,7 +2030,7 @@ impl Engine {
 
     /// Deletes checkpoints in one transaction, then the objects nothing
     /// references any more. Returns the bytes freed.
-    fn delete_checkpoints(&self, conn: &mut Connection, sandbox: &Sandbox, ids: &[String]) -> Result<u64> {
+    fn delete_checkpoints(&self, conn: &mut Connection, sandbox: &Sandbox, ids: &[String], why: &str) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -1855,7 +2038,7 @@ impl Engine {
         // whose snapshot a concurrent commit (the log checkpointer's) made
         // stale fails at its first write instead of waiting.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let objects = catalogue::delete_checkpoints(&tx, sandbox.id, ids)?;
+        let objects = catalogue::delete_checkpoints(&tx, sandbox.id, ids, why, now_ms())?;
         tx.commit()?;
         let store = self.store(&sandbox.store)?;
         let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
@@ -2132,6 +2315,14 @@ fn intent_desired(
         }
     }
     Ok((present, absent))
+}
+
+/// What a restore was, from its safety checkpoint's reason (`before
+/// rollback to X`): `rollback`, `revert of X` or `undo`.
+fn restore_label(safety_reason: &Option<String>) -> &str {
+    let reason = safety_reason.as_deref().unwrap_or("restore");
+    let reason = reason.strip_prefix("before ").unwrap_or(reason);
+    reason.split(" to ").next().unwrap_or(reason)
 }
 
 /// A safety checkpoint's request: taken by the daemon before it changes a

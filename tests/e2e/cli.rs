@@ -143,3 +143,114 @@ fn demo_runs_end_to_end() {
     assert_eq!(doc["restored_exactly"], true);
     assert_eq!(doc["rollback"]["deleted"], 1);
 }
+
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    d.add_sandbox("sb", &sb, &[]);
+    let c = d.checkpoint("sb");
+    for i in 0..3000 {
+        std::fs::write(sb.join(format!("file-with-a-long-enough-name-{i:05}")), "x").unwrap();
+    }
+    // `snapback diff C | head -1`: the reader goes away after one line.
+    let mut child = Command::new(binary("snapback"))
+        .args(["diff", &c, "--socket"])
+        .arg(&d.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+}
+
+#[test]
+fn json_errors_of_every_kind_are_one_document_with_a_code() {
+    let d = TestDaemon::start();
+    let doc = |args: &[&str]| {
+        let out = Command::new(binary("snapback")).args(args).arg("--socket").arg(&d.socket).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.code(), v["error"]["code"].as_str().unwrap_or_default().to_owned(), v)
+    };
+    let (exit, code, v) = doc(&["--json", "list", "--bogus"]);
+    assert_eq!((exit, code.as_str()), (Some(2), "usage"), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("--bogus"), "{v}");
+    let (exit, code, v) = doc(&["--json", "checkpoint"]);
+    assert_eq!((exit, code.as_str()), (Some(2), "usage"), "{v}");
+    let (exit, code, v) = doc(&["--json", "show", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
+    assert_eq!((exit, code.as_str()), (Some(1), "not_found"), "{v}");
+    // As root, the hint names the system service.
+    let out = Command::new(binary("snapback")).args(["status", "--socket", "/nonexistent/s.sock"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(err.contains("`systemctl start snapbackd`"), "{err}");
+    } else {
+        assert!(err.contains("`systemctl --user start snapbackd`"), "{err}");
+    }
+}
+
+#[test]
+fn refused_operations_leave_no_checkpoint_and_say_what_is_wrong() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    std::fs::write(sb.join("f"), "one").unwrap();
+    d.add_sandbox("sb", &sb, &["--exclude", "cache"]);
+    let c1 = d.checkpoint("sb");
+    std::fs::write(sb.join("f"), "two").unwrap();
+    let step = d.checkpoint("sb");
+    std::fs::write(sb.join("f"), "three").unwrap();
+    d.checkpoint("sb");
+    let count = || d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len();
+    let before = count();
+    let refused = |args: &[&str], needle: &str| {
+        let out = d.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err:?} should say {needle:?}");
+    };
+    refused(&["revert", &step], "changed again later");
+    refused(&["rollback", &c1, "--path", "does/not/exist"], "neither in checkpoint");
+    refused(&["rollback", &c1, "--path", "cache/x"], "excluded");
+    assert_eq!(count(), before, "a refused operation left a checkpoint");
+    assert_eq!(std::fs::read_to_string(sb.join("f")).unwrap(), "three");
+
+    // A pruned checkpoint is told apart from an unknown id.
+    d.json(&["prune", "sb", "--keep-last", "1"]);
+    refused(&["show", &c1], "was pruned by `snapback prune` on");
+    refused(&["rollback", &c1[..12]], "was pruned by");
+    refused(&["show", "01ARZ3NDEKTSV4RRFFQ69G5FAV"], "no checkpoint");
+}
+
+#[test]
+fn the_daemon_log_has_no_colour_codes_when_it_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(binary("snapbackd"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("SNAPBACK_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::fixture::eventually(std::time::Duration::from_secs(60), std::time::Duration::from_millis(10), || {
+        snapback::Client::connect(&dir.path().join("s.sock")).map(drop).map_err(|e| e.to_string())
+    });
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+}

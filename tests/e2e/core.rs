@@ -513,3 +513,55 @@ fn rusqlite_count(db: &Path) -> i64 {
     let conn = snapback_daemon::catalogue::connect(db).unwrap();
     conn.query_row("SELECT count(*) FROM entries", [], |r| r.get(0)).unwrap()
 }
+
+#[test]
+fn the_step_after_a_rollback_holds_that_step_only() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    write(&sb.join("f1"), "a");
+    write(&sb.join("f2"), "a");
+    d.add_sandbox("sb", &sb, &[]);
+    let c1 = d.checkpoint("sb");
+    write(&sb.join("f1"), "b");
+    write(&sb.join("new"), "made after c1");
+    d.checkpoint("sb");
+    let r = d.rollback(&c1);
+    let restore = r["restore_checkpoint"].as_str().expect("a restore checkpoint").to_owned();
+    let texts = |k: &str| -> Vec<String> {
+        r[k].as_array().unwrap().iter().map(|p| p["text"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(
+        (texts("restored_paths"), texts("created_paths"), texts("removed")),
+        (vec!["f1".into()], vec![], vec!["new".into()])
+    );
+
+    // The restored state is the head: a checkpoint with nothing changed
+    // says so, and the next step is that step alone.
+    let listed = d.json(&["list", "sb"]);
+    let head = listed["checkpoints"].as_array().unwrap().iter().find(|c| c["id"] == restore).cloned().unwrap();
+    assert_eq!((head["kind"].as_str(), head["changed"].as_u64()), (Some("restore"), Some(2)), "{head}");
+    assert_eq!(d.json(&["checkpoint", "sb"])["changed"], 0);
+    write(&sb.join("f2"), "c");
+    let c3 = d.json(&["checkpoint", "sb"]);
+    assert_eq!(c3["changed"], 1, "only f2 changed: {c3}");
+    let rev = d.json(&["revert", c3["id"].as_str().unwrap()]);
+    assert_eq!(rev["changed"].as_array().unwrap().len(), 1, "{rev}");
+    assert_eq!(std::fs::read_to_string(sb.join("f1")).unwrap(), "a", "the revert left the rollback's f1");
+    assert_eq!(std::fs::read_to_string(sb.join("f2")).unwrap(), "a");
+
+    // Undo still goes back to the state before the last restore (the
+    // revert), and says what it discards.
+    let undo = d.cli(&["undo", "sb"]);
+    let text = String::from_utf8_lossy(&undo.stdout);
+    assert!(undo.status.success(), "{}", String::from_utf8_lossy(&undo.stderr));
+    assert!(text.contains("undid the last restore of sb") && text.contains("discarded"), "{text}");
+    assert_eq!(std::fs::read_to_string(sb.join("f2")).unwrap(), "c");
+    // And a rollback's human output marks each path by what happened to it.
+    write(&sb.join("later"), "x");
+    let out = d.cli(&["rollback", &c1]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rolled back sb to") && text.contains("  - later") && text.contains("  ~ f2"), "{text}");
+    std::fs::remove_file(sb.join("f1")).unwrap();
+    let text = String::from_utf8_lossy(&d.cli(&["rollback", &c1]).stdout).into_owned();
+    assert!(text.contains("  + f1"), "{text}");
+}

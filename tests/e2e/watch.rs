@@ -89,8 +89,10 @@ fn a_thousand_write_then_checkpoint_rounds_capture_every_write() {
         assert!(c.scanned.unwrap() <= 3, "round {i} compared {:?} paths", c.scanned);
         taken.push((c.id, content));
     }
-    // Retention keeps the newest 100; each of those restores its round.
-    for (id, content) in taken.iter().rev().take(100).step_by(13) {
+    // Retention keeps the newest 100, and each rollback adds two (its
+    // safety and restore checkpoints): each target still kept restores its
+    // round.
+    for (id, content) in taken.iter().rev().take(60).step_by(8) {
         d.rollback(id);
         assert_eq!(std::fs::read_to_string(root.join("hot.txt")).unwrap(), *content);
     }
@@ -335,13 +337,22 @@ fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
     }
     assert_eq!(packs(), 3);
     d.assert_verified();
-    // Pruned down to the safety checkpoint (round 2's content): the packs
-    // of rounds 0 and 1 hold nothing live and go.
+    // Pruned down to the restore checkpoint (round 1's content, the
+    // newest) and the safety checkpoint before it (round 2's, kept for
+    // `undo`): the pack of round 0 holds nothing live and goes.
     let pruned = d.json(&["prune", "sb", "--keep-last", "1"]);
     assert!(!pruned["pruned"].as_array().unwrap().is_empty(), "{pruned}");
-    assert_eq!(packs(), 1, "{pruned}");
+    assert_eq!(packs(), 2, "{pruned}");
     assert!(!crate::fixture::store_holds(&store, b"round 0 of f7"));
+    assert!(crate::fixture::store_holds(&store, b"round 1 of f7"));
     assert!(crate::fixture::store_holds(&store, b"round 2 of f7"));
     d.assert_verified();
-    assert_eq!(d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len(), 1);
+    let kinds: Vec<String> = d.json(&["list", "sb"])["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert!(kinds.contains(&"restore".to_owned()) && kinds.contains(&"safety".to_owned()), "{kinds:?}");
 }
