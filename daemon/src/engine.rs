@@ -718,19 +718,24 @@ impl Engine {
         }
         let store = self.store(&store_b)?;
         let same_fs = store.device().ctx(|| "reading the store".into())? == meta.st_dev;
-        let (clone_method, clone_note) = if !same_fs {
+        let (fs, clones) = sys::filesystem(root_fd.as_fd()).ctx(|| format!("reading {}", root.display()))?;
+        let (clone_method, clone_note) = if same_fs && store.probe_reflink() {
+            (
+                CloneMethod::Reflink,
+                format!("reflink: the store shares the sandbox's filesystem ({fs}), which clones files"),
+            )
+        } else if !same_fs && clones {
             (
                 CloneMethod::Copy,
                 format!(
                     "copy: the store {} is on another filesystem than the sandbox; add the sandbox with \
-                     --store DIR on its own filesystem to get reflinks",
+                     --store DIR on its own filesystem ({fs}) to get reflinks",
                     path_of(&store_b).display()
                 ),
             )
-        } else if store.probe_reflink() {
-            (CloneMethod::Reflink, "reflink: the store shares the sandbox's filesystem, which clones files".into())
         } else {
-            (CloneMethod::Copy, "copy: the sandbox's filesystem cannot clone files (no reflink support)".into())
+            let elsewhere = if same_fs { "" } else { ", so no store elsewhere would help" };
+            (CloneMethod::Copy, format!("copy: the sandbox's filesystem ({fs}) cannot clone files{elsewhere}"))
         };
         let mut sandbox = Sandbox {
             id: 0,

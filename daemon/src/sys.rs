@@ -228,6 +228,30 @@ pub fn make_dir_pinned(path: &[u8], mode: u32) -> Result<OwnedFd, PinError> {
     Ok(dir)
 }
 
+/// The kind of filesystem `fd` is on, by `statfs`'s magic number: its
+/// name, and whether it can clone files (reflinks).
+pub fn filesystem(fd: BorrowedFd<'_>) -> io::Result<(&'static str, bool)> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes a full statfs on success.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: initialised by the successful call above.
+    let magic = unsafe { st.assume_init() }.f_type as u64;
+    Ok(match magic {
+        0x5846_5342 => ("xfs", true),
+        0x9123_683e => ("btrfs", true),
+        0xca45_1a4e => ("bcachefs", true),
+        0x2fc1_2fc1 => ("zfs", true),
+        0x7461_636f => ("ocfs2", true),
+        0xef53 => ("ext4", false),
+        0x0102_1994 => ("tmpfs", false),
+        0x794c_7630 => ("overlayfs", false),
+        0xf2f5_2010 => ("f2fs", false),
+        0x6969 => ("nfs", false),
+        0x6573_5546 => ("fuse", false),
+        _ => ("this filesystem", false),
+    })
+}
+
 /// What a directory is, whatever it is called: its device and inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Identity {

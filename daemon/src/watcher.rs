@@ -71,6 +71,9 @@ struct State {
     last_event: Option<Instant>,
 }
 
+/// Why a checkpoint compares everything while the watch is being set up.
+const SETTING_UP: &str = "the watch is being set up";
+
 /// The watch of one sandbox.
 pub struct SandboxWatch {
     root: PathBuf,
@@ -103,7 +106,7 @@ impl SandboxWatch {
             root: root.to_owned(),
             cookies: cookies.to_owned(),
             excludes,
-            state: Mutex::new(State { full: Some("the watch is being set up".into()), ..State::default() }),
+            state: Mutex::new(State { full: Some(SETTING_UP.into()), ..State::default() }),
             wake: Condvar::new(),
             overflow: Arc::new(AtomicBool::new(false)),
             next_cookie: AtomicU64::new(1),
@@ -151,8 +154,13 @@ impl SandboxWatch {
             Ok(w) => {
                 *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
                 state.ready = true;
-                // Whatever happened before the watch existed is unknown.
-                state.full.get_or_insert_with(|| "the watch was just set up".into());
+                // Whatever happened before the watch existed is unknown: the
+                // next checkpoint compares the whole tree. Said as it is,
+                // not as the set-up still under way.
+                let since = "changes before the watch started are unknown; the next checkpoint compares everything";
+                if state.full.as_deref().is_none_or(|why| why == SETTING_UP) {
+                    state.full = Some(since.into());
+                }
             }
             Err(e) => {
                 let why = describe(&e);
@@ -236,7 +244,7 @@ impl SandboxWatch {
             state.full.get_or_insert(why);
         }
         if !state.ready {
-            return Drain::Everything("the watch is being set up".into());
+            return Drain::Everything(SETTING_UP.into());
         }
         // From here on, events land in a fresh set for the next checkpoint.
         let dirty = std::mem::take(&mut state.dirty);

@@ -139,3 +139,29 @@ fn btrfs_cloned_files_are_read_in_after_a_rollback() {
         cloned_files_are_read_in_after_a_rollback("btrfs");
     }
 }
+
+#[test]
+fn a_sandbox_on_tmpfs_is_not_told_that_another_store_would_clone() {
+    if !root_or_skip("a_sandbox_on_tmpfs_is_not_told_that_another_store_would_clone") {
+        return;
+    }
+    let d = TestDaemon::start();
+    let mnt = d.path("tmpfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(ok.success(), "mount -t tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let sb = mnt.join("sb");
+    std::fs::create_dir(&sb).unwrap();
+    let added = d.add_sandbox("t", &sb, &[]);
+    let note = added["clone_note"].as_str().unwrap();
+    assert_eq!(added["clone_method"], "copy");
+    assert!(note.contains("(tmpfs) cannot clone files") && !note.contains("--store"), "{note}");
+    d.cli(&["sandbox", "remove", "t"]);
+}

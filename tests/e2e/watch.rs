@@ -356,3 +356,21 @@ fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
     assert_eq!(kinds.len(), 2, "{kinds:?}");
     assert!(kinds.contains(&"restore".to_owned()) && kinds.contains(&"safety".to_owned()), "{kinds:?}");
 }
+
+#[test]
+fn a_never_checkpointed_sandbox_says_its_first_checkpoint_compares_everything() {
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let sb = d.path("fresh");
+    write(&sb.join("f"), "x");
+    d.add_sandbox("fresh", &sb, &[]);
+    // Once the watch is in place, status says what is true of the next
+    // checkpoint, not that the watch is still being set up.
+    let watch = eventually(Duration::from_secs(10), Duration::from_millis(10), || {
+        let w = d.json(&["status"])["sandboxes"][0]["watch"].as_str().unwrap().to_owned();
+        if w == "starting" { Err(w) } else { Ok(w) }
+    });
+    assert!(watch.starts_with("needs full scan: changes before the watch started are unknown"), "{watch}");
+    d.checkpoint("fresh");
+    assert_eq!(d.json(&["status"])["sandboxes"][0]["watch"], "watching");
+}
