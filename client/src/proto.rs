@@ -133,6 +133,32 @@ fn check_sandbox_path(field: &str, p: &WirePath) -> Result<(), String> {
 }
 
 impl Request {
+    /// The request's `type` on the wire, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "hello",
+            Request::SandboxAdd(_) => "sandbox_add",
+            Request::SandboxList(_) => "sandbox_list",
+            Request::SandboxRemove(_) => "sandbox_remove",
+            Request::Checkpoint(_) => "checkpoint",
+            Request::List(_) => "list",
+            Request::Show(_) => "show",
+            Request::Diff(_) => "diff",
+            Request::Rollback(_) => "rollback",
+            Request::Status(_) => "status",
+            Request::PlanShow(_) => "plan_show",
+            Request::PlanApply(_) => "plan_apply",
+            Request::PlanAbandon(_) => "plan_abandon",
+            Request::PlanRollback(_) => "plan_rollback",
+            Request::Revert(_) => "revert",
+            Request::Undo(_) => "undo",
+            Request::Prune(_) => "prune",
+            Request::Export(_) => "export",
+            Request::Verify(_) => "verify",
+            Request::InjectRescan(_) => "inject_rescan",
+        }
+    }
+
     /// Checks every path field of the request, as the daemon does right
     /// after decoding it: a bad one is an `invalid_request`, whatever the
     /// request would have done with it.

@@ -60,23 +60,33 @@ pub struct Config {
     pub durability: config::Durability,
 }
 
-/// Runs the daemon until `shutdown` resolves: migrations first, then the
-/// socket, so that a client that can connect finds the catalogue ready;
-/// then it tells systemd it is ready (when systemd started it). A socket
-/// file the daemon bound itself is removed on the way out.
-pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
+/// Runs the daemon until the future `shutdown` makes resolves: migrations
+/// first, then the socket, so that a client that can connect finds the
+/// catalogue ready; then it tells systemd it is ready (when systemd started
+/// it). `shutdown` is called first thing, inside the runtime, so that the
+/// signal handlers it installs are in place before the socket is bound. On
+/// the way out, the daemon stops accepting, removes a socket file it bound
+/// itself, and answers every request already running (see
+/// [`server::serve`]).
+pub fn run<F: std::future::Future<Output = ()> + Send>(mut config: Config, shutdown: impl FnOnce() -> F) -> Result<()> {
     raise_fd_limit();
-    let activated = config.listener.take();
-    let engine = Arc::new(engine::Engine::open(&config)?);
-    // A restore a crash interrupted is finished before anyone can see the
-    // sandbox half restored.
-    engine.resume_interrupted()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
         .thread_name("snapbackd")
         .build()
         .map_err(|e| Error::Io { context: "starting the runtime".into(), source: e })?;
+    // The stop signals are caught from here on, before anything is bound:
+    // one that comes while the daemon starts stops it once it serves.
+    let shutdown = {
+        let _context = runtime.enter();
+        shutdown()
+    };
+    let activated = config.listener.take();
+    let engine = Arc::new(engine::Engine::open(&config)?);
+    // A restore a crash interrupted is finished before anyone can see the
+    // sandbox half restored.
+    engine.resume_interrupted()?;
     let owns_socket = activated.is_none();
     let std_listener = match activated {
         Some(l) => l,
@@ -113,13 +123,16 @@ pub fn run(mut config: Config, shutdown: impl std::future::Future<Output = ()> +
             .map_err(|e| Error::Io { context: "registering the socket".into(), source: e })?;
         tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), activated = !owns_socket, "snapbackd ready");
         systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.socket.display()));
-        server::serve(listener, engine.clone(), config.limits, shutdown).await;
+        let socket = &config.socket;
+        let stopped_accepting = || {
+            systemd::notify("STOPPING=1\nSTATUS=stopping: answering the requests in progress");
+            if owns_socket {
+                let _ = std::fs::remove_file(socket);
+            }
+        };
+        server::serve(listener, engine.clone(), config.limits, shutdown, stopped_accepting, server::STOP_GRACE).await;
         Ok(())
     });
-    systemd::notify("STOPPING=1\nSTATUS=stopping: finishing requests in progress");
-    if owns_socket {
-        let _ = std::fs::remove_file(&config.socket);
-    }
     stop_auto.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = auto {
         let _ = t.join();

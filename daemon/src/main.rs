@@ -106,7 +106,7 @@ fn main() -> ExitCode {
         limits: file.limits(),
         durability: file.durability.unwrap_or_default(),
     };
-    match snapback_daemon::run(config, shutdown_signal()) {
+    match snapback_daemon::run(config, shutdown_signal) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snapbackd: {e}");
@@ -115,17 +115,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now (inside the runtime, before
+/// the socket is bound), and returns a future that resolves on the first
+/// of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the daemon would ignore stop requests;
-        // stop right away instead of running unstoppable.
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the daemon would ignore stop requests;
+            // stop right away instead of running unstoppable.
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
     }
 }

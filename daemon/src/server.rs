@@ -112,6 +112,8 @@ struct Slot {
     /// A request is running: never evicted then.
     busy: AtomicBool,
     evict: Notify,
+    /// The request running, by name, for the log of a stop that cuts it.
+    doing: Mutex<Option<&'static str>>,
 }
 
 /// The open connections by uid.
@@ -156,6 +158,7 @@ impl Registry {
             last_active: AtomicU64::new(accepted),
             busy: AtomicBool::new(false),
             evict: Notify::new(),
+            doing: Mutex::new(None),
         });
         open.push(slot.clone());
         Some(Admitted { registry: self.clone(), slot })
@@ -174,18 +177,29 @@ impl Drop for Admitted {
     }
 }
 
-/// Accepts connections until `shutdown` resolves.
+/// How long a stop waits for the requests already running to be answered.
+pub const STOP_GRACE: Duration = Duration::from_secs(60);
+
+/// Accepts connections until `shutdown` resolves. Then it stops accepting,
+/// calls `stopped_accepting` (which removes the socket file), and lets
+/// every connection finish the request it is running and send its answer
+/// (idle ones are closed), for at most `grace`; the requests still running
+/// then are logged as cut.
 pub async fn serve(
     listener: UnixListener,
     engine: Arc<Engine>,
     limits: Limits,
     shutdown: impl std::future::Future<Output = ()>,
+    stopped_accepting: impl FnOnce(),
+    grace: Duration,
 ) {
     let registry = Arc::new(Registry {
         clock: AtomicU64::new(0),
         per_uid: limits.per_uid.max(1),
         by_uid: Mutex::new(HashMap::new()),
     });
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -196,8 +210,9 @@ pub async fn serve(
                     let accepted = registry.tick();
                     let engine = engine.clone();
                     let registry = registry.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = admit(stream, accepted, engine, registry, limits).await {
+                    let stopping = stopping.clone();
+                    connections.spawn(async move {
+                        if let Err(e) = admit(stream, accepted, engine, registry, limits, stopping).await {
                             tracing::debug!("connection ended: {e}");
                         }
                     });
@@ -207,8 +222,32 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            () = &mut shutdown => return,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
         }
+    }
+    drop(listener);
+    stopped_accepting();
+    let _ = stop.send(true);
+    let running = connections.len();
+    let drained = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        let by_uid = registry.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let cut: Vec<String> = by_uid
+            .values()
+            .flatten()
+            .filter_map(|s| {
+                let doing = *s.doing.lock().unwrap_or_else(|p| p.into_inner());
+                doing.map(|what| format!("{what} for uid {}", s.uid))
+            })
+            .collect();
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "stopping: requests still running were cut, their clients get no answer: {}",
+            cut.join(", ")
+        );
+    } else if running > 0 {
+        tracing::info!(connections = running, "stopping: every request in progress was answered");
     }
 }
 
@@ -220,12 +259,13 @@ async fn admit(
     engine: Arc<Engine>,
     registry: Arc<Registry>,
     limits: Limits,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let groups = crate::sys::peer_groups(std::os::fd::AsFd::as_fd(&stream))?;
     let peer = Peer { uid: cred.uid(), gid: cred.gid(), groups: groups.into() };
     match registry.admit(peer.uid, accepted) {
-        Some(admitted) => connection(stream, peer, engine, &admitted, limits).await,
+        Some(admitted) => connection(stream, peer, engine, &admitted, limits, stopping).await,
         None => {
             let (_, mut write) = stream.into_split();
             let message = format!(
@@ -278,6 +318,7 @@ async fn connection(
     engine: Arc<Engine>,
     admitted: &Admitted,
     limits: Limits,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
     let slot = &admitted.slot;
     let (read, mut write) = stream.into_split();
@@ -285,9 +326,13 @@ async fn connection(
     let mut greeted = false;
     let mut wants_progress = false;
     loop {
+        if *stopping.borrow() {
+            return Ok(()); // the daemon is stopping: no new request
+        }
         let wait = if greeted { limits.idle } else { limits.hello.min(limits.idle) };
         let read = tokio::select! {
             read = tokio::time::timeout(wait, read_line(&mut reader)) => read,
+            _ = stopping.changed() => return Ok(()),
             () = slot.evict.notified() => {
                 let e = error(
                     ErrorCode::Busy,
@@ -302,9 +347,10 @@ async fn connection(
             return send(&mut write, &e).await;
         };
         slot.busy.store(true, Ordering::Release);
-        let served = serve_line(read?, &mut greeted, &mut wants_progress, &peer, &engine, &mut write).await;
+        let served = serve_line(read?, &mut greeted, &mut wants_progress, &peer, &engine, &mut write, slot).await;
         slot.last_active.store(admitted.registry.tick(), Ordering::Relaxed);
         slot.busy.store(false, Ordering::Release);
+        *slot.doing.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if !served? {
             return Ok(());
         }
@@ -319,6 +365,7 @@ async fn serve_line(
     peer: &Peer,
     engine: &Arc<Engine>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
+    slot: &Slot,
 ) -> io::Result<bool> {
     let line = match line {
         Line::Eof => return Ok(false),
@@ -336,6 +383,7 @@ async fn serve_line(
             return Ok(true);
         }
     };
+    *slot.doing.lock().unwrap_or_else(|p| p.into_inner()) = Some(request.name());
     if let Err(e) = request.check_paths() {
         send(write, &error(ErrorCode::InvalidRequest, e)).await?;
         return Ok(true);

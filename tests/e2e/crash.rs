@@ -328,3 +328,69 @@ fn a_lost_catalogue_never_costs_the_store_its_objects() {
     assert!(said.contains("belongs to another catalogue"), "{said}");
     assert_eq!(crate::fixture::object_count(&store), objects);
 }
+
+#[test]
+fn sigterm_during_a_rollback_still_answers_it_and_removes_the_socket() {
+    let mut d = TestDaemon::start();
+    let sb = d.path("sb");
+    for i in 0..20_000 {
+        write(&sb.join(format!("d{:03}/f{i:05}", i % 200)), format!("file {i}"));
+    }
+    d.add_sandbox("sb", &sb, &[]);
+    let c = d.checkpoint("sb");
+    for e in std::fs::read_dir(&sb).unwrap() {
+        std::fs::remove_dir_all(e.unwrap().path()).unwrap();
+    }
+    let cli = Command::new(binary("snapback"))
+        .args(["--json", "rollback", &c, "--socket"])
+        .arg(&d.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_intent(&d.state_dir);
+    // SAFETY: signalling the daemon child the fixture owns.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success(), "the rollback's client got: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["created"].as_u64(), Some(20_000 + 200), "{}", report["created"]);
+    let status = d.stop().expect("the daemon was running");
+    assert!(status.success(), "{status}");
+    assert!(!d.socket.exists(), "the socket was left behind");
+    assert_eq!(std::fs::read_to_string(sb.join("d007/f12007")).unwrap(), "file 12007");
+}
+
+#[test]
+fn sigterm_in_the_first_milliseconds_after_bind_stops_the_daemon_cleanly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut rng = Rng::new("sigterm_in_the_first_milliseconds_after_bind_stops_the_daemon_cleanly");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let state = dir.path().join("state");
+    for round in 0..60 {
+        let mut child = TestDaemon::spawn(&socket, &state);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Spun on, not slept on: the signal must land within the first
+        // fraction of a millisecond after the bind.
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "round {round}: the socket never appeared");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("round {round}: snapbackd exited before binding: {status}");
+            }
+            std::thread::yield_now();
+        }
+        let wait = rng.below(Duration::from_micros(300));
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        // SAFETY: signalling a child we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), None, "round {round}: killed by the signal's default action");
+        assert!(status.success(), "round {round}: {status}");
+        assert!(!socket.exists(), "round {round}: the socket was left behind");
+    }
+}
