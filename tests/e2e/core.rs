@@ -565,3 +565,75 @@ fn the_step_after_a_rollback_holds_that_step_only() {
     let text = String::from_utf8_lossy(&d.cli(&["rollback", &c1]).stdout).into_owned();
     assert!(text.contains("  + f1"), "{text}");
 }
+
+/// Bytes the process has read through system calls (`rchar` of
+/// `/proc/PID/io`).
+fn bytes_read(pid: i32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+}
+
+/// CPU seconds the process has used (`utime + stime` of
+/// `/proc/PID/stat`, in clock ticks of 1/100 s).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // Fields 14 and 15 of the whole line; the name was field 2.
+    (fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+#[test]
+fn a_terabyte_sparse_file_costs_its_data_not_its_size() {
+    const TIB: u64 = 1 << 40;
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    let big = sb.join("sparse.img");
+    let mut f = std::fs::File::create(&big).unwrap();
+    for (off, data) in [(0u64, &b"head"[..]), (TIB / 2, b"middle"), (TIB - 4096, b"tail")] {
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(data).unwrap();
+    }
+    f.set_len(TIB).unwrap();
+    drop(f);
+    d.add_sandbox("sb", &sb, &[]);
+    // Reading it as its apparent size would be a terabyte of zeros.
+    // A bound on the work, far from both: 12 KiB of data is milliseconds,
+    // a terabyte of zeros hashed is minutes of CPU.
+    let (before, cpu) = (bytes_read(d.pid()), cpu_seconds(d.pid()));
+    let c = d.checkpoint("sb");
+    let read = bytes_read(d.pid()) - before;
+    assert!(read < 64 << 20, "the checkpoint read {read} bytes of a file with 12 KiB of data");
+    let used = cpu_seconds(d.pid()) - cpu;
+    assert!(used < 20.0, "the checkpoint used {used} s of CPU");
+
+    let mut f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+    f.seek(SeekFrom::Start(TIB / 4)).unwrap();
+    f.write_all(b"changed").unwrap();
+    drop(f);
+    let (before, cpu) = (bytes_read(d.pid()), cpu_seconds(d.pid()));
+    d.rollback(&c);
+    let out = d.path("export");
+    d.json(&["export", &c, out.to_str().unwrap()]);
+    let read = bytes_read(d.pid()) - before;
+    assert!(read < 64 << 20, "the rollback and export read {read} bytes");
+    let used = cpu_seconds(d.pid()) - cpu;
+    assert!(used < 20.0, "the rollback and export used {used} s of CPU");
+    for p in [&big, &out.join("sparse.img")] {
+        let meta = std::fs::metadata(p).unwrap();
+        assert_eq!(meta.len(), TIB);
+        assert!(meta.blocks() * 512 < 16 << 20, "{} takes {} blocks", p.display(), meta.blocks());
+        let mut f = std::fs::File::open(p).unwrap();
+        let mut at = |off: u64, n: usize| {
+            let mut buf = vec![0u8; n];
+            f.seek(SeekFrom::Start(off)).unwrap();
+            std::io::Read::read_exact(&mut f, &mut buf).unwrap();
+            buf
+        };
+        assert_eq!(at(TIB / 2, 6), b"middle");
+        assert_eq!(at(TIB / 4, 7), vec![0u8; 7], "the change was rolled back");
+        assert_eq!(at(TIB - 4096, 4), b"tail");
+    }
+    let _ = std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755));
+}
