@@ -47,16 +47,47 @@ pub fn check_relative(rel: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The longest path handed to one `openat2` by [`open_beneath`]: well
+/// under `PATH_MAX`, so that any depth the filesystem holds can be opened.
+const BENEATH_CHUNK: usize = 2048;
+
 /// Opens the directory `rel` below `root` (`rel` empty: `root` itself) so
 /// that no symlink is followed and nothing outside `root` can be reached:
 /// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
 /// RESOLVE_NO_MAGICLINKS`, or, on kernels without `openat2`, one
-/// `O_NOFOLLOW | O_DIRECTORY` open per component.
+/// `O_NOFOLLOW | O_DIRECTORY` open per component. A path longer than
+/// [`BENEATH_CHUNK`] is opened a run of components at a time, each run
+/// beneath the directory the last one opened: no call is handed more than
+/// that, whatever the depth.
 pub fn open_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
     if rel.is_empty() {
         return openat(root, b".", DIR_FLAGS, 0);
     }
     check_relative(rel)?;
+    if rel.len() <= BENEATH_CHUNK {
+        return open_beneath_once(root, rel);
+    }
+    let mut dir: Option<OwnedFd> = None;
+    let mut rest = rel;
+    while !rest.is_empty() {
+        // The longest run of whole components that fits, or one component.
+        let cut = if rest.len() <= BENEATH_CHUNK {
+            rest.len()
+        } else {
+            match rest[..=BENEATH_CHUNK].iter().rposition(|&b| b == b'/') {
+                Some(i) => i,
+                None => rest.iter().position(|&b| b == b'/').unwrap_or(rest.len()),
+            }
+        };
+        let from = dir.as_ref().map_or(root, |d| d.as_fd());
+        dir = Some(open_beneath_once(from, &rest[..cut])?);
+        rest = rest.get(cut + 1..).unwrap_or_default();
+    }
+    dir.ok_or_else(|| io::Error::other("an empty path"))
+}
+
+/// [`open_beneath`] for a clean relative path short enough for one call.
+fn open_beneath_once(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
     let c = cstr(rel)?;
     // SAFETY: open_how is plain data; all-zero is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
@@ -746,6 +777,32 @@ mod tests {
         }
         let made = make_dir_pinned(&deep, 0o700).unwrap();
         assert_eq!(Identity::of(made.as_fd()).unwrap(), Identity::of(open_dir_pinned(&deep).unwrap().as_fd()).unwrap());
+    }
+
+    #[test]
+    fn open_beneath_reaches_below_path_max() {
+        let t = tempfile::tempdir().unwrap();
+        let root = open_dir(t.path());
+        let name = [b'n'; 250];
+        let mut rel = Vec::new();
+        let mut dir = open_dir(t.path());
+        for _ in 0..30 {
+            mkdirat(dir.as_fd(), &name, 0o755).unwrap();
+            dir = openat(dir.as_fd(), &name, DIR_FLAGS, 0).unwrap();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(&name);
+        }
+        assert!(rel.len() > 7000);
+        let deep = open_beneath(root.as_fd(), &rel).unwrap();
+        assert_eq!(Identity::of(deep.as_fd()).unwrap(), Identity::of(dir.as_fd()).unwrap());
+        // A symlink deep down is still refused.
+        let (parent, _) = split_parent(&rel);
+        let up = open_beneath(root.as_fd(), parent).unwrap();
+        symlinkat(b"/", up.as_fd(), b"link").unwrap();
+        let through = [parent, b"/link"].concat();
+        assert!(open_beneath(root.as_fd(), &through).is_err());
     }
 
     #[test]

@@ -637,3 +637,82 @@ fn a_terabyte_sparse_file_costs_its_data_not_its_size() {
     }
     let _ = std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755));
 }
+
+/// Opens (creating, with `mkdir`) the directories `names` below `top`, one
+/// name per call: a path longer than PATH_MAX cannot be handed to one.
+fn deep_dir(top: &Path, names: &[Vec<u8>], create: bool) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut dir = OwnedFd::from(std::fs::File::open(top).unwrap());
+    for name in names {
+        let c = std::ffi::CString::new(name.clone()).unwrap();
+        // SAFETY: plain syscalls on a valid C string and a dir fd we own.
+        unsafe {
+            if create {
+                libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755);
+            }
+            let fd = libc::openat(dir.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            assert!(fd >= 0, "open {}", String::from_utf8_lossy(name));
+            dir = OwnedFd::from_raw_fd(fd);
+        }
+    }
+    dir
+}
+
+/// Reads the file `name` in the directory `dir`.
+fn read_in(dir: &std::os::fd::OwnedFd, name: &str) -> String {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: openat on a valid C string; the fd is owned by the File.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), libc::O_RDONLY) };
+    assert!(fd >= 0, "open {name}");
+    std::io::read_to_string(unsafe { std::fs::File::from_raw_fd(fd) }).unwrap()
+}
+
+#[test]
+fn a_path_deeper_than_path_max_is_restored_and_exported() {
+    use std::os::fd::AsRawFd;
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    let names: Vec<Vec<u8>> = (0..30).map(|i| format!("{i:02}{}", "d".repeat(200)).into_bytes()).collect();
+    let depth: usize = names.iter().map(|n| n.len() + 1).sum();
+    assert!(depth > 6000, "{depth}");
+    let bottom = deep_dir(&sb, &names, true);
+    let c = std::ffi::CString::new("deep.txt").unwrap();
+    // SAFETY: openat on a valid C string; the fd is owned by the File.
+    let fd = unsafe { libc::openat(bottom.as_raw_fd(), c.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a new descriptor we own.
+    std::io::Write::write_all(&mut unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }, b"bottom")
+        .unwrap();
+    d.add_sandbox("sb", &sb, &[]);
+    let c1 = d.checkpoint("sb");
+    assert!(d.json(&["show", &c1])["files"].as_u64() == Some(1));
+    std::fs::remove_dir_all(sb.join(OsStr::from_bytes(&names[0]))).unwrap();
+    let r = d.rollback(&c1);
+    assert_eq!(r["created"].as_u64(), Some(31), "{r}");
+    assert_eq!(read_in(&deep_dir(&sb, &names, false), "deep.txt"), "bottom");
+    let out = d.path("export");
+    d.json(&["export", &c1, out.to_str().unwrap()]);
+    assert_eq!(read_in(&deep_dir(&out, &names, false), "deep.txt"), "bottom");
+    // The export's directories are read-only: let the test's cleanup in.
+    let mut dir = deep_dir(&out, &[], false);
+    chmod(&out, 0o755);
+    for name in &names {
+        let c = std::ffi::CString::new(name.clone()).unwrap();
+        // SAFETY: fchmodat and openat on valid C strings and a dir fd we own.
+        unsafe {
+            libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), 0o755, 0);
+        }
+        dir = deep_dir_step(&dir, name);
+    }
+}
+
+fn deep_dir_step(dir: &std::os::fd::OwnedFd, name: &[u8]) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = std::ffi::CString::new(name.to_vec()).unwrap();
+    // SAFETY: openat on a valid C string; the new fd is ours.
+    unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(libc::openat(dir.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY))
+    }
+}
