@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::proto::{
-    CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode, ExportReport,
-    ExportRequest, Hello, ListRequest, MAX_LINE, PROTOCOL, PlanInfo, PlanRef, PlanRollbackRequest, ProgressReport,
-    PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
-    SandboxInfo, SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest, UndoRequest,
-    VerifyReport, VerifyRequest,
+    Change, CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode,
+    ExportReport, ExportRequest, Hello, ListRequest, MAX_LINE, PROTOCOL, Part, PlanInfo, PlanRef, PlanRollbackRequest,
+    ProgressReport, PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest,
+    SandboxAdd, SandboxInfo, SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest,
+    UndoRequest, VerifyReport, VerifyRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +99,24 @@ impl Client {
         &self.daemon
     }
 
-    /// Sends one request and returns the daemon's answer. An error answer is
-    /// returned as `ClientError::Daemon`.
+    /// Sends one request and returns the daemon's answer, whole: an answer
+    /// that came in parts (see [`Part`]) is put back together. An error
+    /// answer is returned as `ClientError::Daemon`.
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        let mut parts = Vec::new();
+        let answer = self.call_streaming(request, &mut |part| parts.push(part))?;
+        Part::assemble(parts, answer).map_err(ClientError::Protocol)
+    }
+
+    /// Sends one request and hands each part of a long answer to `on_part`
+    /// as it arrives (nothing of it is kept); returns the answer's last line,
+    /// whose lists hold only what did not come in parts. For a client that
+    /// prints, or counts, as it reads.
+    pub fn call_streaming(
+        &mut self,
+        request: &Request,
+        on_part: &mut dyn FnMut(Part),
+    ) -> Result<Response, ClientError> {
         let mut line = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
@@ -115,9 +130,41 @@ impl Client {
                         f(&report);
                     }
                 }
+                Response::Part(part) => on_part(part),
                 Response::Error(body) => return Err(ClientError::Daemon(body)),
                 other => return Ok(other),
             }
+        }
+    }
+
+    /// A diff whose changes are handed to `on_change` in order as they
+    /// arrive; the report returned holds none of them.
+    pub fn diff_streaming(
+        &mut self,
+        req: DiffRequest,
+        on_change: &mut dyn FnMut(Change),
+    ) -> Result<DiffReport, ClientError> {
+        let mut bad = None;
+        let mut on_part = |part: Part| {
+            for item in part.items {
+                match serde_json::from_value::<Change>(item) {
+                    Ok(change) => on_change(change),
+                    Err(e) => bad = Some(e.to_string()),
+                }
+            }
+        };
+        let answer = self.call_streaming(&Request::Diff(req), &mut on_part)?;
+        if let Some(e) = bad {
+            return Err(ClientError::Protocol(format!("undecodable change: {e}")));
+        }
+        match answer {
+            Response::Diff(mut report) => {
+                for change in std::mem::take(&mut report.changes) {
+                    on_change(change);
+                }
+                Ok(report)
+            }
+            other => Err(unexpected(other)),
         }
     }
 

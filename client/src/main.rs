@@ -12,9 +12,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use snapback::proto::{
-    ChangeKind, CheckpointInfo, CheckpointRequest, DiffReport, DiffRequest, ExportRequest, ListRequest, PlanInfo,
-    PlanRollbackRequest, PruneRequest, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo,
-    SandboxRemove, WirePath,
+    Change, ChangeKind, CheckpointInfo, CheckpointRequest, DiffReport, DiffRequest, ExportRequest, ListRequest,
+    PlanInfo, PlanRollbackRequest, PruneRequest, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
+    SandboxInfo, SandboxRemove, WirePath,
 };
 use snapback::{Client, ClientError, ConnectOptions, utc};
 
@@ -481,8 +481,20 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             emit(json, &info, print_checkpoint)
         }
         Command::Diff { from, to } => {
-            let report = connect(cli.socket)?.diff(DiffRequest { from, to })?;
-            emit(json, &report, print_diff)
+            let mut client = connect(cli.socket)?;
+            if json {
+                emit(json, &client.diff(DiffRequest { from, to })?, print_diff)
+            } else {
+                // Printed as it arrives: a diff of a whole install need not
+                // be held in memory first.
+                let mut count = 0u64;
+                let report = client.diff_streaming(DiffRequest { from, to }, &mut |c| {
+                    print_change(&c);
+                    count += 1;
+                })?;
+                print_diff_summary(&report, count);
+                Ok(())
+            }
         }
         Command::Rollback { checkpoint, paths, dry_run } => {
             let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
@@ -745,17 +757,23 @@ fn print_plan(p: &PlanInfo) {
 }
 
 fn print_diff(d: &DiffReport) {
-    for c in &d.changes {
-        let mark = match c.change {
-            ChangeKind::Added => "A",
-            ChangeKind::Modified => "M",
-            ChangeKind::Deleted => "D",
-            ChangeKind::TypeChanged => "T",
-        };
-        outln!("{mark}  {}", c.path.display());
-    }
+    d.changes.iter().for_each(print_change);
+    print_diff_summary(d, d.changes.len() as u64);
+}
+
+fn print_change(c: &Change) {
+    let mark = match c.change {
+        ChangeKind::Added => "A",
+        ChangeKind::Modified => "M",
+        ChangeKind::Deleted => "D",
+        ChangeKind::TypeChanged => "T",
+    };
+    outln!("{mark}  {}", c.path.display());
+}
+
+fn print_diff_summary(d: &DiffReport, changes: u64) {
     let to = d.to.clone().unwrap_or_else(|| "the live tree".into());
-    outln!("{} changes from {} to {}", d.changes.len(), d.from, to);
+    outln!("{changes} changes from {} to {to}", d.from);
 }
 
 /// Which command a restore report answers, for its human output.

@@ -22,7 +22,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The protocol number exchanged in `hello` / `welcome`. Bumped on any
 /// incompatible change.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
+
+/// The oldest protocol the daemon still serves. Protocol 1 has no
+/// [`Part`] lines: an answer longer than [`MAX_LINE`] is an error there.
+pub const OLDEST_PROTOCOL: u32 = 1;
 
 /// The longest line either side accepts, newline included. A longer line is
 /// an error, never an allocation.
@@ -472,7 +476,41 @@ pub enum Response {
     /// Not an answer: a progress line, followed by more lines for the same
     /// request.
     Progress(ProgressReport),
+    /// Not an answer: items of one list of the answer that follows, which
+    /// was too long for one line (protocol 2). See [`Part`].
+    Part(Part),
     Error(ErrorBody),
+}
+
+/// A piece of an answer longer than [`MAX_LINE`]: the daemon sends the
+/// items of its longest lists in `part` lines, each shorter than
+/// [`MAX_LINE`], then the answer itself with those lists empty. A client
+/// appends each part's `items`, in the order received, to the list named
+/// `field` of the answer (see [`Part::assemble`]); any answer arrives,
+/// however long.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Part {
+    /// The name of a list field of the answer.
+    pub field: String,
+    pub items: Vec<serde_json::Value>,
+}
+
+impl Part {
+    /// Puts the parts received before `answer` back into it.
+    pub fn assemble(parts: Vec<Part>, answer: Response) -> Result<Response, String> {
+        if parts.is_empty() {
+            return Ok(answer);
+        }
+        let mut value = serde_json::to_value(&answer).map_err(|e| e.to_string())?;
+        for part in parts {
+            let list = value
+                .get_mut(&part.field)
+                .and_then(serde_json::Value::as_array_mut)
+                .ok_or_else(|| format!("a part names {:?}, which the answer has no list of", part.field))?;
+            list.extend(part.items);
+        }
+        serde_json::from_value(value).map_err(|e| format!("the parts do not fit the answer: {e}"))
+    }
 }
 
 /// What `verify` found. It reports; it never repairs.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, PROTOCOL, Request, Response, Welcome};
+use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, OLDEST_PROTOCOL, PROTOCOL, Part, Request, Response, Welcome};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
@@ -323,13 +323,12 @@ async fn connection(
     let slot = &admitted.slot;
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(16 * 1024, read);
-    let mut greeted = false;
-    let mut wants_progress = false;
+    let mut session = Session { greeted: false, wants_progress: false, protocol: OLDEST_PROTOCOL };
     loop {
         if *stopping.borrow() {
             return Ok(()); // the daemon is stopping: no new request
         }
-        let wait = if greeted { limits.idle } else { limits.hello.min(limits.idle) };
+        let wait = if session.greeted { limits.idle } else { limits.hello.min(limits.idle) };
         let read = tokio::select! {
             read = tokio::time::timeout(wait, read_line(&mut reader)) => read,
             _ = stopping.changed() => return Ok(()),
@@ -342,12 +341,12 @@ async fn connection(
             }
         };
         let Ok(read) = read else {
-            let what = if greeted { "no request" } else { "no hello" };
+            let what = if session.greeted { "no request" } else { "no hello" };
             let e = error(ErrorCode::InvalidRequest, format!("closing: {what} for {} ms", wait.as_millis()));
             return send(&mut write, &e).await;
         };
         slot.busy.store(true, Ordering::Release);
-        let served = serve_line(read?, &mut greeted, &mut wants_progress, &peer, &engine, &mut write, slot).await;
+        let served = serve_line(read?, &mut session, &peer, &engine, &mut write, slot).await;
         slot.last_active.store(admitted.registry.tick(), Ordering::Relaxed);
         slot.busy.store(false, Ordering::Release);
         *slot.doing.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -357,11 +356,19 @@ async fn connection(
     }
 }
 
+/// What a connection's hello settled.
+struct Session {
+    greeted: bool,
+    /// The client asked for progress lines.
+    wants_progress: bool,
+    /// The protocol the client speaks.
+    protocol: u32,
+}
+
 /// Answers one line. Returns whether the connection stays open.
 async fn serve_line(
     line: Line,
-    greeted: &mut bool,
-    wants_progress: &mut bool,
+    session: &mut Session,
     peer: &Peer,
     engine: &Arc<Engine>,
     write: &mut tokio::net::unix::OwnedWriteHalf,
@@ -388,27 +395,28 @@ async fn serve_line(
         send(write, &error(ErrorCode::InvalidRequest, e)).await?;
         return Ok(true);
     }
-    let (response, after) = match (*greeted, request) {
-        (false, Request::Hello(hello)) if hello.protocol == PROTOCOL => {
-            *greeted = true;
-            *wants_progress = hello.progress;
-            tracing::debug!(uid = peer.uid, client = %hello.client, "hello");
-            (Response::Welcome(Welcome { protocol: PROTOCOL, daemon: daemon_name() }), None)
+    let (response, after) = match (session.greeted, request) {
+        (false, Request::Hello(hello)) if (OLDEST_PROTOCOL..=PROTOCOL).contains(&hello.protocol) => {
+            session.greeted = true;
+            session.wants_progress = hello.progress;
+            session.protocol = hello.protocol;
+            tracing::debug!(uid = peer.uid, client = %hello.client, protocol = hello.protocol, "hello");
+            (Response::Welcome(Welcome { protocol: hello.protocol, daemon: daemon_name() }), None)
         }
         (false, Request::Hello(hello)) => {
             let e = error(
                 ErrorCode::ProtocolMismatch,
-                format!("this daemon speaks protocol {PROTOCOL}, the client {}", hello.protocol),
+                format!("this daemon speaks protocols {OLDEST_PROTOCOL} to {PROTOCOL}, the client {}", hello.protocol),
             );
             send(write, &e).await?;
             return Ok(false);
         }
         (false, _) => (error(ErrorCode::InvalidRequest, "the first request must be hello"), None),
-        (true, request) => run(engine, peer, request, *wants_progress, write).await?,
+        (true, request) => run(engine, peer, request, session.wants_progress, write).await?,
     };
     // The answer goes out before the background work the request started:
     // the work runs when `after` drops, sent or not.
-    let sent = send(write, &response).await;
+    let sent = send_as(write, &response, session.protocol).await;
     drop(after);
     sent?;
     Ok(true)
@@ -454,7 +462,83 @@ async fn run(
 }
 
 async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> io::Result<()> {
+    send_as(write, response, OLDEST_PROTOCOL).await
+}
+
+/// Sends an answer to a client of `protocol`. One longer than a line goes
+/// out in parts (see [`Part`]) to a client that reads them, as an error to
+/// one that does not.
+async fn send_as(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response, protocol: u32) -> io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
-    line.push(b'\n');
-    write.write_all(&line).await
+    if line.len() < MAX_LINE {
+        line.push(b'\n');
+        return write.write_all(&line).await;
+    }
+    let lines = match protocol {
+        2.. => in_parts(response).map_err(io::Error::other)?,
+        _ => None,
+    };
+    let lines = lines.unwrap_or_else(|| {
+        let e = error(
+            ErrorCode::Internal,
+            format!(
+                "the answer is {} bytes, longer than one line ({MAX_LINE}), and this client reads no parts \
+                 (protocol {protocol}): use a client of protocol {PROTOCOL}",
+                line.len()
+            ),
+        );
+        let mut line = serde_json::to_vec(&e).unwrap_or_default();
+        line.push(b'\n');
+        vec![line]
+    });
+    for line in lines {
+        write.write_all(&line).await?;
+    }
+    Ok(())
+}
+
+/// The lines of an answer too long for one: `part` lines carrying the
+/// items of each list field, each line shorter than [`MAX_LINE`], then the
+/// answer with those lists empty. `None` when that is still too long (a
+/// single item, or a field that is not a list, past the limit).
+fn in_parts(response: &Response) -> serde_json::Result<Option<Vec<Vec<u8>>>> {
+    /// Room left in a part's line for its envelope.
+    const BUDGET: usize = MAX_LINE - 4096;
+    let mut answer = serde_json::to_value(response)?;
+    let Some(fields) = answer.as_object_mut() else { return Ok(None) };
+    let mut lines = Vec::new();
+    for (field, value) in fields.iter_mut() {
+        let Some(list) = value.as_array_mut() else { continue };
+        let mut items = Vec::new();
+        let mut size = 0;
+        let flush = |items: &mut Vec<serde_json::Value>, lines: &mut Vec<Vec<u8>>| -> serde_json::Result<()> {
+            let part = Response::Part(Part { field: field.clone(), items: std::mem::take(items) });
+            let mut line = serde_json::to_vec(&part)?;
+            line.push(b'\n');
+            lines.push(line);
+            Ok(())
+        };
+        for item in std::mem::take(list) {
+            let len = serde_json::to_vec(&item)?.len() + 1;
+            if len > BUDGET {
+                return Ok(None);
+            }
+            if size + len > BUDGET {
+                flush(&mut items, &mut lines)?;
+                size = 0;
+            }
+            size += len;
+            items.push(item);
+        }
+        if !items.is_empty() {
+            flush(&mut items, &mut lines)?;
+        }
+    }
+    let mut last = serde_json::to_vec(&answer)?;
+    if last.len() >= MAX_LINE {
+        return Ok(None);
+    }
+    last.push(b'\n');
+    lines.push(last);
+    Ok(Some(lines))
 }

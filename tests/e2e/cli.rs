@@ -254,3 +254,43 @@ fn the_daemon_log_has_no_colour_codes_when_it_is_not_a_terminal() {
     assert!(log.contains("INFO"), "{log}");
     assert!(!log.contains('\u{1b}'), "{log:?}");
 }
+
+#[test]
+fn answers_of_a_hundred_thousand_paths_arrive_whole() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    d.add_sandbox("sb", &sb, &[]);
+    let empty = d.checkpoint("sb");
+    // An install's worth of new files, with names long enough that the
+    // answers run to several MiB.
+    let n = 100_000;
+    for i in 0..n {
+        if i % 1000 == 0 {
+            std::fs::create_dir(sb.join(format!("pkg-{:03}", i / 1000))).unwrap();
+        }
+        std::fs::write(sb.join(format!("pkg-{:03}/module-file-{i:06}.js", i / 1000)), "").unwrap();
+    }
+    let paths = n + n / 1000;
+    let list = |v: &serde_json::Value, k: &str| v[k].as_array().unwrap_or_else(|| panic!("{k}")).len();
+
+    let diff = d.json(&["diff", &empty]);
+    assert_eq!(list(&diff, "changes"), paths);
+    assert!(serde_json::to_vec(&diff).unwrap().len() > 4 << 20, "the answer is several lines long");
+    let text = d.cli(&["diff", &empty]);
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    let out = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(out.lines().filter(|l| l.starts_with("A  ")).count(), paths);
+    assert!(
+        out.trim_end().ends_with(&format!("{paths} changes from {empty} to the live tree")),
+        "{}",
+        &out[out.len() - 200..]
+    );
+
+    let rollback = d.json(&["rollback", &empty]);
+    assert_eq!((list(&rollback, "changed"), list(&rollback, "removed")), (paths, paths));
+    assert_eq!(std::fs::read_dir(&sb).unwrap().count(), 0);
+    let undo = d.json(&["undo", "sb"]);
+    assert_eq!((list(&undo, "changed"), list(&undo, "created_paths")), (paths, paths));
+    assert!(sb.join("pkg-099/module-file-099999.js").exists());
+}

@@ -165,3 +165,46 @@ fn idle_and_silent_connections_are_closed_with_a_reason() {
         busy.status().unwrap();
     }
 }
+
+#[test]
+fn a_long_answer_comes_in_parts_and_a_protocol_1_client_is_told_why_not() {
+    let d = TestDaemon::start();
+    let sb = d.path("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    d.add_sandbox("sb", &sb, &[]);
+    let empty = d.checkpoint("sb");
+    for i in 0..12_000 {
+        std::fs::write(sb.join(format!("{}-{i:05}", "n".repeat(100))), "").unwrap();
+    }
+    let diff = format!(r#"{{"type":"diff","from":"{empty}"}}"#);
+    // Protocol 2: part lines, each within the limit, then the answer.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let w = send(&mut s, r#"{"type":"hello","protocol":2,"client":"raw test"}"#);
+    assert_eq!(w["protocol"], 2);
+    s.write_all(format!("{diff}\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let (mut parts, mut items) = (0, 0);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.len() <= snapback::proto::MAX_LINE, "a line of {} bytes", line.len());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["type"] == "part" {
+            assert_eq!(v["field"], "changes");
+            parts += 1;
+            items += v["items"].as_array().unwrap().len();
+            continue;
+        }
+        assert_eq!(v["type"], "diff", "{v}");
+        items += v["changes"].as_array().unwrap().len();
+        break;
+    }
+    assert!(parts >= 2, "{parts} parts");
+    assert_eq!(items, 12_000);
+    // Protocol 1 reads no parts: a clear error, within the limit.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    hello(&mut s);
+    let e = send(&mut s, &diff);
+    assert_eq!(e["type"], "error", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("protocol 2"), "{e}");
+}

@@ -34,8 +34,9 @@ __all__ = [
     "wire_path",
 ]
 
-#: The protocol number this client speaks.
-PROTOCOL = 1
+#: The protocol number this client speaks. Protocol 2 sends an answer
+#: longer than one line as ``part`` lines, then the answer (see ``_call``).
+PROTOCOL = 2
 
 #: The longest line either side sends, newline included.
 MAX_LINE = 1 << 20
@@ -137,11 +138,17 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, request):
+    def _call(self, request, on_part=None):
+        """Sends ``request`` and returns the answer. An answer too long for
+        one line comes as ``part`` lines (``{"field": ..., "items": [...]}``)
+        before it: they are appended, in order, to the answer's lists; or,
+        with ``on_part``, each is handed to ``on_part(field, items)`` as it
+        arrives and not kept."""
         line = json.dumps(request, separators=(",", ":")).encode("utf-8") + b"\n"
         if len(line) > MAX_LINE:
             raise SnapbackError("invalid_request", "request longer than %d bytes" % MAX_LINE)
         self._sock.sendall(line)
+        parts = []
         while True:
             answer = self._reader.readline(MAX_LINE + 1)
             if not answer.endswith(b"\n"):
@@ -150,13 +157,21 @@ class Client:
             kind = response.get("type")
             if kind == "progress":
                 continue  # only sent to clients that ask; skipped all the same
+            if kind == "part":
+                if on_part is not None:
+                    on_part(response["field"], response["items"])
+                else:
+                    parts.append(response)
+                continue
             if kind == "error":
                 paths = [path_bytes(p) for p in response.get("paths", [])]
                 raise SnapbackError(response.get("code", "unknown"), response.get("message", ""), paths)
+            for part in parts:
+                response[part["field"]].extend(part["items"])
             return response
 
-    def _expect(self, request, kind):
-        response = self._call(request)
+    def _expect(self, request, kind, on_part=None):
+        response = self._call(request, on_part)
         if response.get("type") != kind:
             raise SnapbackError("internal", "expected %s, got %r" % (kind, response.get("type")))
         del response["type"]
@@ -166,10 +181,11 @@ class Client:
 
     def sandbox_add(self, path, name=None, excludes=(), store=None):
         """Registers a directory; returns the sandbox."""
-        request = {"type": "sandbox_add", "path": wire_path(os.path.abspath(path)), "name": name,
+        # The daemon follows no symlink: resolve this user's own here.
+        request = {"type": "sandbox_add", "path": wire_path(os.path.realpath(path)), "name": name,
                    "excludes": list(excludes)}
         if store is not None:
-            request["store"] = wire_path(os.path.abspath(store))
+            request["store"] = wire_path(os.path.realpath(store))
         return self._expect(request, "sandbox")
 
     def sandbox_list(self):
@@ -193,10 +209,24 @@ class Client:
         """Returns one checkpoint (an id or a unique prefix of one)."""
         return self._expect({"type": "show", "checkpoint": checkpoint}, "checkpoint")
 
-    def diff(self, from_checkpoint, to_checkpoint=None):
+    def diff(self, from_checkpoint, to_checkpoint=None, on_change=None):
         """Returns the changes from one checkpoint to another, or to the
-        live tree when ``to_checkpoint`` is None."""
-        return self._expect({"type": "diff", "from": from_checkpoint, "to": to_checkpoint}, "diff")
+        live tree when ``to_checkpoint`` is None. With ``on_change``, each
+        change is handed to it as it arrives instead, and the report's
+        ``changes`` is empty: a diff of any size in bounded memory."""
+        request = {"type": "diff", "from": from_checkpoint, "to": to_checkpoint}
+        if on_change is None:
+            return self._expect(request, "diff")
+
+        def each(field, items):
+            for item in items:
+                on_change(item)
+
+        report = self._expect(request, "diff", each)
+        for change in report["changes"]:
+            on_change(change)
+        report["changes"] = []
+        return report
 
     def rollback(self, checkpoint, paths=(), dry_run=False):
         """Brings the sandbox back to ``checkpoint`` (only ``paths`` when

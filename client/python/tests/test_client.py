@@ -122,6 +122,20 @@ class AgainstTheDaemon(unittest.TestCase):
         # The connection still serves after refusals.
         self.assertIn(self.name, [s["name"] for s in self.client.sandbox_list()])
 
+    def test_an_answer_longer_than_a_line_arrives_whole_or_streamed(self):
+        first = self.client.checkpoint(self.name)["id"]
+        names = ["many/%s-%05d" % ("x" * 40, i) for i in range(25000)]
+        for name in names:
+            self.write(name, b"")
+        report = self.client.diff(first)
+        self.assertEqual(len(report["changes"]), len(names) + 1)  # and the directory
+        self.assertGreater(len(repr(report["changes"])), snapback.MAX_LINE)
+        self.assertEqual(report["changes"][-1]["path"], {"text": names[-1]})
+        seen = []
+        streamed = self.client.diff(first, on_change=seen.append)
+        self.assertEqual(streamed["changes"], [])
+        self.assertEqual(seen, report["changes"])
+
 
 if __name__ == "__main__":
     unittest.main()
