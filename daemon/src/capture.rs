@@ -190,6 +190,36 @@ impl Captured {
     }
 }
 
+impl Captured {
+    /// Folds in `later`, a capture of some of the same paths made after
+    /// this one against this one's result (its added rows have id 0):
+    /// where `later` read a path again, its finding replaces this one's, so
+    /// the whole is still relative to the manifest this capture started
+    /// from.
+    pub fn then(mut self, later: Captured) -> Captured {
+        let read_again: std::collections::HashSet<&[u8]> = later
+            .added
+            .iter()
+            .map(|a| a.path.as_slice())
+            .chain(later.ended.iter().map(|(p, _)| p.as_slice()))
+            .collect();
+        self.added.retain(|a| !read_again.contains(a.path.as_slice()));
+        self.rekeyed.retain(|(p, ..)| !read_again.contains(p.as_slice()));
+        for (path, id, key) in later.rekeyed {
+            match self.added.iter_mut().find(|a| id == 0 && a.path == path) {
+                Some(added) => added.key = key,
+                None => self.rekeyed.push((path, id, key)),
+            }
+        }
+        // A row with id 0 is this capture's own addition, never written:
+        // it ends by not being added.
+        self.ended.extend(later.ended.into_iter().filter(|(_, row)| row.id != 0));
+        self.added.extend(later.added);
+        self.stats.add(&later.stats);
+        self
+    }
+}
+
 enum Outcome {
     Version(NewRow, Option<Row>),
     Rekey(Vec<u8>, i64, StatKey),

@@ -42,6 +42,10 @@ use crate::watcher::{Drain, SandboxWatch};
 /// after the barrier of a watched checkpoint marks its path dirty.
 const RACY_WINDOW_NS: i64 = 20_000_000;
 
+/// How many times a checkpoint reads again the paths that changed while it
+/// read them, before it gives up with `busy` (see [`Engine::settle`]).
+const SETTLE_ROUNDS: usize = 8;
+
 pub use crate::access::Peer;
 
 fn may_use(peer: &Peer, sandbox: &Sandbox) -> bool {
@@ -1016,6 +1020,44 @@ impl Engine {
         capture::capture(current, scope, &opts)
     }
 
+    /// Makes a capture a tree that existed: the paths that got events while
+    /// it read the tree (asked of the watcher through its barrier, so none
+    /// is missed) are read again, against the state found so far, until a
+    /// round meets no event; then every path holds what it held at that
+    /// last barrier. A directory renamed back and forth during a scan would
+    /// otherwise be found at neither name. Bounded: a tree that will not
+    /// settle in [`SETTLE_ROUNDS`] is a `busy` error, and nothing is
+    /// recorded. Without a watch there is nothing to ask.
+    fn settle(
+        &self,
+        sb: &Sandbox,
+        watch: Option<&SandboxWatch>,
+        current: &Manifest,
+        mut captured: Captured,
+        store: (&Store, Option<&Pack<'_>>),
+        scan_start_ns: i64,
+    ) -> Result<Captured> {
+        let Some(watch) = watch else { return Ok(captured) };
+        for _ in 0..SETTLE_ROUNDS {
+            let scope = match watch.drain() {
+                Drain::Paths(paths) if paths.is_empty() => return Ok(captured),
+                Drain::Paths(paths) => Scope::Paths(paths),
+                Drain::Everything(_) => Scope::Everything,
+            };
+            // The state found so far: copied only when the tree moved.
+            let mut state = current.clone();
+            captured.apply_to(&mut state, None);
+            let again = self.scan(sb, &scope, &state, Some(store), scan_start_ns)?;
+            captured = captured.then(again);
+        }
+        watch.force_full("the tree kept changing during the last checkpoint".into());
+        Err(Error::Busy(format!(
+            "the sandbox {} kept changing while the checkpoint read it ({SETTLE_ROUNDS} rounds); nothing was \
+             recorded. Try again when it is quieter",
+            sb.name
+        )))
+    }
+
     /// Takes a checkpoint, and records the retention it owes (applied after
     /// the answer, see [`Engine::retain`]); the caller holds the sandbox's
     /// lock.
@@ -1205,7 +1247,10 @@ impl Engine {
         // are likely dirty (a clone would first write them out), and most
         // are small: those go into one pack rather than a file each.
         let pack = matches!(scope, Scope::Paths(_)).then(|| store.pack());
-        let captured = match self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns) {
+        let captured = self
+            .scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns)
+            .and_then(|c| self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns));
+        let captured = match captured {
             Ok(c) => c,
             Err(e) => {
                 self.abandon(conn, &sb, &store, watch.as_deref(), Some(current), storing);

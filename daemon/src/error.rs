@@ -31,6 +31,9 @@ pub enum Error {
     /// in memory that no longer matches it.
     #[error("{0}")]
     Stale(String),
+    /// The tree kept changing while a checkpoint read it.
+    #[error("{0}")]
+    Busy(String),
     /// A sandbox root or a store is no longer the directory that was
     /// registered (renamed, replaced, or reached through a symlink). With
     /// a sandbox id, the answer records `why` as the sandbox's `moved`
@@ -51,6 +54,7 @@ impl Error {
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::PlanApplied(_) => ErrorCode::PlanApplied,
             Error::Moved { .. } => ErrorCode::Moved,
+            Error::Busy(_) => ErrorCode::Busy,
             Error::Conflict { .. } => ErrorCode::Conflict,
             Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
             Error::Io { .. } => ErrorCode::Io,

@@ -374,3 +374,106 @@ fn a_never_checkpointed_sandbox_says_its_first_checkpoint_compares_everything() 
     d.checkpoint("fresh");
     assert_eq!(d.json(&["status"])["sandboxes"][0]["watch"], "watching");
 }
+
+#[test]
+fn checkpoints_taken_during_a_rename_storm_are_trees_that_existed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    for i in 0..51 {
+        write(&root.join(format!("d/f{i:02}")), format!("file {i}"));
+    }
+    write(&root.join("other"), "x");
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    checkpoint(&mut client, "sb");
+    // A directory renamed back and forth, as a build tool or a package
+    // manager swaps a directory into place.
+    let stop = Arc::new(AtomicBool::new(false));
+    let storm = {
+        let (stop, root) = (stop.clone(), root.clone());
+        std::thread::spawn(move || {
+            let mut renames = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::fs::rename(root.join("d"), root.join("e")).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+                std::fs::rename(root.join("e"), root.join("d")).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+                renames += 2;
+            }
+            renames
+        })
+    };
+    let (mut taken, mut busy) = (Vec::new(), 0);
+    for _ in 0..45 {
+        std::thread::sleep(Duration::from_millis(20));
+        match client.checkpoint(CheckpointRequest { sandbox: "sb".into(), ..Default::default() }) {
+            Ok(c) => taken.push(c),
+            Err(snapback::ClientError::Daemon(e)) if e.code == snapback::proto::ErrorCode::Busy => busy += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let renames = storm.join().unwrap();
+    assert!(renames > 50, "the storm renamed only {renames} times");
+    eprintln!("{} checkpoints, {busy} busy, during {renames} renames", taken.len());
+    assert!(taken.len() >= 10, "only {} of 45 checkpoints were taken ({busy} busy)", taken.len());
+    // Each holds the directory, whole, under one of its two names.
+    for c in &taken {
+        assert_eq!((c.files, c.dirs), (52, 1), "checkpoint {} holds a tree that never existed: {c:?}", c.id);
+    }
+    let last = &taken[taken.len() - 1].id;
+    d.rollback(last);
+    let name = if root.join("d").exists() { "d" } else { "e" };
+    assert_eq!(std::fs::read_dir(root.join(name)).unwrap().count(), 51);
+}
+
+#[test]
+fn a_tree_that_never_settles_gets_busy_and_nothing_is_recorded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    for i in 0..51 {
+        write(&root.join(format!("d/f{i:02}")), format!("file {i}"));
+    }
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    checkpoint(&mut client, "sb");
+    let count = || d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len();
+    let before = count();
+    let stop = Arc::new(AtomicBool::new(false));
+    let storm = {
+        let (stop, root) = (stop.clone(), root.clone());
+        // Renames with no pause: no round of reading ever meets a quiet tree.
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::fs::rename(root.join("d"), root.join("e")).unwrap();
+                std::fs::rename(root.join("e"), root.join("d")).unwrap();
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let mut busy = 0;
+    for _ in 0..5 {
+        match client.checkpoint(CheckpointRequest { sandbox: "sb".into(), ..Default::default() }) {
+            Ok(c) => assert_eq!((c.files, c.dirs), (51, 1), "{c:?}"),
+            Err(snapback::ClientError::Daemon(e)) => {
+                assert_eq!(e.code, snapback::proto::ErrorCode::Busy, "{}", e.message);
+                assert!(e.message.contains("kept changing"), "{}", e.message);
+                busy += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    storm.join().unwrap();
+    assert!(busy > 0, "the storm never made a checkpoint busy");
+    assert_eq!(count(), before + 5 - busy, "a busy checkpoint left a record");
+    // Quiet again: the next checkpoint holds the whole tree.
+    let c = checkpoint(&mut client, "sb");
+    assert_eq!((c.files, c.dirs), (51, 1), "{c:?}");
+}
