@@ -272,7 +272,7 @@ mod tests {
 
     fn entry(kind: Kind, mode: u32, uid: u32, gid: u32) -> Row {
         let meta = Meta { kind, mode, uid, gid, size: 0, mtime_ns: 0, target: None, object: None };
-        Row { id: 0, meta, key: StatKey { ctime_ns: 0, ino: 0, racy: false } }
+        Row { id: 0, meta, key: StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 } }
     }
 
     #[test]

@@ -676,6 +676,44 @@ fn gone(e: &std::io::Error) -> bool {
 }
 
 /// Returns a printable form of a relative path.
+/// Of `paths` (sorted, each recorded in `current`), the ones whose live
+/// stat no longer proves them unchanged (see [`Live::matches`]), or that
+/// are gone: a quick pass for the files with other names, which are
+/// checked at every checkpoint. Each directory is opened once and each
+/// name `lstat`-ed in it, on all the capture threads.
+pub fn moved_among(root: BorrowedFd<'_>, current: &Manifest, paths: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let check = |run: &[Vec<u8>]| {
+        let mut moved = Vec::new();
+        let mut dir: Option<(&[u8], Option<OwnedFd>)> = None;
+        for path in run {
+            let (parent, name) = sys::split_parent(path);
+            if dir.as_ref().is_none_or(|(at, _)| *at != parent) {
+                dir = Some((parent, sys::open_beneath(root, parent).ok()));
+            }
+            let same = match (&dir, current.get(path)) {
+                (Some((_, Some(fd))), Some(row)) => {
+                    // The racy instant only marks new keys; a match needs the row's.
+                    sys::lstatat(fd.as_fd(), name).is_ok_and(|st| Live::from_stat(&st, i64::MAX).matches(row))
+                }
+                _ => false,
+            };
+            if !same {
+                moved.push(path.clone());
+            }
+        }
+        moved
+    };
+    if paths.len() < 2048 {
+        return check(paths);
+    }
+    let per = paths.len().div_ceil(threads());
+    std::thread::scope(|s| {
+        let runs: Vec<_> = paths.chunks(per).map(|run| s.spawn(move || check(run))).collect();
+        // A thread that failed to report leaves its paths to the capture.
+        runs.into_iter().zip(paths.chunks(per)).flat_map(|(h, run)| h.join().unwrap_or_else(|_| run.to_vec())).collect()
+    })
+}
+
 pub fn show(path: &[u8]) -> String {
     if path.is_empty() {
         return "the sandbox root".into();

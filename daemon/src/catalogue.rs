@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0009_catalogue_id.sql", include_str!("../../migrations/0009_catalogue_id.sql")),
     ("0010_restore_checkpoints.sql", include_str!("../../migrations/0010_restore_checkpoints.sql")),
     ("0011_pruned.sql", include_str!("../../migrations/0011_pruned.sql")),
+    ("0012_link_counts.sql", include_str!("../../migrations/0012_link_counts.sql")),
 ];
 
 /// The schema version this build writes.
@@ -244,7 +245,7 @@ pub fn delete_sandbox(conn: &Connection, id: i64) -> Result<()> {
     Ok(())
 }
 
-const ENTRY_COLS: &str = "id, path, kind, mode, uid, gid, size, mtime_ns, target, object, ctime_ns, ino, racy";
+const ENTRY_COLS: &str = "id, path, kind, mode, uid, gid, size, mtime_ns, target, object, ctime_ns, ino, racy, nlink";
 
 fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Row)> {
     let kind = Kind::parse(r.get_ref(2)?.as_str()?).ok_or_else(|| {
@@ -272,7 +273,12 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Row)> {
             target: r.get(8)?,
             object,
         },
-        key: StatKey { ctime_ns: r.get(10)?, ino: r.get::<_, i64>(11)? as u64, racy: r.get(12)? },
+        key: StatKey {
+            ctime_ns: r.get(10)?,
+            ino: r.get::<_, i64>(11)? as u64,
+            racy: r.get(12)?,
+            nlink: r.get::<_, i64>(13)?.clamp(1, u32::MAX as i64) as u32,
+        },
     };
     Ok((r.get(1)?, row))
 }
@@ -427,8 +433,8 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
         }
         let mut add = tx.prepare_cached(
             "INSERT INTO entries (sandbox_id, path, start_seq, kind, mode, uid, gid, size, mtime_ns, target, object,
-                                  ctime_ns, ino, racy)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                  ctime_ns, ino, racy, nlink)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         for r in w.added {
             let m = &r.meta;
@@ -446,13 +452,15 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
                 m.object.as_ref().map(|o| o.0.as_slice()),
                 r.key.ctime_ns,
                 r.key.ino as i64,
-                r.key.racy
+                r.key.racy,
+                r.key.nlink
             ])
             .map(|id| ids.push(id))?;
         }
-        let mut rekey = tx.prepare_cached("UPDATE entries SET ctime_ns = ?2, ino = ?3, racy = ?4 WHERE id = ?1")?;
+        let mut rekey =
+            tx.prepare_cached("UPDATE entries SET ctime_ns = ?2, ino = ?3, racy = ?4, nlink = ?5 WHERE id = ?1")?;
         for (_, id, key) in w.rekeyed {
-            rekey.execute(params![id, key.ctime_ns, key.ino as i64, key.racy])?;
+            rekey.execute(params![id, key.ctime_ns, key.ino as i64, key.racy, key.nlink])?;
         }
     }
     tx.execute("UPDATE sandboxes SET head_seq = ?2 WHERE id = ?1", params![w.sandbox_id, seq])?;
@@ -1099,7 +1107,7 @@ mod tests {
             full_scan: None,
             broken: None,
         };
-        let key = StatKey { ctime_ns: 0, ino: 0, racy: false };
+        let key = StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 };
         let added: Vec<NewRow> = added
             .iter()
             .map(|&(path, object, size)| NewRow {

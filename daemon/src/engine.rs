@@ -48,6 +48,10 @@ const SETTLE_ROUNDS: usize = 8;
 
 pub use crate::access::Peer;
 
+/// The paths of a sandbox's files with other names, as of the checkpoint
+/// with this seq.
+type SharedNames = (u64, Vec<Vec<u8>>);
+
 fn may_use(peer: &Peer, sandbox: &Sandbox) -> bool {
     peer.is_root() || peer.uid == sandbox.owner_uid
 }
@@ -65,6 +69,9 @@ pub struct Engine {
     stores: Mutex<HashMap<Vec<u8>, Arc<Store>>>,
     /// Held while a store is opened for the first time.
     opening_store: Mutex<()>,
+    /// Per sandbox, the paths of files with other names, as of a
+    /// checkpoint's seq (see [`Engine::shared_names`]).
+    shared: Mutex<HashMap<i64, SharedNames>>,
     locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     /// Current manifests by sandbox, each valid only while the sandbox's
     /// head seq in the catalogue equals the seq it was read at. A cache, not
@@ -268,6 +275,7 @@ impl Engine {
             started: Instant::now(),
             stores: Mutex::new(HashMap::new()),
             opening_store: Mutex::new(()),
+            shared: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             retention: config.retention.clone(),
@@ -1020,6 +1028,55 @@ impl Engine {
         capture::capture(current, scope, &opts)
     }
 
+    /// The paths of `sandbox`'s files whose inode had more than one name
+    /// when last compared, as of checkpoint `seq` whose manifest is
+    /// `current`: kept beside the manifest cache, made from `current` when
+    /// it is not there.
+    fn shared_names(&self, sandbox_id: i64, seq: u64, current: &Manifest) -> Vec<Vec<u8>> {
+        let mut cache = lock(&self.shared);
+        if let Some((at, paths)) = cache.get(&sandbox_id)
+            && *at == seq
+        {
+            return paths.clone();
+        }
+        let paths: Vec<Vec<u8>> = current
+            .iter()
+            .filter(|(_, r)| r.meta.kind == Kind::File && r.key.nlink > 1)
+            .map(|(p, _)| p.clone())
+            .collect();
+        cache.insert(sandbox_id, (seq, paths.clone()));
+        paths
+    }
+
+    /// Carries the list of [`Engine::shared_names`] from checkpoint `from`
+    /// to `to` through what `captured` changed (dropped when it was not
+    /// the list of `from`: made again when next asked for).
+    fn update_shared_names(&self, sandbox_id: i64, (from, to): (u64, u64), captured: &Captured) {
+        let mut cache = lock(&self.shared);
+        let Some((at, paths)) = cache.get_mut(&sandbox_id).filter(|(at, _)| *at == from) else {
+            cache.remove(&sandbox_id);
+            return;
+        };
+        let mut set: std::collections::BTreeSet<Vec<u8>> = std::mem::take(paths).into_iter().collect();
+        for (path, _) in &captured.ended {
+            set.remove(path);
+        }
+        for a in &captured.added {
+            if a.meta.kind == Kind::File && a.key.nlink > 1 {
+                set.insert(a.path.clone());
+            }
+        }
+        for (path, _, key) in &captured.rekeyed {
+            if key.nlink > 1 {
+                set.insert(path.clone());
+            } else {
+                set.remove(path);
+            }
+        }
+        *paths = set.into_iter().collect();
+        *at = to;
+    }
+
     /// Makes a capture a tree that existed: the paths that got events while
     /// it read the tree (asked of the watcher through its barrier, so none
     /// is missed) are read again, against the state found so far, until a
@@ -1236,12 +1293,22 @@ impl Engine {
             tracing::warn!(sandbox = %sb.name, "the watch stopped delivering events; starting a new one");
             self.watch_sandbox(&sb);
         }
-        let scope = &scope;
+        let mut scope = scope;
         let drain_ms = ms_since(started);
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.
         let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         let mut current = self.take_manifest(conn, &sb)?;
+        if let Scope::Paths(paths) = &mut scope {
+            // A file with other names changes with no event for this one:
+            // each is checked, and the ones that moved are read.
+            let shared = self.shared_names(sb.id, sb.head_seq, &current);
+            if !shared.is_empty() {
+                let root = self.open_root(&sb)?;
+                paths.extend(capture::moved_among(root.as_fd(), &current, &shared));
+            }
+        }
+        let scope = &scope;
         let rows_ms = ms_since(started);
         // Files the watcher marked were written moments ago: their pages
         // are likely dirty (a clone would first write them out), and most
@@ -1351,6 +1418,7 @@ impl Engine {
         let also = match written {
             Ok((ids, also)) => {
                 captured.apply_to(&mut current, Some(&ids));
+                self.update_shared_names(sb.id, (sb.head_seq, info.seq), &captured);
                 self.put_manifest(sb.id, info.seq, current);
                 also
             }
@@ -1768,8 +1836,13 @@ impl Engine {
                     let (dir, name) = sys::split_parent(path);
                     let st = sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name));
                     let key = match st {
-                        Ok(st) => StatKey { ctime_ns: sys::ctime_ns(&st), ino: st.st_ino, racy: true },
-                        Err(_) => StatKey { ctime_ns: 0, ino: 0, racy: true },
+                        Ok(st) => StatKey {
+                            ctime_ns: sys::ctime_ns(&st),
+                            ino: st.st_ino,
+                            racy: true,
+                            nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
+                        },
+                        Err(_) => StatKey { ctime_ns: 0, ino: 0, racy: true, nlink: 1 },
                     };
                     added.push(catalogue::NewRow { path: path.to_vec(), meta: meta.clone(), key });
                 }
@@ -2358,7 +2431,7 @@ fn intent_desired(
     for (path, meta) in plan.desired() {
         match meta {
             Some(meta) => {
-                let key = crate::manifest::StatKey { ctime_ns: 0, ino: 0, racy: false };
+                let key = crate::manifest::StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 };
                 present.insert(path.to_vec(), crate::manifest::Row { id: 0, meta: meta.clone(), key });
             }
             None => absent.push(path.to_vec()),

@@ -73,6 +73,10 @@ pub struct StatKey {
     /// The path changed so close to its scan that an equal stat later does
     /// not prove it unchanged.
     pub racy: bool,
+    /// How many names its inode had: above 1, another name (perhaps
+    /// outside the sandbox) can change it with no event for this one, so
+    /// it is compared at every checkpoint.
+    pub nlink: u32,
 }
 
 /// One version of a path, as stored in the catalogue.
@@ -182,6 +186,7 @@ impl Live {
                 ctime_ns,
                 ino: st.st_ino,
                 racy: ctime_ns >= racy_after_ns || crate::sys::mtime_ns(st) >= racy_after_ns,
+                nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
             },
         }
     }
@@ -251,7 +256,7 @@ mod tests {
         let row = |id| Row {
             id,
             meta: Meta { kind: Kind::File, mode: 0, uid: 0, gid: 0, size: 0, mtime_ns: 0, target: None, object: None },
-            key: StatKey { ctime_ns: 0, ino: 0, racy: false },
+            key: StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 },
         };
         let m: Manifest = [&b"a"[..], b"a.b", b"a/b", b"a/b/c", b"ab", b"b"]
             .iter()

@@ -477,3 +477,45 @@ fn a_tree_that_never_settles_gets_busy_and_nothing_is_recorded() {
     let c = checkpoint(&mut client, "sb");
     assert_eq!((c.files, c.dirs), (51, 1), "{c:?}");
 }
+
+#[test]
+fn a_file_with_several_names_is_never_kept_stale() {
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("a/x"), "one");
+    std::fs::create_dir_all(root.join("b")).unwrap();
+    std::fs::hard_link(root.join("a/x"), root.join("b/y")).unwrap();
+    // A name whose other link is outside the sandbox (a package store).
+    write(&d.path("store-outside/z"), "outside one");
+    std::fs::hard_link(d.path("store-outside/z"), root.join("z")).unwrap();
+    write(&root.join("plain"), "p");
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    checkpoint(&mut client, "sb");
+    checkpoint(&mut client, "sb"); // watched from here on
+    let changed = |from: &str, to: &str| -> Vec<String> {
+        let diff = d.json(&["diff", from, to]);
+        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap().to_owned()).collect()
+    };
+    let rewrite = |p: &std::path::Path, text: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(p).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    };
+    let c0 = checkpoint(&mut client, "sb");
+    rewrite(&root.join("a/x"), "two, written through a/x");
+    let c1 = checkpoint(&mut client, "sb");
+    assert_eq!(c1.full_scan, Some(false));
+    assert_eq!(changed(&c0.id, &c1.id), ["a/x", "b/y"]);
+    rewrite(&root.join("b/y"), "three, written through b/y");
+    let c2 = checkpoint(&mut client, "sb");
+    assert_eq!(changed(&c1.id, &c2.id), ["a/x", "b/y"]);
+    rewrite(&d.path("store-outside/z"), "outside two");
+    let c3 = checkpoint(&mut client, "sb");
+    assert_eq!(changed(&c2.id, &c3.id), ["z"]);
+    // What the checkpoints hold comes back.
+    d.rollback(&c1.id);
+    assert_eq!(std::fs::read_to_string(root.join("b/y")).unwrap(), "two, written through a/x");
+    assert_eq!(std::fs::read_to_string(root.join("z")).unwrap(), "outside one");
+}
