@@ -159,6 +159,9 @@ pub struct Captured {
     /// Current versions whose content holds but whose live stat moved.
     pub rekeyed: Vec<(Vec<u8>, i64, StatKey)>,
     pub stats: Stats,
+    /// Objects stored for versions a later round replaced (see
+    /// [`Captured::then`]): nothing may reference them once committed.
+    pub dropped: Vec<crate::manifest::ObjectId>,
 }
 
 impl Captured {
@@ -203,7 +206,10 @@ impl Captured {
             .map(|a| a.path.as_slice())
             .chain(later.ended.iter().map(|(p, _)| p.as_slice()))
             .collect();
-        self.added.retain(|a| !read_again.contains(a.path.as_slice()));
+        let (replaced, kept): (Vec<NewRow>, Vec<NewRow>) =
+            std::mem::take(&mut self.added).into_iter().partition(|a| read_again.contains(a.path.as_slice()));
+        self.added = kept;
+        self.dropped.extend(replaced.into_iter().filter_map(|a| a.meta.object));
         self.rekeyed.retain(|(p, ..)| !read_again.contains(p.as_slice()));
         for (path, id, key) in later.rekeyed {
             match self.added.iter_mut().find(|a| id == 0 && a.path == path) {
@@ -215,6 +221,7 @@ impl Captured {
         // it ends by not being added.
         self.ended.extend(later.ended.into_iter().filter(|(_, row)| row.id != 0));
         self.added.extend(later.added);
+        self.dropped.extend(later.dropped);
         self.stats.add(&later.stats);
         self
     }

@@ -72,6 +72,8 @@ pub struct Engine {
     /// Per sandbox, the paths of files with other names, as of a
     /// checkpoint's seq (see [`Engine::shared_names`]).
     shared: Mutex<HashMap<i64, SharedNames>>,
+    /// Numbers each watch started, for its cookie directory.
+    watch_generation: std::sync::atomic::AtomicU64,
     locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     /// Current manifests by sandbox, each valid only while the sandbox's
     /// head seq in the catalogue equals the seq it was read at. A cache, not
@@ -261,6 +263,8 @@ impl Engine {
             _ => {}
         }
         refuse_new_catalogue_beside_objects(&state_fd, &state_dir, &db_path)?;
+        // The cookie directories of an earlier run's watches.
+        let _ = std::fs::remove_dir_all(state_dir.join("cookies"));
         let conn = catalogue::open(&db_path)?;
         let catalogue_id = catalogue::catalogue_id(&conn)?;
         let wal = crate::wal::WalCheckpointer::start(catalogue::connect(&db_path)?, "the catalogue")
@@ -276,6 +280,7 @@ impl Engine {
             stores: Mutex::new(HashMap::new()),
             opening_store: Mutex::new(()),
             shared: Mutex::new(HashMap::new()),
+            watch_generation: std::sync::atomic::AtomicU64::new(0),
             locks: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             retention: config.retention.clone(),
@@ -358,8 +363,10 @@ impl Engine {
                 reason: Some(format!("quiet for {} ms after changes", quiet.as_millis())),
                 ..NewCheckpoint::default()
             };
-            if let Err(e) = self.take(&mut conn, sandbox.id, new) {
-                tracing::warn!(sandbox = %name, "auto checkpoint: {e}");
+            match self.take(&mut conn, sandbox.id, new) {
+                Err(Error::Moved { why, .. }) => self.record_moved(&conn, sandbox.id, &why),
+                Err(e) => tracing::warn!(sandbox = %name, "auto checkpoint: {e}"),
+                Ok(_) => {}
             }
         }
     }
@@ -382,7 +389,11 @@ impl Engine {
                 return;
             }
         };
-        let cookies = self.state_dir.join("cookies").join(sandbox.id.to_string());
+        // A directory of its own per watch: a watch replaced by a new one
+        // (see `stalled`) removes its cookies as it stops, and must not
+        // remove the new one's.
+        let generation = self.watch_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cookies = self.state_dir.join("cookies").join(format!("{}-{generation}", sandbox.id));
         match SandboxWatch::start(path_of(&sandbox.root), &cookies, excludes) {
             Ok(w) => {
                 if let Some(old) = lock(&self.watches).insert(sandbox.id, w) {
@@ -486,8 +497,7 @@ impl Engine {
             )));
         }
         let conn = self.db()?;
-        let registered = catalogue::store_identity(&conn, path)?;
-        match registered {
+        match catalogue::store_identity(&conn, path)? {
             Some(registered) if registered != now => {
                 return Err(moved(format!(
                     "{shown} is another directory now (device {}, inode {}; registered: device {}, inode {})",
@@ -818,6 +828,14 @@ impl Engine {
                     )));
                 }
                 let empty = sys::read_dir(dir.as_fd()).ctx(|| format!("reading {shown}"))?.is_empty();
+                if !empty && !peer.is_root() {
+                    // What is inside would be the caller's, which the daemon
+                    // would then read and write as root.
+                    return Err(Error::InvalidRequest(format!(
+                        "the store {shown} is not empty: name a new or an empty directory of yours (a store \
+                         already in use can be shared only by sandboxes of the uid that uses it)"
+                    )));
+                }
                 if !empty && !crate::store::is_store(dir.as_fd()) {
                     return Err(Error::InvalidRequest(format!(
                         "the store {shown} is not empty and not a snapback store; name an empty or a new directory"
@@ -1049,24 +1067,32 @@ impl Engine {
     }
 
     /// Carries the list of [`Engine::shared_names`] from checkpoint `from`
-    /// to `to` through what `captured` changed (dropped when it was not
-    /// the list of `from`: made again when next asked for).
-    fn update_shared_names(&self, sandbox_id: i64, (from, to): (u64, u64), captured: &Captured) {
+    /// to `to` through what changed: the versions that ended (`gone`), were
+    /// `added`, or were re-keyed (dropped when it was not the list of
+    /// `from`: made again when next asked for).
+    fn update_shared_names<'a>(
+        &self,
+        sandbox_id: i64,
+        (from, to): (u64, u64),
+        gone: impl Iterator<Item = &'a [u8]>,
+        added: &[catalogue::NewRow],
+        rekeyed: &[(Vec<u8>, i64, StatKey)],
+    ) {
         let mut cache = lock(&self.shared);
         let Some((at, paths)) = cache.get_mut(&sandbox_id).filter(|(at, _)| *at == from) else {
             cache.remove(&sandbox_id);
             return;
         };
         let mut set: std::collections::BTreeSet<Vec<u8>> = std::mem::take(paths).into_iter().collect();
-        for (path, _) in &captured.ended {
+        for path in gone {
             set.remove(path);
         }
-        for a in &captured.added {
+        for a in added {
             if a.meta.kind == Kind::File && a.key.nlink > 1 {
                 set.insert(a.path.clone());
             }
         }
-        for (path, _, key) in &captured.rekeyed {
+        for (path, _, key) in rekeyed {
             if key.nlink > 1 {
                 set.insert(path.clone());
             } else {
@@ -1084,7 +1110,8 @@ impl Engine {
     /// last barrier. A directory renamed back and forth during a scan would
     /// otherwise be found at neither name. Bounded: a tree that will not
     /// settle in [`SETTLE_ROUNDS`] is a `busy` error, and nothing is
-    /// recorded. Without a watch there is nothing to ask.
+    /// recorded. Without a watch in working order (none, degraded, or not
+    /// set up yet) there is nothing to ask, and the capture stands.
     fn settle(
         &self,
         sb: &Sandbox,
@@ -1095,10 +1122,19 @@ impl Engine {
         scan_start_ns: i64,
     ) -> Result<Captured> {
         let Some(watch) = watch else { return Ok(captured) };
+        let mut asked = std::collections::HashSet::new();
         for _ in 0..SETTLE_ROUNDS {
+            let others = other_names(current, &captured, &asked);
+            asked.extend(others.iter().cloned());
             let scope = match watch.drain() {
-                Drain::Paths(paths) if paths.is_empty() => return Ok(captured),
-                Drain::Paths(paths) => Scope::Paths(paths),
+                Drain::Paths(paths) if paths.is_empty() && others.is_empty() => return Ok(captured),
+                Drain::Paths(mut paths) => {
+                    paths.extend(others);
+                    Scope::Paths(paths)
+                }
+                // A watch that is degraded or not set up yet has no events
+                // to ask for: as without a watch.
+                Drain::Everything(_) if !watch.report().watching => return Ok(captured),
                 Drain::Everything(_) => Scope::Everything,
             };
             // The state found so far: copied only when the tree moved.
@@ -1314,9 +1350,14 @@ impl Engine {
         // are likely dirty (a clone would first write them out), and most
         // are small: those go into one pack rather than a file each.
         let pack = matches!(scope, Scope::Paths(_)).then(|| store.pack());
-        let captured = self
-            .scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns)
-            .and_then(|c| self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns));
+        // A checkpoint that read nothing holds the tree of its barrier.
+        let read_nothing = matches!(scope, Scope::Paths(paths) if paths.is_empty());
+        let captured = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns).and_then(|c| {
+            if read_nothing {
+                return Ok(c);
+            }
+            self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns)
+        });
         let captured = match captured {
             Ok(c) => c,
             Err(e) => {
@@ -1418,7 +1459,8 @@ impl Engine {
         let also = match written {
             Ok((ids, also)) => {
                 captured.apply_to(&mut current, Some(&ids));
-                self.update_shared_names(sb.id, (sb.head_seq, info.seq), &captured);
+                let gone = captured.ended.iter().map(|(p, _)| p.as_slice());
+                self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &captured.added, &captured.rekeyed);
                 self.put_manifest(sb.id, info.seq, current);
                 also
             }
@@ -1437,6 +1479,16 @@ impl Engine {
             drain_ms, rows_ms, scan_ms, written_ms, ms = ms_since(started), "checkpoint"
         );
         drop(storing);
+        if !captured.dropped.is_empty() {
+            // Versions a settling round replaced left their objects behind.
+            let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let freed = catalogue::unreferenced(conn, &sb.store, &captured.dropped).and_then(|dead| {
+                store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
+            });
+            if let Err(e) = freed {
+                tracing::warn!(sandbox = %sb.name, "removing the objects of replaced versions: {e}");
+            }
+        }
         Ok((info, also))
     }
 
@@ -1532,7 +1584,7 @@ impl Engine {
         self.check_filter(conn, sandbox, target, filter)?;
         if !dry_run {
             let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
-            let result = self.restore_intent(conn, sandbox, target, filter, kind, intent);
+            let result = self.restore_intent(conn, sandbox, target, filter, kind, (intent, IntentEnd::WithTheRestore));
             self.close_intent(conn, intent, &result);
             return result;
         }
@@ -1624,7 +1676,7 @@ impl Engine {
         target: &Checkpoint,
         filter: &[Vec<u8>],
         kind: &str,
-        intent: i64,
+        (intent, end): (i64, IntentEnd),
     ) -> Result<RollbackReport> {
         let started = Instant::now();
         let excludes = Excludes::new(&sandbox.excludes)?;
@@ -1643,7 +1695,9 @@ impl Engine {
         let safety_ms = ms_since(started);
         let total = self.restore_total(conn, sandbox, target, safety.seq, (&t_side, &l_side), filter, &excludes)?;
         let plan_ms = ms_since(started);
-        let report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &target.info.id, total)?;
+        let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
+        let applying = Applying { safety: &safety, closes };
+        let report = self.apply_plan(sandbox, &plan, &store, Some(applying), &target.info.id, total)?;
         self.retain(sandbox.id);
         tracing::info!(
             sandbox = %sandbox.name, target = %target.info.id, kind,
@@ -1717,9 +1771,16 @@ impl Engine {
             // Nothing was touched yet: run it again under the same intent.
             let target = catalogue::checkpoint_by_ref(conn, &intent.target)?;
             let report = if intent.kind == "revert" {
-                self.revert_intent(conn, &sandbox, &target, intent.force, intent.id)?
+                self.revert_intent(conn, &sandbox, &target, intent.force, (intent.id, IntentEnd::ByTheCaller))?
             } else {
-                self.restore_intent(conn, &sandbox, &target, &intent.filter, &intent.kind, intent.id)?
+                self.restore_intent(
+                    conn,
+                    &sandbox,
+                    &target,
+                    &intent.filter,
+                    &intent.kind,
+                    (intent.id, IntentEnd::ByTheCaller),
+                )?
             };
             return Ok(report.restored + report.created + report.deleted);
         }
@@ -1744,7 +1805,7 @@ impl Engine {
             .chain(absent.iter().map(|p| (p.as_slice(), None)))
             .filter(|(p, _)| !skipped.contains(p));
         let reason = format!("{} to {}, finished at start", intent.kind, intent.target);
-        self.record_restored(&sandbox, desired, root.as_fd(), reason);
+        self.record_restored(&sandbox, desired, root.as_fd(), reason, None);
         Ok(plan.steps.len() as u64)
     }
 
@@ -1756,10 +1817,14 @@ impl Engine {
         sandbox: &Sandbox,
         plan: &Plan,
         store: &Store,
-        safety: Option<&CheckpointInfo>,
+        applying: Option<Applying<'_>>,
         target_id: &str,
         total: u64,
     ) -> Result<RollbackReport> {
+        let (safety, closes) = match applying {
+            Some(Applying { safety, closes }) => (Some(safety), closes),
+            None => (None, None),
+        };
         let mut skipped = Vec::new();
         let mut restore_checkpoint = None;
         if let Some(safety) = safety {
@@ -1769,7 +1834,7 @@ impl Engine {
             let done: std::collections::HashSet<&[u8]> = skipped.iter().map(Vec::as_slice).collect();
             let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
             let reason = format!("{} to {target_id}, after {}", restore_label(&safety.reason), safety.id);
-            restore_checkpoint = self.record_restored(sandbox, desired, root.as_fd(), reason).map(|c| c.id);
+            restore_checkpoint = self.record_restored(sandbox, desired, root.as_fd(), reason, closes).map(|c| c.id);
             if !applied.cloned.is_empty() {
                 // After the answer, on a thread of its own: the answer does
                 // not wait for what only the next checkpoint gains from.
@@ -1817,6 +1882,7 @@ impl Engine {
         desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
         root: std::os::fd::BorrowedFd<'_>,
         reason: String,
+        closes: Option<i64>,
     ) -> Option<CheckpointInfo> {
         let recorded = (|| {
             let mut conn = self.db()?;
@@ -1906,7 +1972,13 @@ impl Engine {
                     rekeyed: &[],
                 },
             )?;
+            if let Some(intent) = closes {
+                // The restore is done: one commit ends its intent too.
+                catalogue::finish_intent(&tx, intent)?;
+            }
             tx.commit()?;
+            let gone = ended.iter().map(|(p, ..)| p.as_slice());
+            self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &added, &[]);
             for (path, ..) in &ended {
                 current.remove(path);
             }
@@ -2012,7 +2084,7 @@ impl Engine {
             refuse_if_applied(&conn, plan)?;
         }
         let intent = catalogue::begin_intent(&conn, sandbox.id, "revert", &step.info.id, &[], req.force, now_ms())?;
-        let result = self.revert_intent(&mut conn, &sandbox, &step, req.force, intent);
+        let result = self.revert_intent(&mut conn, &sandbox, &step, req.force, (intent, IntentEnd::WithTheRestore));
         self.close_intent(&conn, intent, &result);
         result
     }
@@ -2025,7 +2097,7 @@ impl Engine {
         sandbox: &Sandbox,
         step: &Checkpoint,
         force: bool,
-        intent: i64,
+        (intent, end): (i64, IntentEnd),
     ) -> Result<RollbackReport> {
         let parent = catalogue::previous_checkpoint(conn, sandbox.id, step.info.seq)?.ok_or_else(|| {
             Error::InvalidRequest(format!(
@@ -2063,7 +2135,9 @@ impl Engine {
         let Reverting { plan, conflicts, step_paths } = planned;
         let store = self.store(&sandbox.store)?;
         let total = step_paths as u64;
-        let mut report = self.apply_plan(sandbox, &plan, &store, Some(&safety), &step.info.id, total)?;
+        let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
+        let applying = Applying { safety: &safety, closes };
+        let mut report = self.apply_plan(sandbox, &plan, &store, Some(applying), &step.info.id, total)?;
         self.retain(sandbox.id);
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
         report.conflicts = conflicts.into_iter().map(WirePath).collect();
@@ -2376,7 +2450,25 @@ fn revert_plan(
     let step_paths = changed_paths(&before, &after);
     let (then, now) = catalogue::rows_between(conn, sandbox_id, step, now)?;
     let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
-    let conflicts: Vec<Vec<u8>> = step_paths.iter().filter(|p| later.contains(*p)).cloned().collect();
+    // A path to put back whose directory was removed (or became something
+    // else) after the step conflicts too: putting it back would undo that
+    // later change.
+    let dir_gone_later = |p: &[u8]| {
+        let mut up = p;
+        while let Some(i) = up.iter().rposition(|&b| b == b'/') {
+            up = &up[..i];
+            let was_dir = then.get(up).is_some_and(|r| r.meta.kind == Kind::Dir);
+            if was_dir && now.get(up).is_none_or(|r| r.meta.kind != Kind::Dir) {
+                return true;
+            }
+        }
+        false
+    };
+    let conflicts: Vec<Vec<u8>> = step_paths
+        .iter()
+        .filter(|p| later.contains(*p) || (before.contains_key(*p) && dir_gone_later(p)))
+        .cloned()
+        .collect();
     if !conflicts.is_empty() && !force {
         return Ok(Err(conflicts));
     }
@@ -2446,6 +2538,54 @@ fn restore_label(safety_reason: &Option<String>) -> &str {
     let reason = safety_reason.as_deref().unwrap_or("restore");
     let reason = reason.strip_prefix("before ").unwrap_or(reason);
     reason.split(" to ").next().unwrap_or(reason)
+}
+
+/// The recorded names of inodes that `captured` found with more than one
+/// name, which it did not read itself and which were not `asked` for
+/// already: a new link changes the link count (and ctime) of the file's
+/// other names with no event for them, so they must be read again, or a
+/// later write through the new name would leave them stale.
+fn other_names(current: &Manifest, captured: &Captured, asked: &std::collections::HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
+    let read: std::collections::HashSet<&[u8]> = captured
+        .added
+        .iter()
+        .map(|a| a.path.as_slice())
+        .chain(captured.rekeyed.iter().map(|(p, ..)| p.as_slice()))
+        .collect();
+    let linked: std::collections::HashSet<u64> = captured
+        .added
+        .iter()
+        .filter(|a| a.meta.kind == Kind::File && a.key.nlink > 1)
+        .map(|a| a.key.ino)
+        .chain(captured.rekeyed.iter().filter(|(_, _, k)| k.nlink > 1).map(|(_, _, k)| k.ino))
+        .collect();
+    if linked.is_empty() {
+        return Vec::new();
+    }
+    current
+        .iter()
+        .filter(|(_, r)| r.meta.kind == Kind::File && linked.contains(&r.key.ino))
+        .filter(|(p, _)| !read.contains(p.as_slice()) && !asked.contains(*p))
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+/// A restore being applied (not a dry run): its safety checkpoint, and the
+/// intent its restore checkpoint ends, if it is the one to.
+struct Applying<'a> {
+    safety: &'a CheckpointInfo,
+    closes: Option<i64>,
+}
+
+/// Who ends a restore's intent once the restore is done.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IntentEnd {
+    /// The commit of its restore checkpoint (one commit for both); the
+    /// request's own close finds it gone.
+    WithTheRestore,
+    /// The caller: a restore finished at start, whose outcome is kept for
+    /// `status`.
+    ByTheCaller,
 }
 
 /// A safety checkpoint's request: taken by the daemon before it changes a

@@ -322,6 +322,13 @@ fn registration_refuses_the_root_ancestors_of_the_state_and_foreign_or_full_stor
     let ts = theirs.to_str().unwrap();
     refused(&nobody(&["sandbox", "add", ts, "--store", foreign.to_str().unwrap()]), "belongs to uid 0", "foreign");
     refused(&nobody(&["sandbox", "add", ts, "--store", full.to_str().unwrap()]), "not empty", "full");
+    // A directory of its own dressed up as a store: the daemon would read
+    // and write, as root, what the user controls.
+    let fake = d.path("fake-store");
+    nobody_dir(&fake);
+    write(&fake.join("snapback-store"), "a snapback object store");
+    nobody_dir(&fake.join("objects"));
+    refused(&nobody(&["sandbox", "add", ts, "--store", fake.to_str().unwrap()]), "not empty", "a planted store");
     refused(&nobody(&["sandbox", "add", ts, "--store", "/etc/snapback-test-store"]), "ermission denied", "in /etc");
     assert!(!Path::new("/etc/snapback-test-store").exists());
     assert_eq!(snapshot(&foreign).len(), 1);
