@@ -160,9 +160,10 @@ impl TestDaemon {
         let out = self.cli(&all);
         assert!(
             out.status.success(),
-            "snapback {args:?} failed ({}): {}",
+            "snapback {args:?} failed ({}): {}{}",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
         );
         serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
     }

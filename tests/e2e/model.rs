@@ -1,0 +1,382 @@
+//! A model-based test: a seeded random sequence of what agents do to a
+//! tree (writes, appends, truncates, renames of files and directories,
+//! hardlinks, symlinks, chmods, deletes), with checkpoints, rollbacks,
+//! reverts, undos and daemon restarts among them, against a real daemon.
+//!
+//! The model is what each checkpoint held: the tree as it stood when the
+//! checkpoint answered (the test is the only writer), and, for the
+//! checkpoints the daemon takes itself, the tree just before and just after
+//! each restore. After every rollback, revert and undo the live tree is
+//! compared with what the model says it must be.
+//!
+//! `SNAPBACK_MODEL_SEED` replays a run (the seed is printed at the start of
+//! each); `SNAPBACK_MODEL_OPS` sets its length (2,000 by default, which
+//! takes well under two minutes here; run 20,000 or more by hand).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use snapback::proto::{CheckpointRequest, ListRequest, RevertRequest, RollbackReport, RollbackRequest};
+use snapback::{Client, ClientError};
+
+use crate::fixture::TestDaemon;
+use crate::tree::{Node, assert_same, snapshot};
+
+type Tree = BTreeMap<Vec<u8>, Node>;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+        (!items.is_empty()).then(|| &items[self.below(items.len())])
+    }
+}
+
+const NAMES: [&str; 6] = ["f0", "f1", "f2", "f3", "f4", "f5"];
+const DIR_NAMES: [&str; 4] = ["a", "b", "c", "deep"];
+
+/// The test's side of the run: the tree, the model, and the daemon.
+struct Run {
+    rng: Rng,
+    seed: u64,
+    d: TestDaemon,
+    client: Client,
+    root: std::path::PathBuf,
+    /// What each checkpoint held, by id.
+    held: HashMap<String, Tree>,
+    /// The tree before the latest rollback, revert or undo: what `undo`
+    /// must bring back.
+    before_last_restore: Option<Tree>,
+    op: usize,
+}
+
+impl Run {
+    fn tree(&self) -> Tree {
+        snapshot(&self.root)
+    }
+
+    fn at(&self, rel: &[u8]) -> std::path::PathBuf {
+        self.root.join(std::ffi::OsStr::from_bytes(rel))
+    }
+
+    fn what(&self, doing: &str) -> String {
+        format!("SNAPBACK_MODEL_SEED={} op {}: {doing}", self.seed, self.op)
+    }
+
+    /// Live paths of one kind, sorted.
+    fn paths(&self, want: fn(&Node) -> bool) -> Vec<Vec<u8>> {
+        self.tree().into_iter().filter(|(_, n)| want(n)).map(|(p, _)| p).collect()
+    }
+
+    /// A directory to put something in: the root or a live directory.
+    fn some_dir(&mut self) -> Vec<u8> {
+        let mut dirs = self.paths(|n| matches!(n, Node::Dir { .. }));
+        dirs.push(Vec::new());
+        self.rng.pick(&dirs).cloned().unwrap_or_default()
+    }
+
+    fn child(dir: &[u8], name: &str) -> Vec<u8> {
+        if dir.is_empty() { name.as_bytes().to_vec() } else { [dir, b"/", name.as_bytes()].concat() }
+    }
+
+    fn content(&mut self) -> Vec<u8> {
+        let len = match self.rng.below(10) {
+            0 => 0,
+            1 => 70_000 + self.rng.below(40_000), // larger than a packed object
+            _ => self.rng.below(3000),
+        };
+        (0..len).map(|_| self.rng.next() as u8).collect()
+    }
+
+    /// One change to the tree, as an agent's tool call would make it.
+    fn change(&mut self) {
+        let free = |p: &Path| std::fs::symlink_metadata(p).is_err();
+        match self.rng.below(12) {
+            0..=2 => {
+                let dir = self.some_dir();
+                let name = *self.rng.pick(&NAMES).unwrap();
+                let p = self.at(&Self::child(&dir, name));
+                if free(&p) || std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+                    let data = self.content();
+                    // In place: through any other name of the file too.
+                    let f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&p);
+                    if let Ok(mut f) = f {
+                        std::io::Write::write_all(&mut f, &data).unwrap();
+                    }
+                }
+            }
+            3 => {
+                if let Some(f) = self.rng.pick(&self.paths(|n| matches!(n, Node::File { .. }))).cloned() {
+                    let data = self.content();
+                    let mut h = std::fs::OpenOptions::new().append(true).open(self.at(&f)).unwrap();
+                    std::io::Write::write_all(&mut h, &data[..data.len().min(500)]).unwrap();
+                }
+            }
+            4 => {
+                if let Some(f) = self.rng.pick(&self.paths(|n| matches!(n, Node::File { .. }))).cloned() {
+                    let h = std::fs::OpenOptions::new().write(true).open(self.at(&f)).unwrap();
+                    let len = h.metadata().unwrap().len();
+                    h.set_len(len / 2).unwrap();
+                }
+            }
+            5 => {
+                let files = self.paths(|n| !matches!(n, Node::Dir { .. }));
+                if let Some(f) = self.rng.pick(&files).cloned() {
+                    let dir = self.some_dir();
+                    let name = *self.rng.pick(&NAMES).unwrap();
+                    let to = self.at(&Self::child(&dir, name));
+                    if free(&to) {
+                        std::fs::rename(self.at(&f), to).unwrap();
+                    }
+                }
+            }
+            6 => {
+                let dirs = self.paths(|n| matches!(n, Node::Dir { .. }));
+                if let Some(dir) = self.rng.pick(&dirs).cloned() {
+                    let parent = self.some_dir();
+                    let name = *self.rng.pick(&DIR_NAMES).unwrap();
+                    let to = Self::child(&parent, name);
+                    let inside = to.starts_with(&dir) && (to.len() == dir.len() || to[dir.len()] == b'/');
+                    if !inside && free(&self.at(&to)) {
+                        std::fs::rename(self.at(&dir), self.at(&to)).unwrap();
+                    }
+                }
+            }
+            7 => {
+                if let Some(f) = self.rng.pick(&self.paths(|n| matches!(n, Node::File { .. }))).cloned() {
+                    let dir = self.some_dir();
+                    let name = *self.rng.pick(&NAMES).unwrap();
+                    let to = self.at(&Self::child(&dir, name));
+                    if free(&to) {
+                        std::fs::hard_link(self.at(&f), to).unwrap();
+                    }
+                }
+            }
+            8 => {
+                let dir = self.some_dir();
+                let name = *self.rng.pick(&NAMES).unwrap();
+                let to = self.at(&Self::child(&dir, name));
+                let target = *self.rng.pick(&["f1", "../a", "/etc/passwd", "nowhere/at/all"]).unwrap();
+                if free(&to) {
+                    symlink(target, to).unwrap();
+                }
+            }
+            9 => {
+                let all = self.paths(|n| !matches!(n, Node::Symlink { .. }));
+                if let Some(p) = self.rng.pick(&all).cloned() {
+                    let is_dir = std::fs::symlink_metadata(self.at(&p)).unwrap().is_dir();
+                    let modes: &[u32] = if is_dir { &[0o755, 0o700, 0o750] } else { &[0o644, 0o600, 0o755, 0o444] };
+                    let mode = *self.rng.pick(modes).unwrap();
+                    std::fs::set_permissions(self.at(&p), std::fs::Permissions::from_mode(mode)).unwrap();
+                }
+            }
+            10 => {
+                let all = self.paths(|_| true);
+                if let Some(p) = self.rng.pick(&all).cloned() {
+                    let at = self.at(&p);
+                    if std::fs::symlink_metadata(&at).unwrap().is_dir() {
+                        std::fs::remove_dir_all(at).unwrap();
+                    } else {
+                        std::fs::remove_file(at).unwrap();
+                    }
+                }
+            }
+            _ => {
+                let dir = self.some_dir();
+                let name = *self.rng.pick(&DIR_NAMES).unwrap();
+                let to = self.at(&Self::child(&dir, name));
+                if free(&to) {
+                    std::fs::create_dir(to).unwrap();
+                }
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        let c = self
+            .client
+            .checkpoint(CheckpointRequest { sandbox: "m".into(), ..Default::default() })
+            .unwrap_or_else(|e| panic!("{}: {e}", self.what("checkpoint")));
+        self.held.insert(c.id, self.tree());
+    }
+
+    /// The checkpoints the daemon still has, oldest first.
+    fn existing(&mut self) -> Vec<String> {
+        let list = self.client.list(ListRequest { sandbox: Some("m".into()), plan: None }).unwrap();
+        list.checkpoints.into_iter().map(|c| c.id).collect()
+    }
+
+    /// Records the daemon's own checkpoints of a restore: the safety one
+    /// held the tree before, the restore one the tree after.
+    fn restored(&mut self, report: &RollbackReport, before: Tree) {
+        let after = self.tree();
+        if let Some(s) = &report.safety_checkpoint {
+            self.held.insert(s.clone(), before.clone());
+        }
+        if let Some(r) = &report.restore_checkpoint {
+            self.held.insert(r.clone(), after);
+        }
+        self.before_last_restore = Some(before);
+    }
+
+    fn rollback(&mut self) {
+        let existing = self.existing();
+        let Some(target) = self.rng.pick(&existing).cloned() else { return };
+        let before = self.tree();
+        let report = self
+            .client
+            .rollback(RollbackRequest { checkpoint: target.clone(), paths: vec![], dry_run: false })
+            .unwrap_or_else(|e| panic!("{}: {e}", self.what("rollback")));
+        let expected = self.held[&target].clone();
+        assert_same(&self.tree(), &expected, &self.what(&format!("rollback to {target}")));
+        self.restored(&report, before);
+    }
+
+    /// Reverts a random step: where it meets no later change, the paths it
+    /// changed go back to its parent's versions and nothing else moves;
+    /// otherwise it is refused and nothing moves.
+    fn revert(&mut self) {
+        let existing = self.existing();
+        if existing.len() < 2 {
+            return;
+        }
+        let i = 1 + self.rng.below(existing.len() - 1);
+        let (parent, step) = (&self.held[&existing[i - 1]], &self.held[&existing[i]]);
+        let before = self.tree();
+        let changed: BTreeSet<&Vec<u8>> =
+            parent.keys().chain(step.keys()).filter(|p| parent.get(*p) != step.get(*p)).collect();
+        // Changed again later, or to be put back into a directory that was
+        // removed (or became something else) after the step.
+        let dir_gone = |p: &[u8]| {
+            let mut up = p;
+            while let Some(i) = up.iter().rposition(|&b| b == b'/') {
+                up = &up[..i];
+                let was_dir = matches!(step.get(up), Some(Node::Dir { .. }));
+                if was_dir && !matches!(before.get(up), Some(Node::Dir { .. })) {
+                    return true;
+                }
+            }
+            false
+        };
+        let conflict =
+            changed.iter().any(|p| before.get(*p) != step.get(*p) || (parent.contains_key(*p) && dir_gone(p)));
+        let mut expected = before.clone();
+        for p in &changed {
+            match parent.get(*p) {
+                Some(node) => {
+                    expected.insert((*p).clone(), node.clone());
+                }
+                None => {
+                    expected.remove(*p);
+                }
+            }
+        }
+        let answer = self.client.revert(RevertRequest { checkpoint: existing[i].clone(), force: false });
+        match answer {
+            Err(ClientError::Daemon(e)) if conflict && e.code == snapback::proto::ErrorCode::Conflict => {
+                assert_same(&self.tree(), &before, &self.what("a refused revert"));
+            }
+            Ok(report) if !conflict => {
+                // A directory the step made that holds later entries stays.
+                for p in &report.skipped {
+                    if let Some(node) = before.get(&p.0) {
+                        expected.insert(p.0.clone(), node.clone());
+                    }
+                }
+                let mut fix: Vec<Vec<u8>> = Vec::new();
+                for p in expected.keys() {
+                    let mut up = p.as_slice();
+                    while let Some(i) = up.iter().rposition(|&b| b == b'/') {
+                        up = &up[..i];
+                        if !expected.contains_key(up) {
+                            fix.push(up.to_vec());
+                        }
+                    }
+                }
+                for p in fix {
+                    if let Some(node) = before.get(&p).or_else(|| parent.get(&p)) {
+                        expected.insert(p, node.clone());
+                    }
+                }
+                assert_same(&self.tree(), &expected, &self.what(&format!("revert of {}", existing[i])));
+                self.restored(&report, before);
+            }
+            other => panic!("{}: conflict expected: {conflict}, got {other:?}", self.what("revert")),
+        }
+    }
+
+    fn undo(&mut self) {
+        let Some(expected) = self.before_last_restore.clone() else { return };
+        let before = self.tree();
+        let report = self.client.undo("m").unwrap_or_else(|e| panic!("{}: {e}", self.what("undo")));
+        assert_same(&self.tree(), &expected, &self.what("undo"));
+        self.restored(&report, before);
+    }
+
+    fn restart(&mut self) {
+        self.d.restart();
+        self.client = self.d.client();
+    }
+}
+
+#[test]
+fn a_random_agent_session_is_restored_exactly_every_time() {
+    let seed = std::env::var("SNAPBACK_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
+    let ops: usize = std::env::var("SNAPBACK_MODEL_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    eprintln!("model test: SNAPBACK_MODEL_SEED={seed} SNAPBACK_MODEL_OPS={ops}");
+    let d = TestDaemon::start();
+    let root = d.path("m");
+    std::fs::create_dir(&root).unwrap();
+    d.add_sandbox("m", &root, &[]);
+    let client = d.client();
+    let mut run = Run { rng: Rng(seed), seed, d, client, root, held: HashMap::new(), before_last_restore: None, op: 0 };
+    let mut counts = [0usize; 5];
+    for op in 0..ops {
+        run.op = op;
+        match run.rng.below(100) {
+            0..=11 => {
+                run.checkpoint();
+                counts[0] += 1;
+            }
+            12..=15 => {
+                run.rollback();
+                counts[1] += 1;
+            }
+            16..=18 => {
+                run.revert();
+                counts[2] += 1;
+            }
+            19..=20 => {
+                run.undo();
+                counts[3] += 1;
+            }
+            21 if run.rng.below(4) == 0 => {
+                run.restart();
+                counts[4] += 1;
+            }
+            _ => run.change(),
+        }
+    }
+    eprintln!(
+        "model test: {} checkpoints, {} rollbacks, {} reverts, {} undos, {} restarts",
+        counts[0], counts[1], counts[2], counts[3], counts[4]
+    );
+    assert!(counts[1] > 0 && counts[2] > 0 && counts[3] > 0, "the run exercised too little: {counts:?}");
+}
