@@ -348,9 +348,16 @@ fn a_random_agent_session_is_restored_exactly_every_time() {
     let client = d.client();
     let mut run = Run { rng: Rng(seed), seed, d, client, root, held: HashMap::new(), before_last_restore: None, op: 0 };
     let mut counts = [0usize; 5];
+    // SNAPBACK_MODEL_TRACE=1 prints each operation with the tree after it.
+    let trace = std::env::var_os("SNAPBACK_MODEL_TRACE").is_some();
     for op in 0..ops {
         run.op = op;
-        match run.rng.below(100) {
+        let dice = run.rng.below(100);
+        if trace {
+            let paths: Vec<String> = run.tree().keys().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+            eprintln!("op {op} (dice {dice}): tree {paths:?}");
+        }
+        match dice {
             0..=11 => {
                 run.checkpoint();
                 counts[0] += 1;
