@@ -1370,24 +1370,11 @@ impl Engine {
             0 => None,
             head => catalogue::checkpoint_at(conn, sb.id, head)?,
         };
-        let mut counts = parent.as_ref().map_or([0i64; 4], |p| {
-            [p.info.files as i64, p.info.dirs as i64, p.info.symlinks as i64, p.info.bytes as i64]
-        });
-        let mut tally = |kind: Kind, size: u64, sign: i64| match kind {
-            Kind::File => {
-                counts[0] += sign;
-                counts[3] += sign * size as i64;
-            }
-            Kind::Dir => counts[1] += sign,
-            Kind::Symlink => counts[2] += sign,
-            Kind::Special => {}
-        };
-        for (_, row) in &captured.ended {
-            tally(row.meta.kind, row.meta.size, -1);
-        }
-        for a in &captured.added {
-            tally(a.meta.kind, a.meta.size, 1);
-        }
+        let counts = Counts::after(
+            parent.as_ref(),
+            captured.ended.iter().map(|(_, row)| (row.meta.kind, row.meta.size)),
+            captured.added.iter().map(|a| (a.meta.kind, a.meta.size)),
+        );
         let NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned } = new;
         let info = CheckpointInfo {
             id: ulid::Ulid::new().to_string(),
@@ -1402,10 +1389,10 @@ impl Engine {
             kind,
             pinned,
             created_unix_ms: now_ns() / 1_000_000,
-            files: counts[0].max(0) as u64,
-            dirs: counts[1].max(0) as u64,
-            symlinks: counts[2].max(0) as u64,
-            bytes: counts[3].max(0) as u64,
+            files: counts.files,
+            dirs: counts.dirs,
+            symlinks: counts.symlinks,
+            bytes: counts.bytes,
             changed: captured.changed_paths(),
             exclusive_bytes: None,
             scanned: Some(captured.stats.scanned),
@@ -1918,20 +1905,11 @@ impl Engine {
                 return Ok(None);
             }
             let parent = catalogue::checkpoint_at(&conn, sb.id, sb.head_seq)?;
-            let mut counts = parent.as_ref().map_or([0i64; 4], |p| {
-                [p.info.files as i64, p.info.dirs as i64, p.info.symlinks as i64, p.info.bytes as i64]
-            });
-            let mut tally = |kind: Kind, size: u64, sign: i64| match kind {
-                Kind::File => {
-                    counts[0] += sign;
-                    counts[3] += sign * size as i64;
-                }
-                Kind::Dir => counts[1] += sign,
-                Kind::Symlink => counts[2] += sign,
-                Kind::Special => {}
-            };
-            ended.iter().for_each(|(_, _, kind, size)| tally(*kind, *size, -1));
-            added.iter().for_each(|a| tally(a.meta.kind, a.meta.size, 1));
+            let counts = Counts::after(
+                parent.as_ref(),
+                ended.iter().map(|(_, _, kind, size)| (*kind, *size)),
+                added.iter().map(|a| (a.meta.kind, a.meta.size)),
+            );
             let mut changed: Vec<&[u8]> =
                 ended.iter().map(|(p, ..)| p.as_slice()).chain(added.iter().map(|a| a.path.as_slice())).collect();
             changed.sort();
@@ -1949,10 +1927,10 @@ impl Engine {
                 kind: CheckpointKind::Restore,
                 pinned: false,
                 created_unix_ms: now_ns() / 1_000_000,
-                files: counts[0].max(0) as u64,
-                dirs: counts[1].max(0) as u64,
-                symlinks: counts[2].max(0) as u64,
-                bytes: counts[3].max(0) as u64,
+                files: counts.files,
+                dirs: counts.dirs,
+                symlinks: counts.symlinks,
+                bytes: counts.bytes,
                 changed: changed.len() as u64,
                 exclusive_bytes: None,
                 scanned: None,
@@ -2586,6 +2564,44 @@ enum IntentEnd {
     /// The caller: a restore finished at start, whose outcome is kept for
     /// `status`.
     ByTheCaller,
+}
+
+/// What a checkpoint holds, by kind: its files, directories and symlinks,
+/// and its files' bytes.
+struct Counts {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    bytes: u64,
+}
+
+impl Counts {
+    /// The counts of a checkpoint made from `parent` (none: the first) by
+    /// ending the versions `ended` and adding `added` (each its kind and
+    /// size).
+    fn after(
+        parent: Option<&Checkpoint>,
+        ended: impl Iterator<Item = (Kind, u64)>,
+        added: impl Iterator<Item = (Kind, u64)>,
+    ) -> Counts {
+        let mut n = parent.map_or([0i64; 4], |p| {
+            [p.info.files as i64, p.info.dirs as i64, p.info.symlinks as i64, p.info.bytes as i64]
+        });
+        let signed = ended.map(|v| (v, -1)).chain(added.map(|v| (v, 1)));
+        for ((kind, size), sign) in signed {
+            match kind {
+                Kind::File => {
+                    n[0] += sign;
+                    n[3] += sign * size as i64;
+                }
+                Kind::Dir => n[1] += sign,
+                Kind::Symlink => n[2] += sign,
+                Kind::Special => {}
+            }
+        }
+        let [files, dirs, symlinks, bytes] = n.map(|c| c.max(0) as u64);
+        Counts { files, dirs, symlinks, bytes }
+    }
 }
 
 /// A safety checkpoint's request: taken by the daemon before it changes a

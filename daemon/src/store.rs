@@ -221,15 +221,8 @@ impl Object {
 /// Reads `len` bytes at `offset` (fewer if the file ends first).
 fn read_at(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
-    let mut done = 0;
-    while done < buf.len() {
-        let n = sys::pread(fd, &mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    buf.truncate(done);
+    let n = read_at_into(fd, offset, &mut buf)?;
+    buf.truncate(n);
     Ok(buf)
 }
 

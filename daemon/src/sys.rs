@@ -180,6 +180,15 @@ impl std::fmt::Display for PinError {
 /// permission checks are those of the calling thread's filesystem
 /// credentials (see [`FsCreds`]).
 pub fn open_dir_pinned(path: &[u8]) -> Result<OwnedFd, PinError> {
+    walk_from_root(path, step)
+}
+
+/// Walks the absolute, clean `path` from `/`, one component at a time:
+/// `next` opens each component in the directory the last one opened.
+fn walk_from_root(
+    path: &[u8],
+    next: impl Fn(BorrowedFd<'_>, &[u8]) -> io::Result<OwnedFd>,
+) -> Result<OwnedFd, PinError> {
     let fail = |at: &[u8], source| PinError { at: at.to_vec(), source };
     let Some(parts) = clean_components(path) else {
         return Err(fail(path, io::Error::new(io::ErrorKind::InvalidInput, "not a clean absolute path")));
@@ -190,7 +199,7 @@ pub fn open_dir_pinned(path: &[u8]) -> Result<OwnedFd, PinError> {
     let mut end = 0;
     for part in parts {
         end += 1 + part.len();
-        dir = step(dir.as_fd(), part).map_err(|e| fail(&path[..end], e))?;
+        dir = next(dir.as_fd(), part).map_err(|e| fail(&path[..end], e))?;
     }
     Ok(dir)
 }
@@ -240,23 +249,13 @@ fn step(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
 /// [`open_dir_pinned`], creating each missing component (with `mode`) on
 /// the way: still one name per call, and never through a symlink.
 pub fn make_dir_pinned(path: &[u8], mode: u32) -> Result<OwnedFd, PinError> {
-    let fail = |at: &[u8], source| PinError { at: at.to_vec(), source };
-    let Some(parts) = clean_components(path) else {
-        return Err(fail(path, io::Error::new(io::ErrorKind::InvalidInput, "not a clean absolute path")));
-    };
-    let c = c"/";
-    // SAFETY: open with a valid C string; the result is checked.
-    let mut dir = check_fd(unsafe { libc::open(c.as_ptr(), DIR_FLAGS) }).map_err(|e| fail(b"/", e))?;
-    let mut end = 0;
-    for part in parts {
-        end += 1 + part.len();
-        match mkdirat(dir.as_fd(), part, mode) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(fail(&path[..end], e)),
+    walk_from_root(path, |dir, part| {
+        match mkdirat(dir, part, mode) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
-        dir = step(dir.as_fd(), part).map_err(|e| fail(&path[..end], e))?;
-    }
-    Ok(dir)
+        step(dir, part)
+    })
 }
 
 /// The kind of filesystem `fd` is on, by `statfs`'s magic number: its
