@@ -31,6 +31,12 @@ fn nobody_dir(p: &Path) {
     chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
 }
 
+/// Writes a file (and its missing parents) owned by nobody.
+fn nobody_file(p: &Path, data: &str) {
+    write(p, data);
+    chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
 /// A root-only directory outside every sandbox, holding secrets: what an
 /// attack would make the daemon read, write or delete.
 fn victim(d: &TestDaemon) -> PathBuf {
@@ -73,8 +79,7 @@ fn a_swapped_parent_a_replaced_root_or_a_swapped_store_parent_reach_nothing_outs
     // Four sandboxes of nobody's, each attacked one way.
     for dir in ["x/etc", "y", "z", "w"] {
         nobody_dir(&h.join(dir));
-        write(&h.join(dir).join("mine"), "nobody's own");
-        chown(h.join(dir).join("mine"), Some(NOBODY), Some(NOBODY)).unwrap();
+        nobody_file(&h.join(dir).join("mine"), "nobody's own");
     }
     nobody_dir(&h.join("x"));
     nobody_dir(&h.join("s"));
@@ -163,8 +168,7 @@ fn root_only_files_are_withheld_from_a_users_export_and_exported_for_root() {
     let d = shared_daemon();
     let sb = d.path("theirs");
     nobody_dir(&sb);
-    write(&sb.join("own.sh"), "#!/bin/sh\necho mine\n");
-    chown(sb.join("own.sh"), Some(NOBODY), Some(NOBODY)).unwrap();
+    nobody_file(&sb.join("own.sh"), "#!/bin/sh\necho mine\n");
     mode(&sb.join("own.sh"), 0o755);
     let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(978_307_200); // 2001
     std::fs::File::options().write(true).open(sb.join("own.sh")).unwrap().set_modified(old).unwrap();
@@ -248,8 +252,7 @@ fn a_user_cannot_export_where_it_could_not_write_nor_through_a_symlinked_parent(
     let d = shared_daemon();
     let sb = d.path("theirs");
     nobody_dir(&sb);
-    write(&sb.join("f"), "nobody's");
-    chown(sb.join("f"), Some(NOBODY), Some(NOBODY)).unwrap();
+    nobody_file(&sb.join("f"), "nobody's");
     let nobody = |args: &[&str]| as_nobody(&setpriv, &d.socket, args);
     run_ok(&nobody(&["--json", "sandbox", "add", sb.to_str().unwrap()]));
     let id = run_ok(&nobody(&["--json", "checkpoint", "theirs"]))["id"].as_str().unwrap().to_owned();
