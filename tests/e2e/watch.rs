@@ -172,7 +172,11 @@ fn an_injected_rescan_leads_to_a_full_comparison() {
     write(&root.join("new.txt"), "after the overflow");
     let full = checkpoint(&mut client, "sb");
     assert_eq!(full.full_scan, Some(true));
-    assert_eq!(full.scanned, Some(100 + 10 + 1), "every path was compared");
+    // Every path is compared once. With a full scan owed, the checkpoint
+    // does not wait for the watcher to catch up, so new.txt's own event may
+    // come during the scan and have it read once more as the tree settles.
+    let scanned = full.scanned.unwrap_or(0);
+    assert!((100 + 10 + 1..=100 + 10 + 2).contains(&scanned), "every path was compared: {full:?}");
     assert_eq!(full.changed, 1);
     let next = checkpoint(&mut client, "sb");
     assert_eq!(next.full_scan, Some(false), "back to incremental after the full scan");
