@@ -604,7 +604,15 @@ impl<'a> Walker<'a> {
 
 fn outcome(path: Vec<u8>, meta: Meta, key: StatKey, prior: Option<Row>) -> Outcome {
     match prior {
-        Some(p) if p.meta == meta => Outcome::Rekey(path, p.id, key),
+        // A version's inode number names its links (see `crate::links`):
+        // a multi-link path on another inode is a new version, so that the
+        // states before keep theirs.
+        // Its link count is the highest it had: a past state's names of
+        // one file stay findable by inode when the others are gone.
+        Some(p) if p.meta == meta && (p.key.ino == key.ino || (p.key.nlink < 2 && key.nlink < 2)) => {
+            let nlink = if p.key.ino == key.ino { key.nlink.max(p.key.nlink) } else { key.nlink };
+            Outcome::Rekey(path, p.id, StatKey { nlink, ..key })
+        }
         prior => Outcome::Version(NewRow { path, meta, key }, prior),
     }
 }

@@ -31,6 +31,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0010_restore_checkpoints.sql", include_str!("../../migrations/0010_restore_checkpoints.sql")),
     ("0011_pruned.sql", include_str!("../../migrations/0011_pruned.sql")),
     ("0012_link_counts.sql", include_str!("../../migrations/0012_link_counts.sql")),
+    ("0013_link_index.sql", include_str!("../../migrations/0013_link_index.sql")),
 ];
 
 /// The schema version this build writes.
@@ -308,6 +309,37 @@ pub fn rows_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Manifest>
         out.insert(path, row);
     }
     Ok(out)
+}
+
+/// Returns the file versions recorded at checkpoint `seq` with inode
+/// number `ino` and more than one link (see [`crate::links`]).
+pub fn linked_at(conn: &Connection, sandbox_id: i64, seq: u64, ino: u64) -> Result<Manifest> {
+    let sql = format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND ino = ?3 AND nlink > 1 AND kind = 'file'
+         AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut out = Manifest::default();
+    for r in stmt.query_map(params![sandbox_id, seq as i64, ino as i64], entry_from_row)? {
+        let (path, row) = r?;
+        out.insert(path, row);
+    }
+    Ok(out)
+}
+
+/// The link groups of two checkpoints of a sandbox, read from the
+/// catalogue: a restore's target and its live state.
+pub struct LinkedAt<'a> {
+    pub conn: &'a Connection,
+    pub sandbox_id: i64,
+    pub target: u64,
+    pub live: u64,
+}
+
+impl crate::links::Linked for LinkedAt<'_> {
+    fn linked(&self, live: bool, ino: u64) -> Result<Manifest> {
+        linked_at(self.conn, self.sandbox_id, if live { self.live } else { self.target }, ino)
+    }
 }
 
 /// Returns the number of paths recorded at checkpoint `seq`.

@@ -1580,8 +1580,10 @@ impl Engine {
         let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
         let live = self.live_state(conn, &sb)?;
         let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
-        let (t_side, l_side) = differences(&then, &live);
-        let plan = Plan::new(&t_side, &l_side, filter, &excludes);
+        let (mut t_side, mut l_side) = differences(&then, &live);
+        let relinked =
+            crate::links::relink(&crate::links::InMemory::new(&then, &live), &mut t_side, &mut l_side, true)?;
+        let plan = Plan::new(&t_side, &l_side, filter, &excludes, relinked);
         let total = match filter {
             [] => then.len(),
             _ => then.keys().filter(|p| selected(p, filter, &excludes)).count(),
@@ -1771,13 +1773,13 @@ impl Engine {
             };
             return Ok(report.restored + report.created + report.deleted);
         }
-        let (present, absent) = intent_desired(conn, &sandbox, intent)?;
+        let Desired { present, absent, relinked } = intent_desired(conn, &sandbox, intent)?;
         let live = self.live_state(conn, &sandbox)?;
         let wanted: std::collections::HashSet<&[u8]> =
             present.keys().map(Vec::as_slice).chain(absent.iter().map(Vec::as_slice)).collect();
         let live_side: Manifest = live.into_iter().filter(|(p, _)| wanted.contains(p.as_slice())).collect();
         let excludes = Excludes::new(&sandbox.excludes)?;
-        let plan = Plan::new(&present, &live_side, &[], &excludes);
+        let plan = Plan::new(&present, &live_side, &[], &excludes, relinked);
         let store = self.store(&sandbox.store)?;
         let root = self.open_root(&sandbox)?;
         let applied = plan.apply(root.as_fd(), &store, &self.apply_options(&sandbox))?;
@@ -1792,7 +1794,7 @@ impl Engine {
             .chain(absent.iter().map(|p| (p.as_slice(), None)))
             .filter(|(p, _)| !skipped.contains(p));
         let reason = format!("{} to {}, finished at start", intent.kind, intent.target);
-        self.record_restored(&sandbox, desired, root.as_fd(), reason, None);
+        self.record_restored(&sandbox, desired, &plan.linking(), root.as_fd(), reason, None);
         Ok(plan.steps.len() as u64)
     }
 
@@ -1821,7 +1823,9 @@ impl Engine {
             let done: std::collections::HashSet<&[u8]> = skipped.iter().map(Vec::as_slice).collect();
             let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
             let reason = format!("{} to {target_id}, after {}", restore_label(&safety.reason), safety.id);
-            restore_checkpoint = self.record_restored(sandbox, desired, root.as_fd(), reason, closes).map(|c| c.id);
+            let linking = plan.linking();
+            restore_checkpoint =
+                self.record_restored(sandbox, desired, &linking, root.as_fd(), reason, closes).map(|c| c.id);
             if !applied.cloned.is_empty() {
                 // After the answer, on a thread of its own: the answer does
                 // not wait for what only the next checkpoint gains from.
@@ -1867,6 +1871,7 @@ impl Engine {
         &self,
         sandbox: &Sandbox,
         desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
+        linking: &std::collections::HashSet<&[u8]>,
         root: std::os::fd::BorrowedFd<'_>,
         reason: String,
         closes: Option<i64>,
@@ -1879,7 +1884,9 @@ impl Engine {
             let mut added = Vec::new();
             for (path, want) in desired {
                 let have = current.get(path);
-                if have.map(|r| &r.meta) == want {
+                // A path written for its links alone gets a version for
+                // its new inode.
+                if have.map(|r| &r.meta) == want && !linking.contains(path) {
                     continue;
                 }
                 if let Some(r) = have {
@@ -2397,8 +2404,10 @@ fn restore_plan(
     filter: &[Vec<u8>],
     excludes: &Excludes,
 ) -> Result<(Plan, Manifest, Manifest)> {
-    let (t_side, l_side) = catalogue::rows_between(conn, sandbox_id, target, now)?;
-    let plan = Plan::new(&t_side, &l_side, filter, excludes);
+    let (mut t_side, mut l_side) = catalogue::rows_between(conn, sandbox_id, target, now)?;
+    let linked = catalogue::LinkedAt { conn, sandbox_id, target, live: now };
+    let relinked = crate::links::relink(&linked, &mut t_side, &mut l_side, true)?;
+    let plan = Plan::new(&t_side, &l_side, filter, excludes, relinked);
     Ok((plan, t_side, l_side))
 }
 
@@ -2420,13 +2429,13 @@ struct Reverting {
 fn revert_plan(
     conn: &Connection,
     sandbox_id: i64,
-    (parent, step, now): (u64, u64, u64),
+    (parent, step, now_seq): (u64, u64, u64),
     force: bool,
     excludes: &Excludes,
 ) -> Result<std::result::Result<Reverting, Vec<Vec<u8>>>> {
     let (before, after) = catalogue::rows_between(conn, sandbox_id, parent, step)?;
     let step_paths = changed_paths(&before, &after);
-    let (then, now) = catalogue::rows_between(conn, sandbox_id, step, now)?;
+    let (then, now) = catalogue::rows_between(conn, sandbox_id, step, now_seq)?;
     let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
     // A path to put back whose directory was removed (or became something
     // else) after the step conflicts too: putting it back would undo that
@@ -2461,8 +2470,20 @@ fn revert_plan(
             live.insert(p.clone(), row.clone());
         }
     }
-    let plan = Plan::new(&target, &live, &[], excludes);
+    let linked = catalogue::LinkedAt { conn, sandbox_id, target: parent, live: now_seq };
+    let relinked = crate::links::relink(&linked, &mut target, &mut live, false)?;
+    let plan = Plan::new(&target, &live, &[], excludes, relinked);
     Ok(Ok(Reverting { plan, conflicts, step_paths: step_paths.len() }))
+}
+
+/// What an interrupted restore must still bring about.
+struct Desired {
+    /// The version each path must end with.
+    present: Manifest,
+    /// The paths that must not exist.
+    absent: Vec<Vec<u8>>,
+    /// Paths written for their links alone (see [`Plan::new`]).
+    relinked: std::collections::BTreeSet<Vec<u8>>,
 }
 
 /// The version every path an `applying` intent touches must end with, and
@@ -2471,14 +2492,10 @@ fn revert_plan(
 /// sandbox's history changes while a restore holds its lock, and neither
 /// checkpoint can be pruned before the restore is finished), or read as an
 /// earlier daemon recorded them.
-fn intent_desired(
-    conn: &Connection,
-    sandbox: &Sandbox,
-    intent: &catalogue::Intent,
-) -> Result<(Manifest, Vec<Vec<u8>>)> {
+fn intent_desired(conn: &Connection, sandbox: &Sandbox, intent: &catalogue::Intent) -> Result<Desired> {
     let recorded = catalogue::intent_paths(conn, intent.id)?;
     if !recorded.0.is_empty() || !recorded.1.is_empty() {
-        return Ok(recorded);
+        return Ok(Desired { present: recorded.0, absent: recorded.1, relinked: Default::default() });
     }
     let safety = intent
         .safety
@@ -2507,7 +2524,16 @@ fn intent_desired(
             None => absent.push(path.to_vec()),
         }
     }
-    Ok((present, absent))
+    // Names of one file keep a key of their own, so that the plan made
+    // again from these finds the same groups.
+    for (i, group) in plan.links.iter().enumerate() {
+        for path in group {
+            if let Some(row) = present.get_mut(path) {
+                row.key = crate::manifest::StatKey { ctime_ns: 0, ino: i as u64 + 1, racy: false, nlink: 2 };
+            }
+        }
+    }
+    Ok(Desired { present, absent, relinked: plan.relinked })
 }
 
 /// What a restore was, from its safety checkpoint's reason (`before

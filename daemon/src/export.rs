@@ -13,7 +13,8 @@
 //! created as that user, where that user could create it. Only the store's
 //! objects are opened as the daemon. Content the user could not have read
 //! at capture time is withheld, and FIFOs, sockets and devices are left
-//! out; both are reported, path by path.
+//! out; both are reported, path by path. Names of one recorded file are
+//! names of one exported file.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -76,6 +77,12 @@ fn fill(
 ) -> io::Result<Exported> {
     let mut out = Exported::default();
     let mut dirs = Vec::new();
+    // Names of one recorded file become names of one exported file: the
+    // first written of each group, by group.
+    let groups = crate::links::groups(rows);
+    let group_of: std::collections::HashMap<&[u8], usize> =
+        groups.iter().enumerate().flat_map(|(i, g)| g.iter().map(move |p| (p.as_slice(), i))).collect();
+    let mut written: std::collections::HashMap<usize, &[u8]> = Default::default();
     // A manifest is sorted, so a directory comes before what it holds.
     for (path, row) in rows {
         let meta = &row.meta;
@@ -93,6 +100,14 @@ fn fill(
                     out.withheld.push((path.clone(), why));
                     continue;
                 }
+                let group = group_of.get(path.as_slice()).copied();
+                if let Some(first) = group.and_then(|g| written.get(&g)) {
+                    let (first_dir, first_name) = sys::split_parent(first);
+                    let from = sys::open_beneath(root, first_dir)?;
+                    sys::linkat(from.as_fd(), first_name, dir, name)?;
+                    out.files += 1;
+                    continue;
+                }
                 let id = meta.object.as_ref().ok_or_else(|| io::Error::other("a file without an object"))?;
                 let object = match acting {
                     Some(a) => a.as_daemon(|| store.open_object(id))?,
@@ -105,6 +120,9 @@ fn fill(
                 sys::fchmod(f.as_fd(), meta.mode & 0o7555)?;
                 sys::set_mtime(f.as_fd(), meta.mtime_ns)?;
                 out.files += 1;
+                if let Some(g) = group {
+                    written.insert(g, path);
+                }
             }
             Kind::Symlink => {
                 let target = meta.target.as_deref().ok_or_else(|| io::Error::other("a symlink without a target"))?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod links;
 pub mod manifest;
 pub mod progress;
 pub mod restore;

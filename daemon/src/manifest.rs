@@ -73,9 +73,11 @@ pub struct StatKey {
     /// The path changed so close to its scan that an equal stat later does
     /// not prove it unchanged.
     pub racy: bool,
-    /// How many names its inode had: above 1, another name (perhaps
-    /// outside the sandbox) can change it with no event for this one, so
-    /// it is compared at every checkpoint.
+    /// The most names its inode had while this version was current: above
+    /// 1, another name (perhaps outside the sandbox) can change it with no
+    /// event for this one, so it is compared at every checkpoint; and
+    /// versions of one state with its inode number are names of one file
+    /// (see `crate::links`).
     pub nlink: u32,
 }
 

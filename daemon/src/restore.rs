@@ -39,6 +39,11 @@ pub enum Step {
 #[derive(Default, Debug)]
 pub struct Plan {
     pub steps: BTreeMap<Vec<u8>, Step>,
+    /// Planned files that must end as names of one file, each group
+    /// sorted: the first is written, the others are linked to it.
+    pub links: Vec<Vec<Vec<u8>>>,
+    /// Paths planned although their version holds, for their links alone.
+    pub relinked: std::collections::BTreeSet<Vec<u8>>,
 }
 
 /// Outcome counters of an applied (or planned) restore.
@@ -63,14 +68,21 @@ impl Plan {
     /// versions in the state to restore, `live` their live versions. A path
     /// in neither side is left alone. Only paths selected by `filter` are
     /// planned, plus the missing ancestors of selected paths; excluded
-    /// paths never are.
-    pub fn new(target: &Manifest, live: &Manifest, filter: &[Vec<u8>], excludes: &Excludes) -> Plan {
+    /// paths never are. `relinked`: paths planned even where their version
+    /// holds, because their links differ (see [`crate::links::relink`]).
+    pub fn new(
+        target: &Manifest,
+        live: &Manifest,
+        filter: &[Vec<u8>],
+        excludes: &Excludes,
+        relinked: std::collections::BTreeSet<Vec<u8>>,
+    ) -> Plan {
         let mut steps = BTreeMap::new();
         let wanted = |p: &[u8]| selected(p, filter, excludes);
         for (path, t) in target {
             let step = match live.get(path) {
                 None => Step::Create(t.meta.clone()),
-                Some(l) if l.meta == t.meta => continue,
+                Some(l) if l.meta == t.meta && !relinked.contains(path) => continue,
                 Some(l) => Step::Restore { live: l.meta.clone(), target: t.meta.clone() },
             };
             if wanted(path) {
@@ -96,7 +108,17 @@ impl Plan {
                 }
             }
         }
-        Plan { steps }
+        let written =
+            target.iter().filter(|(p, _)| matches!(steps.get(*p), Some(Step::Create(_) | Step::Restore { .. })));
+        let links = crate::links::groups(written);
+        let relinked = relinked.into_iter().filter(|p| steps.contains_key(p)).collect();
+        Plan { steps, links, relinked }
+    }
+
+    /// The planned paths written for their links: the members of a group
+    /// and the paths parted from one.
+    pub fn linking(&self) -> std::collections::HashSet<&[u8]> {
+        self.links.iter().flatten().chain(&self.relinked).map(Vec::as_slice).collect()
     }
 
     /// Returns the version each planned path must end with (`None`: it
@@ -182,6 +204,11 @@ impl Plan {
         //    everything else (nothing lives below those) on a few threads.
         let mut dir_modes = Vec::new();
         let mut leaves = Vec::new();
+        // Each name of a group but its first is linked to the first, once
+        // that is written.
+        let leader_of: std::collections::HashMap<&[u8], &Vec<u8>> =
+            self.links.iter().flat_map(|g| g[1..].iter().map(move |p| (p.as_slice(), &g[0]))).collect();
+        let mut followers = Vec::new();
         for (path, step) in &self.steps {
             let (target, live_dir) = match step {
                 Step::Delete(_) => continue,
@@ -198,7 +225,10 @@ impl Plan {
             if target.kind != Kind::Dir {
                 // A file over a file is rewritten in place where it may be.
                 let over_file = matches!(step, Step::Restore { live, .. } if live.kind == Kind::File);
-                leaves.push((path, (restorable(target, owner), over_file)));
+                match leader_of.get(path.as_slice()) {
+                    Some(leader) => followers.push((path, (restorable(target, owner), over_file, *leader))),
+                    None => leaves.push((path, (restorable(target, owner), over_file))),
+                }
                 continue;
             }
             tick();
@@ -237,6 +267,22 @@ impl Plan {
         };
         let mut not_put = on_threads(&leaves, |(path, (target, over_file))| put(path, target, *over_file))?;
         not_put.sort();
+        let linked = |(path, (target, over_file, leader)): &(&Vec<u8>, Follower<'_>)| {
+            if not_put.binary_search(*leader).is_err() {
+                tick();
+                match put_link(root, leader, path) {
+                    Ok(()) => return Ok(true),
+                    // Another filesystem, too many links, a file the caller
+                    // may not link to: written on its own instead.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EMLINK | libc::EPERM)) => {}
+                    Err(e) => return Err(e).ctx(|| format!("linking {} to {}", show(path), show(leader))),
+                }
+            }
+            put(path, target, *over_file)
+        };
+        let not_linked = on_threads(&followers, linked)?;
+        not_put.extend(not_linked);
+        not_put.sort();
         applied.skipped.extend(not_put);
         applied.cloned = cloned.into_inner().unwrap_or_else(|p| p.into_inner());
         // 3. Directory owners and modes, deepest first.
@@ -259,6 +305,10 @@ impl Plan {
         Ok(applied)
     }
 }
+
+/// A path to link to the first of its group (its leader), with what to
+/// write there instead if it cannot be.
+type Follower<'a> = (std::borrow::Cow<'a, Meta>, bool, &'a Vec<u8>);
 
 /// Runs `work` on every `(path, _)` item, on one thread per core (at most
 /// four) when there are 16 items or more. Returns the paths of the items it
@@ -558,6 +608,26 @@ fn fill(fd: BorrowedFd<'_>, st: &libc::stat, meta: &Meta, object: &Object, optio
         sys::fsync(fd)?;
     }
     Ok(cloned)
+}
+
+/// Makes `path` another name of the file at `leader` (both relative to
+/// `root`), replacing what `path` was.
+fn put_link(root: BorrowedFd<'_>, leader: &[u8], path: &[u8]) -> io::Result<()> {
+    let (leader_dir, leader_name) = sys::split_parent(leader);
+    let from = sys::open_beneath(root, leader_dir)?;
+    let (parent, name) = sys::split_parent(path);
+    let dir = sys::open_beneath(root, parent)?;
+    let mut tmp_name = Vec::new();
+    via_temp(dir.as_fd(), name, |tmp| {
+        tmp_name = tmp.to_vec();
+        sys::linkat(from.as_fd(), leader_name, dir.as_fd(), tmp)
+    })?;
+    // A rename between two names of one file does nothing, and leaves the
+    // temporary name behind.
+    match sys::unlinkat(dir.as_fd(), &tmp_name, false) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn put_symlink(dir: BorrowedFd<'_>, name: &[u8], meta: &Meta, as_root: bool) -> io::Result<()> {

@@ -23,7 +23,7 @@ use snapback::proto::{CheckpointRequest, ListRequest, RevertRequest, RollbackRep
 use snapback::{Client, ClientError};
 
 use crate::fixture::TestDaemon;
-use crate::tree::{Node, assert_same, snapshot};
+use crate::tree::{Node, assert_same, link_sets, snapshot};
 
 type Tree = BTreeMap<Vec<u8>, Node>;
 
@@ -58,15 +58,32 @@ struct Run {
     root: std::path::PathBuf,
     /// What each checkpoint held, by id.
     held: HashMap<String, Tree>,
+    /// Which of its files were names of one file, by id.
+    held_links: HashMap<String, Links>,
     /// The tree before the latest rollback, revert or undo: what `undo`
     /// must bring back.
-    before_last_restore: Option<Tree>,
+    before_last_restore: Option<(Tree, Links)>,
     op: usize,
 }
+
+type Links = BTreeSet<Vec<Vec<u8>>>;
 
 impl Run {
     fn tree(&self) -> Tree {
         snapshot(&self.root)
+    }
+
+    fn links(&self) -> Links {
+        link_sets(&self.root)
+    }
+
+    /// Asserts the live tree's names of one file are `expected`'s.
+    fn assert_links(&self, expected: &Links, what: &str) {
+        let live = self.links();
+        let show = |l: &Links| -> Vec<Vec<String>> {
+            l.iter().map(|g| g.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()).collect()
+        };
+        assert_eq!(show(&live), show(expected), "{}: names of one file", self.what(what));
     }
 
     fn at(&self, rel: &[u8]) -> std::path::PathBuf {
@@ -211,6 +228,7 @@ impl Run {
             .client
             .checkpoint(CheckpointRequest { sandbox: "m".into(), ..Default::default() })
             .unwrap_or_else(|e| panic!("{}: {e}", self.what("checkpoint")));
+        self.held_links.insert(c.id.clone(), self.links());
         self.held.insert(c.id, self.tree());
     }
 
@@ -222,27 +240,30 @@ impl Run {
 
     /// Records the daemon's own checkpoints of a restore: the safety one
     /// held the tree before, the restore one the tree after.
-    fn restored(&mut self, report: &RollbackReport, before: Tree) {
+    fn restored(&mut self, report: &RollbackReport, (before, links_before): (Tree, Links)) {
         let after = self.tree();
         if let Some(s) = &report.safety_checkpoint {
             self.held.insert(s.clone(), before.clone());
+            self.held_links.insert(s.clone(), links_before.clone());
         }
         if let Some(r) = &report.restore_checkpoint {
             self.held.insert(r.clone(), after);
+            self.held_links.insert(r.clone(), self.links());
         }
-        self.before_last_restore = Some(before);
+        self.before_last_restore = Some((before, links_before));
     }
 
     fn rollback(&mut self) {
         let existing = self.existing();
         let Some(target) = self.rng.pick(&existing).cloned() else { return };
-        let before = self.tree();
+        let before = (self.tree(), self.links());
         let report = self
             .client
             .rollback(RollbackRequest { checkpoint: target.clone(), paths: vec![], dry_run: false })
             .unwrap_or_else(|e| panic!("{}: {e}", self.what("rollback")));
         let expected = self.held[&target].clone();
         assert_same(&self.tree(), &expected, &self.what(&format!("rollback to {target}")));
+        self.assert_links(&self.held_links[&target], &format!("rollback to {target}"));
         self.restored(&report, before);
     }
 
@@ -257,6 +278,7 @@ impl Run {
         let i = 1 + self.rng.below(existing.len() - 1);
         let (parent, step) = (&self.held[&existing[i - 1]], &self.held[&existing[i]]);
         let before = self.tree();
+        let links_before = self.links();
         let changed: BTreeSet<&Vec<u8>> =
             parent.keys().chain(step.keys()).filter(|p| parent.get(*p) != step.get(*p)).collect();
         // Changed again later, or to be put back into a directory that was
@@ -290,6 +312,8 @@ impl Run {
             Err(ClientError::Daemon(e)) if conflict && e.code == snapback::proto::ErrorCode::Conflict => {
                 assert_same(&self.tree(), &before, &self.what("a refused revert"));
             }
+            // A revert brings names of one file back only among the paths
+            // its step changed: their links are not compared.
             Ok(report) if !conflict => {
                 // A directory the step made that holds later entries stays.
                 for p in &report.skipped {
@@ -313,17 +337,18 @@ impl Run {
                     }
                 }
                 assert_same(&self.tree(), &expected, &self.what(&format!("revert of {}", existing[i])));
-                self.restored(&report, before);
+                self.restored(&report, (before, links_before));
             }
             other => panic!("{}: conflict expected: {conflict}, got {other:?}", self.what("revert")),
         }
     }
 
     fn undo(&mut self) {
-        let Some(expected) = self.before_last_restore.clone() else { return };
-        let before = self.tree();
+        let Some((expected, links)) = self.before_last_restore.clone() else { return };
+        let before = (self.tree(), self.links());
         let report = self.client.undo("m").unwrap_or_else(|e| panic!("{}: {e}", self.what("undo")));
         assert_same(&self.tree(), &expected, &self.what("undo"));
+        self.assert_links(&links, "undo");
         self.restored(&report, before);
     }
 
@@ -346,7 +371,17 @@ fn a_random_agent_session_is_restored_exactly_every_time() {
     std::fs::create_dir(&root).unwrap();
     d.add_sandbox("m", &root, &[]);
     let client = d.client();
-    let mut run = Run { rng: Rng(seed), seed, d, client, root, held: HashMap::new(), before_last_restore: None, op: 0 };
+    let mut run = Run {
+        rng: Rng(seed),
+        seed,
+        d,
+        client,
+        root,
+        held: HashMap::new(),
+        held_links: HashMap::new(),
+        before_last_restore: None,
+        op: 0,
+    };
     let mut counts = [0usize; 5];
     // SNAPBACK_MODEL_TRACE=1 prints each operation with the tree after it.
     let trace = std::env::var_os("SNAPBACK_MODEL_TRACE").is_some();

@@ -83,3 +83,18 @@ pub fn assert_same(actual: &BTreeMap<Vec<u8>, Node>, expected: &BTreeMap<Vec<u8>
     }
     panic!("{what}: the tree differs from what was expected:\n{report}");
 }
+
+/// The names of one file below `root`: each set of two or more regular
+/// files that share an inode, as sorted relative paths.
+pub fn link_sets(root: &Path) -> std::collections::BTreeSet<Vec<Vec<u8>>> {
+    let mut by_inode: BTreeMap<(u64, u64), Vec<Vec<u8>>> = BTreeMap::new();
+    for (rel, node) in snapshot(root) {
+        if matches!(node, Node::File { .. }) {
+            let meta = std::fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(&rel))).expect("lstat");
+            if meta.nlink() > 1 {
+                by_inode.entry((meta.dev(), meta.ino())).or_default().push(rel);
+            }
+        }
+    }
+    by_inode.into_values().filter(|names| names.len() > 1).collect()
+}

@@ -527,3 +527,64 @@ fn a_file_with_several_names_is_never_kept_stale() {
     assert_eq!(std::fs::read_to_string(root.join("b/y")).unwrap(), "two, written through a/x");
     assert_eq!(std::fs::read_to_string(root.join("z")).unwrap(), "outside one");
 }
+
+#[test]
+fn names_of_one_file_come_back_as_one_file() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let root = d.path("sb");
+    write(&root.join("a/x"), "one");
+    std::fs::create_dir_all(root.join("b")).unwrap();
+    std::fs::hard_link(root.join("a/x"), root.join("b/y")).unwrap();
+    std::fs::hard_link(root.join("a/x"), root.join("b/z")).unwrap();
+    write(&root.join("p"), "apart");
+    write(&root.join("q"), "apart");
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    let c1 = checkpoint(&mut client, "sb");
+    let ino = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap().ino();
+    let one_file = |names: &[&str]| names.iter().all(|n| ino(n) == ino(names[0]));
+    // An editor's save through one name: a new file, no longer linked.
+    write(&root.join("a/x.tmp"), "two");
+    std::fs::rename(root.join("a/x.tmp"), root.join("a/x")).unwrap();
+    // A copy of one name over another: the content holds, the link goes.
+    std::fs::remove_file(root.join("b/z")).unwrap();
+    std::fs::copy(root.join("b/y"), root.join("b/z")).unwrap();
+    // Two apart files joined.
+    std::fs::remove_file(root.join("q")).unwrap();
+    std::fs::hard_link(root.join("p"), root.join("q")).unwrap();
+    let c2 = checkpoint(&mut client, "sb");
+    assert!(!one_file(&["a/x", "b/y"]) && !one_file(&["b/y", "b/z"]) && one_file(&["p", "q"]));
+    let report = d.rollback(&c1.id);
+    assert!(one_file(&["a/x", "b/y", "b/z"]), "{report}");
+    assert_eq!(std::fs::metadata(root.join("b/z")).unwrap().nlink(), 3);
+    assert_eq!(std::fs::read_to_string(root.join("b/z")).unwrap(), "one");
+    assert!(!one_file(&["p", "q"]), "names the checkpoint held apart are apart again");
+    // The state the rollback left is recorded as one file too: a rollback
+    // to c2 and back brings the same links.
+    d.rollback(&c2.id);
+    assert!(!one_file(&["a/x", "b/y"]) && one_file(&["p", "q"]));
+    d.rollback(&c1.id);
+    assert!(one_file(&["a/x", "b/y", "b/z"]));
+    // Content written through one name changes every name, and a rollback
+    // brings it back under every name, still one file.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(root.join("b/y")).unwrap();
+        f.write_all(b"three, through b/y").unwrap();
+    }
+    checkpoint(&mut client, "sb");
+    d.rollback(&c1.id);
+    assert!(one_file(&["a/x", "b/y", "b/z"]));
+    assert_eq!(std::fs::read_to_string(root.join("a/x")).unwrap(), "one");
+    // An export holds them as one file of its own, not the store's.
+    let out = d.path("export");
+    d.json(&["export", &c1.id, out.to_str().unwrap()]);
+    let exported = |p: &str| std::fs::symlink_metadata(out.join(p)).unwrap();
+    assert_eq!(exported("a/x").ino(), exported("b/y").ino());
+    assert_eq!(exported("a/x").ino(), exported("b/z").ino());
+    assert_eq!(exported("a/x").nlink(), 3);
+    assert_ne!(exported("p").ino(), exported("q").ino());
+    assert_eq!(std::fs::read_to_string(out.join("b/z")).unwrap(), "one");
+}
