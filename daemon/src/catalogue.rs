@@ -1086,13 +1086,14 @@ mod tests {
                 .unwrap();
             assert_eq!(n, 1, "table {table} missing");
         }
-        // Versions are indexed by checkpoint only: an index by path or by
-        // object puts each new version at a random page (migrations 6, 7).
+        // Versions are indexed by checkpoint, and multi-link ones by inode
+        // (migration 13): an index of every version by path or by object
+        // puts each new version at a random page (migrations 6, 7).
         let mut stmt =
             conn.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries'").unwrap();
         let mut indexes: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
         indexes.sort();
-        assert_eq!(indexes, ["entries_end", "entries_start"]);
+        assert_eq!(indexes, ["entries_end", "entries_links", "entries_start"]);
         drop(stmt);
         drop(conn);
         // Opening again applies nothing and keeps the version.

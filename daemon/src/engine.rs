@@ -1817,8 +1817,10 @@ impl Engine {
         let mut skipped = Vec::new();
         let mut restore_checkpoint = None;
         if let Some(safety) = safety {
+            let started = Instant::now();
             let root = self.open_root(sandbox)?;
             let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
+            let apply_ms = ms_since(started);
             skipped = applied.skipped;
             let done: std::collections::HashSet<&[u8]> = skipped.iter().map(Vec::as_slice).collect();
             let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
@@ -1826,6 +1828,7 @@ impl Engine {
             let linking = plan.linking();
             restore_checkpoint =
                 self.record_restored(sandbox, desired, &linking, root.as_fd(), reason, closes).map(|c| c.id);
+            tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
             if !applied.cloned.is_empty() {
                 // After the answer, on a thread of its own: the answer does
                 // not wait for what only the next checkpoint gains from.
@@ -1893,16 +1896,25 @@ impl Engine {
                     ended.push((path.to_vec(), r.id, r.meta.kind, r.meta.size));
                 }
                 if let Some(meta) = want {
-                    let (dir, name) = sys::split_parent(path);
-                    let st = sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name));
-                    let key = match st {
-                        Ok(st) => StatKey {
-                            ctime_ns: sys::ctime_ns(&st),
-                            ino: st.st_ino,
-                            racy: true,
-                            nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
-                        },
-                        Err(_) => StatKey { ctime_ns: 0, ino: 0, racy: true, nlink: 1 },
+                    // Racy: the next checkpoint that meets it reads it again
+                    // (its own writes are events for the watcher). Only the
+                    // names of one file need their inode now, to be found
+                    // as such; every other file a restore writes has one
+                    // name.
+                    let unknown = StatKey { ctime_ns: 0, ino: 0, racy: true, nlink: 1 };
+                    let key = if linking.contains(path) {
+                        let (dir, name) = sys::split_parent(path);
+                        match sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name)) {
+                            Ok(st) => StatKey {
+                                ctime_ns: sys::ctime_ns(&st),
+                                ino: st.st_ino,
+                                racy: true,
+                                nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
+                            },
+                            Err(_) => unknown,
+                        }
+                    } else {
+                        unknown
                     };
                     added.push(catalogue::NewRow { path: path.to_vec(), meta: meta.clone(), key });
                 }
