@@ -1352,7 +1352,9 @@ impl Engine {
         let pack = matches!(scope, Scope::Paths(_)).then(|| store.pack());
         // A checkpoint that read nothing holds the tree of its barrier.
         let read_nothing = matches!(scope, Scope::Paths(paths) if paths.is_empty());
-        let captured = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns).and_then(|c| {
+        let scanned = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns);
+        let read_ms = ms_since(started);
+        let captured = scanned.and_then(|c| {
             if read_nothing {
                 return Ok(c);
             }
@@ -1463,7 +1465,7 @@ impl Engine {
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
             scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
-            drain_ms, rows_ms, scan_ms, written_ms, ms = ms_since(started), "checkpoint"
+            drain_ms, rows_ms, read_ms, scan_ms, written_ms, ms = ms_since(started), "checkpoint"
         );
         drop(storing);
         if !captured.dropped.is_empty() {
