@@ -142,9 +142,9 @@ impl FileConfig {
     }
 
     /// Returns the connection limits, defaults where not set.
-    pub fn limits(&self) -> crate::server::Limits {
-        let default = crate::server::Limits::default();
-        crate::server::Limits {
+    pub fn limits(&self) -> Limits {
+        let default = Limits::default();
+        Limits {
             per_uid: self.max_connections_per_uid.unwrap_or(default.per_uid),
             idle: self.idle_timeout_ms.map_or(default.idle, std::time::Duration::from_millis),
             hello: default.hello,
@@ -194,6 +194,26 @@ pub fn systemd_dropin(config: &FileConfig) -> String {
         }
     }
     out
+}
+
+/// Limits that keep a careless or hostile client from holding the daemon's
+/// memory or starving other clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections one uid may hold open at once. One more evicts that
+    /// uid's longest-idle connection (never one with a request running);
+    /// when all are busy, the new one is refused with `busy`.
+    pub per_uid: usize,
+    /// A connection that sends no complete line for this long is closed.
+    pub idle: std::time::Duration,
+    /// A connection that has not said hello within this long is closed.
+    pub hello: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { per_uid: 64, idle: std::time::Duration::from_secs(600), hello: std::time::Duration::from_secs(10) }
+    }
 }
 
 #[cfg(test)]

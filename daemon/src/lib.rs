@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod hooks;
 pub mod links;
 pub mod manifest;
 pub mod progress;
@@ -56,7 +57,7 @@ pub struct Config {
     /// Sandboxes to register at start, unless they are already.
     pub register: Vec<config::Registration>,
     /// Connection limits: per uid, idle and hello timeouts.
-    pub limits: server::Limits,
+    pub limits: config::Limits,
     /// When checkpoints and rollbacks are acknowledged.
     pub durability: config::Durability,
 }

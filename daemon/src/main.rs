@@ -56,6 +56,8 @@ fn main() -> ExitCode {
         }
     };
     let args = Args::parse();
+    // Read once, before the daemon's threads start.
+    snapback_daemon::hooks::init();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SNAPBACK_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -83,25 +83,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<std::os::unix::net::Unix
     Ok(std::os::unix::net::UnixListener::from(fd))
 }
 
-/// Limits that keep a careless or hostile client from holding the daemon's
-/// memory or starving other clients.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Connections one uid may hold open at once. One more evicts that
-    /// uid's longest-idle connection (never one with a request running);
-    /// when all are busy, the new one is refused with `busy`.
-    pub per_uid: usize,
-    /// A connection that sends no complete line for this long is closed.
-    pub idle: Duration,
-    /// A connection that has not said hello within this long is closed.
-    pub hello: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits { per_uid: 64, idle: Duration::from_secs(600), hello: Duration::from_secs(10) }
-    }
-}
+pub use crate::config::Limits;
 
 /// One open connection, as the registry sees it.
 struct Slot {

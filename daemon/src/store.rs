@@ -715,8 +715,7 @@ impl Store {
         // With `SNAPBACK_TEST_HOOKS=1` and `SNAPBACK_TEST_HOLD_PACKS=1`, the
         // thread leaves sealed packs unrecorded, for a test that kills the
         // daemon to see them recovered.
-        let hold =
-            crate::engine::test_hooks() && std::env::var_os("SNAPBACK_TEST_HOLD_PACKS").is_some_and(|v| v == "1");
+        let hold = crate::hooks::enabled() && std::env::var_os("SNAPBACK_TEST_HOLD_PACKS").is_some_and(|v| v == "1");
         let index_log = {
             let (index, packs) = (index.clone(), packs.try_clone()?);
             let what = index_path.display().to_string();

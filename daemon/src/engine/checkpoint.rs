@@ -1,0 +1,602 @@
+//! Checkpoints: the capture transaction (scan, settle, write), the
+//! manifest cache, and the read-only requests on checkpoints (list, show,
+//! diff).
+
+use super::*;
+
+impl Engine {
+    /// Undoes a checkpoint that failed before its commit: the cached
+    /// manifest goes back (unless `current` is `None`: the catalogue
+    /// refused it as stale), the next checkpoint compares everything (this one
+    /// drained the dirty set), and the objects it stored are removed, so an
+    /// absent checkpoint leaves nothing behind, not even until the next
+    /// start. `storing` is the checkpoint's shared hold on the store.
+    pub(super) fn abandon(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        store: &Store,
+        watch: Option<&SandboxWatch>,
+        current: Option<Manifest>,
+        storing: std::sync::RwLockReadGuard<'_, ()>,
+    ) {
+        if let Some(current) = current {
+            self.put_manifest(sandbox.id, sandbox.head_seq, current);
+        }
+        if let Some(w) = watch {
+            w.force_full("the previous checkpoint failed".into());
+        }
+        drop(storing);
+        let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        match self.collect_garbage(conn, &sandbox.store) {
+            Ok((n, bytes)) if n > 0 => {
+                tracing::info!(sandbox = %sandbox.name, objects = n, bytes, "removed the objects of a failed checkpoint")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(sandbox = %sandbox.name, "removing the objects of a failed checkpoint: {e}"),
+        }
+    }
+
+    pub(super) fn checkpoint(&self, peer: &Peer, req: CheckpointRequest) -> Result<CheckpointInfo> {
+        let CheckpointRequest { sandbox, plan, reason, tool, phase, labels, pin, kind } = req;
+        let kind = kind.unwrap_or(if tool.is_some() { CheckpointKind::Tool } else { CheckpointKind::Manual });
+        if matches!(kind, CheckpointKind::Safety | CheckpointKind::Restore) {
+            return Err(Error::InvalidRequest(format!("{} checkpoints are taken by the daemon itself", kind.as_str())));
+        }
+        let mut conn = self.db()?;
+        let sb = self.active_sandbox(&conn, peer, &sandbox)?;
+        if let Some(plan) = &plan {
+            if plan.is_empty() || plan.len() > 200 || plan.chars().any(char::is_control) {
+                return Err(Error::InvalidRequest(format!("{plan:?} is not a valid plan id")));
+            }
+            check_plan_open(&conn, plan, &sb)?;
+        }
+        let guard = self.sandbox_lock(sb.id);
+        let _held = lock(&guard);
+        let new = NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned: pin };
+        self.take(&mut conn, sb.id, new)
+    }
+
+    /// Takes the current manifest of a sandbox out of the cache, or reads it
+    /// from the catalogue. The caller holds the sandbox's lock and gives it
+    /// back with [`Engine::put_manifest`].
+    pub(super) fn take_manifest(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
+        match lock(&self.cache.manifests).remove(&sandbox.id) {
+            Some((seq, m)) if seq == sandbox.head_seq => Ok(m),
+            _ => catalogue::current_rows(conn, sandbox.id),
+        }
+    }
+
+    pub(super) fn put_manifest(&self, sandbox_id: i64, seq: u64, manifest: Manifest) {
+        lock(&self.cache.manifests).insert(sandbox_id, (seq, manifest));
+    }
+
+    /// Returns a copy of the current manifest of a sandbox.
+    pub(super) fn copy_manifest(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
+        if let Some((seq, m)) = lock(&self.cache.manifests).get(&sandbox.id)
+            && *seq == sandbox.head_seq
+        {
+            return Ok(m.clone());
+        }
+        catalogue::current_rows(conn, sandbox.id)
+    }
+
+    /// Compares the live tree in `scope` with `current`, its current
+    /// versions. With a store, new content is stored; without one (a dry
+    /// run), only hashed.
+    pub(super) fn scan(
+        &self,
+        sandbox: &Sandbox,
+        scope: &Scope,
+        current: &Manifest,
+        store: Option<(&Store, Option<&Pack<'_>>)>,
+        scan_start_ns: i64,
+    ) -> Result<Captured> {
+        let root = self.open_root(sandbox)?;
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        let progress = progress::current();
+        if let Some(p) = &progress {
+            // A full scan visits about as many entries as the manifest holds.
+            let total = matches!(scope, Scope::Everything).then_some(current.len() as u64).filter(|&n| n > 0);
+            p.start(progress::Phase::Scanning, total);
+        }
+        let opts = Options {
+            root: root.as_fd(),
+            excludes: &excludes,
+            store: store.map(|(s, _)| s),
+            reflink: sandbox.clone_method == CloneMethod::Reflink,
+            pack: store.and_then(|(_, p)| p),
+            racy_after_ns: scan_start_ns - RACY_WINDOW_NS,
+            progress: progress.as_deref(),
+        };
+        capture::capture(current, scope, &opts)
+    }
+
+    /// The paths of `sandbox`'s files whose inode had more than one name
+    /// when last compared, as of checkpoint `seq` whose manifest is
+    /// `current`: kept beside the manifest cache, made from `current` when
+    /// it is not there.
+    pub(super) fn shared_names(&self, sandbox_id: i64, seq: u64, current: &Manifest) -> Vec<Vec<u8>> {
+        let mut cache = lock(&self.cache.shared);
+        if let Some((at, paths)) = cache.get(&sandbox_id)
+            && *at == seq
+        {
+            return paths.clone();
+        }
+        let paths: Vec<Vec<u8>> = current
+            .iter()
+            .filter(|(_, r)| r.meta.kind == Kind::File && r.key.nlink > 1)
+            .map(|(p, _)| p.clone())
+            .collect();
+        cache.insert(sandbox_id, (seq, paths.clone()));
+        paths
+    }
+
+    /// Carries the list of [`Engine::shared_names`] from checkpoint `from`
+    /// to `to` through what changed: the versions that ended (`gone`), were
+    /// `added`, or were re-keyed (dropped when it was not the list of
+    /// `from`: made again when next asked for).
+    pub(super) fn update_shared_names<'a>(
+        &self,
+        sandbox_id: i64,
+        (from, to): (u64, u64),
+        gone: impl Iterator<Item = &'a [u8]>,
+        added: &[catalogue::NewRow],
+        rekeyed: &[(Vec<u8>, i64, StatKey)],
+    ) {
+        let mut cache = lock(&self.cache.shared);
+        let Some((at, paths)) = cache.get_mut(&sandbox_id).filter(|(at, _)| *at == from) else {
+            cache.remove(&sandbox_id);
+            return;
+        };
+        let mut set: std::collections::BTreeSet<Vec<u8>> = std::mem::take(paths).into_iter().collect();
+        for path in gone {
+            set.remove(path);
+        }
+        for a in added {
+            if a.meta.kind == Kind::File && a.key.nlink > 1 {
+                set.insert(a.path.clone());
+            }
+        }
+        for (path, _, key) in rekeyed {
+            if key.nlink > 1 {
+                set.insert(path.clone());
+            } else {
+                set.remove(path);
+            }
+        }
+        *paths = set.into_iter().collect();
+        *at = to;
+    }
+
+    /// Makes a capture a tree that existed: the paths that got events while
+    /// it read the tree (asked of the watcher through its barrier, so none
+    /// is missed) are read again, against the state found so far, until a
+    /// round meets no event; then every path holds what it held at that
+    /// last barrier. A directory renamed back and forth during a scan would
+    /// otherwise be found at neither name. Bounded: a tree that will not
+    /// settle in [`SETTLE_ROUNDS`] is a `busy` error, and nothing is
+    /// recorded. Without a watch in working order (none, degraded, or not
+    /// set up yet) there is nothing to ask, and the capture stands.
+    pub(super) fn settle(
+        &self,
+        sb: &Sandbox,
+        watch: Option<&SandboxWatch>,
+        current: &Manifest,
+        mut captured: Captured,
+        store: (&Store, Option<&Pack<'_>>),
+        scan_start_ns: i64,
+    ) -> Result<Captured> {
+        let Some(watch) = watch else { return Ok(captured) };
+        let mut asked = std::collections::HashSet::new();
+        for _ in 0..SETTLE_ROUNDS {
+            let others = other_names(current, &captured, &asked);
+            asked.extend(others.iter().cloned());
+            let scope = match watch.drain() {
+                Drain::Paths(paths) if paths.is_empty() && others.is_empty() => return Ok(captured),
+                Drain::Paths(mut paths) => {
+                    paths.extend(others);
+                    Scope::Paths(paths)
+                }
+                // A watch that is degraded or not set up yet has no events
+                // to ask for: as without a watch.
+                Drain::Everything(_) if !watch.report().watching => return Ok(captured),
+                Drain::Everything(_) => Scope::Everything,
+            };
+            // The state found so far: copied only when the tree moved.
+            let mut state = current.clone();
+            captured.apply_to(&mut state, None);
+            let again = self.scan(sb, &scope, &state, Some(store), scan_start_ns)?;
+            captured = captured.then(again);
+        }
+        watch.force_full("the tree kept changing during the last checkpoint".into());
+        Err(Error::Busy(format!(
+            "the sandbox {} kept changing while the checkpoint read it ({SETTLE_ROUNDS} rounds); nothing was \
+             recorded. Try again when it is quieter",
+            sb.name
+        )))
+    }
+
+    /// Takes a checkpoint, and records the retention it owes (applied after
+    /// the answer, see [`Engine::retain`]); the caller holds the sandbox's
+    /// lock.
+    pub(super) fn take(&self, conn: &mut Connection, sandbox_id: i64, new: NewCheckpoint) -> Result<CheckpointInfo> {
+        let (info, ()) = self.take_then(conn, sandbox_id, new, |_, _| Ok(()))?;
+        self.retain(sandbox_id);
+        Ok(info)
+    }
+
+    /// Takes a checkpoint and runs `then` in the transaction that records
+    /// it, so that what `then` writes commits with the checkpoint or not at
+    /// all. Retention is left to the caller. The caller holds the sandbox's
+    /// lock.
+    pub(super) fn take_then<T>(
+        &self,
+        conn: &mut Connection,
+        sandbox_id: i64,
+        new: NewCheckpoint,
+        then: impl FnOnce(&rusqlite::Transaction<'_>, &CheckpointInfo) -> Result<T>,
+    ) -> Result<(CheckpointInfo, T)> {
+        let started = Instant::now();
+        let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
+        let store = self.store(&sb.store)?;
+        let watch = self.watch_of(sb.id);
+        let scope = match watch.as_ref().map(|w| w.drain()) {
+            Some(Drain::Paths(paths)) => Scope::Paths(paths),
+            Some(Drain::Everything(why)) => {
+                tracing::debug!(sandbox = %sb.name, "full scan: {why}");
+                Scope::Everything
+            }
+            None => Scope::Everything,
+        };
+        if watch.as_ref().is_some_and(|w| w.stalled()) {
+            // Its events stopped coming: this checkpoint scans everything,
+            // and a fresh watch takes over for the next ones.
+            tracing::warn!(sandbox = %sb.name, "the watch stopped delivering events; starting a new one");
+            self.watch_sandbox(&sb);
+        }
+        let mut scope = scope;
+        let drain_ms = ms_since(started);
+        let scan_start_ns = now_ns();
+        // From the first object stored until the commit references it.
+        let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.take_manifest(conn, &sb)?;
+        if let Scope::Paths(paths) = &mut scope {
+            // A file with other names changes with no event for this one:
+            // each is checked, and the ones that moved are read.
+            let shared = self.shared_names(sb.id, sb.head_seq, &current);
+            if !shared.is_empty() {
+                let root = self.open_root(&sb)?;
+                paths.extend(capture::moved_among(root.as_fd(), &current, &shared));
+            }
+        }
+        let scope = &scope;
+        let rows_ms = ms_since(started);
+        // Files the watcher marked were written moments ago: their pages
+        // are likely dirty (a clone would first write them out), and most
+        // are small: those go into one pack rather than a file each.
+        let pack = matches!(scope, Scope::Paths(_)).then(|| store.pack());
+        // A checkpoint that read nothing holds the tree of its barrier.
+        let read_nothing = matches!(scope, Scope::Paths(paths) if paths.is_empty());
+        let scanned = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns);
+        let read_ms = ms_since(started);
+        let captured = scanned.and_then(|c| {
+            if read_nothing {
+                return Ok(c);
+            }
+            self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns)
+        });
+        let captured = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                self.abandon(conn, &sb, &store, watch.as_deref(), Some(current), storing);
+                return Err(e);
+            }
+        };
+        let scan_ms = ms_since(started);
+        let parent = match sb.head_seq {
+            0 => None,
+            head => catalogue::checkpoint_at(conn, sb.id, head)?,
+        };
+        let counts = Counts::after(
+            parent.as_ref(),
+            captured.ended.iter().map(|(_, row)| (row.meta.kind, row.meta.size)),
+            captured.added.iter().map(|a| (a.meta.kind, a.meta.size)),
+        );
+        let NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned } = new;
+        let info = CheckpointInfo {
+            id: ulid::Ulid::new().to_string(),
+            sandbox: sb.name.clone(),
+            seq: sb.head_seq + 1,
+            parent: parent.map(|p| p.info.id),
+            plan,
+            reason,
+            tool,
+            phase,
+            labels,
+            kind,
+            pinned,
+            created_unix_ms: now_ns() / 1_000_000,
+            files: counts.files,
+            dirs: counts.dirs,
+            symlinks: counts.symlinks,
+            bytes: counts.bytes,
+            changed: captured.changed_paths(),
+            exclusive_bytes: None,
+            scanned: Some(captured.stats.scanned),
+            full_scan: Some(matches!(scope, Scope::Everything)),
+            broken: None,
+        };
+        let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
+        let written = std::thread::scope(|s| {
+            // The pack index and the catalogue are two databases: the pack's
+            // slots are recorded on a thread of their own while the rows
+            // are written here, and the commit waits for both (a committed
+            // checkpoint never names an object nothing can find).
+            let mut sealing = pack.as_ref().filter(|p| !p.is_empty()).map(|p| s.spawn(move || p.seal()));
+            let mut sealed = || match sealing.take() {
+                Some(seal) => seal
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the sealing thread panicked")))
+                    .ctx(|| format!("sealing a pack in {}", store.path().display())),
+                None => Ok(()),
+            };
+            if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
+                // One syncfs for all of this checkpoint's objects, before the
+                // catalogue can reference them.
+                sealed()?;
+                store.sync().ctx(|| format!("syncing the store {}", store.path().display()))?;
+            }
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(plan) = &info.plan {
+                // Checked again under the write lock: the plan may have been
+                // applied since the request was accepted.
+                check_plan_open(&tx, plan, &sb)?;
+                catalogue::ensure_plan(&tx, plan, sb.id, info.created_unix_ms)?;
+            }
+            let ids = catalogue::write_checkpoint(
+                &tx,
+                &CheckpointWrite {
+                    info: &info,
+                    sandbox_id: sb.id,
+                    scan_start_ns,
+                    ended: &ended,
+                    added: &captured.added,
+                    rekeyed: &captured.rekeyed,
+                },
+            )?;
+            let also = then(&tx, &info)?;
+            sealed()?;
+            tx.commit()?;
+            Ok::<_, Error>((ids, also))
+        });
+        let written_ms = ms_since(started);
+        let also = match written {
+            Ok((ids, also)) => {
+                captured.apply_to(&mut current, Some(&ids));
+                let gone = captured.ended.iter().map(|(p, _)| p.as_slice());
+                self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &captured.added, &captured.rekeyed);
+                self.put_manifest(sb.id, info.seq, current);
+                also
+            }
+            Err(e) => {
+                // A manifest the catalogue refused is dropped: the next
+                // checkpoint reads the current versions from the catalogue.
+                let current = (!matches!(e, Error::Stale(_))).then_some(current);
+                self.abandon(conn, &sb, &store, watch.as_deref(), current, storing);
+                return Err(e);
+            }
+        };
+        let st = captured.stats;
+        tracing::info!(
+            sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
+            scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
+            drain_ms, rows_ms, read_ms, scan_ms, written_ms, ms = ms_since(started), "checkpoint"
+        );
+        drop(storing);
+        if !captured.dropped.is_empty() {
+            // Versions a settling round replaced left their objects behind.
+            let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let freed = catalogue::unreferenced(conn, &sb.store, &captured.dropped).and_then(|dead| {
+                store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
+            });
+            if let Err(e) = freed {
+                tracing::warn!(sandbox = %sb.name, "removing the objects of replaced versions: {e}");
+            }
+        }
+        Ok((info, also))
+    }
+
+    pub(super) fn list(&self, peer: &Peer, req: ListRequest) -> Result<Checkpoints> {
+        let conn = self.db()?;
+        let sandbox_id = match &req.sandbox {
+            Some(s) => Some(self.sandbox_ref(&conn, peer, s)?.id),
+            None => None,
+        };
+        let visible: std::collections::HashSet<i64> =
+            catalogue::sandboxes(&conn)?.into_iter().filter(|s| may_use(peer, s)).map(|s| s.id).collect();
+        let checkpoints = catalogue::checkpoints(&conn, sandbox_id, req.plan.as_deref())?
+            .into_iter()
+            .filter(|c| visible.contains(&c.sandbox_id))
+            .map(|c| c.info)
+            .collect();
+        Ok(Checkpoints { checkpoints })
+    }
+
+    /// Returns the live state of a whole sandbox, reading (not storing)
+    /// what changed since its last checkpoint.
+    pub(super) fn live_state(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
+        let mut current = self.copy_manifest(conn, sandbox)?;
+        let captured = self.scan(sandbox, &Scope::Everything, &current, None, now_ns())?;
+        captured.apply_to(&mut current, None);
+        Ok(current)
+    }
+
+    pub(super) fn diff(&self, peer: &Peer, req: DiffRequest) -> Result<DiffReport> {
+        let from = self.checkpoint_ref(peer, &req.from)?;
+        let conn = self.db()?;
+        let (to_id, changes) = match &req.to {
+            Some(to_ref) => {
+                let to = self.checkpoint_ref(peer, to_ref)?;
+                if to.sandbox_id != from.sandbox_id {
+                    return Err(Error::InvalidRequest(format!(
+                        "{} and {} belong to different sandboxes",
+                        from.info.id, to.info.id
+                    )));
+                }
+                let (a, b) = (from.info.seq, to.info.seq);
+                let changes = if a == b {
+                    Vec::new()
+                } else {
+                    let (old, new) = catalogue::rows_between(&conn, from.sandbox_id, a.min(b), a.max(b))?;
+                    if a < b { changes(&old, &new) } else { changes(&new, &old) }
+                };
+                (Some(to.info.id), changes)
+            }
+            None => {
+                let sandbox = catalogue::sandbox_by_id(&conn, from.sandbox_id)?;
+                let live = self.live_state(&conn, &sandbox)?;
+                let then = catalogue::rows_at(&conn, from.sandbox_id, from.info.seq)?;
+                (None, changes(&then, &live))
+            }
+        };
+        Ok(DiffReport { from: from.info.id, to: to_id, changes })
+    }
+
+    pub(super) fn show(&self, peer: &Peer, reference: &str) -> Result<CheckpointInfo> {
+        let c = self.checkpoint_ref(peer, reference)?;
+        let conn = self.db()?;
+        let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
+        let mut info = c.info;
+        info.exclusive_bytes =
+            Some(catalogue::checkpoint_exclusive_bytes(&conn, sandbox.id, info.seq, &sandbox.store)?);
+        Ok(info)
+    }
+}
+
+/// The paths of a sandbox's files with other names, as of the checkpoint
+/// with this seq.
+pub(super) type SharedNames = (u64, Vec<Vec<u8>>);
+
+/// What a caller chooses about a new checkpoint.
+#[derive(Default)]
+pub(super) struct NewCheckpoint {
+    pub(super) plan: Option<String>,
+    pub(super) reason: Option<String>,
+    pub(super) tool: Option<String>,
+    pub(super) phase: Option<String>,
+    pub(super) labels: std::collections::BTreeMap<String, String>,
+    pub(super) kind: CheckpointKind,
+    pub(super) pinned: bool,
+}
+
+/// The recorded names of inodes that `captured` found with more than one
+/// name, which it did not read itself and which were not `asked` for
+/// already: a new link changes the link count (and ctime) of the file's
+/// other names with no event for them, so they must be read again, or a
+/// later write through the new name would leave them stale.
+pub(super) fn other_names(
+    current: &Manifest,
+    captured: &Captured,
+    asked: &std::collections::HashSet<Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    let read: std::collections::HashSet<&[u8]> = captured
+        .added
+        .iter()
+        .map(|a| a.path.as_slice())
+        .chain(captured.rekeyed.iter().map(|(p, ..)| p.as_slice()))
+        .collect();
+    let linked: std::collections::HashSet<u64> = captured
+        .added
+        .iter()
+        .filter(|a| a.meta.kind == Kind::File && a.key.nlink > 1)
+        .map(|a| a.key.ino)
+        .chain(captured.rekeyed.iter().filter(|(_, _, k)| k.nlink > 1).map(|(_, _, k)| k.ino))
+        .collect();
+    if linked.is_empty() {
+        return Vec::new();
+    }
+    current
+        .iter()
+        .filter(|(_, r)| r.meta.kind == Kind::File && linked.contains(&r.key.ino))
+        .filter(|(p, _)| !read.contains(p.as_slice()) && !asked.contains(*p))
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+/// What a checkpoint holds, by kind: its files, directories and symlinks,
+/// and its files' bytes.
+pub(super) struct Counts {
+    pub(super) files: u64,
+    pub(super) dirs: u64,
+    pub(super) symlinks: u64,
+    pub(super) bytes: u64,
+}
+
+impl Counts {
+    /// The counts of a checkpoint made from `parent` (none: the first) by
+    /// ending the versions `ended` and adding `added` (each its kind and
+    /// size).
+    pub(super) fn after(
+        parent: Option<&Checkpoint>,
+        ended: impl Iterator<Item = (Kind, u64)>,
+        added: impl Iterator<Item = (Kind, u64)>,
+    ) -> Counts {
+        let mut n = parent.map_or([0i64; 4], |p| {
+            [p.info.files as i64, p.info.dirs as i64, p.info.symlinks as i64, p.info.bytes as i64]
+        });
+        let signed = ended.map(|v| (v, -1)).chain(added.map(|v| (v, 1)));
+        for ((kind, size), sign) in signed {
+            match kind {
+                Kind::File => {
+                    n[0] += sign;
+                    n[3] += sign * size as i64;
+                }
+                Kind::Dir => n[1] += sign,
+                Kind::Symlink => n[2] += sign,
+                Kind::Special => {}
+            }
+        }
+        let [files, dirs, symlinks, bytes] = n.map(|c| c.max(0) as u64);
+        Counts { files, dirs, symlinks, bytes }
+    }
+}
+
+/// Returns, of two states, the versions of each that the other does not
+/// hold identically: (only or different in `a`, only or different in `b`).
+pub(super) fn differences(a: &Manifest, b: &Manifest) -> (Manifest, Manifest) {
+    let mut a_side = Manifest::default();
+    let mut b_side = Manifest::default();
+    for (path, row) in a {
+        if b.get(path).is_none_or(|other| other.meta != row.meta) {
+            a_side.insert(path.clone(), row.clone());
+        }
+    }
+    for (path, row) in b {
+        if a.get(path).is_none_or(|other| other.meta != row.meta) {
+            b_side.insert(path.clone(), row.clone());
+        }
+    }
+    (a_side, b_side)
+}
+
+/// Lists how each path differs from `from` to `to`, sorted by path.
+pub(super) fn changes(from: &Manifest, to: &Manifest) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (path, f) in from {
+        let change = match to.get(path) {
+            None => ChangeKind::Deleted,
+            Some(t) if t.meta.kind != f.meta.kind => ChangeKind::TypeChanged,
+            Some(t) if t.meta != f.meta => ChangeKind::Modified,
+            Some(_) => continue,
+        };
+        out.push(Change { path: WirePath(path.clone()), change });
+    }
+    for path in to.keys() {
+        if !from.contains_key(path) {
+            out.push(Change { path: WirePath(path.clone()), change: ChangeKind::Added });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}

@@ -1,0 +1,235 @@
+//! Retention: what a checkpoint owes, the pruner thread that applies it,
+//! `prune` on request, and garbage collection of the stores.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn collect_garbage(&self, conn: &Connection, store_path: &[u8]) -> Result<(u64, u64)> {
+        let store = self.store(store_path)?;
+        let referenced = catalogue::referenced_objects(conn, store_path)?.into_keys().collect();
+        store.collect_garbage(&referenced).ctx(|| format!("collecting garbage in {}", store.path().display()))
+    }
+
+    /// Retention applies after every checkpoint, without being asked, but
+    /// not inside the request that took it: the pruner thread applies it
+    /// once the answer is on its way, or the next request does, first, if
+    /// it comes sooner (see [`Engine::settle_retention`]).
+    pub(super) fn retain(&self, sandbox_id: i64) {
+        lock(&self.pruner.owed).sandboxes.insert(sandbox_id);
+        self.later(Later::WakePruner);
+    }
+
+    /// Applies the retention owed, and waits for any being applied: after
+    /// this, every checkpoint answered so far has been followed by its
+    /// pruning. Called with no sandbox lock held.
+    pub fn settle_retention(&self) {
+        let mut owed = lock(&self.pruner.owed);
+        loop {
+            if let Some(id) = owed.sandboxes.pop_first() {
+                owed.running += 1;
+                // A retry being made is not due again meanwhile.
+                let failures = match owed.retry.get_mut(&id) {
+                    Some((at, n)) => {
+                        *at = Instant::now() + retry_delay(*n);
+                        *n
+                    }
+                    None => 0,
+                };
+                drop(owed);
+                let result = self.retain_now(id, failures > 0);
+                owed = lock(&self.pruner.owed);
+                owed.running -= 1;
+                match result {
+                    Ok(()) => {
+                        owed.retry.remove(&id);
+                    }
+                    Err(e) => {
+                        let wait = retry_delay(failures + 1);
+                        tracing::warn!(sandbox_id = id, "pruning: {e}; trying again in {} s", wait.as_secs_f64());
+                        owed.retry.insert(id, (Instant::now() + wait, failures + 1));
+                    }
+                }
+                self.pruner.owed_changed.notify_all();
+            } else if owed.running > 0 {
+                owed = self.pruner.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner());
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// The pruner thread: applies owed retention as it comes, until
+    /// [`Engine::stop_pruner`]; what is owed then is applied before it
+    /// returns.
+    pub fn prune_in_background(&self) {
+        loop {
+            let mut owed = lock(&self.pruner.owed);
+            while owed.sandboxes.is_empty() && !owed.stopped {
+                // A failed pruning is owed again once its delay is up.
+                let now = Instant::now();
+                let due: Vec<i64> = owed.retry.iter().filter(|(_, (at, _))| *at <= now).map(|(&id, _)| id).collect();
+                if !due.is_empty() {
+                    owed.sandboxes.extend(due);
+                    break;
+                }
+                owed = match owed.retry.values().map(|&(at, _)| at).min() {
+                    Some(at) => {
+                        self.pruner.owed_changed.wait_timeout(owed, at - now).unwrap_or_else(|p| p.into_inner()).0
+                    }
+                    None => self.pruner.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner()),
+                };
+            }
+            let stopped = owed.stopped;
+            drop(owed);
+            self.settle_retention();
+            if stopped {
+                return;
+            }
+        }
+    }
+
+    pub fn stop_pruner(&self) {
+        lock(&self.pruner.owed).stopped = true;
+        self.pruner.owed_changed.notify_all();
+    }
+
+    /// Prunes one sandbox under its lock. A failure does not undo the
+    /// checkpoint that was taken: the caller has the pruner try again later.
+    /// On such a later try (`sweep`), the sandbox's store is also swept for
+    /// objects nothing references, which a failed removal may have left.
+    pub(super) fn retain_now(&self, sandbox_id: i64, sweep: bool) -> Result<()> {
+        let guard = self.sandbox_lock(sandbox_id);
+        let _held = lock(&guard);
+        let mut conn = self.db()?;
+        let sb = match catalogue::sandbox_by_id(&conn, sandbox_id) {
+            Ok(sb) if sb.state == "active" => sb,
+            // Removed or purged since: nothing left to prune.
+            Ok(_) | Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.enforce_retention(&mut conn, &sb, &self.pruner.policy.policy(&sb.name), "retention")?;
+        if sweep {
+            let store = self.store(&sb.store)?;
+            let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+            let (n, bytes) = self.collect_garbage(&conn, &sb.store)?;
+            tracing::info!(sandbox = %sb.name, objects = n, bytes, "pruned after an earlier failure");
+        }
+        Ok(())
+    }
+
+    pub(super) fn prune(&self, peer: &Peer, req: PruneRequest) -> Result<PruneReport> {
+        let mut conn = self.db()?;
+        let sandbox = self.sandbox_ref(&conn, peer, &req.sandbox)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        let mut policy = self.pruner.policy.policy(&sandbox.name);
+        if let Some(n) = req.keep_last {
+            policy.keep_last = n;
+        }
+        if let Some(secs) = req.keep_within_secs {
+            policy.keep_within_ms = Some(secs.saturating_mul(1000).min(i64::MAX as u64) as i64);
+        }
+        let (pruned, freed_bytes) = self.enforce_retention(&mut conn, &sandbox, &policy, "`snapback prune`")?;
+        Ok(PruneReport {
+            sandbox: sandbox.name.clone(),
+            pruned,
+            kept: catalogue::checkpoint_count(&conn, sandbox.id)?,
+            freed_bytes,
+        })
+    }
+
+    /// Prunes what `policy` does not keep, then, with a budget, the oldest
+    /// prunable checkpoints while the sandbox's exclusive bytes exceed it.
+    /// Returns the pruned ids and the bytes freed. The caller holds the
+    /// sandbox's lock.
+    pub(super) fn enforce_retention(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        policy: &Policy,
+        why: &str,
+    ) -> Result<(Vec<String>, u64)> {
+        let started = Instant::now();
+        let candidates = catalogue::retention_candidates(conn, sandbox.id)?;
+        let Some(newest) = candidates.last().map(|c| c.seq) else {
+            return Ok((Vec::new(), 0));
+        };
+        let protected: std::collections::HashSet<String> =
+            catalogue::latest_rollback(conn, sandbox.id)?.into_iter().map(|(_, _, safety)| safety).collect();
+        let keep = retention::kept(&candidates, policy, now_ns() / 1_000_000, &protected);
+        let (victims, survivors): (Vec<_>, Vec<_>) = candidates
+            .iter()
+            .filter(|c| retention::prunable(c, newest, &protected))
+            .partition(|c| !keep.contains(&c.id));
+        let mut pruned: Vec<String> = victims.iter().map(|c| c.id.clone()).collect();
+        let mut freed = self.delete_checkpoints(conn, sandbox, &pruned, why)?;
+        if let Some(budget) = policy.budget_bytes {
+            let mut budget_pruned = 0;
+            for c in survivors {
+                if catalogue::sandbox_exclusive_bytes(conn, sandbox.id, &sandbox.store)? <= budget {
+                    break;
+                }
+                freed += self.delete_checkpoints(conn, sandbox, std::slice::from_ref(&c.id), "the storage budget")?;
+                pruned.push(c.id.clone());
+                budget_pruned += 1;
+            }
+            if budget_pruned > 0 {
+                catalogue::add_budget_pruned(conn, sandbox.id, budget_pruned)?;
+                tracing::info!(sandbox = %sandbox.name, budget, pruned = budget_pruned, "pruned to fit the storage budget");
+            }
+        }
+        if !pruned.is_empty() {
+            tracing::info!(sandbox = %sandbox.name, pruned = pruned.len(), freed, ms = ms_since(started), "retention");
+        }
+        Ok((pruned, freed))
+    }
+
+    /// Deletes checkpoints in one transaction, then the objects nothing
+    /// references any more. Returns the bytes freed.
+    pub(super) fn delete_checkpoints(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        ids: &[String],
+        why: &str,
+    ) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // Immediate: it reads before it writes, and a deferred transaction
+        // whose snapshot a concurrent commit (the log checkpointer's) made
+        // stale fails at its first write instead of waiting.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let objects = catalogue::delete_checkpoints(&tx, sandbox.id, ids, why, now_ms())?;
+        tx.commit()?;
+        let store = self.store(&sandbox.store)?;
+        let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let dead = catalogue::unreferenced(conn, &sandbox.store, &objects)?;
+        store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
+    }
+}
+
+/// Sandboxes whose retention is owed: a checkpoint answers before it prunes.
+#[derive(Default)]
+pub(super) struct Owed {
+    pub(super) sandboxes: std::collections::BTreeSet<i64>,
+    /// Sandboxes whose pruning failed: when the pruner tries again, and
+    /// how many times in a row it failed.
+    pub(super) retry: std::collections::BTreeMap<i64, (Instant, u32)>,
+    /// Sandboxes being pruned right now.
+    pub(super) running: usize,
+    /// The pruner thread is asked to stop.
+    pub(super) stopped: bool,
+}
+
+/// How long the pruner waits before its `failures`-th retry of a sandbox:
+/// 30 s, doubling to at most an hour. (With `SNAPBACK_TEST_HOOKS=1`,
+/// `SNAPBACK_TEST_PRUNE_RETRY_MS` replaces the 30 s, for tests.)
+pub(super) fn retry_delay(failures: u32) -> Duration {
+    let first = std::env::var("SNAPBACK_TEST_PRUNE_RETRY_MS")
+        .ok()
+        .filter(|_| test_hooks())
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis);
+    (first * 2u32.saturating_pow(failures.saturating_sub(1).min(16))).min(Duration::from_secs(3600))
+}

@@ -1,0 +1,651 @@
+//! Restores: rollback, revert and undo, their plans, applying a plan and
+//! recording the state it left as a `restore` checkpoint.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn rollback(&self, peer: &Peer, req: RollbackRequest) -> Result<RollbackReport> {
+        let target = self.checkpoint_ref(peer, &req.checkpoint)?;
+        let mut conn = self.db()?;
+        let sandbox = self.active_sandbox_by_id(&conn, peer, target.sandbox_id)?;
+        let filter = rollback_filter(&sandbox, &req.paths)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        self.restore_to(&mut conn, &sandbox, &target, &filter, req.dry_run, "rollback")
+    }
+
+    /// Brings a sandbox to `target` (within `filter`); the caller holds the
+    /// sandbox's lock. Refused when the target belongs to an applied plan.
+    /// Anything but a dry run is recorded as an intent first, so that a
+    /// crash half way is finished at the next start.
+    pub(super) fn restore_to(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+        dry_run: bool,
+        kind: &str,
+    ) -> Result<RollbackReport> {
+        let target = &still_there(conn, target)?;
+        if let Some(plan) = &target.info.plan {
+            refuse_if_applied(conn, plan)?;
+        }
+        refuse_if_broken(target)?;
+        self.check_filter(conn, sandbox, target, filter)?;
+        if !dry_run {
+            let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
+            let result = self.restore_intent(conn, sandbox, target, filter, kind, (intent, IntentEnd::WithTheRestore));
+            self.close_intent(conn, intent, &result);
+            return result;
+        }
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        let store = self.store(&sandbox.store)?;
+        let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
+        let live = self.live_state(conn, &sb)?;
+        let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
+        let (mut t_side, mut l_side) = differences(&then, &live);
+        let relinked =
+            crate::links::relink(&crate::links::InMemory::new(&then, &live), &mut t_side, &mut l_side, true)?;
+        let plan = Plan::new(&t_side, &l_side, filter, &excludes, relinked);
+        let total = match filter {
+            [] => then.len(),
+            _ => then.keys().filter(|p| selected(p, filter, &excludes)).count(),
+        } as u64;
+        self.apply_plan(sandbox, &plan, &store, None, &target.info.id, total)
+    }
+
+    /// Refuses a `--path` that a rollback could do nothing with, before
+    /// anything is written: one that is excluded (a rollback never touches
+    /// it), or that is neither in the target checkpoint nor in the live
+    /// tree (a typo, most likely).
+    pub(super) fn check_filter(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+    ) -> Result<()> {
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        for path in filter.iter().filter(|p| !p.is_empty()) {
+            let shown = capture::show(path);
+            if excludes.covers(path) {
+                return Err(Error::InvalidRequest(format!(
+                    "{shown} is excluded from {}: a rollback never touches it",
+                    sandbox.name
+                )));
+            }
+            let root = self.open_root(sandbox)?;
+            let (dir, name) = sys::split_parent(path);
+            let live = sys::open_beneath(root.as_fd(), dir).and_then(|d| sys::lstatat(d.as_fd(), name)).is_ok();
+            if !live && !catalogue::holds_path_at(conn, sandbox.id, target.info.seq, path)? {
+                return Err(Error::InvalidRequest(format!(
+                    "{shown} is neither in checkpoint {} nor in the sandbox {}",
+                    target.info.id, sandbox.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the target paths a restore covers (for `unchanged`). `head`
+    /// is the sandbox's newest checkpoint, `gone` the versions valid at the
+    /// target and not at `head`, `new` those valid at `head` only.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn restore_total(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        head: u64,
+        (gone, new): (&Manifest, &Manifest),
+        filter: &[Vec<u8>],
+        excludes: &Excludes,
+    ) -> Result<u64> {
+        if filter.is_empty() {
+            // The target's versions are the head's, less the new ones, plus
+            // the gone ones: no need to count the whole tree's rows.
+            let at_head = match lock(&self.cache.manifests).get(&sandbox.id) {
+                Some((seq, m)) if *seq == head => m.len() as u64,
+                _ => catalogue::count_at(conn, sandbox.id, head)?,
+            };
+            return Ok((at_head + gone.len() as u64).saturating_sub(new.len() as u64));
+        }
+        Ok(catalogue::rows_at(conn, sandbox.id, target.info.seq)?
+            .keys()
+            .filter(|p| selected(p, filter, excludes))
+            .count() as u64)
+    }
+
+    /// The body of a restore whose intent `intent` is recorded: a safety
+    /// checkpoint, committed with the plan (recorded in the intent before
+    /// anything is touched), then its application; only then is retention
+    /// owed (earlier, the safety checkpoint could push the target out of
+    /// the policy while it is being restored).
+    pub(super) fn restore_intent(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+        kind: &str,
+        (intent, end): (i64, IntentEnd),
+    ) -> Result<RollbackReport> {
+        let started = Instant::now();
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        let store = self.store(&sandbox.store)?;
+        let reason = format!("before {kind} to {}", target.info.id);
+        let (safety, (plan, t_side, l_side)) =
+            self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
+                let planned = restore_plan(tx, sandbox.id, target.info.seq, s.seq, filter, &excludes)?;
+                catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
+                // Recorded first: a rollback that fails half way can still be
+                // undone to the state before it.
+                catalogue::record_rollback(tx, sandbox.id, kind, &target.info.id, &s.id, now_ms())?;
+                Ok(planned)
+            })?;
+        self.stop_after_safety_hook();
+        let safety_ms = ms_since(started);
+        let total = self.restore_total(conn, sandbox, target, safety.seq, (&t_side, &l_side), filter, &excludes)?;
+        let plan_ms = ms_since(started);
+        let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
+        let applying = Applying { safety: &safety, closes };
+        let report = self.apply_plan(sandbox, &plan, &store, Some(applying), &target.info.id, total)?;
+        self.retain(sandbox.id);
+        tracing::info!(
+            sandbox = %sandbox.name, target = %target.info.id, kind,
+            restored = report.restored, created = report.created, deleted = report.deleted,
+            safety_ms, plan_ms, ms = ms_since(started), "rollback"
+        );
+        Ok(report)
+    }
+
+    /// Ends a restore's intent once the request is answered. It is deleted
+    /// when the restore succeeded (with the outcomes `status` reported of
+    /// earlier ones), or failed before touching anything (a refused
+    /// revert). One that failed half way is kept as `failed`, for
+    /// `status`, and is not resumed at start: the client heard of the
+    /// failure, and a second rollback finishes the job.
+    pub(super) fn close_intent(&self, conn: &Connection, intent: i64, result: &Result<RollbackReport>) {
+        let closed = match result {
+            Ok(_) => catalogue::finish_intent(conn, intent),
+            Err(e) => catalogue::intent(conn, intent).and_then(|found| match found {
+                Some(i) if i.state == "applying" => {
+                    let note =
+                        format!("the {} to {} failed half way: {e}; a second rollback finishes it", i.kind, i.target);
+                    catalogue::settle_intent(conn, &i, "failed", &note, now_ms())
+                }
+                _ => catalogue::end_intent(conn, intent),
+            }),
+        };
+        if let Err(e) = closed {
+            tracing::warn!(intent, "closing a restore intent: {e}");
+        }
+    }
+
+    /// Applies a restore plan (unless `safety` is `None`: a dry run) and
+    /// builds the report. `total` is the number of target paths the plan
+    /// covers.
+    pub(super) fn apply_plan(
+        &self,
+        sandbox: &Sandbox,
+        plan: &Plan,
+        store: &Store,
+        applying: Option<Applying<'_>>,
+        target_id: &str,
+        total: u64,
+    ) -> Result<RollbackReport> {
+        let (safety, closes) = match applying {
+            Some(Applying { safety, closes }) => (Some(safety), closes),
+            None => (None, None),
+        };
+        let mut skipped = Vec::new();
+        let mut restore_checkpoint = None;
+        if let Some(safety) = safety {
+            let started = Instant::now();
+            let root = self.open_root(sandbox)?;
+            let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
+            let apply_ms = ms_since(started);
+            skipped = applied.skipped;
+            let done: std::collections::HashSet<&[u8]> = skipped.iter().map(Vec::as_slice).collect();
+            let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
+            let reason = format!("{} to {target_id}, after {}", restore_label(&safety.reason), safety.id);
+            let linking = plan.linking();
+            restore_checkpoint =
+                self.record_restored(sandbox, desired, &linking, root.as_fd(), reason, closes).map(|c| c.id);
+            tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
+            if !applied.cloned.is_empty() {
+                // After the answer, on a thread of its own: the answer does
+                // not wait for what only the next checkpoint gains from.
+                self.later(Later::Warm(root, applied.cloned));
+            }
+        }
+        let (restored, created, deleted) = plan.counts();
+        let paths_of = |f: fn(&Step) -> bool| -> Vec<WirePath> {
+            plan.steps.iter().filter(|(_, s)| f(s)).map(|(p, _)| WirePath(p.clone())).collect()
+        };
+        Ok(RollbackReport {
+            checkpoint: target_id.to_owned(),
+            sandbox: sandbox.name.clone(),
+            safety_checkpoint: safety.map(|s| s.id.clone()),
+            restore_checkpoint,
+            created_paths: paths_of(|s| matches!(s, Step::Create(_))),
+            restored_paths: paths_of(|s| matches!(s, Step::Restore { .. })),
+            dry_run: safety.is_none(),
+            restored,
+            created,
+            deleted,
+            unchanged: total.saturating_sub(restored + created),
+            changed: plan.steps.keys().map(|p| WirePath(p.clone())).collect(),
+            removed: paths_of(|s| matches!(s, Step::Delete(_))),
+            skipped: skipped.into_iter().map(WirePath).collect(),
+            conflicts: Vec::new(),
+        })
+    }
+
+    /// Records the state a restore left as the sandbox's newest
+    /// checkpoint, of kind `restore`: the head's versions, with `desired`
+    /// (each path's restored version, or `None` for a path removed) put in
+    /// place. So the next checkpoint, and a revert of it, hold the next step
+    /// only, while `undo` still goes back to the safety checkpoint before
+    /// the restore. Nothing is read again: the versions are the ones the
+    /// restore wrote, and each file's stat is taken now, marked racy, so
+    /// the next checkpoint reads again any of them that got an event. Paths
+    /// that already hold their version write nothing; a restore that
+    /// changed nothing records no checkpoint. A failure is logged: the
+    /// restore is done, and the next checkpoint then counts its changes, as
+    /// it would without this record.
+    pub(super) fn record_restored<'a>(
+        &self,
+        sandbox: &Sandbox,
+        desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
+        linking: &std::collections::HashSet<&[u8]>,
+        root: std::os::fd::BorrowedFd<'_>,
+        reason: String,
+        closes: Option<i64>,
+    ) -> Option<CheckpointInfo> {
+        let recorded = (|| {
+            let mut conn = self.db()?;
+            let sb = catalogue::sandbox_by_id(&conn, sandbox.id)?;
+            let mut current = self.take_manifest(&conn, &sb)?;
+            let mut ended = Vec::new();
+            let mut added = Vec::new();
+            for (path, want) in desired {
+                let have = current.get(path);
+                // A path written for its links alone gets a version for
+                // its new inode.
+                if have.map(|r| &r.meta) == want && !linking.contains(path) {
+                    continue;
+                }
+                if let Some(r) = have {
+                    ended.push((path.to_vec(), r.id, r.meta.kind, r.meta.size));
+                }
+                if let Some(meta) = want {
+                    // Racy: the next checkpoint that meets it reads it again
+                    // (its own writes are events for the watcher). Only the
+                    // names of one file need their inode now, to be found
+                    // as such; every other file a restore writes has one
+                    // name.
+                    let unknown = StatKey { ctime_ns: 0, ino: 0, racy: true, nlink: 1 };
+                    let key = if linking.contains(path) {
+                        let (dir, name) = sys::split_parent(path);
+                        match sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name)) {
+                            Ok(st) => StatKey {
+                                ctime_ns: sys::ctime_ns(&st),
+                                ino: st.st_ino,
+                                racy: true,
+                                nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
+                            },
+                            Err(_) => unknown,
+                        }
+                    } else {
+                        unknown
+                    };
+                    added.push(catalogue::NewRow { path: path.to_vec(), meta: meta.clone(), key });
+                }
+            }
+            if ended.is_empty() && added.is_empty() {
+                self.put_manifest(sb.id, sb.head_seq, current);
+                return Ok(None);
+            }
+            let parent = catalogue::checkpoint_at(&conn, sb.id, sb.head_seq)?;
+            let counts = Counts::after(
+                parent.as_ref(),
+                ended.iter().map(|(_, _, kind, size)| (*kind, *size)),
+                added.iter().map(|a| (a.meta.kind, a.meta.size)),
+            );
+            let mut changed: Vec<&[u8]> =
+                ended.iter().map(|(p, ..)| p.as_slice()).chain(added.iter().map(|a| a.path.as_slice())).collect();
+            changed.sort();
+            changed.dedup();
+            let info = CheckpointInfo {
+                id: ulid::Ulid::new().to_string(),
+                sandbox: sb.name.clone(),
+                seq: sb.head_seq + 1,
+                parent: parent.map(|p| p.info.id),
+                plan: None,
+                reason: Some(reason),
+                tool: None,
+                phase: None,
+                labels: Default::default(),
+                kind: CheckpointKind::Restore,
+                pinned: false,
+                created_unix_ms: now_ns() / 1_000_000,
+                files: counts.files,
+                dirs: counts.dirs,
+                symlinks: counts.symlinks,
+                bytes: counts.bytes,
+                changed: changed.len() as u64,
+                exclusive_bytes: None,
+                scanned: None,
+                full_scan: None,
+                broken: None,
+            };
+            let ended_ids: Vec<i64> = ended.iter().map(|(_, id, ..)| *id).collect();
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let ids = catalogue::write_checkpoint(
+                &tx,
+                &CheckpointWrite {
+                    info: &info,
+                    sandbox_id: sb.id,
+                    scan_start_ns: now_ns(),
+                    ended: &ended_ids,
+                    added: &added,
+                    rekeyed: &[],
+                },
+            )?;
+            if let Some(intent) = closes {
+                // The restore is done: one commit ends its intent too.
+                catalogue::finish_intent(&tx, intent)?;
+            }
+            tx.commit()?;
+            let gone = ended.iter().map(|(p, ..)| p.as_slice());
+            self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &added, &[]);
+            for (path, ..) in &ended {
+                current.remove(path);
+            }
+            for (row, id) in added.into_iter().zip(ids) {
+                current.insert(row.path, crate::manifest::Row { id, meta: row.meta, key: row.key });
+            }
+            self.put_manifest(sb.id, info.seq, current);
+            Ok::<_, Error>(Some(info))
+        })();
+        recorded.unwrap_or_else(|e| {
+            tracing::warn!(sandbox = %sandbox.name, "recording the restored state: {e}");
+            None
+        })
+    }
+
+    pub(super) fn revert(&self, peer: &Peer, req: RevertRequest) -> Result<RollbackReport> {
+        let step = self.checkpoint_ref(peer, &req.checkpoint)?;
+        let mut conn = self.db()?;
+        let sandbox = self.active_sandbox_by_id(&conn, peer, step.sandbox_id)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        let step = still_there(&conn, &step)?;
+        if let Some(plan) = &step.info.plan {
+            refuse_if_applied(&conn, plan)?;
+        }
+        let intent = catalogue::begin_intent(&conn, sandbox.id, "revert", &step.info.id, &[], req.force, now_ms())?;
+        let result = self.revert_intent(&mut conn, &sandbox, &step, req.force, (intent, IntentEnd::WithTheRestore));
+        self.close_intent(&conn, intent, &result);
+        result
+    }
+
+    /// The body of a revert whose intent `intent` is recorded; the caller
+    /// holds the sandbox's lock.
+    pub(super) fn revert_intent(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        step: &Checkpoint,
+        force: bool,
+        (intent, end): (i64, IntentEnd),
+    ) -> Result<RollbackReport> {
+        let parent = catalogue::previous_checkpoint(conn, sandbox.id, step.info.seq)?.ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "{} is the first checkpoint of {}: there is no earlier state to revert its changes to",
+                step.info.id, sandbox.name
+            ))
+        })?;
+        refuse_if_broken(&parent)?;
+        let excludes = Excludes::new(&sandbox.excludes)?;
+        let reason = format!("before revert of {}", step.info.id);
+        // The plan is made in the safety checkpoint's transaction, from the
+        // versions that changed between the step and now. A refused revert
+        // rolls that transaction back: it leaves no checkpoint behind.
+        let (safety, planned) = self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
+            let planned = revert_plan(tx, sandbox.id, (parent.info.seq, step.info.seq, s.seq), force, &excludes)?
+                .map_err(|conflicts| {
+                    let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
+                    Error::Conflict {
+                        message: format!(
+                            "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted. \
+                             `revert --force` takes the step's parent version for them",
+                            conflicts.len(),
+                            step.info.id,
+                            shown.join(", "),
+                            if conflicts.len() > shown.len() { ", ..." } else { "" }
+                        ),
+                        paths: conflicts,
+                    }
+                })?;
+            catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
+            catalogue::record_rollback(tx, sandbox.id, "revert", &step.info.id, &s.id, now_ms())?;
+            Ok(planned)
+        })?;
+        self.stop_after_safety_hook();
+        let Reverting { plan, conflicts, step_paths } = planned;
+        let store = self.store(&sandbox.store)?;
+        let total = step_paths as u64;
+        let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
+        let applying = Applying { safety: &safety, closes };
+        let mut report = self.apply_plan(sandbox, &plan, &store, Some(applying), &step.info.id, total)?;
+        self.retain(sandbox.id);
+        report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
+        report.conflicts = conflicts.into_iter().map(WirePath).collect();
+        Ok(report)
+    }
+
+    pub(super) fn undo(&self, peer: &Peer, req: UndoRequest) -> Result<RollbackReport> {
+        let mut conn = self.db()?;
+        let sandbox = self.active_sandbox(&conn, peer, &req.sandbox)?;
+        let guard = self.sandbox_lock(sandbox.id);
+        let _held = lock(&guard);
+        let (kind, target, safety) = catalogue::latest_rollback(&conn, sandbox.id)?.ok_or_else(|| {
+            Error::NotFound(format!("nothing to undo: {} has had no rollback or revert", sandbox.name))
+        })?;
+        let back = catalogue::checkpoint_by_ref(&conn, &safety).map_err(|_| {
+            Error::NotFound(format!("the safety checkpoint {safety} of the last {kind} (to {target}) is gone"))
+        })?;
+        self.restore_to(&mut conn, &sandbox, &back, &[], false, "undo")
+    }
+}
+
+/// The plan of a rollback or undo to checkpoint `target` whose safety
+/// checkpoint is `now`: the paths that differ between the two (within
+/// `filter`) go back to their versions at `target`. Also returns the two
+/// sides of the difference. Made in the safety checkpoint's transaction,
+/// and again from the committed catalogue when a crash cut the restore
+/// short (see [`intent_desired`]).
+pub(super) fn restore_plan(
+    conn: &Connection,
+    sandbox_id: i64,
+    target: u64,
+    now: u64,
+    filter: &[Vec<u8>],
+    excludes: &Excludes,
+) -> Result<(Plan, Manifest, Manifest)> {
+    let (mut t_side, mut l_side) = catalogue::rows_between(conn, sandbox_id, target, now)?;
+    let linked = catalogue::LinkedAt { conn, sandbox_id, target, live: now };
+    let relinked = crate::links::relink(&linked, &mut t_side, &mut l_side, true)?;
+    let plan = Plan::new(&t_side, &l_side, filter, excludes, relinked);
+    Ok((plan, t_side, l_side))
+}
+
+/// What a revert does.
+pub(super) struct Reverting {
+    pub(super) plan: Plan,
+    /// Paths the step changed that were changed again after it.
+    pub(super) conflicts: Vec<Vec<u8>>,
+    /// How many paths the step changed.
+    pub(super) step_paths: usize,
+}
+
+/// The plan of a revert of checkpoint `step` (`parent` is the checkpoint
+/// before it) whose safety checkpoint is `now` (seqs, in that order): each
+/// path the step changed goes back to its version at `parent`. Its live
+/// version is its version at the step, unless it changed again later: those
+/// paths conflict, and unless `force` the revert is refused (`Err`, with
+/// them). Made like [`restore_plan`].
+pub(super) fn revert_plan(
+    conn: &Connection,
+    sandbox_id: i64,
+    (parent, step, now_seq): (u64, u64, u64),
+    force: bool,
+    excludes: &Excludes,
+) -> Result<std::result::Result<Reverting, Vec<Vec<u8>>>> {
+    let (before, after) = catalogue::rows_between(conn, sandbox_id, parent, step)?;
+    let step_paths = changed_paths(&before, &after);
+    let (then, now) = catalogue::rows_between(conn, sandbox_id, step, now_seq)?;
+    let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
+    // A path to put back whose directory was removed (or became something
+    // else) after the step conflicts too: putting it back would undo that
+    // later change.
+    let dir_gone_later = |p: &[u8]| {
+        let mut up = p;
+        while let Some(i) = up.iter().rposition(|&b| b == b'/') {
+            up = &up[..i];
+            let was_dir = then.get(up).is_some_and(|r| r.meta.kind == Kind::Dir);
+            if was_dir && now.get(up).is_none_or(|r| r.meta.kind != Kind::Dir) {
+                return true;
+            }
+        }
+        false
+    };
+    let conflicts: Vec<Vec<u8>> = step_paths
+        .iter()
+        .filter(|p| later.contains(*p) || (before.contains_key(*p) && dir_gone_later(p)))
+        .cloned()
+        .collect();
+    if !conflicts.is_empty() && !force {
+        return Ok(Err(conflicts));
+    }
+    let mut target = Manifest::default();
+    let mut live = Manifest::default();
+    for p in &step_paths {
+        if let Some(row) = before.get(p) {
+            target.insert(p.clone(), row.clone());
+        }
+        let at_now = if later.contains(p) { now.get(p) } else { after.get(p) };
+        if let Some(row) = at_now {
+            live.insert(p.clone(), row.clone());
+        }
+    }
+    let linked = catalogue::LinkedAt { conn, sandbox_id, target: parent, live: now_seq };
+    let relinked = crate::links::relink(&linked, &mut target, &mut live, false)?;
+    let plan = Plan::new(&target, &live, &[], excludes, relinked);
+    Ok(Ok(Reverting { plan, conflicts, step_paths: step_paths.len() }))
+}
+
+/// What a restore was, from its safety checkpoint's reason (`before
+/// rollback to X`): `rollback`, `revert of X` or `undo`.
+pub(super) fn restore_label(safety_reason: &Option<String>) -> &str {
+    let reason = safety_reason.as_deref().unwrap_or("restore");
+    let reason = reason.strip_prefix("before ").unwrap_or(reason);
+    reason.split(" to ").next().unwrap_or(reason)
+}
+
+/// A restore being applied (not a dry run): its safety checkpoint, and the
+/// intent its restore checkpoint ends, if it is the one to.
+pub(super) struct Applying<'a> {
+    pub(super) safety: &'a CheckpointInfo,
+    pub(super) closes: Option<i64>,
+}
+
+/// Who ends a restore's intent once the restore is done.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum IntentEnd {
+    /// The commit of its restore checkpoint (one commit for both); the
+    /// request's own close finds it gone.
+    WithTheRestore,
+    /// The caller: a restore finished at start, whose outcome is kept for
+    /// `status`.
+    ByTheCaller,
+}
+
+/// A safety checkpoint's request: taken by the daemon before it changes a
+/// sandbox.
+pub(super) fn safety_checkpoint(reason: String) -> NewCheckpoint {
+    NewCheckpoint { kind: CheckpointKind::Safety, reason: Some(reason), ..NewCheckpoint::default() }
+}
+
+/// Reads a checkpoint named by a request again, under the sandbox's lock:
+/// retention may have pruned it since.
+pub(super) fn still_there(conn: &Connection, c: &Checkpoint) -> Result<Checkpoint> {
+    catalogue::checkpoint_by_ref(conn, &c.info.id).map_err(|e| match e {
+        Error::NotFound(_) => {
+            Error::NotFound(format!("checkpoint {} was pruned before it could be restored", c.info.id))
+        }
+        e => e,
+    })
+}
+
+/// Refuses to restore from a checkpoint `verify` found broken.
+pub(super) fn refuse_if_broken(target: &Checkpoint) -> Result<()> {
+    match &target.info.broken {
+        Some(why) => Err(Error::InvalidRequest(format!(
+            "checkpoint {} is broken ({why}); it cannot be restored. Pick another with `snapback list`",
+            target.info.id
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Returns the paths whose versions differ between two sides of a
+/// difference, sorted.
+pub(super) fn changed_paths(a: &Manifest, b: &Manifest) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = a
+        .iter()
+        .filter(|(p, r)| b.get(*p).is_none_or(|o| o.meta != r.meta))
+        .map(|(p, _)| p.clone())
+        .chain(b.keys().filter(|p| !a.contains_key(*p)).cloned())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+pub(super) fn rollback_filter(sandbox: &Sandbox, paths: &[WirePath]) -> Result<Vec<Vec<u8>>> {
+    paths.iter().map(|p| relative_to_root(&sandbox.root, p.as_bytes())).collect()
+}
+
+/// Turns a `--path` argument into a clean sandbox-relative path: relative
+/// paths are taken from the sandbox root, absolute ones must lie below it.
+pub(super) fn relative_to_root(root: &[u8], p: &[u8]) -> Result<Vec<u8>> {
+    let mut rel: &[u8] = if p.first() == Some(&b'/') {
+        if !is_within(p, root) {
+            return Err(Error::InvalidRequest(format!(
+                "{} is outside the sandbox {}",
+                WirePath(p.to_vec()).display(),
+                path_of(root).display()
+            )));
+        }
+        &p[root.len()..]
+    } else {
+        p
+    };
+    while let Some(r) = rel.strip_prefix(b"/").or_else(|| rel.strip_prefix(b"./")) {
+        rel = r;
+    }
+    while let Some(r) = rel.strip_suffix(b"/") {
+        rel = r;
+    }
+    if rel.is_empty() || rel == b"." {
+        return Ok(Vec::new());
+    }
+    sys::check_relative(rel).map_err(|_| {
+        Error::InvalidRequest(format!("{} is not a path inside the sandbox", WirePath(p.to_vec()).display()))
+    })?;
+    Ok(rel.to_vec())
+}
