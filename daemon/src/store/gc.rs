@@ -1,0 +1,178 @@
+//! Freeing objects: removal by id (unlinked, or a hole punched over a
+//! packed slot) and garbage collection of what no checkpoint references.
+
+use super::*;
+
+impl Store {
+    /// Deletes the given objects; returns the bytes freed. The caller holds
+    /// `gc_lock` exclusively and has checked that nothing references them.
+    /// An object that cannot be removed does not keep the others: the
+    /// first error is returned once all were tried, and what it left is
+    /// collected at the next start.
+    pub fn remove_objects(&self, ids: &[ObjectId]) -> io::Result<u64> {
+        self.record()?;
+        let mut bytes = 0;
+        let mut failed = None;
+        for id in ids {
+            let name = Self::name(id);
+            let removed = sys::lstatat(self.objects.as_fd(), &name)
+                .and_then(|st| sys::unlinkat(self.objects.as_fd(), &name, false).map(|()| st.st_size as u64));
+            match removed {
+                Ok(size) => bytes += size,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    failed.get_or_insert(io::Error::new(e.kind(), format!("removing object {id}: {e}")));
+                }
+            }
+        }
+        let slots = self.unindex(ids)?;
+        bytes += self.free_slots(&slots)?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(bytes),
+        }
+    }
+
+    /// Frees the blocks of slots already gone from the index (so no reader
+    /// can find them), and removes the packs left with no live slot.
+    /// Returns the bytes of the objects freed.
+    pub(super) fn free_slots(&self, slots: &[(String, u64, u64)]) -> io::Result<u64> {
+        let mut by_pack: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        for (pack, offset, len) in slots {
+            by_pack.entry(pack).or_default().push((*offset, *len));
+        }
+        let mut bytes = 0;
+        for (pack, dead) in by_pack {
+            bytes += dead.iter().map(|&(_, len)| len).sum::<u64>();
+            if self.live_in(pack)? {
+                let fd = match sys::openat(self.packs.as_fd(), pack.as_bytes(), libc::O_WRONLY, 0) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    r => r?,
+                };
+                for (offset, len) in dead {
+                    punch(fd.as_fd(), offset, len)?;
+                }
+            } else {
+                self.remove_pack(pack.as_bytes())?;
+            }
+        }
+        Ok(bytes)
+    }
+
+    pub(super) fn remove_pack(&self, name: &[u8]) -> io::Result<()> {
+        match sys::unlinkat(self.packs.as_fd(), name, false) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Frees the blocks of `pack` that none of its indexed `slots` covers:
+    /// slots that a removal took out of the index but did not get to free,
+    /// because the daemon stopped in between. Returns the bytes freed.
+    pub(super) fn free_unindexed(&self, pack: &str, slots: &mut [(u64, u64)]) -> io::Result<u64> {
+        let fd = match sys::openat(self.packs.as_fd(), pack.as_bytes(), libc::O_RDWR, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            r => r?,
+        };
+        let size = sys::fstat(fd.as_fd())?.st_size as u64;
+        slots.sort_unstable();
+        // Exact ranges, not rounded up to slots: a data segment may start on
+        // a block smaller than a slot, and must not reach a live one.
+        let mut freed = 0;
+        let mut free = |from: u64, to: u64| -> io::Result<()> {
+            match sys::punch_hole(fd.as_fd(), from, to - from) {
+                Ok(()) => freed += to - from,
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        };
+        for (start, len) in sys::data_segments(fd.as_fd(), size)? {
+            // The last block, partly past the end of the file, is whole
+            // free space only when the hole reaches its end.
+            let end = if start + len >= size { slot_len(size) } else { start + len };
+            let mut at = start;
+            for &(offset, len) in slots.iter().skip_while(|&&(o, l)| o + slot_len(l) <= start) {
+                if offset >= end {
+                    break;
+                }
+                if offset > at {
+                    free(at, offset)?;
+                }
+                at = at.max(offset + slot_len(len));
+            }
+            if at < end {
+                free(at, end)?;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Whether any object of `pack` is still in the index.
+    pub(super) fn live_in(&self, pack: &str) -> io::Result<bool> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).has_rows(pack)
+    }
+
+    /// Deletes every object not in `referenced` and every leftover temporary
+    /// file. Returns (objects removed, bytes freed). The caller guarantees no
+    /// checkpoint into this store is in progress.
+    pub fn collect_garbage(&self, referenced: &HashSet<ObjectId>) -> io::Result<(u64, u64)> {
+        for entry in sys::read_dir(self.tmp.as_fd())? {
+            let _ = sys::unlinkat(self.tmp.as_fd(), &entry.name, false);
+        }
+        let (mut count, mut bytes) = (0, 0);
+        let mut failed = None;
+        for i in 0..=255u8 {
+            let sub = format!("{i:02x}");
+            let dir = match sys::openat(self.objects.as_fd(), sub.as_bytes(), sys::DIR_FLAGS, 0) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in sys::read_dir(dir.as_fd())? {
+                let keep = ObjectId::from_hex(&entry.name).is_some_and(|id| referenced.contains(&id));
+                if !keep {
+                    let size = sys::lstatat(dir.as_fd(), &entry.name).map(|st| st.st_size as u64).unwrap_or(0);
+                    // One that cannot go does not keep the rest, nor the packs.
+                    match sys::unlinkat(dir.as_fd(), &entry.name, false) {
+                        Ok(()) => (count, bytes) = (count + 1, bytes + size),
+                        Err(e) => {
+                            let name = String::from_utf8_lossy(&entry.name);
+                            failed
+                                .get_or_insert(io::Error::new(e.kind(), format!("removing objects/{sub}/{name}: {e}")));
+                        }
+                    }
+                }
+            }
+        }
+        // The slots still live, by pack, and the objects to drop.
+        let rows = self.packed()?;
+        let mut live: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+        let mut dead = Vec::new();
+        for (id, pack, offset, len) in &rows {
+            if referenced.contains(id) {
+                live.entry(pack).or_default().push((*offset, *len));
+            } else {
+                dead.push(*id);
+            }
+        }
+        let slots = self.unindex(&dead)?;
+        count += slots.len() as u64;
+        bytes += self.free_slots(&slots)?;
+        for (pack, slots) in &mut live {
+            bytes += self.free_unindexed(pack, slots)?;
+        }
+        // Packs that no live object is in: emptied above, or never sealed
+        // (their checkpoint failed, or the daemon stopped in it).
+        for entry in sys::read_dir(self.packs.as_fd())? {
+            let name = String::from_utf8_lossy(&entry.name);
+            if !live.contains_key(name.as_ref()) {
+                self.remove_pack(&entry.name)?;
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((count, bytes)),
+        }
+    }
+}

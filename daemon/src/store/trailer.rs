@@ -1,0 +1,57 @@
+//! The trailer at a sealed pack's end: the slots it holds, so that a
+//! pack sealed but not yet indexed is found again at the next open.
+
+use super::*;
+
+/// Ends a pack's trailer, which lists its slots for [`recover_sealed`]: for
+/// each slot, the object's id (32 bytes), offset and length (8 bytes each,
+/// little-endian); then the number of slots (8 bytes), the blake3 hash of
+/// the list (32 bytes) and these 8 bytes.
+pub(super) const TRAILER_MAGIC: &[u8; 8] = b"sbpack1\n";
+pub(super) const TRAILER_ENTRY: usize = 48;
+pub(super) const TRAILER_FOOTER: usize = 48;
+
+pub(super) fn trailer(slots: &[Slot]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(slots.len() * TRAILER_ENTRY + TRAILER_FOOTER);
+    for (id, offset, len) in slots {
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    let hash = blake3::hash(&out);
+    out.extend_from_slice(&(slots.len() as u64).to_le_bytes());
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(TRAILER_MAGIC);
+    out
+}
+
+/// The slots listed by the trailer of the pack open at `fd`, and where the
+/// trailer starts; `None` when it does not end with a whole trailer (it
+/// was never sealed, or was recorded since).
+pub(super) fn read_trailer(fd: BorrowedFd<'_>) -> io::Result<Option<(Vec<Slot>, u64)>> {
+    let size = sys::fstat(fd)?.st_size as u64;
+    let Some(footer_at) = size.checked_sub(TRAILER_FOOTER as u64) else { return Ok(None) };
+    let footer = read_at(fd, footer_at, TRAILER_FOOTER as u64)?;
+    if footer.len() < TRAILER_FOOTER || footer[40..] != TRAILER_MAGIC[..] {
+        return Ok(None);
+    }
+    let count = u64::from_le_bytes(footer[..8].try_into().expect("8 bytes"));
+    let Some(start) = count.checked_mul(TRAILER_ENTRY as u64).and_then(|n| footer_at.checked_sub(n)) else {
+        return Ok(None);
+    };
+    let entries = read_at(fd, start, footer_at - start)?;
+    if (entries.len() as u64) < footer_at - start || blake3::hash(&entries).as_bytes()[..] != footer[8..40] {
+        return Ok(None);
+    }
+    let mut slots = Vec::with_capacity(count as usize);
+    for e in entries.chunks_exact(TRAILER_ENTRY) {
+        let id = ObjectId::from_slice(&e[..32]).expect("32 bytes");
+        let offset = u64::from_le_bytes(e[32..40].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(e[40..].try_into().expect("8 bytes"));
+        if offset % SLOT_ALIGN != 0 || len > SMALL_FILE || offset.checked_add(slot_len(len)).is_none_or(|e| e > start) {
+            return Ok(None);
+        }
+        slots.push((id, offset, len));
+    }
+    Ok(Some((slots, start)))
+}
