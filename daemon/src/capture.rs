@@ -261,23 +261,52 @@ const PARALLEL_ROOTS: usize = 16;
 /// through a bounded channel.
 pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<Captured> {
     let threads = threads();
+    let prefixes = scope.prefixes();
+    let (mut walkers, pending) = visit_roots(current, &prefixes, opts, threads)?;
+    let mut readers = Readers::default();
+    if !pending.is_empty() && walkers.iter().all(|(_, r)| r.is_ok()) {
+        let capacity = if matches!(scope, Scope::Everything) { current.len() / threads + 16 } else { 0 };
+        walkers.extend(walk(current, pending, opts, threads, capacity, &mut readers)?);
+    }
+    gather(current, &prefixes, walkers, readers)
+}
+
+/// A walker of `current` with the given channel to its readers.
+fn walker<'a>(
+    current: &'a Manifest,
+    opts: &'a Options<'a>,
+    tx: Option<SyncSender<Job>>,
+    capacity: usize,
+) -> Walker<'a> {
     // A walker of a whole tree meets about its share of the manifest's paths.
-    let walker = |tx: Option<SyncSender<Job>>, capacity: usize| Walker {
+    Walker {
         opts,
         current,
         seen: HashSet::with_capacity_and_hasher(capacity, Default::default()),
         tx,
         outcomes: Vec::new(),
         stats: Stats::default(),
-    };
-    let prefixes = scope.prefixes();
+    }
+}
+
+/// A walker and how its walk ended.
+type Walked<'a> = (Walker<'a>, Result<()>);
+
+/// Visits the roots of the scope, split between the threads in runs of
+/// neighbouring paths. Returns the walkers and the directories found.
+fn visit_roots<'a>(
+    current: &'a Manifest,
+    prefixes: &[Vec<u8>],
+    opts: &'a Options<'a>,
+    threads: usize,
+) -> Result<(Vec<Walked<'a>>, Vec<Pending>)> {
     let chunks = if prefixes.len() < PARALLEL_ROOTS { 1 } else { threads };
     let per_chunk = prefixes.len().div_ceil(chunks).max(1);
-    let mut walkers: Vec<(Walker<'_>, Result<()>)> = Vec::new();
+    let mut walkers = Vec::new();
     let mut pending = Vec::new();
     let spawned = std::thread::scope(|s| {
         let visit = |roots: &[Vec<u8>]| {
-            let mut w = walker(None, 0);
+            let mut w = walker(current, opts, None, 0);
             let r = w.start(roots);
             (w, r)
         };
@@ -295,60 +324,82 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
     if walkers.len() != spawned {
         return Err(Error::Internal("a capture thread panicked".into()));
     }
-    let mut reader_stats = Stats::default();
-    let outcomes = Mutex::new(Vec::<Outcome>::new());
-    let failure = Mutex::new(None::<Error>);
-    if !pending.is_empty() && walkers.iter().all(|(_, r)| r.is_ok()) {
-        let (tx, rx) = sync_channel::<Job>(4096);
-        let rx = Mutex::new(rx);
-        let queue = DirQueue::new(pending);
-        let capacity = if matches!(scope, Scope::Everything) { current.len() / threads + 16 } else { 0 };
-        // Directories are listed and compared by `threads` walkers; files
-        // that must be read go to as many readers through the channel.
-        let walked = std::thread::scope(|s| {
-            let readers: Vec<_> = (0..threads).map(|_| s.spawn(|| work(&rx, opts, &outcomes, &failure))).collect();
-            let mut walking = Vec::new();
-            for _ in 1..threads {
-                let mut w = walker(Some(tx.clone()), capacity);
-                let queue = &queue;
-                walking.push(s.spawn(move || {
-                    let r = w.walk(queue);
-                    w.tx = None;
-                    (w, r)
-                }));
-            }
-            let mut first = walker(Some(tx.clone()), capacity);
-            let r = first.walk(&queue);
-            if r.is_err() {
-                queue.fail();
-            }
-            first.tx = None;
-            drop(tx); // with every walker's sender gone, readers drain and stop
-            let mut walked = vec![(first, r)];
-            walked.extend(walking.into_iter().filter_map(|h| h.join().ok()));
-            for h in readers {
-                reader_stats.add(&h.join().unwrap_or_default());
-            }
-            walked
-        });
-        if walked.len() != threads {
-            return Err(Error::Internal("a capture thread panicked".into()));
+    Ok((walkers, pending))
+}
+
+/// What the reader threads found.
+#[derive(Default)]
+struct Readers {
+    stats: Stats,
+    outcomes: Mutex<Vec<Outcome>>,
+    failure: Mutex<Option<Error>>,
+}
+
+/// Walks the directories found: they are listed and compared by `threads`
+/// walkers, and the files that must be read go to as many readers through
+/// a bounded channel.
+fn walk<'a>(
+    current: &'a Manifest,
+    pending: Vec<Pending>,
+    opts: &'a Options<'a>,
+    threads: usize,
+    capacity: usize,
+    readers: &mut Readers,
+) -> Result<Vec<Walked<'a>>> {
+    let (tx, rx) = sync_channel::<Job>(4096);
+    let rx = Mutex::new(rx);
+    let queue = DirQueue::new(pending);
+    let Readers { stats, outcomes, failure } = readers;
+    let walked = std::thread::scope(|s| {
+        let (outcomes, failure) = (&*outcomes, &*failure);
+        let reading: Vec<_> = (0..threads).map(|_| s.spawn(|| work(&rx, opts, outcomes, failure))).collect();
+        let mut walking = Vec::new();
+        for _ in 1..threads {
+            let mut w = walker(current, opts, Some(tx.clone()), capacity);
+            let queue = &queue;
+            walking.push(s.spawn(move || {
+                let r = w.walk(queue);
+                w.tx = None;
+                (w, r)
+            }));
         }
-        walkers.extend(walked);
+        let mut first = walker(current, opts, Some(tx.clone()), capacity);
+        let r = first.walk(&queue);
+        if r.is_err() {
+            queue.fail();
+        }
+        first.tx = None;
+        drop(tx); // with every walker's sender gone, readers drain and stop
+        let mut walked = vec![(first, r)];
+        walked.extend(walking.into_iter().filter_map(|h| h.join().ok()));
+        for h in reading {
+            stats.add(&h.join().unwrap_or_default());
+        }
+        walked
+    });
+    if walked.len() != threads {
+        return Err(Error::Internal("a capture thread panicked".into()));
     }
+    Ok(walked)
+}
+
+/// Gathers what the walkers and readers found into one capture: a new
+/// version per path, and an end for whatever was current in the scope and
+/// not seen.
+fn gather(current: &Manifest, prefixes: &[Vec<u8>], walkers: Vec<Walked<'_>>, readers: Readers) -> Result<Captured> {
     let mut seen: Vec<HashSet<&[u8], foldhash::quality::RandomState>> = Vec::new();
     let mut walker_outcomes = Vec::new();
-    let mut out = Captured { stats: reader_stats, ..Captured::default() };
+    let mut out = Captured { stats: readers.stats, ..Captured::default() };
     for (w, r) in walkers {
         r?;
         out.stats.add(&w.stats);
         seen.push(w.seen);
         walker_outcomes.extend(w.outcomes);
     }
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = readers.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let all = walker_outcomes.into_iter().chain(outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let all = walker_outcomes.into_iter().chain(readers.outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
     // A path seen twice (a directory renamed back and forth under the
     // walk) keeps one new version: the catalogue holds one current row per
     // path.
@@ -369,8 +420,7 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
             Outcome::Gone(path, row) => out.ended.push((path, row)),
         }
     }
-    // Whatever was current in the scope and not seen is gone.
-    for prefix in &prefixes {
+    for prefix in prefixes {
         for (path, row) in subtree(current, prefix) {
             if !seen.iter().any(|s| s.contains(path.as_slice())) {
                 out.ended.push((path.clone(), row.clone()));

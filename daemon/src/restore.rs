@@ -150,26 +150,65 @@ impl Plan {
 
     /// Applies the plan under `root`, reading content from `store`.
     pub fn apply(&self, root: BorrowedFd<'_>, store: &Store, options: &ApplyOptions) -> Result<Applied> {
-        let ApplyOptions { reflink, owner, durable } = *options;
-        let as_root = sys::euid() == 0;
-        // Directories whose entries changed, to fsync at the end (durable).
-        let mut touched_dirs: std::collections::BTreeSet<Vec<u8>> = Default::default();
-        let mut applied = Applied::default();
         let progress = crate::progress::current();
         if let Some(p) = &progress {
             p.start(crate::progress::Phase::Restoring, Some(self.steps.len() as u64));
         }
-        let tick = || {
-            if let Some(p) = &progress {
-                p.tick(1);
-            }
-        };
+        let run = Run { root, store, options: *options, as_root: sys::euid() == 0, progress };
+        // Directories whose entries changed, to fsync at the end (durable).
+        let mut touched = std::collections::BTreeSet::new();
         // 1. Removals: deleted paths, and the live side of a type change
-        //    that involves a directory. Files and links first, on a few
-        //    threads (nothing depends on their order), then directories,
-        //    deepest first, once what was in them is gone.
+        //    that involves a directory.
+        let mut skipped = run.removals(self, &mut touched)?;
+        // 2. Creations and replacements: directories shallowest first, then
+        //    everything else (nothing lives below those) on a few threads,
+        //    and the later names of each group linked to its first.
+        let made = run.directories(self, &mut skipped, &mut touched)?;
+        let (not_put, cloned) = run.leaves(&made.leaves, &made.followers)?;
+        skipped.extend(not_put);
+        // 3. Directory owners and modes, deepest first: a read-only
+        //    directory is filled before it is closed.
+        run.set_dir_modes(&made.dir_modes)?;
+        // 4. Durable: the renames and removals themselves, one fsync per
+        //    directory touched (file contents were synced before renaming).
+        run.sync_dirs(&touched)?;
+        Ok(Applied { skipped, cloned })
+    }
+}
+
+/// One application of a plan: what its phases share.
+struct Run<'a> {
+    root: BorrowedFd<'a>,
+    store: &'a Store,
+    options: ApplyOptions,
+    as_root: bool,
+    progress: Option<std::sync::Arc<crate::progress::Progress>>,
+}
+
+/// What the creation phase leaves for the others.
+struct Made<'p> {
+    /// Directories made or kept, with the owner and mode they end with.
+    dir_modes: Vec<(Vec<u8>, Meta)>,
+    /// Everything else to write, with whether it goes over a live file.
+    leaves: Vec<(&'p Vec<u8>, Leaf<'p>)>,
+    /// Later names of a group, to link to its first.
+    followers: Vec<(&'p Vec<u8>, Follower<'p>)>,
+}
+
+impl<'a> Run<'a> {
+    fn tick(&self) {
+        if let Some(p) = &self.progress {
+            p.tick(1);
+        }
+    }
+
+    /// Removes what must go: files and links first, on a few threads
+    /// (nothing depends on their order), then directories, deepest first,
+    /// once what was in them is gone. Returns the paths it could not
+    /// remove (a directory that still holds what the plan does not own).
+    fn removals(&self, plan: &Plan, touched: &mut std::collections::BTreeSet<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let mut removals = Vec::new();
-        for (path, step) in self.steps.iter().rev() {
+        for (path, step) in plan.steps.iter().rev() {
             let live = match step {
                 Step::Delete(live) => live,
                 Step::Restore { live, target }
@@ -179,16 +218,16 @@ impl Plan {
                 }
                 _ => continue,
             };
-            if durable {
-                touched_dirs.insert(sys::split_parent(path).0.to_vec());
+            if self.options.durable {
+                touched.insert(sys::split_parent(path).0.to_vec());
             }
             removals.push((path, (live.kind == Kind::Dir, matches!(step, Step::Delete(_)))));
         }
         let (dirs, leaves): (Vec<_>, Vec<_>) = removals.into_iter().partition(|(_, (dir, _))| *dir);
         let remove_one = |&(path, (_, deleted)): &(&Vec<u8>, (bool, bool))| -> Result<bool> {
-            let removed = remove(root, path).ctx(|| format!("removing {}", show(path)))?;
+            let removed = remove(self.root, path).ctx(|| format!("removing {}", show(path)))?;
             if deleted {
-                tick();
+                self.tick();
             }
             Ok(removed)
         };
@@ -199,42 +238,51 @@ impl Plan {
             }
         }
         not_removed.sort();
-        applied.skipped.extend(not_removed);
-        // 2. Creations and replacements: directories shallowest first, then
-        //    everything else (nothing lives below those) on a few threads.
-        let mut dir_modes = Vec::new();
-        let mut leaves = Vec::new();
+        Ok(not_removed)
+    }
+
+    /// Makes the directories to create, shallowest first, and sorts the
+    /// rest of what the plan writes into leaves and followers. A path below
+    /// one that was `skipped` is skipped too.
+    fn directories<'p>(
+        &self,
+        plan: &'p Plan,
+        skipped: &mut Vec<Vec<u8>>,
+        touched: &mut std::collections::BTreeSet<Vec<u8>>,
+    ) -> Result<Made<'p>> {
+        let owner = self.options.owner;
+        let mut made = Made { dir_modes: Vec::new(), leaves: Vec::new(), followers: Vec::new() };
         // Each name of a group but its first is linked to the first, once
         // that is written.
         let leader_of: std::collections::HashMap<&[u8], &Vec<u8>> =
-            self.links.iter().flat_map(|g| g[1..].iter().map(move |p| (p.as_slice(), &g[0]))).collect();
-        let mut followers = Vec::new();
-        for (path, step) in &self.steps {
+            plan.links.iter().flat_map(|g| g[1..].iter().map(move |p| (p.as_slice(), &g[0]))).collect();
+        for (path, step) in &plan.steps {
             let (target, live_dir) = match step {
                 Step::Delete(_) => continue,
                 Step::Create(t) => (t, false),
                 Step::Restore { live, target } => (target, live.kind == Kind::Dir && target.kind == Kind::Dir),
             };
-            if applied.skipped.iter().any(|s| is_within(path, s)) {
-                applied.skipped.push(path.clone());
+            if skipped.iter().any(|s| is_within(path, s)) {
+                skipped.push(path.clone());
                 continue;
             }
-            if durable {
-                touched_dirs.insert(sys::split_parent(path).0.to_vec());
+            if self.options.durable {
+                touched.insert(sys::split_parent(path).0.to_vec());
             }
             if target.kind != Kind::Dir {
                 // A file over a file is rewritten in place where it may be.
                 let over_file = matches!(step, Step::Restore { live, .. } if live.kind == Kind::File);
                 match leader_of.get(path.as_slice()) {
-                    Some(leader) => followers.push((path, (restorable(target, owner), over_file, *leader))),
-                    None => leaves.push((path, (restorable(target, owner), over_file))),
+                    Some(leader) => made.followers.push((path, (restorable(target, owner), over_file, *leader))),
+                    None => made.leaves.push((path, (restorable(target, owner), over_file))),
                 }
                 continue;
             }
-            tick();
-            let (parent, name) = sys::split_parent(path);
-            let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
+            self.tick();
             if !live_dir {
+                let (parent, name) = sys::split_parent(path);
+                let dir =
+                    sys::open_beneath(self.root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
                 match sys::mkdirat(dir.as_fd(), name, 0o700) {
                     Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
                         return Err(e).ctx(|| format!("creating {}", show(path)));
@@ -242,35 +290,60 @@ impl Plan {
                     _ => {}
                 }
             }
-            dir_modes.push((path.clone(), restorable(target, owner).into_owned()));
+            made.dir_modes.push((path.clone(), restorable(target, owner).into_owned()));
         }
-        let file = FileOptions { reflink, as_root, durable };
-        let cloned = std::sync::Mutex::new(Vec::new());
-        let put = |path: &[u8], target: &Meta, over_file: bool| -> Result<bool> {
-            tick();
-            let (parent, name) = sys::split_parent(path);
-            let dir = sys::open_beneath(root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
-            match target.kind {
-                Kind::File => put_file(dir.as_fd(), name, target, store, file, over_file).map(|was_cloned| {
-                    if was_cloned && target.size <= SMALL_FILE {
-                        cloned.lock().unwrap_or_else(|p| p.into_inner()).push((path.to_vec(), target.size));
-                    }
-                }),
-                Kind::Symlink => put_symlink(dir.as_fd(), name, target, as_root),
-                Kind::Special if target.mode & libc::S_IFMT == libc::S_IFIFO => {
-                    put_fifo(dir.as_fd(), name, target, as_root)
+        Ok(made)
+    }
+
+    /// Writes one file, symlink or FIFO; `false` for what a restore does
+    /// not make (sockets, devices). Records in `cloned` the small files
+    /// whose content was cloned.
+    fn put(
+        &self,
+        path: &[u8],
+        target: &Meta,
+        over_file: bool,
+        cloned: &std::sync::Mutex<Vec<(Vec<u8>, u64)>>,
+    ) -> Result<bool> {
+        self.tick();
+        let ApplyOptions { reflink, durable, .. } = self.options;
+        let file = FileOptions { reflink, as_root: self.as_root, durable };
+        let (parent, name) = sys::split_parent(path);
+        let dir = sys::open_beneath(self.root, parent).ctx(|| format!("opening the directory of {}", show(path)))?;
+        match target.kind {
+            Kind::File => put_file(dir.as_fd(), name, target, self.store, file, over_file).map(|was_cloned| {
+                if was_cloned && target.size <= SMALL_FILE {
+                    cloned.lock().unwrap_or_else(|p| p.into_inner()).push((path.to_vec(), target.size));
                 }
-                Kind::Special | Kind::Dir => return Ok(false),
+            }),
+            Kind::Symlink => put_symlink(dir.as_fd(), name, target, self.as_root),
+            Kind::Special if target.mode & libc::S_IFMT == libc::S_IFIFO => {
+                put_fifo(dir.as_fd(), name, target, self.as_root)
             }
-            .ctx(|| format!("restoring {}", show(path)))?;
-            Ok(true)
-        };
-        let mut not_put = on_threads(&leaves, |(path, (target, over_file))| put(path, target, *over_file))?;
+            Kind::Special | Kind::Dir => return Ok(false),
+        }
+        .ctx(|| format!("restoring {}", show(path)))?;
+        Ok(true)
+    }
+
+    /// Writes the leaves on a few threads, then links each follower to its
+    /// group's first name (or writes it on its own where it cannot be
+    /// linked). Returns the paths not written, sorted, and the small files
+    /// cloned.
+    #[allow(clippy::type_complexity)]
+    fn leaves(
+        &self,
+        leaves: &[(&Vec<u8>, Leaf<'_>)],
+        followers: &[(&Vec<u8>, Follower<'_>)],
+    ) -> Result<(Vec<Vec<u8>>, Vec<(Vec<u8>, u64)>)> {
+        let cloned = std::sync::Mutex::new(Vec::new());
+        let mut not_put =
+            on_threads(leaves, |(path, (target, over_file))| self.put(path, target, *over_file, &cloned))?;
         not_put.sort();
         let linked = |(path, (target, over_file, leader)): &(&Vec<u8>, Follower<'_>)| {
             if not_put.binary_search(*leader).is_err() {
-                tick();
-                match put_link(root, leader, path) {
+                self.tick();
+                match put_link(self.root, leader, path) {
                     Ok(()) => return Ok(true),
                     // Another filesystem, too many links, a file the caller
                     // may not link to: written on its own instead.
@@ -278,33 +351,41 @@ impl Plan {
                     Err(e) => return Err(e).ctx(|| format!("linking {} to {}", show(path), show(leader))),
                 }
             }
-            put(path, target, *over_file)
+            self.put(path, target, *over_file, &cloned)
         };
-        let not_linked = on_threads(&followers, linked)?;
+        let not_linked = on_threads(followers, linked)?;
         not_put.extend(not_linked);
         not_put.sort();
-        applied.skipped.extend(not_put);
-        applied.cloned = cloned.into_inner().unwrap_or_else(|p| p.into_inner());
-        // 3. Directory owners and modes, deepest first.
+        Ok((not_put, cloned.into_inner().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// Gives directories their owners and modes, deepest first.
+    fn set_dir_modes(&self, dir_modes: &[(Vec<u8>, Meta)]) -> Result<()> {
         for (path, meta) in dir_modes.iter().rev() {
-            let dir = sys::open_beneath(root, path).ctx(|| format!("opening {}", show(path)))?;
-            if as_root {
+            let dir = sys::open_beneath(self.root, path).ctx(|| format!("opening {}", show(path)))?;
+            if self.as_root {
                 sys::fchown(dir.as_fd(), meta.uid, meta.gid).ctx(|| format!("setting the owner of {}", show(path)))?;
             }
             sys::fchmod(dir.as_fd(), meta.mode).ctx(|| format!("setting the mode of {}", show(path)))?;
         }
-        // 4. Durable: the renames and removals themselves, one fsync per
-        //    directory touched (file contents were synced before renaming).
-        for dir in &touched_dirs {
-            match sys::open_beneath(root, dir) {
+        Ok(())
+    }
+
+    /// Fsyncs each directory whose entries the restore changed.
+    fn sync_dirs(&self, touched: &std::collections::BTreeSet<Vec<u8>>) -> Result<()> {
+        for dir in touched {
+            match sys::open_beneath(self.root, dir) {
                 Ok(fd) => sys::fsync(fd.as_fd()).ctx(|| format!("syncing the directory {}", show(dir)))?,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {} // removed by this restore
                 Err(e) => return Err(e).ctx(|| format!("opening {}", show(dir))),
             }
         }
-        Ok(applied)
+        Ok(())
     }
 }
+
+/// What to write at a path, and whether it goes over a live file.
+type Leaf<'a> = (std::borrow::Cow<'a, Meta>, bool);
 
 /// A path to link to the first of its group (its leader), with what to
 /// write there instead if it cannot be.

@@ -110,12 +110,19 @@ pub(super) const CHECKPOINT_COLS: &str =
      c.kind, c.pinned, c.created_ms, c.files, c.dirs, c.symlinks, c.bytes, c.changed, c.broken";
 
 pub(super) fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    let id: String = r.get(0)?;
     let labels: String = r.get(9)?;
     let kind: String = r.get(10)?;
+    let bad = |column: &str, why: String| {
+        let message = format!("the catalogue's checkpoint {id} has an unreadable {column}: {why}");
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, message.into())
+    };
+    let labels = serde_json::from_str::<BTreeMap<String, String>>(&labels).map_err(|e| bad("labels", e.to_string()))?;
+    let kind = CheckpointKind::parse(&kind).ok_or_else(|| bad("kind", format!("{kind:?} is no kind")))?;
     Ok(Checkpoint {
         sandbox_id: r.get(1)?,
         info: CheckpointInfo {
-            id: r.get(0)?,
+            id,
             sandbox: r.get(2)?,
             seq: r.get::<_, i64>(3)? as u64,
             parent: r.get(4)?,
@@ -123,8 +130,8 @@ pub(super) fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Che
             reason: r.get(6)?,
             tool: r.get(7)?,
             phase: r.get(8)?,
-            labels: serde_json::from_str::<BTreeMap<String, String>>(&labels).unwrap_or_default(),
-            kind: CheckpointKind::parse(&kind).unwrap_or_default(),
+            labels,
+            kind,
             pinned: r.get(11)?,
             created_unix_ms: r.get(12)?,
             files: r.get::<_, i64>(13)? as u64,

@@ -8,12 +8,12 @@ use super::*;
 pub struct Intent {
     pub id: i64,
     pub sandbox_id: i64,
-    pub kind: String,
+    pub kind: IntentKind,
     pub target: String,
     pub filter: Vec<Vec<u8>>,
     pub force: bool,
     pub safety: Option<String>,
-    pub state: String,
+    pub state: IntentState,
     pub note: Option<String>,
     pub updated_ms: i64,
 }
@@ -21,16 +21,17 @@ pub struct Intent {
 pub(super) const INTENT_COLS: &str = "id, sandbox_id, kind, target, filter, force, safety, state, note, updated_ms";
 
 pub(super) fn intent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Intent> {
+    let id: i64 = r.get(0)?;
     let filter: Option<Vec<u8>> = r.get(4)?;
     Ok(Intent {
-        id: r.get(0)?,
+        id,
         sandbox_id: r.get(1)?,
-        kind: r.get(2)?,
+        kind: column(r, 2, "intents", id, "kind")?,
         target: r.get(3)?,
         filter: filter.map(|f| f.split(|&b| b == 0).map(<[u8]>::to_vec).collect()).unwrap_or_default(),
         force: r.get(5)?,
         safety: r.get(6)?,
-        state: r.get(7)?,
+        state: column(r, 7, "intents", id, "state")?,
         note: r.get(8)?,
         updated_ms: r.get(9)?,
     })
@@ -40,7 +41,7 @@ pub(super) fn intent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Intent>
 pub fn begin_intent(
     conn: &Connection,
     sandbox_id: i64,
-    kind: &str,
+    kind: IntentKind,
     target: &str,
     filter: &[Vec<u8>],
     force: bool,
@@ -109,7 +110,7 @@ pub fn finish_intent(conn: &Connection, id: i64) -> Result<()> {
 
 /// Records how an interrupted restore ended (`resumed` or `failed`) and
 /// drops its paths; earlier outcomes of the sandbox are dropped.
-pub fn settle_intent(conn: &Connection, intent: &Intent, state: &str, note: &str, now_ms: i64) -> Result<()> {
+pub fn settle_intent(conn: &Connection, intent: &Intent, state: IntentState, note: &str, now_ms: i64) -> Result<()> {
     conn.execute("DELETE FROM intent_paths WHERE intent_id = ?1", [intent.id])?;
     conn.execute(
         "DELETE FROM intents WHERE sandbox_id = ?1 AND id != ?2 AND state IN ('resumed', 'failed')",
@@ -129,8 +130,8 @@ pub fn intent(conn: &Connection, id: i64) -> Result<Option<Intent>> {
 }
 
 /// Returns the intents in `states`, oldest first.
-pub fn intents(conn: &Connection, states: &[&str], sandbox_id: Option<i64>) -> Result<Vec<Intent>> {
-    let list = states.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+pub fn intents(conn: &Connection, states: &[IntentState], sandbox_id: Option<i64>) -> Result<Vec<Intent>> {
+    let list = states.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ");
     let sql = format!(
         "SELECT {INTENT_COLS} FROM intents WHERE state IN ({list}) AND (?1 IS NULL OR sandbox_id = ?1) ORDER BY id"
     );

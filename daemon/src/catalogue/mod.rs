@@ -21,6 +21,7 @@ mod intents;
 mod plans;
 mod sandboxes;
 mod space;
+mod states;
 mod versions;
 
 pub use checkpoints::*;
@@ -28,6 +29,8 @@ pub use intents::*;
 pub use plans::*;
 pub use sandboxes::*;
 pub use space::*;
+pub use states::{IntentKind, IntentState, SandboxState};
+use states::{column, undecodable};
 pub use versions::*;
 
 /// The migrations, in order. Migration `i` (from 0) takes the schema from
@@ -237,7 +240,7 @@ mod tests {
             clone_note: String::new(),
             excludes: vec![],
             owner_uid: 0,
-            state: "active".into(),
+            state: SandboxState::Active,
             head_seq: 0,
             created_ms: 0,
             identity: None,
@@ -393,6 +396,25 @@ mod tests {
             let result = finished.recv_timeout(left);
             result.expect("a thread opening and closing connections never finished: deadlock").unwrap();
         }
+    }
+
+    #[test]
+    fn a_damaged_row_is_an_error_naming_it_never_a_default() {
+        let (_t, conn, sb) = with_sandbox();
+        assert_eq!(sandbox_by_id(&conn, sb).unwrap().state, SandboxState::Active);
+        // An excludes column that is no list: capturing the excluded paths
+        // instead would be the quiet default this refuses.
+        conn.execute("UPDATE sandboxes SET excludes = '[\"target\"' WHERE id = ?1", [sb]).unwrap();
+        let e = sandbox_by_id(&conn, sb).unwrap_err().to_string();
+        assert!(e.contains(&format!("sandboxes row {sb}")) && e.contains("excludes"), "{e}");
+        // Damage the schema's checks would refuse, as a disk could do.
+        conn.pragma_update(None, "ignore_check_constraints", true).unwrap();
+        conn.execute("UPDATE sandboxes SET excludes = '[]', clone_method = 'teleport' WHERE id = ?1", [sb]).unwrap();
+        let e = sandbox_by_id(&conn, sb).unwrap_err().to_string();
+        assert!(e.contains("clone_method") && e.contains("teleport"), "{e}");
+        conn.execute("UPDATE sandboxes SET clone_method = 'copy', state = 'gone' WHERE id = ?1", [sb]).unwrap();
+        let e = sandbox_by_id(&conn, sb).unwrap_err().to_string();
+        assert!(e.contains(&format!("sandboxes row {sb}")) && e.contains("state") && e.contains("gone"), "{e}");
     }
 
     #[test]

@@ -16,13 +16,12 @@ pub fn plan(conn: &Connection, id: &str) -> Result<Option<Plan>> {
     Ok(conn
         .query_row("SELECT id, sandbox_id, state, created_ms, updated_ms FROM plans WHERE id = ?1", [id], |r| {
             let state: String = r.get(2)?;
-            Ok(Plan {
-                id: r.get(0)?,
-                sandbox_id: r.get(1)?,
-                state: PlanState::parse(&state).unwrap_or(PlanState::Active),
-                created_ms: r.get(3)?,
-                updated_ms: r.get(4)?,
-            })
+            let plan: String = r.get(0)?;
+            let state = PlanState::parse(&state).ok_or_else(|| {
+                let message = format!("the catalogue's plan {plan} has an unreadable state: {state:?}");
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, message.into())
+            })?;
+            Ok(Plan { id: plan, sandbox_id: r.get(1)?, state, created_ms: r.get(3)?, updated_ms: r.get(4)? })
         })
         .optional()?)
 }
@@ -51,7 +50,7 @@ pub fn close_plan(conn: &Connection, id: &str, state: PlanState, now_ms: i64) ->
 pub fn record_rollback(
     conn: &Connection,
     sandbox_id: i64,
-    kind: &str,
+    kind: IntentKind,
     target: &str,
     safety: &str,
     now_ms: i64,

@@ -13,7 +13,7 @@ pub struct Sandbox {
     pub clone_note: String,
     pub excludes: Vec<String>,
     pub owner_uid: u32,
-    pub state: String,
+    pub state: SandboxState,
     pub head_seq: u64,
     pub created_ms: i64,
     /// The root's device and inode when it was registered; `None` for a
@@ -28,18 +28,20 @@ pub(super) const SANDBOX_COLS: &str = "id, name, root, store, clone_method, clon
      created_ms, root_dev, root_ino, moved";
 
 pub(super) fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sandbox> {
+    let id: i64 = r.get(0)?;
     let method: String = r.get(4)?;
     let excludes: String = r.get(6)?;
     Ok(Sandbox {
-        id: r.get(0)?,
+        id,
         name: r.get(1)?,
         root: r.get(2)?,
         store: r.get(3)?,
-        clone_method: CloneMethod::parse(&method).unwrap_or(CloneMethod::Copy),
+        clone_method: CloneMethod::parse(&method)
+            .ok_or_else(|| undecodable("sandboxes", id, "clone_method", format!("{method:?} is no method")))?,
         clone_note: r.get(5)?,
-        excludes: serde_json::from_str(&excludes).unwrap_or_default(),
+        excludes: serde_json::from_str(&excludes).map_err(|e| undecodable("sandboxes", id, "excludes", e))?,
         owner_uid: r.get(7)?,
-        state: r.get(8)?,
+        state: column(r, 8, "sandboxes", id, "state")?,
         head_seq: r.get::<_, i64>(9)? as u64,
         created_ms: r.get(10)?,
         identity: identity_from(r.get(11)?, r.get(12)?),
@@ -94,7 +96,7 @@ pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
     Ok(conn.last_insert_rowid())
 }
 
-pub fn set_sandbox_state(conn: &Connection, id: i64, state: &str) -> Result<()> {
+pub fn set_sandbox_state(conn: &Connection, id: i64, state: SandboxState) -> Result<()> {
     conn.execute("UPDATE sandboxes SET state = ?2 WHERE id = ?1", params![id, state])?;
     Ok(())
 }

@@ -135,7 +135,9 @@ impl Engine {
                 (true, 0) => 1,
                 (true, head) => catalogue::checkpoint_at(&conn, s.id, head)?.map_or(1, |c| c.info.dirs + 1),
             };
-            let recovery = catalogue::intents(&conn, &["resumed", "failed"], Some(s.id))?.pop().and_then(|i| i.note);
+            let recovery = catalogue::intents(&conn, &[IntentState::Resumed, IntentState::Failed], Some(s.id))?
+                .pop()
+                .and_then(|i| i.note);
             sandboxes.push(SandboxStatus {
                 recovery,
                 watch,

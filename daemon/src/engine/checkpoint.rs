@@ -240,22 +240,7 @@ impl Engine {
         let started = Instant::now();
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
-        let watch = self.watch_of(sb.id);
-        let scope = match watch.as_ref().map(|w| w.drain()) {
-            Some(Drain::Paths(paths)) => Scope::Paths(paths),
-            Some(Drain::Everything(why)) => {
-                tracing::debug!(sandbox = %sb.name, "full scan: {why}");
-                Scope::Everything
-            }
-            None => Scope::Everything,
-        };
-        if watch.as_ref().is_some_and(|w| w.stalled()) {
-            // Its events stopped coming: this checkpoint scans everything,
-            // and a fresh watch takes over for the next ones.
-            tracing::warn!(sandbox = %sb.name, "the watch stopped delivering events; starting a new one");
-            self.watch_sandbox(&sb);
-        }
-        let mut scope = scope;
+        let (watch, mut scope) = self.scope_of(&sb);
         let drain_ms = ms_since(started);
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.
@@ -280,11 +265,9 @@ impl Engine {
         let read_nothing = matches!(scope, Scope::Paths(paths) if paths.is_empty());
         let scanned = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns);
         let read_ms = ms_since(started);
-        let captured = scanned.and_then(|c| {
-            if read_nothing {
-                return Ok(c);
-            }
-            self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns)
+        let captured = scanned.and_then(|c| match read_nothing {
+            true => Ok(c),
+            false => self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns),
         });
         let captured = match captured {
             Ok(c) => c,
@@ -298,78 +281,10 @@ impl Engine {
             0 => None,
             head => catalogue::checkpoint_at(conn, sb.id, head)?,
         };
-        let counts = Counts::after(
-            parent.as_ref(),
-            captured.ended.iter().map(|(_, row)| (row.meta.kind, row.meta.size)),
-            captured.added.iter().map(|a| (a.meta.kind, a.meta.size)),
-        );
-        let NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned } = new;
-        let info = CheckpointInfo {
-            id: ulid::Ulid::new().to_string(),
-            sandbox: sb.name.clone(),
-            seq: sb.head_seq + 1,
-            parent: parent.map(|p| p.info.id),
-            plan,
-            reason,
-            tool,
-            phase,
-            labels,
-            kind,
-            pinned,
-            created_unix_ms: now_ns() / 1_000_000,
-            files: counts.files,
-            dirs: counts.dirs,
-            symlinks: counts.symlinks,
-            bytes: counts.bytes,
-            changed: captured.changed_paths(),
-            exclusive_bytes: None,
-            scanned: Some(captured.stats.scanned),
-            full_scan: Some(matches!(scope, Scope::Everything)),
-            broken: None,
-        };
-        let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
-        let written = std::thread::scope(|s| {
-            // The pack index and the catalogue are two databases: the pack's
-            // slots are recorded on a thread of their own while the rows
-            // are written here, and the commit waits for both (a committed
-            // checkpoint never names an object nothing can find).
-            let mut sealing = pack.as_ref().filter(|p| !p.is_empty()).map(|p| s.spawn(move || p.seal()));
-            let mut sealed = || match sealing.take() {
-                Some(seal) => seal
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("the sealing thread panicked")))
-                    .ctx(|| format!("sealing a pack in {}", store.path().display())),
-                None => Ok(()),
-            };
-            if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
-                // One syncfs for all of this checkpoint's objects, before the
-                // catalogue can reference them.
-                sealed()?;
-                store.sync().ctx(|| format!("syncing the store {}", store.path().display()))?;
-            }
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            if let Some(plan) = &info.plan {
-                // Checked again under the write lock: the plan may have been
-                // applied since the request was accepted.
-                check_plan_open(&tx, plan, &sb)?;
-                catalogue::ensure_plan(&tx, plan, sb.id, info.created_unix_ms)?;
-            }
-            let ids = catalogue::write_checkpoint(
-                &tx,
-                &CheckpointWrite {
-                    info: &info,
-                    sandbox_id: sb.id,
-                    scan_start_ns,
-                    ended: &ended,
-                    added: &captured.added,
-                    rekeyed: &captured.rekeyed,
-                },
-            )?;
-            let also = then(&tx, &info)?;
-            sealed()?;
-            tx.commit()?;
-            Ok::<_, Error>((ids, also))
-        });
+        let full_scan = matches!(scope, Scope::Everything);
+        let kind = new.kind;
+        let info = checkpoint_info(&sb, parent, &captured, new, full_scan);
+        let written = self.write_captured(conn, &sb, (&store, pack.as_ref()), &info, &captured, scan_start_ns, then);
         let written_ms = ms_since(started);
         let also = match written {
             Ok((ids, also)) => {
@@ -395,16 +310,98 @@ impl Engine {
         );
         drop(storing);
         if !captured.dropped.is_empty() {
-            // Versions a settling round replaced left their objects behind.
-            let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-            let freed = catalogue::unreferenced(conn, &sb.store, &captured.dropped).and_then(|dead| {
-                store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
-            });
-            if let Err(e) = freed {
-                tracing::warn!(sandbox = %sb.name, "removing the objects of replaced versions: {e}");
-            }
+            self.free_replaced(conn, &sb, &store, &captured.dropped);
         }
         Ok((info, also))
+    }
+
+    /// What a checkpoint of `sb` compares: the paths its watch marked, or
+    /// everything. A watch whose events stopped coming is replaced.
+    fn scope_of(&self, sb: &Sandbox) -> (Option<Arc<SandboxWatch>>, Scope) {
+        let watch = self.watch_of(sb.id);
+        let scope = match watch.as_ref().map(|w| w.drain()) {
+            Some(Drain::Paths(paths)) => Scope::Paths(paths),
+            Some(Drain::Everything(why)) => {
+                tracing::debug!(sandbox = %sb.name, "full scan: {why}");
+                Scope::Everything
+            }
+            None => Scope::Everything,
+        };
+        if watch.as_ref().is_some_and(|w| w.stalled()) {
+            // Its events stopped coming: this checkpoint scans everything,
+            // and a fresh watch takes over for the next ones.
+            tracing::warn!(sandbox = %sb.name, "the watch stopped delivering events; starting a new one");
+            self.watch_sandbox(sb);
+        }
+        (watch, scope)
+    }
+
+    /// Writes a captured checkpoint and runs `then` in its transaction
+    /// (see [`Engine::take_then`]); returns the ids of the new versions.
+    #[allow(clippy::too_many_arguments)]
+    fn write_captured<T>(
+        &self,
+        conn: &mut Connection,
+        sb: &Sandbox,
+        (store, pack): (&Store, Option<&Pack<'_>>),
+        info: &CheckpointInfo,
+        captured: &Captured,
+        scan_start_ns: i64,
+        then: impl FnOnce(&rusqlite::Transaction<'_>, &CheckpointInfo) -> Result<T>,
+    ) -> Result<(Vec<i64>, T)> {
+        let ended: Vec<i64> = captured.ended.iter().map(|(_, r)| r.id).collect();
+        std::thread::scope(|s| {
+            // The pack index and the catalogue are two databases: the pack's
+            // slots are recorded on a thread of their own while the rows
+            // are written here, and the commit waits for both (a committed
+            // checkpoint never names an object nothing can find).
+            let mut sealing = pack.filter(|p| !p.is_empty()).map(|p| s.spawn(move || p.seal()));
+            let mut sealed = || match sealing.take() {
+                Some(seal) => seal
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the sealing thread panicked")))
+                    .ctx(|| format!("sealing a pack in {}", store.path().display())),
+                None => Ok(()),
+            };
+            if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
+                // One syncfs for all of this checkpoint's objects, before the
+                // catalogue can reference them.
+                sealed()?;
+                store.sync().ctx(|| format!("syncing the store {}", store.path().display()))?;
+            }
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(plan) = &info.plan {
+                // Checked again under the write lock: the plan may have been
+                // applied since the request was accepted.
+                check_plan_open(&tx, plan, sb)?;
+                catalogue::ensure_plan(&tx, plan, sb.id, info.created_unix_ms)?;
+            }
+            let write = CheckpointWrite {
+                info,
+                sandbox_id: sb.id,
+                scan_start_ns,
+                ended: &ended,
+                added: &captured.added,
+                rekeyed: &captured.rekeyed,
+            };
+            let ids = catalogue::write_checkpoint(&tx, &write)?;
+            let also = then(&tx, info)?;
+            sealed()?;
+            tx.commit()?;
+            Ok((ids, also))
+        })
+    }
+
+    /// Removes the objects of versions a settling round replaced, unless
+    /// another version holds them.
+    fn free_replaced(&self, conn: &Connection, sb: &Sandbox, store: &Store, dropped: &[crate::manifest::ObjectId]) {
+        let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
+        let freed = catalogue::unreferenced(conn, &sb.store, dropped).and_then(|dead| {
+            store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
+        });
+        if let Err(e) = freed {
+            tracing::warn!(sandbox = %sb.name, "removing the objects of replaced versions: {e}");
+        }
     }
 
     pub(super) fn list(&self, peer: &Peer, req: ListRequest) -> Result<Checkpoints> {
@@ -495,6 +492,46 @@ pub(super) struct NewCheckpoint {
 /// already: a new link changes the link count (and ctime) of the file's
 /// other names with no event for them, so they must be read again, or a
 /// later write through the new name would leave them stale.
+/// The record of a new checkpoint of `sb` after `parent`, holding what
+/// `captured` found.
+fn checkpoint_info(
+    sb: &Sandbox,
+    parent: Option<Checkpoint>,
+    captured: &Captured,
+    new: NewCheckpoint,
+    full_scan: bool,
+) -> CheckpointInfo {
+    let counts = Counts::after(
+        parent.as_ref(),
+        captured.ended.iter().map(|(_, row)| (row.meta.kind, row.meta.size)),
+        captured.added.iter().map(|a| (a.meta.kind, a.meta.size)),
+    );
+    let NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned } = new;
+    CheckpointInfo {
+        id: ulid::Ulid::new().to_string(),
+        sandbox: sb.name.clone(),
+        seq: sb.head_seq + 1,
+        parent: parent.map(|p| p.info.id),
+        plan,
+        reason,
+        tool,
+        phase,
+        labels,
+        kind,
+        pinned,
+        created_unix_ms: now_ns() / 1_000_000,
+        files: counts.files,
+        dirs: counts.dirs,
+        symlinks: counts.symlinks,
+        bytes: counts.bytes,
+        changed: captured.changed_paths(),
+        exclusive_bytes: None,
+        scanned: Some(captured.stats.scanned),
+        full_scan: Some(full_scan),
+        broken: None,
+    }
+}
+
 pub(super) fn other_names(
     current: &Manifest,
     captured: &Captured,

@@ -24,7 +24,7 @@ use snapback::proto::{
 
 use crate::access;
 use crate::capture::{self, Captured, Excludes, Options, Scope};
-use crate::catalogue::{self, Checkpoint, CheckpointWrite, Sandbox};
+use crate::catalogue::{self, Checkpoint, CheckpointWrite, IntentKind, IntentState, Sandbox, SandboxState};
 use crate::config::Retention;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Kind, Manifest, StatKey, is_within};

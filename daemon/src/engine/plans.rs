@@ -70,7 +70,10 @@ impl Engine {
         let _held = lock(&guard);
         // The guard reads the catalogue under the sandbox's lock.
         refuse_if_applied(&conn, &req.plan)?;
-        self.restore_to(&mut conn, &sandbox, &target, &filter, req.dry_run, "rollback")
+        match req.dry_run {
+            true => self.preview_restore(&mut conn, &sandbox, &target, &filter),
+            false => self.restore_to(&mut conn, &sandbox, &target, &filter, IntentKind::Rollback),
+        }
     }
 }
 

@@ -102,7 +102,7 @@ impl Engine {
         let _held = lock(&guard);
         let mut conn = self.db()?;
         let sb = match catalogue::sandbox_by_id(&conn, sandbox_id) {
-            Ok(sb) if sb.state == "active" => sb,
+            Ok(sb) if sb.state == SandboxState::Active => sb,
             // Removed or purged since: nothing left to prune.
             Ok(_) | Err(Error::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),

@@ -11,20 +11,20 @@ impl Engine {
     /// for `status`.
     pub fn resume_interrupted(&self) -> Result<()> {
         let mut conn = self.db()?;
-        for intent in catalogue::intents(&conn, &["pending", "applying"], None)? {
+        for intent in catalogue::intents(&conn, &[IntentState::Pending, IntentState::Applying], None)? {
             let guard = self.sandbox_lock(intent.sandbox_id);
             let _held = lock(&guard);
             let outcome = self.resume_one(&mut conn, &intent);
             let (state, note) = match &outcome {
                 Ok(n) => (
-                    "resumed",
+                    IntentState::Resumed,
                     format!(
                         "the {} to {} interrupted by a daemon stop was finished at start ({n} paths)",
                         intent.kind, intent.target
                     ),
                 ),
                 Err(e) => (
-                    "failed",
+                    IntentState::Failed,
                     format!(
                         "the {} to {} interrupted by a daemon stop could not be finished: {e}",
                         intent.kind, intent.target
@@ -41,10 +41,10 @@ impl Engine {
     /// touched.
     pub(super) fn resume_one(&self, conn: &mut Connection, intent: &catalogue::Intent) -> Result<u64> {
         let sandbox = catalogue::sandbox_by_id(conn, intent.sandbox_id)?;
-        if intent.state == "pending" {
+        if intent.state == IntentState::Pending {
             // Nothing was touched yet: run it again under the same intent.
             let target = catalogue::checkpoint_by_ref(conn, &intent.target)?;
-            let report = if intent.kind == "revert" {
+            let report = if intent.kind == IntentKind::Revert {
                 self.revert_intent(conn, &sandbox, &target, intent.force, (intent.id, IntentEnd::ByTheCaller))?
             } else {
                 self.restore_intent(
@@ -52,7 +52,7 @@ impl Engine {
                     &sandbox,
                     &target,
                     &intent.filter,
-                    &intent.kind,
+                    intent.kind,
                     (intent.id, IntentEnd::ByTheCaller),
                 )?
             };
@@ -112,7 +112,7 @@ pub(super) fn intent_desired(conn: &Connection, sandbox: &Sandbox, intent: &cata
     let now = catalogue::checkpoint_by_ref(conn, safety)?.info.seq;
     let target = catalogue::checkpoint_by_ref(conn, &intent.target)?;
     let excludes = Excludes::new(&sandbox.excludes)?;
-    let plan = if intent.kind == "revert" {
+    let plan = if intent.kind == IntentKind::Revert {
         let parent = catalogue::previous_checkpoint(conn, sandbox.id, target.info.seq)?
             .ok_or_else(|| Error::Internal(format!("the checkpoint before {} is gone", target.info.id)))?;
         revert_plan(conn, sandbox.id, (parent.info.seq, target.info.seq, now), intent.force, &excludes)?

@@ -11,7 +11,10 @@ impl Engine {
         let filter = rollback_filter(&sandbox, &req.paths)?;
         let guard = self.sandbox_lock(sandbox.id);
         let _held = lock(&guard);
-        self.restore_to(&mut conn, &sandbox, &target, &filter, req.dry_run, "rollback")
+        match req.dry_run {
+            true => self.preview_restore(&mut conn, &sandbox, &target, &filter),
+            false => self.restore_to(&mut conn, &sandbox, &target, &filter, IntentKind::Rollback),
+        }
     }
 
     /// Brings a sandbox to `target` (within `filter`); the caller holds the
@@ -24,23 +27,44 @@ impl Engine {
         sandbox: &Sandbox,
         target: &Checkpoint,
         filter: &[Vec<u8>],
-        dry_run: bool,
-        kind: &str,
+        kind: IntentKind,
     ) -> Result<RollbackReport> {
-        let target = &still_there(conn, target)?;
+        let target = &self.restorable(conn, sandbox, target, filter)?;
+        let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
+        let result = self.restore_intent(conn, sandbox, target, filter, kind, (intent, IntentEnd::WithTheRestore));
+        self.close_intent(conn, intent, &result);
+        result
+    }
+
+    /// Refuses a restore to `target` that must not run: the checkpoint is
+    /// gone, broken, or part of an applied plan, or `filter` names what a
+    /// rollback could do nothing with. Returns the checkpoint as it is now.
+    fn restorable(
+        &self,
+        conn: &Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+    ) -> Result<Checkpoint> {
+        let target = still_there(conn, target)?;
         if let Some(plan) = &target.info.plan {
             refuse_if_applied(conn, plan)?;
         }
-        refuse_if_broken(target)?;
-        self.check_filter(conn, sandbox, target, filter)?;
-        if !dry_run {
-            let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
-            let result = self.restore_intent(conn, sandbox, target, filter, kind, (intent, IntentEnd::WithTheRestore));
-            self.close_intent(conn, intent, &result);
-            return result;
-        }
+        refuse_if_broken(&target)?;
+        self.check_filter(conn, sandbox, &target, filter)?;
+        Ok(target)
+    }
+
+    /// What [`Engine::restore_to`] would do, changing nothing.
+    pub(super) fn preview_restore(
+        &self,
+        conn: &mut Connection,
+        sandbox: &Sandbox,
+        target: &Checkpoint,
+        filter: &[Vec<u8>],
+    ) -> Result<RollbackReport> {
+        let target = &self.restorable(conn, sandbox, target, filter)?;
         let excludes = Excludes::new(&sandbox.excludes)?;
-        let store = self.store(&sandbox.store)?;
         let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
         let live = self.live_state(conn, &sb)?;
         let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
@@ -52,7 +76,7 @@ impl Engine {
             [] => then.len(),
             _ => then.keys().filter(|p| selected(p, filter, &excludes)).count(),
         } as u64;
-        self.apply_plan(sandbox, &plan, &store, None, &target.info.id, total)
+        Ok(plan_report(sandbox, &plan, &target.info.id, total))
     }
 
     /// Refuses a `--path` that a rollback could do nothing with, before
@@ -128,7 +152,7 @@ impl Engine {
         sandbox: &Sandbox,
         target: &Checkpoint,
         filter: &[Vec<u8>],
-        kind: &str,
+        kind: IntentKind,
         (intent, end): (i64, IntentEnd),
     ) -> Result<RollbackReport> {
         let started = Instant::now();
@@ -150,10 +174,10 @@ impl Engine {
         let plan_ms = ms_since(started);
         let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
         let applying = Applying { safety: &safety, closes };
-        let report = self.apply_plan(sandbox, &plan, &store, Some(applying), &target.info.id, total)?;
+        let report = self.apply_plan(sandbox, &plan, &store, applying, &target.info.id, total)?;
         self.retain(sandbox.id);
         tracing::info!(
-            sandbox = %sandbox.name, target = %target.info.id, kind,
+            sandbox = %sandbox.name, target = %target.info.id, kind = kind.as_str(),
             restored = report.restored, created = report.created, deleted = report.deleted,
             safety_ms, plan_ms, ms = ms_since(started), "rollback"
         );
@@ -170,10 +194,10 @@ impl Engine {
         let closed = match result {
             Ok(_) => catalogue::finish_intent(conn, intent),
             Err(e) => catalogue::intent(conn, intent).and_then(|found| match found {
-                Some(i) if i.state == "applying" => {
+                Some(i) if i.state == IntentState::Applying => {
                     let note =
                         format!("the {} to {} failed half way: {e}; a second rollback finishes it", i.kind, i.target);
-                    catalogue::settle_intent(conn, &i, "failed", &note, now_ms())
+                    catalogue::settle_intent(conn, &i, IntentState::Failed, &note, now_ms())
                 }
                 _ => catalogue::end_intent(conn, intent),
             }),
@@ -183,64 +207,39 @@ impl Engine {
         }
     }
 
-    /// Applies a restore plan (unless `safety` is `None`: a dry run) and
-    /// builds the report. `total` is the number of target paths the plan
-    /// covers.
+    /// Applies a restore plan whose safety checkpoint is written, records
+    /// the state it left (see [`Engine::record_restored`]), and builds the
+    /// report. `total` is the number of target paths the plan covers.
     pub(super) fn apply_plan(
         &self,
         sandbox: &Sandbox,
         plan: &Plan,
         store: &Store,
-        applying: Option<Applying<'_>>,
+        Applying { safety, closes }: Applying<'_>,
         target_id: &str,
         total: u64,
     ) -> Result<RollbackReport> {
-        let (safety, closes) = match applying {
-            Some(Applying { safety, closes }) => (Some(safety), closes),
-            None => (None, None),
-        };
-        let mut skipped = Vec::new();
-        let mut restore_checkpoint = None;
-        if let Some(safety) = safety {
-            let started = Instant::now();
-            let root = self.open_root(sandbox)?;
-            let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
-            let apply_ms = ms_since(started);
-            skipped = applied.skipped;
-            let done: std::collections::HashSet<&[u8]> = skipped.iter().map(Vec::as_slice).collect();
-            let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
-            let reason = format!("{} to {target_id}, after {}", restore_label(&safety.reason), safety.id);
-            let linking = plan.linking();
-            restore_checkpoint =
-                self.record_restored(sandbox, desired, &linking, root.as_fd(), reason, closes).map(|c| c.id);
-            tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
-            if !applied.cloned.is_empty() {
-                // After the answer, on a thread of its own: the answer does
-                // not wait for what only the next checkpoint gains from.
-                self.later(Later::Warm(root, applied.cloned));
-            }
+        let started = Instant::now();
+        let root = self.open_root(sandbox)?;
+        let applied = plan.apply(root.as_fd(), store, &self.apply_options(sandbox))?;
+        let apply_ms = ms_since(started);
+        let done: std::collections::HashSet<&[u8]> = applied.skipped.iter().map(Vec::as_slice).collect();
+        let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
+        let reason = format!("{} to {target_id}, after {}", restore_label(&safety.reason), safety.id);
+        let linking = plan.linking();
+        let recorded = self.record_restored(sandbox, desired, &linking, root.as_fd(), reason, closes);
+        tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
+        if !applied.cloned.is_empty() {
+            // After the answer, on a thread of its own: the answer does not
+            // wait for what only the next checkpoint gains from.
+            self.later(Later::Warm(root, applied.cloned));
         }
-        let (restored, created, deleted) = plan.counts();
-        let paths_of = |f: fn(&Step) -> bool| -> Vec<WirePath> {
-            plan.steps.iter().filter(|(_, s)| f(s)).map(|(p, _)| WirePath(p.clone())).collect()
-        };
-        Ok(RollbackReport {
-            checkpoint: target_id.to_owned(),
-            sandbox: sandbox.name.clone(),
-            safety_checkpoint: safety.map(|s| s.id.clone()),
-            restore_checkpoint,
-            created_paths: paths_of(|s| matches!(s, Step::Create(_))),
-            restored_paths: paths_of(|s| matches!(s, Step::Restore { .. })),
-            dry_run: safety.is_none(),
-            restored,
-            created,
-            deleted,
-            unchanged: total.saturating_sub(restored + created),
-            changed: plan.steps.keys().map(|p| WirePath(p.clone())).collect(),
-            removed: paths_of(|s| matches!(s, Step::Delete(_))),
-            skipped: skipped.into_iter().map(WirePath).collect(),
-            conflicts: Vec::new(),
-        })
+        let mut report = plan_report(sandbox, plan, target_id, total);
+        report.dry_run = false;
+        report.safety_checkpoint = Some(safety.id.clone());
+        report.restore_checkpoint = recorded.map(|c| c.id);
+        report.skipped = applied.skipped.into_iter().map(WirePath).collect();
+        Ok(report)
     }
 
     /// Records the state a restore left as the sandbox's newest
@@ -268,92 +267,24 @@ impl Engine {
             let mut conn = self.db()?;
             let sb = catalogue::sandbox_by_id(&conn, sandbox.id)?;
             let mut current = self.take_manifest(&conn, &sb)?;
-            let mut ended = Vec::new();
-            let mut added = Vec::new();
-            for (path, want) in desired {
-                let have = current.get(path);
-                // A path written for its links alone gets a version for
-                // its new inode.
-                if have.map(|r| &r.meta) == want && !linking.contains(path) {
-                    continue;
-                }
-                if let Some(r) = have {
-                    ended.push((path.to_vec(), r.id, r.meta.kind, r.meta.size));
-                }
-                if let Some(meta) = want {
-                    // Racy: the next checkpoint that meets it reads it again
-                    // (its own writes are events for the watcher). Only the
-                    // names of one file need their inode now, to be found
-                    // as such; every other file a restore writes has one
-                    // name.
-                    let unknown = StatKey { ctime_ns: 0, ino: 0, racy: true, nlink: 1 };
-                    let key = if linking.contains(path) {
-                        let (dir, name) = sys::split_parent(path);
-                        match sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name)) {
-                            Ok(st) => StatKey {
-                                ctime_ns: sys::ctime_ns(&st),
-                                ino: st.st_ino,
-                                racy: true,
-                                nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
-                            },
-                            Err(_) => unknown,
-                        }
-                    } else {
-                        unknown
-                    };
-                    added.push(catalogue::NewRow { path: path.to_vec(), meta: meta.clone(), key });
-                }
-            }
+            let (ended, added) = restored_versions(&current, desired, linking, root);
             if ended.is_empty() && added.is_empty() {
                 self.put_manifest(sb.id, sb.head_seq, current);
                 return Ok(None);
             }
             let parent = catalogue::checkpoint_at(&conn, sb.id, sb.head_seq)?;
-            let counts = Counts::after(
-                parent.as_ref(),
-                ended.iter().map(|(_, _, kind, size)| (*kind, *size)),
-                added.iter().map(|a| (a.meta.kind, a.meta.size)),
-            );
-            let mut changed: Vec<&[u8]> =
-                ended.iter().map(|(p, ..)| p.as_slice()).chain(added.iter().map(|a| a.path.as_slice())).collect();
-            changed.sort();
-            changed.dedup();
-            let info = CheckpointInfo {
-                id: ulid::Ulid::new().to_string(),
-                sandbox: sb.name.clone(),
-                seq: sb.head_seq + 1,
-                parent: parent.map(|p| p.info.id),
-                plan: None,
-                reason: Some(reason),
-                tool: None,
-                phase: None,
-                labels: Default::default(),
-                kind: CheckpointKind::Restore,
-                pinned: false,
-                created_unix_ms: now_ns() / 1_000_000,
-                files: counts.files,
-                dirs: counts.dirs,
-                symlinks: counts.symlinks,
-                bytes: counts.bytes,
-                changed: changed.len() as u64,
-                exclusive_bytes: None,
-                scanned: None,
-                full_scan: None,
-                broken: None,
-            };
+            let info = restore_info(&sb, parent, (&ended, &added), reason);
             let ended_ids: Vec<i64> = ended.iter().map(|(_, id, ..)| *id).collect();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let ids = catalogue::write_checkpoint(
-                &tx,
-                &CheckpointWrite {
-                    info: &info,
-                    sandbox_id: sb.id,
-                    scan_start_ns: now_ns(),
-                    ended: &ended_ids,
-                    added: &added,
-                    rekeyed: &[],
-                },
-            )?;
+            let write = CheckpointWrite {
+                info: &info,
+                sandbox_id: sb.id,
+                scan_start_ns: now_ns(),
+                ended: &ended_ids,
+                added: &added,
+                rekeyed: &[],
+            };
+            let ids = catalogue::write_checkpoint(&tx, &write)?;
             if let Some(intent) = closes {
                 // The restore is done: one commit ends its intent too.
                 catalogue::finish_intent(&tx, intent)?;
@@ -386,7 +317,8 @@ impl Engine {
         if let Some(plan) = &step.info.plan {
             refuse_if_applied(&conn, plan)?;
         }
-        let intent = catalogue::begin_intent(&conn, sandbox.id, "revert", &step.info.id, &[], req.force, now_ms())?;
+        let intent =
+            catalogue::begin_intent(&conn, sandbox.id, IntentKind::Revert, &step.info.id, &[], req.force, now_ms())?;
         let result = self.revert_intent(&mut conn, &sandbox, &step, req.force, (intent, IntentEnd::WithTheRestore));
         self.close_intent(&conn, intent, &result);
         result
@@ -431,7 +363,7 @@ impl Engine {
                     }
                 })?;
             catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
-            catalogue::record_rollback(tx, sandbox.id, "revert", &step.info.id, &s.id, now_ms())?;
+            catalogue::record_rollback(tx, sandbox.id, IntentKind::Revert, &step.info.id, &s.id, now_ms())?;
             Ok(planned)
         })?;
         self.stop_after_safety_hook();
@@ -440,7 +372,7 @@ impl Engine {
         let total = step_paths as u64;
         let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
         let applying = Applying { safety: &safety, closes };
-        let mut report = self.apply_plan(sandbox, &plan, &store, Some(applying), &step.info.id, total)?;
+        let mut report = self.apply_plan(sandbox, &plan, &store, applying, &step.info.id, total)?;
         self.retain(sandbox.id);
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
         report.conflicts = conflicts.into_iter().map(WirePath).collect();
@@ -458,7 +390,7 @@ impl Engine {
         let back = catalogue::checkpoint_by_ref(&conn, &safety).map_err(|_| {
             Error::NotFound(format!("the safety checkpoint {safety} of the last {kind} (to {target}) is gone"))
         })?;
-        self.restore_to(&mut conn, &sandbox, &back, &[], false, "undo")
+        self.restore_to(&mut conn, &sandbox, &back, &[], IntentKind::Undo)
     }
 }
 
@@ -558,6 +490,128 @@ pub(super) fn restore_label(safety_reason: &Option<String>) -> &str {
 
 /// A restore being applied (not a dry run): its safety checkpoint, and the
 /// intent its restore checkpoint ends, if it is the one to.
+/// A head version a restore ended: its path, id, kind and size.
+type EndedVersion = (Vec<u8>, i64, Kind, u64);
+
+/// The versions a restore changed, against the head's (`current`): those
+/// it ended and those it wrote (`desired`: each path's restored version,
+/// or `None` for a path removed). Paths that already hold their version
+/// are left out, unless written for their links (`linking`).
+fn restored_versions<'a>(
+    current: &Manifest,
+    desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
+    linking: &std::collections::HashSet<&[u8]>,
+    root: std::os::fd::BorrowedFd<'_>,
+) -> (Vec<EndedVersion>, Vec<catalogue::NewRow>) {
+    let mut ended = Vec::new();
+    let mut added = Vec::new();
+    for (path, want) in desired {
+        let have = current.get(path);
+        // A path written for its links alone gets a version for its new
+        // inode.
+        if have.map(|r| &r.meta) == want && !linking.contains(path) {
+            continue;
+        }
+        if let Some(r) = have {
+            ended.push((path.to_vec(), r.id, r.meta.kind, r.meta.size));
+        }
+        if let Some(meta) = want {
+            let key = restored_key(root, path, linking.contains(path));
+            added.push(catalogue::NewRow { path: path.to_vec(), meta: meta.clone(), key });
+        }
+    }
+    (ended, added)
+}
+
+/// The stat key of a path a restore wrote. Racy: the next checkpoint that
+/// meets it reads it again (its own writes are events for the watcher).
+/// Only names of one file (`linked`) need their inode now, to be found as
+/// such; every other file a restore writes has one name.
+fn restored_key(root: std::os::fd::BorrowedFd<'_>, path: &[u8], linked: bool) -> StatKey {
+    let unknown = StatKey { ctime_ns: 0, ino: 0, racy: true, nlink: 1 };
+    if !linked {
+        return unknown;
+    }
+    let (dir, name) = sys::split_parent(path);
+    match sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name)) {
+        Ok(st) => StatKey {
+            ctime_ns: sys::ctime_ns(&st),
+            ino: st.st_ino,
+            racy: true,
+            nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
+        },
+        Err(_) => unknown,
+    }
+}
+
+/// The record of the `restore` checkpoint after `parent` that ends and
+/// adds these versions.
+fn restore_info(
+    sb: &Sandbox,
+    parent: Option<Checkpoint>,
+    (ended, added): (&[EndedVersion], &[catalogue::NewRow]),
+    reason: String,
+) -> CheckpointInfo {
+    let counts = Counts::after(
+        parent.as_ref(),
+        ended.iter().map(|(_, _, kind, size)| (*kind, *size)),
+        added.iter().map(|a| (a.meta.kind, a.meta.size)),
+    );
+    let mut changed: Vec<&[u8]> =
+        ended.iter().map(|(p, ..)| p.as_slice()).chain(added.iter().map(|a| a.path.as_slice())).collect();
+    changed.sort();
+    changed.dedup();
+    CheckpointInfo {
+        id: ulid::Ulid::new().to_string(),
+        sandbox: sb.name.clone(),
+        seq: sb.head_seq + 1,
+        parent: parent.map(|p| p.info.id),
+        plan: None,
+        reason: Some(reason),
+        tool: None,
+        phase: None,
+        labels: Default::default(),
+        kind: CheckpointKind::Restore,
+        pinned: false,
+        created_unix_ms: now_ns() / 1_000_000,
+        files: counts.files,
+        dirs: counts.dirs,
+        symlinks: counts.symlinks,
+        bytes: counts.bytes,
+        changed: changed.len() as u64,
+        exclusive_bytes: None,
+        scanned: None,
+        full_scan: None,
+        broken: None,
+    }
+}
+
+/// What a restore would do, as a dry run reports it: `total` is the number
+/// of target paths the plan covers.
+pub(super) fn plan_report(sandbox: &Sandbox, plan: &Plan, target_id: &str, total: u64) -> RollbackReport {
+    let (restored, created, deleted) = plan.counts();
+    let paths_of = |f: fn(&Step) -> bool| -> Vec<WirePath> {
+        plan.steps.iter().filter(|(_, s)| f(s)).map(|(p, _)| WirePath(p.clone())).collect()
+    };
+    RollbackReport {
+        checkpoint: target_id.to_owned(),
+        sandbox: sandbox.name.clone(),
+        safety_checkpoint: None,
+        restore_checkpoint: None,
+        created_paths: paths_of(|s| matches!(s, Step::Create(_))),
+        restored_paths: paths_of(|s| matches!(s, Step::Restore { .. })),
+        dry_run: true,
+        restored,
+        created,
+        deleted,
+        unchanged: total.saturating_sub(restored + created),
+        changed: plan.steps.keys().map(|p| WirePath(p.clone())).collect(),
+        removed: paths_of(|s| matches!(s, Step::Delete(_))),
+        skipped: Vec::new(),
+        conflicts: Vec::new(),
+    }
+}
+
 pub(super) struct Applying<'a> {
     pub(super) safety: &'a CheckpointInfo,
     pub(super) closes: Option<i64>,

@@ -72,13 +72,7 @@ impl Engine {
             None => bytes_of(&self.stores.default),
             Some(s) => clean_path("the store", s.as_bytes())?,
         };
-        let name = match name {
-            Some(n) => n,
-            None => root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into()),
-        };
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) || name.len() > 200 {
-            return Err(Error::InvalidRequest(format!("{name:?} is not a valid sandbox name")));
-        }
+        let name = sandbox_name(name, &root)?;
         let conn = self.db()?;
         let all = catalogue::sandboxes(&conn)?;
         if let Some(other) = all.iter().find(|o| o.root == root_b) {
@@ -101,10 +95,42 @@ impl Engine {
             let shares = all.iter().any(|o| o.store == store_b && may_use(peer, o));
             self.prepare_store(&conn, peer, &store_b, shares)?;
         }
-        let store = self.store(&store_b)?;
-        let same_fs = store.device().ctx(|| "reading the store".into())? == meta.st_dev;
+        let (clone_method, clone_note) = self.clone_method(&root_fd, &root, meta.st_dev, &store_b)?;
+        let mut sandbox = Sandbox {
+            id: 0,
+            name,
+            root: root_b,
+            store: store_b,
+            clone_method,
+            clone_note,
+            excludes,
+            owner_uid: if peer.is_root() { meta.st_uid } else { peer.uid },
+            state: SandboxState::Active,
+            head_seq: 0,
+            created_ms: now_ns() / 1_000_000,
+            identity: Some(identity),
+            moved: None,
+        };
+        sandbox.id = catalogue::insert_sandbox(&conn, &sandbox)?;
+        self.watch_sandbox(&sandbox);
+        tracing::info!(name = %sandbox.name, root = %root.display(), method = clone_method.as_str(), "sandbox registered");
+        self.sandbox_info(&conn, &sandbox)
+    }
+
+    /// How a sandbox's files go into `store_b`, and why: by reflink where
+    /// the store shares the sandbox's filesystem and it clones, else by
+    /// copy, with what would help, if anything.
+    fn clone_method(
+        &self,
+        root_fd: &OwnedFd,
+        root: &Path,
+        root_dev: u64,
+        store_b: &[u8],
+    ) -> Result<(CloneMethod, String)> {
+        let store = self.store(store_b)?;
+        let same_fs = store.device().ctx(|| "reading the store".into())? == root_dev;
         let (fs, clones) = sys::filesystem(root_fd.as_fd()).ctx(|| format!("reading {}", root.display()))?;
-        let (clone_method, clone_note) = if same_fs && store.probe_reflink() {
+        Ok(if same_fs && store.probe_reflink() {
             (
                 CloneMethod::Reflink,
                 format!("reflink: the store shares the sandbox's filesystem ({fs}), which clones files"),
@@ -115,32 +141,13 @@ impl Engine {
                 format!(
                     "copy: the store {} is on another filesystem than the sandbox; add the sandbox with \
                      --store DIR on its own filesystem ({fs}) to get reflinks",
-                    path_of(&store_b).display()
+                    path_of(store_b).display()
                 ),
             )
         } else {
             let elsewhere = if same_fs { "" } else { ", so no store elsewhere would help" };
             (CloneMethod::Copy, format!("copy: the sandbox's filesystem ({fs}) cannot clone files{elsewhere}"))
-        };
-        let mut sandbox = Sandbox {
-            id: 0,
-            name,
-            root: root_b,
-            store: store_b,
-            clone_method,
-            clone_note,
-            excludes,
-            owner_uid: if peer.is_root() { meta.st_uid } else { peer.uid },
-            state: "active".into(),
-            head_seq: 0,
-            created_ms: now_ns() / 1_000_000,
-            identity: Some(identity),
-            moved: None,
-        };
-        sandbox.id = catalogue::insert_sandbox(&conn, &sandbox)?;
-        self.watch_sandbox(&sandbox);
-        tracing::info!(name = %sandbox.name, root = %root.display(), method = clone_method.as_str(), "sandbox registered");
-        self.sandbox_info(&conn, &sandbox)
+        })
     }
 
     /// `sandbox add` of a path registered already: a removed or moved
@@ -155,7 +162,7 @@ impl Engine {
         now: Identity,
     ) -> Result<SandboxInfo> {
         let moved = other.moved.is_some() || other.identity.is_some_and(|i| i != now);
-        if !may_use(peer, other) || (other.state != "removed" && !moved) {
+        if !may_use(peer, other) || (other.state != SandboxState::Removed && !moved) {
             return Err(Error::AlreadyExists(format!(
                 "{} is already registered as {}",
                 path_of(&other.root).display(),
@@ -165,7 +172,7 @@ impl Engine {
         let guard = self.sandbox_lock(other.id);
         let _held = lock(&guard);
         catalogue::set_sandbox_identity(conn, other.id, now)?;
-        catalogue::set_sandbox_state(conn, other.id, "active")?;
+        catalogue::set_sandbox_state(conn, other.id, SandboxState::Active)?;
         lock(&self.cache.manifests).remove(&other.id);
         let again = catalogue::sandbox_by_id(conn, other.id)?;
         self.watch_sandbox(&again);
@@ -246,7 +253,7 @@ impl Engine {
         let _held = lock(&guard);
         let mut info = self.sandbox_info(&conn, &sandbox)?;
         if !req.purge {
-            catalogue::set_sandbox_state(&conn, sandbox.id, "removed")?;
+            catalogue::set_sandbox_state(&conn, sandbox.id, SandboxState::Removed)?;
             self.unwatch_sandbox(sandbox.id);
             info.state = "removed".into();
             return Ok(info);
@@ -267,7 +274,7 @@ impl Engine {
 
     pub(super) fn active_sandbox(&self, conn: &Connection, peer: &Peer, reference: &str) -> Result<Sandbox> {
         let sandbox = self.sandbox_ref(conn, peer, reference)?;
-        if sandbox.state != "active" {
+        if sandbox.state != SandboxState::Active {
             return Err(Error::InvalidRequest(format!(
                 "the sandbox {} was removed; add it again to use it",
                 sandbox.name
@@ -322,7 +329,7 @@ impl Engine {
     /// Whether a sandbox's root is still what was registered; records it
     /// as moved if not. For `status` and `sandbox list`.
     pub(super) fn recheck_root(&self, conn: &Connection, sandbox: &mut Sandbox) {
-        if sandbox.state != "active" || sandbox.moved.is_some() {
+        if sandbox.state != SandboxState::Active || sandbox.moved.is_some() {
             return;
         }
         if let Err(Error::Moved { why, .. }) = self.open_root(sandbox) {
@@ -392,6 +399,19 @@ pub(super) fn clean_path(what: &str, p: &[u8]) -> Result<Vec<u8>> {
 
 /// The state a sandbox is shown in: `moved` once its root was found to be
 /// another directory, else its recorded state.
-pub(super) fn shown_state(s: &Sandbox) -> &str {
-    if s.moved.is_some() && s.state == "active" { "moved" } else { &s.state }
+/// The name a new sandbox gets: the one asked for, or its root's last
+/// component; refused if it could not be typed or shown.
+fn sandbox_name(asked: Option<String>, root: &Path) -> Result<String> {
+    let name = match asked {
+        Some(n) => n,
+        None => root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into()),
+    };
+    if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) || name.len() > 200 {
+        return Err(Error::InvalidRequest(format!("{name:?} is not a valid sandbox name")));
+    }
+    Ok(name)
+}
+
+pub(super) fn shown_state(s: &Sandbox) -> &'static str {
+    if s.moved.is_some() && s.state == SandboxState::Active { "moved" } else { s.state.as_str() }
 }

@@ -10,7 +10,7 @@ impl Engine {
         let conn = self.db()?;
         for mut sandbox in catalogue::sandboxes(&conn)? {
             self.recheck_root(&conn, &mut sandbox);
-            if sandbox.state == "active" && sandbox.moved.is_none() {
+            if sandbox.state == SandboxState::Active && sandbox.moved.is_none() {
                 self.watch_sandbox(&sandbox);
             }
         }
@@ -30,7 +30,7 @@ impl Engine {
         for (name, quiet) in &self.watching.auto {
             let Ok(sandbox) = catalogue::sandbox_by_ref(&conn, name) else { continue };
             let Some(watch) = self.watch_of(sandbox.id) else { continue };
-            if sandbox.state != "active" || !watch.quiet_with_changes(*quiet) {
+            if sandbox.state != SandboxState::Active || !watch.quiet_with_changes(*quiet) {
                 continue;
             }
             let guard = self.sandbox_lock(sandbox.id);
