@@ -168,126 +168,119 @@ impl Client {
         }
     }
 
+    /// Sends one request and returns its answer as the type that request
+    /// answers with (a `Response` of another kind is a protocol error).
+    /// Every request method below is this call.
+    pub fn ask<T: Answer>(&mut self, request: Request) -> Result<T, ClientError> {
+        T::from_response(self.call(&request)?).map_err(|other| unexpected(*other))
+    }
+
     pub fn sandbox_add(&mut self, req: SandboxAdd) -> Result<SandboxInfo, ClientError> {
-        match self.call(&Request::SandboxAdd(req))? {
-            Response::Sandbox(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::SandboxAdd(req))
     }
 
     pub fn sandbox_list(&mut self) -> Result<Sandboxes, ClientError> {
-        match self.call(&Request::SandboxList(SandboxList {}))? {
-            Response::Sandboxes(list) => Ok(list),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::SandboxList(SandboxList {}))
     }
 
     pub fn sandbox_remove(&mut self, req: SandboxRemove) -> Result<SandboxInfo, ClientError> {
-        match self.call(&Request::SandboxRemove(req))? {
-            Response::Sandbox(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::SandboxRemove(req))
     }
 
     pub fn checkpoint(&mut self, req: CheckpointRequest) -> Result<CheckpointInfo, ClientError> {
-        match self.call(&Request::Checkpoint(req))? {
-            Response::Checkpoint(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Checkpoint(req))
     }
 
     pub fn list(&mut self, req: ListRequest) -> Result<Checkpoints, ClientError> {
-        match self.call(&Request::List(req))? {
-            Response::Checkpoints(list) => Ok(list),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::List(req))
     }
 
     pub fn show(&mut self, checkpoint: &str) -> Result<CheckpointInfo, ClientError> {
-        let req = Request::Show(ShowRequest { checkpoint: checkpoint.to_owned() });
-        match self.call(&req)? {
-            Response::Checkpoint(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Show(ShowRequest { checkpoint: checkpoint.to_owned() }))
     }
 
     pub fn diff(&mut self, req: DiffRequest) -> Result<DiffReport, ClientError> {
-        match self.call(&Request::Diff(req))? {
-            Response::Diff(report) => Ok(report),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Diff(req))
     }
 
     pub fn rollback(&mut self, req: RollbackRequest) -> Result<RollbackReport, ClientError> {
-        self.rollback_call(Request::Rollback(req))
+        self.ask(Request::Rollback(req))
     }
 
     pub fn plan_show(&mut self, plan: &str) -> Result<PlanInfo, ClientError> {
-        self.plan_call(Request::PlanShow(PlanRef { plan: plan.to_owned() }))
+        self.ask(Request::PlanShow(PlanRef { plan: plan.to_owned() }))
     }
 
     /// Marks a plan applied: from then on it can no longer be rolled back.
     pub fn plan_apply(&mut self, plan: &str) -> Result<PlanInfo, ClientError> {
-        self.plan_call(Request::PlanApply(PlanRef { plan: plan.to_owned() }))
+        self.ask(Request::PlanApply(PlanRef { plan: plan.to_owned() }))
     }
 
     pub fn plan_abandon(&mut self, plan: &str) -> Result<PlanInfo, ClientError> {
-        self.plan_call(Request::PlanAbandon(PlanRef { plan: plan.to_owned() }))
-    }
-
-    fn plan_call(&mut self, req: Request) -> Result<PlanInfo, ClientError> {
-        match self.call(&req)? {
-            Response::Plan(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::PlanAbandon(PlanRef { plan: plan.to_owned() }))
     }
 
     pub fn plan_rollback(&mut self, req: PlanRollbackRequest) -> Result<RollbackReport, ClientError> {
-        self.rollback_call(Request::PlanRollback(req))
+        self.ask(Request::PlanRollback(req))
     }
 
     pub fn revert(&mut self, req: RevertRequest) -> Result<RollbackReport, ClientError> {
-        self.rollback_call(Request::Revert(req))
+        self.ask(Request::Revert(req))
     }
 
     pub fn undo(&mut self, sandbox: &str) -> Result<RollbackReport, ClientError> {
-        self.rollback_call(Request::Undo(UndoRequest { sandbox: sandbox.to_owned() }))
-    }
-
-    fn rollback_call(&mut self, req: Request) -> Result<RollbackReport, ClientError> {
-        match self.call(&req)? {
-            Response::Rollback(report) => Ok(report),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Undo(UndoRequest { sandbox: sandbox.to_owned() }))
     }
 
     pub fn prune(&mut self, req: PruneRequest) -> Result<PruneReport, ClientError> {
-        match self.call(&Request::Prune(req))? {
-            Response::Pruned(report) => Ok(report),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Prune(req))
     }
 
     pub fn export(&mut self, req: ExportRequest) -> Result<ExportReport, ClientError> {
-        match self.call(&Request::Export(req))? {
-            Response::Exported(report) => Ok(report),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Export(req))
     }
 
     pub fn verify(&mut self) -> Result<VerifyReport, ClientError> {
-        match self.call(&Request::Verify(VerifyRequest {}))? {
-            Response::Verified(report) => Ok(report),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Verify(VerifyRequest {}))
     }
 
     pub fn status(&mut self) -> Result<StatusReport, ClientError> {
-        match self.call(&Request::Status(StatusRequest {}))? {
-            Response::Status(report) => Ok(report),
-            other => Err(unexpected(other)),
-        }
+        self.ask(Request::Status(StatusRequest {}))
     }
+}
+
+/// An answer's payload: what one kind of [`Response`] carries.
+pub trait Answer: Sized {
+    /// The payload of `response`, or `response` itself when it is of
+    /// another kind.
+    fn from_response(response: Response) -> Result<Self, Box<Response>>;
+}
+
+macro_rules! answers {
+    ($($variant:ident($payload:ty)),+ $(,)?) => {
+        $(impl Answer for $payload {
+            fn from_response(response: Response) -> Result<Self, Box<Response>> {
+                match response {
+                    Response::$variant(payload) => Ok(payload),
+                    other => Err(Box::new(other)),
+                }
+            }
+        })+
+    };
+}
+
+answers! {
+    Sandbox(SandboxInfo),
+    Sandboxes(Sandboxes),
+    Checkpoint(CheckpointInfo),
+    Checkpoints(Checkpoints),
+    Diff(DiffReport),
+    Rollback(RollbackReport),
+    Status(StatusReport),
+    Plan(PlanInfo),
+    Pruned(PruneReport),
+    Exported(ExportReport),
+    Verified(VerifyReport),
 }
 
 fn unexpected(response: Response) -> ClientError {

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use snapback::Client;
 use snapback::proto::{CheckpointRequest, DiffRequest, RollbackRequest, SandboxAdd, WirePath};
 
-use crate::{Failure, print_diff, print_rollback};
+use crate::Failure;
+use crate::print::{print_diff, print_rollback};
 
 /// A private daemon and its temporary directory, stopped and removed on drop.
 struct Private {

@@ -12,11 +12,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use snapback::proto::{
-    Change, ChangeKind, CheckpointInfo, CheckpointRequest, DiffReport, DiffRequest, ExportRequest, ListRequest,
-    PlanInfo, PlanRollbackRequest, PruneRequest, RevertRequest, RollbackReport, RollbackRequest, SandboxAdd,
-    SandboxInfo, SandboxRemove, WirePath,
+    CheckpointRequest, DiffRequest, ExportRequest, ListRequest, PlanRollbackRequest, PruneRequest, RevertRequest,
+    RollbackRequest, SandboxAdd, SandboxRemove, WirePath,
 };
-use snapback::{Client, ClientError, ConnectOptions, utc};
+use snapback::{Client, ClientError, ConnectOptions};
 
 /// Prints a line on stdout, like `println!`; when stdout is closed (`|
 /// head`), the CLI ends quietly with exit 0, which `println!` would turn
@@ -28,7 +27,13 @@ macro_rules! outln {
 
 mod agent;
 mod demo;
+mod print;
 mod progress;
+
+use print::{
+    Restore, print_change, print_checkpoint, print_checkpoints, print_diff, print_diff_summary, print_plan,
+    print_restore, print_rollback, print_sandboxes,
+};
 
 /// Writes one line on stdout; see [`outln`].
 fn out_line(args: std::fmt::Arguments<'_>) {
@@ -417,39 +422,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             return agent::exec(&mut client, sandbox, tool, plan, command, json).map_err(Failure::from);
         }
         Command::Demo => demo::run(json),
-        Command::Sandbox(cmd) => {
-            let mut client = connect(cli.socket)?;
-            match cmd {
-                SandboxCommand::Add { dir, name, excludes, store } => {
-                    let path = WirePath::from(resolved(&dir)?.as_path());
-                    let store = store.map(|s| resolved(&s)).transpose()?.map(|s| WirePath::from(s.as_path()));
-                    let info = client.sandbox_add(SandboxAdd { path, name, excludes, store })?;
-                    emit(json, &info, |i| {
-                        outln!("registered {} at {}", i.name, i.path.display());
-                        outln!("clone method: {}", i.clone_note);
-                    })
-                }
-                SandboxCommand::List => {
-                    let list = client.sandbox_list()?;
-                    emit(json, &list, |l| print_sandboxes(&l.sandboxes))
-                }
-                SandboxCommand::Remove { name, purge } => {
-                    let sandbox = sandbox_ref(&mut client, &name)?;
-                    let info = client.sandbox_remove(SandboxRemove { sandbox, purge })?;
-                    emit(json, &info, |i| {
-                        if purge {
-                            outln!("removed {} and deleted its checkpoints", i.name);
-                        } else {
-                            outln!(
-                                "removed {} ({} checkpoints kept; `snapback sandbox add` brings it back)",
-                                i.name,
-                                i.checkpoints
-                            );
-                        }
-                    })
-                }
-            }
-        }
+        Command::Sandbox(cmd) => run_sandbox(&mut connect(cli.socket)?, cmd, json),
         Command::Checkpoint { sandbox, plan, reason, tool, phase, labels, pin } => {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;
@@ -458,17 +431,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let info = client.checkpoint(req);
             bar.finish();
             let info = info?;
-            emit(json, &info, |c| {
-                outln!(
-                    "{}  checkpoint {} of {}: {} changed, {} files, {}",
-                    c.id,
-                    c.seq,
-                    c.sandbox,
-                    c.changed,
-                    c.files,
-                    human_bytes(c.bytes)
-                );
-            })
+            emit(json, &info, print::taken)
         }
         Command::List { sandbox, plan } => {
             let mut client = connect(cli.socket)?;
@@ -480,22 +443,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let info = connect(cli.socket)?.show(&checkpoint)?;
             emit(json, &info, print_checkpoint)
         }
-        Command::Diff { from, to } => {
-            let mut client = connect(cli.socket)?;
-            if json {
-                emit(json, &client.diff(DiffRequest { from, to })?, print_diff)
-            } else {
-                // Printed as it arrives: a diff of a whole install need not
-                // be held in memory first.
-                let mut count = 0u64;
-                let report = client.diff_streaming(DiffRequest { from, to }, &mut |c| {
-                    print_change(&c);
-                    count += 1;
-                })?;
-                print_diff_summary(&report, count);
-                Ok(())
-            }
-        }
+        Command::Diff { from, to } => run_diff(&mut connect(cli.socket)?, DiffRequest { from, to }, json),
         Command::Rollback { checkpoint, paths, dry_run } => {
             let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
@@ -503,19 +451,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             bar.finish();
             emit(json, &report?, print_rollback)
         }
-        Command::Plan(cmd) => {
-            let mut client = connect(cli.socket)?;
-            match cmd {
-                PlanCommand::Show { plan } => emit(json, &client.plan_show(&plan)?, print_plan),
-                PlanCommand::Apply { plan } => emit(json, &client.plan_apply(&plan)?, print_plan),
-                PlanCommand::Abandon { plan } => emit(json, &client.plan_abandon(&plan)?, print_plan),
-                PlanCommand::Rollback { plan, checkpoint, paths, dry_run } => {
-                    let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
-                    let req = PlanRollbackRequest { plan, checkpoint, paths, dry_run };
-                    emit(json, &client.plan_rollback(req)?, print_rollback)
-                }
-            }
-        }
+        Command::Plan(cmd) => run_plan(&mut connect(cli.socket)?, cmd, json),
         Command::Revert { checkpoint, force } => {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
             let report = client.revert(RevertRequest { checkpoint, force });
@@ -533,317 +469,94 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let mut client = connect(cli.socket)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;
             let report = client.prune(PruneRequest { sandbox, keep_last, keep_within_secs: keep_within })?;
-            emit(json, &report, |r| {
-                outln!(
-                    "pruned {} checkpoints of {}, {} kept, {} freed",
-                    r.pruned.len(),
-                    r.sandbox,
-                    r.kept,
-                    human_bytes(r.freed_bytes)
-                );
-            })
+            emit(json, &report, print::pruned)
         }
         Command::Export { checkpoint, dir } => {
             let dir = WirePath::from(resolved(&dir)?.as_path());
             let report = connect(cli.socket)?.export(ExportRequest { checkpoint, dir })?;
-            emit(json, &report, |r| {
-                outln!(
-                    "exported {} to {}: {} files ({} cloned), {} directories, {} symlinks",
-                    r.checkpoint,
-                    r.dir.display(),
-                    r.files,
-                    r.cloned,
-                    r.dirs,
-                    r.symlinks
-                );
-                for (what, notes) in [("withheld", &r.withheld), ("left out", &r.skipped)] {
-                    if !notes.is_empty() {
-                        outln!("{what}: {} {}", notes.len(), if notes.len() == 1 { "path" } else { "paths" });
-                    }
-                    for n in notes {
-                        outln!("  {}: {}", n.path.display(), n.why);
-                    }
-                }
-            })
+            emit(json, &report, print::exported)
         }
-        Command::Verify => {
-            let report = connect(cli.socket)?.verify()?;
-            emit(json, &report, |r| {
-                outln!(
-                    "{} objects checked: {} missing, {} corrupt, {} unreferenced",
-                    r.objects,
-                    r.missing.len(),
-                    r.corrupt.len(),
-                    r.unreferenced.len()
-                );
-                for (what, list) in [
-                    ("missing", &r.missing),
-                    ("corrupt", &r.corrupt),
-                    ("unreferenced", &r.unreferenced),
-                    ("marked broken: checkpoint", &r.broken),
-                ] {
-                    for id in list {
-                        outln!("  {what} {id}");
-                    }
-                }
-                for twice in &r.current_twice {
-                    outln!("  two current versions: {} {}", twice.sandbox, twice.path.display());
-                }
-            })?;
-            match (report.clean(), json) {
-                (true, _) => Ok(()),
-                (false, true) => Err(Failure::Reported),
-                (false, false) => {
-                    let store_agrees =
-                        report.missing.is_empty() && report.corrupt.is_empty() && report.unreferenced.is_empty();
-                    Err(Failure::Refused(match store_agrees {
-                        true => "the catalogue holds two current versions of a path".into(),
-                        false => "the store does not match the catalogue".into(),
-                    }))
-                }
-            }
-        }
+        Command::Verify => run_verify(&mut connect(cli.socket)?, json),
         Command::Status => {
             let report = connect(cli.socket)?.status()?;
-            emit(json, &report, |s| {
-                outln!("{} (protocol {}), pid {}, up {}s", s.daemon, s.protocol, s.pid, s.uptime_ms / 1000);
-                outln!("socket     {}", s.socket.display());
-                outln!("state dir  {}", s.state_dir.display());
-                if s.sandboxes.is_empty() {
-                    outln!("no sandboxes; register one with `snapback sandbox add DIR`");
-                    return;
-                }
-                let rows: Vec<Vec<String>> = s
-                    .sandboxes
-                    .iter()
-                    .map(|b| {
-                        vec![
-                            b.name.clone(),
-                            b.state.clone(),
-                            b.clone_method.as_str().into(),
-                            b.checkpoints.to_string(),
-                            human_bytes(b.store_bytes),
-                            b.watched_dirs.to_string(),
-                            b.dirty_paths.to_string(),
-                            b.last_checkpoint.clone().unwrap_or_else(|| "-".into()),
-                            b.path.display(),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &["SANDBOX", "STATE", "CLONE", "CHECKPOINTS", "STORED", "WATCHED DIRS", "DIRTY", "LAST", "PATH"],
-                    &rows,
-                );
-                for b in &s.sandboxes {
-                    outln!("{}: {}", b.name, b.watch);
-                    if let Some(r) = &b.recovery {
-                        outln!("{}: {r}", b.name);
-                    }
-                }
-                for b in &s.sandboxes {
-                    if let (Some(budget), Some(exclusive)) = (b.budget_bytes, b.exclusive_bytes) {
-                        outln!(
-                            "{}: storage budget {}, using {}; {} checkpoints pruned to fit so far",
-                            b.name,
-                            human_bytes(budget),
-                            human_bytes(exclusive),
-                            b.budget_pruned
-                        );
-                    }
-                }
-            })
+            emit(json, &report, print::status)
         }
     };
     done.map(|()| ExitCode::SUCCESS)
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+/// `snapback diff`: printed as it arrives, unless `--json`.
+fn run_diff(client: &mut Client, req: DiffRequest, json: bool) -> Result<(), Failure> {
+    if json {
+        return emit(json, &client.diff(req)?, print_diff);
+    }
+    // A diff of a whole install need not be held in memory first.
+    let mut count = 0u64;
+    let report = client.diff_streaming(req, &mut |c| {
+        print_change(&c);
+        count += 1;
+    })?;
+    print_diff_summary(&report, count);
+    Ok(())
+}
+
+/// `snapback verify`: exits 1 when anything is wrong.
+fn run_verify(client: &mut Client, json: bool) -> Result<(), Failure> {
+    let report = client.verify()?;
+    emit(json, &report, print::verified)?;
+    match (report.clean(), json) {
+        (true, _) => Ok(()),
+        (false, true) => Err(Failure::Reported),
+        (false, false) => {
+            let store_agrees = report.missing.is_empty() && report.corrupt.is_empty() && report.unreferenced.is_empty();
+            Err(Failure::Refused(match store_agrees {
+                true => "the catalogue holds two current versions of a path".into(),
+                false => "the store does not match the catalogue".into(),
+            }))
         }
     }
-    let mut out = std::io::stdout().lock();
-    let line = |cells: Vec<String>| {
-        let last = cells.len() - 1;
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i == last {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
+}
+
+/// `snapback sandbox ...`.
+fn run_sandbox(client: &mut Client, cmd: SandboxCommand, json: bool) -> Result<(), Failure> {
+    match cmd {
+        SandboxCommand::Add { dir, name, excludes, store } => {
+            let path = WirePath::from(resolved(&dir)?.as_path());
+            let store = store.map(|s| resolved(&s)).transpose()?.map(|s| WirePath::from(s.as_path()));
+            let info = client.sandbox_add(SandboxAdd { path, name, excludes, store })?;
+            emit(json, &info, print::registered)
         }
-        s
-    };
-    let _ = writeln!(out, "{}", line(header.iter().map(|h| h.to_string()).collect()));
-    for row in rows {
-        let _ = writeln!(out, "{}", line(row.clone()));
-    }
-}
-
-fn print_sandboxes(list: &[SandboxInfo]) {
-    if list.is_empty() {
-        outln!("no sandboxes; register one with `snapback sandbox add DIR`");
-        return;
-    }
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|s| {
-            vec![
-                s.name.clone(),
-                s.state.clone(),
-                s.clone_method.as_str().into(),
-                s.checkpoints.to_string(),
-                s.path.display(),
-            ]
-        })
-        .collect();
-    print_table(&["NAME", "STATE", "CLONE", "CHECKPOINTS", "PATH"], &rows);
-}
-
-fn print_checkpoints(list: &[CheckpointInfo]) {
-    if list.is_empty() {
-        outln!("no checkpoints");
-        return;
-    }
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|c| {
-            vec![
-                c.id.clone(),
-                c.sandbox.clone(),
-                c.seq.to_string(),
-                c.kind.as_str().into(),
-                utc(c.created_unix_ms),
-                c.changed.to_string(),
-                c.plan.clone().unwrap_or_else(|| "-".into()),
-                c.tool.clone().unwrap_or_else(|| "-".into()),
-                c.reason.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    print_table(&["ID", "SANDBOX", "SEQ", "KIND", "CREATED (UTC)", "CHANGED", "PLAN", "TOOL", "REASON"], &rows);
-}
-
-fn print_checkpoint(c: &CheckpointInfo) {
-    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-    outln!("id         {}", c.id);
-    outln!("sandbox    {} (checkpoint {})", c.sandbox, c.seq);
-    outln!("parent     {}", opt(&c.parent));
-    outln!("created    {} UTC", utc(c.created_unix_ms));
-    outln!("kind       {}{}", c.kind.as_str(), if c.pinned { ", pinned" } else { "" });
-    outln!("plan       {}", opt(&c.plan));
-    outln!("tool       {}", opt(&c.tool));
-    outln!("phase      {}", opt(&c.phase));
-    outln!("reason     {}", opt(&c.reason));
-    for (k, v) in &c.labels {
-        outln!("label      {k}={v}");
-    }
-    outln!("files      {} ({}), {} directories, {} symlinks", c.files, human_bytes(c.bytes), c.dirs, c.symlinks);
-    outln!("changed    {} paths since its parent", c.changed);
-    if let Some(why) = &c.broken {
-        outln!("broken     {why}: it cannot be restored");
-    }
-    if let Some(b) = c.exclusive_bytes {
-        outln!("exclusive  {} (what pruning it would free)", human_bytes(b));
-    }
-}
-
-fn print_plan(p: &PlanInfo) {
-    outln!("plan {} of {}: {} ({} checkpoints)", p.id, p.sandbox, p.state.as_str(), p.checkpoints.len());
-    print_checkpoints(&p.checkpoints);
-}
-
-fn print_diff(d: &DiffReport) {
-    d.changes.iter().for_each(print_change);
-    print_diff_summary(d, d.changes.len() as u64);
-}
-
-fn print_change(c: &Change) {
-    let mark = match c.change {
-        ChangeKind::Added => "A",
-        ChangeKind::Modified => "M",
-        ChangeKind::Deleted => "D",
-        ChangeKind::TypeChanged => "T",
-    };
-    outln!("{mark}  {}", c.path.display());
-}
-
-fn print_diff_summary(d: &DiffReport, changes: u64) {
-    let to = d.to.clone().unwrap_or_else(|| "the live tree".into());
-    outln!("{changes} changes from {} to {to}", d.from);
-}
-
-/// Which command a restore report answers, for its human output.
-#[derive(Clone, Copy)]
-enum Restore {
-    Rollback,
-    Revert,
-    Undo,
-}
-
-fn print_rollback(r: &RollbackReport) {
-    print_restore(Restore::Rollback, r)
-}
-
-fn print_restore(what: Restore, r: &RollbackReport) {
-    let (done, would, rest) = match what {
-        Restore::Rollback => ("rolled back", "would roll back", format!("{} to {}", r.sandbox, r.checkpoint)),
-        Restore::Revert => ("reverted", "would revert", format!("{} in {}", r.checkpoint, r.sandbox)),
-        Restore::Undo => (
-            "undid the last restore of",
-            "would undo the last restore of",
-            format!("{}: back to {}", r.sandbox, r.checkpoint),
-        ),
-    };
-    let verb = if r.dry_run { would } else { done };
-    outln!(
-        "{verb} {rest}: {} restored, {} created, {} deleted, {} unchanged",
-        r.restored,
-        r.created,
-        r.deleted,
-        r.unchanged
-    );
-    let marks = [("+", &r.created_paths), ("~", &r.restored_paths), ("-", &r.removed)];
-    let mut lines: Vec<(&WirePath, &str)> =
-        marks.iter().flat_map(|(mark, paths)| paths.iter().map(move |p| (p, *mark))).collect();
-    lines.sort();
-    for (p, mark) in lines {
-        outln!("  {mark} {}", p.display());
-    }
-    for p in &r.skipped {
-        outln!("  ! {} (left as it is)", p.display());
-    }
-    for p in &r.conflicts {
-        outln!("  forced over a later change: {}", p.display());
-    }
-    if let Some(safety) = &r.safety_checkpoint {
-        if matches!(what, Restore::Undo) && !r.changed.is_empty() {
-            outln!(
-                "discarded: the live state of {} paths since the restore it undid, kept in {safety}",
-                r.changed.len()
-            );
+        SandboxCommand::List => {
+            let list = client.sandbox_list()?;
+            emit(json, &list, |l| print_sandboxes(&l.sandboxes))
         }
-        outln!("undo with: snapback rollback {safety}");
+        SandboxCommand::Remove { name, purge } => {
+            let sandbox = sandbox_ref(client, &name)?;
+            let info = client.sandbox_remove(SandboxRemove { sandbox, purge })?;
+            emit(json, &info, |i| print::removed(i, purge))
+        }
     }
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
+/// `snapback plan ...`.
+fn run_plan(client: &mut Client, cmd: PlanCommand, json: bool) -> Result<(), Failure> {
+    match cmd {
+        PlanCommand::Show { plan } => emit(json, &client.plan_show(&plan)?, print_plan),
+        PlanCommand::Apply { plan } => emit(json, &client.plan_apply(&plan)?, print_plan),
+        PlanCommand::Abandon { plan } => emit(json, &client.plan_abandon(&plan)?, print_plan),
+        PlanCommand::Rollback { plan, checkpoint, paths, dry_run } => {
+            let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
+            let req = PlanRollbackRequest { plan, checkpoint, paths, dry_run };
+            emit(json, &client.plan_rollback(req)?, print_rollback)
+        }
     }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::print::human_bytes;
+    use snapback::utc;
 
     #[test]
     fn utc_formats_known_instants() {
