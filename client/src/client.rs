@@ -257,7 +257,7 @@ pub trait Answer: Sized {
 }
 
 macro_rules! answers {
-    ($($variant:ident($payload:ty)),+ $(,)?) => {
+    ($($payload:ty => $variant:ident),+ $(,)?) => {
         $(impl Answer for $payload {
             fn from_response(response: Response) -> Result<Self, Box<Response>> {
                 match response {
@@ -269,18 +269,11 @@ macro_rules! answers {
     };
 }
 
+// Each payload and the one kind of answer that carries it.
 answers! {
-    Sandbox(SandboxInfo),
-    Sandboxes(Sandboxes),
-    Checkpoint(CheckpointInfo),
-    Checkpoints(Checkpoints),
-    Diff(DiffReport),
-    Rollback(RollbackReport),
-    Status(StatusReport),
-    Plan(PlanInfo),
-    Pruned(PruneReport),
-    Exported(ExportReport),
-    Verified(VerifyReport),
+    SandboxInfo => Sandbox, Sandboxes => Sandboxes, CheckpointInfo => Checkpoint, Checkpoints => Checkpoints,
+    DiffReport => Diff, RollbackReport => Rollback, StatusReport => Status, PlanInfo => Plan,
+    PruneReport => Pruned, ExportReport => Exported, VerifyReport => Verified,
 }
 
 fn unexpected(response: Response) -> ClientError {

@@ -600,7 +600,7 @@ impl<'a> Walker<'a> {
         }
         let unchanged = known.is_some_and(|(_, p)| live.matches(p));
         let prior = if unchanged { None } else { known.map(|(_, p)| p.clone()) };
-        match live.kind {
+        match live.meta.kind {
             Kind::File => {
                 if !unchanged {
                     let job = Job { path, dir: dir.clone(), name, prior };

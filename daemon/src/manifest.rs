@@ -151,15 +151,12 @@ impl fmt::Debug for ObjectId {
     }
 }
 
-/// A live path's stat, reduced to what capture compares.
+/// A live path's stat, reduced to what capture compares: the version it
+/// would record, short of what must be read (a symlink's target, a file's
+/// object), and its stat key.
 #[derive(Clone, Debug)]
 pub struct Live {
-    pub kind: Kind,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub mtime_ns: i64,
+    pub meta: Meta,
     pub key: StatKey,
 }
 
@@ -178,12 +175,7 @@ impl Live {
             _ => st.st_mode & 0o7777,
         };
         Live {
-            kind,
-            mode,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            size,
-            mtime_ns,
+            meta: Meta { kind, mode, uid: st.st_uid, gid: st.st_gid, size, mtime_ns, target: None, object: None },
             key: StatKey {
                 ctime_ns,
                 ino: st.st_ino,
@@ -196,30 +188,16 @@ impl Live {
     /// Whether this stat proves the path still holds `row` without reading
     /// it: same type, metadata, inode and ctime, and the row was not racy.
     pub fn matches(&self, row: &Row) -> bool {
-        let m = &row.meta;
+        let (m, l) = (&row.meta, &self.meta);
         !row.key.racy
             && self.key.ino == row.key.ino
             && self.key.ctime_ns == row.key.ctime_ns
-            && self.kind == m.kind
-            && self.mode == m.mode
-            && self.uid == m.uid
-            && self.gid == m.gid
-            && self.size == m.size
-            && self.mtime_ns == m.mtime_ns
+            && (l.kind, l.mode, l.uid, l.gid, l.size, l.mtime_ns) == (m.kind, m.mode, m.uid, m.gid, m.size, m.mtime_ns)
     }
 
     /// Builds the recorded state from this stat plus what had to be read.
     pub fn to_meta(&self, target: Option<Vec<u8>>, object: Option<ObjectId>) -> Meta {
-        Meta {
-            kind: self.kind,
-            mode: self.mode,
-            uid: self.uid,
-            gid: self.gid,
-            size: self.size,
-            mtime_ns: self.mtime_ns,
-            target,
-            object,
-        }
+        Meta { target, object, ..self.meta.clone() }
     }
 }
 

@@ -72,7 +72,7 @@ impl Engine {
         refuse_if_applied(&conn, &req.plan)?;
         match req.dry_run {
             true => self.preview_restore(&mut conn, &sandbox, &target, &filter),
-            false => self.restore_to(&mut conn, &sandbox, &target, &filter, IntentKind::Rollback),
+            false => self.restore_to(&mut conn, Restoring::rollback(&sandbox, &target, &filter)),
         }
     }
 }

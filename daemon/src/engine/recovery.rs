@@ -47,14 +47,8 @@ impl Engine {
             let report = if intent.kind == IntentKind::Revert {
                 self.revert_intent(conn, &sandbox, &target, intent.force, (intent.id, IntentEnd::ByTheCaller))?
             } else {
-                self.restore_intent(
-                    conn,
-                    &sandbox,
-                    &target,
-                    &intent.filter,
-                    intent.kind,
-                    (intent.id, IntentEnd::ByTheCaller),
-                )?
+                let to = Restoring { sandbox: &sandbox, target: &target, filter: &intent.filter, kind: intent.kind };
+                self.restore_intent(conn, &to, (intent.id, IntentEnd::ByTheCaller))?
             };
             return Ok(report.restored + report.created + report.deleted);
         }

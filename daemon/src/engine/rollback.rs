@@ -13,7 +13,7 @@ impl Engine {
         let _held = lock(&guard);
         match req.dry_run {
             true => self.preview_restore(&mut conn, &sandbox, &target, &filter),
-            false => self.restore_to(&mut conn, &sandbox, &target, &filter, IntentKind::Rollback),
+            false => self.restore_to(&mut conn, Restoring::rollback(&sandbox, &target, &filter)),
         }
     }
 
@@ -21,17 +21,12 @@ impl Engine {
     /// sandbox's lock. Refused when the target belongs to an applied plan.
     /// Anything but a dry run is recorded as an intent first, so that a
     /// crash half way is finished at the next start.
-    pub(super) fn restore_to(
-        &self,
-        conn: &mut Connection,
-        sandbox: &Sandbox,
-        target: &Checkpoint,
-        filter: &[Vec<u8>],
-        kind: IntentKind,
-    ) -> Result<RollbackReport> {
-        let target = &self.restorable(conn, sandbox, target, filter)?;
-        let intent = catalogue::begin_intent(conn, sandbox.id, kind, &target.info.id, filter, false, now_ms())?;
-        let result = self.restore_intent(conn, sandbox, target, filter, kind, (intent, IntentEnd::WithTheRestore));
+    pub(super) fn restore_to(&self, conn: &mut Connection, to: Restoring<'_>) -> Result<RollbackReport> {
+        let target = &self.restorable(conn, to.sandbox, to.target, to.filter)?;
+        let (sandbox, filter) = (to.sandbox, to.filter);
+        let intent = catalogue::begin_intent(conn, sandbox.id, to.kind, &target.info.id, filter, false, now_ms())?;
+        let to = Restoring { target, ..to };
+        let result = self.restore_intent(conn, &to, (intent, IntentEnd::WithTheRestore));
         self.close_intent(conn, intent, &result);
         result
     }
@@ -149,10 +144,7 @@ impl Engine {
     pub(super) fn restore_intent(
         &self,
         conn: &mut Connection,
-        sandbox: &Sandbox,
-        target: &Checkpoint,
-        filter: &[Vec<u8>],
-        kind: IntentKind,
+        &Restoring { sandbox, target, filter, kind }: &Restoring<'_>,
         (intent, end): (i64, IntentEnd),
     ) -> Result<RollbackReport> {
         let started = Instant::now();
@@ -390,7 +382,7 @@ impl Engine {
         let back = catalogue::checkpoint_by_ref(&conn, &safety).map_err(|_| {
             Error::NotFound(format!("the safety checkpoint {safety} of the last {kind} (to {target}) is gone"))
         })?;
-        self.restore_to(&mut conn, &sandbox, &back, &[], IntentKind::Undo)
+        self.restore_to(&mut conn, Restoring { sandbox: &sandbox, target: &back, filter: &[], kind: IntentKind::Undo })
     }
 }
 
@@ -609,6 +601,22 @@ pub(super) fn plan_report(sandbox: &Sandbox, plan: &Plan, target_id: &str, total
         removed: paths_of(|s| matches!(s, Step::Delete(_))),
         skipped: Vec::new(),
         conflicts: Vec::new(),
+    }
+}
+
+/// A restore to a checkpoint: of `sandbox` to `target`, within `filter`
+/// (empty: everything).
+#[derive(Clone, Copy)]
+pub(super) struct Restoring<'a> {
+    pub(super) sandbox: &'a Sandbox,
+    pub(super) target: &'a Checkpoint,
+    pub(super) filter: &'a [Vec<u8>],
+    pub(super) kind: IntentKind,
+}
+
+impl<'a> Restoring<'a> {
+    pub(super) fn rollback(sandbox: &'a Sandbox, target: &'a Checkpoint, filter: &'a [Vec<u8>]) -> Restoring<'a> {
+        Restoring { sandbox, target, filter, kind: IntentKind::Rollback }
     }
 }
 
