@@ -5,25 +5,32 @@
 //! binds the socket, and serves until `shutdown` resolves. The `snapbackd`
 //! binary parses arguments and calls it; tests call it too.
 
-pub mod access;
-pub mod capture;
-pub mod catalogue;
+pub(crate) mod access;
+pub(crate) mod capture;
+pub(crate) mod catalogue;
 pub mod config;
-pub mod engine;
-pub mod error;
-pub mod export;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod export;
 pub mod hooks;
-pub mod links;
-pub mod manifest;
-pub mod progress;
-pub mod restore;
-pub mod retention;
-pub mod server;
-pub mod store;
-pub mod sys;
+pub(crate) mod links;
+pub(crate) mod manifest;
+pub(crate) mod progress;
+pub(crate) mod restore;
+pub(crate) mod retention;
+pub(crate) mod server;
+pub(crate) mod store;
+pub(crate) mod sys;
 pub mod systemd;
-pub mod wal;
-pub mod watcher;
+pub(crate) mod wal;
+pub(crate) mod watcher;
+
+/// What the end-to-end tests reach inside the daemon: the store and the
+/// catalogue, to inspect or damage them as a disk or a crash could.
+pub mod testing {
+    pub use crate::catalogue::connect as connect_catalogue;
+    pub use crate::store::Store;
+}
 
 use std::path::PathBuf;
 use std::sync::Arc;

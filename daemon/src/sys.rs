@@ -416,10 +416,9 @@ pub fn readlinkat(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<u8>> {
     }
 }
 
-/// One directory entry: its name and `d_type` (may be `DT_UNKNOWN`).
+/// One directory entry: its name.
 pub struct DirEntry {
     pub name: Vec<u8>,
-    pub d_type: u8,
 }
 
 /// Lists a directory through its fd, without `.` and `..`.
@@ -441,12 +440,11 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<DirEntry>> {
         while off < n as usize {
             // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
             let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
-            let d_type = buf[off + 18];
             let name_area = &buf[off + 19..off + reclen];
             let len = name_area.iter().position(|&b| b == 0).unwrap_or(name_area.len());
             let name = &name_area[..len];
             if name != b"." && name != b".." {
-                out.push(DirEntry { name: name.to_vec(), d_type });
+                out.push(DirEntry { name: name.to_vec() });
             }
             off += reclen;
         }
@@ -715,21 +713,6 @@ pub fn ctime_ns(st: &libc::stat) -> i64 {
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
-}
-
-/// Returns this process's file mode creation mask, as `/proc/self/status`
-/// shows it (read once: the daemon never changes it). Unknown: `0o777`,
-/// which masks everything, so that callers set modes explicitly.
-pub fn umask() -> u32 {
-    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *UMASK.get_or_init(|| {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-            })
-            .unwrap_or(0o777)
-    })
 }
 
 #[cfg(test)]

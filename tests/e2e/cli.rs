@@ -121,7 +121,7 @@ fn a_stale_socket_is_replaced_and_the_socket_is_removed_on_sigterm() {
 fn the_daemon_refuses_a_catalogue_from_a_newer_schema() {
     let mut d = TestDaemon::start();
     d.stop();
-    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
+    let conn = snapback_daemon::testing::connect_catalogue(&d.state_dir.join("catalogue.db")).unwrap();
     conn.pragma_update(None, "user_version", 999).unwrap();
     drop(conn);
     let out = TestDaemon::spawn(&d.socket, &d.state_dir).wait_with_output().unwrap();

@@ -510,7 +510,7 @@ fn the_catalogue_log_is_copied_back_once_a_request_is_answered() {
 }
 
 fn rusqlite_count(db: &Path) -> i64 {
-    let conn = snapback_daemon::catalogue::connect(db).unwrap();
+    let conn = snapback_daemon::testing::connect_catalogue(db).unwrap();
     conn.query_row("SELECT count(*) FROM entries", [], |r| r.get(0)).unwrap()
 }
 

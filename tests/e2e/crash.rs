@@ -51,7 +51,7 @@ fn spawn_cli(d: &TestDaemon, args: &[&str]) -> Child {
 /// Waits until the catalogue shows that the daemon took up a rollback (its
 /// intent is recorded), so that the kill lands during it.
 fn wait_for_intent(state_dir: &Path) {
-    let conn = snapback_daemon::catalogue::connect(&state_dir.join("catalogue.db")).unwrap();
+    let conn = snapback_daemon::testing::connect_catalogue(&state_dir.join("catalogue.db")).unwrap();
     eventually(Duration::from_secs(30), Duration::from_millis(1), || {
         let n: i64 = conn
             .query_row("SELECT count(*) FROM intents WHERE state IN ('pending', 'applying')", [], |r| r.get(0))

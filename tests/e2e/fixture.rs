@@ -239,8 +239,8 @@ pub fn write(p: &Path, data: impl AsRef<[u8]>) {
 
 /// Opens a store directory with the daemon's own code, beside the daemon
 /// (the pack index is an SQLite database, safe to read concurrently).
-pub fn open_store(store: &Path) -> snapback_daemon::store::Store {
-    snapback_daemon::store::Store::open(store).expect("open the store")
+pub fn open_store(store: &Path) -> snapback_daemon::testing::Store {
+    snapback_daemon::testing::Store::open(store).expect("open the store")
 }
 
 /// Returns the number of objects in a store directory, loose or packed.

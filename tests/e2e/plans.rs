@@ -245,7 +245,7 @@ fn retention_follows_a_checkpoint_without_waiting_for_another_request() {
 /// request to prompt it: read from the catalogue directly, since any
 /// request would apply the policy itself.
 fn pruned_to_one(d: &TestDaemon, what: &str) {
-    let conn = snapback_daemon::catalogue::connect(&d.state_dir.join("catalogue.db")).unwrap();
+    let conn = snapback_daemon::testing::connect_catalogue(&d.state_dir.join("catalogue.db")).unwrap();
     eventually(Duration::from_secs(20), Duration::from_millis(10), || {
         let n: i64 = conn.query_row("SELECT count(*) FROM checkpoints", [], |r| r.get(0)).unwrap();
         if n == 1 { Ok(()) } else { Err(format!("{what}: {n} checkpoints")) }

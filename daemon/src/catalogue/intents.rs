@@ -15,10 +15,9 @@ pub struct Intent {
     pub safety: Option<String>,
     pub state: IntentState,
     pub note: Option<String>,
-    pub updated_ms: i64,
 }
 
-pub(super) const INTENT_COLS: &str = "id, sandbox_id, kind, target, filter, force, safety, state, note, updated_ms";
+pub(super) const INTENT_COLS: &str = "id, sandbox_id, kind, target, filter, force, safety, state, note";
 
 pub(super) fn intent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Intent> {
     let id: i64 = r.get(0)?;
@@ -33,7 +32,6 @@ pub(super) fn intent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Intent>
         safety: r.get(6)?,
         state: column(r, 7, "intents", id, "state")?,
         note: r.get(8)?,
-        updated_ms: r.get(9)?,
     })
 }
 
