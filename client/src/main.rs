@@ -257,10 +257,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// How a command ended, for the exit code.
 enum Failure {
     Refused(String),
-    /// Refused by the daemon, with its error code.
-    Daemon(&'static str, String),
+    /// Refused by the daemon, with its error code and hint.
+    Daemon(&'static str, String, Option<String>),
     Usage(String),
-    Unreachable(String),
+    /// The daemon is not reachable; what to do about it.
+    Unreachable(String, String),
     /// Refused, and already reported on stdout (a `--json` verify report
     /// that found problems): only the exit code is left to give.
     Reported,
@@ -276,17 +277,18 @@ impl From<ClientError> for Failure {
                 } else {
                     "systemctl --user start snapbackd"
                 };
-                Failure::Unreachable(format!(
-                    "snapbackd is not running at {} ({source}).\n\
-                     Start it with `snapbackd --socket {}` (or `{service}`), \
-                     or point --socket / SNAPBACK_SOCKET at the right socket.",
-                    path.display(),
-                    path.display()
-                ))
+                Failure::Unreachable(
+                    format!("snapbackd is not running at {} ({source})", path.display()),
+                    format!(
+                        "start it with `snapbackd --socket {}` (or `{service}`), or point --socket / \
+                         SNAPBACK_SOCKET at the right socket",
+                        path.display()
+                    ),
+                )
             }
             ClientError::Daemon(body) => {
                 let list: Vec<String> = body.paths.iter().map(|p| format!("\n  {}", p.display())).collect();
-                Failure::Daemon(body.code.as_str(), format!("{}{}", body.message, list.concat()))
+                Failure::Daemon(body.code.as_str(), format!("{}{}", body.message, list.concat()), body.hint)
             }
             other => Failure::Refused(other.to_string()),
         }
@@ -319,18 +321,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(failure) => {
-            let (exit, code, message) = match failure {
-                Failure::Refused(m) => (1, "refused", m),
-                Failure::Daemon(code, m) => (1, code, m),
-                Failure::Usage(m) => (2, "usage", m),
-                Failure::Unreachable(m) => (3, "unreachable", m),
+            let (exit, code, message, hint) = match failure {
+                Failure::Refused(m) => (1, "refused", m, None),
+                Failure::Daemon(code, m, hint) => (1, code, m, hint),
+                Failure::Usage(m) => (2, "usage", m, None),
+                Failure::Unreachable(m, hint) => (3, "unreachable", m, Some(hint)),
                 Failure::Reported => return ExitCode::from(1),
             };
             if json {
-                let doc = serde_json::json!({"error": {"exit": exit, "code": code, "message": message}});
-                outln!("{doc}");
+                let mut error = serde_json::json!({"exit": exit, "code": code, "message": message});
+                if let Some(hint) = &hint {
+                    error["hint"] = hint.as_str().into();
+                }
+                outln!("{}", serde_json::json!({ "error": error }));
             }
             eprintln!("snapback: {message}");
+            if let Some(hint) = hint {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(exit)
         }
     }

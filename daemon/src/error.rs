@@ -20,7 +20,7 @@ pub enum Error {
     #[error("{0}")]
     PlanApplied(String),
     #[error("{message}")]
-    Conflict { message: String, paths: Vec<Vec<u8>> },
+    Conflict { message: String, paths: Vec<Vec<u8>>, hint: String },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     #[error("catalogue: {0}")]
@@ -39,14 +39,32 @@ pub enum Error {
     /// a sandbox id, the answer records `why` as the sandbox's `moved`
     /// note (see `Engine::answer`).
     #[error("{message}")]
-    Moved { message: String, sandbox: Option<i64>, why: String },
+    Moved { message: String, sandbox: Option<i64>, why: String, hint: String },
+    /// Another error, with what the user may do about it: sent as the
+    /// answer's `hint`, which the CLI prints on a line of its own.
+    #[error("{error}")]
+    Hinted { error: Box<Error>, hint: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// This error, with `hint` for the user.
+    pub fn hinted(self, hint: impl Into<String>) -> Error {
+        Error::Hinted { error: Box::new(self), hint: hint.into() }
+    }
+
+    /// What the user may do about it, if the error says.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            Error::Conflict { hint, .. } | Error::Moved { hint, .. } | Error::Hinted { hint, .. } => Some(hint),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
+            Error::Hinted { error, .. } => error.code(),
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::Ambiguous(_) => ErrorCode::Ambiguous,
             Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
@@ -66,11 +84,15 @@ impl Error {
     }
 
     pub fn to_body(&self) -> ErrorBody {
-        let paths = match self {
+        let inner = match self {
+            Error::Hinted { error, .. } => error,
+            other => other,
+        };
+        let paths = match inner {
             Error::Conflict { paths, .. } => paths.iter().map(|p| WirePath(p.clone())).collect(),
             _ => Vec::new(),
         };
-        ErrorBody { code: self.code(), message: self.to_string(), paths }
+        ErrorBody { code: self.code(), message: self.to_string(), paths, hint: self.hint().map(str::to_owned) }
     }
 }
 

@@ -250,11 +250,12 @@ async fn admit(
         Some(admitted) => connection(stream, peer, engine, &admitted, limits, stopping).await,
         None => {
             let (_, mut write) = stream.into_split();
-            let message = format!(
-                "uid {} has {} connections open, each running a request; try again when one is done",
-                peer.uid, limits.per_uid
-            );
-            send(&mut write, &error(ErrorCode::Busy, message)).await
+            let message = format!("uid {} has {} connections open, each running a request", peer.uid, limits.per_uid);
+            let mut refusal = error(ErrorCode::Busy, message);
+            if let Response::Error(body) = &mut refusal {
+                body.hint = Some("try again when one of them is done".into());
+            }
+            send(&mut write, &refusal).await
         }
     }
 }
@@ -291,7 +292,7 @@ async fn read_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> i
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    Response::Error(ErrorBody { code, message: message.into(), paths: Vec::new() })
+    Response::Error(ErrorBody { code, message: message.into(), paths: Vec::new(), hint: None })
 }
 
 async fn connection(

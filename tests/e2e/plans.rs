@@ -112,9 +112,19 @@ fn revert_undoes_one_step_and_refuses_to_overwrite_later_work() {
     let listed: Vec<String> = body.paths.iter().map(|p| p.display()).collect();
     assert_eq!(listed, ["shared.txt"]);
     assert_same(&snapshot(&root), &before, "after a refused revert");
+    // What to do about it is a hint of its own: a field of the answer,
+    // and a line of its own after the message.
+    let hint = body.hint.as_deref().unwrap_or_default();
+    assert!(hint.contains("--force") && !body.message.contains("--force"), "{body:?}");
     let out = d.cli(&["revert", &after2]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("shared.txt"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shared.txt"));
+    let last = stderr.lines().last().unwrap_or_default();
+    assert_eq!(last, format!("hint: {hint}"), "{stderr}");
+    let out = d.cli(&["--json", "revert", &after2]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["hint"], hint);
 
     let forced = d.json(&["revert", &after2, "--force"]);
     assert_eq!(forced["conflicts"][0]["text"], "shared.txt");

@@ -46,14 +46,16 @@ class SnapbackError(Exception):
     """The daemon refused a request, or the exchange failed.
 
     ``code`` is the protocol's stable error code; ``paths`` lists the paths
-    the error is about (a revert's conflicts) as bytes.
+    the error is about (a revert's conflicts) as bytes; ``hint``, when the
+    daemon gives one, says what the user may do about it.
     """
 
-    def __init__(self, code, message, paths=()):
+    def __init__(self, code, message, paths=(), hint=None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.paths = list(paths)
+        self.hint = hint
 
     def __str__(self):
         return "%s: %s" % (self.code, self.message)
@@ -165,7 +167,8 @@ class Client:
                 continue
             if kind == "error":
                 paths = [path_bytes(p) for p in response.get("paths", [])]
-                raise SnapbackError(response.get("code", "unknown"), response.get("message", ""), paths)
+                raise SnapbackError(response.get("code", "unknown"), response.get("message", ""), paths,
+                                    response.get("hint"))
             for part in parts:
                 response[part["field"]].extend(part["items"])
             return response

@@ -122,6 +122,20 @@ class AgainstTheDaemon(unittest.TestCase):
         # The connection still serves after refusals.
         self.assertIn(self.name, [s["name"] for s in self.client.sandbox_list()])
 
+    def test_a_refused_revert_names_its_paths_and_hints_at_force(self):
+        self.write("shared.txt", b"0")
+        self.client.checkpoint(self.name)
+        self.write("shared.txt", b"1")
+        step = self.client.checkpoint(self.name)
+        self.write("shared.txt", b"2")
+        self.client.checkpoint(self.name)
+        with self.assertRaises(snapback.SnapbackError) as refused:
+            self.client.revert(step["id"])
+        self.assertEqual(refused.exception.code, "conflict")
+        self.assertEqual(refused.exception.paths, [b"shared.txt"])
+        self.assertIn("--force", refused.exception.hint)
+        self.assertEqual(self.read("shared.txt"), b"2")
+
     def test_an_answer_longer_than_a_line_arrives_whole_or_streamed(self):
         first = self.client.checkpoint(self.name)["id"]
         names = ["many/%s-%05d" % ("x" * 40, i) for i in range(25000)]

@@ -212,9 +212,10 @@ impl Engine {
         watch.force_full("the tree kept changing during the last checkpoint".into());
         Err(Error::Busy(format!(
             "the sandbox {} kept changing while the checkpoint read it ({SETTLE_ROUNDS} rounds); nothing was \
-             recorded. Try again when it is quieter",
+             recorded",
             sb.name
-        )))
+        ))
+        .hinted("try again when it is quieter"))
     }
 
     /// Takes a checkpoint, and records the retention it owes (applied after

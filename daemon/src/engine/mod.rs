@@ -323,6 +323,7 @@ impl Engine {
             message: format!("the store {shown} is no longer the directory that was registered: {why}"),
             sandbox: None,
             why,
+            hint: "put the store's directory back where it was; its objects are the checkpoints' content".into(),
         };
         let dir = match sys::open_dir_pinned(path) {
             Ok(dir) => dir,

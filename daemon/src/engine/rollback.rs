@@ -344,14 +344,17 @@ impl Engine {
                     let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
                     Error::Conflict {
                         message: format!(
-                            "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted. \
-                             `revert --force` takes the step's parent version for them",
+                            "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted",
                             conflicts.len(),
                             step.info.id,
                             shown.join(", "),
                             if conflicts.len() > shown.len() { ", ..." } else { "" }
                         ),
                         paths: conflicts,
+                        hint: format!(
+                            "`snapback revert --force {}` takes the step's parent version for them",
+                            step.info.id
+                        ),
                     }
                 })?;
             catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
@@ -657,9 +660,10 @@ pub(super) fn still_there(conn: &Connection, c: &Checkpoint) -> Result<Checkpoin
 pub(super) fn refuse_if_broken(target: &Checkpoint) -> Result<()> {
     match &target.info.broken {
         Some(why) => Err(Error::InvalidRequest(format!(
-            "checkpoint {} is broken ({why}); it cannot be restored. Pick another with `snapback list`",
+            "checkpoint {} is broken ({why}); it cannot be restored",
             target.info.id
-        ))),
+        ))
+        .hinted(format!("pick another with `snapback list {}`", target.info.sandbox))),
         None => Ok(()),
     }
 }

@@ -292,12 +292,12 @@ impl Engine {
         let moved = |why: String| Error::Moved {
             message: format!(
                 "the sandbox {} is no longer the directory that was registered: {why}. Nothing was read or \
-                 written there; its checkpoints stay readable, and `snapback sandbox add {path}` registers \
-                 the directory there now",
+                 written there; its checkpoints stay readable",
                 sandbox.name
             ),
             sandbox: Some(sandbox.id),
             why,
+            hint: format!("`snapback sandbox add {path}` registers the directory there now"),
         };
         if let Some(why) = &sandbox.moved {
             return Err(moved(why.clone()));
