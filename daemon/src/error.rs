@@ -1,9 +1,8 @@
-//! The daemon's error type. Every error maps to a stable wire code; the
-//! message names the action that failed and never repeats its source.
+//! The daemon's error type: the message names the action that failed and
+//! never repeats its source. Which wire code each is chosen at the edge,
+//! by the server (`server::refusal`).
 
 use std::io;
-
-use snapback::proto::{ErrorBody, ErrorCode, WirePath};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,39 +59,6 @@ impl Error {
             Error::Conflict { hint, .. } | Error::Moved { hint, .. } | Error::Hinted { hint, .. } => Some(hint),
             _ => None,
         }
-    }
-
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Error::Hinted { error, .. } => error.code(),
-            Error::NotFound(_) => ErrorCode::NotFound,
-            Error::Ambiguous(_) => ErrorCode::Ambiguous,
-            Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
-            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
-            Error::PlanApplied(_) => ErrorCode::PlanApplied,
-            Error::Moved { .. } => ErrorCode::Moved,
-            Error::Busy(_) => ErrorCode::Busy,
-            Error::Conflict { .. } => ErrorCode::Conflict,
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
-            Error::Io { .. } => ErrorCode::Io,
-            Error::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => {
-                ErrorCode::Busy
-            }
-            Error::Db(_) | Error::Internal(_) | Error::Stale(_) => ErrorCode::Internal,
-        }
-    }
-
-    pub fn to_body(&self) -> ErrorBody {
-        let inner = match self {
-            Error::Hinted { error, .. } => error,
-            other => other,
-        };
-        let paths = match inner {
-            Error::Conflict { paths, .. } => paths.iter().map(|p| WirePath(p.clone())).collect(),
-            _ => Vec::new(),
-        };
-        ErrorBody { code: self.code(), message: self.to_string(), paths, hint: self.hint().map(str::to_owned) }
     }
 }
 

@@ -37,6 +37,26 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 
+/// Why the daemon could not start, or stopped serving: the step, and the
+/// error it met.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("starting the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("opening the state directory: {0}")]
+    Open(#[source] Error),
+    #[error("finishing a restore a stop interrupted: {0}")]
+    Resume(#[source] Error),
+    #[error("binding the socket: {0}")]
+    Bind(#[source] Error),
+    #[error("starting the watches: {0}")]
+    Watch(#[source] Error),
+    #[error("starting the {0} thread: {1}")]
+    Thread(&'static str, #[source] std::io::Error),
+    #[error("serving the socket: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
 /// The daemon's settings.
 #[derive(Debug)]
 pub struct Config {
@@ -77,14 +97,17 @@ pub struct Config {
 /// the way out, the daemon stops accepting, removes a socket file it bound
 /// itself, and answers every request already running (see
 /// [`server::serve`]).
-pub fn run<F: std::future::Future<Output = ()> + Send>(mut config: Config, shutdown: impl FnOnce() -> F) -> Result<()> {
+pub fn run<F: std::future::Future<Output = ()> + Send>(
+    mut config: Config,
+    shutdown: impl FnOnce() -> F,
+) -> std::result::Result<(), StartError> {
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
         .thread_name("snapbackd")
         .build()
-        .map_err(|e| Error::Io { context: "starting the runtime".into(), source: e })?;
+        .map_err(StartError::Runtime)?;
     // The stop signals are caught from here on, before anything is bound:
     // one that comes while the daemon starts stops it once it serves.
     let shutdown = {
@@ -92,14 +115,14 @@ pub fn run<F: std::future::Future<Output = ()> + Send>(mut config: Config, shutd
         shutdown()
     };
     let activated = config.listener.take();
-    let engine = Arc::new(engine::Engine::open(&config)?);
+    let engine = Arc::new(engine::Engine::open(&config).map_err(StartError::Open)?);
     // A restore a crash interrupted is finished before anyone can see the
     // sandbox half restored.
-    engine.resume_interrupted()?;
+    engine.resume_interrupted().map_err(StartError::Resume)?;
     let owns_socket = activated.is_none();
     let std_listener = match activated {
         Some(l) => l,
-        None => server::bind(&config.socket, config.socket_group.as_deref())?,
+        None => server::bind(&config.socket, config.socket_group.as_deref()).map_err(StartError::Bind)?,
     };
     for registration in &config.register {
         engine.register_configured(registration);
@@ -107,7 +130,7 @@ pub fn run<F: std::future::Future<Output = ()> + Send>(mut config: Config, shutd
     // Watches are set up in the background: the socket serves at once, and
     // checkpoints scan everything until a sandbox's watch is in place.
     if config.watch {
-        engine.start_watches()?;
+        engine.start_watches().map_err(StartError::Watch)?;
     }
     // Checkpoints answer before they prune; this thread prunes after them.
     let pruner = {
@@ -115,7 +138,7 @@ pub fn run<F: std::future::Future<Output = ()> + Send>(mut config: Config, shutd
         std::thread::Builder::new()
             .name("snapback-prune".into())
             .spawn(move || engine.prune_in_background())
-            .map_err(|e| Error::Io { context: "starting the pruner thread".into(), source: e })?
+            .map_err(|e| StartError::Thread("pruner", e))?
     };
     let stop_auto = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let auto = engine.has_auto_checkpoints().then(|| {
@@ -128,8 +151,7 @@ pub fn run<F: std::future::Future<Output = ()> + Send>(mut config: Config, shutd
         })
     });
     let result = runtime.block_on(async {
-        let listener = tokio::net::UnixListener::from_std(std_listener)
-            .map_err(|e| Error::Io { context: "registering the socket".into(), source: e })?;
+        let listener = tokio::net::UnixListener::from_std(std_listener).map_err(StartError::Serve)?;
         tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), activated = !owns_socket, "snapbackd ready");
         systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.socket.display()));
         let socket = &config.socket;

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-use snapback::proto::{ErrorBody, ErrorCode, MAX_LINE, OLDEST_PROTOCOL, PROTOCOL, Part, Request, Response, Welcome};
+use snapback::proto::{
+    ErrorBody, ErrorCode, MAX_LINE, OLDEST_PROTOCOL, PROTOCOL, Part, Request, Response, Welcome, WirePath,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
@@ -291,6 +293,44 @@ async fn read_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> i
     }
 }
 
+/// The wire's answer to a refused request: the one place where each of the
+/// daemon's errors gets its code.
+pub(crate) fn refusal(e: &Error) -> Response {
+    let inner = match e {
+        Error::Hinted { error, .. } => error,
+        other => other,
+    };
+    let paths = match inner {
+        Error::Conflict { paths, .. } => paths.iter().map(|p| WirePath(p.clone())).collect(),
+        _ => Vec::new(),
+    };
+    let body = ErrorBody { code: code(inner), message: e.to_string(), paths, hint: e.hint().map(str::to_owned) };
+    tracing::debug!(code = body.code.as_str(), "refused: {}", body.message);
+    Response::Error(body)
+}
+
+/// The wire code of an error (not `Hinted`: see [`refusal`]).
+fn code(e: &Error) -> ErrorCode {
+    match e {
+        Error::Hinted { error, .. } => code(error),
+        Error::NotFound(_) => ErrorCode::NotFound,
+        Error::Ambiguous(_) => ErrorCode::Ambiguous,
+        Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
+        Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
+        Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
+        Error::PlanApplied(_) => ErrorCode::PlanApplied,
+        Error::Moved { .. } => ErrorCode::Moved,
+        Error::Busy(_) => ErrorCode::Busy,
+        Error::Conflict { .. } => ErrorCode::Conflict,
+        Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+        Error::Io { .. } => ErrorCode::Io,
+        Error::Db(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => {
+            ErrorCode::Busy
+        }
+        Error::Db(_) | Error::Internal(_) | Error::Stale(_) => ErrorCode::Internal,
+    }
+}
+
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error(ErrorBody { code, message: message.into(), paths: Vec::new(), hint: None })
 }
@@ -415,8 +455,8 @@ async fn run(
     wants_progress: bool,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> io::Result<(Response, Option<After>)> {
-    let finished = |done: std::result::Result<(Response, After), tokio::task::JoinError>| match done {
-        Ok((response, after)) => (response, Some(after)),
+    let finished = |done: std::result::Result<(Result<Response>, After), tokio::task::JoinError>| match done {
+        Ok((answer, after)) => (answer.unwrap_or_else(|e| refusal(&e)), Some(after)),
         Err(e) => (error(ErrorCode::Internal, format!("the request failed: {e}")), None),
     };
     let engine = engine.clone();

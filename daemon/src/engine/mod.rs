@@ -376,12 +376,13 @@ impl Engine {
         }
     }
 
-    /// Answers one request; errors become `Response::Error`. The
+    /// Answers one request, or says why it was refused (the server turns
+    /// that into the wire's error answer: see `server::refusal`). The
     /// background work it starts (copying write-ahead logs back, waking the
     /// pruner, reading restored files in) is left to the returned
     /// [`After`]: the caller sends the answer first, then drops it, so that
     /// the work does not compete with the answer for the CPU.
-    pub fn handle(self: &Arc<Self>, peer: Peer, request: Request) -> (Response, After) {
+    pub fn handle(self: &Arc<Self>, peer: Peer, request: Request) -> (Result<Response>, After) {
         /// Ends the deferral when the request ends, even by a panic; the
         /// work collected then runs at once.
         struct Collecting<'a>(&'a Arc<Engine>);
@@ -403,7 +404,7 @@ impl Engine {
         (response, after)
     }
 
-    fn answer(&self, peer: &Peer, request: Request) -> Response {
+    fn answer(&self, peer: &Peer, request: Request) -> Result<Response> {
         // Every request sees the retention of the checkpoints answered
         // before it.
         self.settle_retention();
@@ -429,14 +430,13 @@ impl Engine {
             Request::Verify(_) => self.verify(peer).map(Response::Verified),
             Request::InjectRescan(r) => self.inject(peer, &r.sandbox).map(Response::Sandbox),
         };
-        result.unwrap_or_else(|e| {
-            if let Error::Moved { sandbox: Some(id), why, .. } = &e
+        result.inspect_err(|e| {
+            if let Error::Moved { sandbox: Some(id), why, .. } = e
                 && let Ok(conn) = self.db()
             {
                 self.record_moved(&conn, *id, why);
             }
-            tracing::debug!(code = e.code().as_str(), "request refused: {e}");
-            Response::Error(e.to_body())
+            tracing::debug!("request refused: {e}");
         })
     }
 
