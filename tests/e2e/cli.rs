@@ -60,7 +60,7 @@ fn refusals_exit_1_with_a_json_error_and_the_daemon_keeps_serving() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error document");
         assert!(!doc["error"]["message"].as_str().unwrap().is_empty());
-        assert_eq!(d.json(&["status"])["sandboxes"].as_array().unwrap().len(), 1, "after {args:?}");
+        assert_eq!(d.status().sandboxes.len(), 1, "after {args:?}");
     }
     assert!(!sb.join("store").exists(), "a refused add created its store inside the sandbox");
 }
@@ -210,7 +210,7 @@ fn refused_operations_leave_no_checkpoint_and_say_what_is_wrong() {
     let step = d.checkpoint("sb");
     std::fs::write(sb.join("f"), "three").unwrap();
     d.checkpoint("sb");
-    let count = || d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len();
+    let count = || d.list(&["sb"]).len();
     let before = count();
     let refused = |args: &[&str], needle: &str| {
         let out = d.cli(args);

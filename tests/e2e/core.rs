@@ -394,11 +394,11 @@ fn list_show_and_prefixes() {
     // A plan belongs to the sandbox of its first checkpoint.
     assert_eq!(d.cli(&["checkpoint", "two", "--plan", "p1"]).status.code(), Some(1));
     d.json(&["checkpoint", "one", "--plan", "p1"]);
-    assert_eq!(d.json(&["list"])["checkpoints"].as_array().unwrap().len(), 5);
-    assert_eq!(d.json(&["list", "one"])["checkpoints"].as_array().unwrap().len(), 4);
-    assert_eq!(d.json(&["list", "--plan", "p1"])["checkpoints"].as_array().unwrap().len(), 2);
-    assert_eq!(d.json(&["list", "two", "--plan", "p3"])["checkpoints"].as_array().unwrap().len(), 1);
-    assert_eq!(d.json(&["list", "two", "--plan", "p1"])["checkpoints"].as_array().unwrap().len(), 0);
+    assert_eq!(d.list(&[]).len(), 5);
+    assert_eq!(d.list(&["one"]).len(), 4);
+    assert_eq!(d.list(&["--plan", "p1"]).len(), 2);
+    assert_eq!(d.list(&["two", "--plan", "p3"]).len(), 1);
+    assert_eq!(d.list(&["two", "--plan", "p1"]).len(), 0);
 
     let id = a["id"].as_str().unwrap();
     let shown = d.json(&["show", &id[..20].to_lowercase()]);

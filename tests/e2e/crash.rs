@@ -134,7 +134,7 @@ fn a_checkpoint_killed_at_random_points_is_listed_complete_or_absent() {
             write(&sb.join(format!("d{:02}/f{i}", i % 100)), format!("trial {trial} {i}"));
         }
         let tree = snapshot(&sb);
-        let before = d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len();
+        let before = d.list(&["sb"]).len();
         let mut cli = spawn_cli(&d, &["checkpoint", "sb"]);
         std::thread::sleep(rng.below(full));
         kill9(&d);
@@ -176,7 +176,7 @@ fn restores_stopped_after_their_safety_checkpoint_are_finished_at_restart() {
     // Each kind of restore, stopped once its intent and safety checkpoint
     // are committed and nothing is touched yet: the restart makes its plan
     // again from the catalogue and applies all of it.
-    let mut d = TestDaemon::start_with_env(&[("SNAPBACK_TEST_HOOKS", "1")]);
+    let mut d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
     let sb = d.path("sb");
     write(&sb.join("a/x.txt"), "x1");
     write(&sb.join("b/y.txt"), "y1");
@@ -212,8 +212,7 @@ fn a_checkpoint_whose_pack_was_never_recorded_is_whole_after_a_kill() {
     // with the pack sealed but unrecorded records it from the pack's
     // trailer at the next start.
     let _serial = crate::watch::serial();
-    let hold = [("SNAPBACK_TEST_HOOKS", "1"), ("SNAPBACK_TEST_HOLD_PACKS", "1")];
-    let mut d = TestDaemon::start_with_env(&hold);
+    let mut d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").env("SNAPBACK_TEST_HOLD_PACKS", "1").start();
     let sb = d.path("sb");
     let file = |i: usize| sb.join(format!("d{}/f{i}", i % 10));
     for i in 0..200 {

@@ -26,37 +26,53 @@ pub struct TestDaemon {
     child: Option<Child>,
 }
 
-impl TestDaemon {
-    /// Starts a daemon with its state in a new temporary directory.
-    pub fn start() -> TestDaemon {
-        Self::start_with_config(None)
+/// How a [`TestDaemon`] starts: `TestDaemon::builder().config(..).env(..).start()`.
+#[derive(Default)]
+pub struct Builder {
+    config: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Builder {
+    /// The daemon's configuration file.
+    pub fn config(mut self, text: &str) -> Builder {
+        self.config = Some(text.to_owned());
+        self
     }
 
-    /// Starts a daemon with these extra environment variables.
-    pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
-        Self::start_full(None, env)
+    /// One more environment variable of the daemon's.
+    pub fn env(mut self, key: &str, value: &str) -> Builder {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
-    /// Starts a daemon with this configuration file content, if any.
-    pub fn start_with_config(config: Option<&str>) -> TestDaemon {
-        Self::start_full(config, &[])
-    }
-
-    /// Starts a daemon with this configuration file content, if any, and
-    /// these extra environment variables.
-    pub fn start_full(config: Option<&str>, env: &[(&str, &str)]) -> TestDaemon {
+    /// Starts the daemon with its state in a new temporary directory, and
+    /// waits until it answers.
+    pub fn start(self) -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("snapback-e2e-").tempdir().expect("tempdir");
         let socket = dir.path().join("run/snapbackd.sock");
         let state_dir = dir.path().join("state");
-        let config = config.map(|text| {
+        let config = self.config.map(|text| {
             let path = dir.path().join("snapbackd.toml");
             std::fs::write(&path, text).expect("write config");
             path
         });
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d = TestDaemon { dir, socket, state_dir, config, env, child: None };
+        let mut d = TestDaemon { dir, socket, state_dir, config, env: self.env, child: None };
         d.restart();
         d
+    }
+}
+
+impl TestDaemon {
+    /// Starts a daemon with its state in a new temporary directory.
+    pub fn start() -> TestDaemon {
+        Self::builder().start()
+    }
+
+    /// A daemon to start with a configuration file or an environment of
+    /// its own.
+    pub fn builder() -> Builder {
+        Builder::default()
     }
 
     /// A directory for sandboxes, outside the state directory.
@@ -177,9 +193,26 @@ impl TestDaemon {
     }
 
     /// Takes a checkpoint and returns its id.
+    /// Runs the CLI with `--json` and reads its answer as the protocol's
+    /// type `T`.
+    pub fn answer<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let value = self.json(args);
+        serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("snapback {args:?}: {e}: {value}"))
+    }
+
     pub fn checkpoint(&self, sandbox: &str) -> String {
-        let v = self.json(&["checkpoint", sandbox]);
-        v["id"].as_str().expect("id").to_owned()
+        self.answer::<snapback::proto::CheckpointInfo>(&["checkpoint", sandbox]).id
+    }
+
+    /// `snapback list ARGS`.
+    pub fn list(&self, args: &[&str]) -> Vec<snapback::proto::CheckpointInfo> {
+        let all: Vec<&str> = std::iter::once("list").chain(args.iter().copied()).collect();
+        self.answer::<snapback::proto::Checkpoints>(&all).checkpoints
+    }
+
+    /// `snapback status`.
+    pub fn status(&self) -> snapback::proto::StatusReport {
+        self.answer(&["status"])
     }
 
     pub fn rollback(&self, id: &str) -> serde_json::Value {
@@ -189,13 +222,10 @@ impl TestDaemon {
     /// Asserts that `snapback verify` finds the store and catalogue in
     /// agreement, and no path with two current versions.
     pub fn assert_verified(&self) {
-        let v = self.json(&["verify"]);
+        let v: snapback::proto::VerifyReport = self.answer(&["verify"]);
         assert!(
-            v["missing"].as_array().unwrap().is_empty()
-                && v["corrupt"].as_array().unwrap().is_empty()
-                && v["unreferenced"].as_array().unwrap().is_empty()
-                && v["current_twice"].as_array().unwrap().is_empty(),
-            "verify: {v}"
+            v.missing.is_empty() && v.corrupt.is_empty() && v.unreferenced.is_empty() && v.current_twice.is_empty(),
+            "verify found problems: {v:?}"
         );
     }
 
@@ -290,6 +320,21 @@ pub fn corrupt_in_store(store: &Path, needle: &[u8], garbage: &[u8]) -> usize {
         }
     }
     hits
+}
+
+/// A daemon a second uid (`nobody`, through `setpriv`) can reach, for a
+/// test that needs root: its socket's group is `nogroup`, and its
+/// directory searchable. Returns `setpriv` with it, or `None` (the test
+/// skips, or fails under CI: see [`root_or_skip`]).
+pub fn daemon_for_nobody(test: &str) -> Option<(PathBuf, TestDaemon)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let setpriv = tool_or_skip("setpriv", test)?;
+    let d = TestDaemon::builder().config("socket_group = \"nogroup\"\n").start();
+    let searchable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(d.dir.path(), searchable).unwrap();
+    Some((setpriv, d))
 }
 
 /// Whether this process runs as root. When not, a test that needs root

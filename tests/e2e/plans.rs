@@ -212,7 +212,7 @@ fn the_default_policy_prunes_without_being_asked_and_keeps_what_it_must() {
 fn a_rollback_to_the_oldest_kept_checkpoint_is_not_pruned_under_it() {
     // The rollback's safety checkpoint is one more checkpoint: with the
     // newest three kept, it would push its own target out of the policy.
-    let d = TestDaemon::start_with_config(Some("[retention]\nkeep_last = 3\nkeep_hourly = 0\nkeep_daily = 0\n"));
+    let d = TestDaemon::builder().config("[retention]\nkeep_last = 3\nkeep_hourly = 0\nkeep_daily = 0\n").start();
     let root = d.path("sb");
     write(&root.join("x.txt"), "a");
     write(&root.join("only-in-a.txt"), "gone after A");
@@ -238,7 +238,7 @@ fn a_rollback_to_the_oldest_kept_checkpoint_is_not_pruned_under_it() {
 
 #[test]
 fn retention_follows_a_checkpoint_without_waiting_for_another_request() {
-    let d = TestDaemon::start_with_config(Some("[retention]\nkeep_last = 1\nkeep_hourly = 0\nkeep_daily = 0\n"));
+    let d = TestDaemon::builder().config("[retention]\nkeep_last = 1\nkeep_hourly = 0\nkeep_daily = 0\n").start();
     let root = d.path("sb");
     d.add_sandbox("sb", &root, &[]);
     for v in ["a", "b", "c"] {
@@ -264,10 +264,11 @@ fn pruned_to_one(d: &TestDaemon, what: &str) {
 
 #[test]
 fn a_pruning_that_failed_is_tried_again_and_frees_what_it_left() {
-    let d = TestDaemon::start_full(
-        Some("[retention]\nkeep_last = 1\nkeep_hourly = 0\nkeep_daily = 0\n"),
-        &[("SNAPBACK_TEST_HOOKS", "1"), ("SNAPBACK_TEST_PRUNE_RETRY_MS", "50")],
-    );
+    let d = TestDaemon::builder()
+        .config("[retention]\nkeep_last = 1\nkeep_hourly = 0\nkeep_daily = 0\n")
+        .env("SNAPBACK_TEST_HOOKS", "1")
+        .env("SNAPBACK_TEST_PRUNE_RETRY_MS", "50")
+        .start();
     let root = d.path("sb");
     // Too large for a pack: an object file of its own.
     let first = vec![b'a'; 100_000];
@@ -335,7 +336,7 @@ fn pruning_frees_at_least_the_exclusive_bytes_it_reported() {
 #[test]
 fn a_storage_budget_keeps_the_store_under_it() {
     let budget = 64 * 1024;
-    let d = TestDaemon::start_with_config(Some(&format!("[sandbox.sb.retention]\nbudget_bytes = {budget}\n")));
+    let d = TestDaemon::builder().config(&format!("[sandbox.sb.retention]\nbudget_bytes = {budget}\n")).start();
     let root = d.path("sb");
     d.add_sandbox("sb", &root, &[]);
     for i in 0..40u32 {
@@ -459,7 +460,7 @@ fn verify_marks_a_checkpoint_with_a_corrupt_object_broken_and_it_is_never_restor
 
 #[test]
 fn with_sync_durability_checkpoints_and_rollbacks_work_the_same() {
-    let d = TestDaemon::start_with_config(Some("durability = \"sync\"\n"));
+    let d = TestDaemon::builder().config("durability = \"sync\"\n").start();
     let sb = d.path("sb");
     write(&sb.join("f"), "one");
     d.add_sandbox("sb", &sb, &[]);

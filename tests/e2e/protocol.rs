@@ -147,7 +147,7 @@ fn a_thousand_idle_connections_neither_starve_clients_nor_grow_memory() {
 
 #[test]
 fn idle_and_silent_connections_are_closed_with_a_reason() {
-    let d = TestDaemon::start_with_config(Some("idle_timeout_ms = 300\n"));
+    let d = TestDaemon::builder().config("idle_timeout_ms = 300\n").start();
     let mut greeted = UnixStream::connect(&d.socket).unwrap();
     hello(&mut greeted);
     let silent = UnixStream::connect(&d.socket).unwrap();

@@ -5,9 +5,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt, chown, symlink};
 use std::path::{Path, PathBuf};
 
-use crate::fixture::{
-    TestDaemon, as_nobody, raw_as_nobody, root_or_skip, sh_as_nobody, store_holds, tool_or_skip, write,
-};
+use crate::fixture::{TestDaemon, as_nobody, daemon_for_nobody, raw_as_nobody, sh_as_nobody, store_holds, write};
 use crate::tree::snapshot;
 
 const NOBODY: u32 = 65534;
@@ -15,12 +13,6 @@ const SECRET: &str = "root-only secret 7f3a9c";
 
 /// A daemon whose socket `nobody` may use, with its temporary directory
 /// searchable by everyone (the sandboxes live in it).
-fn shared_daemon() -> TestDaemon {
-    let d = TestDaemon::start_with_config(Some("socket_group = \"nogroup\"\n"));
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
-
 fn mode(p: &Path, m: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
 }
@@ -64,11 +56,7 @@ fn refused(out: &std::process::Output, needle: &str, what: &str) {
 #[test]
 fn a_swapped_parent_a_replaced_root_or_a_swapped_store_parent_reach_nothing_outside() {
     let test = "a_swapped_parent_a_replaced_root_or_a_swapped_store_parent_reach_nothing_outside";
-    if !root_or_skip(test) {
-        return;
-    }
-    let Some(setpriv) = tool_or_skip("setpriv", test) else { return };
-    let mut d = shared_daemon();
+    let Some((setpriv, mut d)) = daemon_for_nobody(test) else { return };
     let victim = victim(&d);
     let before = snapshot(&victim);
     let h = d.path("h");
@@ -161,11 +149,7 @@ fn a_swapped_parent_a_replaced_root_or_a_swapped_store_parent_reach_nothing_outs
 #[test]
 fn root_only_files_are_withheld_from_a_users_export_and_exported_for_root() {
     let test = "root_only_files_are_withheld_from_a_users_export_and_exported_for_root";
-    if !root_or_skip(test) {
-        return;
-    }
-    let Some(setpriv) = tool_or_skip("setpriv", test) else { return };
-    let d = shared_daemon();
+    let Some((setpriv, d)) = daemon_for_nobody(test) else { return };
     let sb = d.path("theirs");
     nobody_dir(&sb);
     nobody_file(&sb.join("own.sh"), "#!/bin/sh\necho mine\n");
@@ -245,11 +229,7 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn a_user_cannot_export_where_it_could_not_write_nor_through_a_symlinked_parent() {
     let test = "a_user_cannot_export_where_it_could_not_write_nor_through_a_symlinked_parent";
-    if !root_or_skip(test) {
-        return;
-    }
-    let Some(setpriv) = tool_or_skip("setpriv", test) else { return };
-    let d = shared_daemon();
+    let Some((setpriv, d)) = daemon_for_nobody(test) else { return };
     let sb = d.path("theirs");
     nobody_dir(&sb);
     nobody_file(&sb.join("f"), "nobody's");
@@ -294,11 +274,7 @@ fn a_user_cannot_export_where_it_could_not_write_nor_through_a_symlinked_parent(
 #[test]
 fn registration_refuses_the_root_ancestors_of_the_state_and_foreign_or_full_stores() {
     let test = "registration_refuses_the_root_ancestors_of_the_state_and_foreign_or_full_stores";
-    if !root_or_skip(test) {
-        return;
-    }
-    let Some(setpriv) = tool_or_skip("setpriv", test) else { return };
-    let d = shared_daemon();
+    let Some((setpriv, d)) = daemon_for_nobody(test) else { return };
     let sb = d.path("sb");
     std::fs::create_dir(&sb).unwrap();
     let at_root = ["/objects", "/packs", "/packs.db", "/snapback-store"];
@@ -362,11 +338,7 @@ fn raw_as_root(socket: &Path, line: &str) -> serde_json::Value {
 #[test]
 fn every_path_field_with_a_nul_or_a_relative_path_is_an_invalid_request() {
     let test = "every_path_field_with_a_nul_or_a_relative_path_is_an_invalid_request";
-    if !root_or_skip(test) {
-        return;
-    }
-    let Some(setpriv) = tool_or_skip("setpriv", test) else { return };
-    let d = shared_daemon();
+    let Some((setpriv, d)) = daemon_for_nobody(test) else { return };
     let nul = "/tmp/a\u{0}b";
     let lines = [
         serde_json::json!({"type": "sandbox_add", "path": {"text": "relative/dir"}}),

@@ -37,6 +37,15 @@ fn seeded(root: &std::path::Path, i: usize) -> std::path::PathBuf {
     root.join(format!("d{}/f{i}", i % 10))
 }
 
+/// One test's daemon, run alone (see [`serial`]), with a watched sandbox
+/// `sb` of `files` files: the lock, the daemon and the sandbox's root.
+fn watched_alone(files: usize) -> (std::sync::MutexGuard<'static, ()>, TestDaemon, std::path::PathBuf) {
+    let serial = serial();
+    let d = TestDaemon::start();
+    let root = watched(&d, "sb", files);
+    (serial, d, root)
+}
+
 /// A sandbox with a watch in place and its first (full) checkpoint taken.
 fn watched(d: &TestDaemon, name: &str, files: usize) -> std::path::PathBuf {
     let root = d.path(name);
@@ -61,9 +70,7 @@ fn watched(d: &TestDaemon, name: &str, files: usize) -> std::path::PathBuf {
 
 #[test]
 fn reading_every_file_leaves_nothing_to_compare() {
-    let _serial = serial();
-    let d = TestDaemon::start();
-    let root = watched(&d, "sb", 200);
+    let (_serial, d, root) = watched_alone(200);
     // Agents read far more than they write: opening and reading a file
     // changes nothing, so the next checkpoint compares nothing.
     for i in 0..200 {
@@ -75,9 +82,7 @@ fn reading_every_file_leaves_nothing_to_compare() {
 
 #[test]
 fn a_thousand_write_then_checkpoint_rounds_capture_every_write() {
-    let _serial = serial();
-    let d = TestDaemon::start();
-    let root = watched(&d, "sb", 200);
+    let (_serial, d, root) = watched_alone(200);
     let mut client = d.client();
     let mut taken = Vec::new();
     for i in 0..1000u32 {
@@ -100,9 +105,7 @@ fn a_thousand_write_then_checkpoint_rounds_capture_every_write() {
 
 #[test]
 fn files_created_with_mkdir_p_in_one_burst_are_captured() {
-    let _serial = serial();
-    let d = TestDaemon::start();
-    let root = watched(&d, "sb", 20);
+    let (_serial, d, root) = watched_alone(20);
     let before = checkpoint(&mut d.client(), "sb");
     std::fs::create_dir_all(root.join("a/b/c")).unwrap();
     for i in 0..50 {
@@ -122,9 +125,7 @@ fn more_dirty_files_than_the_read_queue_holds_are_captured() {
     // Each dirty file is its own root of the scan: 6,000 of them overflow
     // the bounded queue of files to read, which must drain while they are
     // still being queued.
-    let _serial = serial();
-    let d = TestDaemon::start();
-    let root = watched(&d, "sb", 20);
+    let (_serial, d, root) = watched_alone(20);
     for i in 0..6000 {
         std::fs::write(root.join(format!("d{}/new-{i}", i % 10)), format!("{i}")).unwrap();
     }
@@ -135,9 +136,7 @@ fn more_dirty_files_than_the_read_queue_holds_are_captured() {
 
 #[test]
 fn a_directory_moved_into_and_out_of_the_sandbox_is_captured() {
-    let _serial = serial();
-    let d = TestDaemon::start();
-    let root = watched(&d, "sb", 20);
+    let (_serial, d, root) = watched_alone(20);
     let outside = d.path("outside/tree");
     for i in 0..30 {
         write(&outside.join(format!("sub/f{i}")), "moved in");
@@ -158,7 +157,7 @@ fn a_directory_moved_into_and_out_of_the_sandbox_is_captured() {
 #[test]
 fn an_injected_rescan_leads_to_a_full_comparison() {
     let _serial = serial();
-    let d = TestDaemon::start_with_env(&[("SNAPBACK_TEST_HOOKS", "1")]);
+    let d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
     let root = watched(&d, "sb", 100);
     let quiet = checkpoint(&mut d.client(), "sb");
     assert_eq!(quiet.full_scan, Some(false));
@@ -242,9 +241,7 @@ fn a_real_kernel_queue_overflow_leads_to_a_full_comparison() {
 
 #[test]
 fn status_shows_the_watch() {
-    let _serial = serial();
-    let d = TestDaemon::start();
-    let root = watched(&d, "sb", 30);
+    let (_serial, d, root) = watched_alone(30);
     write(&root.join("d1/pending.txt"), "not yet checkpointed");
     // Dirty paths appear once their events are read: poll for them.
     let sb = eventually(Duration::from_secs(10), Duration::from_millis(10), || {
@@ -265,9 +262,7 @@ fn status_shows_the_watch() {
 
 #[test]
 fn changes_while_stopped_are_found_by_a_full_scan_after_restart() {
-    let _serial = serial();
-    let mut d = TestDaemon::start();
-    let root = watched(&d, "sb", 20);
+    let (_serial, mut d, root) = watched_alone(20);
     d.stop();
     write(&root.join("d0/f0"), "changed while stopped");
     d.restart();
@@ -283,7 +278,7 @@ fn changes_while_stopped_are_found_by_a_full_scan_after_restart() {
 #[test]
 fn auto_checkpoints_follow_a_quiet_period() {
     let _serial = serial();
-    let d = TestDaemon::start_with_config(Some("[sandbox.sb]\nauto_checkpoint_ms = 200\n"));
+    let d = TestDaemon::builder().config("[sandbox.sb]\nauto_checkpoint_ms = 200\n").start();
     let root = watched(&d, "sb", 5);
     write(&root.join("edited.txt"), "by an agent");
     let auto = eventually(Duration::from_secs(20), Duration::from_millis(50), || {
@@ -293,14 +288,14 @@ fn auto_checkpoints_follow_a_quiet_period() {
     });
     assert_eq!(auto["changed"], 1, "{auto}");
     // Without changes, no more come.
-    let count = d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len();
+    let count = d.list(&["sb"]).len();
     std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len(), count);
+    assert_eq!(d.list(&["sb"]).len(), count);
 }
 
 #[test]
 fn without_the_watcher_every_checkpoint_compares_everything() {
-    let d = TestDaemon::start_with_config(Some("watch = false\n"));
+    let d = TestDaemon::builder().config("watch = false\n").start();
     let root = d.path("sb");
     write(&root.join("a/f"), "1");
     d.add_sandbox("sb", &root, &[]);
@@ -308,14 +303,12 @@ fn without_the_watcher_every_checkpoint_compares_everything() {
     write(&root.join("a/f"), "2");
     let c = checkpoint(&mut d.client(), "sb");
     assert_eq!((c.full_scan, c.scanned, c.changed), (Some(true), Some(2), 1));
-    assert_eq!(d.json(&["status"])["sandboxes"][0]["watch"], "not watching");
+    assert_eq!(d.status().sandboxes[0].watch, "not watching");
 }
 
 #[test]
 fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
-    let _serial = serial();
-    let d = TestDaemon::start();
-    let root = watched(&d, "sb", 20);
+    let (_serial, d, root) = watched_alone(20);
     let store = d.state_dir.join("store");
     let packs = || std::fs::read_dir(store.join("packs")).unwrap().count();
     let f = |i: usize| seeded(&root, i);
@@ -371,45 +364,60 @@ fn a_never_checkpointed_sandbox_says_its_first_checkpoint_compares_everything() 
     // Once the watch is in place, status says what is true of the next
     // checkpoint, not that the watch is still being set up.
     let watch = eventually(Duration::from_secs(10), Duration::from_millis(10), || {
-        let w = d.json(&["status"])["sandboxes"][0]["watch"].as_str().unwrap().to_owned();
+        let w = d.status().sandboxes[0].watch.clone();
         if w == "starting" { Err(w) } else { Ok(w) }
     });
     assert!(watch.starts_with("needs full scan: changes before the watch started are unknown"), "{watch}");
     d.checkpoint("fresh");
-    assert_eq!(d.json(&["status"])["sandboxes"][0]["watch"], "watching");
+    assert_eq!(d.status().sandboxes[0].watch, "watching");
 }
 
-#[test]
-fn checkpoints_taken_during_a_rename_storm_are_trees_that_existed() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let _serial = serial();
-    let d = TestDaemon::start();
+/// A sandbox `sb` whose directory `d` holds 51 files, checkpointed once.
+fn storm_sandbox(d: &TestDaemon, others: &[&str]) -> (std::path::PathBuf, snapback::Client) {
     let root = d.path("sb");
     for i in 0..51 {
         write(&root.join(format!("d/f{i:02}")), format!("file {i}"));
     }
-    write(&root.join("other"), "x");
+    for other in others {
+        write(&root.join(other), "x");
+    }
     d.add_sandbox("sb", &root, &[]);
     let mut client = d.client();
     checkpoint(&mut client, "sb");
-    // A directory renamed back and forth, as a build tool or a package
-    // manager swaps a directory into place.
-    let stop = Arc::new(AtomicBool::new(false));
-    let storm = {
-        let (stop, root) = (stop.clone(), root.clone());
-        std::thread::spawn(move || {
-            let mut renames = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                std::fs::rename(root.join("d"), root.join("e")).unwrap();
-                std::thread::sleep(Duration::from_millis(3));
-                std::fs::rename(root.join("e"), root.join("d")).unwrap();
-                std::thread::sleep(Duration::from_millis(3));
-                renames += 2;
-            }
-            renames
-        })
-    };
+    (root, client)
+}
+
+/// Renames `root/d` to `root/e` and back until stopped, pausing `pause`
+/// after each (as a build tool or a package manager swaps a directory
+/// into place); the thread returns how many renames it made.
+fn rename_storm(
+    root: &std::path::Path,
+    pause: Duration,
+) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<u64>) {
+    use std::sync::atomic::Ordering;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stopped, root) = (stop.clone(), root.to_owned());
+    let storm = std::thread::spawn(move || {
+        let mut renames = 0u64;
+        while !stopped.load(Ordering::Relaxed) {
+            std::fs::rename(root.join("d"), root.join("e")).unwrap();
+            std::thread::sleep(pause);
+            std::fs::rename(root.join("e"), root.join("d")).unwrap();
+            std::thread::sleep(pause);
+            renames += 2;
+        }
+        renames
+    });
+    (stop, storm)
+}
+
+#[test]
+fn checkpoints_taken_during_a_rename_storm_are_trees_that_existed() {
+    use std::sync::atomic::Ordering;
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let (root, mut client) = storm_sandbox(&d, &["other"]);
+    let (stop, storm) = rename_storm(&root, Duration::from_millis(3));
     let (mut taken, mut busy) = (Vec::new(), 0);
     for _ in 0..45 {
         std::thread::sleep(Duration::from_millis(20));
@@ -436,30 +444,14 @@ fn checkpoints_taken_during_a_rename_storm_are_trees_that_existed() {
 
 #[test]
 fn a_tree_that_never_settles_gets_busy_and_nothing_is_recorded() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     let _serial = serial();
     let d = TestDaemon::start();
-    let root = d.path("sb");
-    for i in 0..51 {
-        write(&root.join(format!("d/f{i:02}")), format!("file {i}"));
-    }
-    d.add_sandbox("sb", &root, &[]);
-    let mut client = d.client();
-    checkpoint(&mut client, "sb");
-    let count = || d.json(&["list", "sb"])["checkpoints"].as_array().unwrap().len();
+    let (root, mut client) = storm_sandbox(&d, &[]);
+    let count = || d.list(&["sb"]).len();
     let before = count();
-    let stop = Arc::new(AtomicBool::new(false));
-    let storm = {
-        let (stop, root) = (stop.clone(), root.clone());
-        // Renames with no pause: no round of reading ever meets a quiet tree.
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::fs::rename(root.join("d"), root.join("e")).unwrap();
-                std::fs::rename(root.join("e"), root.join("d")).unwrap();
-            }
-        })
-    };
+    // Renames with no pause: no round of reading ever meets a quiet tree.
+    let (stop, storm) = rename_storm(&root, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(50));
     let mut busy = 0;
     for _ in 0..5 {
@@ -486,14 +478,22 @@ fn a_tree_that_never_settles_gets_busy_and_nothing_is_recorded() {
     assert_eq!((c.files, c.dirs), (51, 1), "{c:?}");
 }
 
+/// A tree in `sb` where `a/x` and each of `b/NAME` for `names` are one file.
+fn linked_tree(d: &TestDaemon, names: &[&str]) -> std::path::PathBuf {
+    let root = d.path("sb");
+    write(&root.join("a/x"), "one");
+    std::fs::create_dir_all(root.join("b")).unwrap();
+    for name in names {
+        std::fs::hard_link(root.join("a/x"), root.join("b").join(name)).unwrap();
+    }
+    root
+}
+
 #[test]
 fn a_file_with_several_names_is_never_kept_stale() {
     let _serial = serial();
     let d = TestDaemon::start();
-    let root = d.path("sb");
-    write(&root.join("a/x"), "one");
-    std::fs::create_dir_all(root.join("b")).unwrap();
-    std::fs::hard_link(root.join("a/x"), root.join("b/y")).unwrap();
+    let root = linked_tree(&d, &["y"]);
     // A name whose other link is outside the sandbox (a package store).
     write(&d.path("store-outside/z"), "outside one");
     std::fs::hard_link(d.path("store-outside/z"), root.join("z")).unwrap();
@@ -533,11 +533,7 @@ fn names_of_one_file_come_back_as_one_file() {
     use std::os::unix::fs::MetadataExt;
     let _serial = serial();
     let d = TestDaemon::start();
-    let root = d.path("sb");
-    write(&root.join("a/x"), "one");
-    std::fs::create_dir_all(root.join("b")).unwrap();
-    std::fs::hard_link(root.join("a/x"), root.join("b/y")).unwrap();
-    std::fs::hard_link(root.join("a/x"), root.join("b/z")).unwrap();
+    let root = linked_tree(&d, &["y", "z"]);
     write(&root.join("p"), "apart");
     write(&root.join("q"), "apart");
     d.add_sandbox("sb", &root, &[]);
