@@ -34,7 +34,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
 use crate::retention::{Policy, Settings};
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -125,12 +124,21 @@ impl Retention {
     }
 }
 
+/// Why a configuration file could not be used, and which.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the configuration {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the configuration {}: {source}", path.display())]
+    Parse { path: PathBuf, source: toml::de::Error },
+}
+
 impl FileConfig {
     /// Reads and checks a configuration file; an unknown key is an error.
-    pub fn load(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Io { context: format!("reading the configuration {}", path.display()), source: e })?;
-        toml::from_str(&text).map_err(|e| Error::InvalidRequest(format!("configuration {}: {e}", path.display())))
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
     }
 
     /// Returns the quiet period of each sandbox with auto checkpoints.

@@ -79,22 +79,29 @@ impl Linked for InMemory {
     }
 }
 
+/// Which paths a restore may write again for their links alone.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reach {
+    /// Any name of a group: a path outside the difference has one version
+    /// in both states (a rollback or an undo).
+    Groups,
+    /// Only the paths of the difference, and a group comes back as far as
+    /// they go (a revert, which leaves alone what its step did not change).
+    Difference,
+}
+
 /// Widens the two sides of a restore's difference (`target`: the target's
 /// versions of the paths that differ, `live`: their live versions) with the
 /// paths whose link groups differ between the two states, and returns
 /// those paths: a restore writes them again even where their own version
 /// holds, so that names of one target file end as one file, and names of
-/// one live file that the target holds apart end apart.
-///
-/// `others`: a path outside the difference has one version in both states,
-/// and may be written again (a rollback). Else (a revert, which leaves
-/// alone what its step did not change) only paths of the difference are,
-/// and a group comes back as far as they go.
+/// one live file that the target holds apart end apart. `reach` says
+/// which paths may be written again so (see [`Reach`]).
 pub fn relink(
     linked: &impl Linked,
     target: &mut Manifest,
     live: &mut Manifest,
-    others: bool,
+    reach: Reach,
 ) -> Result<BTreeSet<Vec<u8>>> {
     let differing: HashSet<Vec<u8>> = target.keys().chain(live.keys()).cloned().collect();
     let inos = |m: &Manifest| -> BTreeSet<u64> {
@@ -122,7 +129,7 @@ pub fn relink(
                 }
                 for (path, here, there) in pairs {
                     let same = there.as_ref().is_some_and(|t| t.meta == here.meta);
-                    if !(differing.contains(&path) || (others && same)) {
+                    if !(differing.contains(&path) || (reach == Reach::Groups && same)) {
                         continue;
                     }
                     let (t, l) = if from_live { (there, Some(here)) } else { (Some(here), there) };
@@ -195,7 +202,7 @@ mod tests {
                 .collect()
         };
         let (mut t, mut l) = (differ(target, live), differ(live, target));
-        let forced = relink(&InMemory::new(target, live), &mut t, &mut l, true).unwrap();
+        let forced = relink(&InMemory::new(target, live), &mut t, &mut l, Reach::Groups).unwrap();
         (paths(&forced).into_iter().map(String::from).collect(), t, l)
     }
 
@@ -245,7 +252,7 @@ mod tests {
         let live = state(&[("a", file(8, 1, 2)), ("b", file(9, 1, 2)), ("c", file(5, 1, 1))]);
         let mut t = state(&[("a", file(5, 3, 1)), ("b", file(5, 3, 1))]);
         let mut l = state(&[("a", file(8, 1, 2)), ("b", file(9, 1, 2))]);
-        let forced = relink(&InMemory::new(&target, &live), &mut t, &mut l, false).unwrap();
+        let forced = relink(&InMemory::new(&target, &live), &mut t, &mut l, Reach::Difference).unwrap();
         assert_eq!(paths(&forced), ["a", "b"]);
         assert_eq!(t.keys().collect::<Vec<_>>(), [b"a", b"b"]);
     }

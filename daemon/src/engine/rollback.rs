@@ -64,8 +64,12 @@ impl Engine {
         let live = self.live_state(conn, &sb)?;
         let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
         let (mut t_side, mut l_side) = differences(&then, &live);
-        let relinked =
-            crate::links::relink(&crate::links::InMemory::new(&then, &live), &mut t_side, &mut l_side, true)?;
+        let relinked = crate::links::relink(
+            &crate::links::InMemory::new(&then, &live),
+            &mut t_side,
+            &mut l_side,
+            crate::links::Reach::Groups,
+        )?;
         let plan = Plan::new(&t_side, &l_side, filter, &excludes, relinked);
         let total = match filter {
             [] => then.len(),
@@ -405,7 +409,7 @@ pub(super) fn restore_plan(
 ) -> Result<(Plan, Manifest, Manifest)> {
     let (mut t_side, mut l_side) = catalogue::rows_between(conn, sandbox_id, target, now)?;
     let linked = catalogue::LinkedAt { conn, sandbox_id, target, live: now };
-    let relinked = crate::links::relink(&linked, &mut t_side, &mut l_side, true)?;
+    let relinked = crate::links::relink(&linked, &mut t_side, &mut l_side, crate::links::Reach::Groups)?;
     let plan = Plan::new(&t_side, &l_side, filter, excludes, relinked);
     Ok((plan, t_side, l_side))
 }
@@ -470,7 +474,7 @@ pub(super) fn revert_plan(
         }
     }
     let linked = catalogue::LinkedAt { conn, sandbox_id, target: parent, live: now_seq };
-    let relinked = crate::links::relink(&linked, &mut target, &mut live, false)?;
+    let relinked = crate::links::relink(&linked, &mut target, &mut live, crate::links::Reach::Difference)?;
     let plan = Plan::new(&target, &live, &[], excludes, relinked);
     Ok(Ok(Reverting { plan, conflicts, step_paths: step_paths.len() }))
 }
