@@ -22,7 +22,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
     let seq = w.info.seq as i64;
     let head: i64 = tx.query_row("SELECT head_seq FROM sandboxes WHERE id = ?1", [w.sandbox_id], |r| r.get(0))?;
     if head + 1 != seq {
-        return Err(Error::Internal(format!("checkpoint seq {seq} does not follow head {head}")));
+        return Err(CatalogueError::Damaged(format!("checkpoint seq {seq} does not follow head {head}")));
     }
     let i = w.info;
     tx.execute(
@@ -38,7 +38,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             i.reason,
             i.tool,
             i.phase,
-            serde_json::to_string(&i.labels).map_err(|e| Error::Internal(e.to_string()))?,
+            serde_json::to_string(&i.labels).map_err(|e| CatalogueError::Damaged(e.to_string()))?,
             i.kind.as_str(),
             i.pinned,
             i.created_unix_ms,
@@ -57,7 +57,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             // The guard of one current version per path: a version this
             // checkpoint replaces must still be current.
             if end.execute(params![id, seq])? != 1 {
-                return Err(Error::Stale(format!(
+                return Err(CatalogueError::Stale(format!(
                     "path version {id} is not current: the checkpoint is not written (the next one compares the whole tree with the catalogue)"
                 )));
             }
@@ -152,7 +152,7 @@ pub fn checkpoint_by_ref(conn: &Connection, reference: &str) -> Result<Checkpoin
     let prefix = reference.to_ascii_uppercase();
     let crockford = |c: char| c.is_ascii_digit() || (c.is_ascii_uppercase() && !"ILOU".contains(c));
     if prefix.is_empty() || prefix.len() > 26 || !prefix.chars().all(crockford) {
-        return Err(Error::InvalidRequest(format!("{reference:?} is not a checkpoint id or id prefix")));
+        return Err(CatalogueError::NotAnId(format!("{reference:?} is not a checkpoint id or id prefix")));
     }
     let sql = format!(
         "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN sandboxes s ON s.id = c.sandbox_id
@@ -162,9 +162,11 @@ pub fn checkpoint_by_ref(conn: &Connection, reference: &str) -> Result<Checkpoin
     let found: Vec<Checkpoint> =
         stmt.query_map([format!("{prefix}*")], checkpoint_from_row)?.collect::<rusqlite::Result<_>>()?;
     match found.len() {
-        0 => Err(Error::NotFound(format!("no checkpoint {reference}"))),
+        0 => Err(CatalogueError::NotFound(format!("no checkpoint {reference}"))),
         1 => Ok(found.into_iter().next().unwrap_or_else(|| unreachable!())),
-        _ => Err(Error::Ambiguous(format!("{reference} matches more than one checkpoint; give more of the id"))),
+        _ => {
+            Err(CatalogueError::Ambiguous(format!("{reference} matches more than one checkpoint; give more of the id")))
+        }
     }
 }
 

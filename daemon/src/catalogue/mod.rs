@@ -11,12 +11,16 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use snapback::proto::{CheckpointInfo, CheckpointKind, CloneMethod, PlanState};
 
-use crate::error::{Error, Result};
+use crate::error::Error;
+
+/// What the catalogue's functions return.
+pub type Result<T, E = CatalogueError> = std::result::Result<T, E>;
 use crate::manifest::{Kind, Manifest, Meta, ObjectId, Row, StatKey};
 use crate::retention::Candidate;
 use crate::sys::Identity;
 
 mod checkpoints;
+mod error;
 mod intents;
 mod plans;
 mod sandboxes;
@@ -25,6 +29,7 @@ mod states;
 mod versions;
 
 pub use checkpoints::*;
+pub use error::CatalogueError;
 pub use intents::*;
 pub use plans::*;
 pub use sandboxes::*;
@@ -69,7 +74,7 @@ pub fn open(path: &Path) -> Result<Connection> {
 pub fn is_new(path: &Path) -> Result<bool> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
-        Err(e) => return Err(Error::Internal(format!("reading the catalogue: {e}"))),
+        Err(e) => return Err(CatalogueError::Damaged(format!("reading the catalogue: {e}"))),
         Ok(m) if m.len() == 0 => return Ok(true),
         Ok(_) => {}
     }
@@ -112,14 +117,14 @@ fn configure(conn: &Connection) -> Result<()> {
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if current > SCHEMA_VERSION {
-        return Err(Error::Internal(format!(
+        return Err(CatalogueError::Damaged(format!(
             "the catalogue has schema version {current}, newer than this snapbackd understands \
              ({SCHEMA_VERSION}); run a newer snapbackd or restore an older state directory"
         )));
     }
     for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql).map_err(|e| Error::Internal(format!("applying migration {name}: {e}")))?;
+        tx.execute_batch(sql).map_err(|e| CatalogueError::Damaged(format!("applying migration {name}: {e}")))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }

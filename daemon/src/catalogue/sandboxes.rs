@@ -64,14 +64,14 @@ pub fn sandbox_by_ref(conn: &Connection, reference: &str) -> Result<Sandbox> {
     let sql = format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE name = ?1 OR root = ?2");
     conn.query_row(&sql, params![reference, reference.as_bytes()], sandbox_from_row)
         .optional()?
-        .ok_or_else(|| Error::NotFound(format!("no sandbox named or rooted at {reference:?}")))
+        .ok_or_else(|| CatalogueError::NotFound(format!("no sandbox named or rooted at {reference:?}")))
 }
 
 pub fn sandbox_by_id(conn: &Connection, id: i64) -> Result<Sandbox> {
     let sql = format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = ?1");
     conn.query_row(&sql, [id], sandbox_from_row)
         .optional()?
-        .ok_or_else(|| Error::NotFound(format!("no sandbox with id {id}")))
+        .ok_or_else(|| CatalogueError::NotFound(format!("no sandbox with id {id}")))
 }
 
 /// Inserts a sandbox and returns its id.
@@ -86,7 +86,7 @@ pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
             s.store,
             s.clone_method.as_str(),
             s.clone_note,
-            serde_json::to_string(&s.excludes).map_err(|e| Error::Internal(e.to_string()))?,
+            serde_json::to_string(&s.excludes).map_err(|e| CatalogueError::Damaged(e.to_string()))?,
             s.owner_uid,
             s.created_ms,
             s.identity.map(|i| i.dev as i64),

@@ -28,7 +28,8 @@ pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<HashMap<Obj
     let mut out = HashMap::new();
     for r in stmt.query_map([store], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))? {
         let (b, size) = r?;
-        let id = ObjectId::from_slice(&b).ok_or_else(|| Error::Internal("an object id is not 32 bytes".into()))?;
+        let id =
+            ObjectId::from_slice(&b).ok_or_else(|| CatalogueError::Damaged("an object id is not 32 bytes".into()))?;
         out.insert(id, size as u64);
     }
     Ok(out)

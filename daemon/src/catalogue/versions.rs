@@ -95,8 +95,8 @@ pub struct LinkedAt<'a> {
 }
 
 impl crate::links::Linked for LinkedAt<'_> {
-    fn linked(&self, live: bool, ino: u64) -> Result<Manifest> {
-        linked_at(self.conn, self.sandbox_id, if live { self.live } else { self.target }, ino)
+    fn linked(&self, live: bool, ino: u64) -> crate::error::Result<Manifest> {
+        Ok(linked_at(self.conn, self.sandbox_id, if live { self.live } else { self.target }, ino)?)
     }
 }
 

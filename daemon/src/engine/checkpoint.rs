@@ -63,7 +63,7 @@ impl Engine {
     pub(super) fn take_manifest(&self, conn: &Connection, sandbox: &Sandbox) -> Result<Manifest> {
         match lock(&self.cache.manifests).remove(&sandbox.id) {
             Some((seq, m)) if seq == sandbox.head_seq => Ok(m),
-            _ => catalogue::current_rows(conn, sandbox.id),
+            _ => Ok(catalogue::current_rows(conn, sandbox.id)?),
         }
     }
 
@@ -78,7 +78,7 @@ impl Engine {
         {
             return Ok(m.clone());
         }
-        catalogue::current_rows(conn, sandbox.id)
+        Ok(catalogue::current_rows(conn, sandbox.id)?)
     }
 
     /// Compares the live tree in `scope` with `current`, its current
@@ -397,7 +397,7 @@ impl Engine {
     /// another version holds them.
     fn free_replaced(&self, conn: &Connection, sb: &Sandbox, store: &Store, dropped: &[crate::manifest::ObjectId]) {
         let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
-        let freed = catalogue::unreferenced(conn, &sb.store, dropped).and_then(|dead| {
+        let freed = catalogue::unreferenced(conn, &sb.store, dropped).map_err(Error::from).and_then(|dead| {
             store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
         });
         if let Err(e) = freed {

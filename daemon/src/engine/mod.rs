@@ -450,8 +450,8 @@ impl Engine {
 
     fn checkpoint_ref(&self, peer: &Peer, reference: &str) -> Result<catalogue::Checkpoint> {
         let conn = self.db()?;
-        let c =
-            catalogue::checkpoint_by_ref(&conn, reference).map_err(|e| self.pruned_or(&conn, peer, reference, e))?;
+        let c = catalogue::checkpoint_by_ref(&conn, reference)
+            .map_err(|e| self.pruned_or(&conn, peer, reference, e.into()))?;
         let sandbox = catalogue::sandbox_by_id(&conn, c.sandbox_id)?;
         if !may_use(peer, &sandbox) {
             return Err(Error::NotFound(format!("no checkpoint {reference}")));

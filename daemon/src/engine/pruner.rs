@@ -104,8 +104,8 @@ impl Engine {
         let sb = match catalogue::sandbox_by_id(&conn, sandbox_id) {
             Ok(sb) if sb.state == SandboxState::Active => sb,
             // Removed or purged since: nothing left to prune.
-            Ok(_) | Err(Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+            Ok(_) | Err(catalogue::CatalogueError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
         self.enforce_retention(&mut conn, &sb, &self.pruner.policy.policy(&sb.name), "retention")?;
         if sweep {

@@ -653,10 +653,10 @@ pub(super) fn safety_checkpoint(reason: String) -> NewCheckpoint {
 /// retention may have pruned it since.
 pub(super) fn still_there(conn: &Connection, c: &Checkpoint) -> Result<Checkpoint> {
     catalogue::checkpoint_by_ref(conn, &c.info.id).map_err(|e| match e {
-        Error::NotFound(_) => {
+        catalogue::CatalogueError::NotFound(_) => {
             Error::NotFound(format!("checkpoint {} was pruned before it could be restored", c.info.id))
         }
-        e => e,
+        e => e.into(),
     })
 }
 
