@@ -39,7 +39,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             i.tool,
             i.phase,
             serde_json::to_string(&i.labels).map_err(|e| CatalogueError::Damaged(e.to_string()))?,
-            i.kind.as_str(),
+            Stored(i.kind),
             i.pinned,
             i.created_unix_ms,
             w.scan_start_ns,
@@ -112,13 +112,12 @@ pub(super) const CHECKPOINT_COLS: &str =
 pub(super) fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
     let id: String = r.get(0)?;
     let labels: String = r.get(9)?;
-    let kind: String = r.get(10)?;
     let bad = |column: &str, why: String| {
         let message = format!("the catalogue's checkpoint {id} has an unreadable {column}: {why}");
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, message.into())
     };
     let labels = serde_json::from_str::<BTreeMap<String, String>>(&labels).map_err(|e| bad("labels", e.to_string()))?;
-    let kind = CheckpointKind::parse(&kind).ok_or_else(|| bad("kind", format!("{kind:?} is no kind")))?;
+    let kind = column::<Stored<CheckpointKind>>(r, 10, "checkpoints", &id, "kind")?.0;
     Ok(Checkpoint {
         sandbox_id: r.get(1)?,
         info: CheckpointInfo {

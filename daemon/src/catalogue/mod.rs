@@ -35,7 +35,7 @@ pub use plans::*;
 pub use sandboxes::*;
 pub use space::*;
 pub use states::{IntentKind, IntentState, SandboxState};
-use states::{column, undecodable};
+use states::{Stored, column, undecodable};
 pub use versions::*;
 
 /// The migrations, in order. Migration `i` (from 0) takes the schema from
@@ -420,6 +420,15 @@ mod tests {
         conn.execute("UPDATE sandboxes SET clone_method = 'copy', state = 'gone' WHERE id = ?1", [sb]).unwrap();
         let e = sandbox_by_id(&conn, sb).unwrap_err().to_string();
         assert!(e.contains(&format!("sandboxes row {sb}")) && e.contains("state") && e.contains("gone"), "{e}");
+        // A wire state stored by name: a plan's.
+        let mut conn = conn;
+        let tx = conn.transaction().unwrap();
+        ensure_plan(&tx, "p1", sb, 0).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(plan(&conn, "p1").unwrap().unwrap().state, PlanState::Active);
+        conn.execute("UPDATE plans SET state = 'halfway' WHERE id = 'p1'", []).unwrap();
+        let e = plan(&conn, "p1").unwrap_err().to_string();
+        assert!(e.contains("plans row p1") && e.contains("halfway") && e.contains("plan state"), "{e}");
     }
 
     #[test]

@@ -15,12 +15,8 @@ pub struct Plan {
 pub fn plan(conn: &Connection, id: &str) -> Result<Option<Plan>> {
     Ok(conn
         .query_row("SELECT id, sandbox_id, state, created_ms, updated_ms FROM plans WHERE id = ?1", [id], |r| {
-            let state: String = r.get(2)?;
             let plan: String = r.get(0)?;
-            let state = PlanState::parse(&state).ok_or_else(|| {
-                let message = format!("the catalogue's plan {plan} has an unreadable state: {state:?}");
-                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, message.into())
-            })?;
+            let state = column::<Stored<PlanState>>(r, 2, "plans", &plan, "state")?.0;
             Ok(Plan { id: plan, sandbox_id: r.get(1)?, state, created_ms: r.get(3)?, updated_ms: r.get(4)? })
         })
         .optional()?)
@@ -41,7 +37,7 @@ pub fn ensure_plan(tx: &Transaction<'_>, id: &str, sandbox_id: i64, now_ms: i64)
 pub fn close_plan(conn: &Connection, id: &str, state: PlanState, now_ms: i64) -> Result<bool> {
     let n = conn.execute(
         "UPDATE plans SET state = ?2, updated_ms = ?3 WHERE id = ?1 AND state = 'active'",
-        params![id, state.as_str(), now_ms],
+        params![id, Stored(state), now_ms],
     )?;
     Ok(n == 1)
 }

@@ -29,15 +29,13 @@ pub(super) const SANDBOX_COLS: &str = "id, name, root, store, clone_method, clon
 
 pub(super) fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Sandbox> {
     let id: i64 = r.get(0)?;
-    let method: String = r.get(4)?;
     let excludes: String = r.get(6)?;
     Ok(Sandbox {
         id,
         name: r.get(1)?,
         root: r.get(2)?,
         store: r.get(3)?,
-        clone_method: CloneMethod::parse(&method)
-            .ok_or_else(|| undecodable("sandboxes", id, "clone_method", format!("{method:?} is no method")))?,
+        clone_method: column::<Stored<CloneMethod>>(r, 4, "sandboxes", id, "clone_method")?.0,
         clone_note: r.get(5)?,
         excludes: serde_json::from_str(&excludes).map_err(|e| undecodable("sandboxes", id, "excludes", e))?,
         owner_uid: r.get(7)?,
@@ -84,7 +82,7 @@ pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
             s.name,
             s.root,
             s.store,
-            s.clone_method.as_str(),
+            Stored(s.clone_method),
             s.clone_note,
             serde_json::to_string(&s.excludes).map_err(|e| CatalogueError::Damaged(e.to_string()))?,
             s.owner_uid,

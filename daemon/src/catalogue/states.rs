@@ -86,8 +86,65 @@ stored_names! {
     }
 }
 
+/// A state the wire defines (a checkpoint's kind, a clone method, a plan's
+/// state), which the catalogue stores by its wire name.
+pub trait WireName: Sized + Copy {
+    const WHAT: &'static str;
+    fn name(self) -> &'static str;
+    fn from_name(s: &str) -> Option<Self>;
+}
+
+impl WireName for snapback::proto::CheckpointKind {
+    const WHAT: &'static str = "checkpoint kind";
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+    fn from_name(s: &str) -> Option<Self> {
+        Self::parse(s)
+    }
+}
+
+impl WireName for snapback::proto::CloneMethod {
+    const WHAT: &'static str = "clone method";
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+    fn from_name(s: &str) -> Option<Self> {
+        Self::parse(s)
+    }
+}
+
+impl WireName for snapback::proto::PlanState {
+    const WHAT: &'static str = "plan state";
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+    fn from_name(s: &str) -> Option<Self> {
+        Self::parse(s)
+    }
+}
+
+/// A wire state as a catalogue column: written by name, read back strictly.
+#[derive(Clone, Copy, Debug)]
+pub struct Stored<T>(pub T);
+
+impl<T: WireName> ToSql for Stored<T> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.0.name()))
+    }
+}
+
+impl<T: WireName> FromSql for Stored<T> {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Stored<T>> {
+        let text = value.as_str()?;
+        T::from_name(text)
+            .map(Stored)
+            .ok_or_else(|| FromSqlError::Other(format!("{text:?} is not a {}", T::WHAT).into()))
+    }
+}
+
 /// The error for a column of row `id` of `table` that does not decode.
-pub(super) fn undecodable(table: &str, id: i64, column: &str, why: impl fmt::Display) -> rusqlite::Error {
+pub(super) fn undecodable(table: &str, id: impl fmt::Display, column: &str, why: impl fmt::Display) -> rusqlite::Error {
     let message = format!("the catalogue's {table} row {id} has an unreadable {column}: {why}");
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, message.into())
 }
@@ -98,7 +155,7 @@ pub(super) fn column<T: FromSql>(
     r: &rusqlite::Row<'_>,
     i: usize,
     table: &str,
-    id: i64,
+    id: impl fmt::Display,
     column: &str,
 ) -> rusqlite::Result<T> {
     r.get(i).map_err(|e| match e {
@@ -122,7 +179,7 @@ mod tests {
         }
         let conn = rusqlite::Connection::open_in_memory().unwrap();
         let read = |text: &str| -> rusqlite::Result<IntentState> {
-            conn.query_row("SELECT 7, ?1", [text], |r| column(r, 1, "intents", r.get(0)?, "state"))
+            conn.query_row("SELECT 7, ?1", [text], |r| column(r, 1, "intents", r.get::<_, i64>(0)?, "state"))
         };
         assert_eq!(read("applying").unwrap(), IntentState::Applying);
         let e = read("applyin").unwrap_err().to_string();
