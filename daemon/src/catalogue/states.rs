@@ -94,35 +94,21 @@ pub trait WireName: Sized + Copy {
     fn from_name(s: &str) -> Option<Self>;
 }
 
-impl WireName for snapback::proto::CheckpointKind {
-    const WHAT: &'static str = "checkpoint kind";
-    fn name(self) -> &'static str {
-        self.as_str()
-    }
-    fn from_name(s: &str) -> Option<Self> {
-        Self::parse(s)
-    }
+macro_rules! wire_names {
+    ($($ty:ident: $what:literal),+ $(,)?) => {
+        $(impl WireName for snapback::proto::$ty {
+            const WHAT: &'static str = $what;
+            fn name(self) -> &'static str {
+                self.as_str()
+            }
+            fn from_name(s: &str) -> Option<Self> {
+                Self::parse(s)
+            }
+        })+
+    };
 }
 
-impl WireName for snapback::proto::CloneMethod {
-    const WHAT: &'static str = "clone method";
-    fn name(self) -> &'static str {
-        self.as_str()
-    }
-    fn from_name(s: &str) -> Option<Self> {
-        Self::parse(s)
-    }
-}
-
-impl WireName for snapback::proto::PlanState {
-    const WHAT: &'static str = "plan state";
-    fn name(self) -> &'static str {
-        self.as_str()
-    }
-    fn from_name(s: &str) -> Option<Self> {
-        Self::parse(s)
-    }
-}
+wire_names!(CheckpointKind: "checkpoint kind", CloneMethod: "clone method", PlanState: "plan state");
 
 /// A wire state as a catalogue column: written by name, read back strictly.
 #[derive(Clone, Copy, Debug)]
