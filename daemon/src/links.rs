@@ -5,8 +5,9 @@
 //! was last compared. Files of one state with the same inode number, more
 //! than one link and the same recorded content and metadata are names of
 //! one file (a link group). The capture makes a new version, not a new key,
-//! when a multi-link path's inode changes, so a past state's numbers stay
-//! as that state had them. Two such files with equal content, mode, owner
+//! when a multi-link path's inode changes, and a version keeps the most
+//! links it had, so a past state's groups stay as that state had them when
+//! their other names are gone. Two such files with equal content, mode, owner
 //! and mtime could in theory be distinct inodes that reused a number
 //! between two scans; restoring them as one file keeps every byte and
 //! mode, and loses nothing but that distinction.
