@@ -78,11 +78,11 @@ fn rollback_json_carries_counts_and_changed_paths() {
     std::fs::remove_file(sb.join("b")).unwrap();
     std::fs::write(sb.join("c"), "new").unwrap();
     let r = d.rollback(&c);
-    assert_eq!((r["restored"].as_u64(), r["created"].as_u64(), r["deleted"].as_u64()), (Some(1), Some(1), Some(1)));
-    assert_eq!(r["unchanged"], 0);
-    let changed: Vec<&str> = r["changed"].as_array().unwrap().iter().map(|p| p["text"].as_str().unwrap()).collect();
+    assert_eq!((r.restored, r.created, r.deleted), (1, 1, 1));
+    assert_eq!(r.unchanged, 0);
+    let changed: Vec<String> = r.changed.iter().map(|p| p.display()).collect();
     assert_eq!(changed, ["a", "b", "c"]);
-    assert_eq!(r["removed"][0]["text"], "c");
+    assert_eq!(r.removed[0].display(), "c");
 
     // Human output is short and names the undo.
     let c2 = d.checkpoint("sb");

@@ -115,16 +115,16 @@ fn rich_tree_comes_back_exactly_through_rollbacks_and_undo() {
 
     let r1 = d.rollback(&a);
     assert_same(&snapshot(&root), &tree_a, "after rolling back to A");
-    assert!(r1["restored"].as_u64().unwrap() > 0);
-    assert!(r1["created"].as_u64().unwrap() > 0);
-    assert!(r1["deleted"].as_u64().unwrap() > 0);
+    assert!(r1.restored > 0);
+    assert!(r1.created > 0);
+    assert!(r1.deleted > 0);
     assert!(allocated_bytes(&root.join("sparse.img")) < 16 << 20, "the sparse file came back dense");
 
     let r2 = d.rollback(&b);
     assert_same(&snapshot(&root), &tree_b, "after rolling back to B");
 
     // Undo the second rollback through its safety checkpoint: back to A.
-    let safety = r2["safety_checkpoint"].as_str().unwrap().to_owned();
+    let safety = r2.safety_checkpoint.clone().unwrap();
     let shown = d.json(&["show", &safety]);
     assert_eq!(shown["kind"], "safety");
     d.rollback(&safety);
@@ -235,7 +235,7 @@ fn excluded_paths_are_neither_captured_nor_touched() {
     assert_eq!(std::fs::read(root.join("build/out/new")).unwrap(), b"new");
     assert_eq!(std::fs::read(root.join("src/b.o")).unwrap(), b"new object");
     assert_eq!(std::fs::read(root.join("gen/x.o")).unwrap(), b"generated");
-    assert_eq!(r["skipped"][0]["text"], "gen", "{r}");
+    assert_eq!(r.skipped[0].display(), "gen", "{r:?}");
 }
 
 #[test]
@@ -284,7 +284,7 @@ fn a_file_is_restored_in_place_unless_another_name_would_see_it() {
     write(&root.join("short.txt"), "s");
     write(&root.join("linked.txt"), "linked, rewritten");
     let r = d.rollback(&c);
-    assert_eq!(r["restored"], 3, "{r}");
+    assert_eq!(r.restored, 3, "{r:?}");
     assert_eq!(std::fs::read(root.join("short.txt")).unwrap(), b"short, as checkpointed");
     assert_eq!(ino(&root.join("short.txt")), short_ino);
     let lone = std::fs::metadata(root.join("lone.txt")).unwrap();
@@ -314,7 +314,7 @@ fn a_running_program_in_the_sandbox_is_replaced_not_written_into() {
     let r = d.rollback(&c);
     let _ = running.kill();
     let _ = running.wait();
-    assert_eq!(r["restored"], 1, "{r}");
+    assert_eq!(r.restored, 1, "{r:?}");
     assert_eq!(std::fs::read(&program).unwrap(), std::fs::read("/bin/true").unwrap());
 }
 
@@ -526,13 +526,11 @@ fn the_step_after_a_rollback_holds_that_step_only() {
     write(&sb.join("new"), "made after c1");
     d.checkpoint("sb");
     let r = d.rollback(&c1);
-    let restore = r["restore_checkpoint"].as_str().expect("a restore checkpoint").to_owned();
-    let texts = |k: &str| -> Vec<String> {
-        r[k].as_array().unwrap().iter().map(|p| p["text"].as_str().unwrap().to_owned()).collect()
-    };
+    let restore = r.restore_checkpoint.clone().expect("a restore checkpoint");
+    let texts = |paths: &[snapback::proto::WirePath]| -> Vec<String> { paths.iter().map(|p| p.display()).collect() };
     assert_eq!(
-        (texts("restored_paths"), texts("created_paths"), texts("removed")),
-        (vec!["f1".into()], vec![], vec!["new".into()])
+        (texts(&r.restored_paths), texts(&r.created_paths), texts(&r.removed)),
+        (vec!["f1".to_owned()], vec![], vec!["new".to_owned()])
     );
 
     // The restored state is the head: a checkpoint with nothing changed
@@ -690,7 +688,7 @@ fn a_path_deeper_than_path_max_is_restored_and_exported() {
     assert!(d.json(&["show", &c1])["files"].as_u64() == Some(1));
     std::fs::remove_dir_all(sb.join(OsStr::from_bytes(&names[0]))).unwrap();
     let r = d.rollback(&c1);
-    assert_eq!(r["created"].as_u64(), Some(31), "{r}");
+    assert_eq!(r.created, 31, "{r:?}");
     assert_eq!(read_in(&deep_dir(&sb, &names, false), "deep.txt"), "bottom");
     let out = d.path("export");
     d.json(&["export", &c1, out.to_str().unwrap()]);

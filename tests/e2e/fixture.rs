@@ -215,8 +215,8 @@ impl TestDaemon {
         self.answer(&["status"])
     }
 
-    pub fn rollback(&self, id: &str) -> serde_json::Value {
-        self.json(&["rollback", id])
+    pub fn rollback(&self, id: &str) -> snapback::proto::RollbackReport {
+        self.answer(&["rollback", id])
     }
 
     /// Asserts that `snapback verify` finds the store and catalogue in

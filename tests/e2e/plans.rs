@@ -176,7 +176,7 @@ fn the_default_policy_prunes_without_being_asked_and_keeps_what_it_must() {
             d.json(&["checkpoint", "sb"])
         };
         if i == 20 {
-            safety = d.rollback(&id(&c))["safety_checkpoint"].as_str().unwrap().to_owned();
+            safety = d.rollback(&id(&c)).safety_checkpoint.unwrap();
         }
         if i > 100 {
             d.assert_verified();
@@ -227,7 +227,7 @@ fn a_rollback_to_the_oldest_kept_checkpoint_is_not_pruned_under_it() {
     write(&root.join("x.txt"), "d");
     let report = d.rollback(&a);
     assert_same(&snapshot(&root), &tree_a, "after rolling back to the oldest kept checkpoint");
-    assert_eq!((report["restored"].as_u64(), report["created"].as_u64()), (Some(1), Some(1)), "{report}");
+    assert_eq!((report.restored, report.created), (1, 1), "{report:?}");
     // Retention still applied, after the rollback: A is the oldest of four.
     let list = d.json(&["list", "sb"]);
     let ids: Vec<String> = list["checkpoints"].as_array().unwrap().iter().map(id).collect();
@@ -468,7 +468,7 @@ fn with_sync_durability_checkpoints_and_rollbacks_work_the_same() {
     write(&sb.join("f"), "two");
     write(&sb.join("g"), "new");
     let r = d.rollback(&c);
-    assert_eq!((r["restored"].as_u64(), r["deleted"].as_u64()), (Some(1), Some(1)));
+    assert_eq!((r.restored, r.deleted), (1, 1));
     assert_eq!(std::fs::read_to_string(sb.join("f")).unwrap(), "one");
     d.assert_verified();
     let bad = config_error("durability = \"sometimes\"\n");

@@ -114,7 +114,7 @@ fn cloned_files_are_read_in_after_a_rollback(fs: &str) {
         std::fs::write(sandbox.join(n), content(n, 1)).unwrap();
     }
     let report = d.rollback(&c);
-    assert_eq!(report["restored"], 20, "{report}");
+    assert_eq!(report.restored, 20, "{report:?}");
     let (limit, every) = (std::time::Duration::from_secs(30), std::time::Duration::from_millis(20));
     for n in &names {
         eventually(limit, every, || match resident_pages(&sandbox.join(n)) {

@@ -328,7 +328,7 @@ fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
     // Restored out of the packs; the safety checkpoint finds its content
     // packed already and keeps no pack of its own.
     let report = d.rollback(&ids[1]);
-    assert_eq!(report["restored"], 20, "{report}");
+    assert_eq!(report.restored, 20, "{report:?}");
     for i in 0..20 {
         assert_eq!(std::fs::read_to_string(f(i)).unwrap(), format!("round 1 of f{i}"));
     }
@@ -553,7 +553,7 @@ fn names_of_one_file_come_back_as_one_file() {
     let c2 = checkpoint(&mut client, "sb");
     assert!(!one_file(&["a/x", "b/y"]) && !one_file(&["b/y", "b/z"]) && one_file(&["p", "q"]));
     let report = d.rollback(&c1.id);
-    assert!(one_file(&["a/x", "b/y", "b/z"]), "{report}");
+    assert!(one_file(&["a/x", "b/y", "b/z"]), "{report:?}");
     assert_eq!(std::fs::metadata(root.join("b/z")).unwrap().nlink(), 3);
     assert_eq!(std::fs::read_to_string(root.join("b/z")).unwrap(), "one");
     assert!(!one_file(&["p", "q"]), "names the checkpoint held apart are apart again");
