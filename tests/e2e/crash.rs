@@ -106,8 +106,8 @@ fn a_rollback_killed_at_random_points_is_finished_at_restart() {
         let _ = cli.wait();
         d.restart();
         assert_same(&snapshot(&sb), &tree_a, &format!("trial {trial}: after a kill -9 and a restart"));
-        let status = d.json(&["status"]);
-        let recovery = status["sandboxes"][0]["recovery"].as_str().unwrap_or_default().to_owned();
+        let status = d.status();
+        let recovery = status.sandboxes[0].recovery.clone().unwrap_or_default();
         assert!(
             recovery.is_empty() || recovery.contains("finished at start"),
             "trial {trial}: status reports {recovery:?}"
@@ -166,8 +166,8 @@ fn stopped_after_safety_then_restarted(d: &mut TestDaemon, args: &[&str]) {
     assert!(!out.status.success(), "{args:?} was answered although the daemon was to stop");
     assert!(!hook.exists(), "{args:?}: the daemon did not stop at the hook");
     d.restart();
-    let status = d.json(&["status"]);
-    let note = status["sandboxes"][0]["recovery"].as_str().unwrap_or_default();
+    let status = d.status();
+    let note = status.sandboxes[0].recovery.as_deref().unwrap_or_default();
     assert!(note.contains("finished at start"), "{args:?}: status reports {note:?}");
 }
 

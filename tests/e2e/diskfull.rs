@@ -58,15 +58,15 @@ fn a_full_disk_leaves_no_partial_checkpoint_and_a_second_rollback_finishes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no space left") || stderr.contains("No space left"), "{stderr}");
-    let status = d.json(&["status"]);
-    let recovery = status["sandboxes"][0]["recovery"].as_str().unwrap_or_default();
-    assert!(recovery.contains("failed half way"), "status: {status}");
+    let status = d.status();
+    let recovery = status.sandboxes[0].recovery.as_deref().unwrap_or_default();
+    assert!(recovery.contains("failed half way"), "status: {status:?}");
 
     // Space freed: a second rollback brings it exactly to the target.
     std::fs::remove_file(sb.join("filler")).unwrap();
     d.rollback(&a);
     assert_same(&snapshot(&sb), &tree_a, "after the second rollback");
-    let status = d.json(&["status"]);
-    assert!(status["sandboxes"][0].get("recovery").is_none(), "the failure is no longer news: {status}");
+    let status = d.status();
+    assert!(status.sandboxes[0].recovery.is_none(), "the failure is no longer news: {status:?}");
     d.assert_verified();
 }

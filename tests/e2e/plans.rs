@@ -342,15 +342,15 @@ fn a_storage_budget_keeps_the_store_under_it() {
     for i in 0..40u32 {
         write(&root.join("blob.bin"), format!("{i:08}").repeat(1024));
         d.checkpoint("sb");
-        let status = d.json(&["status"]);
-        let sb = &status["sandboxes"][0];
-        assert_eq!(sb["budget_bytes"], budget);
-        let exclusive = sb["exclusive_bytes"].as_u64().unwrap();
+        let status = d.status();
+        let sb = &status.sandboxes[0];
+        assert_eq!(sb.budget_bytes, Some(budget));
+        let exclusive = sb.exclusive_bytes.unwrap();
         assert!(exclusive <= budget, "checkpoint {i}: {exclusive} bytes over the budget of {budget}");
         assert!(d.store_bytes() <= budget, "checkpoint {i}: the store holds {}", d.store_bytes());
     }
-    let status = d.json(&["status"]);
-    assert!(status["sandboxes"][0]["budget_pruned"].as_u64().unwrap() >= 30, "{status}");
+    let status = d.status();
+    assert!(status.sandboxes[0].budget_pruned >= 30, "{status:?}");
     let out = d.cli(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("storage budget"));
     d.assert_verified();

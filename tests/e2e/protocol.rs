@@ -134,8 +134,8 @@ fn a_thousand_idle_connections_neither_starve_clients_nor_grow_memory() {
     // connections make room.
     let mut client = d.client();
     assert!(client.sandbox_list().unwrap().sandboxes.is_empty());
-    let status = d.json(&["status"]);
-    assert_eq!(status["pid"], d.pid());
+    let status = d.status();
+    assert_eq!(status.pid, d.pid() as u32);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let closed = idle.iter().filter(|s| closed_by_daemon(s)).count();
     // 64 connections per uid: the client above, the CLI's (gone by now)

@@ -18,9 +18,9 @@ pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Waits until the sandbox's watch is set up (a readiness signal, polled).
 pub(crate) fn wait_watching(d: &TestDaemon, name: &str) {
     let watch = eventually(Duration::from_secs(30), Duration::from_millis(20), || {
-        let status = d.json(&["status"]);
-        let sb = status["sandboxes"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap();
-        match sb["watch"].as_str().unwrap() {
+        let status = d.status();
+        let sb = status.sandboxes.into_iter().find(|s| s.name == name).unwrap();
+        match sb.watch.as_str() {
             "starting" => Err(format!("the watch of {name} never came up")),
             watch => Ok(watch.to_owned()),
         }
@@ -166,8 +166,8 @@ fn an_injected_rescan_leads_to_a_full_comparison() {
     let injected =
         client.call(&snapback::proto::Request::InjectRescan(snapback::proto::InjectRescan { sandbox: "sb".into() }));
     assert!(injected.is_ok(), "{injected:?}");
-    let status = d.json(&["status"]);
-    assert_eq!(status["sandboxes"][0]["watch"], "needs full scan: a rescan was injected");
+    let status = d.status();
+    assert_eq!(status.sandboxes[0].watch, "needs full scan: a rescan was injected");
     write(&root.join("new.txt"), "after the overflow");
     let full = checkpoint(&mut client, "sb");
     assert_eq!(full.full_scan, Some(true));
