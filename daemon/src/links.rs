@@ -15,22 +15,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::error::Result;
-use crate::manifest::{Kind, Manifest, ObjectId, Row};
+use crate::manifest::{Manifest, ObjectId, Row, has_other_names};
 
 /// What makes two names one file in a recorded state.
 type GroupKey = (u64, Option<ObjectId>, u32, u32, u32, u64, i64);
 
 fn group_key(row: &Row) -> Option<GroupKey> {
     let m = &row.meta;
-    (m.kind == Kind::File && row.key.nlink > 1).then_some((
-        row.key.ino,
-        m.object,
-        m.mode,
-        m.uid,
-        m.gid,
-        m.size,
-        m.mtime_ns,
-    ))
+    has_other_names(m, &row.key).then_some((row.key.ino, m.object, m.mode, m.uid, m.gid, m.size, m.mtime_ns))
 }
 
 /// The link groups among `rows`: names of one file, two or more, sorted.
@@ -65,7 +57,7 @@ impl InMemory {
     pub fn new(target: &Manifest, live: &Manifest) -> InMemory {
         let index = |m: &Manifest| {
             let mut by: HashMap<u64, Manifest> = HashMap::new();
-            for (p, r) in m.iter().filter(|(_, r)| r.meta.kind == Kind::File && r.key.nlink > 1) {
+            for (p, r) in m.iter().filter(|(_, r)| has_other_names(&r.meta, &r.key)) {
                 by.entry(r.key.ino).or_default().insert(p.clone(), r.clone());
             }
             by
@@ -104,12 +96,16 @@ pub fn relink(
     live: &mut Manifest,
     reach: Reach,
 ) -> Result<BTreeSet<Vec<u8>>> {
-    let differing: HashSet<Vec<u8>> = target.keys().chain(live.keys()).cloned().collect();
     let inos = |m: &Manifest| -> BTreeSet<u64> {
-        m.values().filter(|r| r.meta.kind == Kind::File && r.key.nlink > 1).map(|r| r.key.ino).collect()
+        m.values().filter(|r| has_other_names(&r.meta, &r.key)).map(|r| r.key.ino).collect()
     };
     let (target_inos, live_inos) = (inos(target), inos(live));
     let mut forced = BTreeSet::new();
+    if target_inos.is_empty() && live_inos.is_empty() {
+        // No name of the difference has others: the common case, at no cost.
+        return Ok(forced);
+    }
+    let differing: HashSet<Vec<u8>> = target.keys().chain(live.keys()).cloned().collect();
     for (from_live, inos) in [(false, target_inos), (true, live_inos)] {
         for ino in inos {
             let rows = linked.linked(from_live, ino)?;
@@ -170,7 +166,7 @@ fn holds(linked: &impl Linked, other_live: bool, pairs: &[(Vec<u8>, Row, Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Meta, StatKey};
+    use crate::manifest::{Kind, Meta, StatKey};
 
     fn file(ino: u64, nlink: u32, content: u8) -> Row {
         let meta = Meta {

@@ -81,6 +81,24 @@ pub struct StatKey {
     pub nlink: u32,
 }
 
+impl StatKey {
+    /// The key of a path whose `lstat` is `st`.
+    pub fn of(st: &libc::stat, racy: bool) -> StatKey {
+        StatKey {
+            ctime_ns: crate::sys::ctime_ns(st),
+            ino: st.st_ino,
+            racy,
+            nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
+        }
+    }
+}
+
+/// Whether a version is a file whose inode had other names: compared at
+/// every checkpoint, and one of a link group (see `crate::links`).
+pub fn has_other_names(meta: &Meta, key: &StatKey) -> bool {
+    meta.kind == Kind::File && key.nlink > 1
+}
+
 /// One version of a path, as stored in the catalogue.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -169,19 +187,14 @@ impl Live {
             Kind::File => (st.st_size as u64, crate::sys::mtime_ns(st)),
             _ => (0, 0),
         };
-        let ctime_ns = crate::sys::ctime_ns(st);
+        let racy = crate::sys::ctime_ns(st) >= racy_after_ns || crate::sys::mtime_ns(st) >= racy_after_ns;
         let mode = match kind {
             Kind::Special => st.st_mode,
             _ => st.st_mode & 0o7777,
         };
         Live {
             meta: Meta { kind, mode, uid: st.st_uid, gid: st.st_gid, size, mtime_ns, target: None, object: None },
-            key: StatKey {
-                ctime_ns,
-                ino: st.st_ino,
-                racy: ctime_ns >= racy_after_ns || crate::sys::mtime_ns(st) >= racy_after_ns,
-                nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
-            },
+            key: StatKey::of(st, racy),
         }
     }
 

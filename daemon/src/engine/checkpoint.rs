@@ -123,11 +123,8 @@ impl Engine {
         {
             return paths.clone();
         }
-        let paths: Vec<Vec<u8>> = current
-            .iter()
-            .filter(|(_, r)| r.meta.kind == Kind::File && r.key.nlink > 1)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let paths: Vec<Vec<u8>> =
+            current.iter().filter(|(_, r)| has_other_names(&r.meta, &r.key)).map(|(p, _)| p.clone()).collect();
         cache.insert(sandbox_id, (seq, paths.clone()));
         paths
     }
@@ -154,7 +151,7 @@ impl Engine {
             set.remove(path);
         }
         for a in added {
-            if a.meta.kind == Kind::File && a.key.nlink > 1 {
+            if has_other_names(&a.meta, &a.key) {
                 set.insert(a.path.clone());
             }
         }
@@ -547,7 +544,7 @@ pub(super) fn other_names(
     let linked: std::collections::HashSet<u64> = captured
         .added
         .iter()
-        .filter(|a| a.meta.kind == Kind::File && a.key.nlink > 1)
+        .filter(|a| has_other_names(&a.meta, &a.key))
         .map(|a| a.key.ino)
         .chain(captured.rekeyed.iter().filter(|(_, _, k)| k.nlink > 1).map(|(_, _, k)| k.ino))
         .collect();

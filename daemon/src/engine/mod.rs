@@ -27,7 +27,7 @@ use crate::capture::{self, Captured, Excludes, Options, Scope};
 use crate::catalogue::{self, Checkpoint, CheckpointWrite, IntentKind, IntentState, Sandbox, SandboxState};
 use crate::config::Retention;
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Kind, Manifest, StatKey, is_within};
+use crate::manifest::{Kind, Manifest, StatKey, has_other_names, is_within};
 use crate::progress;
 use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};

@@ -533,12 +533,7 @@ fn restored_key(root: std::os::fd::BorrowedFd<'_>, path: &[u8], linked: bool) ->
     }
     let (dir, name) = sys::split_parent(path);
     match sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name)) {
-        Ok(st) => StatKey {
-            ctime_ns: sys::ctime_ns(&st),
-            ino: st.st_ino,
-            racy: true,
-            nlink: st.st_nlink.clamp(1, u32::MAX as u64) as u32,
-        },
+        Ok(st) => StatKey::of(&st, true),
         Err(_) => unknown,
     }
 }
