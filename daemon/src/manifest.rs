@@ -73,7 +73,8 @@ pub struct StatKey {
     /// The path changed so close to its scan that an equal stat later does
     /// not prove it unchanged.
     pub racy: bool,
-    /// The most names its inode had while this version was current: above
+    /// For a file, the most names its inode had while this version was
+    /// current (1 for anything else): above
     /// 1, another name (perhaps outside the sandbox) can change it with no
     /// event for this one, so it is compared at every checkpoint; and
     /// versions of one state with its inode number are names of one file
@@ -192,9 +193,16 @@ impl Live {
             Kind::Special => st.st_mode,
             _ => st.st_mode & 0o7777,
         };
+        let mut key = StatKey::of(st, racy);
+        if kind != Kind::File {
+            // Only a file's other names matter; a directory's link count
+            // counts its subdirectories, and is kept out of the names
+            // compared at every checkpoint and out of link groups.
+            key.nlink = 1;
+        }
         Live {
             meta: Meta { kind, mode, uid: st.st_uid, gid: st.st_gid, size, mtime_ns, target: None, object: None },
-            key: StatKey::of(st, racy),
+            key,
         }
     }
 
@@ -234,6 +242,26 @@ pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_file_counts_its_other_names() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("d/sub")).unwrap();
+        std::fs::write(t.path().join("f"), "x").unwrap();
+        std::fs::hard_link(t.path().join("f"), t.path().join("g")).unwrap();
+        let root = std::fs::File::open(t.path()).unwrap();
+        let live = |name: &str| {
+            let st = crate::sys::lstatat(std::os::fd::AsFd::as_fd(&root), name.as_bytes()).unwrap();
+            Live::from_stat(&st, i64::MAX)
+        };
+        let (file, dir) = (live("f"), live("d"));
+        assert_eq!(file.key.nlink, 2);
+        assert!(has_other_names(&file.meta, &file.key));
+        // Three links (its name, its ".", "sub/.."), and none of them other
+        // names of a file.
+        assert_eq!(dir.key.nlink, 1);
+        assert!(!has_other_names(&dir.meta, &dir.key));
+    }
 
     #[test]
     fn object_ids_round_trip_through_hex() {
