@@ -183,11 +183,12 @@ impl Captured {
             let id = ids.and_then(|ids| ids.get(i).copied()).unwrap_or(0);
             current.insert(a.path.clone(), Row { id, meta: a.meta.clone(), key: a.key });
         }
-        if ids.is_some() {
-            for (path, id, key) in &self.rekeyed {
-                if let Some(row) = current.get_mut(path).filter(|r| r.id == *id) {
-                    row.key = *key;
-                }
+        // A dry run's live state needs them too: a new link changes the
+        // link count of the file's other names, which decides what a
+        // restore must write.
+        for (path, id, key) in &self.rekeyed {
+            if let Some(row) = current.get_mut(path).filter(|r| r.id == *id) {
+                row.key = *key;
             }
         }
     }
