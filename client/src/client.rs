@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use crate::proto::{
     Change, CheckpointInfo, CheckpointRequest, Checkpoints, DiffReport, DiffRequest, ErrorBody, ErrorCode,
-    ExportReport, ExportRequest, Hello, ListRequest, MAX_LINE, PROTOCOL, Part, PlanInfo, PlanRef, PlanRollbackRequest,
-    ProgressReport, PruneReport, PruneRequest, Request, Response, RevertRequest, RollbackReport, RollbackRequest,
-    SandboxAdd, SandboxInfo, SandboxList, SandboxRemove, Sandboxes, ShowRequest, StatusReport, StatusRequest,
-    UndoRequest, VerifyReport, VerifyRequest,
+    ExportReport, ExportRequest, Hello, ListRequest, LogReport, LogRequest, MAX_LINE, PROTOCOL, Part, PlanInfo,
+    PlanRef, PlanRollbackRequest, ProgressReport, PruneReport, PruneRequest, Request, Response, RevertRequest,
+    RollbackReport, RollbackRequest, SandboxAdd, SandboxInfo, SandboxList, SandboxRemove, Sandboxes, ShowRequest,
+    StatusReport, StatusRequest, UndoRequest, VerifyReport, VerifyRequest, WireBytes,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,14 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// One piece of a streamed diff, in the order the daemon sends them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DiffItem {
+    Change(Change),
+    /// The next bytes of the patch.
+    Patch(Vec<u8>),
 }
 
 /// Called with each progress line of a long request.
@@ -137,30 +145,42 @@ impl Client {
         }
     }
 
-    /// A diff whose changes are handed to `on_change` in order as they
-    /// arrive; the report returned holds none of them.
+    /// A diff whose changes and patch pieces are handed to `on_item` in
+    /// order as they arrive: a diff of any size in bounded memory. The
+    /// report returned holds none of them, only the totals.
     pub fn diff_streaming(
         &mut self,
         req: DiffRequest,
-        on_change: &mut dyn FnMut(Change),
+        on_item: &mut dyn FnMut(DiffItem),
     ) -> Result<DiffReport, ClientError> {
         let mut bad = None;
         let mut on_part = |part: Part| {
             for item in part.items {
-                match serde_json::from_value::<Change>(item) {
-                    Ok(change) => on_change(change),
-                    Err(e) => bad = Some(e.to_string()),
+                let decoded = match part.field.as_str() {
+                    "changes" => serde_json::from_value(item).map(DiffItem::Change),
+                    "patch" => serde_json::from_value(item).map(|b: WireBytes| DiffItem::Patch(b.0)),
+                    other => {
+                        bad = Some(format!("a diff has no list {other:?}"));
+                        continue;
+                    }
+                };
+                match decoded {
+                    Ok(item) => on_item(item),
+                    Err(e) => bad = Some(format!("undecodable diff item: {e}")),
                 }
             }
         };
         let answer = self.call_streaming(&Request::Diff(req), &mut on_part)?;
         if let Some(e) = bad {
-            return Err(ClientError::Protocol(format!("undecodable change: {e}")));
+            return Err(ClientError::Protocol(e));
         }
         match answer {
             Response::Diff(mut report) => {
                 for change in std::mem::take(&mut report.changes) {
-                    on_change(change);
+                    on_item(DiffItem::Change(change));
+                }
+                for piece in std::mem::take(&mut report.patch) {
+                    on_item(DiffItem::Patch(piece.0));
                 }
                 Ok(report)
             }
@@ -228,8 +248,13 @@ impl Client {
         self.ask(Request::Revert(req))
     }
 
-    pub fn undo(&mut self, sandbox: &str) -> Result<RollbackReport, ClientError> {
-        self.ask(Request::Undo(UndoRequest { sandbox: sandbox.to_owned() }))
+    pub fn undo(&mut self, req: UndoRequest) -> Result<RollbackReport, ClientError> {
+        self.ask(Request::Undo(req))
+    }
+
+    /// The timeline of checkpoints, newest first.
+    pub fn log(&mut self, req: LogRequest) -> Result<LogReport, ClientError> {
+        self.ask(Request::Log(req))
     }
 
     pub fn prune(&mut self, req: PruneRequest) -> Result<PruneReport, ClientError> {
@@ -272,7 +297,7 @@ macro_rules! answers {
 // Each payload and the one kind of answer that carries it.
 answers! {
     SandboxInfo => Sandbox, Sandboxes => Sandboxes, CheckpointInfo => Checkpoint, Checkpoints => Checkpoints,
-    DiffReport => Diff, RollbackReport => Rollback, StatusReport => Status, PlanInfo => Plan,
+    DiffReport => Diff, LogReport => Log, RollbackReport => Rollback, StatusReport => Status, PlanInfo => Plan,
     PruneReport => Pruned, ExportReport => Exported, VerifyReport => Verified,
 }
 

@@ -7,10 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use snapback::Client;
-use snapback::proto::{CheckpointRequest, DiffRequest, RollbackRequest, SandboxAdd, WirePath};
+use snapback::proto::{CheckpointRequest, DiffDetail, DiffRequest, RollbackRequest, SandboxAdd, WirePath};
 
 use crate::Failure;
-use crate::print::{print_diff, print_rollback};
+use crate::print::print_rollback;
 
 /// A private daemon and its temporary directory, stopped and removed on drop.
 struct Private {
@@ -114,10 +114,11 @@ pub fn run(json: bool) -> Result<(), Failure> {
     std::fs::remove_file(project.join("README.md")).map_err(|e| fail("deleting README.md", e))?;
     write(&project.join("notes.txt"), "scratch\n")?;
 
-    say(json, &format!("$ snapback diff {}", before.id));
-    let diff = client.diff(DiffRequest { from: before.id.clone(), to: None })?;
+    say(json, &format!("$ snapback diff {} --stat", before.id));
+    let diff =
+        client.diff(DiffRequest { from: before.id.clone(), detail: DiffDetail::Stat, ..DiffRequest::default() })?;
     if !json {
-        print_diff(&diff);
+        crate::review::print_stat(&diff.changes, diff.total.as_ref(), " ");
         outln!();
     }
 

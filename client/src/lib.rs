@@ -9,7 +9,7 @@ pub mod client;
 pub mod defaults;
 pub mod proto;
 
-pub use client::{Answer, Client, ClientError, ConnectOptions, ProgressFn};
+pub use client::{Answer, Client, ClientError, ConnectOptions, DiffItem, ProgressFn};
 
 /// Formats milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` in UTC:
 /// how times are shown to people, by the CLI and in the daemon's messages.

@@ -12,10 +12,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use snapback::proto::{
-    CheckpointRequest, DiffRequest, ExportRequest, ListRequest, PlanRollbackRequest, PruneRequest, RevertRequest,
-    RollbackRequest, SandboxAdd, SandboxRemove, WirePath,
+    CheckpointRequest, DiffDetail, DiffRequest, ExportRequest, ListRequest, LogRequest, PlanRollbackRequest,
+    PruneRequest, RevertRequest, RollbackRequest, SandboxAdd, SandboxRemove, UndoRequest, WireBytes, WirePath,
 };
-use snapback::{Client, ClientError, ConnectOptions};
+use snapback::{Client, ClientError, ConnectOptions, DiffItem};
 
 /// Prints a line on stdout, like `println!`; when stdout is closed (`|
 /// head`), the CLI ends quietly with exit 0, which `println!` would turn
@@ -29,11 +29,9 @@ mod agent;
 mod demo;
 mod print;
 mod progress;
+mod review;
 
-use print::{
-    Restore, print_change, print_checkpoint, print_checkpoints, print_diff, print_diff_summary, print_plan,
-    print_restore, print_rollback, print_sandboxes,
-};
+use print::{Restore, print_checkpoint, print_checkpoints, print_plan, print_restore, print_rollback, print_sandboxes};
 
 /// Writes one line on stdout; see [`outln`].
 fn out_line(args: std::fmt::Arguments<'_>) {
@@ -98,10 +96,13 @@ enum Command {
         #[arg(long, value_name = "ID")]
         plan: Option<String>,
     },
-    /// Show one checkpoint.
+    /// Show one checkpoint; with --stat or --patch, also what its step
+    /// changed against its parent.
     Show {
         /// A checkpoint id or a unique prefix of one.
         checkpoint: String,
+        #[command(flatten)]
+        detail: Detail,
     },
     /// Show what changed between two checkpoints, or since one.
     Diff {
@@ -109,6 +110,23 @@ enum Command {
         from: String,
         /// The newer state [default: the live tree]
         to: Option<String>,
+        #[command(flatten)]
+        detail: Detail,
+    },
+    /// The timeline of checkpoints, newest first, each with what its step
+    /// changed.
+    Log {
+        /// Only this sandbox (a name or registered path).
+        sandbox: Option<String>,
+        /// Only this plan.
+        #[arg(long, value_name = "ID")]
+        plan: Option<String>,
+        /// At most this many entries; 0 for all [default: 20]
+        #[arg(short = 'n', value_name = "N")]
+        limit: Option<u64>,
+        /// Also each step's files, with their added and removed lines.
+        #[arg(long)]
+        stat: bool,
     },
     /// Bring a sandbox back to a checkpoint. A safety checkpoint of the
     /// current state is taken first, so the rollback can be undone.
@@ -132,9 +150,17 @@ enum Command {
         /// For paths also changed later, take the step's parent version.
         #[arg(long)]
         force: bool,
+        /// Report what would change, touching nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Undo the latest rollback, revert or undo of a sandbox.
-    Undo { sandbox: String },
+    Undo {
+        sandbox: String,
+        /// Report what would change, touching nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Prune checkpoints now under the retention policy, with overrides.
     Prune {
         sandbox: String,
@@ -183,6 +209,35 @@ enum Command {
     /// Run a short demonstration against a private daemon in a temporary
     /// directory: register, checkpoint, edit, diff, roll back.
     Demo,
+}
+
+/// How much `diff` and `show` say about each path.
+#[derive(clap::Args)]
+struct Detail {
+    /// A unified diff in git's format, for `git apply` or `patch -p1`.
+    #[arg(long, conflicts_with = "stat")]
+    patch: bool,
+    /// Added and removed lines per file, and the total.
+    #[arg(long)]
+    stat: bool,
+    /// Only this path (relative to the sandbox root) and what lies below
+    /// it; repeatable.
+    #[arg(long = "path", value_name = "P")]
+    paths: Vec<PathBuf>,
+}
+
+impl Detail {
+    fn level(&self) -> DiffDetail {
+        match (self.patch, self.stat) {
+            (true, _) => DiffDetail::Patch,
+            (false, true) => DiffDetail::Stat,
+            (false, false) => DiffDetail::Paths,
+        }
+    }
+
+    fn paths(&self) -> Vec<WirePath> {
+        self.paths.iter().map(|p| WirePath::from(p.as_path())).collect()
+    }
 }
 
 #[derive(Subcommand)]
@@ -447,11 +502,17 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let list = client.list(ListRequest { sandbox, plan })?;
             emit(json, &list, |l| print_checkpoints(&l.checkpoints))
         }
-        Command::Show { checkpoint } => {
-            let info = connect(cli.socket)?.show(&checkpoint)?;
-            emit(json, &info, print_checkpoint)
+        Command::Show { checkpoint, detail } => run_show(&mut connect(cli.socket)?, &checkpoint, &detail, json),
+        Command::Diff { from, to, detail } => {
+            let req = DiffRequest { from, to, detail: detail.level(), paths: detail.paths(), step: false };
+            run_diff(&mut connect(cli.socket)?, req, json)
         }
-        Command::Diff { from, to } => run_diff(&mut connect(cli.socket)?, DiffRequest { from, to }, json),
+        Command::Log { sandbox, plan, limit, stat } => {
+            let mut client = connect(cli.socket)?;
+            let sandbox = sandbox.map(|s| sandbox_ref(&mut client, &s)).transpose()?;
+            let log = client.log(LogRequest { sandbox, plan, limit, stat })?;
+            emit(json, &log, |l| review::print_log(&l.entries, l.more))
+        }
         Command::Rollback { checkpoint, paths, dry_run } => {
             let paths = paths.iter().map(|p| WirePath(p.as_os_str().as_bytes().to_vec())).collect();
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
@@ -460,16 +521,16 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             emit(json, &report?, print_rollback)
         }
         Command::Plan(cmd) => run_plan(&mut connect(cli.socket)?, cmd, json),
-        Command::Revert { checkpoint, force } => {
+        Command::Revert { checkpoint, force, dry_run } => {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
-            let report = client.revert(RevertRequest { checkpoint, force });
+            let report = client.revert(RevertRequest { checkpoint, force, dry_run });
             bar.finish();
             emit(json, &report?, |r| print_restore(Restore::Revert, r))
         }
-        Command::Undo { sandbox } => {
+        Command::Undo { sandbox, dry_run } => {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;
-            let report = client.undo(&sandbox);
+            let report = client.undo(UndoRequest { sandbox, dry_run });
             bar.finish();
             emit(json, &report?, |r| print_restore(Restore::Undo, r))
         }
@@ -496,16 +557,63 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
 /// `snapback diff`: printed as it arrives, unless `--json`.
 fn run_diff(client: &mut Client, req: DiffRequest, json: bool) -> Result<(), Failure> {
     if json {
-        return emit(json, &client.diff(req)?, print_diff);
+        let mut report = client.diff(req)?;
+        // One document: the patch's pieces as one.
+        if !report.patch.is_empty() {
+            let whole: Vec<u8> = report.patch.drain(..).flat_map(|p| p.0).collect();
+            report.patch.push(WireBytes(whole));
+        }
+        return emit(json, &report, |_| {});
     }
-    // A diff of a whole install need not be held in memory first.
-    let mut count = 0u64;
-    let report = client.diff_streaming(req, &mut |c| {
-        print_change(&c);
-        count += 1;
-    })?;
-    print_diff_summary(&report, count);
+    match req.detail {
+        // A diff of a whole install need not be held in memory first.
+        DiffDetail::Paths => {
+            let mut count = 0u64;
+            let report = client.diff_streaming(req, &mut |item| {
+                if let DiffItem::Change(c) = item {
+                    review::print_change(&c);
+                    count += 1;
+                }
+            })?;
+            review::print_diff_summary(&report, count);
+        }
+        // Column widths need every line: the stat lines are kept (each is
+        // a path and three numbers), the patch never.
+        DiffDetail::Stat => {
+            let mut changes = Vec::new();
+            let report = client.diff_streaming(req, &mut |item| {
+                if let DiffItem::Change(c) = item {
+                    changes.push(c);
+                }
+            })?;
+            review::print_stat(&changes, report.total.as_ref(), " ");
+        }
+        DiffDetail::Patch => {
+            client.diff_streaming(req, &mut |item| {
+                if let DiffItem::Patch(bytes) = item {
+                    review::out_bytes(&bytes);
+                }
+            })?;
+        }
+    }
     Ok(())
+}
+
+/// `snapback show`: the checkpoint; with `--stat` or `--patch`, its step.
+fn run_show(client: &mut Client, checkpoint: &str, detail: &Detail, json: bool) -> Result<(), Failure> {
+    let info = client.show(checkpoint)?;
+    if detail.level() == DiffDetail::Paths && detail.paths.is_empty() {
+        return emit(json, &info, print_checkpoint);
+    }
+    let req =
+        DiffRequest { from: info.id.clone(), to: None, step: true, detail: detail.level(), paths: detail.paths() };
+    if json {
+        let step = client.diff(req)?;
+        return emit(json, &serde_json::json!({ "checkpoint": info, "step": step }), |_| {});
+    }
+    print_checkpoint(&info);
+    outln!();
+    run_diff(client, req, false)
 }
 
 /// `snapback verify`: exits 1 when anything is wrong.

@@ -2,8 +2,8 @@
 //! itself).
 
 use snapback::proto::{
-    Change, ChangeKind, CheckpointInfo, DiffReport, ExportReport, PlanInfo, PruneReport, RollbackReport, SandboxInfo,
-    StatusReport, VerifyReport, WirePath,
+    CheckpointInfo, ExportReport, PlanInfo, PruneReport, RollbackReport, SandboxInfo, StatusReport, VerifyReport,
+    WirePath,
 };
 use std::io::Write;
 
@@ -241,26 +241,6 @@ pub fn print_plan(p: &PlanInfo) {
     print_checkpoints(&p.checkpoints);
 }
 
-pub fn print_diff(d: &DiffReport) {
-    d.changes.iter().for_each(print_change);
-    print_diff_summary(d, d.changes.len() as u64);
-}
-
-pub fn print_change(c: &Change) {
-    let mark = match c.change {
-        ChangeKind::Added => "A",
-        ChangeKind::Modified => "M",
-        ChangeKind::Deleted => "D",
-        ChangeKind::TypeChanged => "T",
-    };
-    outln!("{mark}  {}", c.path.display());
-}
-
-pub fn print_diff_summary(d: &DiffReport, changes: u64) {
-    let to = d.to.clone().unwrap_or_else(|| "the live tree".into());
-    outln!("{changes} changes from {} to {to}", d.from);
-}
-
 /// Which command a restore report answers, for its human output.
 #[derive(Clone, Copy)]
 pub enum Restore {
@@ -303,6 +283,10 @@ pub fn print_restore(what: Restore, r: &RollbackReport) {
     }
     for p in &r.conflicts {
         outln!("  forced over a later change: {}", p.display());
+    }
+    if r.dry_run && r.preview_total.is_some() {
+        outln!("what it would change, as `diff --stat` from the live tree:");
+        crate::review::print_stat(&r.preview, r.preview_total.as_ref(), "  ");
     }
     if let Some(safety) = &r.safety_checkpoint {
         if matches!(what, Restore::Undo) && !r.changed.is_empty() {

@@ -70,27 +70,39 @@ impl Peer {
     /// directories above it that `rows` holds must each be searchable and
     /// the file readable, as recorded at capture time.
     pub fn withheld(&self, rows: &Manifest, path: &[u8]) -> Option<String> {
+        let meta = &rows.get(path)?.meta;
+        self.withheld_in(|dir| rows.get(dir).map(|r| r.meta.clone()), path, meta)
+    }
+
+    /// Like [`Peer::withheld`], for the file `path` recorded as `meta`,
+    /// with the version of each directory above it from `dir_at` (`None`
+    /// where the state holds no directory there).
+    pub fn withheld_in(
+        &self,
+        mut dir_at: impl FnMut(&[u8]) -> Option<Meta>,
+        path: &[u8],
+        meta: &Meta,
+    ) -> Option<String> {
         if self.is_root() {
             return None;
         }
         let mut dir = sys::split_parent(path).0;
         while !dir.is_empty() {
-            if let Some(e) = rows.get(dir)
-                && e.meta.kind == Kind::Dir
-                && self.bits(&e.meta) & 1 == 0
+            if let Some(e) = dir_at(dir)
+                && e.kind == Kind::Dir
+                && self.bits(&e) & 1 == 0
             {
                 return Some(format!(
                     "uid {} could not search the directory {} (owner {}, group {}, mode {:04o})",
                     self.uid,
                     String::from_utf8_lossy(dir),
-                    e.meta.uid,
-                    e.meta.gid,
-                    e.meta.mode & 0o7777
+                    e.uid,
+                    e.gid,
+                    e.mode & 0o7777
                 ));
             }
             dir = sys::split_parent(dir).0;
         }
-        let meta = &rows.get(path)?.meta;
         (self.bits(meta) & 4 == 0).then(|| {
             format!(
                 "uid {} could not read it (owner {}, group {}, mode {:04o})",

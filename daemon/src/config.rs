@@ -11,6 +11,7 @@
 //! durability = "commit"                     # or "sync": objects and catalogue on disk before the answer
 //! max_connections_per_uid = 64              # one more closes that uid's longest-idle connection
 //! idle_timeout_ms = 600000                  # a connection with no request for this long is closed
+//! diff_max_bytes = 1048576                  # a diff summarises larger files instead of diffing them
 //!
 //! [retention]            # for every sandbox
 //! keep_last = 100        # newest checkpoints always kept
@@ -59,6 +60,9 @@ pub struct FileConfig {
     pub max_connections_per_uid: Option<usize>,
     /// A connection idle this long is closed.
     pub idle_timeout_ms: Option<u64>,
+    /// A diff summarises files larger than this (on either side) instead
+    /// of diffing them [default: [`DIFF_MAX_BYTES`]].
+    pub diff_max_bytes: Option<u64>,
     #[serde(default)]
     pub retention: Settings,
     #[serde(default)]
@@ -82,6 +86,9 @@ pub struct SandboxSettings {
     /// after changes. Off when absent.
     pub auto_checkpoint_ms: Option<u64>,
 }
+
+/// A diff summarises files larger than this, unless configured otherwise.
+pub const DIFF_MAX_BYTES: u64 = 1 << 20;
 
 /// When a checkpoint or rollback is acknowledged.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -147,6 +154,11 @@ impl FileConfig {
             .iter()
             .filter_map(|(name, s)| s.auto_checkpoint_ms.map(|ms| (name.clone(), std::time::Duration::from_millis(ms))))
             .collect()
+    }
+
+    /// Returns the size past which a diff summarises a file.
+    pub fn diff_max_bytes(&self) -> u64 {
+        self.diff_max_bytes.unwrap_or(DIFF_MAX_BYTES)
     }
 
     /// Returns the connection limits, defaults where not set.
@@ -247,6 +259,8 @@ mod tests {
         assert_eq!(cfg.auto_checkpoints()["my-project"], std::time::Duration::from_secs(2));
         assert_eq!(cfg.socket_group.as_deref(), Some("snapback"));
         assert_eq!(cfg.excludes, ["node_modules", "*.pyc"]);
+        assert_eq!(cfg.diff_max_bytes(), DIFF_MAX_BYTES);
+        assert_eq!(FileConfig::default().diff_max_bytes(), DIFF_MAX_BYTES);
         assert_eq!(
             cfg.registrations(),
             [Registration {

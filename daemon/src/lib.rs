@@ -15,6 +15,8 @@ pub(crate) mod export;
 pub mod hooks;
 pub(crate) mod links;
 pub(crate) mod manifest;
+pub(crate) mod parts;
+pub(crate) mod patch;
 pub(crate) mod progress;
 pub(crate) mod restore;
 pub(crate) mod retention;
@@ -87,6 +89,8 @@ pub struct Config {
     pub limits: config::Limits,
     /// When checkpoints and rollbacks are acknowledged.
     pub durability: config::Durability,
+    /// Files larger than this are summarised in a diff, not diffed.
+    pub diff_max_bytes: u64,
 }
 
 /// Runs the daemon until the future `shutdown` makes resolves: migrations

@@ -107,6 +107,7 @@ fn main() -> ExitCode {
         register: file.registrations(),
         limits: file.limits(),
         durability: file.durability.unwrap_or_default(),
+        diff_max_bytes: file.diff_max_bytes(),
     };
     match snapback_daemon::run(config, shutdown_signal) {
         Ok(()) => ExitCode::SUCCESS,

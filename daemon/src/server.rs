@@ -435,7 +435,7 @@ async fn serve_line(
             return Ok(false);
         }
         (false, _) => (error(ErrorCode::InvalidRequest, "the first request must be hello"), None),
-        (true, request) => run(engine, peer, request, session.wants_progress, write).await?,
+        (true, request) => run(engine, peer, request, session, write).await?,
     };
     // The answer goes out before the background work the request started:
     // the work runs when `after` drops, sent or not.
@@ -447,12 +447,14 @@ async fn serve_line(
 
 /// Runs one request on the blocking pool. When the client asked for
 /// progress, a `progress` line goes out about every 100 ms while it runs
-/// (only when something moved); the answer follows.
+/// (only when something moved); to a client that reads parts, the lists
+/// the request streams (see [`crate::parts`]) go out as they are made.
+/// The answer follows.
 async fn run(
     engine: &Arc<Engine>,
     peer: &Peer,
     request: Request,
-    wants_progress: bool,
+    session: &Session,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> io::Result<(Response, Option<After>)> {
     let finished = |done: std::result::Result<(Result<Response>, After), tokio::task::JoinError>| match done {
@@ -461,20 +463,36 @@ async fn run(
     };
     let engine = engine.clone();
     let peer = peer.clone();
-    if !wants_progress {
-        return Ok(finished(tokio::task::spawn_blocking(move || engine.handle(peer, request)).await));
-    }
-    let counters = Arc::new(Progress::default());
+    let counters = session.wants_progress.then(|| Arc::new(Progress::default()));
     let shared = counters.clone();
-    let mut task = tokio::task::spawn_blocking(move || progress::scoped(shared, || engine.handle(peer, request)));
+    let (sink, mut parts) = tokio::sync::mpsc::channel::<Part>(4);
+    let streams = session.protocol >= 2;
+    let mut task = tokio::task::spawn_blocking(move || {
+        let work = || engine.handle(peer, request);
+        let work = || match streams {
+            true => crate::parts::scoped(sink, work),
+            false => work(),
+        };
+        match shared {
+            Some(p) => progress::scoped(p, work),
+            None => work(),
+        }
+    });
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = None;
     loop {
         tokio::select! {
-            done = &mut task => return Ok(finished(done)),
-            _ = tick.tick() => {
-                let now = counters.report();
+            done = &mut task => {
+                // The parts sent before the request ended go first.
+                while let Some(part) = parts.recv().await {
+                    send(write, &Response::Part(part)).await?;
+                }
+                return Ok(finished(done));
+            }
+            Some(part) = parts.recv() => send(write, &Response::Part(part)).await?,
+            _ = tick.tick(), if counters.is_some() => {
+                let now = counters.as_ref().and_then(|c| c.report());
                 if let Some(report) = now.as_ref().filter(|_| now != last) {
                     send(write, &Response::Progress(report.clone())).await?;
                     last = now;

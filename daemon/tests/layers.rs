@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// The layers, lowest first.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("leaves", &["sys", "error", "manifest", "links", "wal", "progress", "hooks", "systemd"]),
+    ("leaves", &["sys", "error", "manifest", "links", "wal", "progress", "parts", "patch", "hooks", "systemd"]),
     ("storage", &["store", "catalogue", "retention", "config"]),
     ("work", &["capture", "restore", "export", "watcher", "access"]),
     ("engine", &["engine"]),

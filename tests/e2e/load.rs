@@ -57,7 +57,7 @@ fn reader(socket: PathBuf, name: String, base: String, n: usize) {
                 client.list(req).unwrap_or_else(|e| panic!("{name}: list {i}: {e}"));
             }
             _ => {
-                let req = DiffRequest { from: base.clone(), to: None };
+                let req = DiffRequest { from: base.clone(), ..DiffRequest::default() };
                 client.diff(req).unwrap_or_else(|e| panic!("{name}: diff {i}: {e}"));
             }
         }

@@ -106,7 +106,8 @@ fn revert_undoes_one_step_and_refuses_to_overwrite_later_work() {
     d.checkpoint("sb");
     let before = snapshot(&root);
     let mut client = d.client();
-    let err = client.revert(snapback::proto::RevertRequest { checkpoint: after2.clone(), force: false }).unwrap_err();
+    let err =
+        client.revert(snapback::proto::RevertRequest { checkpoint: after2.clone(), ..Default::default() }).unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Conflict));
     let snapback::ClientError::Daemon(body) = &err else { panic!("{err}") };
     let listed: Vec<String> = body.paths.iter().map(|p| p.display()).collect();

@@ -275,6 +275,97 @@ impl ChangeKind {
 pub struct Change {
     pub path: WirePath,
     pub change: ChangeKind,
+    /// For a `modified` path: what about it changed. A change without
+    /// `content` (or `target`) is one of metadata only: a `chmod`, a
+    /// `touch`, a `chown`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub what: Vec<Aspect>,
+    /// With [`DiffDetail::Stat`] or [`DiffDetail::Patch`], for a file or a
+    /// symlink on either side: its line counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<FileStat>,
+}
+
+impl Change {
+    /// A change with nothing said about what changed.
+    pub fn new(path: WirePath, change: ChangeKind) -> Change {
+        Change { path, change, what: Vec::new(), stat: None }
+    }
+
+    /// Whether only metadata changed (mode, owner, mtime): the content, or
+    /// a symlink's target, is what it was.
+    pub fn metadata_only(&self) -> bool {
+        self.change == ChangeKind::Modified
+            && !self.what.is_empty()
+            && !self.what.iter().any(|a| matches!(a, Aspect::Content | Aspect::Target))
+    }
+}
+
+/// One thing about a path that can change.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Aspect {
+    /// A file's bytes.
+    Content,
+    /// A symlink's target.
+    Target,
+    /// Permission bits.
+    Mode,
+    /// Owner or group.
+    Owner,
+    /// A file's modification time.
+    Mtime,
+}
+
+impl Aspect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aspect::Content => "content",
+            Aspect::Target => "target",
+            Aspect::Mode => "mode",
+            Aspect::Owner => "owner",
+            Aspect::Mtime => "mtime",
+        }
+    }
+}
+
+/// The lines a file's change added and removed, as `git diff --stat`
+/// counts them (a symlink counts as one line, its target).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct FileStat {
+    pub added: u64,
+    pub removed: u64,
+    /// Either side holds a NUL byte in its first 8,000 (git's rule): no
+    /// lines are counted, the sizes say what changed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub binary: bool,
+    /// Bytes before and after (0 for a side that does not exist).
+    pub old_size: u64,
+    pub new_size: u64,
+    /// Why the content was not compared: the caller could not have read it
+    /// (the access rule), or a side is larger than the daemon's
+    /// `diff_max_bytes`. Nothing of the content is given then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_diffed: Option<String>,
+}
+
+/// The sum of a diff's line counts.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct DiffTotal {
+    /// Files and symlinks with a stat (directories are not counted).
+    pub files: u64,
+    pub added: u64,
+    pub removed: u64,
+}
+
+impl DiffTotal {
+    pub fn add(&mut self, stat: &FileStat) {
+        self.files += 1;
+        self.added += stat.added;
+        self.removed += stat.removed;
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -284,6 +375,53 @@ pub struct DiffReport {
     pub to: Option<String>,
     /// Sorted by path.
     pub changes: Vec<Change>,
+    /// With [`DiffDetail::Patch`]: the patch, in pieces to be written one
+    /// after the other (each well under a protocol line). Applied with
+    /// `git apply` (or `patch -p1`, for text) to `from`'s tree, it makes
+    /// `to`'s, but for binary files, files over `diff_max_bytes` and
+    /// withheld ones, which it names without content.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patch: Vec<WireBytes>,
+    /// With [`DiffDetail::Stat`] or [`DiffDetail::Patch`]: the sum of the
+    /// changes' line counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<DiffTotal>,
+}
+
+/// One entry of the log: a checkpoint and what its step changed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    pub checkpoint: CheckpointInfo,
+    /// The step's line counts: what this checkpoint recorded against its
+    /// parent (withheld files count as files, with no lines). `None` for a
+    /// step of more than 5,000 paths, which `show --stat` counts.
+    pub total: Option<DiffTotal>,
+    /// For a `safety` or `restore` checkpoint: the rollback, revert or
+    /// undo it belongs to (`rollback to ID`, `revert of ID`, `undo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
+    /// For a checkpoint taken after a tool call: the one taken before the
+    /// same call (same `tool_use_id` label), which together make one step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre: Option<String>,
+    /// With `stat`: the step's changes, with line counts (at most 1,000).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+    /// With `stat`: the step's changes past the 1,000 listed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub more_changes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LogReport {
+    /// Newest first.
+    pub entries: Vec<LogEntry>,
+    /// Checkpoints left out by the limit.
+    pub more: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -324,6 +462,14 @@ pub struct RollbackReport {
     /// which were set to the step's parent version anyway.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<WirePath>,
+    /// On a dry run: each path it would change, as `diff --stat` from the
+    /// live tree to the state it would leave (a path it would create is
+    /// `added`, one it would remove `deleted`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preview: Vec<Change>,
+    /// On a dry run: the sum of `preview`'s line counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_total: Option<DiffTotal>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -54,6 +54,7 @@ impl Request {
             Request::List(_) => "list",
             Request::Show(_) => "show",
             Request::Diff(_) => "diff",
+            Request::Log(_) => "log",
             Request::Rollback(_) => "rollback",
             Request::Status(_) => "status",
             Request::PlanShow(_) => "plan_show",
@@ -79,6 +80,7 @@ impl Request {
                 r.store.iter().try_for_each(|s| check_absolute("store", s))
             }
             Request::Export(r) => check_absolute("dir", &r.dir),
+            Request::Diff(DiffRequest { paths, .. }) => paths.iter().try_for_each(|p| check_sandbox_path("paths", p)),
             Request::Rollback(RollbackRequest { paths, .. })
             | Request::PlanRollback(PlanRollbackRequest { paths, .. }) => {
                 paths.iter().try_for_each(|p| check_sandbox_path("paths", p))
@@ -100,6 +102,7 @@ pub enum Request {
     List(ListRequest),
     Show(ShowRequest),
     Diff(DiffRequest),
+    Log(LogRequest),
     Rollback(RollbackRequest),
     Status(StatusRequest),
     PlanShow(PlanRef),
@@ -127,6 +130,7 @@ pub enum Response {
     Checkpoint(CheckpointInfo),
     Checkpoints(Checkpoints),
     Diff(DiffReport),
+    Log(LogReport),
     Rollback(RollbackReport),
     Status(StatusReport),
     Plan(PlanInfo),

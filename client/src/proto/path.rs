@@ -61,13 +61,18 @@ pub(super) enum WirePathRepr {
     Bytes(String),
 }
 
+impl WirePathRepr {
+    fn of(bytes: &[u8]) -> WirePathRepr {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => WirePathRepr::Text(text.to_owned()),
+            Err(_) => WirePathRepr::Bytes(BASE64.encode(bytes)),
+        }
+    }
+}
+
 impl Serialize for WirePath {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match std::str::from_utf8(&self.0) {
-            Ok(text) => WirePathRepr::Text(text.to_owned()),
-            Err(_) => WirePathRepr::Bytes(BASE64.encode(&self.0)),
-        }
-        .serialize(s)
+        WirePathRepr::of(&self.0).serialize(s)
     }
 }
 
@@ -80,6 +85,23 @@ impl<'de> Deserialize<'de> for WirePath {
                 .map(WirePath)
                 .map_err(|e| serde::de::Error::custom(format!("invalid base64 path: {e}"))),
         }
+    }
+}
+
+/// Bytes that are usually text (a piece of a patch): on the wire like a
+/// [`WirePath`], `{"text": "..."}` when UTF-8, else `{"bytes": "<base64>"}`.
+#[derive(Clone, PartialEq, Eq, Default, Debug)]
+pub struct WireBytes(pub Vec<u8>);
+
+impl Serialize for WireBytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        WirePathRepr::of(&self.0).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WirePath::deserialize(d).map(|p| WireBytes(p.0))
     }
 }
 

@@ -35,21 +35,27 @@ pub struct PlanRollbackRequest {
 
 /// Undoes only the changes a checkpoint recorded since the checkpoint
 /// before it, keeping every later change.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RevertRequest {
     pub checkpoint: String,
     /// For paths also changed later, take the step's parent version anyway.
     #[serde(default)]
     pub force: bool,
+    /// Report what would change, touching nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// Rolls a sandbox back to the safety checkpoint of its latest rollback,
 /// revert or undo.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UndoRequest {
     pub sandbox: String,
+    /// Report what would change, touching nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// Prunes a sandbox's checkpoints now under its retention policy, with
@@ -208,14 +214,60 @@ pub struct ShowRequest {
 }
 
 /// Compares a checkpoint with a later one, or with the live tree when `to`
-/// is absent.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// is absent; or, with `step`, shows what one checkpoint recorded.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DiffRequest {
     pub from: String,
     #[serde(default)]
     pub to: Option<String>,
+    /// Compare `from`'s parent (the empty tree for a first checkpoint)
+    /// with `from`: the changes that step recorded. `to` must be absent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub step: bool,
+    /// Only these sandbox-relative paths and what lies below them. Empty:
+    /// everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<WirePath>,
+    #[serde(default)]
+    pub detail: DiffDetail,
 }
+
+/// How much a diff says about each path.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DiffDetail {
+    /// Each path and how it changed.
+    #[default]
+    Paths,
+    /// Also each file's added and removed lines ([`FileStat`]).
+    Stat,
+    /// Also the patch, in git's extended unified format
+    /// ([`DiffReport::patch`]).
+    Patch,
+}
+
+/// The timeline of checkpoints, newest first, each with what its step
+/// changed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogRequest {
+    /// Only this sandbox (a name or registered path).
+    #[serde(default)]
+    pub sandbox: Option<String>,
+    /// Only this plan's checkpoints.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// At most this many entries [default: 20]; 0 for all of them.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Also each entry's files, with their line counts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stat: bool,
+}
+
+/// How many entries a log holds when the request does not say.
+pub const LOG_LIMIT: u64 = 20;
 
 /// Brings a sandbox back to a checkpoint.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

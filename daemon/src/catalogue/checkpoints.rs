@@ -193,6 +193,44 @@ pub fn checkpoints(conn: &Connection, sandbox_id: Option<i64>, plan: Option<&str
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Which checkpoints a log shows.
+#[derive(Clone, Copy)]
+pub struct LogScope<'a> {
+    /// One sandbox, else every sandbox of `owner`.
+    pub sandbox_id: Option<i64>,
+    /// Only sandboxes of this uid (`None`: everyone's).
+    pub owner: Option<u32>,
+    pub plan: Option<&'a str>,
+}
+
+/// Returns the newest `limit` checkpoints in `scope` (`None`: all), newest
+/// first, and how many there are in all. Of one sandbox, the newest are
+/// read through its (sandbox, seq) index, not sorted from all of them.
+pub fn recent_checkpoints(
+    conn: &Connection,
+    scope: LogScope<'_>,
+    limit: Option<u64>,
+) -> Result<(Vec<Checkpoint>, u64)> {
+    let filter =
+        "(?1 IS NULL OR c.sandbox_id = ?1) AND (?2 IS NULL OR s.owner_uid = ?2) AND (?3 IS NULL OR c.plan = ?3)";
+    let order = match scope.sandbox_id {
+        Some(_) => "c.seq DESC",
+        None => "c.created_ms DESC, c.id DESC",
+    };
+    let sql = format!(
+        "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN sandboxes s ON s.id = c.sandbox_id
+         WHERE {filter} ORDER BY {order} LIMIT ?4"
+    );
+    let limit = limit.map_or(-1, |n| n.min(i64::MAX as u64) as i64);
+    let args = params![scope.sandbox_id, scope.owner, scope.plan, limit];
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let shown: Vec<Checkpoint> = stmt.query_map(args, checkpoint_from_row)?.collect::<rusqlite::Result<_>>()?;
+    let count = format!("SELECT count(*) FROM checkpoints c JOIN sandboxes s ON s.id = c.sandbox_id WHERE {filter}");
+    let total: i64 =
+        conn.prepare_cached(&count)?.query_row(params![scope.sandbox_id, scope.owner, scope.plan], |r| r.get(0))?;
+    Ok((shown, total as u64))
+}
+
 /// Returns the checkpoint at `seq` of a sandbox, if it exists.
 pub fn checkpoint_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Option<Checkpoint>> {
     let sql = format!(

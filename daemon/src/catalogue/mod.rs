@@ -54,6 +54,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0011_pruned.sql", include_str!("../../../migrations/0011_pruned.sql")),
     ("0012_link_counts.sql", include_str!("../../../migrations/0012_link_counts.sql")),
     ("0013_link_index.sql", include_str!("../../../migrations/0013_link_index.sql")),
+    ("0014_directory_index.sql", include_str!("../../../migrations/0014_directory_index.sql")),
 ];
 
 /// The schema version this build writes.
@@ -149,14 +150,15 @@ mod tests {
                 .unwrap();
             assert_eq!(n, 1, "table {table} missing");
         }
-        // Versions are indexed by checkpoint, and multi-link ones by inode
-        // (migration 13): an index of every version by path or by object
-        // puts each new version at a random page (migrations 6, 7).
+        // Versions are indexed by checkpoint, multi-link ones by inode
+        // (migration 13) and directories by path (14): an index of every
+        // version by path or by object puts each new version at a random
+        // page (migrations 6, 7).
         let mut stmt =
             conn.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries'").unwrap();
         let mut indexes: Vec<String> = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
         indexes.sort();
-        assert_eq!(indexes, ["entries_end", "entries_links", "entries_start"]);
+        assert_eq!(indexes, ["entries_dirs", "entries_end", "entries_links", "entries_start"]);
         drop(stmt);
         drop(conn);
         // Opening again applies nothing and keeps the version.

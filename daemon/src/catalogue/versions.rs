@@ -109,6 +109,18 @@ pub fn count_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<u64> {
     )? as u64)
 }
 
+/// Returns the version of the directory `path` at checkpoint `seq`, if it
+/// was a directory then (through the index of directory versions).
+pub fn dir_at(conn: &Connection, sandbox_id: i64, seq: u64, path: &[u8]) -> Result<Option<Row>> {
+    let sql = format!(
+        "SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND kind = 'dir' AND path = ?3
+         AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let found = stmt.query_row(params![sandbox_id, seq as i64, path], entry_from_row).optional()?;
+    Ok(found.map(|(_, row)| row))
+}
+
 /// Whether the checkpoint at `seq` holds `path` or anything below it. Reads
 /// the sandbox's versions (there is no index by path): for the rare request
 /// that names a path the live tree lacks.

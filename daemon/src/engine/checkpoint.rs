@@ -427,37 +427,6 @@ impl Engine {
         Ok(current)
     }
 
-    pub(super) fn diff(&self, peer: &Peer, req: DiffRequest) -> Result<DiffReport> {
-        let from = self.checkpoint_ref(peer, &req.from)?;
-        let conn = self.db()?;
-        let (to_id, changes) = match &req.to {
-            Some(to_ref) => {
-                let to = self.checkpoint_ref(peer, to_ref)?;
-                if to.sandbox_id != from.sandbox_id {
-                    return Err(Error::InvalidRequest(format!(
-                        "{} and {} belong to different sandboxes",
-                        from.info.id, to.info.id
-                    )));
-                }
-                let (a, b) = (from.info.seq, to.info.seq);
-                let changes = if a == b {
-                    Vec::new()
-                } else {
-                    let (old, new) = catalogue::rows_between(&conn, from.sandbox_id, a.min(b), a.max(b))?;
-                    if a < b { changes(&old, &new) } else { changes(&new, &old) }
-                };
-                (Some(to.info.id), changes)
-            }
-            None => {
-                let sandbox = catalogue::sandbox_by_id(&conn, from.sandbox_id)?;
-                let live = self.live_state(&conn, &sandbox)?;
-                let then = catalogue::rows_at(&conn, from.sandbox_id, from.info.seq)?;
-                (None, changes(&then, &live))
-            }
-        };
-        Ok(DiffReport { from: from.info.id, to: to_id, changes })
-    }
-
     pub(super) fn show(&self, peer: &Peer, reference: &str) -> Result<CheckpointInfo> {
         let c = self.checkpoint_ref(peer, reference)?;
         let conn = self.db()?;
@@ -613,25 +582,4 @@ pub(super) fn differences(a: &Manifest, b: &Manifest) -> (Manifest, Manifest) {
         }
     }
     (a_side, b_side)
-}
-
-/// Lists how each path differs from `from` to `to`, sorted by path.
-pub(super) fn changes(from: &Manifest, to: &Manifest) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (path, f) in from {
-        let change = match to.get(path) {
-            None => ChangeKind::Deleted,
-            Some(t) if t.meta.kind != f.meta.kind => ChangeKind::TypeChanged,
-            Some(t) if t.meta != f.meta => ChangeKind::Modified,
-            Some(_) => continue,
-        };
-        out.push(Change { path: WirePath(path.clone()), change });
-    }
-    for path in to.keys() {
-        if !from.contains_key(path) {
-            out.push(Change { path: WirePath(path.clone()), change: ChangeKind::Added });
-        }
-    }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    out
 }

@@ -37,10 +37,13 @@ use crate::watcher::{Drain, SandboxWatch};
 
 mod admin;
 mod checkpoint;
+mod compare;
 mod deferred;
 mod plans;
+mod preview;
 mod pruner;
 mod recovery;
+mod review;
 mod rollback;
 mod sandboxes;
 mod watches;
@@ -94,6 +97,8 @@ pub struct Engine {
     default_excludes: Vec<String>,
     /// When checkpoints and rollbacks are acknowledged.
     durability: crate::config::Durability,
+    /// Files larger than this are summarised in a diff, not diffed.
+    diff_max_bytes: u64,
 }
 
 /// Catalogue connections (see [`Engine::db`]).
@@ -271,6 +276,7 @@ impl Engine {
             },
             default_excludes: config.default_excludes.clone(),
             durability: config.durability,
+            diff_max_bytes: config.diff_max_bytes,
         };
         engine.store(&bytes_of(&engine.stores.default))?;
         for store in catalogue::stores(&conn)? {
@@ -417,6 +423,7 @@ impl Engine {
             Request::List(r) => self.list(peer, r).map(Response::Checkpoints),
             Request::Show(r) => self.show(peer, &r.checkpoint).map(Response::Checkpoint),
             Request::Diff(r) => self.diff(peer, r).map(Response::Diff),
+            Request::Log(r) => self.log(peer, r).map(Response::Log),
             Request::Rollback(r) => self.rollback(peer, r).map(Response::Rollback),
             Request::Status(_) => self.status(peer).map(Response::Status),
             Request::PlanShow(r) => self.plan_show(peer, &r.plan).map(Response::Plan),
@@ -509,6 +516,7 @@ mod tests {
             register: vec![],
             limits: Default::default(),
             durability: Default::default(),
+            diff_max_bytes: crate::config::DIFF_MAX_BYTES,
         };
         let engine = Engine::open(&config).unwrap();
         let peer = Peer::daemon();

@@ -71,7 +71,7 @@ impl Engine {
         // The guard reads the catalogue under the sandbox's lock.
         refuse_if_applied(&conn, &req.plan)?;
         match req.dry_run {
-            true => self.preview_restore(&mut conn, &sandbox, &target, &filter),
+            true => self.preview_restore(&mut conn, peer, &sandbox, &target, &filter),
             false => self.restore_to(&mut conn, Restoring::rollback(&sandbox, &target, &filter)),
         }
     }

@@ -12,7 +12,7 @@ impl Engine {
         let guard = self.sandbox_lock(sandbox.id);
         let _held = lock(&guard);
         match req.dry_run {
-            true => self.preview_restore(&mut conn, &sandbox, &target, &filter),
+            true => self.preview_restore(&mut conn, peer, &sandbox, &target, &filter),
             false => self.restore_to(&mut conn, Restoring::rollback(&sandbox, &target, &filter)),
         }
     }
@@ -34,7 +34,7 @@ impl Engine {
     /// Refuses a restore to `target` that must not run: the checkpoint is
     /// gone, broken, or part of an applied plan, or `filter` names what a
     /// rollback could do nothing with. Returns the checkpoint as it is now.
-    fn restorable(
+    pub(super) fn restorable(
         &self,
         conn: &Connection,
         sandbox: &Sandbox,
@@ -48,34 +48,6 @@ impl Engine {
         refuse_if_broken(&target)?;
         self.check_filter(conn, sandbox, &target, filter)?;
         Ok(target)
-    }
-
-    /// What [`Engine::restore_to`] would do, changing nothing.
-    pub(super) fn preview_restore(
-        &self,
-        conn: &mut Connection,
-        sandbox: &Sandbox,
-        target: &Checkpoint,
-        filter: &[Vec<u8>],
-    ) -> Result<RollbackReport> {
-        let target = &self.restorable(conn, sandbox, target, filter)?;
-        let excludes = Excludes::new(&sandbox.excludes)?;
-        let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
-        let live = self.live_state(conn, &sb)?;
-        let then = catalogue::rows_at(conn, sandbox.id, target.info.seq)?;
-        let (mut t_side, mut l_side) = differences(&then, &live);
-        let relinked = crate::links::relink(
-            &crate::links::InMemory::new(&then, &live),
-            &mut t_side,
-            &mut l_side,
-            crate::links::Reach::Groups,
-        )?;
-        let plan = Plan::new(&t_side, &l_side, filter, &excludes, relinked);
-        let total = match filter {
-            [] => then.len(),
-            _ => then.keys().filter(|p| selected(p, filter, &excludes)).count(),
-        } as u64;
-        Ok(plan_report(sandbox, &plan, &target.info.id, total))
     }
 
     /// Refuses a `--path` that a rollback could do nothing with, before
@@ -313,6 +285,9 @@ impl Engine {
         if let Some(plan) = &step.info.plan {
             refuse_if_applied(&conn, plan)?;
         }
+        if req.dry_run {
+            return self.preview_revert(&conn, peer, &sandbox, &step, req.force);
+        }
         let intent =
             catalogue::begin_intent(&conn, sandbox.id, IntentKind::Revert, &step.info.id, &[], req.force, now_ms())?;
         let result = self.revert_intent(&mut conn, &sandbox, &step, req.force, (intent, IntentEnd::WithTheRestore));
@@ -330,13 +305,7 @@ impl Engine {
         force: bool,
         (intent, end): (i64, IntentEnd),
     ) -> Result<RollbackReport> {
-        let parent = catalogue::previous_checkpoint(conn, sandbox.id, step.info.seq)?.ok_or_else(|| {
-            Error::InvalidRequest(format!(
-                "{} is the first checkpoint of {}: there is no earlier state to revert its changes to",
-                step.info.id, sandbox.name
-            ))
-        })?;
-        refuse_if_broken(&parent)?;
+        let parent = revertible(conn, sandbox, step)?;
         let excludes = Excludes::new(&sandbox.excludes)?;
         let reason = format!("before revert of {}", step.info.id);
         // The plan is made in the safety checkpoint's transaction, from the
@@ -344,23 +313,7 @@ impl Engine {
         // rolls that transaction back: it leaves no checkpoint behind.
         let (safety, planned) = self.take_then(conn, sandbox.id, safety_checkpoint(reason), |tx, s| {
             let planned = revert_plan(tx, sandbox.id, (parent.info.seq, step.info.seq, s.seq), force, &excludes)?
-                .map_err(|conflicts| {
-                    let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
-                    Error::Conflict {
-                        message: format!(
-                            "{} path(s) changed by {} were changed again later ({}{}); nothing was reverted",
-                            conflicts.len(),
-                            step.info.id,
-                            shown.join(", "),
-                            if conflicts.len() > shown.len() { ", ..." } else { "" }
-                        ),
-                        paths: conflicts,
-                        hint: format!(
-                            "`snapback revert --force {}` takes the step's parent version for them",
-                            step.info.id
-                        ),
-                    }
-                })?;
+                .map_err(|conflicts| revert_conflict(&step.info.id, conflicts))?;
             catalogue::intent_applying(tx, intent, &s.id, now_ms())?;
             catalogue::record_rollback(tx, sandbox.id, IntentKind::Revert, &step.info.id, &s.id, now_ms())?;
             Ok(planned)
@@ -389,6 +342,9 @@ impl Engine {
         let back = catalogue::checkpoint_by_ref(&conn, &safety).map_err(|_| {
             Error::NotFound(format!("the safety checkpoint {safety} of the last {kind} (to {target}) is gone"))
         })?;
+        if req.dry_run {
+            return self.preview_restore(&mut conn, peer, &sandbox, &back, &[]);
+        }
         self.restore_to(&mut conn, Restoring { sandbox: &sandbox, target: &back, filter: &[], kind: IntentKind::Undo })
     }
 }
@@ -436,9 +392,24 @@ pub(super) fn revert_plan(
     force: bool,
     excludes: &Excludes,
 ) -> Result<std::result::Result<Reverting, Vec<Vec<u8>>>> {
-    let (before, after) = catalogue::rows_between(conn, sandbox_id, parent, step)?;
+    let step_sides = catalogue::rows_between(conn, sandbox_id, parent, step)?;
+    let later_sides = catalogue::rows_between(conn, sandbox_id, step, now_seq)?;
+    let linked = catalogue::LinkedAt { conn, sandbox_id, target: parent, live: now_seq };
+    plan_revert(step_sides, later_sides, &linked, force, excludes)
+}
+
+/// The plan of a revert from the versions its step changed (`before`:
+/// the parent's, `after`: the step's) and those changed since
+/// (`then`: the step's, `now`: the live ones), with the link groups of
+/// the parent's state and the live one in `linked`.
+pub(super) fn plan_revert(
+    (before, after): (Manifest, Manifest),
+    (then, now): (Manifest, Manifest),
+    linked: &impl crate::links::Linked,
+    force: bool,
+    excludes: &Excludes,
+) -> Result<std::result::Result<Reverting, Vec<Vec<u8>>>> {
     let step_paths = changed_paths(&before, &after);
-    let (then, now) = catalogue::rows_between(conn, sandbox_id, step, now_seq)?;
     let later: std::collections::HashSet<Vec<u8>> = changed_paths(&then, &now).into_iter().collect();
     // A path to put back whose directory was removed (or became something
     // else) after the step conflicts too: putting it back would undo that
@@ -473,10 +444,37 @@ pub(super) fn revert_plan(
             live.insert(p.clone(), row.clone());
         }
     }
-    let linked = catalogue::LinkedAt { conn, sandbox_id, target: parent, live: now_seq };
-    let relinked = crate::links::relink(&linked, &mut target, &mut live, crate::links::Reach::Difference)?;
+    let relinked = crate::links::relink(linked, &mut target, &mut live, crate::links::Reach::Difference)?;
     let plan = Plan::new(&target, &live, &[], excludes, relinked);
     Ok(Ok(Reverting { plan, conflicts, step_paths: step_paths.len() }))
+}
+
+/// The checkpoint before `step`, whose versions a revert of it puts back:
+/// refused for a first checkpoint, or a broken parent.
+pub(super) fn revertible(conn: &Connection, sandbox: &Sandbox, step: &Checkpoint) -> Result<Checkpoint> {
+    let parent = catalogue::previous_checkpoint(conn, sandbox.id, step.info.seq)?.ok_or_else(|| {
+        Error::InvalidRequest(format!(
+            "{} is the first checkpoint of {}: there is no earlier state to revert its changes to",
+            step.info.id, sandbox.name
+        ))
+    })?;
+    refuse_if_broken(&parent)?;
+    Ok(parent)
+}
+
+/// The refusal of a revert whose step's paths were changed again later.
+pub(super) fn revert_conflict(step_id: &str, conflicts: Vec<Vec<u8>>) -> Error {
+    let shown: Vec<String> = conflicts.iter().take(10).map(|p| capture::show(p)).collect();
+    Error::Conflict {
+        message: format!(
+            "{} path(s) changed by {step_id} were changed again later ({}{}); nothing was reverted",
+            conflicts.len(),
+            shown.join(", "),
+            if conflicts.len() > shown.len() { ", ..." } else { "" }
+        ),
+        paths: conflicts,
+        hint: format!("`snapback revert --force {step_id}` takes the step's parent version for them"),
+    }
 }
 
 /// What a restore was, from its safety checkpoint's reason (`before
@@ -603,6 +601,8 @@ pub(super) fn plan_report(sandbox: &Sandbox, plan: &Plan, target_id: &str, total
         removed: paths_of(|s| matches!(s, Step::Delete(_))),
         skipped: Vec::new(),
         conflicts: Vec::new(),
+        preview: Vec::new(),
+        preview_total: None,
     }
 }
 
