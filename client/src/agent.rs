@@ -20,9 +20,9 @@ use serde::Deserialize;
 use snapback::proto::{CheckpointInfo, CheckpointKind, CheckpointRequest, SandboxInfo};
 use snapback::{Client, ClientError, ConnectOptions};
 
-/// The fields snapback reads from a hook's JSON. Claude Code
-/// (`PreToolUse`, `PostToolUse`) and Gemini CLI (`BeforeTool`,
-/// `AfterTool`) both send these names; anything else is ignored.
+/// The fields snapback reads from a hook's JSON. Claude Code and Codex
+/// CLI (`PreToolUse`, `PostToolUse`) and Gemini CLI (`BeforeTool`,
+/// `AfterTool`) all send these names; anything else is ignored.
 #[derive(Deserialize, Debug, Default)]
 pub struct HookInput {
     pub session_id: Option<String>,
@@ -30,6 +30,75 @@ pub struct HookInput {
     pub hook_event_name: Option<String>,
     pub tool_name: Option<String>,
     pub tool_use_id: Option<String>,
+    /// Codex: the turn the call belongs to.
+    pub turn_id: Option<String>,
+    /// The call's arguments: only what names the call is read (see
+    /// [`call_identity`]), never content.
+    pub tool_input: Option<serde_json::Value>,
+    /// Gemini CLI, for a call of an MCP server's tool.
+    pub mcp_context: Option<McpContext>,
+}
+
+/// Gemini CLI's description of an MCP tool call.
+#[derive(Deserialize, Debug, Default, Clone)]
+pub struct McpContext {
+    pub server_name: Option<String>,
+    pub tool_name: Option<String>,
+}
+
+/// The longest identity a hook records for a call.
+const MAX_IDENTITY: usize = 200;
+
+/// What a tool call was, in one line and at most [`MAX_IDENTITY`] bytes,
+/// for the checkpoint's reason: a shell command's first line, the file an
+/// edit or a write names (relative to `cwd` when below it), the files an
+/// `apply_patch` touches, the server and tool of an MCP call. Never the
+/// content of a file or a patch.
+pub fn call_identity(input: &HookInput) -> Option<String> {
+    let tool = input.tool_name.as_deref().unwrap_or_default();
+    let args = input.tool_input.as_ref();
+    let text = |key: &str| args.and_then(|a| a.get(key)).and_then(serde_json::Value::as_str);
+    let mcp = match &input.mcp_context {
+        Some(McpContext { server_name: Some(s), tool_name: Some(t) }) => Some(format!("{s} {t}")),
+        _ => tool.strip_prefix("mcp__").and_then(|rest| rest.split_once("__")).map(|(s, t)| format!("{s} {t}")),
+    };
+    let found = if let Some(call) = mcp {
+        Some(call)
+    } else if let Some(command) = text("command") {
+        match patched_files(command) {
+            Some(files) => Some(files.join(", ")),
+            None => command.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_owned),
+        }
+    } else {
+        ["file_path", "notebook_path", "path"].into_iter().find_map(text).map(|p| relative_to(p, input.cwd.as_deref()))
+    };
+    found.map(|s| bounded(&s.replace(['\n', '\r'], " "), MAX_IDENTITY))
+}
+
+/// The files an `apply_patch` envelope (Codex) adds, updates or deletes;
+/// `None` when `command` is not one.
+fn patched_files(command: &str) -> Option<Vec<&str>> {
+    if !command.trim_start().starts_with("*** Begin Patch") {
+        return None;
+    }
+    let marks = ["*** Add File: ", "*** Update File: ", "*** Delete File: "];
+    Some(command.lines().filter_map(|l| marks.iter().find_map(|m| l.strip_prefix(m))).map(str::trim).collect())
+}
+
+fn relative_to(path: &str, cwd: Option<&Path>) -> String {
+    match cwd.and_then(|c| Path::new(path).strip_prefix(c).ok()) {
+        Some(rel) if !rel.as_os_str().is_empty() => rel.to_string_lossy().into_owned(),
+        _ => path.to_owned(),
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary, marked `…`.
+fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let cut = (0..=max - 3).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    format!("{}…", &s[..cut])
 }
 
 /// The most a hook reads from stdin; a tool call that writes a large file
@@ -95,15 +164,17 @@ fn take_hook_checkpoint(socket: Option<PathBuf>, sandbox: Option<String>) -> Res
         }
     };
     let event = input.hook_event_name.clone();
-    let mut labels = BTreeMap::new();
-    if let Some(id) = input.tool_use_id {
-        labels.insert("tool_use_id".to_owned(), id);
-    }
-    let reason = match (&event, &input.tool_name) {
+    let reason = call_identity(&input).or_else(|| match (&event, &input.tool_name) {
         (Some(e), Some(t)) => Some(format!("{e} {t}")),
         (Some(e), None) => Some(e.clone()),
         _ => None,
-    };
+    });
+    let mut labels = BTreeMap::new();
+    for (key, value) in [("tool_use_id", input.tool_use_id), ("turn_id", input.turn_id)] {
+        if let Some(v) = value {
+            labels.insert(key.to_owned(), bounded(&v, MAX_IDENTITY));
+        }
+    }
     let req = CheckpointRequest {
         sandbox,
         plan: input.session_id,
@@ -285,5 +356,32 @@ mod tests {
         assert_eq!(h.hook_event_name.as_deref(), Some("PreToolUse"));
         assert_eq!(h.tool_name.as_deref(), Some("Write"));
         assert_eq!(h.tool_use_id.as_deref(), Some("toolu_1"));
+        assert_eq!(call_identity(&h).as_deref(), Some("x"), "the file, relative to cwd; never the content");
+    }
+
+    fn identity(doc: serde_json::Value) -> Option<String> {
+        call_identity(&serde_json::from_value(doc).unwrap())
+    }
+
+    #[test]
+    fn each_call_is_named_by_what_it_did() {
+        use serde_json::json;
+        let bash =
+            json!({"tool_name": "Bash", "tool_input": {"command": "\n  npm test -- --watch=false  \necho done"}});
+        assert_eq!(identity(bash).as_deref(), Some("npm test -- --watch=false"));
+        let edit = json!({"cwd": "/w", "tool_name": "Edit", "tool_input": {"file_path": "/elsewhere/a.rs", "old_string": "x"}});
+        assert_eq!(identity(edit).as_deref(), Some("/elsewhere/a.rs"));
+        let mcp = json!({"tool_name": "mcp__github__create_issue", "tool_input": {"title": "t"}});
+        assert_eq!(identity(mcp).as_deref(), Some("github create_issue"));
+        let gemini = json!({"tool_name": "mcp_fs_write", "mcp_context": {"server_name": "fs", "tool_name": "write"}});
+        assert_eq!(identity(gemini).as_deref(), Some("fs write"));
+        let patch =
+            "*** Begin Patch\n*** Update File: src/a.rs\n@@\n-secret\n+x\n*** Add File: b.txt\n+hi\n*** End Patch";
+        let codex = json!({"tool_name": "apply_patch", "tool_input": {"command": patch}});
+        assert_eq!(identity(codex).as_deref(), Some("src/a.rs, b.txt"));
+        let long = json!({"tool_name": "Bash", "tool_input": {"command": "é".repeat(300)}});
+        let named = identity(long).unwrap();
+        assert!(named.len() <= MAX_IDENTITY && named.ends_with('…'), "{named}");
+        assert_eq!(identity(json!({"tool_name": "WebSearch", "tool_input": {"query": "q"}})), None);
     }
 }
