@@ -7,7 +7,9 @@
 //! checkpoint answered (the test is the only writer), and, for the
 //! checkpoints the daemon takes itself, the tree just before and just after
 //! each restore. After every rollback, revert and undo the live tree is
-//! compared with what the model says it must be.
+//! compared with what the model says it must be. Each of them is first
+//! run dry: the tree and the checkpoints must not move, and the real run
+//! must then do what the dry one said.
 //!
 //! `SNAPBACK_MODEL_SEED` replays a run (the seed is printed at the start of
 //! each); `SNAPBACK_MODEL_OPS` sets its length (2,000 by default, which
@@ -19,7 +21,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use snapback::proto::{CheckpointRequest, ListRequest, RevertRequest, RollbackReport, RollbackRequest};
+use snapback::proto::{CheckpointRequest, ListRequest, RevertRequest, RollbackReport, RollbackRequest, UndoRequest};
 use snapback::{Client, ClientError};
 
 use crate::fixture::TestDaemon;
@@ -238,6 +240,35 @@ impl Run {
         list.checkpoints.into_iter().map(|c| c.id).collect()
     }
 
+    /// Runs a restore dry: nothing may move, neither the tree, its links,
+    /// nor the list of checkpoints.
+    fn dry_run(
+        &mut self,
+        doing: &str,
+        ask: impl FnOnce(&mut Client) -> Result<RollbackReport, ClientError>,
+    ) -> Result<RollbackReport, ClientError> {
+        let (tree, links, checkpoints) = (self.tree(), self.links(), self.existing());
+        let answer = ask(&mut self.client);
+        let what = self.what(&format!("a dry run of {doing}"));
+        assert_same(&self.tree(), &tree, &what);
+        assert_eq!(self.links(), links, "{what}: links moved");
+        assert_eq!(self.existing(), checkpoints, "{what}: the checkpoints moved");
+        if let Ok(report) = &answer {
+            assert!(report.dry_run && report.safety_checkpoint.is_none(), "{what}: {report:?}");
+        }
+        answer
+    }
+
+    /// The real run did what its dry run said it would.
+    fn as_said(&self, dry: &RollbackReport, real: &RollbackReport, doing: &str) {
+        let what = self.what(&format!("{doing} against its dry run"));
+        assert_eq!(real.created_paths, dry.created_paths, "{what}: created");
+        assert_eq!(real.restored_paths, dry.restored_paths, "{what}: restored\ndry {dry:?}\nreal {real:?}");
+        assert_eq!(real.removed, dry.removed, "{what}: removed");
+        assert_eq!((real.restored, real.created, real.deleted), (dry.restored, dry.created, dry.deleted), "{what}");
+        assert_eq!(real.conflicts, dry.conflicts, "{what}: conflicts");
+    }
+
     /// Records the daemon's own checkpoints of a restore: the safety one
     /// held the tree before, the restore one the tree after.
     fn restored(&mut self, report: &RollbackReport, (before, links_before): (Tree, Links)) {
@@ -256,11 +287,17 @@ impl Run {
     fn rollback(&mut self) {
         let existing = self.existing();
         let Some(target) = self.rng.pick(&existing).cloned() else { return };
+        let dry = self
+            .dry_run("rollback", |c| {
+                c.rollback(RollbackRequest { checkpoint: target.clone(), paths: vec![], dry_run: true })
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", self.what("dry rollback")));
         let before = (self.tree(), self.links());
         let report = self
             .client
             .rollback(RollbackRequest { checkpoint: target.clone(), paths: vec![], dry_run: false })
             .unwrap_or_else(|e| panic!("{}: {e}", self.what("rollback")));
+        self.as_said(&dry, &report, "rollback");
         let expected = self.held[&target].clone();
         assert_same(&self.tree(), &expected, &self.what(&format!("rollback to {target}")));
         self.assert_links(&self.held_links[&target], &format!("rollback to {target}"));
@@ -276,6 +313,10 @@ impl Run {
             return;
         }
         let i = 1 + self.rng.below(existing.len() - 1);
+        let step_id = existing[i].clone();
+        let dry = self.dry_run("revert", |c| {
+            c.revert(RevertRequest { checkpoint: step_id.clone(), dry_run: true, ..RevertRequest::default() })
+        });
         let (parent, step) = (&self.held[&existing[i - 1]], &self.held[&existing[i]]);
         let before = self.tree();
         let links_before = self.links();
@@ -307,7 +348,12 @@ impl Run {
                 }
             }
         }
-        let answer = self.client.revert(RevertRequest { checkpoint: existing[i].clone(), force: false });
+        let answer = self.client.revert(RevertRequest { checkpoint: step_id, ..RevertRequest::default() });
+        match (&dry, &answer) {
+            (Err(ClientError::Daemon(d)), Err(ClientError::Daemon(e))) => assert_eq!(d.code, e.code),
+            (Ok(dry), Ok(real)) => self.as_said(dry, real, "revert"),
+            other => panic!("{}: the dry run and the revert disagree: {other:?}", self.what("revert")),
+        }
         match answer {
             Err(ClientError::Daemon(e)) if conflict && e.code == snapback::proto::ErrorCode::Conflict => {
                 assert_same(&self.tree(), &before, &self.what("a refused revert"));
@@ -345,8 +391,15 @@ impl Run {
 
     fn undo(&mut self) {
         let Some((expected, links)) = self.before_last_restore.clone() else { return };
+        let dry = self
+            .dry_run("undo", |c| c.undo(UndoRequest { sandbox: "m".into(), dry_run: true }))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.what("dry undo")));
         let before = (self.tree(), self.links());
-        let report = self.client.undo("m").unwrap_or_else(|e| panic!("{}: {e}", self.what("undo")));
+        let report = self
+            .client
+            .undo(UndoRequest { sandbox: "m".into(), dry_run: false })
+            .unwrap_or_else(|e| panic!("{}: {e}", self.what("undo")));
+        self.as_said(&dry, &report, "undo");
         assert_same(&self.tree(), &expected, &self.what("undo"));
         self.assert_links(&links, "undo");
         self.restored(&report, before);
