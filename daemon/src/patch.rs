@@ -96,6 +96,18 @@ pub fn diff(
     let b = side_name(b"b/", path, new.is_some());
     match &text {
         None => {
+            // git's parser needs an index line before a binary change. The
+            // ids name the content (blake3, as the store does), not git
+            // blobs: git uses them only to apply a binary patch, which
+            // this is not.
+            let id = |v: Option<Version<'_>>| {
+                v.map_or("0000000".into(), |v| blake3::hash(v.content).to_hex()[..7].to_owned())
+            };
+            let mode = match (old_mode, new_mode) {
+                (Some(o), Some(n)) if o == n => format!(" {o:o}"),
+                _ => String::new(),
+            };
+            out.extend_from_slice(format!("index {}..{}{mode}\n", id(old), id(new)).as_bytes());
             out.extend_from_slice(b"Binary files ");
             out.extend_from_slice(&a);
             out.extend_from_slice(b" and ");
@@ -263,7 +275,9 @@ mod tests {
         assert!(p.contains("diff --git a/l b/l\nnew file mode 100644\n"), "{p}");
         assert_eq!((stat.added, stat.removed), (1, 1));
         let (p, stat) = patch(b"b", file(b"a\0b"), file(b"a\0c"));
-        assert_eq!(p, "diff --git a/b b/b\nBinary files a/b and b/b differ\n");
+        let id = |c: &[u8]| blake3::hash(c).to_hex()[..7].to_owned();
+        let index = format!("index {}..{} 100644\n", id(b"a\0b"), id(b"a\0c"));
+        assert_eq!(p, format!("diff --git a/b b/b\n{index}Binary files a/b and b/b differ\n"));
         assert!(stat.binary);
         assert_eq!((stat.added, stat.removed, stat.old_size, stat.new_size), (0, 0, 3, 3));
     }
