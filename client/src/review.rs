@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use snapback::proto::{Change, ChangeKind, CheckpointInfo, CheckpointKind, DiffReport, DiffTotal, FileStat, LogEntry};
+use snapback::proto::{Change, ChangeKind, CheckpointKind, DiffReport, DiffTotal, FileStat, LogEntry};
 use snapback::utc;
 
 /// Writes raw bytes (a piece of a patch) on stdout; a closed stdout is a
@@ -94,19 +94,33 @@ pub fn total_line(t: &DiffTotal) -> String {
 /// random ones, which any command takes as a prefix.
 const SHORT_ID: usize = 16;
 
-/// `snapback log`: one line per checkpoint, newest first, with what its
-/// step changed; with `--stat`, its files below it.
+/// `snapback log`: one line per step, newest first, with what it
+/// changed; with `--stat`, its files below it. The checkpoints taken
+/// before and after one tool call are one step: the one before is folded
+/// into the one after, unless something changed between the two calls.
 pub fn print_log(entries: &[LogEntry], more: u64) {
     if entries.is_empty() {
         outln!("no checkpoints");
     }
-    for e in entries {
+    let mut folded = None;
+    for (i, e) in entries.iter().enumerate() {
         let c = &e.checkpoint;
+        if folded.take() == Some(c.id.as_str()) && e.total.as_ref().is_some_and(|t| t.files == 0) {
+            continue;
+        }
+        if e.pre.is_some() && entries.get(i + 1).is_some_and(|next| Some(&next.checkpoint.id) == e.pre.as_ref()) {
+            folded = e.pre.as_deref();
+        }
         let counts = match &e.total {
-            Some(t) => format!("{} files, +{} -{}", t.files, t.added, t.removed),
-            None => format!("{} paths (too many to count lines: snapback show {} --stat)", c.changed, short(&c.id)),
+            Some(t) if t.files == 0 => "no change".to_owned(),
+            Some(t) => format!("{} file{}, +{} -{}", t.files, if t.files == 1 { "" } else { "s" }, t.added, t.removed),
+            None => format!("{} paths: snapback show {} --stat", c.changed, short(&c.id)),
         };
-        outln!("{}  {}  {:<8} {}  [{counts}]", short(&c.id), utc(c.created_unix_ms), c.kind.as_str(), step_name(e));
+        let label = match c.kind {
+            CheckpointKind::Tool => "tool",
+            other => other.as_str(),
+        };
+        outln!("{}  {}  {label:<8} {}  ({counts})", short(&c.id), utc(c.created_unix_ms), step_name(e));
         if !e.changes.is_empty() {
             print_stat(&e.changes, None, "    ");
             if e.more_changes > 0 {
@@ -119,31 +133,25 @@ pub fn print_log(entries: &[LogEntry], more: u64) {
     }
 }
 
-/// What a log entry's step was, in words.
+/// What a log entry's step was, in words: the tool call, or the restore a
+/// checkpoint the daemon took belongs to.
 fn step_name(e: &LogEntry) -> String {
     let c = &e.checkpoint;
-    let mut name = match (c.kind, &e.restore) {
+    match (c.kind, &e.restore) {
         (CheckpointKind::Safety, Some(r)) => format!("before {r}"),
-        (CheckpointKind::Restore, Some(r)) => format!("state after {r}"),
-        _ => call_name(c),
-    };
-    if let Some(plan) = &c.plan {
-        name.push_str(&format!(" (plan {plan})"));
-    }
-    if let Some(pre) = &e.pre {
-        name.push_str(&format!(" (one call with {})", short(pre)));
-    }
-    name
-}
-
-/// A checkpoint's tool, phase and reason: `Bash post: npm test`.
-fn call_name(c: &CheckpointInfo) -> String {
-    let head: Vec<&str> = [c.tool.as_deref(), c.phase.as_deref()].into_iter().flatten().collect();
-    match (head.is_empty(), &c.reason) {
-        (true, Some(r)) => r.clone(),
-        (true, None) => "-".into(),
-        (false, Some(r)) => format!("{}: {r}", head.join(" ")),
-        (false, None) => head.join(" "),
+        (CheckpointKind::Restore, Some(r)) => format!("after {r}"),
+        _ => {
+            let phase = match (&e.pre, c.phase.as_deref()) {
+                (Some(_), _) | (None, None) => String::new(),
+                (None, Some(p)) => format!(" [{p}]"),
+            };
+            match (&c.tool, &c.reason) {
+                (Some(t), Some(r)) => format!("{t}: {r}{phase}"),
+                (Some(t), None) => format!("{t}{phase}"),
+                (None, Some(r)) => format!("{r}{phase}"),
+                (None, None) => format!("-{phase}"),
+            }
+        }
     }
 }
 
