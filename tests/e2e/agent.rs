@@ -219,3 +219,66 @@ fn a_long_checkpoint_draws_a_progress_bar_on_a_terminal_only() {
     assert!(status.success());
     assert!(!tty.contains("scanning"), "no bar with --json: {tty:?}");
 }
+
+/// A recorded hook payload (`tests/e2e/payloads`, shaped as each agent's
+/// documentation gives it), with its working directory set to `cwd`.
+fn payload(name: &str, cwd: &std::path::Path) -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/payloads");
+    let text = std::fs::read_to_string(dir.join(name)).unwrap();
+    text.replace("{CWD}", cwd.to_str().unwrap())
+}
+
+#[test]
+fn a_hook_session_of_each_agent_logs_each_step_by_its_command_or_file() {
+    let d = TestDaemon::start();
+    let sb = d.path("project");
+    write(&sb.join("src/app.py"), "print('hello')\n");
+    write(&sb.join("src/lib.rs"), "fn old() {}\n");
+    d.add_sandbox("project", &sb, &[]);
+    d.checkpoint("project");
+    // Each call: its payloads' prefix, what the tool does, the name the
+    // log must give the step.
+    let calls: [(&str, &str, (&str, &str), &str); 6] = [
+        ("claude", "bash", ("test-output.txt", "3 passed\n"), "npm test"),
+        ("claude", "edit", ("src/app.py", "print('hi')\n"), "src/app.py"),
+        ("gemini", "shell", ("build/app", "built\n"), "make build"),
+        ("gemini", "write", ("NOTES.md", "secret plans\n"), "NOTES.md"),
+        ("codex", "bash", ("src/lib.rs", "fn old() {}\n\n"), "cargo fmt"),
+        ("codex", "patch", ("src/lib.rs", "fn new() {}\n"), "src/lib.rs"),
+    ];
+    let mut taken = Vec::new();
+    for (agent, tool, (file, content), name) in calls {
+        let (before, after) = match agent {
+            "gemini" => ("before", "after"),
+            _ => ("pre", "post"),
+        };
+        let id = |event: &str| {
+            let out = hook(&d.socket, &payload(&format!("{agent}-{event}-{tool}.json"), &sb), &["--json"]);
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            doc["checkpoint"]["id"].as_str().unwrap_or_else(|| panic!("{agent} {event} {tool}: {doc}")).to_owned()
+        };
+        let pre = id(before);
+        write(&sb.join(file), content);
+        let post = id(after);
+        taken.push((pre, post, name));
+    }
+    let log = d.json(&["log", "project", "-n", "0"]);
+    let entries = log["entries"].as_array().unwrap();
+    let entry =
+        |id: &str| entries.iter().find(|e| e["checkpoint"]["id"] == id).unwrap_or_else(|| panic!("{id}: {log}"));
+    for (pre, post, name) in &taken {
+        let (p, e) = (entry(pre), entry(post));
+        assert_eq!(e["checkpoint"]["reason"], *name, "{e}");
+        assert_eq!(p["checkpoint"]["reason"], *name, "{p}");
+        assert_eq!(e["pre"], pre.as_str(), "the post checkpoint is one step with its pre: {e}");
+        assert_eq!(e["total"]["files"], 1, "{e}");
+    }
+    assert!(!log.to_string().contains("secret plans"), "a hook recorded file content");
+    let text = String::from_utf8(d.cli(&["log", "project", "-n", "0"]).stdout).unwrap();
+    for (_, _, name) in &taken {
+        assert!(text.contains(&format!(": {name}")), "{name} is not in the log:\n{text}");
+    }
+    let codex = entry(&taken[4].1);
+    assert_eq!(codex["checkpoint"]["labels"]["turn_id"], "turn-3");
+    assert_eq!(codex["checkpoint"]["plan"], "cdx-19");
+}

@@ -22,6 +22,7 @@ mod plans;
 mod protocol;
 mod python;
 mod reflink;
+mod review;
 mod security;
 mod systemd;
 mod watch;

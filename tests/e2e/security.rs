@@ -361,3 +361,52 @@ fn every_path_field_with_a_nul_or_a_relative_path_is_an_invalid_request() {
         assert_eq!(answer["code"], "invalid_request", "{line}: {answer}");
     }
 }
+
+#[test]
+fn a_users_patch_withholds_what_it_could_not_read_and_roots_does_not() {
+    let test = "a_users_patch_withholds_what_it_could_not_read_and_roots_does_not";
+    let Some((setpriv, d)) = daemon_for_nobody(test) else { return };
+    let sb = d.path("theirs");
+    nobody_dir(&sb);
+    nobody_file(&sb.join("own.txt"), "mine v1\n");
+    write(&sb.join("root-600"), format!("{SECRET} v1\n"));
+    mode(&sb.join("root-600"), 0o600);
+    write(&sb.join("closed/open-644"), format!("{SECRET} v1\n"));
+    mode(&sb.join("closed"), 0o700);
+    let nobody = |args: &[&str]| as_nobody(&setpriv, &d.socket, args);
+    run_ok(&nobody(&["--json", "sandbox", "add", sb.to_str().unwrap()]));
+    let a = run_ok(&nobody(&["--json", "checkpoint", "theirs"]))["id"].as_str().unwrap().to_owned();
+    nobody_file(&sb.join("own.txt"), "mine v2\n");
+    write(&sb.join("root-600"), format!("{SECRET} v2\n"));
+    write(&sb.join("closed/open-644"), format!("{SECRET} v2\n"));
+    let b = run_ok(&nobody(&["--json", "checkpoint", "theirs"]))["id"].as_str().unwrap().to_owned();
+
+    for to in [Some(b.as_str()), None] {
+        let mut args = vec!["diff", a.as_str()];
+        args.extend(to);
+        let patch = nobody(&[&args[..], &["--patch"]].concat());
+        let text = String::from_utf8_lossy(&patch.stdout);
+        assert!(patch.status.success(), "{}", String::from_utf8_lossy(&patch.stderr));
+        assert!(!text.contains(SECRET), "the patch gave nobody a root-only file:\n{text}");
+        assert!(text.contains("-mine v1\n+mine v2\n"), "its own file is diffed:\n{text}");
+        for f in ["root-600", "closed/open-644"] {
+            assert!(text.contains(&format!("# snapback: {f} withheld: uid 65534 could not")), "{f}:\n{text}");
+        }
+        let stat = run_ok(&nobody(&[&["--json"], &args[..], &["--stat"]].concat()));
+        let withheld: Vec<&str> = stat["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["stat"]["withheld"].is_string())
+            .map(|c| c["path"]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(withheld, ["closed/open-644", "root-600"], "{stat}");
+        assert!(!stat.to_string().contains(SECRET));
+    }
+    // The log's counts go through the same rule: nobody's own line only.
+    let log = run_ok(&nobody(&["--json", "log", "theirs", "--stat"]));
+    assert_eq!(log["entries"][0]["total"], serde_json::json!({"files": 3, "added": 1, "removed": 1}), "{log}");
+    // Root reads everything.
+    let all = d.cli(&["diff", &a, &b, "--patch"]);
+    assert!(String::from_utf8_lossy(&all.stdout).contains(&format!("+{SECRET} v2")));
+}
