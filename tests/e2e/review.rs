@@ -246,6 +246,9 @@ fn a_patch_longer_than_a_protocol_line_arrives_whole() {
     assert_eq!(text.lines().filter(|l| l.starts_with('+') && !l.starts_with("+++")).count(), 1500 * 60);
     let stat = d.json(&["diff", &a, "--stat"]);
     assert_eq!(stat["total"], serde_json::json!({"files": 1500, "added": 90000, "removed": 90000}));
+    // Put back together in one document, as a client that keeps it does.
+    let whole = d.json(&["diff", &a, "--patch"]);
+    assert_eq!(whole["patch"], serde_json::json!([{ "text": text }]));
 }
 
 #[test]

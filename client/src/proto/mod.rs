@@ -167,10 +167,13 @@ impl Part {
         }
         let mut value = serde_json::to_value(&answer).map_err(|e| e.to_string())?;
         for part in parts {
-            let list = value
-                .get_mut(&part.field)
-                .and_then(serde_json::Value::as_array_mut)
-                .ok_or_else(|| format!("a part names {:?}, which the answer has no list of", part.field))?;
+            let fields = value.as_object_mut().ok_or("an answer in parts is not an object")?;
+            // A list left empty in the answer may be left out of it.
+            let list = fields
+                .entry(part.field.clone())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()))
+                .as_array_mut()
+                .ok_or_else(|| format!("a part names {:?}, which is not a list of the answer", part.field))?;
             list.extend(part.items);
         }
         serde_json::from_value(value).map_err(|e| format!("the parts do not fit the answer: {e}"))
@@ -280,6 +283,24 @@ mod tests {
         assert_eq!(minimal, Request::Checkpoint(CheckpointRequest { sandbox: "s".into(), ..Default::default() }));
         assert!(serde_json::from_str::<Request>(r#"{"type":"launch_missiles"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"status","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn parts_fill_lists_the_answer_left_out() {
+        let answer = Response::Diff(DiffReport {
+            from: "a".into(),
+            to: None,
+            changes: Vec::new(),
+            patch: Vec::new(),
+            total: None,
+        });
+        let piece = |t: &str| Part { field: "patch".into(), items: vec![serde_json::json!({ "text": t })] };
+        let whole = Part::assemble(vec![piece("x"), piece("y")], answer).unwrap();
+        let Response::Diff(d) = whole else { panic!("{whole:?}") };
+        assert_eq!(d.patch, [WireBytes(b"x".to_vec()), WireBytes(b"y".to_vec())]);
+        let bad = Part { field: "from".into(), items: vec![] };
+        let answer = Response::Diff(d);
+        assert!(Part::assemble(vec![bad], answer).unwrap_err().contains("not a list"));
     }
 
     #[test]
