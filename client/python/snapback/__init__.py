@@ -170,7 +170,8 @@ class Client:
                 raise SnapbackError(response.get("code", "unknown"), response.get("message", ""), paths,
                                     response.get("hint"))
             for part in parts:
-                response[part["field"]].extend(part["items"])
+                # A list left empty in the answer may be left out of it.
+                response.setdefault(part["field"], []).extend(part["items"])
             return response
 
     def _expect(self, request, kind, on_part=None):
@@ -212,24 +213,53 @@ class Client:
         """Returns one checkpoint (an id or a unique prefix of one)."""
         return self._expect({"type": "show", "checkpoint": checkpoint}, "checkpoint")
 
-    def diff(self, from_checkpoint, to_checkpoint=None, on_change=None):
+    def diff(self, from_checkpoint, to_checkpoint=None, on_change=None, *, stat=False, patch=False, paths=(),
+             on_patch=None, step=False):
         """Returns the changes from one checkpoint to another, or to the
-        live tree when ``to_checkpoint`` is None. With ``on_change``, each
-        change is handed to it as it arrives instead, and the report's
-        ``changes`` is empty: a diff of any size in bounded memory."""
-        request = {"type": "diff", "from": from_checkpoint, "to": to_checkpoint}
-        if on_change is None:
-            return self._expect(request, "diff")
+        live tree when ``to_checkpoint`` is None; only below ``paths`` when
+        given. With ``stat``, each file's change carries a ``stat`` (its
+        ``added`` and ``removed`` lines) and the report a ``total``. With
+        ``patch``, also the patch, in git's format: the report's ``patch``
+        is its bytes. With ``step``, the changes ``from_checkpoint``
+        recorded against its parent (``to_checkpoint`` must be None).
+
+        With ``on_change`` (and ``on_patch``), each change (each piece of
+        the patch, as bytes) is handed to it as it arrives instead, and the
+        report holds none: a diff of any size in bounded memory."""
+        detail = "patch" if patch else "stat" if stat else "paths"
+        request = {"type": "diff", "from": from_checkpoint, "to": to_checkpoint, "detail": detail,
+                   "paths": [wire_path(p) for p in paths], "step": step}
+        if on_change is None and on_patch is None:
+            report = self._expect(request, "diff")
+            report["patch"] = b"".join(path_bytes(piece) for piece in report.get("patch", []))
+            return report
+        sinks = {"changes": on_change or (lambda _: None),
+                 "patch": lambda piece: (on_patch or (lambda _: None))(path_bytes(piece))}
 
         def each(field, items):
             for item in items:
-                on_change(item)
+                sinks[field](item)
 
         report = self._expect(request, "diff", each)
-        for change in report["changes"]:
-            on_change(change)
-        report["changes"] = []
+        for field in ("changes", "patch"):
+            for item in report.get(field, []):
+                sinks[field](item)
+            report[field] = [] if field == "changes" else b""
         return report
+
+    def step(self, checkpoint, stat=True, patch=False, paths=()):
+        """What ``checkpoint`` changed against its parent, with line counts
+        (and the patch): ``snapback show CHECKPOINT --stat``."""
+        return self.diff(checkpoint, stat=stat, patch=patch, paths=paths, step=True)
+
+    def log(self, sandbox=None, plan=None, limit=None, stat=False):
+        """The timeline, newest first: ``entries`` (each a ``checkpoint``,
+        its step's ``total`` lines, the ``pre`` checkpoint of the same tool
+        call, the ``restore`` a daemon checkpoint belongs to; with
+        ``stat``, its ``changes``) and ``more``, the entries past
+        ``limit`` (20 when None; 0 for all)."""
+        return self._expect({"type": "log", "sandbox": sandbox, "plan": plan, "limit": limit, "stat": stat},
+                            "log")
 
     def rollback(self, checkpoint, paths=(), dry_run=False):
         """Brings the sandbox back to ``checkpoint`` (only ``paths`` when
@@ -238,13 +268,16 @@ class Client:
         return self._expect({"type": "rollback", "checkpoint": checkpoint,
                              "paths": [wire_path(p) for p in paths], "dry_run": dry_run}, "rollback")
 
-    def revert(self, checkpoint, force=False):
-        """Undoes only the changes ``checkpoint`` recorded, keeping later ones."""
-        return self._expect({"type": "revert", "checkpoint": checkpoint, "force": force}, "rollback")
+    def revert(self, checkpoint, force=False, dry_run=False):
+        """Undoes only the changes ``checkpoint`` recorded, keeping later
+        ones. A dry run changes nothing and reports, in ``preview``, each
+        path it would change with its line counts."""
+        return self._expect({"type": "revert", "checkpoint": checkpoint, "force": force, "dry_run": dry_run},
+                            "rollback")
 
-    def undo(self, sandbox):
+    def undo(self, sandbox, dry_run=False):
         """Undoes the latest rollback, revert or undo of ``sandbox``."""
-        return self._expect({"type": "undo", "sandbox": sandbox}, "rollback")
+        return self._expect({"type": "undo", "sandbox": sandbox, "dry_run": dry_run}, "rollback")
 
     # Plans.
 

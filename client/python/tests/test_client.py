@@ -136,6 +136,29 @@ class AgainstTheDaemon(unittest.TestCase):
         self.assertIn("--force", refused.exception.hint)
         self.assertEqual(self.read("shared.txt"), b"2")
 
+    def test_a_step_reads_as_a_patch_a_stat_and_a_log_entry(self):
+        self.write("notes.txt", b"one\ntwo\n")
+        first = self.client.checkpoint(self.name)["id"]
+        self.write("notes.txt", b"one\n2\nthree\n")
+        second = self.client.checkpoint(self.name, tool="Bash", reason="edit notes")["id"]
+        step = self.client.step(second, patch=True)
+        self.assertEqual(step["from"], first)
+        self.assertIn(b"-two\n+2\n+three\n", step["patch"])
+        self.assertEqual(step["total"], {"files": 1, "added": 2, "removed": 1})
+        pieces = []
+        streamed = self.client.diff(first, second, patch=True, on_patch=pieces.append)
+        self.assertEqual(b"".join(pieces), step["patch"])
+        self.assertEqual(streamed["total"], step["total"])
+        log = self.client.log(self.name, limit=1, stat=True)
+        self.assertEqual(log["entries"][0]["checkpoint"]["id"], second)
+        self.assertEqual(log["entries"][0]["total"], step["total"])
+        self.assertGreaterEqual(log["more"], 1)
+        before = self.read("notes.txt")
+        dry = self.client.revert(second, dry_run=True)
+        self.assertTrue(dry["dry_run"])
+        self.assertEqual(self.read("notes.txt"), before)
+        self.assertEqual([c["path"] for c in dry["preview"]], [{"text": "notes.txt"}])
+
     def test_an_answer_longer_than_a_line_arrives_whole_or_streamed(self):
         first = self.client.checkpoint(self.name)["id"]
         names = ["many/%s-%05d" % ("x" * 40, i) for i in range(25000)]
