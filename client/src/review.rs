@@ -156,5 +156,5 @@ fn step_name(e: &LogEntry) -> String {
 }
 
 fn short(id: &str) -> &str {
-    &id[..id.len().min(SHORT_ID)]
+    id.get(..SHORT_ID).unwrap_or(id)
 }

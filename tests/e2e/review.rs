@@ -303,6 +303,13 @@ fn dry_runs_change_nothing_and_preview_what_the_real_run_does() {
     for field in ["created_paths", "restored_paths", "removed"] {
         assert_eq!(real[field], dry[field], "the rollback did other than its dry run said: {field}");
     }
+    // The log says what the daemon's own checkpoints belong to.
+    let log = d.json(&["log", "p", "-n", "2"]);
+    let [restore, safety] = [&log["entries"][0], &log["entries"][1]];
+    assert_eq!((&restore["checkpoint"]["kind"], &safety["checkpoint"]["kind"]), (&"restore".into(), &"safety".into()));
+    assert_eq!(restore["restore"], format!("rollback to {first}"), "{log}");
+    assert_eq!(safety["restore"], format!("rollback to {first}"), "{log}");
+    assert_eq!(restore["total"]["files"], 4, "the restore's step is what the rollback changed: {log}");
 
     let (dry, preview) = unmoved("undo", &["undo", "p", "--dry-run"]);
     assert_eq!(preview.len(), 4, "{preview:?}");

@@ -193,7 +193,12 @@ impl Engine {
         let apply_ms = ms_since(started);
         let done: std::collections::HashSet<&[u8]> = applied.skipped.iter().map(Vec::as_slice).collect();
         let desired = plan.desired().into_iter().filter(|(p, _)| !done.contains(p));
-        let reason = format!("{} to {target_id}, after {}", restore_label(&safety.reason), safety.id);
+        let label = restore_label(&safety.reason);
+        let reason = match label.ends_with(target_id) {
+            // `revert of X` names its target already.
+            true => format!("{label}, after {}", safety.id),
+            false => format!("{label} to {target_id}, after {}", safety.id),
+        };
         let linking = plan.linking();
         let recorded = self.record_restored(sandbox, desired, &linking, root.as_fd(), reason, closes);
         tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
