@@ -27,6 +27,7 @@ macro_rules! outln {
 
 mod agent;
 mod demo;
+mod hook;
 mod print;
 mod progress;
 mod review;
@@ -184,12 +185,16 @@ enum Command {
     /// Show the daemon and its sandboxes.
     Status,
     /// Take a checkpoint for a coding agent's tool call, described by the
-    /// hook JSON on stdin (Claude Code PreToolUse/PostToolUse, Gemini CLI
-    /// BeforeTool/AfterTool). Never fails the call: always exits 0.
+    /// hook JSON on stdin (Claude Code and Codex PreToolUse/PostToolUse,
+    /// Gemini CLI BeforeTool/AfterTool, Cursor beforeShellExecution and
+    /// the like). Never fails the call: always exits 0.
     Hook {
         /// The sandbox [default: the registered sandbox holding the JSON's cwd]
         #[arg(long)]
         sandbox: Option<String>,
+        /// The agent that runs the hook [default: told by the JSON's shape]
+        #[arg(long, value_enum)]
+        agent: Option<hook::Agent>,
     },
     /// Checkpoint, run a command, checkpoint again (phases pre and post);
     /// exits with the command's code.
@@ -478,7 +483,7 @@ fn sandbox_ref(client: &mut Client, arg: &str) -> Result<String, Failure> {
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let json = cli.json;
     let done = match cli.command {
-        Command::Hook { sandbox } => return Ok(agent::hook(cli.socket, sandbox, json)),
+        Command::Hook { sandbox, agent } => return Ok(hook::hook(cli.socket, sandbox, agent, json)),
         Command::Exec { sandbox, tool, plan, command } => {
             let mut client = connect(cli.socket)?;
             let sandbox = sandbox_ref(&mut client, &sandbox)?;

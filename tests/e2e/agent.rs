@@ -25,7 +25,16 @@ fn claude_pre_tool_use(cwd: &str) -> String {
 
 /// Runs `snapback hook` with `input` on stdin.
 fn hook(socket: &std::path::Path, input: &str, extra: &[&str]) -> Output {
+    hook_in(socket, input, extra, None)
+}
+
+/// Runs `snapback hook` with `input` on stdin and its notice markers in
+/// `runtime` (its `XDG_RUNTIME_DIR`; by default the socket's directory,
+/// the test's own).
+fn hook_in(socket: &std::path::Path, input: &str, extra: &[&str], runtime: Option<&std::path::Path>) -> Output {
+    let runtime = runtime.or(socket.parent()).unwrap();
     let mut child = Command::new(binary("snapback"))
+        .env("XDG_RUNTIME_DIR", runtime)
         .arg("hook")
         .args(extra)
         .arg("--socket")
@@ -281,4 +290,113 @@ fn a_hook_session_of_each_agent_logs_each_step_by_its_command_or_file() {
     let codex = entry(&taken[4].1);
     assert_eq!(codex["checkpoint"]["labels"]["turn_id"], "turn-3");
     assert_eq!(codex["checkpoint"]["plan"], "cdx-19");
+}
+
+/// What each agent's recorded payloads make: the checkpoint's plan, tool
+/// and labels, and on stdout exactly that agent's "go ahead".
+#[test]
+fn each_agents_payloads_give_its_ids_and_its_own_go_ahead() {
+    let d = TestDaemon::start();
+    let sb = d.path("project");
+    write(&sb.join("src/main.ts"), "const port = 3000\n");
+    d.add_sandbox("project", &sb, &[]);
+    let allow = serde_json::json!({"permission": "allow"});
+    let nothing = serde_json::json!({});
+    // Each payload: the plan, tool, reason and labels it must give, and
+    // what the agent must read on stdout.
+    let cases = [
+        (
+            "claude-pre-bash.json",
+            ["abc123-claude", "Bash", "npm test"],
+            &[("tool_use_id", "toolu_01BASH")][..],
+            &nothing,
+        ),
+        ("gemini-before-shell.json", ["gem-7", "run_shell_command", "make build"], &[][..], &nothing),
+        (
+            "codex-pre-bash.json",
+            ["cdx-19", "Bash", "cargo fmt"],
+            &[("tool_use_id", "call_bash_1"), ("turn_id", "turn-3")][..],
+            &nothing,
+        ),
+        (
+            "cursor-before-shell.json",
+            ["c-5d1e", "shell", "npm install express"],
+            &[("generation_id", "g-0091")][..],
+            &allow,
+        ),
+        (
+            "cursor-after-shell.json",
+            ["c-5d1e", "shell", "npm install express"],
+            &[("generation_id", "g-0091")][..],
+            &nothing,
+        ),
+        ("cursor-after-edit.json", ["c-5d1e", "edit", "src/main.ts"], &[("generation_id", "g-0092")][..], &nothing),
+        (
+            "cursor-before-mcp.json",
+            ["c-5d1e", "mcp create_issue", "create_issue"],
+            &[("generation_id", "g-0093")][..],
+            &allow,
+        ),
+    ];
+    for (file, [plan, tool, reason], labels, answer) in cases {
+        let out = hook(&d.socket, &payload(file, &sb), &[]);
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(&stdout, answer, "{file}: stdout");
+        let newest = d.list(&["project"]).pop().unwrap();
+        let got = (newest.plan.as_deref(), newest.tool.as_deref(), newest.reason.as_deref());
+        assert_eq!(got, (Some(plan), Some(tool), Some(reason)), "{file}: {newest:?}");
+        for (k, v) in labels {
+            assert_eq!(newest.labels.get(*k).map(String::as_str), Some(*v), "{file}: {newest:?}");
+        }
+    }
+}
+
+#[test]
+fn a_hook_that_cannot_checkpoint_tells_the_user_once_per_session() {
+    let mut d = TestDaemon::start();
+    let sb = d.path("project");
+    std::fs::create_dir_all(&sb).unwrap();
+    d.stop();
+    let runtime = tempfile::tempdir().unwrap();
+    let told = |file: &str| -> (serde_json::Value, Duration) {
+        let started = Instant::now();
+        let out = hook_in(&d.socket, &payload(file, &sb), &[], Some(runtime.path()));
+        let took = started.elapsed();
+        assert!(out.status.success(), "{file}");
+        (serde_json::from_slice(&out.stdout).unwrap(), took)
+    };
+    let (first, took) = told("claude-pre-bash.json");
+    assert!(first["systemMessage"].as_str().unwrap().contains("snapbackd is not running"), "{first}");
+    assert!(took < Duration::from_secs(5), "the hook waited {took:?} for a daemon that is not there");
+    assert_eq!(told("claude-post-bash.json").0, serde_json::json!({}), "told twice in one session");
+    let (cursor, _) = told("cursor-before-shell.json");
+    assert_eq!(cursor["permission"], "allow", "{cursor}");
+    assert!(cursor["user_message"].as_str().unwrap().contains("not running"), "{cursor}");
+    assert_eq!(told("cursor-before-mcp.json").0, serde_json::json!({"permission": "allow"}));
+}
+
+#[test]
+fn after_its_plan_is_applied_a_session_keeps_its_checkpoints() {
+    let d = TestDaemon::start();
+    let sb = d.path("project");
+    write(&sb.join("a"), "1");
+    d.add_sandbox("project", &sb, &[]);
+    let runtime = tempfile::tempdir().unwrap();
+    let run = |file: &str| -> serde_json::Value {
+        let out = hook_in(&d.socket, &payload(file, &sb), &[], Some(runtime.path()));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(run("claude-pre-bash.json"), serde_json::json!({}));
+    d.json(&["plan", "apply", "abc123-claude"]);
+    write(&sb.join("a"), "2");
+    let told = run("claude-post-bash.json");
+    assert!(told["systemMessage"].as_str().unwrap().contains("was applied"), "{told}");
+    write(&sb.join("a"), "3");
+    assert_eq!(run("claude-pre-edit.json"), serde_json::json!({}), "told twice");
+    let list = d.list(&["project"]);
+    assert_eq!(list.len(), 3, "every call still took a checkpoint: {list:?}");
+    for c in &list[1..] {
+        assert_eq!((c.plan.as_deref(), c.labels.get("session").map(String::as_str)), (None, Some("abc123-claude")));
+    }
 }
