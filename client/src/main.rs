@@ -31,6 +31,7 @@ mod hook;
 mod print;
 mod progress;
 mod review;
+mod setup;
 
 use print::{Restore, print_checkpoint, print_checkpoints, print_plan, print_restore, print_rollback, print_sandboxes};
 
@@ -214,6 +215,61 @@ enum Command {
     /// Run a short demonstration against a private daemon in a temporary
     /// directory: register, checkpoint, edit, diff, roll back.
     Demo,
+    /// Write snapback's hooks into an agent's settings, register its MCP
+    /// server with an agent, or install the systemd units. Merges with
+    /// what is there; a second run changes nothing.
+    #[command(subcommand)]
+    Setup(SetupCommand),
+}
+
+#[derive(Subcommand)]
+enum SetupCommand {
+    /// Claude Code: PreToolUse and PostToolUse hooks in .claude/settings.json.
+    Claude(SetupArgs),
+    /// Gemini CLI: BeforeTool and AfterTool hooks in .gemini/settings.json.
+    Gemini(SetupArgs),
+    /// Codex CLI: PreToolUse and PostToolUse hooks in .codex/hooks.json.
+    Codex(SetupArgs),
+    /// Cursor: shell, MCP and file-edit hooks in .cursor/hooks.json.
+    Cursor(SetupArgs),
+    /// Register `snapback mcp` as an MCP server with an agent.
+    Mcp {
+        #[arg(value_enum)]
+        agent: hook::Agent,
+        #[command(flatten)]
+        args: SetupArgs,
+    },
+    /// Install the systemd units: the system's (as root), or the user's
+    /// (--user, into ~/.config/systemd/user), socket-activated.
+    Service {
+        #[arg(long)]
+        user: bool,
+        /// Also reload systemd and start the socket, where systemd runs.
+        #[arg(long)]
+        now: bool,
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove the units snapback installed.
+        #[arg(long)]
+        remove: bool,
+    },
+}
+
+/// Where and how `setup` writes an agent's settings.
+#[derive(clap::Args)]
+struct SetupArgs {
+    /// The project's settings, in DIR [default: the current directory]
+    #[arg(long, value_name = "DIR", conflicts_with = "user")]
+    project: Option<PathBuf>,
+    /// The user's settings, in the home directory.
+    #[arg(long)]
+    user: bool,
+    /// Print the change as a diff; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Take snapback's entries out again.
+    #[arg(long)]
+    remove: bool,
 }
 
 /// How much `diff` and `show` say about each path.
@@ -490,6 +546,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             return agent::exec(&mut client, sandbox, tool, plan, command, json).map_err(Failure::from);
         }
         Command::Demo => demo::run(json),
+        Command::Setup(cmd) => run_setup(cmd, json),
         Command::Sandbox(cmd) => run_sandbox(&mut connect(cli.socket)?, cmd, json),
         Command::Checkpoint { sandbox, plan, reason, tool, phase, labels, pin } => {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;
@@ -619,6 +676,29 @@ fn run_show(client: &mut Client, checkpoint: &str, detail: &Detail, json: bool) 
     print_checkpoint(&info);
     outln!();
     run_diff(client, req, false)
+}
+
+/// `snapback setup ...`.
+fn run_setup(cmd: SetupCommand, json: bool) -> Result<(), Failure> {
+    use hook::Agent;
+    let (agent, what, args) = match cmd {
+        SetupCommand::Claude(a) => (Agent::Claude, setup::What::Hooks, a),
+        SetupCommand::Gemini(a) => (Agent::Gemini, setup::What::Hooks, a),
+        SetupCommand::Codex(a) => (Agent::Codex, setup::What::Hooks, a),
+        SetupCommand::Cursor(a) => (Agent::Cursor, setup::What::Hooks, a),
+        SetupCommand::Mcp { agent, args } => (agent, setup::What::Mcp, args),
+        SetupCommand::Service { user, now, dry_run, remove } => {
+            let outcome = setup::service(user, now, dry_run, remove)?;
+            return emit(json, &outcome, print::set_up);
+        }
+    };
+    let scope = match (args.user, args.project) {
+        (true, _) => setup::Scope::User,
+        (false, Some(dir)) => setup::Scope::Project(absolute(&dir)?),
+        (false, None) => setup::Scope::Project(absolute(Path::new("."))?),
+    };
+    let outcome = setup::agent(agent, what, scope, args.dry_run, args.remove)?;
+    emit(json, &outcome, print::set_up)
 }
 
 /// `snapback verify`: exits 1 when anything is wrong.

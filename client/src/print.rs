@@ -309,3 +309,18 @@ pub fn human_bytes(n: u64) -> String {
     }
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
+
+pub fn set_up(o: &crate::setup::Outcome) {
+    let file = o.file.display();
+    match (o.changed, o.dry_run) {
+        (false, _) => eprintln!("{file}: nothing to change"),
+        (true, true) => eprintln!("{file}: the change above would be written (dry run: nothing was)"),
+        (true, false) => match &o.backup {
+            Some(b) => eprintln!("{file}: written (it was kept as {} before snapback first changed it)", b.display()),
+            None => eprintln!("{file}: written"),
+        },
+    }
+    if let Some(next) = &o.next {
+        eprintln!("next: {next}");
+    }
+}

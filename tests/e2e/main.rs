@@ -24,5 +24,6 @@ mod python;
 mod reflink;
 mod review;
 mod security;
+mod setup;
 mod systemd;
 mod watch;
