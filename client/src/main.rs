@@ -28,6 +28,7 @@ macro_rules! outln {
 mod agent;
 mod demo;
 mod hook;
+mod mcp;
 mod print;
 mod progress;
 mod review;
@@ -215,6 +216,14 @@ enum Command {
     /// Run a short demonstration against a private daemon in a temporary
     /// directory: register, checkpoint, edit, diff, roll back.
     Demo,
+    /// Serve the Model Context Protocol on stdio: tools to checkpoint, list,
+    /// diff, roll back, revert a step and undo, for an agent to call.
+    Mcp {
+        /// The sandbox for tools not given one [default: the one holding
+        /// the working directory]
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
     /// Write snapback's hooks into an agent's settings, register its MCP
     /// server with an agent, or install the systemd units. Merges with
     /// what is there; a second run changes nothing.
@@ -547,6 +556,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Demo => demo::run(json),
         Command::Setup(cmd) => run_setup(cmd, json),
+        Command::Mcp { sandbox } => return Ok(mcp::serve(mcp::Options { socket: cli.socket, sandbox })),
         Command::Sandbox(cmd) => run_sandbox(&mut connect(cli.socket)?, cmd, json),
         Command::Checkpoint { sandbox, plan, reason, tool, phase, labels, pin } => {
             let (mut client, bar) = connect_with_bar(cli.socket, json)?;

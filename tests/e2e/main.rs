@@ -17,6 +17,7 @@ mod core;
 mod crash;
 mod diskfull;
 mod load;
+mod mcp;
 mod model;
 mod plans;
 mod protocol;
