@@ -18,13 +18,23 @@ protocol's error ``code`` (``not_found``, ``plan_applied``, ``conflict``,
 ...); a daemon that cannot be reached raises :class:`DaemonUnreachable`.
 """
 
+from __future__ import annotations
+
 import base64
 import json
 import os
 import socket as _socket
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+#: A path as the standard library takes one.
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+#: An answer of the daemon: its JSON document.
+Answer = Dict[str, Any]
 
 __all__ = [
     "PROTOCOL",
+    "Answer",
+    "PathLike",
     "Client",
     "DaemonUnreachable",
     "SnapbackError",
@@ -50,7 +60,7 @@ class SnapbackError(Exception):
     daemon gives one, says what the user may do about it.
     """
 
-    def __init__(self, code, message, paths=(), hint=None):
+    def __init__(self, code: str, message: str, paths: Iterable[bytes] = (), hint: Optional[str] = None):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -64,7 +74,7 @@ class SnapbackError(Exception):
 class DaemonUnreachable(SnapbackError):
     """Nothing answers on the socket: the daemon is not running there."""
 
-    def __init__(self, path, error):
+    def __init__(self, path: str, error: BaseException):
         super().__init__(
             "unreachable",
             "cannot reach snapbackd at %s (%s); start it with `snapbackd`" % (path, error),
@@ -72,7 +82,7 @@ class DaemonUnreachable(SnapbackError):
         self.path = path
 
 
-def default_socket():
+def default_socket() -> str:
     """Returns the socket the daemon uses by default, as the CLI finds it:
     ``$SNAPBACK_SOCKET``, then ``$XDG_RUNTIME_DIR/snapback/snapbackd.sock``,
     then ``/run/snapback/snapbackd.sock`` for root."""
@@ -85,7 +95,7 @@ def default_socket():
     raise SnapbackError("invalid_request", "no socket path: pass one, or set SNAPBACK_SOCKET or XDG_RUNTIME_DIR")
 
 
-def wire_path(path):
+def wire_path(path: PathLike) -> Dict[str, str]:
     """Encodes a path (str, bytes or os.PathLike) for the wire."""
     raw = os.fsencode(path)
     try:
@@ -94,14 +104,14 @@ def wire_path(path):
         return {"bytes": base64.b64encode(raw).decode("ascii")}
 
 
-def path_bytes(wire):
+def path_bytes(wire: Dict[str, str]) -> bytes:
     """Decodes a path the daemon sent into bytes."""
     if "text" in wire:
         return wire["text"].encode("utf-8")
     return base64.b64decode(wire["bytes"])
 
 
-def connect(path=None, timeout=None):
+def connect(path: Optional[PathLike] = None, timeout: Optional[float] = None) -> "Client":
     """Connects to the daemon at ``path`` (default: :func:`default_socket`)
     and exchanges hello / welcome. ``timeout`` (seconds) bounds each
     answer; ``None`` waits as long as the daemon works."""
@@ -112,8 +122,8 @@ class Client:
     """A connection to snapbackd. One request at a time; close it, or use
     it as a context manager."""
 
-    def __init__(self, path, timeout=None):
-        self.path = os.fspath(path)
+    def __init__(self, path: PathLike, timeout: Optional[float] = None):
+        self.path = os.fsdecode(path)
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -130,17 +140,17 @@ class Client:
         #: The daemon's name and version.
         self.daemon = welcome.get("daemon")
 
-    def close(self):
+    def close(self) -> None:
         self._reader.close()
         self._sock.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, request, on_part=None):
+    def _call(self, request: Answer, on_part: Optional[Callable[[str, List[Any]], None]] = None) -> Answer:
         """Sends ``request`` and returns the answer. An answer too long for
         one line comes as ``part`` lines (``{"field": ..., "items": [...]}``)
         before it: they are appended, in order, to the answer's lists; or,
@@ -174,7 +184,8 @@ class Client:
                 response.setdefault(part["field"], []).extend(part["items"])
             return response
 
-    def _expect(self, request, kind, on_part=None):
+    def _expect(self, request: Answer, kind: str,
+                on_part: Optional[Callable[[str, List[Any]], None]] = None) -> Answer:
         response = self._call(request, on_part)
         if response.get("type") != kind:
             raise SnapbackError("internal", "expected %s, got %r" % (kind, response.get("type")))
@@ -183,7 +194,8 @@ class Client:
 
     # Sandboxes.
 
-    def sandbox_add(self, path, name=None, excludes=(), store=None):
+    def sandbox_add(self, path: PathLike, name: Optional[str] = None, excludes: Iterable[str] = (),
+                    store: Optional[PathLike] = None) -> Answer:
         """Registers a directory; returns the sandbox."""
         # The daemon follows no symlink: resolve this user's own here.
         request = {"type": "sandbox_add", "path": wire_path(os.path.realpath(path)), "name": name,
@@ -192,29 +204,38 @@ class Client:
             request["store"] = wire_path(os.path.realpath(store))
         return self._expect(request, "sandbox")
 
-    def sandbox_list(self):
+    def sandbox_list(self) -> List[Answer]:
         """Returns the sandboxes this user may use."""
         return self._expect({"type": "sandbox_list"}, "sandboxes")["sandboxes"]
 
+    def sandbox_remove(self, sandbox: str, purge: bool = False) -> Answer:
+        """Unregisters a sandbox (its directory is never touched); with
+        ``purge``, also deletes its checkpoints and their stored files."""
+        return self._expect({"type": "sandbox_remove", "sandbox": os.fspath(sandbox), "purge": purge}, "sandbox")
+
     # Checkpoints.
 
-    def checkpoint(self, sandbox, plan=None, reason=None, tool=None, phase=None, labels=None, pin=False):
+    def checkpoint(self, sandbox: str, plan: Optional[str] = None, reason: Optional[str] = None,
+                   tool: Optional[str] = None, phase: Optional[str] = None,
+                   labels: Optional[Dict[str, str]] = None, pin: bool = False) -> Answer:
         """Takes a checkpoint of ``sandbox`` (a name or registered path)."""
         return self._expect({
             "type": "checkpoint", "sandbox": os.fspath(sandbox), "plan": plan, "reason": reason,
             "tool": tool, "phase": phase, "labels": dict(labels or {}), "pin": pin,
         }, "checkpoint")
 
-    def list(self, sandbox=None, plan=None):
+    def list(self, sandbox: Optional[str] = None, plan: Optional[str] = None) -> List[Answer]:
         """Returns checkpoints, oldest first, optionally of one sandbox or plan."""
         return self._expect({"type": "list", "sandbox": sandbox, "plan": plan}, "checkpoints")["checkpoints"]
 
-    def show(self, checkpoint):
+    def show(self, checkpoint: str) -> Answer:
         """Returns one checkpoint (an id or a unique prefix of one)."""
         return self._expect({"type": "show", "checkpoint": checkpoint}, "checkpoint")
 
-    def diff(self, from_checkpoint, to_checkpoint=None, on_change=None, *, stat=False, patch=False, paths=(),
-             on_patch=None, step=False):
+    def diff(self, from_checkpoint: str, to_checkpoint: Optional[str] = None,
+             on_change: Optional[Callable[[Answer], None]] = None, *, stat: bool = False, patch: bool = False,
+             paths: Iterable[PathLike] = (), on_patch: Optional[Callable[[bytes], None]] = None,
+             step: bool = False) -> Answer:
         """Returns the changes from one checkpoint to another, or to the
         live tree when ``to_checkpoint`` is None; only below ``paths`` when
         given. With ``stat``, each file's change carries a ``stat`` (its
@@ -236,7 +257,7 @@ class Client:
         sinks = {"changes": on_change or (lambda _: None),
                  "patch": lambda piece: (on_patch or (lambda _: None))(path_bytes(piece))}
 
-        def each(field, items):
+        def each(field: str, items: List[Any]) -> None:
             for item in items:
                 sinks[field](item)
 
@@ -247,12 +268,13 @@ class Client:
             report[field] = [] if field == "changes" else b""
         return report
 
-    def step(self, checkpoint, stat=True, patch=False, paths=()):
+    def step(self, checkpoint: str, stat: bool = True, patch: bool = False, paths: Iterable[PathLike] = ()) -> Answer:
         """What ``checkpoint`` changed against its parent, with line counts
         (and the patch): ``snapback show CHECKPOINT --stat``."""
         return self.diff(checkpoint, stat=stat, patch=patch, paths=paths, step=True)
 
-    def log(self, sandbox=None, plan=None, limit=None, stat=False):
+    def log(self, sandbox: Optional[str] = None, plan: Optional[str] = None, limit: Optional[int] = None,
+            stat: bool = False) -> Answer:
         """The timeline, newest first: ``entries`` (each a ``checkpoint``,
         its step's ``total`` lines, the ``pre`` checkpoint of the same tool
         call, the ``restore`` a daemon checkpoint belongs to; with
@@ -261,37 +283,38 @@ class Client:
         return self._expect({"type": "log", "sandbox": sandbox, "plan": plan, "limit": limit, "stat": stat},
                             "log")
 
-    def rollback(self, checkpoint, paths=(), dry_run=False):
+    def rollback(self, checkpoint: str, paths: Iterable[PathLike] = (), dry_run: bool = False) -> Answer:
         """Brings the sandbox back to ``checkpoint`` (only ``paths`` when
         given); returns counts (``restored``, ``created``, ``deleted``,
         ``unchanged``) and the ``changed`` paths."""
         return self._expect({"type": "rollback", "checkpoint": checkpoint,
                              "paths": [wire_path(p) for p in paths], "dry_run": dry_run}, "rollback")
 
-    def revert(self, checkpoint, force=False, dry_run=False):
+    def revert(self, checkpoint: str, force: bool = False, dry_run: bool = False) -> Answer:
         """Undoes only the changes ``checkpoint`` recorded, keeping later
         ones. A dry run changes nothing and reports, in ``preview``, each
         path it would change with its line counts."""
         return self._expect({"type": "revert", "checkpoint": checkpoint, "force": force, "dry_run": dry_run},
                             "rollback")
 
-    def undo(self, sandbox, dry_run=False):
+    def undo(self, sandbox: str, dry_run: bool = False) -> Answer:
         """Undoes the latest rollback, revert or undo of ``sandbox``."""
         return self._expect({"type": "undo", "sandbox": sandbox, "dry_run": dry_run}, "rollback")
 
     # Plans.
 
-    def plan_show(self, plan):
+    def plan_show(self, plan: str) -> Answer:
         return self._expect({"type": "plan_show", "plan": plan}, "plan")
 
-    def plan_apply(self, plan):
+    def plan_apply(self, plan: str) -> Answer:
         """Marks ``plan`` applied: from then on it cannot be rolled back."""
         return self._expect({"type": "plan_apply", "plan": plan}, "plan")
 
-    def plan_abandon(self, plan):
+    def plan_abandon(self, plan: str) -> Answer:
         return self._expect({"type": "plan_abandon", "plan": plan}, "plan")
 
-    def plan_rollback(self, plan, checkpoint, paths=(), dry_run=False):
+    def plan_rollback(self, plan: str, checkpoint: str, paths: Iterable[PathLike] = (),
+                      dry_run: bool = False) -> Answer:
         """Rolls back to one of ``plan``'s checkpoints; refused with code
         ``plan_applied`` once the plan is applied."""
         return self._expect({"type": "plan_rollback", "plan": plan, "checkpoint": checkpoint,
@@ -299,8 +322,29 @@ class Client:
 
     # The daemon.
 
-    def status(self):
+    # Retention and exports.
+
+    def prune(self, sandbox: str, keep_last: Optional[int] = None, keep_within_secs: Optional[int] = None) -> Answer:
+        """Prunes ``sandbox``'s checkpoints now under its retention policy,
+        keeping ``keep_last`` newest and every one younger than
+        ``keep_within_secs`` when given."""
+        return self._expect({"type": "prune", "sandbox": sandbox, "keep_last": keep_last,
+                             "keep_within_secs": keep_within_secs}, "pruned")
+
+    def export(self, checkpoint: str, directory: PathLike) -> Answer:
+        """Writes ``checkpoint`` out as a read-only tree in ``directory``,
+        which must not exist yet (its parent is resolved here)."""
+        target = os.fsencode(directory)
+        parent, name = os.path.split(os.path.abspath(target))
+        return self._expect({"type": "export", "checkpoint": checkpoint,
+                             "dir": wire_path(os.path.join(os.path.realpath(parent), name))}, "exported")
+
+    # The daemon.
+
+    def status(self) -> Answer:
+        """The daemon and each sandbox this user may use."""
         return self._expect({"type": "status"}, "status")
 
-    def verify(self):
+    def verify(self) -> Answer:
+        """Checks every stored object against the catalogue; reports, never repairs."""
         return self._expect({"type": "verify"}, "verified")

@@ -159,6 +159,27 @@ class AgainstTheDaemon(unittest.TestCase):
         self.assertEqual(self.read("notes.txt"), before)
         self.assertEqual([c["path"] for c in dry["preview"]], [{"text": "notes.txt"}])
 
+    def test_every_other_request_answers(self):
+        self.write("a.txt", b"1")
+        first = self.client.checkpoint(self.name, plan="plan-other")["id"]
+        self.write("a.txt", b"2")
+        second = self.client.checkpoint(self.name, plan="plan-other")["id"]
+        self.assertEqual(self.client.show(second[:12])["id"], second)
+        self.assertEqual(len(self.client.plan_show("plan-other")["checkpoints"]), 2)
+        self.assertEqual(self.client.plan_abandon("plan-other")["state"], "abandoned")
+        out = os.path.join(self.root + "-export")
+        exported = self.client.export(first, out)
+        self.assertEqual(exported["files"], 1)
+        with open(os.path.join(out, "a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"1")
+        pruned = self.client.prune(self.name, keep_last=1)
+        self.assertIn(first, pruned["pruned"])
+        self.assertTrue(any(s["name"] == self.name for s in self.client.status()["sandboxes"]))
+        self.assertEqual(self.client.verify()["missing"], [])
+        removed = self.client.sandbox_remove(self.name, purge=True)
+        self.assertEqual(removed["name"], self.name)
+        self.assertFalse(any(s["name"] == self.name for s in self.client.sandbox_list()))
+
     def test_an_answer_longer_than_a_line_arrives_whole_or_streamed(self):
         first = self.client.checkpoint(self.name)["id"]
         names = ["many/%s-%05d" % ("x" * 40, i) for i in range(25000)]
