@@ -27,4 +27,5 @@ mod review;
 mod security;
 mod setup;
 mod systemd;
+mod typescript;
 mod watch;
