@@ -111,17 +111,24 @@ fn a_hook_never_fails_the_tool_call() {
     let stale_dir = tempfile::tempdir().unwrap();
     let stale = stale_dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    // Each agent's payload, each still answered with that agent's go-ahead.
+    let agents = ["claude-pre-bash.json", "gemini-before-shell.json", "codex-pre-bash.json", "cursor-before-shell.json"];
     for socket in [&d.socket, &stale] {
-        let input = claude_pre_tool_use(sb.to_str().unwrap());
-        let mut fastest = Duration::MAX;
-        for _ in 0..3 {
-            let started = Instant::now();
-            let out = hook(socket, &input, &[]);
-            fastest = fastest.min(started.elapsed());
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && stderr.contains("not running"), "{}: {stderr}", out.status);
+        for file in agents {
+            let input = payload(file, &sb);
+            let mut fastest = Duration::MAX;
+            for _ in 0..3 {
+                let started = Instant::now();
+                let out = hook(socket, &input, &[]);
+                fastest = fastest.min(started.elapsed());
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success() && stderr.contains("not running"), "{file}: {}: {stderr}", out.status);
+                let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let allowed = answer.get("permission").is_none_or(|p| p == "allow");
+                assert!(answer.is_object() && allowed, "{file}: {answer}");
+            }
+            assert!(fastest < Duration::from_millis(200), "{file}: the hook took {fastest:?} with the daemon down");
         }
-        assert!(fastest < Duration::from_millis(200), "hook took {fastest:?} with the daemon down");
     }
 }
 
