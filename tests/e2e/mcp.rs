@@ -1,7 +1,8 @@
 //! `snapback mcp` driven by the official MCP SDKs, not hand-written
 //! JSON-RPC: the Python SDK (`mcp` on PyPI) on both revisions it speaks
 //! (2026-07-28 through `server/discover`, 2025-11-25 through the
-//! handshake) and the TypeScript SDK (`@modelcontextprotocol/sdk`), which
+//! handshake, where the server finds the sandbox through the client's
+//! roots) and the TypeScript SDK (`@modelcontextprotocol/sdk`), which
 //! speaks the handshake. The clients are `tests/mcp/sdk_client.*`;
 //! `.ci/run` installs both SDKs.
 
@@ -58,13 +59,16 @@ fn the_official_python_sdk_drives_snapback_mcp_on_both_revisions() {
         return missing(test, "a Python with the MCP SDK (SNAPBACK_MCP_PYTHON)");
     };
     let (d, sb) = sandbox();
+    let elsewhere = d.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
     for (mode, revision) in [("auto", "2026-07-28"), ("legacy", "2025-11-25")] {
         let seen = run(Command::new(&python)
             .arg(mcp_dir().join("sdk_client.py"))
             .arg(binary("snapback"))
             .arg(&d.socket)
             .arg(&sb)
-            .arg(mode));
+            .arg(mode)
+            .arg(&elsewhere));
         assert_eq!(seen["protocol"], revision, "{seen}");
         check(&seen, &sb);
         assert_eq!(seen["read_only"], serde_json::json!(["diff", "list_checkpoints"]), "{seen}");

@@ -1,10 +1,12 @@
 """Drives `snapback mcp` with the official MCP Python SDK (`mcp` on PyPI).
 
-Usage: python sdk_client.py SNAPBACK SOCKET SANDBOX_DIR MODE
+Usage: python sdk_client.py SNAPBACK SOCKET SANDBOX_DIR MODE ELSEWHERE
 
 MODE is the SDK's connect mode: `auto` (probes `server/discover` and speaks
-the newest revision, 2026-07-28) or `legacy` (the `initialize` handshake,
-2025-11-25). The script takes a checkpoint, changes a file, reads the diff,
+the newest revision, 2026-07-28; the server runs in the sandbox) or
+`legacy` (the `initialize` handshake, 2025-11-25; the server runs in
+ELSEWHERE, a directory in no sandbox, and finds the sandbox through the
+client's roots). The script takes a checkpoint, changes a file, reads the diff,
 dry-runs a rollback (the file must not move), confirms it (the file must
 come back), and prints what it saw as one JSON line.
 """
@@ -12,16 +14,29 @@ come back), and prints what it saw as one JSON line.
 import asyncio
 import json
 import os
+import pathlib
 import sys
 
+import mcp_types as types
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 
-async def main(snapback, socket, sandbox, mode):
-    server = StdioServerParameters(command=snapback, args=["--socket", socket, "mcp"], cwd=sandbox)
+async def main(snapback, socket, sandbox, mode, elsewhere):
     notes = os.path.join(sandbox, "notes.txt")
-    async with Client(server, mode=mode) as client:
+    if mode == "legacy":
+        # The handshake revision has roots: the server runs elsewhere, and
+        # finds the sandbox through the client's root.
+        server = StdioServerParameters(command=snapback, args=["--socket", socket, "mcp"], cwd=elsewhere)
+
+        async def roots(context):
+            return types.ListRootsResult(roots=[types.Root(uri=pathlib.Path(sandbox).as_uri(), name="work")])
+
+        client = Client(server, mode=mode, list_roots_callback=roots)
+    else:
+        server = StdioServerParameters(command=snapback, args=["--socket", socket, "mcp"], cwd=sandbox)
+        client = Client(server, mode=mode)
+    async with client:
         seen = {"protocol": client.protocol_version}
         tools = await client.list_tools()
         seen["tools"] = sorted(t.name for t in tools.tools)
@@ -58,4 +73,4 @@ async def main(snapback, socket, sandbox, mode):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    asyncio.run(main(*sys.argv[1:6]))

@@ -14,6 +14,10 @@
 //!
 //! Nothing but protocol messages goes to stdout; logs go to stderr. A
 //! tool's failure is a tool result with `isError`, never a crashed server.
+//!
+//! A tool given no sandbox asks a handshake client that offered `roots`
+//! for them (`roots/list`), and takes the sandbox holding the first root
+//! that is in one; else the one holding the server's working directory.
 
 mod tools;
 
@@ -64,6 +68,72 @@ impl RpcError {
 struct Session {
     /// The handshake revision `initialize` agreed on.
     handshake: Option<String>,
+    /// The client offered `roots` in its handshake: it answers `roots/list`.
+    roots: bool,
+}
+
+/// The server's stdin: messages read, and those read while waiting for
+/// the client's answer to a request of the server's, kept for after.
+struct Incoming<R> {
+    input: R,
+    held: std::collections::VecDeque<Vec<u8>>,
+    asked: u64,
+}
+
+/// How a line read ended.
+enum Received {
+    Line(Vec<u8>),
+    End,
+    TooLong,
+    Failed(std::io::Error),
+}
+
+impl<R: BufRead> Incoming<R> {
+    fn read(&mut self) -> Received {
+        if let Some(line) = self.held.pop_front() {
+            return Received::Line(line);
+        }
+        let mut line = Vec::new();
+        match self.input.by_ref().take(MAX_MESSAGE).read_until(b'\n', &mut line) {
+            Ok(0) => Received::End,
+            Ok(_) if !line.ends_with(b"\n") && line.len() as u64 >= MAX_MESSAGE => Received::TooLong,
+            Ok(_) => Received::Line(line),
+            Err(e) => Received::Failed(e),
+        }
+    }
+
+    /// Sends the client a request and returns its result, holding what
+    /// else arrives meanwhile for later; `None` when it answers with an
+    /// error, or not at all.
+    fn ask(&mut self, method: &str) -> Option<Value> {
+        self.asked += 1;
+        let id = format!("snapback-{}", self.asked);
+        send(&json!({"jsonrpc": "2.0", "id": id, "method": method}));
+        let mut held = Vec::new();
+        let answer = loop {
+            let line = match self.input_line() {
+                Some(l) => l,
+                None => break None,
+            };
+            let message: Option<Value> = serde_json::from_slice(&line).ok();
+            match message {
+                Some(m) if m.get("id").and_then(Value::as_str) == Some(id.as_str()) && m.get("method").is_none() => {
+                    break m.get("result").cloned();
+                }
+                _ => held.push(line),
+            }
+        };
+        self.held.extend(held);
+        answer
+    }
+
+    fn input_line(&mut self) -> Option<Vec<u8>> {
+        let mut line = Vec::new();
+        match self.input.by_ref().take(MAX_MESSAGE).read_until(b'\n', &mut line) {
+            Ok(n) if n > 0 && line.ends_with(b"\n") => Some(line),
+            _ => None,
+        }
+    }
 }
 
 fn server_info() -> Value {
@@ -80,29 +150,63 @@ pub fn serve(options: Options) -> std::process::ExitCode {
     let tools = tools::Tools::new(options);
     let mut session = Session::default();
     let stdin = std::io::stdin();
-    let mut input = stdin.lock();
+    let mut incoming = Incoming { input: stdin.lock(), held: Default::default(), asked: 0 };
     loop {
-        let mut line = Vec::new();
-        match input.by_ref().take(MAX_MESSAGE).read_until(b'\n', &mut line) {
-            Ok(0) => return std::process::ExitCode::SUCCESS,
-            Ok(_) if !line.ends_with(b"\n") && line.len() as u64 >= MAX_MESSAGE => {
+        let line = match incoming.read() {
+            Received::Line(line) => line,
+            Received::End => return std::process::ExitCode::SUCCESS,
+            Received::TooLong => {
                 send(&error_reply(Value::Null, RpcError::new(-32600, "message longer than 16 MiB")));
                 // The rest of that line cannot be trusted.
                 return std::process::ExitCode::FAILURE;
             }
-            Ok(_) => {}
-            Err(e) => {
+            Received::Failed(e) => {
                 eprintln!("snapback mcp: reading stdin: {e}");
                 return std::process::ExitCode::FAILURE;
             }
-        }
+        };
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        if let Some(reply) = handle(&line, &mut session, &tools) {
+        let roots = session.roots;
+        let mut ask_roots = || match roots {
+            true => incoming.ask("roots/list").map(|r| root_paths(&r)).unwrap_or_default(),
+            false => Vec::new(),
+        };
+        if let Some(reply) = handle(&line, &mut session, &tools, &mut ask_roots) {
             send(&reply);
         }
     }
+}
+
+/// The local directories of a `roots/list` result (`file://` URIs).
+fn root_paths(result: &Value) -> Vec<PathBuf> {
+    let roots = result.get("roots").and_then(Value::as_array).into_iter().flatten();
+    let uris = roots.filter_map(|r| r.get("uri").and_then(Value::as_str));
+    uris.filter_map(|u| u.strip_prefix("file://")).map(|p| PathBuf::from(percent_decoded(p))).collect()
+}
+
+/// A URI path with its `%XX` escapes decoded (to bytes: a path need not be
+/// UTF-8).
+fn percent_decoded(path: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::ffi::OsString::from_vec(out)
 }
 
 /// Writes one message on stdout; a closed stdout ends the server quietly.
@@ -125,8 +229,14 @@ fn error_reply(id: Value, e: RpcError) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": error})
 }
 
-/// Answers one message; `None` for a notification.
-fn handle(line: &[u8], session: &mut Session, tools: &tools::Tools) -> Option<Value> {
+/// Answers one message; `None` for a notification. `roots` asks the
+/// client for its roots, when a tool needs them.
+fn handle(
+    line: &[u8],
+    session: &mut Session,
+    tools: &tools::Tools,
+    roots: &mut dyn FnMut() -> Vec<PathBuf>,
+) -> Option<Value> {
     let message: Value = match serde_json::from_slice(line) {
         Ok(m) => m,
         Err(e) => return Some(error_reply(Value::Null, RpcError::new(-32700, format!("not JSON: {e}")))),
@@ -168,7 +278,7 @@ fn handle(line: &[u8], session: &mut Session, tools: &tools::Tools) -> Option<Va
         }
         "ping" => Ok(json!({})),
         "tools/list" => Ok(json!({"tools": tools::Tools::list()})),
-        "tools/call" => tools.call(&params),
+        "tools/call" => tools.call(&params, roots),
         _ if !modern && session.handshake.is_none() => {
             Err(RpcError::new(-32002, "send initialize (or a 2026-07-28 request) first"))
         }
@@ -197,6 +307,7 @@ fn initialize(params: &Value, session: &mut Session) -> Result<Value, RpcError> 
     let newest = HANDSHAKE[HANDSHAKE.len() - 1];
     let agreed = if HANDSHAKE.contains(&asked) { asked } else { newest };
     session.handshake = Some(agreed.to_owned());
+    session.roots = params.pointer("/capabilities/roots").is_some_and(|r| !r.is_null());
     Ok(json!({
         "protocolVersion": agreed,
         "capabilities": {"tools": {"listChanged": false}},
@@ -211,7 +322,7 @@ mod tests {
 
     fn ask(session: &mut Session, message: Value) -> Value {
         let tools = tools::Tools::new(Options { socket: Some("/nonexistent/sock".into()), sandbox: None });
-        handle(message.to_string().as_bytes(), session, &tools).unwrap_or(Value::Null)
+        handle(message.to_string().as_bytes(), session, &tools, &mut Vec::new).unwrap_or(Value::Null)
     }
 
     #[test]
@@ -250,7 +361,25 @@ mod tests {
         assert!(ask(&mut s, json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).is_null());
         assert_eq!(ask(&mut s, json!({"jsonrpc": "2.0", "id": 5, "method": "nope"}))["error"]["code"], -32601);
         let tools = tools::Tools::new(Options { socket: None, sandbox: None });
-        let garbage = handle(b"{not json", &mut s, &tools).unwrap();
+        let garbage = handle(b"{not json", &mut s, &tools, &mut Vec::new).unwrap();
         assert_eq!(garbage["error"]["code"], -32700);
+    }
+
+    #[test]
+    fn roots_are_local_directories_with_their_escapes_decoded() {
+        let result =
+            json!({"roots": [{"uri": "file:///home/a%20b/caf%C3%A9"}, {"uri": "https://x"}, {"name": "no uri"}]});
+        assert_eq!(root_paths(&result), [PathBuf::from("/home/a b/café")]);
+        assert_eq!(percent_decoded("/%ff%2"), std::ffi::OsString::from_vec_for_test(b"/\xff%2"));
+    }
+
+    trait FromVec {
+        fn from_vec_for_test(v: &[u8]) -> Self;
+    }
+
+    impl FromVec for std::ffi::OsString {
+        fn from_vec_for_test(v: &[u8]) -> Self {
+            std::os::unix::ffi::OsStringExt::from_vec(v.to_vec())
+        }
     }
 }

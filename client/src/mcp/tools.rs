@@ -117,7 +117,7 @@ impl Tools {
 
     /// Runs `tools/call`. A tool's own failure is a result with
     /// `isError`; only a call that names no known tool is a protocol error.
-    pub fn call(&self, params: &Value) -> Result<Value, RpcError> {
+    pub fn call(&self, params: &Value, roots: &mut dyn FnMut() -> Vec<PathBuf>) -> Result<Value, RpcError> {
         let name = params.get("name").and_then(Value::as_str).ok_or_else(|| RpcError::new(-32602, "no tool name"))?;
         let empty = json!({});
         let args = params.get("arguments").filter(|a| !a.is_null()).unwrap_or(&empty);
@@ -125,12 +125,12 @@ impl Tools {
             return Err(RpcError::new(-32602, "arguments must be an object"));
         }
         let answer = match name {
-            "checkpoint" => self.checkpoint(args),
-            "list_checkpoints" => self.list_checkpoints(args),
+            "checkpoint" => self.checkpoint(args, roots),
+            "list_checkpoints" => self.list_checkpoints(args, roots),
             "diff" => self.diff(args),
             "rollback" => self.rollback(args),
             "revert_step" => self.revert(args),
-            "undo" => self.undo(args),
+            "undo" => self.undo(args, roots),
             other => return Err(RpcError::new(-32602, format!("no tool {other}"))),
         };
         Ok(match answer {
@@ -151,22 +151,30 @@ impl Tools {
         Ok(Client::connect(&path)?)
     }
 
-    /// The sandbox a tool acts on: its argument, the server's, or the one
-    /// holding the server's working directory.
-    fn sandbox(&self, client: &mut Client, args: &Value) -> Result<String, Failed> {
+    /// The sandbox a tool acts on: its argument, the server's, the one
+    /// holding one of the client's roots, or the one holding the server's
+    /// working directory.
+    fn sandbox(
+        &self,
+        client: &mut Client,
+        args: &Value,
+        roots: &mut dyn FnMut() -> Vec<PathBuf>,
+    ) -> Result<String, Failed> {
         if let Some(s) = text(args, "sandbox").map(str::to_owned).or_else(|| self.sandbox.clone()) {
             return Ok(s);
         }
         let cwd = std::env::current_dir().map_err(|e| failed("invalid_request", e.to_string()))?;
         let list = client.sandbox_list()?.sandboxes;
-        crate::agent::containing_sandbox(&list, &cwd).ok_or_else(|| {
-            failed("invalid_request", format!("no sandbox given, and {} is in no registered sandbox", cwd.display()))
+        let places = roots().into_iter().chain(std::iter::once(cwd.clone()));
+        places.into_iter().find_map(|p| crate::agent::containing_sandbox(&list, &p)).ok_or_else(|| {
+            let why = format!("no sandbox given, and neither the client's roots nor {} is in one", cwd.display());
+            failed("invalid_request", why)
         })
     }
 
-    fn checkpoint(&self, args: &Value) -> Answer {
+    fn checkpoint(&self, args: &Value, roots: &mut dyn FnMut() -> Vec<PathBuf>) -> Answer {
         let mut client = self.connect()?;
-        let sandbox = self.sandbox(&mut client, args)?;
+        let sandbox = self.sandbox(&mut client, args, roots)?;
         let req = CheckpointRequest {
             sandbox,
             reason: text(args, "reason").map(str::to_owned),
@@ -179,9 +187,9 @@ impl Tools {
         Ok((summary, json!({"id": c.id, "sandbox": c.sandbox, "changed": c.changed, "files": c.files})))
     }
 
-    fn list_checkpoints(&self, args: &Value) -> Answer {
+    fn list_checkpoints(&self, args: &Value, roots: &mut dyn FnMut() -> Vec<PathBuf>) -> Answer {
         let mut client = self.connect()?;
-        let sandbox = self.sandbox(&mut client, args)?;
+        let sandbox = self.sandbox(&mut client, args, roots)?;
         let limit = args.get("limit").and_then(Value::as_u64).unwrap_or(snapback::proto::LOG_LIMIT).max(1);
         let log = client.log(LogRequest { sandbox: Some(sandbox), limit: Some(limit), ..LogRequest::default() })?;
         let mut lines = Vec::new();
@@ -260,9 +268,9 @@ impl Tools {
         Ok(restore_answer(&report, "revert", "call revert_step without dry_run to do it"))
     }
 
-    fn undo(&self, args: &Value) -> Answer {
+    fn undo(&self, args: &Value, roots: &mut dyn FnMut() -> Vec<PathBuf>) -> Answer {
         let mut client = self.connect()?;
-        let sandbox = self.sandbox(&mut client, args)?;
+        let sandbox = self.sandbox(&mut client, args, roots)?;
         let dry_run = args.get("dry_run").and_then(Value::as_bool).unwrap_or(false);
         let report = client.undo(UndoRequest { sandbox, dry_run })?;
         Ok(restore_answer(&report, "undo", "call undo without dry_run to do it"))
