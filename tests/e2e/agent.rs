@@ -112,7 +112,8 @@ fn a_hook_never_fails_the_tool_call() {
     let stale = stale_dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     // Each agent's payload, each still answered with that agent's go-ahead.
-    let agents = ["claude-pre-bash.json", "gemini-before-shell.json", "codex-pre-bash.json", "cursor-before-shell.json"];
+    let agents =
+        ["claude-pre-bash.json", "gemini-before-shell.json", "codex-pre-bash.json", "cursor-before-shell.json"];
     for socket in [&d.socket, &stale] {
         for file in agents {
             let input = payload(file, &sb);
