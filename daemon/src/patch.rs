@@ -82,19 +82,33 @@ pub fn diff(
             }
         }
     }
-    let Some(out) = out else { return stat };
-    let old_mode = old.map(|v| v.mode);
-    let new_mode = new.map(|v| v.mode);
+    if let Some(out) = out {
+        write(out, path, (old, new), text.as_ref());
+    }
+    stat
+}
+
+/// Appends the patch of a change: the header and mode lines, then the
+/// hunks of `text` (`None`: a binary change, or none of content).
+fn write(
+    out: &mut Vec<u8>,
+    path: &[u8],
+    (old, new): (Option<Version<'_>>, Option<Version<'_>>),
+    text: Option<&TextDiff<'_, '_, [u8]>>,
+) {
+    let (old_content, new_content) = (old.map_or(&[][..], |v| v.content), new.map_or(&[][..], |v| v.content));
+    let same = old.is_some() && new.is_some() && old_content == new_content;
+    let (old_mode, new_mode) = (old.map(|v| v.mode), new.map(|v| v.mode));
     if same && old_mode == new_mode {
-        return stat; // nothing git could show
+        return; // nothing git could show
     }
     header(out, path, old_mode, new_mode);
     if same || (old_content.is_empty() && new_content.is_empty()) {
-        return stat;
+        return;
     }
     let a = side_name(b"a/", path, old.is_some());
     let b = side_name(b"b/", path, new.is_some());
-    match &text {
+    match text {
         None => {
             // git's parser needs an index line before a binary change. The
             // ids name the content (blake3, as the store does), not git
@@ -123,7 +137,6 @@ pub fn diff(
             hunks(out, d);
         }
     }
-    stat
 }
 
 fn line_diff<'a>(old: &'a [u8], new: &'a [u8]) -> TextDiff<'a, 'a, [u8]> {
