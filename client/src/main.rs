@@ -674,8 +674,23 @@ fn run_diff(client: &mut Client, req: DiffRequest, json: bool) -> Result<(), Fai
 /// `snapback show`: the checkpoint; with `--stat` or `--patch`, its step.
 fn run_show(client: &mut Client, checkpoint: &str, detail: &Detail, json: bool) -> Result<(), Failure> {
     let info = client.show(checkpoint)?;
+    // A checkpoint taken after a tool call and its parent taken before the
+    // same call (one tool_use_id) are one step: say so.
+    let call = info.labels.get("tool_use_id").zip(info.parent.as_ref());
+    let pre = match call {
+        Some((call, parent)) if !json => {
+            client.show(parent).ok().filter(|p| p.labels.get("tool_use_id") == Some(call)).map(|p| p.id)
+        }
+        _ => None,
+    };
+    let print = |info: &snapback::proto::CheckpointInfo| {
+        print_checkpoint(info);
+        if let Some(pre) = &pre {
+            outln!("step       one tool call: {pre} was taken before it, this after it");
+        }
+    };
     if detail.level() == DiffDetail::Paths && detail.paths.is_empty() {
-        return emit(json, &info, print_checkpoint);
+        return emit(json, &info, print);
     }
     let req =
         DiffRequest { from: info.id.clone(), to: None, step: true, detail: detail.level(), paths: detail.paths() };
@@ -683,7 +698,7 @@ fn run_show(client: &mut Client, checkpoint: &str, detail: &Detail, json: bool) 
         let step = client.diff(req)?;
         return emit(json, &serde_json::json!({ "checkpoint": info, "step": step }), |_| {});
     }
-    print_checkpoint(&info);
+    print(&info);
     outln!();
     run_diff(client, req, false)
 }

@@ -295,6 +295,8 @@ fn a_hook_session_of_each_agent_logs_each_step_by_its_command_or_file() {
     for (_, _, name) in &taken {
         assert!(text.contains(&format!(": {name}")), "{name} is not in the log:\n{text}");
     }
+    let shown = String::from_utf8(d.cli(&["show", &taken[0].1]).stdout).unwrap();
+    assert!(shown.contains(&format!("one tool call: {} was taken before it", taken[0].0)), "{shown}");
     let codex = entry(&taken[4].1);
     assert_eq!(codex["checkpoint"]["labels"]["turn_id"], "turn-3");
     assert_eq!(codex["checkpoint"]["plan"], "cdx-19");
