@@ -6,7 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fixture::{TestDaemon, binary, write};
+use crate::fixture::{TestDaemon, binary, payload, write};
 
 /// A `PreToolUse` event as Claude Code sends it to a hook's stdin.
 fn claude_pre_tool_use(cwd: &str) -> String {
@@ -235,14 +235,6 @@ fn a_long_checkpoint_draws_a_progress_bar_on_a_terminal_only() {
     let (tty, status) = run_on_pty(&d, &["--json", "checkpoint", "big"]);
     assert!(status.success());
     assert!(!tty.contains("scanning"), "no bar with --json: {tty:?}");
-}
-
-/// A recorded hook payload (`tests/e2e/payloads`, shaped as each agent's
-/// documentation gives it), with its working directory set to `cwd`.
-fn payload(name: &str, cwd: &std::path::Path) -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/payloads");
-    let text = std::fs::read_to_string(dir.join(name)).unwrap();
-    text.replace("{CWD}", cwd.to_str().unwrap())
 }
 
 #[test]

@@ -361,13 +361,29 @@ pub fn tool_or_skip(tool: &str, test: &str) -> Option<PathBuf> {
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .map(|dir| dir.join(tool))
         .find(|p| p.is_file());
-    if found.is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test} needs {tool}, and CI must run it: .ci/run installs it");
-        }
-        eprintln!("skipping {test}: {tool} is not installed");
-    }
+    installed_or_skip(test, tool, found.is_some());
     found
+}
+
+/// Whether what `test` needs (`what`) is `installed`. When it is not, the
+/// test prints why it skips, and fails instead under CI (`.ci/run`
+/// installs everything the suite uses).
+pub fn installed_or_skip(test: &str, what: &str, installed: bool) -> bool {
+    if !installed {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test} needs {what}, and CI must run it: .ci/run installs it");
+        }
+        eprintln!("skipping {test}: {what} is not installed");
+    }
+    installed
+}
+
+/// A recorded hook payload (`tests/e2e/payloads`, shaped as each agent's
+/// documentation gives it), with its working directory set to `cwd`.
+pub fn payload(name: &str, cwd: &Path) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/payloads");
+    let text = std::fs::read_to_string(dir.join(name)).unwrap();
+    text.replace("{CWD}", cwd.to_str().unwrap())
 }
 
 /// A filesystem image mounted on a loop device, unmounted on drop.

@@ -9,19 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::fixture::{TestDaemon, binary, tool_or_skip, write};
+use crate::fixture::{TestDaemon, binary, installed_or_skip, tool_or_skip, write};
 
 fn mcp_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp")
-}
-
-/// A requirement of a test that is missing: it skips, or fails under CI
-/// (which installs it).
-fn missing(test: &str, what: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs {what}, and CI must run it: .ci/run installs it");
-    }
-    eprintln!("skipping {test}: {what} is not installed");
 }
 
 /// A sandbox holding `notes.txt`, registered with a new daemon.
@@ -56,7 +47,8 @@ fn check(seen: &serde_json::Value, sb: &Path) {
 fn the_official_python_sdk_drives_snapback_mcp_on_both_revisions() {
     let test = "the_official_python_sdk_drives_snapback_mcp_on_both_revisions";
     let Some(python) = std::env::var_os("SNAPBACK_MCP_PYTHON") else {
-        return missing(test, "a Python with the MCP SDK (SNAPBACK_MCP_PYTHON)");
+        installed_or_skip(test, "a Python with the MCP SDK (SNAPBACK_MCP_PYTHON)", false);
+        return;
     };
     let (d, sb) = sandbox();
     let elsewhere = d.path("elsewhere");
@@ -82,8 +74,9 @@ fn the_official_python_sdk_drives_snapback_mcp_on_both_revisions() {
 fn the_official_typescript_sdk_drives_snapback_mcp() {
     let test = "the_official_typescript_sdk_drives_snapback_mcp";
     let Some(node) = tool_or_skip("node", test) else { return };
-    if !mcp_dir().join("node_modules/@modelcontextprotocol/sdk").is_dir() {
-        return missing(test, "the MCP TypeScript SDK (npm ci --prefix tests/mcp)");
+    let sdk = mcp_dir().join("node_modules/@modelcontextprotocol/sdk").is_dir();
+    if !installed_or_skip(test, "the MCP TypeScript SDK (npm ci --prefix tests/mcp)", sdk) {
+        return;
     }
     let (d, sb) = sandbox();
     let seen =

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use crate::fixture::{TestDaemon, binary, tool_or_skip, write};
+use crate::fixture::{TestDaemon, binary, payload, tool_or_skip, write};
 
 fn setup(home: &Path, args: &[&str]) -> Output {
     let out = Command::new(binary("snapback"))
@@ -95,9 +95,8 @@ fn the_hooks_setup_writes_take_checkpoints() {
             r#"{"permission":"allow"}"#,
         ),
     ];
-    let payloads = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/payloads");
-    for (i, (command, payload, answer)) in commands.into_iter().enumerate() {
-        let input = std::fs::read_to_string(payloads.join(payload)).unwrap().replace("{CWD}", sb.to_str().unwrap());
+    for (i, (command, file, answer)) in commands.into_iter().enumerate() {
+        let input = payload(file, &sb);
         // As the agent runs it: through a shell, the JSON on stdin.
         let mut child = Command::new("sh")
             .arg("-c")
@@ -111,8 +110,8 @@ fn the_hooks_setup_writes_take_checkpoints() {
             .unwrap();
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), answer, "{payload}");
-        assert_eq!(d.list(&["project"]).len(), i + 1, "{payload}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), answer, "{file}");
+        assert_eq!(d.list(&["project"]).len(), i + 1, "{file}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
