@@ -11,6 +11,16 @@ use std::process::ExitCode;
 use snapback::proto::{CheckpointInfo, CheckpointKind, CheckpointRequest, SandboxInfo};
 use snapback::{Client, ClientError};
 
+/// `s` cut to at most `max` bytes (at least 3) at a character boundary,
+/// marked `…`: a command line or a call's name as a checkpoint's reason.
+pub fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let cut = (0..=max - 3).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+    format!("{}…", &s[..cut])
+}
+
 /// Returns the name of the registered sandbox whose root holds `cwd` (the
 /// innermost, should roots nest), comparing whole path components.
 pub fn containing_sandbox(sandboxes: &[SandboxInfo], cwd: &Path) -> Option<String> {
@@ -64,12 +74,7 @@ pub fn exec(
         String::from_utf8_lossy(base.as_bytes()).into_owned()
     });
     let line: Vec<String> = command.iter().map(|a| String::from_utf8_lossy(a.as_bytes()).into_owned()).collect();
-    let mut reason = line.join(" ");
-    if reason.len() > 200 {
-        let cut = (0..=200).rev().find(|&i| reason.is_char_boundary(i)).unwrap_or(0);
-        reason.truncate(cut);
-        reason.push('…');
-    }
+    let reason = bounded(&line.join(" "), 200);
     let request = |phase: &str, labels: BTreeMap<String, String>| CheckpointRequest {
         sandbox: sandbox.clone(),
         plan: plan.clone(),

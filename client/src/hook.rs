@@ -21,7 +21,7 @@ use serde::Deserialize;
 use snapback::proto::{CheckpointInfo, CheckpointKind, CheckpointRequest, ErrorCode};
 use snapback::{Client, ClientError, ConnectOptions};
 
-use crate::agent::containing_sandbox;
+use crate::agent::{bounded, containing_sandbox};
 
 /// The agents whose hooks `snapback hook` reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -196,15 +196,6 @@ fn relative_to(path: &str, cwd: Option<&Path>) -> String {
         Some(rel) if !rel.as_os_str().is_empty() => rel.to_string_lossy().into_owned(),
         _ => path.to_owned(),
     }
-}
-
-/// `s` cut to at most `max` bytes at a character boundary, marked `…`.
-fn bounded(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let cut = (0..=max - 3).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-    format!("{}…", &s[..cut])
 }
 
 /// The most a hook reads from stdin; a tool call that writes a large file
