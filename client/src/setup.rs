@@ -100,9 +100,14 @@ fn hook_events(agent: Agent) -> Vec<(&'static str, Option<&'static str>, Option<
 
 /// This `snapback`, as a command the agent can run whatever its `PATH`.
 fn snapback_command() -> String {
-    let exe = std::env::current_exe().ok().and_then(|p| p.canonicalize().ok());
-    let exe = exe.map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|| "snapback".into());
+    let exe = this_snapback().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|| "snapback".into());
     if exe.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c)) { format!("'{exe}'") } else { exe }
+}
+
+/// The real path of this `snapback` (symlinks resolved): where the
+/// settings and units point, whatever the agent's `PATH` or cwd.
+fn this_snapback() -> Option<PathBuf> {
+    std::env::current_exe().ok().and_then(|p| p.canonicalize().ok())
 }
 
 /// Whether a hook command is snapback's: `.../snapback hook ...`.
@@ -384,8 +389,7 @@ fn units(user: bool, daemon: &Path) -> Vec<(&'static str, String)> {
 
 /// The daemon to run: `snapbackd` beside this `snapback`, else on `PATH`.
 fn daemon_path() -> Result<PathBuf, Failure> {
-    let beside =
-        std::env::current_exe().ok().and_then(|p| p.canonicalize().ok()).map(|p| p.with_file_name("snapbackd"));
+    let beside = this_snapback().map(|p| p.with_file_name("snapbackd"));
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
