@@ -98,6 +98,9 @@ pub fn status(s: &StatusReport) {
     outln!("{} (protocol {}), pid {}, up {}s", s.daemon, s.protocol, s.pid, s.uptime_ms / 1000);
     outln!("socket     {}", s.socket.display());
     outln!("state dir  {}", s.state_dir.display());
+    if s.collecting_garbage {
+        outln!("collecting unreferenced objects in the background");
+    }
     if s.sandboxes.is_empty() {
         outln!("no sandboxes; register one with `snapback sandbox add DIR`");
         return;

@@ -128,7 +128,7 @@ pub fn subtree<'a>(m: &'a Manifest, prefix: &[u8]) -> impl Iterator<Item = (&'a 
 }
 
 /// The blake3 hash of a file's content, which names its store object.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectId(pub [u8; 32]);
 
 impl ObjectId {

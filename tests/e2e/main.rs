@@ -12,6 +12,7 @@ mod tree;
 mod access;
 mod agent;
 mod cli;
+mod collection;
 mod confinement;
 mod core;
 mod crash;

@@ -511,4 +511,8 @@ pub struct StatusReport {
     pub state_dir: WirePath,
     pub socket: WirePath,
     pub sandboxes: Vec<SandboxStatus>,
+    /// The daemon is removing unreferenced objects in the background (as it
+    /// does after every start): the space they hold is not free yet.
+    #[serde(default)]
+    pub collecting_garbage: bool,
 }

@@ -213,6 +213,7 @@ export interface StatusReport {
   state_dir: WirePath;
   socket: WirePath;
   sandboxes: SandboxStatus[];
+  collecting_garbage: boolean;
 }
 
 export interface ProgressReport {

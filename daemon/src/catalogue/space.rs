@@ -13,25 +13,45 @@ pub fn store_bytes(conn: &Connection, sandbox_id: i64) -> Result<u64> {
     )? as u64)
 }
 
-/// Returns every object referenced by any sandbox whose store is `store`,
-/// with its recorded size.
-pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<HashMap<ObjectId, u64>> {
-    // An interrupted restore's desired versions count too: the restart
-    // that finishes it needs their objects.
-    let mut stmt = conn.prepare(
-        "SELECT DISTINCT e.object, e.size FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
-         WHERE s.store = ?1 AND e.object IS NOT NULL
-         UNION
-         SELECT DISTINCT p.object, p.size FROM intent_paths p JOIN intents i ON i.id = p.intent_id
-         JOIN sandboxes s ON s.id = i.sandbox_id WHERE s.store = ?1 AND p.object IS NOT NULL",
-    )?;
-    let mut out = HashMap::new();
+/// The objects, with their recorded sizes, that the versions of every
+/// sandbox whose store is `?1` reference. An interrupted restore's desired
+/// versions count too: the restart that finishes it needs their objects.
+const REFERENCED: &str = "SELECT DISTINCT e.object, e.size FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
+     WHERE s.store = ?1 AND e.object IS NOT NULL
+     UNION
+     SELECT DISTINCT p.object, p.size FROM intent_paths p JOIN intents i ON i.id = p.intent_id
+     JOIN sandboxes s ON s.id = i.sandbox_id WHERE s.store = ?1 AND p.object IS NOT NULL";
+
+/// Calls `each` with every object referenced by any sandbox whose store is
+/// `store`, and its recorded size (an object may come more than once).
+fn each_referenced(conn: &Connection, store: &[u8], mut each: impl FnMut(ObjectId, u64)) -> Result<()> {
+    let mut stmt = conn.prepare(REFERENCED)?;
     for r in stmt.query_map([store], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))? {
         let (b, size) = r?;
         let id =
             ObjectId::from_slice(&b).ok_or_else(|| CatalogueError::Damaged("an object id is not 32 bytes".into()))?;
-        out.insert(id, size as u64);
+        each(id, size as u64);
     }
+    Ok(())
+}
+
+/// Returns every object referenced by any sandbox whose store is `store`,
+/// with its recorded size.
+pub fn referenced_objects(conn: &Connection, store: &[u8]) -> Result<HashMap<ObjectId, u64>> {
+    let mut out = HashMap::new();
+    each_referenced(conn, store, |id, size| {
+        out.insert(id, size);
+    })?;
+    Ok(out)
+}
+
+/// The objects of [`referenced_objects`], sorted, without their sizes: a
+/// third of the memory, for a garbage collection of a large store.
+pub fn referenced_ids(conn: &Connection, store: &[u8]) -> Result<Vec<ObjectId>> {
+    let mut out = Vec::new();
+    each_referenced(conn, store, |id, _| out.push(id))?;
+    out.sort_unstable();
+    out.dedup();
     Ok(out)
 }
 

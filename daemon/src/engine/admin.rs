@@ -163,6 +163,7 @@ impl Engine {
             state_dir: WirePath(bytes_of(&self.state_dir)),
             socket: WirePath(bytes_of(&self.socket)),
             sandboxes,
+            collecting_garbage: self.collecting_garbage(),
         })
     }
 }

@@ -27,7 +27,7 @@ use crate::capture::{self, Captured, Excludes, Options, Scope};
 use crate::catalogue::{self, Checkpoint, CheckpointWrite, IntentKind, IntentState, Sandbox, SandboxState};
 use crate::config::Retention;
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Kind, Manifest, StatKey, has_other_names, is_within};
+use crate::manifest::{Kind, Manifest, ObjectId, StatKey, has_other_names, is_within};
 use crate::progress;
 use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};
@@ -37,6 +37,7 @@ use crate::watcher::{Drain, SandboxWatch};
 
 mod admin;
 mod checkpoint;
+mod collector;
 mod compare;
 mod deferred;
 mod plans;
@@ -279,14 +280,9 @@ impl Engine {
             diff_max_bytes: config.diff_max_bytes,
         };
         engine.store(&bytes_of(&engine.stores.default))?;
+        // Collected in the background: the daemon answers at once.
         for store in catalogue::stores(&conn)? {
-            match engine.collect_garbage(&conn, &store) {
-                Ok((n, bytes)) if n > 0 => {
-                    tracing::info!(store = %path_of(&store).display(), objects = n, bytes, "collected unreferenced objects")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(store = %path_of(&store).display(), "collecting garbage: {e}"),
-            }
+            engine.owe_collection(store);
         }
         Ok(engine)
     }

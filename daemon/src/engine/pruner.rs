@@ -58,13 +58,16 @@ impl Engine {
         }
     }
 
-    /// The pruner thread: applies owed retention as it comes, until
-    /// [`Engine::stop_pruner`]; what is owed then is applied before it
-    /// returns.
+    /// The pruner thread: applies owed retention as it comes, and between
+    /// it collects the stores owed a garbage collection a slice at a time,
+    /// until [`Engine::stop_pruner`]; the retention owed then is applied
+    /// before it returns (a collection left unfinished is owed again at
+    /// the next start).
     pub fn prune_in_background(&self) {
+        let mut collecting = None;
         loop {
             let mut owed = lock(&self.pruner.owed);
-            while owed.sandboxes.is_empty() && !owed.stopped {
+            while owed.sandboxes.is_empty() && !owed.stopped && collecting.is_none() && owed.stores.is_empty() {
                 // A failed pruning is owed again once its delay is up.
                 let now = Instant::now();
                 let due: Vec<i64> = owed.retry.iter().filter(|(_, (at, _))| *at <= now).map(|(&id, _)| id).collect();
@@ -85,6 +88,7 @@ impl Engine {
             if stopped {
                 return;
             }
+            self.collect_a_slice(&mut collecting);
         }
     }
 
@@ -220,6 +224,10 @@ pub(super) struct Owed {
     pub(super) running: usize,
     /// The pruner thread is asked to stop.
     pub(super) stopped: bool,
+    /// Stores owed a garbage collection (see [`Engine::collect_a_slice`]).
+    pub(super) stores: std::collections::BTreeSet<Vec<u8>>,
+    /// A store's collection is in progress.
+    pub(super) collection_running: bool,
 }
 
 /// How long the pruner waits before its `failures`-th retry of a sandbox:

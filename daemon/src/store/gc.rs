@@ -117,48 +117,90 @@ impl Store {
     /// file. Returns (objects removed, bytes freed). The caller guarantees no
     /// checkpoint into this store is in progress.
     pub fn collect_garbage(&self, referenced: &HashSet<ObjectId>) -> io::Result<(u64, u64)> {
-        for entry in sys::read_dir(self.tmp.as_fd())? {
-            let _ = sys::unlinkat(self.tmp.as_fd(), &entry.name, false);
-        }
+        self.clear_temporaries()?;
         let (mut count, mut bytes) = (0, 0);
         let mut failed = None;
-        for i in 0..=255u8 {
-            let sub = format!("{i:02x}");
-            let dir = match sys::openat(self.objects.as_fd(), sub.as_bytes(), sys::DIR_FLAGS, 0) {
-                Ok(d) => d,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            for entry in sys::read_dir(dir.as_fd())? {
-                let keep = ObjectId::from_hex(&entry.name).is_some_and(|id| referenced.contains(&id));
-                if !keep {
-                    let size = sys::lstatat(dir.as_fd(), &entry.name).map(|st| st.st_size as u64).unwrap_or(0);
-                    // One that cannot go does not keep the rest, nor the packs.
-                    match sys::unlinkat(dir.as_fd(), &entry.name, false) {
-                        Ok(()) => (count, bytes) = (count + 1, bytes + size),
-                        Err(e) => {
-                            let name = String::from_utf8_lossy(&entry.name);
-                            failed
-                                .get_or_insert(io::Error::new(e.kind(), format!("removing objects/{sub}/{name}: {e}")));
-                        }
-                    }
+        for slice in 0..SLICES {
+            match self.collect_slice(slice, |id| referenced.contains(id)) {
+                Ok((n, b)) => (count, bytes) = (count + n, bytes + b),
+                // One part that cannot be collected does not keep the rest.
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
         }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((count, bytes)),
+        }
+    }
+
+    /// Removes what an earlier run left in the store's `tmp` directory.
+    pub fn clear_temporaries(&self) -> io::Result<()> {
+        for entry in sys::read_dir(self.tmp.as_fd())? {
+            let _ = sys::unlinkat(self.tmp.as_fd(), &entry.name, false);
+        }
+        Ok(())
+    }
+
+    /// Collects one of the store's [`SLICES`]: slice `i < 256` is the
+    /// directory `objects/<i>` (its objects that `keep` refuses and its
+    /// leftover temporaries), the last one the packs (the slots of packed
+    /// objects that `keep` refuses, the blocks of slots no longer indexed,
+    /// and the packs no live object is in). Returns (objects removed,
+    /// bytes freed). The caller holds [`Store::gc_lock`] exclusively.
+    pub fn collect_slice(&self, slice: usize, keep: impl Fn(&ObjectId) -> bool) -> io::Result<(u64, u64)> {
+        match u8::try_from(slice) {
+            Ok(i) => self.collect_loose(i, keep),
+            Err(_) => self.collect_packs(keep),
+        }
+    }
+
+    fn collect_loose(&self, i: u8, keep: impl Fn(&ObjectId) -> bool) -> io::Result<(u64, u64)> {
+        let sub = format!("{i:02x}");
+        let dir = match sys::openat(self.objects.as_fd(), sub.as_bytes(), sys::DIR_FLAGS, 0) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(e),
+        };
+        let (mut count, mut bytes) = (0, 0);
+        let mut failed = None;
+        for entry in sys::read_dir(dir.as_fd())? {
+            if ObjectId::from_hex(&entry.name).is_some_and(|id| keep(&id)) {
+                continue;
+            }
+            let size = sys::lstatat(dir.as_fd(), &entry.name).map(|st| st.st_size as u64).unwrap_or(0);
+            // One that cannot go does not keep the rest.
+            match sys::unlinkat(dir.as_fd(), &entry.name, false) {
+                Ok(()) => (count, bytes) = (count + 1, bytes + size),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    let name = String::from_utf8_lossy(&entry.name);
+                    failed.get_or_insert(io::Error::new(e.kind(), format!("removing objects/{sub}/{name}: {e}")));
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((count, bytes)),
+        }
+    }
+
+    fn collect_packs(&self, keep: impl Fn(&ObjectId) -> bool) -> io::Result<(u64, u64)> {
         // The slots still live, by pack, and the objects to drop.
         let rows = self.packed()?;
         let mut live: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
         let mut dead = Vec::new();
         for (id, pack, offset, len) in &rows {
-            if referenced.contains(id) {
+            if keep(id) {
                 live.entry(pack).or_default().push((*offset, *len));
             } else {
                 dead.push(*id);
             }
         }
         let slots = self.unindex(&dead)?;
-        count += slots.len() as u64;
-        bytes += self.free_slots(&slots)?;
+        let count = slots.len() as u64;
+        let mut bytes = self.free_slots(&slots)?;
         for (pack, slots) in &mut live {
             bytes += self.free_unindexed(pack, slots)?;
         }
@@ -170,9 +212,10 @@ impl Store {
                 self.remove_pack(&entry.name)?;
             }
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok((count, bytes)),
-        }
+        Ok((count, bytes))
     }
 }
+
+/// How many parts [`Store::collect_slice`] divides a collection into: the
+/// 256 directories of loose objects, and the packs.
+pub const SLICES: usize = 257;

@@ -23,7 +23,9 @@
 //! never committed, or freed by a purge), packs never sealed, the blocks
 //! of slots taken out of the index but never punched (the daemon stopped
 //! in between) and leftover temporaries are collected by
-//! [`Store::collect_garbage`].
+//! [`Store::collect_garbage`], or a slice at a time by
+//! [`Store::collect_slice`] while checkpoints go on (see
+//! [`Store::track_uses`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -41,6 +43,7 @@ use crate::sys;
 use crate::wal::WalCheckpointer;
 
 mod gc;
+pub use gc::SLICES;
 mod index;
 mod marker;
 mod object;
@@ -80,6 +83,11 @@ pub struct Store {
     /// meets their content again, it asks the index before packing it
     /// (see [`Store::put`]). At most [`RECENTLY_READ`] of them.
     recently_read: Mutex<HashSet<ObjectId>>,
+    /// While a collection goes through the store in slices (see
+    /// [`Store::track_uses`]): the objects put, opened or linked since it
+    /// began, which it keeps.
+    used: Mutex<Option<HashSet<ObjectId>>>,
+    tracking: AtomicBool,
 }
 
 /// How many packed objects [`Store::recently_read`] remembers before it
@@ -184,6 +192,8 @@ impl Store {
             index_written: AtomicBool::new(false),
             gc_lock: std::sync::RwLock::new(()),
             recently_read: Mutex::new(HashSet::new()),
+            used: Mutex::new(None),
+            tracking: AtomicBool::new(false),
         })
     }
 
@@ -207,6 +217,7 @@ impl Store {
 
     /// Opens an object for reading. A missing one is a `NotFound` error.
     pub fn open_object(&self, id: &ObjectId) -> io::Result<Object> {
+        self.note_use(id);
         match sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             r => return r.map(Object::Loose),
@@ -250,6 +261,7 @@ impl Store {
                 None => self.put_loose(src, before, reflink, last)?,
             };
             if let Some(put) = put {
+                self.note_use(&put.hash);
                 return Ok(put);
             }
         }
@@ -382,8 +394,35 @@ impl Store {
         Ok(out)
     }
 
+    /// Starts (or ends) noting the objects put, opened or linked, for a
+    /// collection that goes through the store in slices while checkpoints
+    /// and restores go on. The caller holds [`Store::gc_lock`] exclusively
+    /// when it starts, so every checkpoint that stores or finds an object
+    /// after that is seen; what the collection read from the catalogue
+    /// after that and what is noted here is kept.
+    pub fn track_uses(&self, on: bool) {
+        *self.used.lock().unwrap_or_else(|p| p.into_inner()) = on.then(HashSet::new);
+        self.tracking.store(on, Ordering::Relaxed);
+    }
+
+    /// The objects noted since [`Store::track_uses`] started.
+    pub fn used_since_tracked(&self) -> HashSet<ObjectId> {
+        self.used.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
+    }
+
+    fn note_use(&self, id: &ObjectId) {
+        // Set under the exclusive `gc_lock` that every checkpoint's shared
+        // hold comes after, so a checkpoint reads it as set.
+        if self.tracking.load(Ordering::Relaxed)
+            && let Some(used) = self.used.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+        {
+            used.insert(*id);
+        }
+    }
+
     /// Makes `name` in `dir` a hardlink to an object.
     pub fn link_object(&self, id: &ObjectId, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+        self.note_use(id);
         sys::linkat(self.objects.as_fd(), &Self::name(id), dir, name)
     }
 }
