@@ -3,7 +3,6 @@
 //! checkpoints and restarts go on.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::fixture::*;
 use crate::tree::*;
@@ -38,7 +37,7 @@ fn background_collection_keeps_what_checkpoints_meet_and_frees_the_rest() {
         write(&sb.join(format!("d{}/f{i}", i % 4)), format!("first {i}\n").repeat(3000));
     }
     d.add_sandbox("sb", &sb, &[]);
-    wait_collected(&d);
+    d.wait_collected();
     let first = d.checkpoint("sb");
     let first_tree = snapshot(&sb);
     d.stop();
@@ -64,7 +63,7 @@ fn background_collection_keeps_what_checkpoints_meet_and_frees_the_rest() {
     let second = d.checkpoint("sb");
     let second_tree = snapshot(&sb);
     assert!(d.status().collecting_garbage, "the collection ended before the checkpoint: it proves nothing");
-    wait_collected(&d);
+    d.wait_collected();
     assert!(object_file(&store, &met_again).exists(), "the object a checkpoint met again was collected");
 
     // More garbage, and a daemon killed in the middle of its collection:
@@ -86,7 +85,7 @@ fn background_collection_keeps_what_checkpoints_meet_and_frees_the_rest() {
     write(&sb.join("d0/fourth"), late_content("fourth"));
     let fourth = d.checkpoint("sb");
     let fourth_tree = snapshot(&sb);
-    wait_collected(&d);
+    d.wait_collected();
 
     for content in garbage.iter().chain(&more) {
         assert!(!object_file(&store, content).exists(), "an unreferenced object was kept");
@@ -98,12 +97,4 @@ fn background_collection_keeps_what_checkpoints_meet_and_frees_the_rest() {
         d.rollback(id);
         assert_same(&snapshot(&sb), tree, "rolled back after the collection");
     }
-}
-
-/// Waits until the daemon's garbage collection is done.
-fn wait_collected(d: &TestDaemon) {
-    eventually(Duration::from_secs(60), Duration::from_millis(50), || match d.status().collecting_garbage {
-        false => Ok(()),
-        true => Err("the daemon is still collecting garbage".to_string()),
-    });
 }

@@ -140,6 +140,8 @@ fn a_checkpoint_killed_at_random_points_is_listed_complete_or_absent() {
         kill9(&d);
         let _ = cli.wait();
         d.restart();
+        // What the killed checkpoint left is collected in the background.
+        d.wait_collected();
         d.assert_verified();
         let list = d.json(&["list", "sb"]);
         let all = list["checkpoints"].as_array().unwrap();

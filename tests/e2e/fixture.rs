@@ -229,6 +229,15 @@ impl TestDaemon {
         );
     }
 
+    /// Waits until the daemon's garbage collection (in the background, after
+    /// each start) is done.
+    pub fn wait_collected(&self) {
+        eventually(Duration::from_secs(60), Duration::from_millis(20), || match self.status().collecting_garbage {
+            false => Ok(()),
+            true => Err("the daemon is still collecting garbage".to_string()),
+        });
+    }
+
     /// Returns the bytes of every object in the default store, loose or
     /// packed.
     pub fn store_bytes(&self) -> u64 {

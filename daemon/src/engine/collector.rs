@@ -50,15 +50,22 @@ impl Engine {
     /// the next one owed. Returns whether there is more to do.
     pub(super) fn collect_a_slice(&self, current: &mut Option<Collection>) -> bool {
         let Some(c) = current else {
-            let Some(path) = lock(&self.pruner.owed).stores.pop_first() else {
+            let next = {
+                // Owed or running, never neither, for `collecting_garbage`.
+                let mut owed = lock(&self.pruner.owed);
+                let next = owed.stores.pop_first();
+                owed.collection_running = next.is_some();
+                next
+            };
+            let Some(path) = next else {
                 return false;
             };
             match self.start_collection(&path) {
-                Ok(c) => {
-                    lock(&self.pruner.owed).collection_running = true;
-                    *current = Some(c);
+                Ok(c) => *current = Some(c),
+                Err(e) => {
+                    tracing::warn!(store = %path_of(&path).display(), "collecting garbage: {e}");
+                    lock(&self.pruner.owed).collection_running = false;
                 }
-                Err(e) => tracing::warn!(store = %path_of(&path).display(), "collecting garbage: {e}"),
             }
             return true;
         };
