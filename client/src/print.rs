@@ -127,7 +127,10 @@ pub fn status(s: &StatusReport) {
         &rows,
     );
     for b in &s.sandboxes {
-        outln!("{}: {}", b.name, b.watch);
+        match &b.watcher {
+            Some(watcher) => outln!("{}: {} ({watcher})", b.name, b.watch),
+            None => outln!("{}: {}", b.name, b.watch),
+        }
         if let Some(r) = &b.recovery {
             outln!("{}: {r}", b.name);
         }

@@ -63,6 +63,8 @@ options:
   --tools LIST    tools to measure (default snapback,git,rsync,cp,btrfs)
   --out DIR       where results.csv, table.md and checkpoint-time.png go (default target/bench)
   --no-startup    skip the daemon start-up measurement
+  --watcher W     what the daemon watches with: auto (the default: fanotify
+                  as root), fanotify or inotify
   --sync-after-changes
                   sync between the changes and the operation timed after them
                   (by default the sync comes before the changes, as an agent
@@ -84,6 +86,8 @@ struct Args {
     sync_after_changes: bool,
     /// Only draw the chart from this CSV (written by an earlier run).
     chart_from: Option<PathBuf>,
+    /// The daemon's `watcher` setting.
+    watcher: String,
 }
 
 fn parse_args() -> Args {
@@ -99,6 +103,7 @@ fn parse_args() -> Args {
         startup: true,
         sync_after_changes: false,
         chart_from: None,
+        watcher: "auto".into(),
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>| v.expect("a comma-separated list").split(',').map(String::from).collect();
@@ -114,6 +119,7 @@ fn parse_args() -> Args {
             "--tools" => args.tools = list(it.next()),
             "--out" => args.out = PathBuf::from(it.next().expect("--out DIR")),
             "--no-startup" => args.startup = false,
+            "--watcher" => args.watcher = it.next().expect("--watcher auto|fanotify|inotify"),
             "--sync-after-changes" => args.sync_after_changes = true,
             "--chart-from" => args.chart_from = Some(PathBuf::from(it.next().expect("--chart-from CSV"))),
             "--bench" => {} // passed by cargo bench
@@ -205,9 +211,12 @@ struct Snapback {
 }
 
 impl Snapback {
-    fn start(dir: &Path, tree: &Path) -> Snapback {
-        let daemon = start_daemon(dir);
+    /// Starts the daemon and registers the tree; returns it, and how long
+    /// its watch took to set up once the tree was registered.
+    fn start(dir: &Path, tree: &Path, watcher: &str) -> (Snapback, Duration) {
+        let daemon = start_daemon_with(dir, &format!("watcher = \"{watcher}\"\n"));
         let mut client = Client::connect(&dir.join("sock")).unwrap();
+        let added = Instant::now();
         client
             .sandbox_add(SandboxAdd {
                 path: WirePath::from(tree),
@@ -217,7 +226,7 @@ impl Snapback {
             })
             .unwrap();
         wait_watching(&mut client);
-        Snapback { daemon, client, tree: tree.to_owned() }
+        (Snapback { daemon, client, tree: tree.to_owned() }, added.elapsed())
     }
 }
 
@@ -432,7 +441,8 @@ const ROLLBACK: &str = "rollback, 100 modified + 50 created";
 const ROLLBACK_DELETED: &str = "rollback, 100 modified + 50 created + 20 deleted";
 const STORE: &str = "store bytes: first checkpoint + the 100-changed rounds";
 const MEMORY: &str = "peak daemon memory";
-const OPERATIONS: [&str; 8] = [FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, ROLLBACK_DELETED, STORE, MEMORY];
+const WATCH: &str = "watch set-up, from registration";
+const OPERATIONS: [&str; 9] = [WATCH, FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, ROLLBACK_DELETED, STORE, MEMORY];
 
 struct Site<'a> {
     fs: &'a str,
@@ -584,7 +594,11 @@ fn measure_tool(
     eprintln!("[{} {}] {name} ({:.0} s into the run)", at.fs, at.tree, at.started.elapsed().as_secs_f64());
     let before = used_bytes(base);
     let mut tool: Box<dyn Tool> = match name {
-        "snapback" => Box::new(Snapback::start(&dir, &tree)),
+        "snapback" => {
+            let (snapback, set_up) = Snapback::start(&dir, &tree, &args.watcher);
+            results.add_time(at, name, WATCH, set_up);
+            Box::new(snapback)
+        }
         "git" => Box::new(Git { repo: dir.join("shadow.git"), tree: tree.clone() }),
         "rsync" => Box::new(Rsync(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
         "cp" => Box::new(Cp(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),

@@ -6,7 +6,8 @@
 //! socket = "/run/snapback/snapbackd.sock"   # default: as for the CLI
 //! state_dir = "/var/lib/snapback"           # default: /var/lib/snapback for root, else $XDG_STATE_HOME/snapback
 //! socket_group = "snapback"                 # socket mode 0660, owned by this group; default: none (0600 or 0660 for root)
-//! watch = true                              # false: no inotify; every checkpoint scans everything
+//! watch = true                              # false: no watcher; every checkpoint scans everything
+//! watcher = "auto"                          # or "fanotify" (root only) or "inotify"; auto: fanotify for root
 //! excludes = ["node_modules", "*.pyc"]      # added to every sandbox registered from now on
 //! durability = "commit"                     # or "sync": objects and catalogue on disk before the answer
 //! max_connections_per_uid = 64              # one more closes that uid's longest-idle connection
@@ -46,9 +47,11 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// A group that may use the socket (mode 0660, this group).
     pub socket_group: Option<String>,
-    /// Watch sandboxes with inotify (default); without, every checkpoint
-    /// compares the whole tree.
+    /// Watch sandboxes (default); without, every checkpoint compares the
+    /// whole tree.
     pub watch: Option<bool>,
+    /// How sandboxes are watched [default: `auto`].
+    pub watcher: Option<Watcher>,
     /// Exclude globs added to every sandbox registered from now on.
     #[serde(default)]
     pub excludes: Vec<String>,
@@ -89,6 +92,23 @@ pub struct SandboxSettings {
 
 /// A diff summarises files larger than this, unless configured otherwise.
 pub const DIFF_MAX_BYTES: u64 = 1 << 20;
+
+/// How sandboxes are watched.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Watcher {
+    /// fanotify when the daemon runs as root and the kernel has it (Linux
+    /// 5.9), else inotify; a sandbox whose filesystem fanotify cannot
+    /// watch falls back to inotify.
+    #[default]
+    Auto,
+    /// fanotify, one mark per filesystem: no watch per directory, so no
+    /// watch limit. Root only; without it, or on a filesystem it cannot
+    /// watch, the sandbox is watched with inotify and `status` says why.
+    Fanotify,
+    /// inotify, a watch per directory (`fs.inotify.max_user_watches`).
+    Inotify,
+}
 
 /// When a checkpoint or rollback is acknowledged.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

@@ -12,6 +12,7 @@ pub mod config;
 pub(crate) mod engine;
 pub(crate) mod error;
 pub(crate) mod export;
+pub(crate) mod fanotify;
 pub mod hooks;
 pub(crate) mod links;
 pub(crate) mod manifest;
@@ -78,9 +79,10 @@ pub struct Config {
     /// Sandboxes (by name) that take `auto` checkpoints after this quiet
     /// period.
     pub auto_checkpoints: std::collections::BTreeMap<String, std::time::Duration>,
-    /// Watch sandboxes with inotify; without, every checkpoint compares the
-    /// whole tree.
+    /// Watch sandboxes; without, every checkpoint compares the whole tree.
     pub watch: bool,
+    /// With what.
+    pub watcher: config::Watcher,
     /// Exclude globs added to every sandbox registered from now on.
     pub default_excludes: Vec<String>,
     /// Sandboxes to register at start, unless they are already.

@@ -103,6 +103,7 @@ fn main() -> ExitCode {
         retention: file.retention(),
         auto_checkpoints: file.auto_checkpoints(),
         watch: file.watch.unwrap_or(true),
+        watcher: file.watcher.unwrap_or_default(),
         default_excludes: file.excludes.clone(),
         register: file.registrations(),
         limits: file.limits(),

@@ -1,5 +1,8 @@
-//! The watcher: inotify, through the `notify` crate, marks paths dirty so
-//! that a checkpoint compares only what changed.
+//! The watcher marks paths dirty so that a checkpoint compares only what
+//! changed: with fanotify when the daemon runs as root (one mark per
+//! filesystem, see [`crate::fanotify`]: no watch per directory, so no
+//! watch limit), else with inotify through the `notify` crate (a watch per
+//! directory).
 //!
 //! The dirty set is a hint, never the truth. Each dirty path is still
 //! `lstat`-ed and compared with its recorded version; and anything that
@@ -9,12 +12,16 @@
 //! comparison, as a value ([`Drain::Everything`]) and not a log line.
 //!
 //! Barrier: before reading the dirty set, a checkpoint creates a cookie file
-//! in a private directory watched by the same inotify instance and waits for
-//! its event. Events of one instance arrive in order, so every change made
-//! before the request has been seen. There are no sleeps.
+//! in a private directory watched by the same inotify instance (or
+//! fanotify group) and waits for its event. Events of one instance arrive
+//! in order, so every change made before the request has been seen. There
+//! are no sleeps.
 //!
 //! The `notify` callback never blocks: it `try_send`s into a bounded
-//! channel; a full channel marks the sandbox for a full scan.
+//! channel; a full channel marks the sandbox for a full scan. fanotify
+//! events are read by a thread of the watch's own, which resolves each
+//! directory handle to a path before it takes the watch's lock; one it
+//! cannot resolve marks the sandbox for a full scan.
 
 use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
@@ -28,6 +35,8 @@ use notify::event::{AccessKind, AccessMode, EventKindMask};
 use notify::{Config, Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 
 use crate::capture::{Excludes, TEMP_PREFIX};
+use crate::config::Watcher;
+use crate::fanotify::{self, Place};
 
 /// Events buffered between the callback and the consumer thread.
 const CHANNEL: usize = 16 * 1024;
@@ -55,6 +64,8 @@ pub struct Report {
     pub dirty: u64,
     /// The recursive watch is in place and working.
     pub watching: bool,
+    /// `fanotify` or `inotify`.
+    pub watcher: &'static str,
 }
 
 #[derive(Default)]
@@ -69,6 +80,8 @@ struct State {
     cookies_seen: u64,
     /// When the last sandbox event arrived, for auto checkpoints.
     last_event: Option<Instant>,
+    /// Watched with fanotify (else inotify).
+    fanotify: bool,
 }
 
 /// Why a checkpoint compares everything while the watch is being set up.
@@ -83,6 +96,8 @@ pub struct SandboxWatch {
     wake: Condvar,
     overflow: Arc<AtomicBool>,
     next_cookie: AtomicU64,
+    /// The inotify watcher; a fanotify group belongs to its reading thread,
+    /// which ends once `stopped` is set.
     watcher: Mutex<Option<RecommendedWatcher>>,
     stopped: AtomicBool,
     /// A barrier timed out: events stopped arriving, so this watch should
@@ -96,10 +111,15 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 
 impl SandboxWatch {
     /// Starts watching `root` (recursively, symlinks not followed) and a
-    /// private cookie directory; returns at once, the recursive watch is set
-    /// up on a background thread. Until it is in place, checkpoints scan
-    /// everything.
-    pub fn start(root: &Path, cookies: &Path, excludes: Excludes) -> std::io::Result<Arc<SandboxWatch>> {
+    /// private cookie directory, with `watcher`; returns at once, the
+    /// recursive watch is set up on a background thread. Until it is in
+    /// place, checkpoints scan everything.
+    pub fn start(
+        root: &Path,
+        cookies: &Path,
+        excludes: Excludes,
+        watcher: Watcher,
+    ) -> std::io::Result<Arc<SandboxWatch>> {
         let _ = std::fs::remove_dir_all(cookies);
         std::fs::create_dir_all(cookies)?;
         let watch = Arc::new(SandboxWatch {
@@ -114,12 +134,112 @@ impl SandboxWatch {
             stopped: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
         });
-        let (tx, rx) = sync_channel::<notify::Result<Event>>(CHANNEL);
-        let consumer = watch.clone();
-        std::thread::Builder::new().name("snapback-events".into()).spawn(move || consumer.consume(rx))?;
-        let setup = watch.clone();
-        std::thread::Builder::new().name("snapback-watch".into()).spawn(move || setup.set_up(tx))?;
+        let fanotify_refused = match watcher {
+            Watcher::Inotify => Some(None),
+            Watcher::Fanotify | Watcher::Auto => match watch.start_fanotify() {
+                Ok(()) => None,
+                Err(e) => Some(Some(e)),
+            },
+        };
+        if let Some(refused) = fanotify_refused {
+            if let Some(e) = &refused {
+                let how = if watcher == Watcher::Fanotify { "was asked for" } else { "runs as root" };
+                if watcher == Watcher::Fanotify || crate::sys::euid() == 0 {
+                    tracing::warn!(root = %root.display(), "fanotify {how} but cannot watch: {e}; watching with inotify");
+                }
+            }
+            let (tx, rx) = sync_channel::<notify::Result<Event>>(CHANNEL);
+            let consumer = watch.clone();
+            std::thread::Builder::new().name("snapback-events".into()).spawn(move || consumer.consume(rx))?;
+            let setup = watch.clone();
+            std::thread::Builder::new().name("snapback-watch".into()).spawn(move || setup.set_up(tx))?;
+        }
         Ok(watch)
+    }
+
+    /// Watches with fanotify: marks the root's filesystem and the cookie
+    /// directory, and starts the thread that reads the events. The watch is
+    /// in place when this returns.
+    fn start_fanotify(self: &Arc<Self>) -> std::io::Result<()> {
+        let group = fanotify::Group::new()?;
+        let open_dir = |p: &Path| {
+            std::fs::File::open(p).and_then(|f| {
+                if f.metadata()?.is_dir() { Ok(f) } else { Err(std::io::Error::from_raw_os_error(libc::ENOTDIR)) }
+            })
+        };
+        let (root, cookies) = (open_dir(&self.root)?, open_dir(&self.cookies)?);
+        let cookie_dir = fanotify::handle_of(std::os::fd::AsFd::as_fd(&cookies))?;
+        group.mark_directory(std::os::fd::AsFd::as_fd(&cookies))?;
+        group.mark_filesystem(std::os::fd::AsFd::as_fd(&root))?;
+        let paths = fanotify::Paths::new(root.into())?;
+        let reader = self.clone();
+        std::thread::Builder::new()
+            .name("snapback-fanotify".into())
+            .spawn(move || reader.consume_fanotify(&group, paths, &cookie_dir))?;
+        let mut state = lock(&self.state);
+        state.fanotify = true;
+        self.now_ready(&mut state);
+        Ok(())
+    }
+
+    /// The watch is in place: whatever happened before it is unknown.
+    fn now_ready(&self, state: &mut State) {
+        state.ready = true;
+        // Said as it is, not as the set-up still under way.
+        let since = "changes before the watch started are unknown; the next checkpoint compares everything";
+        if state.full.as_deref().is_none_or(|why| why == SETTING_UP) {
+            state.full = Some(since.into());
+        }
+        self.wake.notify_all();
+    }
+
+    /// Reads fanotify events until the watch stops: each directory handle
+    /// is resolved to a path first, then what changed is noted under one
+    /// lock, and waiters are woken once per read.
+    fn consume_fanotify(&self, group: &fanotify::Group, mut paths: fanotify::Paths, cookie_dir: &fanotify::Handle) {
+        while !self.stopped.load(Ordering::Relaxed) {
+            let (events, overflow) = match group.read(Duration::from_millis(200)) {
+                Ok(fanotify::Read::Nothing) => continue,
+                Ok(fanotify::Read::Events(events)) => (events, false),
+                Ok(fanotify::Read::Overflow(events)) => (events, true),
+                Err(e) => {
+                    lock(&self.state).degraded = Some(format!("the watcher failed: {e}"));
+                    self.wake.notify_all();
+                    return;
+                }
+            };
+            let mut cookie = 0;
+            let mut changed = Vec::new();
+            let mut unknown = None;
+            for event in &events {
+                paths.saw(event);
+                if event.dir == *cookie_dir {
+                    if event.mask & libc::FAN_CREATE != 0 {
+                        cookie = cookie.max(cookie_number(&event.name).unwrap_or(0));
+                    }
+                    continue;
+                }
+                match paths.place(&event.dir) {
+                    Ok(Place::Inside(dir)) => changed.push(join(dir, &event.name)),
+                    Ok(Place::Outside) => {}
+                    Err(e) => unknown = Some(format!("the path of a changed directory cannot be had: {e}")),
+                }
+            }
+            let mut state = lock(&self.state);
+            if overflow {
+                state.full = Some("the kernel's event queue overflowed".into());
+            }
+            if let Some(why) = unknown {
+                state.full = Some(why);
+            }
+            for rel in changed {
+                self.note_path(&mut state, rel);
+            }
+            state.cookies_seen = state.cookies_seen.max(cookie);
+            self.limit_dirty(&mut state);
+            drop(state);
+            self.wake.notify_all();
+        }
     }
 
     fn set_up(self: Arc<Self>, tx: SyncSender<notify::Result<Event>>) {
@@ -153,14 +273,7 @@ impl SandboxWatch {
             Ok(_) if self.stopped.load(Ordering::Relaxed) => {} // dropped here
             Ok(w) => {
                 *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
-                state.ready = true;
-                // Whatever happened before the watch existed is unknown: the
-                // next checkpoint compares the whole tree. Said as it is,
-                // not as the set-up still under way.
-                let since = "changes before the watch started are unknown; the next checkpoint compares everything";
-                if state.full.as_deref().is_none_or(|why| why == SETTING_UP) {
-                    state.full = Some(since.into());
-                }
+                self.now_ready(&mut state);
             }
             Err(e) => {
                 let why = describe(&e);
@@ -193,12 +306,16 @@ impl SandboxWatch {
                     Ok(event) => self.note(&mut state, &event),
                 }
             }
-            if state.dirty.len() > MAX_DIRTY {
-                state.dirty.clear();
-                state.full = Some(format!("more than {MAX_DIRTY} paths changed"));
-            }
+            self.limit_dirty(&mut state);
             drop(state);
             self.wake.notify_all();
+        }
+    }
+
+    fn limit_dirty(&self, state: &mut State) {
+        if state.dirty.len() > MAX_DIRTY {
+            state.dirty.clear();
+            state.full = Some(format!("more than {MAX_DIRTY} paths changed"));
         }
     }
 
@@ -211,22 +328,27 @@ impl SandboxWatch {
         }
         for path in &event.paths {
             if let Ok(rest) = path.strip_prefix(&self.cookies) {
-                let n = rest.to_str().and_then(|n| n.strip_prefix("cookie-")).and_then(|n| n.parse::<u64>().ok());
+                let n = cookie_number(rest.as_os_str().as_bytes());
                 if let (Some(n), EventKind::Create(_)) = (n, event.kind) {
                     state.cookies_seen = state.cookies_seen.max(n);
                 }
                 continue;
             }
             let Ok(rel) = path.strip_prefix(&self.root) else { continue };
-            let rel = rel.as_os_str().as_bytes();
-            let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
-            if name.starts_with(TEMP_PREFIX) || (!rel.is_empty() && self.excludes.covers(rel)) {
-                continue;
-            }
             tracing::trace!(kind = ?event.kind, path = %path.display(), "dirty");
-            state.dirty.insert(rel.to_vec());
-            state.last_event = Some(Instant::now());
+            self.note_path(state, rel.as_os_str().as_bytes().to_vec());
         }
+    }
+
+    /// Marks `rel` dirty, unless the daemon's own temporaries or the
+    /// excludes cover it.
+    fn note_path(&self, state: &mut State, rel: Vec<u8>) {
+        let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(&rel);
+        if name.starts_with(TEMP_PREFIX) || (!rel.is_empty() && self.excludes.covers(&rel)) {
+            return;
+        }
+        state.dirty.insert(rel);
+        state.last_event = Some(Instant::now());
     }
 
     /// Waits until every event of a change made before this call has been
@@ -316,7 +438,12 @@ impl SandboxWatch {
         } else {
             "watching".into()
         };
-        Report { state: status, dirty: state.dirty.len() as u64, watching: state.ready && state.degraded.is_none() }
+        Report {
+            state: status,
+            dirty: state.dirty.len() as u64,
+            watching: state.ready && state.degraded.is_none(),
+            watcher: if state.fanotify { "fanotify" } else { "inotify" },
+        }
     }
 
     /// Returns whether changes have been seen and the tree has been quiet for
@@ -330,13 +457,31 @@ impl SandboxWatch {
 
 impl SandboxWatch {
     /// Stops watching: drops the inotify instance, which ends the consumer
-    /// thread, and removes the cookie directory.
+    /// thread (a fanotify group's thread ends within its read timeout), and
+    /// removes the cookie directory.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
         let watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(watcher);
         let _ = std::fs::remove_dir_all(&self.cookies);
     }
+}
+
+/// The number of a cookie file named `cookie-N`.
+fn cookie_number(name: &[u8]) -> Option<u64> {
+    std::str::from_utf8(name.strip_prefix(b"cookie-")?).ok()?.parse().ok()
+}
+
+/// The path of the entry `name` of the directory `dir` (the directory
+/// itself when `name` is empty).
+fn join(mut dir: Vec<u8>, name: &[u8]) -> Vec<u8> {
+    if !name.is_empty() {
+        if !dir.is_empty() {
+            dir.push(b'/');
+        }
+        dir.extend_from_slice(name);
+    }
+    dir
 }
 
 /// Opening and reading change nothing, and the daemon's own scans would
@@ -386,7 +531,7 @@ mod tests {
     }
 
     fn started(root: &Path, cookies: &Path) -> Arc<SandboxWatch> {
-        let watch = SandboxWatch::start(root, cookies, Excludes::new(&[]).unwrap()).unwrap();
+        let watch = SandboxWatch::start(root, cookies, Excludes::new(&[]).unwrap(), Watcher::Inotify).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !watch.report().watching {
             assert!(Instant::now() < deadline, "the watch was not set up: {}", watch.report().state);

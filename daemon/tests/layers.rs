@@ -11,7 +11,7 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str])] = &[
     ("leaves", &["sys", "error", "manifest", "links", "wal", "progress", "parts", "patch", "hooks", "systemd"]),
     ("storage", &["store", "catalogue", "retention", "config"]),
-    ("work", &["capture", "restore", "export", "watcher", "access"]),
+    ("work", &["capture", "restore", "export", "watcher", "fanotify", "access"]),
     ("engine", &["engine"]),
     ("server", &["server"]),
 ];

@@ -31,12 +31,20 @@ pub struct TestDaemon {
 pub struct Builder {
     config: Option<String>,
     env: Vec<(String, String)>,
+    watcher: Option<&'static str>,
 }
 
 impl Builder {
     /// The daemon's configuration file.
     pub fn config(mut self, text: &str) -> Builder {
         self.config = Some(text.to_owned());
+        self
+    }
+
+    /// What watches the sandboxes: `inotify` or `fanotify` (the
+    /// configuration's `watcher`).
+    pub fn watcher(mut self, watcher: &'static str) -> Builder {
+        self.watcher = Some(watcher);
         self
     }
 
@@ -52,7 +60,11 @@ impl Builder {
         let dir = tempfile::Builder::new().prefix("snapback-e2e-").tempdir().expect("tempdir");
         let socket = dir.path().join("run/snapbackd.sock");
         let state_dir = dir.path().join("state");
-        let config = self.config.map(|text| {
+        let config = match (self.watcher, self.config) {
+            (Some(w), config) => Some(format!("watcher = \"{w}\"\n{}", config.unwrap_or_default())),
+            (None, config) => config,
+        };
+        let config = config.map(|text| {
             let path = dir.path().join("snapbackd.toml");
             std::fs::write(&path, text).expect("write config");
             path

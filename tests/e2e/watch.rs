@@ -28,6 +28,53 @@ pub(crate) fn wait_watching(d: &TestDaemon, name: &str) {
     assert!(!watch.starts_with("degraded"), "{watch}");
 }
 
+/// Asserts that `watcher` watches the sandbox `name`.
+fn assert_watcher(d: &TestDaemon, name: &str, watcher: &str) {
+    let status = d.status();
+    let sb = status.sandboxes.iter().find(|s| s.name == name).unwrap();
+    assert_eq!(sb.watcher.as_deref(), Some(watcher), "{sb:?}");
+}
+
+/// Each test named here runs twice, as `NAME::inotify` and
+/// `NAME::fanotify`: what one watcher sees, the other must see too.
+/// fanotify needs root; without it the test skips (and fails under CI).
+macro_rules! with_each_watcher {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn inotify() {
+                super::$name("inotify");
+            }
+
+            #[test]
+            fn fanotify() {
+                if crate::fixture::root_or_skip(concat!(stringify!($name), "::fanotify")) {
+                    super::$name("fanotify");
+                }
+            }
+        }
+    )*};
+}
+
+with_each_watcher!(
+    reading_every_file_leaves_nothing_to_compare,
+    a_thousand_write_then_checkpoint_rounds_capture_every_write,
+    files_created_with_mkdir_p_in_one_burst_are_captured,
+    more_dirty_files_than_the_read_queue_holds_are_captured,
+    a_directory_moved_into_and_out_of_the_sandbox_is_captured,
+    writes_in_a_renamed_directory_are_captured_under_its_new_name,
+    an_injected_rescan_leads_to_a_full_comparison,
+    status_shows_the_watch,
+    changes_while_stopped_are_found_by_a_full_scan_after_restart,
+    auto_checkpoints_follow_a_quiet_period,
+    small_files_of_watched_checkpoints_are_packed_restored_and_freed,
+    a_never_checkpointed_sandbox_says_its_first_checkpoint_compares_everything,
+    checkpoints_taken_during_a_rename_storm_are_trees_that_existed,
+    a_tree_that_never_settles_gets_busy_and_nothing_is_recorded,
+    a_file_with_several_names_is_never_kept_stale,
+    names_of_one_file_come_back_as_one_file,
+);
+
 fn checkpoint(client: &mut snapback::Client, sandbox: &str) -> snapback::proto::CheckpointInfo {
     client.checkpoint(CheckpointRequest { sandbox: sandbox.into(), ..Default::default() }).unwrap()
 }
@@ -39,10 +86,14 @@ fn seeded(root: &std::path::Path, i: usize) -> std::path::PathBuf {
 
 /// One test's daemon, run alone (see [`serial`]), with a watched sandbox
 /// `sb` of `files` files: the lock, the daemon and the sandbox's root.
-fn watched_alone(files: usize) -> (std::sync::MutexGuard<'static, ()>, TestDaemon, std::path::PathBuf) {
+fn watched_alone(
+    files: usize,
+    w: &'static str,
+) -> (std::sync::MutexGuard<'static, ()>, TestDaemon, std::path::PathBuf) {
     let serial = serial();
-    let d = TestDaemon::start();
+    let d = TestDaemon::builder().watcher(w).start();
     let root = watched(&d, "sb", files);
+    assert_watcher(&d, "sb", w);
     (serial, d, root)
 }
 
@@ -68,9 +119,8 @@ fn watched(d: &TestDaemon, name: &str, files: usize) -> std::path::PathBuf {
     panic!("checkpoints of an unchanged tree keep comparing paths");
 }
 
-#[test]
-fn reading_every_file_leaves_nothing_to_compare() {
-    let (_serial, d, root) = watched_alone(200);
+fn reading_every_file_leaves_nothing_to_compare(w: &'static str) {
+    let (_serial, d, root) = watched_alone(200, w);
     // Agents read far more than they write: opening and reading a file
     // changes nothing, so the next checkpoint compares nothing.
     for i in 0..200 {
@@ -80,9 +130,8 @@ fn reading_every_file_leaves_nothing_to_compare() {
     assert_eq!((c.full_scan, c.scanned, c.changed), (Some(false), Some(0), 0), "{c:?}");
 }
 
-#[test]
-fn a_thousand_write_then_checkpoint_rounds_capture_every_write() {
-    let (_serial, d, root) = watched_alone(200);
+fn a_thousand_write_then_checkpoint_rounds_capture_every_write(w: &'static str) {
+    let (_serial, d, root) = watched_alone(200, w);
     let mut client = d.client();
     let mut taken = Vec::new();
     for i in 0..1000u32 {
@@ -103,9 +152,8 @@ fn a_thousand_write_then_checkpoint_rounds_capture_every_write() {
     }
 }
 
-#[test]
-fn files_created_with_mkdir_p_in_one_burst_are_captured() {
-    let (_serial, d, root) = watched_alone(20);
+fn files_created_with_mkdir_p_in_one_burst_are_captured(w: &'static str) {
+    let (_serial, d, root) = watched_alone(20, w);
     let before = checkpoint(&mut d.client(), "sb");
     std::fs::create_dir_all(root.join("a/b/c")).unwrap();
     for i in 0..50 {
@@ -120,12 +168,11 @@ fn files_created_with_mkdir_p_in_one_burst_are_captured() {
     assert_eq!(added, 3 + 50 + 2, "{diff}");
 }
 
-#[test]
-fn more_dirty_files_than_the_read_queue_holds_are_captured() {
+fn more_dirty_files_than_the_read_queue_holds_are_captured(w: &'static str) {
     // Each dirty file is its own root of the scan: 6,000 of them overflow
     // the bounded queue of files to read, which must drain while they are
     // still being queued.
-    let (_serial, d, root) = watched_alone(20);
+    let (_serial, d, root) = watched_alone(20, w);
     for i in 0..6000 {
         std::fs::write(root.join(format!("d{}/new-{i}", i % 10)), format!("{i}")).unwrap();
     }
@@ -134,9 +181,8 @@ fn more_dirty_files_than_the_read_queue_holds_are_captured() {
     assert_eq!(c.files, 6020);
 }
 
-#[test]
-fn a_directory_moved_into_and_out_of_the_sandbox_is_captured() {
-    let (_serial, d, root) = watched_alone(20);
+fn a_directory_moved_into_and_out_of_the_sandbox_is_captured(w: &'static str) {
+    let (_serial, d, root) = watched_alone(20, w);
     let outside = d.path("outside/tree");
     for i in 0..30 {
         write(&outside.join(format!("sub/f{i}")), "moved in");
@@ -154,11 +200,38 @@ fn a_directory_moved_into_and_out_of_the_sandbox_is_captured() {
     assert_eq!(std::fs::read_dir(root.join("d3")).unwrap().count(), 2);
 }
 
-#[test]
-fn an_injected_rescan_leads_to_a_full_comparison() {
+fn writes_in_a_renamed_directory_are_captured_under_its_new_name(w: &'static str) {
+    let (_serial, d, root) = watched_alone(20, w);
+    write(&root.join("x/y/f"), "first");
+    let mut client = d.client();
+    checkpoint(&mut client, "sb");
+    // Written once under the old names, so a watcher that remembers
+    // directories has seen them.
+    write(&root.join("x/y/f"), "second");
+    write(&root.join("d1/f1"), "second");
+    checkpoint(&mut client, "sb");
+    std::fs::rename(root.join("x"), root.join("z")).unwrap();
+    std::fs::rename(root.join("d1"), root.join("moved")).unwrap();
+    let renamed = checkpoint(&mut client, "sb");
+    assert_eq!(renamed.full_scan, Some(false));
+    write(&root.join("z/y/f"), "third");
+    write(&root.join("moved/f1"), "third");
+    // A new directory under an old name is another directory.
+    write(&root.join("d1/new"), "new");
+    let after = checkpoint(&mut client, "sb");
+    assert_eq!((after.full_scan, after.changed), (Some(false), 4), "{after:?}");
+    let diff = d.json(&["diff", &renamed.id, &after.id]);
+    let mut paths: Vec<&str> =
+        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
+    paths.sort();
+    assert_eq!(paths, ["d1", "d1/new", "moved/f1", "z/y/f"], "{diff}");
+}
+
+fn an_injected_rescan_leads_to_a_full_comparison(w: &'static str) {
     let _serial = serial();
-    let d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
+    let d = TestDaemon::builder().watcher(w).env("SNAPBACK_TEST_HOOKS", "1").start();
     let root = watched(&d, "sb", 100);
+    assert_watcher(&d, "sb", w);
     let quiet = checkpoint(&mut d.client(), "sb");
     assert_eq!(quiet.full_scan, Some(false));
     assert_eq!(quiet.changed, 0);
@@ -215,7 +288,7 @@ fn a_real_kernel_queue_overflow_leads_to_a_full_comparison() {
         return;
     }
     let _serial = serial();
-    let d = TestDaemon::start();
+    let d = TestDaemon::builder().watcher("inotify").start();
     let root = d.path("sb");
     std::fs::create_dir_all(&root).unwrap();
     let limit = Sysctl::set("/proc/sys/fs/inotify/max_queued_events", "32");
@@ -240,8 +313,35 @@ fn a_real_kernel_queue_overflow_leads_to_a_full_comparison() {
 }
 
 #[test]
-fn status_shows_the_watch() {
-    let (_serial, d, root) = watched_alone(30);
+fn a_fanotify_queue_overflow_leads_to_a_full_comparison() {
+    if !root_or_skip("a_fanotify_queue_overflow_leads_to_a_full_comparison") {
+        return;
+    }
+    let _serial = serial();
+    let d = TestDaemon::builder().watcher("fanotify").start();
+    let root = d.path("sb");
+    std::fs::create_dir_all(&root).unwrap();
+    d.add_sandbox("sb", &root, &[]);
+    wait_watching(&d, "sb");
+    assert_watcher(&d, "sb", "fanotify");
+    let first = checkpoint(&mut d.client(), "sb");
+    assert_eq!(first.full_scan, Some(true));
+    // More new files than a fanotify queue holds (16,384 events), while
+    // the daemon cannot read them.
+    // SAFETY: signalling the daemon child; it is resumed right after.
+    unsafe { libc::kill(d.pid(), libc::SIGSTOP) };
+    for i in 0..20_000 {
+        std::fs::write(root.join(format!("burst-{i}")), "x").unwrap();
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(d.pid(), libc::SIGCONT) };
+    let after = checkpoint(&mut d.client(), "sb");
+    assert_eq!(after.full_scan, Some(true), "an overflowed queue must lead to a full comparison");
+    assert_eq!((after.changed, after.files), (20_000, 20_000), "{after:?}");
+}
+
+fn status_shows_the_watch(w: &'static str) {
+    let (_serial, d, root) = watched_alone(30, w);
     write(&root.join("d1/pending.txt"), "not yet checkpointed");
     // Dirty paths appear once their events are read: poll for them.
     let sb = eventually(Duration::from_secs(10), Duration::from_millis(10), || {
@@ -260,9 +360,8 @@ fn status_shows_the_watch() {
     assert!(text.contains("watching"), "{text}");
 }
 
-#[test]
-fn changes_while_stopped_are_found_by_a_full_scan_after_restart() {
-    let (_serial, mut d, root) = watched_alone(20);
+fn changes_while_stopped_are_found_by_a_full_scan_after_restart(w: &'static str) {
+    let (_serial, mut d, root) = watched_alone(20, w);
     d.stop();
     write(&root.join("d0/f0"), "changed while stopped");
     d.restart();
@@ -275,11 +374,11 @@ fn changes_while_stopped_are_found_by_a_full_scan_after_restart() {
     assert_eq!((next.full_scan, next.changed), (Some(false), 1));
 }
 
-#[test]
-fn auto_checkpoints_follow_a_quiet_period() {
+fn auto_checkpoints_follow_a_quiet_period(w: &'static str) {
     let _serial = serial();
-    let d = TestDaemon::builder().config("[sandbox.sb]\nauto_checkpoint_ms = 200\n").start();
+    let d = TestDaemon::builder().watcher(w).config("[sandbox.sb]\nauto_checkpoint_ms = 200\n").start();
     let root = watched(&d, "sb", 5);
+    assert_watcher(&d, "sb", w);
     write(&root.join("edited.txt"), "by an agent");
     let auto = eventually(Duration::from_secs(20), Duration::from_millis(50), || {
         let list = d.json(&["list", "sb"]);
@@ -306,9 +405,8 @@ fn without_the_watcher_every_checkpoint_compares_everything() {
     assert_eq!(d.status().sandboxes[0].watch, "not watching");
 }
 
-#[test]
-fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
-    let (_serial, d, root) = watched_alone(20);
+fn small_files_of_watched_checkpoints_are_packed_restored_and_freed(w: &'static str) {
+    let (_serial, d, root) = watched_alone(20, w);
     let store = d.state_dir.join("store");
     let packs = || std::fs::read_dir(store.join("packs")).unwrap().count();
     let f = |i: usize| seeded(&root, i);
@@ -354,10 +452,9 @@ fn small_files_of_watched_checkpoints_are_packed_restored_and_freed() {
     assert!(kinds.contains(&"restore".to_owned()) && kinds.contains(&"safety".to_owned()), "{kinds:?}");
 }
 
-#[test]
-fn a_never_checkpointed_sandbox_says_its_first_checkpoint_compares_everything() {
+fn a_never_checkpointed_sandbox_says_its_first_checkpoint_compares_everything(w: &'static str) {
     let _serial = serial();
-    let d = TestDaemon::start();
+    let d = TestDaemon::builder().watcher(w).start();
     let sb = d.path("fresh");
     write(&sb.join("f"), "x");
     d.add_sandbox("fresh", &sb, &[]);
@@ -370,6 +467,7 @@ fn a_never_checkpointed_sandbox_says_its_first_checkpoint_compares_everything() 
     assert!(watch.starts_with("needs full scan: changes before the watch started are unknown"), "{watch}");
     d.checkpoint("fresh");
     assert_eq!(d.status().sandboxes[0].watch, "watching");
+    assert_watcher(&d, "fresh", w);
 }
 
 /// A sandbox `sb` whose directory `d` holds 51 files, checkpointed once.
@@ -411,12 +509,12 @@ fn rename_storm(
     (stop, storm)
 }
 
-#[test]
-fn checkpoints_taken_during_a_rename_storm_are_trees_that_existed() {
+fn checkpoints_taken_during_a_rename_storm_are_trees_that_existed(w: &'static str) {
     use std::sync::atomic::Ordering;
     let _serial = serial();
-    let d = TestDaemon::start();
+    let d = TestDaemon::builder().watcher(w).start();
     let (root, mut client) = storm_sandbox(&d, &["other"]);
+    assert_watcher(&d, "sb", w);
     let (stop, storm) = rename_storm(&root, Duration::from_millis(3));
     let (mut taken, mut busy) = (Vec::new(), 0);
     for _ in 0..45 {
@@ -442,12 +540,12 @@ fn checkpoints_taken_during_a_rename_storm_are_trees_that_existed() {
     assert_eq!(std::fs::read_dir(root.join(name)).unwrap().count(), 51);
 }
 
-#[test]
-fn a_tree_that_never_settles_gets_busy_and_nothing_is_recorded() {
+fn a_tree_that_never_settles_gets_busy_and_nothing_is_recorded(w: &'static str) {
     use std::sync::atomic::Ordering;
     let _serial = serial();
-    let d = TestDaemon::start();
+    let d = TestDaemon::builder().watcher(w).start();
     let (root, mut client) = storm_sandbox(&d, &[]);
+    assert_watcher(&d, "sb", w);
     let count = || d.list(&["sb"]).len();
     let before = count();
     // Renames with no pause: no round of reading ever meets a quiet tree.
@@ -489,10 +587,9 @@ fn linked_tree(d: &TestDaemon, names: &[&str]) -> std::path::PathBuf {
     root
 }
 
-#[test]
-fn a_file_with_several_names_is_never_kept_stale() {
+fn a_file_with_several_names_is_never_kept_stale(w: &'static str) {
     let _serial = serial();
-    let d = TestDaemon::start();
+    let d = TestDaemon::builder().watcher(w).start();
     let root = linked_tree(&d, &["y"]);
     // A name whose other link is outside the sandbox (a package store).
     write(&d.path("store-outside/z"), "outside one");
@@ -501,6 +598,7 @@ fn a_file_with_several_names_is_never_kept_stale() {
     d.add_sandbox("sb", &root, &[]);
     let mut client = d.client();
     checkpoint(&mut client, "sb");
+    assert_watcher(&d, "sb", w);
     checkpoint(&mut client, "sb"); // watched from here on
     let changed = |from: &str, to: &str| -> Vec<String> {
         let diff = d.json(&["diff", from, to]);
@@ -528,17 +626,17 @@ fn a_file_with_several_names_is_never_kept_stale() {
     assert_eq!(std::fs::read_to_string(root.join("z")).unwrap(), "outside one");
 }
 
-#[test]
-fn names_of_one_file_come_back_as_one_file() {
+fn names_of_one_file_come_back_as_one_file(w: &'static str) {
     use std::os::unix::fs::MetadataExt;
     let _serial = serial();
-    let d = TestDaemon::start();
+    let d = TestDaemon::builder().watcher(w).start();
     let root = linked_tree(&d, &["y", "z"]);
     write(&root.join("p"), "apart");
     write(&root.join("q"), "apart");
     d.add_sandbox("sb", &root, &[]);
     let mut client = d.client();
     let c1 = checkpoint(&mut client, "sb");
+    assert_watcher(&d, "sb", w);
     let ino = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap().ino();
     let one_file = |names: &[&str]| names.iter().all(|n| ino(n) == ino(names[0]));
     // An editor's save through one name: a new file, no longer linked.

@@ -496,6 +496,10 @@ pub struct SandboxStatus {
     pub watched_dirs: u64,
     /// Paths marked dirty since the last checkpoint.
     pub dirty_paths: u64,
+    /// What watches the sandbox, `fanotify` or `inotify`, once a watch is
+    /// set up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watcher: Option<String>,
     /// How the last rollback, revert or undo that did not end normally
     /// ended: finished at start after a daemon stop, or failed half way.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -202,6 +202,7 @@ export interface SandboxStatus {
   watch: string;
   watched_dirs: number;
   dirty_paths: number;
+  watcher?: string;
   recovery?: string;
 }
 

@@ -118,7 +118,7 @@ pub fn wait_watching(client: &mut Client) {
             return;
         }
         assert!(Instant::now() < deadline, "the watch never came up");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

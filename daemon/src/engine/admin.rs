@@ -130,6 +130,7 @@ impl Engine {
                 Some(r) => (r.state.clone(), r.dirty),
                 None => ("not watching".to_string(), 0),
             };
+            let watcher = report.as_ref().filter(|r| r.watching).map(|r| r.watcher.to_string());
             let watched_dirs = match (report.is_some_and(|r| r.watching), s.head_seq) {
                 (false, _) => 0,
                 (true, 0) => 1,
@@ -143,6 +144,7 @@ impl Engine {
                 watch,
                 watched_dirs,
                 dirty_paths,
+                watcher,
                 budget_bytes,
                 exclusive_bytes,
                 budget_pruned: catalogue::budget_pruned(&conn, s.id)?,

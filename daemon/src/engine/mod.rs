@@ -145,6 +145,8 @@ struct Pruner {
 struct Watching {
     /// Whether sandboxes are watched at all.
     enabled: bool,
+    /// With what.
+    kind: crate::config::Watcher,
     /// Quiet periods after which a sandbox takes an `auto` checkpoint.
     auto: std::collections::BTreeMap<String, std::time::Duration>,
     /// Watches by sandbox: hints of what changed, never guards.
@@ -271,6 +273,7 @@ impl Engine {
             },
             watching: Watching {
                 enabled: config.watch,
+                kind: config.watcher,
                 auto: config.auto_checkpoints.clone(),
                 watches: Mutex::new(HashMap::new()),
                 generation: std::sync::atomic::AtomicU64::new(0),
@@ -508,6 +511,7 @@ mod tests {
             retention: Default::default(),
             auto_checkpoints: Default::default(),
             watch: false,
+            watcher: Default::default(),
             default_excludes: vec![],
             register: vec![],
             limits: Default::default(),

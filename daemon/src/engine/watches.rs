@@ -71,7 +71,7 @@ impl Engine {
         // remove the new one's.
         let generation = self.watching.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cookies = self.state_dir.join("cookies").join(format!("{}-{generation}", sandbox.id));
-        match SandboxWatch::start(path_of(&sandbox.root), &cookies, excludes) {
+        match SandboxWatch::start(path_of(&sandbox.root), &cookies, excludes, self.watching.kind) {
             Ok(w) => {
                 if let Some(old) = lock(&self.watching.watches).insert(sandbox.id, w) {
                     old.stop();
