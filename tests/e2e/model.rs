@@ -409,6 +409,50 @@ impl Run {
         self.d.restart();
         self.client = self.d.client();
     }
+
+    /// Checks the counters the catalogue keeps of what the sandbox holds
+    /// against a recount from its versions: its stored bytes, and each of
+    /// its objects with how many versions hold it. `status` first applies
+    /// the retention owed and brings the counters up to date; nothing
+    /// changes the versions after it until the test's next step. Returns
+    /// the stored bytes `status` showed.
+    fn assert_counters(&self, what: &str) -> u64 {
+        let shown = self.d.status().sandboxes[0].store_bytes;
+        let db = rusqlite::Connection::open_with_flags(
+            self.d.state_dir.join("catalogue.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let (pending, kept, recounted, objects, agreeing, distinct): (i64, i64, i64, i64, i64, i64) = db
+            .query_row(
+                "SELECT (SELECT count(*) FROM held_changes), s.stored_bytes,
+                    (SELECT coalesce(sum(size), 0) FROM (SELECT DISTINCT object, size FROM entries
+                                                        WHERE sandbox_id = s.id AND object IS NOT NULL)),
+                    (SELECT count(*) FROM sandbox_objects WHERE sandbox_id = s.id),
+                    (SELECT count(*) FROM (SELECT object, count(*) AS n, max(size) AS size FROM entries
+                                           WHERE sandbox_id = s.id AND object IS NOT NULL GROUP BY object) r
+                     JOIN sandbox_objects o ON o.sandbox_id = s.id AND o.object = r.object
+                                            AND o.versions = r.n AND o.size = r.size),
+                    (SELECT count(DISTINCT object) FROM entries WHERE sandbox_id = s.id AND object IS NOT NULL)
+                 FROM sandboxes s WHERE s.name = 'm'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .unwrap();
+        assert_eq!(pending, 0, "{}: status left changes uncounted", self.what(what));
+        assert_eq!(
+            (shown, kept),
+            (recounted as u64, recounted),
+            "{}: stored bytes (shown, kept) against a recount",
+            self.what(what)
+        );
+        assert!(
+            objects == distinct && agreeing == distinct,
+            "{}: the sandbox's objects kept ({objects}, {agreeing} agreeing) differ from a recount ({distinct})",
+            self.what(what)
+        );
+        shown
+    }
 }
 
 #[test]
@@ -466,9 +510,14 @@ fn a_random_agent_session_is_restored_exactly_every_time() {
                 run.restart();
                 counts[4] += 1;
             }
-            _ => run.change(),
+            _ => {
+                run.change();
+                continue;
+            }
         }
+        run.assert_counters("after it");
     }
+    run.assert_counters("at the end");
     eprintln!(
         "model test: {} checkpoints, {} rollbacks, {} reverts, {} undos, {} restarts",
         counts[0], counts[1], counts[2], counts[3], counts[4]

@@ -55,6 +55,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0012_link_counts.sql", include_str!("../../../migrations/0012_link_counts.sql")),
     ("0013_link_index.sql", include_str!("../../../migrations/0013_link_index.sql")),
     ("0014_directory_index.sql", include_str!("../../../migrations/0014_directory_index.sql")),
+    ("0015_stored_bytes.sql", include_str!("../../../migrations/0015_stored_bytes.sql")),
 ];
 
 /// The schema version this build writes.
@@ -258,8 +259,9 @@ mod tests {
 
     /// Sandbox `s` holds `x` (object 1, then 3) and `y` (object 2, shared
     /// with sandbox `t`), `t` also holds `w` (object 4); all share a store.
-    /// What each query that looks objects up answers, now that it reads
-    /// the versions instead of an index by object (migration 0007).
+    /// What each query that looks objects up answers: from the objects the
+    /// catalogue keeps by sandbox (migration 0015), or by reading the
+    /// versions (there is no index of versions by object, migration 0007).
     #[test]
     fn objects_are_looked_up_in_every_version_of_every_sandbox_of_the_store() {
         let (_dir, mut conn, s) = with_sandbox();
@@ -275,6 +277,9 @@ mod tests {
         assert_eq!(unreferenced(&conn, b"/elsewhere", &[o(2), o(1)]).unwrap(), [o(2), o(1)]);
         assert!(unreferenced(&conn, b"/st", &[]).unwrap().is_empty());
 
+        fold_held(&conn).unwrap();
+        assert_eq!(store_bytes(&conn, s).unwrap(), 10 + 20 + 30);
+        assert_eq!(store_bytes(&conn, t).unwrap(), 20 + 40);
         // Object 2 is `t`'s too; objects 1 and 3 are `s`'s alone.
         assert_eq!(sandbox_exclusive_bytes(&conn, s, b"/st").unwrap(), 10 + 30);
         assert_eq!(sandbox_exclusive_bytes(&conn, t, b"/st").unwrap(), 40);
@@ -296,6 +301,74 @@ mod tests {
         assert_eq!(why(t, 1), "4 is corrupt");
         assert_eq!(why(t, 2), "4 is corrupt");
         assert!(mark_broken(&mut conn, &bad).unwrap().is_empty(), "marked once");
+    }
+
+    /// A catalogue written before the sandboxes' objects were kept (schema
+    /// 14) has them counted by the migration, and kept from then on.
+    #[test]
+    fn migration_15_counts_what_each_sandbox_held_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("c.db")).unwrap();
+        configure(&conn).unwrap();
+        for (i, (_, sql)) in MIGRATIONS.iter().enumerate().take(14) {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (i + 1) as i64).unwrap();
+        }
+        let (s, t) = (add_sandbox(&conn, "s"), add_sandbox(&conn, "t"));
+        let o = |n: u8| ObjectId([n; 32]);
+        let first = write_files(&mut conn, s, 1, &[], &[(b"x", Some(o(1)), 10), (b"y", Some(o(1)), 10)]).unwrap();
+        write_files(&mut conn, s, 2, &first[..1], &[(b"x", Some(o(2)), 20)]).unwrap();
+        write_files(&mut conn, t, 1, &[], &[(b"z", Some(o(2)), 20)]).unwrap();
+        migrate(&mut conn).unwrap();
+        fold_held(&conn).unwrap();
+        assert_eq!((store_bytes(&conn, s).unwrap(), store_bytes(&conn, t).unwrap()), (10 + 20, 20));
+        let versions: i64 = conn
+            .query_row(
+                "SELECT versions FROM sandbox_objects WHERE sandbox_id = ?1 AND object = ?2",
+                params![s, &o(1).0[..]],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(versions, 2, "x's first version and y hold object 1");
+        // Pruning checkpoint 1 deletes x's first version: y still holds 1.
+        let tx = conn.transaction().unwrap();
+        delete_checkpoints(&tx, s, &[checkpoint_id(s, 1)], "test", 0).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(unreferenced(&conn, b"/st", &[o(1), o(2), o(3)]).unwrap(), [o(3)]);
+        assert_eq!(store_bytes(&conn, s).unwrap(), 10 + 20);
+        write_files(&mut conn, t, 2, &[], &[(b"w", Some(o(3)), 30)]).unwrap();
+        assert_eq!(store_bytes(&conn, t).unwrap(), 20, "counted once folded");
+        fold_held(&conn).unwrap();
+        assert_eq!(store_bytes(&conn, t).unwrap(), 20 + 30);
+    }
+
+    /// More changes than one transaction of `fold_held` takes, with objects
+    /// held by versions folded in different chunks.
+    #[test]
+    fn changes_are_folded_a_chunk_at_a_time_to_the_same_counts() {
+        let (_dir, mut conn, s) = with_sandbox();
+        let o = |n: u32| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&n.to_be_bytes());
+            ObjectId(id)
+        };
+        let paths: Vec<Vec<u8>> = (0..40_000).map(|i| format!("f{i}").into_bytes()).collect();
+        // 40,000 versions of 25,000 objects: 15,000 of them held twice, by
+        // versions far apart in the order they were written.
+        let files: Vec<_> = paths.iter().enumerate().map(|(i, p)| (&p[..], Some(o(i as u32 % 25_000)), 7)).collect();
+        let ids = write_files(&mut conn, s, 1, &[], &files).unwrap();
+        fold_held(&conn).unwrap();
+        assert_eq!(store_bytes(&conn, s).unwrap(), 25_000 * 7);
+        // Pruning the first checkpoint's versions of the first 30,000 paths
+        // (ended at 2) leaves 10,000 objects held.
+        write_files(&mut conn, s, 2, &ids[..30_000], &[]).unwrap();
+        let tx = conn.transaction().unwrap();
+        delete_checkpoints(&tx, s, &[checkpoint_id(s, 1)], "test", 0).unwrap();
+        tx.commit().unwrap();
+        fold_held(&conn).unwrap();
+        assert_eq!(store_bytes(&conn, s).unwrap(), 10_000 * 7);
+        let pending: i64 = conn.query_row("SELECT count(*) FROM held_changes", [], |r| r.get(0)).unwrap();
+        assert_eq!(pending, 0);
     }
 
     #[test]

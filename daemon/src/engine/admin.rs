@@ -110,6 +110,9 @@ impl Engine {
 
     pub(super) fn status(&self, peer: &Peer) -> Result<StatusReport> {
         let conn = self.db()?;
+        // What the last checkpoints added: little, as the pruner thread
+        // folds it in after each.
+        catalogue::fold_held(&conn)?;
         let mut sandboxes = Vec::new();
         for mut s in catalogue::sandboxes(&conn)? {
             if !may_use(peer, &s) {

@@ -85,10 +85,20 @@ impl Engine {
             let stopped = owed.stopped;
             drop(owed);
             self.settle_retention();
+            self.fold_held();
             if stopped {
                 return;
             }
             self.collect_a_slice(&mut collecting);
+        }
+    }
+
+    /// Brings the sandboxes' stored bytes up to date with the versions the
+    /// last checkpoints and prunings wrote (see [`catalogue::fold_held`]),
+    /// so that the next `status` has nothing to fold.
+    fn fold_held(&self) {
+        if let Err(e) = self.db().and_then(|conn| Ok(catalogue::fold_held(&conn)?)) {
+            tracing::warn!("counting what the sandboxes hold: {e}");
         }
     }
 
