@@ -64,7 +64,7 @@ fn fold_chunk(conn: &Connection) -> Result<bool> {
         // In key order: neighbouring objects share pages. A purged
         // sandbox's changes have nothing left to count.
         let mut net: Vec<_> = net.into_iter().filter(|((s, _), (_, d))| *d != 0 && live.contains(s)).collect();
-        net.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        net.sort_unstable_by_key(|(key, _)| *key);
         for ((sandbox, object), (size, delta)) in net {
             let key = params![sandbox, &object.0[..]];
             let was: i64 = held.query_row(key, |r| r.get(0)).optional()?.unwrap_or(0);
