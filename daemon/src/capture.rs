@@ -195,6 +195,31 @@ impl Captured {
 }
 
 impl Captured {
+    /// [`Captured::apply_to`], for a capture written with the catalogue ids
+    /// `ids`, moving its versions into `current` instead of copying them:
+    /// after a first checkpoint of a million files, the two copies would
+    /// be most of the daemon's peak memory. Its `added`, `ended` and
+    /// `rekeyed` are left empty.
+    pub fn move_into(&mut self, current: &mut Manifest, ids: &[i64]) {
+        for (path, _) in std::mem::take(&mut self.ended) {
+            current.remove(&path);
+        }
+        // From the end, giving back the vector's memory as it empties.
+        let mut added = std::mem::take(&mut self.added);
+        while let Some(a) = added.pop() {
+            let id = ids.get(added.len()).copied().unwrap_or(0);
+            current.insert(a.path, Row { id, meta: a.meta, key: a.key });
+            if added.capacity() > 4096 && added.len() < added.capacity() / 4 {
+                added.shrink_to_fit();
+            }
+        }
+        for (path, id, key) in std::mem::take(&mut self.rekeyed) {
+            if let Some(row) = current.get_mut(&path).filter(|r| r.id == id) {
+                row.key = key;
+            }
+        }
+    }
+
     /// Folds in `later`, a capture of some of the same paths made after
     /// this one against this one's result (its added rows have id 0):
     /// where `later` read a path again, its finding replaces this one's, so
@@ -229,7 +254,9 @@ impl Captured {
 }
 
 enum Outcome {
-    Version(NewRow, Option<Row>),
+    /// A new version, and the one it replaces (boxed: a first scan of a
+    /// large tree holds a million of these, most replacing nothing).
+    Version(NewRow, Option<Box<Row>>),
     Rekey(Vec<u8>, i64, StatKey),
     Gone(Vec<u8>, Row),
 }
@@ -400,20 +427,38 @@ fn gather(current: &Manifest, prefixes: &[Vec<u8>], walkers: Vec<Walked<'_>>, re
     if let Some(e) = readers.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let all = walker_outcomes.into_iter().chain(readers.outcomes.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let read = readers.outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
+    let versions = walker_outcomes.len() + read.len();
+    let all = walker_outcomes.into_iter().chain(read);
     // A path seen twice (a directory renamed back and forth under the
     // walk) keeps one new version: the catalogue holds one current row per
-    // path.
-    let mut versioned: HashSet<Vec<u8>, foldhash::quality::RandomState> = HashSet::default();
+    // path. Told by each path's hash and the index of the first version
+    // with that hash (and, for another path with the same hash, by the
+    // path): a first scan of a million files would hold a copy of every
+    // path otherwise.
+    out.added.reserve_exact(versions);
+    let hasher = foldhash::quality::RandomState::default();
+    let mut versioned: std::collections::HashMap<u64, usize, foldhash::quality::RandomState> =
+        std::collections::HashMap::default();
+    let mut same_hash: HashSet<Vec<u8>> = HashSet::new();
     for o in all {
         match o {
             Outcome::Version(new, prior) => {
-                if !versioned.insert(new.path.clone()) {
+                use std::collections::hash_map::Entry;
+                let seen_twice = match versioned.entry(std::hash::BuildHasher::hash_one(&hasher, &new.path)) {
+                    Entry::Vacant(v) => {
+                        v.insert(out.added.len());
+                        false
+                    }
+                    Entry::Occupied(first) if out.added[*first.get()].path == new.path => true,
+                    Entry::Occupied(_) => !same_hash.insert(new.path.clone()),
+                };
+                if seen_twice {
                     tracing::debug!(path = %show(&new.path), "seen twice in one scan; keeping the first version");
                     continue;
                 }
                 if let Some(prior) = prior {
-                    out.ended.push((new.path.clone(), prior));
+                    out.ended.push((new.path.clone(), *prior));
                 }
                 out.added.push(new);
             }
@@ -664,7 +709,7 @@ fn outcome(path: Vec<u8>, meta: Meta, key: StatKey, prior: Option<Row>) -> Outco
             let nlink = if p.key.ino == key.ino { key.nlink.max(p.key.nlink) } else { key.nlink };
             Outcome::Rekey(path, p.id, StatKey { nlink, ..key })
         }
-        prior => Outcome::Version(NewRow { path, meta, key }, prior),
+        prior => Outcome::Version(NewRow { path, meta, key }, prior.map(Box::new)),
     }
 }
 

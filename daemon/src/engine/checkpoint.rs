@@ -200,9 +200,10 @@ impl Engine {
                 Drain::Everything(_) if !watch.report().watching => return Ok(captured),
                 Drain::Everything(_) => Scope::Everything,
             };
-            // The state found so far: copied only when the tree moved.
-            let mut state = current.clone();
-            captured.apply_to(&mut state, None);
+            // The state found so far, of what the round compares only: a
+            // copy of the whole would cost as much as the first scan of a
+            // large tree in memory.
+            let state = state_within(current, &captured, &scope.prefixes());
             let again = self.scan(sb, &scope, &state, Some(store), scan_start_ns)?;
             captured = captured.then(again);
         }
@@ -267,7 +268,7 @@ impl Engine {
             true => Ok(c),
             false => self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns),
         });
-        let captured = match captured {
+        let mut captured = match captured {
             Ok(c) => c,
             Err(e) => {
                 self.abandon(conn, &sb, &store, watch.as_deref(), Some(current), storing);
@@ -286,9 +287,9 @@ impl Engine {
         let written_ms = ms_since(started);
         let also = match written {
             Ok((ids, also)) => {
-                captured.apply_to(&mut current, Some(&ids));
                 let gone = captured.ended.iter().map(|(p, _)| p.as_slice());
                 self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &captured.added, &captured.rekeyed);
+                captured.move_into(&mut current, &ids);
                 self.put_manifest(sb.id, info.seq, current);
                 also
             }
@@ -582,4 +583,34 @@ pub(super) fn differences(a: &Manifest, b: &Manifest) -> (Manifest, Manifest) {
         }
     }
     (a_side, b_side)
+}
+
+/// The state `captured` found, starting from `current`, of the paths at or
+/// below `prefixes` only (a capture of them reads nothing else): what a
+/// settling round compares with, built in the size of what it compares
+/// and of what the capture changed, not of the tree.
+fn state_within(current: &Manifest, captured: &Captured, prefixes: &[Vec<u8>]) -> Manifest {
+    let prefixes: std::collections::HashSet<&[u8]> = prefixes.iter().map(Vec::as_slice).collect();
+    let within = |path: &[u8]| {
+        prefixes.contains(&[][..])
+            || prefixes.contains(path)
+            || path.iter().enumerate().any(|(i, &b)| b == b'/' && prefixes.contains(&path[..i]))
+    };
+    let mut state: Manifest = prefixes
+        .iter()
+        .flat_map(|p| crate::manifest::subtree(current, p))
+        .map(|(path, row)| (path.clone(), row.clone()))
+        .collect();
+    for (path, _) in captured.ended.iter().filter(|(p, _)| within(p)) {
+        state.remove(path);
+    }
+    for a in captured.added.iter().filter(|a| within(&a.path)) {
+        state.insert(a.path.clone(), crate::manifest::Row { id: 0, meta: a.meta.clone(), key: a.key });
+    }
+    for (path, id, key) in captured.rekeyed.iter().filter(|(p, ..)| within(p)) {
+        if let Some(row) = state.get_mut(path).filter(|r| r.id == *id) {
+            row.key = *key;
+        }
+    }
+    state
 }
