@@ -198,6 +198,14 @@ trait Tool {
     fn peak_memory_kib(&self) -> Option<u64> {
         None
     }
+    /// Resident memory of a daemon now.
+    fn memory_kib(&self) -> Option<u64> {
+        None
+    }
+    /// Times a status request, for the tools that answer one.
+    fn status(&mut self) -> Option<Duration> {
+        None
+    }
     /// Waits until work the tool left running in the background is done
     /// (a daemon's); called before each kind of operation is measured.
     fn quiesce(&self) {}
@@ -231,10 +239,15 @@ impl Snapback {
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A `kB` figure of `/proc/PID/status`.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -259,6 +272,16 @@ impl Tool for Snapback {
 
     fn peak_memory_kib(&self) -> Option<u64> {
         Some(peak_rss_kib(self.daemon.id()))
+    }
+
+    fn memory_kib(&self) -> Option<u64> {
+        Some(proc_status_kib(self.daemon.id(), "VmRSS:"))
+    }
+
+    fn status(&mut self) -> Option<Duration> {
+        let t = Instant::now();
+        self.client.status().unwrap();
+        Some(t.elapsed())
     }
 
     /// Waits until the daemon used less than 1 ms of CPU time in 100 ms
@@ -442,7 +465,10 @@ const ROLLBACK_DELETED: &str = "rollback, 100 modified + 50 created + 20 deleted
 const STORE: &str = "store bytes: first checkpoint + the 100-changed rounds";
 const MEMORY: &str = "peak daemon memory";
 const WATCH: &str = "watch set-up, from registration";
-const OPERATIONS: [&str; 9] = [WATCH, FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, ROLLBACK_DELETED, STORE, MEMORY];
+const STATUS: &str = "status";
+const STEADY: &str = "daemon memory after the 100-changed rounds";
+const OPERATIONS: [&str; 11] =
+    [WATCH, FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, ROLLBACK_DELETED, STATUS, STORE, MEMORY, STEADY];
 
 struct Site<'a> {
     fs: &'a str,
@@ -621,6 +647,15 @@ fn measure_tool(
         results.add_time(at, name, HUNDRED, tool.checkpoint().0);
     }
     results.add(at, name, STORE, (used_bytes(base).saturating_sub(before)) as f64);
+    tool.quiesce();
+    if let Some(kib) = tool.memory_kib() {
+        results.add(at, name, STEADY, kib as f64 * 1024.0);
+    }
+    for _ in 0..args.runs {
+        if let Some(t) = tool.status() {
+            results.add_time(at, name, STATUS, t);
+        }
+    }
 
     // Every checkpoint and rollback of rsync and cp copies or links the
     // whole tree, whatever changed: one run of each is enough to show it,
@@ -809,7 +844,7 @@ fn summary(v: &[f64]) -> f64 {
 
 fn show(op: &str, v: f64) -> String {
     match op {
-        STORE | MEMORY => format!("{:.1} MiB", v / (1 << 20) as f64),
+        STORE | MEMORY | STEADY => format!("{:.1} MiB", v / (1 << 20) as f64),
         _ if v >= 1000.0 => format!("{:.2} s", v / 1000.0),
         _ => format!("{v:.1} ms"),
     }
