@@ -54,7 +54,8 @@ const HELP: &str = "\
 compare: snapback against shadow git, rsync --link-dest, cp --reflink and btrfs snapshots
 
 options:
-  --files N       small files in the generated tree (default 100000, in 1000 directories)
+  --files N       small files in the generated tree (default 100000)
+  --dirs N        directories they are spread over (default 1000)
   --big N         100 MiB files added to the generated tree (default 3)
   --source DIR    also measure a copy of this real tree (e.g. ~/.cargo/registry/src)
   --runs N        runs per measured operation, medians reported (default 7)
@@ -73,6 +74,7 @@ options:
 
 struct Args {
     files: usize,
+    dirs: usize,
     big: usize,
     source: Option<PathBuf>,
     runs: usize,
@@ -93,6 +95,7 @@ struct Args {
 fn parse_args() -> Args {
     let mut args = Args {
         files: 100_000,
+        dirs: 1000,
         big: 3,
         source: None,
         runs: 7,
@@ -111,6 +114,7 @@ fn parse_args() -> Args {
         let mut number = || it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{a} takes a number"));
         match a.as_str() {
             "--files" => args.files = number(),
+            "--dirs" => args.dirs = number(),
             "--big" => args.big = number(),
             "--runs" => args.runs = number().max(1),
             "--rounds" => args.rounds = number().max(1),
@@ -747,7 +751,7 @@ fn measure_fs(fs: &str, base: &Path, scratch_mount: bool, started: Instant, args
         match &source {
             None => {
                 eprintln!("[{fs}] generating {} files and {} of 100 MiB", args.files, args.big);
-                generate(&pristine, args.files, args.big);
+                generate(&pristine, args.files, args.dirs, args.big);
             }
             Some(src) => {
                 eprintln!("[{fs}] copying {}", src.display());
@@ -1008,12 +1012,13 @@ fn main() {
     }
 
     let mut report = format!(
-        "Generated tree: {} files of 1-8 KiB in 1,000 directories and {} of 100 MiB{}. \
+        "Generated tree: {} files of 1-8 KiB in {} directories and {} of 100 MiB{}. \
          Medians of {} runs (rsync and cp: one run of the 0 and 10,000 changed checkpoints and of each rollback, \
          as each of them copies or links the whole tree); checkpoints of 100 changed files: {} rounds, \
          after which the store is measured. \
          In parentheses: the tool's figure divided by snapback's (above 1: snapback is faster or smaller).\n",
         args.files,
+        args.dirs.clamp(1, args.files.max(1)),
         args.big,
         args.source.as_ref().map(|s| format!("; source tree: a copy of {}", s.display())).unwrap_or_default(),
         args.runs,

@@ -55,15 +55,16 @@ impl Rng {
     }
 }
 
-/// Writes the generated tree: `files` small files in 1,000 directories and
-/// `big` files of 100 MiB.
-pub fn generate(tree: &Path, files: usize, big: usize) {
+/// Writes the generated tree: `files` small files in `dirs` directories
+/// and `big` files of 100 MiB.
+pub fn generate(tree: &Path, files: usize, dirs: usize, big: usize) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    for d in 0..1000.min(files.max(1)) {
+    let dirs = dirs.clamp(1, files.max(1));
+    for d in 0..dirs {
         std::fs::create_dir_all(tree.join(format!("d{d:03}"))).unwrap();
     }
     for i in 0..files {
-        std::fs::write(tree.join(format!("d{:03}/f{i:06}.dat", i % 1000)), rng.small()).unwrap();
+        std::fs::write(tree.join(format!("d{:03}/f{i:06}.dat", i % dirs)), rng.small()).unwrap();
     }
     std::fs::create_dir_all(tree.join("big")).unwrap();
     for b in 0..big {
