@@ -134,19 +134,15 @@ impl SandboxWatch {
             stopped: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
         });
-        let fanotify_refused = match watcher {
-            Watcher::Inotify => Some(None),
-            Watcher::Fanotify | Watcher::Auto => match watch.start_fanotify() {
-                Ok(()) => None,
-                Err(e) => Some(Some(e)),
-            },
+        let fanotify = match watcher {
+            Watcher::Inotify => Err(None),
+            Watcher::Fanotify | Watcher::Auto => watch.start_fanotify().map_err(Some),
         };
-        if let Some(refused) = fanotify_refused {
-            if let Some(e) = &refused {
-                let how = if watcher == Watcher::Fanotify { "was asked for" } else { "runs as root" };
-                if watcher == Watcher::Fanotify || crate::sys::euid() == 0 {
-                    tracing::warn!(root = %root.display(), "fanotify {how} but cannot watch: {e}; watching with inotify");
-                }
+        if let Err(refused) = fanotify {
+            // Said when it was asked for, or expected (root); a user daemon
+            // on `auto` just watches with inotify.
+            if let Some(e) = refused.filter(|_| watcher == Watcher::Fanotify || crate::sys::euid() == 0) {
+                tracing::warn!(root = %root.display(), "fanotify cannot watch: {e}; watching with inotify");
             }
             let (tx, rx) = sync_channel::<notify::Result<Event>>(CHANNEL);
             let consumer = watch.clone();

@@ -296,20 +296,26 @@ fn a_real_kernel_queue_overflow_leads_to_a_full_comparison() {
     d.add_sandbox("sb", &root, &[]);
     wait_watching(&d, "sb");
     drop(limit);
+    overflow_with_a_burst(&d, &root, 5000);
+}
+
+/// Takes the first checkpoint of the empty sandbox `sb`, writes `files`
+/// new files while the daemon is stopped (more than its watcher's queue
+/// holds), and expects the next checkpoint to compare everything and find
+/// them all.
+fn overflow_with_a_burst(d: &TestDaemon, root: &std::path::Path, files: u64) {
     let first = checkpoint(&mut d.client(), "sb");
     assert_eq!(first.full_scan, Some(true));
-    // A burst far larger than the queue, while the daemon cannot read it.
     // SAFETY: signalling the daemon child; it is resumed right after.
     unsafe { libc::kill(d.pid(), libc::SIGSTOP) };
-    for i in 0..5000 {
+    for i in 0..files {
         std::fs::write(root.join(format!("burst-{i}")), "x").unwrap();
     }
     // SAFETY: as above.
     unsafe { libc::kill(d.pid(), libc::SIGCONT) };
     let after = checkpoint(&mut d.client(), "sb");
     assert_eq!(after.full_scan, Some(true), "an overflowed queue must lead to a full comparison");
-    assert_eq!(after.changed, 5000, "{after:?}");
-    assert_eq!(after.files, 5000);
+    assert_eq!((after.changed, after.files), (files, files), "{after:?}");
 }
 
 #[test]
@@ -324,20 +330,8 @@ fn a_fanotify_queue_overflow_leads_to_a_full_comparison() {
     d.add_sandbox("sb", &root, &[]);
     wait_watching(&d, "sb");
     assert_watcher(&d, "sb", "fanotify");
-    let first = checkpoint(&mut d.client(), "sb");
-    assert_eq!(first.full_scan, Some(true));
-    // More new files than a fanotify queue holds (16,384 events), while
-    // the daemon cannot read them.
-    // SAFETY: signalling the daemon child; it is resumed right after.
-    unsafe { libc::kill(d.pid(), libc::SIGSTOP) };
-    for i in 0..20_000 {
-        std::fs::write(root.join(format!("burst-{i}")), "x").unwrap();
-    }
-    // SAFETY: as above.
-    unsafe { libc::kill(d.pid(), libc::SIGCONT) };
-    let after = checkpoint(&mut d.client(), "sb");
-    assert_eq!(after.full_scan, Some(true), "an overflowed queue must lead to a full comparison");
-    assert_eq!((after.changed, after.files), (20_000, 20_000), "{after:?}");
+    // More new files than a fanotify queue holds (16,384 events).
+    overflow_with_a_burst(&d, &root, 20_000);
 }
 
 fn status_shows_the_watch(w: &'static str) {

@@ -47,8 +47,8 @@ impl Engine {
     }
 
     /// Collects the next slice of the collection in progress, or starts
-    /// the next one owed. Returns whether there is more to do.
-    pub(super) fn collect_a_slice(&self, current: &mut Option<Collection>) -> bool {
+    /// the next one owed.
+    pub(super) fn collect_a_slice(&self, current: &mut Option<Collection>) {
         let Some(c) = current else {
             let next = {
                 // Owed or running, never neither, for `collecting_garbage`.
@@ -58,7 +58,7 @@ impl Engine {
                 next
             };
             let Some(path) = next else {
-                return false;
+                return;
             };
             match self.start_collection(&path) {
                 Ok(c) => *current = Some(c),
@@ -67,7 +67,7 @@ impl Engine {
                     lock(&self.pruner.owed).collection_running = false;
                 }
             }
-            return true;
+            return;
         };
         let slice = c.next;
         let result = {
@@ -91,7 +91,6 @@ impl Engine {
             *current = None;
             lock(&self.pruner.owed).collection_running = false;
         }
-        true
     }
 
     fn start_collection(&self, path: &[u8]) -> Result<Collection> {
