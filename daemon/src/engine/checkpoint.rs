@@ -290,6 +290,12 @@ impl Engine {
                 let gone = captured.ended.iter().map(|(p, _)| p.as_slice());
                 self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &captured.added, &captured.rekeyed);
                 captured.move_into(&mut current, &ids);
+                if full_scan {
+                    // Read every path already: the list of files with other
+                    // names is made now, not by the next (watched)
+                    // checkpoint, which should cost what changed.
+                    self.shared_names(sb.id, info.seq, &current);
+                }
                 self.put_manifest(sb.id, info.seq, current);
                 also
             }
