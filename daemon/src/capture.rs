@@ -176,21 +176,32 @@ impl Captured {
     /// with), giving the live state. `ids` are the catalogue ids of the
     /// added rows, in order, once they are written; 0 before.
     pub fn apply_to(&self, current: &mut Manifest, ids: Option<&[i64]>) {
-        for (path, _) in &self.ended {
+        self.apply_within(current, ids, |_| true);
+    }
+
+    /// [`Captured::apply_to`], for the paths `within` accepts only.
+    pub fn apply_within(&self, current: &mut Manifest, ids: Option<&[i64]>, within: impl Fn(&[u8]) -> bool) {
+        for (path, _) in self.ended.iter().filter(|(p, _)| within(p)) {
             current.remove(path);
         }
-        for (i, a) in self.added.iter().enumerate() {
+        for (i, a) in self.added.iter().enumerate().filter(|(_, a)| within(&a.path)) {
             let id = ids.and_then(|ids| ids.get(i).copied()).unwrap_or(0);
             current.insert(a.path.clone(), Row { id, meta: a.meta.clone(), key: a.key });
         }
         // A dry run's live state needs them too: a new link changes the
         // link count of the file's other names, which decides what a
         // restore must write.
-        for (path, id, key) in &self.rekeyed {
-            if let Some(row) = current.get_mut(path).filter(|r| r.id == *id) {
-                row.key = *key;
-            }
+        for (path, id, key) in self.rekeyed.iter().filter(|(p, ..)| within(p)) {
+            rekey(current, path, *id, *key);
         }
+    }
+}
+
+/// Gives the version `id` of `path` in `current` its new stat key, if it
+/// is still that path's version there.
+fn rekey(current: &mut Manifest, path: &[u8], id: i64, key: StatKey) {
+    if let Some(row) = current.get_mut(path).filter(|r| r.id == id) {
+        row.key = key;
     }
 }
 
@@ -214,9 +225,7 @@ impl Captured {
             }
         }
         for (path, id, key) in std::mem::take(&mut self.rekeyed) {
-            if let Some(row) = current.get_mut(&path).filter(|r| r.id == id) {
-                row.key = key;
-            }
+            rekey(current, &path, id, key);
         }
     }
 

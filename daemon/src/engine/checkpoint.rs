@@ -607,16 +607,6 @@ fn state_within(current: &Manifest, captured: &Captured, prefixes: &[Vec<u8>]) -
         .flat_map(|p| crate::manifest::subtree(current, p))
         .map(|(path, row)| (path.clone(), row.clone()))
         .collect();
-    for (path, _) in captured.ended.iter().filter(|(p, _)| within(p)) {
-        state.remove(path);
-    }
-    for a in captured.added.iter().filter(|a| within(&a.path)) {
-        state.insert(a.path.clone(), crate::manifest::Row { id: 0, meta: a.meta.clone(), key: a.key });
-    }
-    for (path, id, key) in captured.rekeyed.iter().filter(|(p, ..)| within(p)) {
-        if let Some(row) = state.get_mut(path).filter(|r| r.id == *id) {
-            row.key = *key;
-        }
-    }
+    captured.apply_within(&mut state, None, within);
     state
 }
