@@ -41,6 +41,8 @@ const REMEMBERED: usize = 1 << 16;
 /// A fanotify group reporting directory handles and names.
 pub struct Group {
     fd: OwnedFd,
+    /// What [`Group::read`] reads into, made once.
+    buf: Vec<u8>,
 }
 
 /// A file handle, with the filesystem it belongs to: `fsid`, then the
@@ -80,7 +82,7 @@ impl Group {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a descriptor just returned, owned by nothing else.
-        Ok(Group { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Group { fd: unsafe { OwnedFd::from_raw_fd(fd) }, buf: vec![0; 64 * 1024] })
     }
 
     /// Reports every change on the filesystem that `dir` is on.
@@ -100,7 +102,7 @@ impl Group {
     }
 
     /// Waits up to `timeout` for events, and returns those queued.
-    pub fn read(&self, timeout: Duration) -> io::Result<Read> {
+    pub fn read(&mut self, timeout: Duration) -> io::Result<Read> {
         let mut poll = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut poll, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
@@ -111,9 +113,8 @@ impl Group {
         if ready == 0 {
             return Ok(Read::Nothing);
         }
-        let mut buf = vec![0u8; 64 * 1024];
         // SAFETY: reading into a buffer of its length.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
@@ -121,7 +122,7 @@ impl Group {
                 _ => Err(e),
             };
         }
-        let (events, overflow) = parse(&buf[..n as usize]);
+        let (events, overflow) = parse(&self.buf[..n as usize]);
         Ok(if overflow { Read::Overflow(events) } else { Read::Events(events) })
     }
 }

@@ -171,7 +171,7 @@ impl SandboxWatch {
         let reader = self.clone();
         std::thread::Builder::new()
             .name("snapback-fanotify".into())
-            .spawn(move || reader.consume_fanotify(&group, paths, &cookie_dir))?;
+            .spawn(move || reader.consume_fanotify(group, paths, &cookie_dir))?;
         let mut state = lock(&self.state);
         state.fanotify = true;
         self.now_ready(&mut state);
@@ -192,7 +192,7 @@ impl SandboxWatch {
     /// Reads fanotify events until the watch stops: each directory handle
     /// is resolved to a path first, then what changed is noted under one
     /// lock, and waiters are woken once per read.
-    fn consume_fanotify(&self, group: &fanotify::Group, mut paths: fanotify::Paths, cookie_dir: &fanotify::Handle) {
+    fn consume_fanotify(&self, mut group: fanotify::Group, mut paths: fanotify::Paths, cookie_dir: &fanotify::Handle) {
         while !self.stopped.load(Ordering::Relaxed) {
             let (events, overflow) = match group.read(Duration::from_millis(200)) {
                 Ok(fanotify::Read::Nothing) => continue,
