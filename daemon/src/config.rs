@@ -104,7 +104,8 @@ pub enum Watcher {
     Auto,
     /// fanotify, one mark per filesystem: no watch per directory, so no
     /// watch limit. Root only; without it, or on a filesystem it cannot
-    /// watch, the sandbox is watched with inotify and `status` says why.
+    /// watch, the sandbox is watched with inotify (the log says why, and
+    /// `status` shows which watcher it has).
     Fanotify,
     /// inotify, a watch per directory (`fs.inotify.max_user_watches`).
     Inotify,
