@@ -46,8 +46,10 @@ impl Scope {
         match self {
             Scope::Everything => vec![Vec::new()],
             Scope::Paths(paths) => {
+                // By component, so that what is below a path follows it:
+                // bytewise, `d.txt` and `d (1)` fall between `d` and `d/x`.
                 let mut sorted = paths.clone();
-                sorted.sort();
+                sorted.sort_by(|a, b| a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/')));
                 let mut out: Vec<Vec<u8>> = Vec::new();
                 for p in sorted {
                     if !out.last().is_some_and(|last| is_within(&p, last)) {
@@ -856,6 +858,13 @@ mod tests {
         assert!(ex.covers(b"web/node_modules/react/index.js"));
         assert!(!ex.covers(b"web/src/index.js"));
         assert!(Excludes::new(&["[".into()]).is_err());
+    }
+
+    #[test]
+    fn a_scope_is_disjoint_prefixes_whatever_sorts_between_a_path_and_what_is_below_it() {
+        let paths = ["d/x", "d.txt", "d", "d (1)/y", "d/x/y", "e", "d (1)"];
+        let scope = Scope::Paths(paths.iter().map(|p| p.as_bytes().to_vec()).collect());
+        assert_eq!(scope.prefixes(), [&b"d"[..], b"d (1)", b"d.txt", b"e"]);
     }
 
     #[test]

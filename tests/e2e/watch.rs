@@ -73,6 +73,7 @@ with_each_watcher!(
     a_tree_that_never_settles_gets_busy_and_nothing_is_recorded,
     a_file_with_several_names_is_never_kept_stale,
     names_of_one_file_come_back_as_one_file,
+    a_removed_directory_and_its_neighbours_are_each_compared_once,
 );
 
 fn checkpoint(client: &mut snapback::Client, sandbox: &str) -> snapback::proto::CheckpointInfo {
@@ -618,6 +619,35 @@ fn a_file_with_several_names_is_never_kept_stale(w: &'static str) {
     d.rollback(&c1.id);
     assert_eq!(std::fs::read_to_string(root.join("b/y")).unwrap(), "two, written through a/x");
     assert_eq!(std::fs::read_to_string(root.join("z")).unwrap(), "outside one");
+}
+
+/// Names that sort between a directory and its entries (`d.txt`, `d (1)`
+/// between `d` and `d/x`) changed with the directory and its entries: each
+/// path is compared once, and the checkpoint records them all.
+fn a_removed_directory_and_its_neighbours_are_each_compared_once(w: &'static str) {
+    let _serial = serial();
+    let d = TestDaemon::builder().watcher(w).start();
+    let root = d.path("sb");
+    for name in ["d/x", "d/sub/y", "d.txt", "d (1)/z"] {
+        write(&root.join(name), "first");
+    }
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    checkpoint(&mut client, "sb");
+    assert_watcher(&d, "sb", w);
+    let base = checkpoint(&mut client, "sb");
+    for name in ["d/x", "d/sub/y", "d.txt", "d (1)/z"] {
+        write(&root.join(name), "second");
+    }
+    std::fs::remove_dir_all(root.join("d")).unwrap();
+    let after = checkpoint(&mut client, "sb");
+    assert_eq!((after.files, after.dirs), (2, 1), "{after:?}");
+    let diff = d.json(&["diff", &base.id, &after.id]);
+    let changed: Vec<&str> =
+        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
+    assert_eq!(changed, ["d", "d (1)/z", "d.txt", "d/sub", "d/sub/y", "d/x"]);
+    d.rollback(&base.id);
+    assert_eq!(std::fs::read_to_string(root.join("d/sub/y")).unwrap(), "first");
 }
 
 fn names_of_one_file_come_back_as_one_file(w: &'static str) {
