@@ -57,6 +57,9 @@ pub struct Event {
     pub mask: u64,
     pub dir: Handle,
     pub name: Vec<u8>,
+    /// For a rename (`FAN_RENAME`), the directory and name moved to; `dir`
+    /// and `name` are then the ones moved from.
+    pub to: Option<(Handle, Vec<u8>)>,
 }
 
 /// What [`Group::read`] found.
@@ -85,9 +88,15 @@ impl Group {
         Ok(Group { fd: unsafe { OwnedFd::from_raw_fd(fd) }, buf: vec![0; 64 * 1024] })
     }
 
-    /// Reports every change on the filesystem that `dir` is on.
+    /// Reports every change on the filesystem that `dir` is on, and each
+    /// rename as one event with both names (`FAN_RENAME`) where the kernel
+    /// has it (Linux 5.17); before, a rename is its two halves only.
     pub fn mark_filesystem(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
-        self.mark(libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM, CHANGES, dir)
+        let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM;
+        match self.mark(flags, CHANGES | libc::FAN_RENAME, dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.mark(flags, CHANGES, dir),
+            done => done,
+        }
     }
 
     /// Reports the entries created in the directory `dir`.
@@ -158,6 +167,7 @@ fn parse(mut buf: &[u8]) -> (Vec<Event>, bool) {
         // fsid (8 bytes), struct file_handle (handle_bytes u32, handle_type
         // i32, the bytes), then for a name record the name, NUL-ended.
         let mut info = &event[u16_at(event, 6).min(len)..];
+        let (mut from, mut to) = (None, None);
         while info.len() >= 4 {
             let (kind, info_len) = (info[0], u16_at(info, 2));
             if info_len < 4 || info_len > info.len() {
@@ -165,18 +175,27 @@ fn parse(mut buf: &[u8]) -> (Vec<Event>, bool) {
             }
             let record = &info[..info_len];
             info = &info[info_len..];
-            if kind != libc::FAN_EVENT_INFO_TYPE_DFID_NAME || record.len() < 20 {
+            let named = [
+                libc::FAN_EVENT_INFO_TYPE_DFID_NAME,
+                libc::FAN_EVENT_INFO_TYPE_OLD_DFID_NAME,
+                libc::FAN_EVENT_INFO_TYPE_NEW_DFID_NAME,
+            ];
+            if !named.contains(&kind) || record.len() < 20 {
                 continue;
             }
             let bytes = u32_at(record, 12);
             let Some(handle_end) = 20usize.checked_add(bytes).filter(|&e| e <= record.len()) else { continue };
             let name = &record[handle_end..];
             let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-            events.push(Event {
-                mask,
-                dir: Handle(record[4..handle_end].to_vec()),
-                name: if name == b"." { Vec::new() } else { name.to_vec() },
-            });
+            let place = (Handle(record[4..handle_end].to_vec()), if name == b"." { Vec::new() } else { name.to_vec() });
+            match kind {
+                libc::FAN_EVENT_INFO_TYPE_OLD_DFID_NAME => from = Some(place),
+                libc::FAN_EVENT_INFO_TYPE_NEW_DFID_NAME => to = Some(place),
+                _ => events.push(Event { mask, dir: place.0, name: place.1, to: None }),
+            }
+        }
+        if let (Some((dir, name)), Some(to)) = (from, to) {
+            events.push(Event { mask, dir, name, to: Some(to) });
         }
     }
     (events, overflow)
@@ -225,8 +244,11 @@ fn fsid(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
 pub enum Place {
     /// Below the root, at this relative path (empty: the root itself).
     Inside(Vec<u8>),
-    /// Elsewhere on the filesystem, or gone.
+    /// Elsewhere on the filesystem.
     Outside,
+    /// Removed since the event (its removal is an event of its parent's);
+    /// where it was cannot be told.
+    Removed,
 }
 
 /// Turns directory handles into paths below one root, remembering them.
@@ -284,11 +306,15 @@ impl Paths {
         };
         if fd < 0 {
             let e = io::Error::last_os_error();
-            // Removed since: its removal is an event of its parent's.
-            return if e.raw_os_error() == Some(libc::ESTALE) { Ok(Place::Outside) } else { Err(e) };
+            return if e.raw_os_error() == Some(libc::ESTALE) { Ok(Place::Removed) } else { Err(e) };
         }
         // SAFETY: a descriptor just returned.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Removed, but held open somewhere: the kernel would give its old
+        // path with " (deleted)" after it.
+        if crate::sys::fstat(fd.as_fd())?.st_nlink == 0 {
+            return Ok(Place::Removed);
+        }
         let path = fd_path(fd.as_fd())?;
         let mut with_slash = path.clone();
         with_slash.push(b'/');

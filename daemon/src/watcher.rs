@@ -23,7 +23,7 @@
 //! directory handle to a path before it takes the watch's lock; one it
 //! cannot resolve marks the sandbox for a full scan.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,7 +53,15 @@ pub enum Drain {
     /// The whole tree, and why.
     Everything(String),
     /// Only these paths (and below the directories among them).
-    Paths(Vec<Vec<u8>>),
+    Paths {
+        paths: Vec<Vec<u8>>,
+        /// The ones a file was written through, or had its mode or times
+        /// changed through (not only named, renamed or removed). If one of
+        /// them is gone when the checkpoint looks, it may have been a link
+        /// to a file that is still here under a name that got no event:
+        /// nothing tells which, so the checkpoint compares everything.
+        touched: Vec<Vec<u8>>,
+    },
 }
 
 /// A sandbox's watch state, as `status` shows it.
@@ -71,6 +79,9 @@ pub struct Report {
 #[derive(Default)]
 struct State {
     dirty: HashSet<Vec<u8>>,
+    /// The dirty paths a file was changed through (see [`Drain::Paths`]);
+    /// ordered, to find the ones below a renamed directory.
+    touched: BTreeSet<Vec<u8>>,
     /// Why the next checkpoint must compare everything.
     full: Option<String>,
     /// A lasting problem (watch limit): every checkpoint scans everything.
@@ -207,6 +218,8 @@ impl SandboxWatch {
             let mut cookie = 0;
             let mut changed = Vec::new();
             let mut unknown = None;
+            const TOUCHES: u64 = libc::FAN_MODIFY | libc::FAN_ATTRIB | libc::FAN_CLOSE_WRITE;
+            let cannot = |e: std::io::Error| format!("the path of a changed directory cannot be had: {e}");
             for event in &events {
                 paths.saw(event);
                 if event.dir == *cookie_dir {
@@ -215,11 +228,34 @@ impl SandboxWatch {
                     }
                     continue;
                 }
-                match paths.place(&event.dir) {
-                    Ok(Place::Inside(dir)) => changed.push(join(dir, &event.name)),
-                    Ok(Place::Outside) => {}
-                    Err(e) => unknown = Some(format!("the path of a changed directory cannot be had: {e}")),
+                let touched = event.mask & TOUCHES != 0 && event.mask & libc::FAN_ONDIR == 0;
+                let from = match paths.place(&event.dir) {
+                    Ok(Place::Inside(dir)) => join(dir, &event.name),
+                    Ok(Place::Outside) => continue,
+                    // Its entries went with it, which its parent's event
+                    // says; but a file changed through one of them may be
+                    // a link to one still here, and which is not known.
+                    Ok(Place::Removed) if touched && event.to.is_none() => {
+                        unknown = Some("a file was changed in a directory removed since".into());
+                        continue;
+                    }
+                    Ok(Place::Removed) => continue,
+                    Err(e) => {
+                        unknown = Some(cannot(e));
+                        continue;
+                    }
+                };
+                // Its halves (moved from, moved to) mark the names dirty;
+                // this says where a name within the sandbox went.
+                if let Some((to_dir, to_name)) = &event.to {
+                    match paths.place(to_dir) {
+                        Ok(Place::Inside(dir)) => changed.push(Change::Renamed(from, join(dir, to_name))),
+                        Ok(Place::Outside | Place::Removed) => {}
+                        Err(e) => unknown = Some(cannot(e)),
+                    }
+                    continue;
                 }
+                changed.push(Change::Path(from, touched));
             }
             let mut state = lock(&self.state);
             if overflow {
@@ -228,8 +264,11 @@ impl SandboxWatch {
             if let Some(why) = unknown {
                 state.full = Some(why);
             }
-            for rel in changed {
-                self.note_path(&mut state, rel);
+            for change in changed {
+                match change {
+                    Change::Path(rel, touched) => self.note_path(&mut state, rel, touched),
+                    Change::Renamed(from, to) => self.renamed(&mut state, from, to),
+                }
             }
             state.cookies_seen = state.cookies_seen.max(cookie);
             self.limit_dirty(&mut state);
@@ -311,6 +350,7 @@ impl SandboxWatch {
     fn limit_dirty(&self, state: &mut State) {
         if state.dirty.len() > MAX_DIRTY {
             state.dirty.clear();
+            state.touched.clear();
             state.full = Some(format!("more than {MAX_DIRTY} paths changed"));
         }
     }
@@ -332,19 +372,55 @@ impl SandboxWatch {
             }
             let Ok(rel) = path.strip_prefix(&self.root) else { continue };
             tracing::trace!(kind = ?event.kind, path = %path.display(), "dirty");
-            self.note_path(state, rel.as_os_str().as_bytes().to_vec());
+            self.note_path(state, rel.as_os_str().as_bytes().to_vec(), touches(event));
+        }
+        if let (EventKind::Modify(notify::event::ModifyKind::Name(notify::event::RenameMode::Both)), [from, to]) =
+            (event.kind, &event.paths[..])
+            && let (Ok(from), Ok(to)) = (from.strip_prefix(&self.root), to.strip_prefix(&self.root))
+        {
+            let rel = |p: &Path| p.as_os_str().as_bytes().to_vec();
+            self.renamed(state, rel(from), rel(to));
         }
     }
 
-    /// Marks `rel` dirty, unless the daemon's own temporaries or the
-    /// excludes cover it.
-    fn note_path(&self, state: &mut State, rel: Vec<u8>) {
-        let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(&rel);
-        if name.starts_with(TEMP_PREFIX) || (!rel.is_empty() && self.excludes.covers(&rel)) {
+    /// A name moved within the sandbox: the marks of files changed through
+    /// it, and through the names below it, go with it (the file is read at
+    /// its new name, which shows its links). A move to a name that is not
+    /// read (excluded) leaves them where they were: gone, so the checkpoint
+    /// compares everything.
+    fn renamed(&self, state: &mut State, from: Vec<u8>, to: Vec<u8>) {
+        if self.ignored(&to) {
             return;
+        }
+        let dir = [from.as_slice(), b"/"].concat();
+        let below: Vec<Vec<u8>> =
+            state.touched.range(dir.clone()..).take_while(|t| t.starts_with(&dir)).cloned().collect();
+        if state.touched.remove(&from) {
+            state.touched.insert(to.clone());
+        }
+        for name in below {
+            state.touched.remove(&name);
+            state.touched.insert([to.as_slice(), &name[from.len()..]].concat());
+        }
+    }
+
+    /// Marks `rel` dirty (and `touched`: a file was changed through it),
+    /// unless the daemon's own temporaries or the excludes cover it.
+    fn note_path(&self, state: &mut State, rel: Vec<u8>, touched: bool) {
+        if self.ignored(&rel) {
+            return;
+        }
+        if touched && !state.touched.contains(&rel) {
+            state.touched.insert(rel.clone());
         }
         state.dirty.insert(rel);
         state.last_event = Some(Instant::now());
+    }
+
+    /// Whether `rel` is one of the daemon's own temporaries, or excluded.
+    fn ignored(&self, rel: &[u8]) -> bool {
+        let name = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
+        name.starts_with(TEMP_PREFIX) || (!rel.is_empty() && self.excludes.covers(rel))
     }
 
     /// Waits until every event of a change made before this call has been
@@ -366,12 +442,15 @@ impl SandboxWatch {
         }
         // From here on, events land in a fresh set for the next checkpoint.
         let dirty = std::mem::take(&mut state.dirty);
+        let touched = std::mem::take(&mut state.touched);
         if let Some(why) = state.full.take() {
             return Drain::Everything(why);
         }
         let mut paths: Vec<Vec<u8>> = dirty.into_iter().collect();
         paths.sort();
-        Drain::Paths(paths)
+        let mut touched: Vec<Vec<u8>> = touched.into_iter().collect();
+        touched.sort();
+        Drain::Paths { paths, touched }
     }
 
     /// Makes the next checkpoint compare everything (its scan failed, or a
@@ -483,6 +562,25 @@ fn join(mut dir: Vec<u8>, name: &[u8]) -> Vec<u8> {
 /// Opening and reading change nothing, and the daemon's own scans would
 /// otherwise mark what they read. A close after writing counts: writes
 /// through mmap report nothing else. An overflow always counts.
+/// What a fanotify event says, once its directory is a path.
+enum Change {
+    /// A path changed; `true`: a file was changed through it.
+    Path(Vec<u8>, bool),
+    /// A name moved from the first path to the second.
+    Renamed(Vec<u8>, Vec<u8>),
+}
+
+/// Whether `event` changed a file through its name (its content, mode or
+/// times), rather than the name itself.
+fn touches(event: &Event) -> bool {
+    use notify::event::ModifyKind;
+    matches!(
+        event.kind,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_) | ModifyKind::Any | ModifyKind::Other)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
+
 fn changes_nothing(event: &Event) -> bool {
     matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
         && !event.need_rescan()
@@ -526,6 +624,11 @@ mod tests {
         masks
     }
 
+    /// What a drain gives after a write to `path`.
+    fn written(path: &[u8]) -> Drain {
+        Drain::Paths { paths: vec![path.to_vec()], touched: vec![path.to_vec()] }
+    }
+
     fn started(root: &Path, cookies: &Path) -> Arc<SandboxWatch> {
         let watch = SandboxWatch::start(root, cookies, Excludes::new(&[]).unwrap(), Watcher::Inotify).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -536,6 +639,27 @@ mod tests {
         // The first drain after set-up asks for a full comparison.
         assert!(matches!(watch.drain(), Drain::Everything(_)));
         watch
+    }
+
+    #[test]
+    fn the_mark_of_a_write_follows_its_name_within_the_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sandbox");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let watch = started(&root, &dir.path().join("cookies"));
+        std::fs::write(root.join("f"), "written").unwrap();
+        std::fs::rename(root.join("f"), root.join("sub/g")).unwrap();
+        std::fs::write(root.join("sub/h"), "written").unwrap();
+        std::fs::rename(root.join("sub"), root.join("moved")).unwrap();
+        // Out of the sandbox: the mark stays at the name that is gone.
+        std::fs::write(root.join("k"), "written").unwrap();
+        std::fs::rename(root.join("k"), dir.path().join("k")).unwrap();
+        // Named only: no mark.
+        std::fs::create_dir(root.join("new")).unwrap();
+        std::fs::rename(root.join("new"), root.join("newer")).unwrap();
+        let Drain::Paths { paths, touched } = watch.drain() else { panic!("a full comparison") };
+        assert_eq!(touched, [&b"k"[..], b"moved/g", b"moved/h"], "{paths:?}");
+        watch.stop();
     }
 
     #[test]
@@ -556,9 +680,9 @@ mod tests {
 
         let file = root.join("sub/f");
         std::fs::write(&file, b"first").unwrap();
-        assert_eq!(watch.drain(), Drain::Paths(vec![b"sub/f".to_vec()]));
+        assert_eq!(watch.drain(), written(b"sub/f"));
         assert_eq!(std::fs::read(&file).unwrap(), b"first");
-        assert_eq!(watch.drain(), Drain::Paths(vec![]), "a read marked the file");
+        assert_eq!(watch.drain(), Drain::Paths { paths: vec![], touched: vec![] }, "a read marked the file");
 
         // A write through a shared mapping raises no modify event; the close
         // of a descriptor opened for writing is what marks the file.
@@ -580,7 +704,7 @@ mod tests {
         }
         drop(f);
         assert_eq!(std::fs::read(&file).unwrap(), b"FIRST");
-        assert_eq!(watch.drain(), Drain::Paths(vec![b"sub/f".to_vec()]));
+        assert_eq!(watch.drain(), written(b"sub/f"));
         watch.stop();
     }
 }

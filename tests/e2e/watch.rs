@@ -73,6 +73,7 @@ with_each_watcher!(
     a_tree_that_never_settles_gets_busy_and_nothing_is_recorded,
     a_file_with_several_names_is_never_kept_stale,
     names_of_one_file_come_back_as_one_file,
+    a_file_changed_through_a_link_that_is_gone_is_caught,
     a_removed_directory_and_its_neighbours_are_each_compared_once,
 );
 
@@ -619,6 +620,74 @@ fn a_file_with_several_names_is_never_kept_stale(w: &'static str) {
     d.rollback(&c1.id);
     assert_eq!(std::fs::read_to_string(root.join("b/y")).unwrap(), "two, written through a/x");
     assert_eq!(std::fs::read_to_string(root.join("z")).unwrap(), "outside one");
+}
+
+/// A link made and removed between two checkpoints, and a file changed
+/// through it: the file's own name got no event. The checkpoint cannot
+/// tell which file the gone name was, so it compares everything, and
+/// keeps what is there. A file written and renamed, the way editors save,
+/// costs nothing of the kind.
+fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = serial();
+    let d = TestDaemon::builder().watcher(w).start();
+    let root = d.path("sb");
+    for name in ["a", "b", "c", "d"] {
+        write(&root.join(name), format!("{name}, as it was"));
+    }
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    checkpoint(&mut client, "sb");
+    assert_watcher(&d, "sb", w);
+    let before = checkpoint(&mut client, "sb");
+    assert_eq!(before.full_scan, Some(false));
+    let outside = d.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let changed = |from: &str, to: &str| -> Vec<String> {
+        let diff = d.json(&["diff", from, to]);
+        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap().to_owned()).collect()
+    };
+    let through = |name: &str, link: &str| {
+        std::fs::hard_link(root.join(name), root.join(link)).unwrap();
+        root.join(link)
+    };
+
+    // Written through the link, which is then removed.
+    let l = through("a", "sub/link-a");
+    std::fs::write(&l, "a, written through a link").unwrap();
+    std::fs::remove_file(&l).unwrap();
+    // Its mode changed through the link, which then leaves the sandbox.
+    let l = through("b", "link-b");
+    std::fs::set_permissions(&l, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&l, outside.join("link-b")).unwrap();
+    // Written through the link, which is renamed, and removed by its new name.
+    let l = through("c", "link-c");
+    std::fs::write(&l, "c, written through a link").unwrap();
+    std::fs::rename(&l, root.join("sub/renamed")).unwrap();
+    std::fs::remove_file(root.join("sub/renamed")).unwrap();
+    let after = checkpoint(&mut client, "sb");
+    assert_eq!(after.full_scan, Some(true), "{after:?}");
+    assert_eq!(changed(&before.id, &after.id), ["a", "b", "c"]);
+
+    // What it recorded comes back, after a rollback to before.
+    d.rollback(&before.id);
+    assert_eq!(std::fs::read_to_string(root.join("a")).unwrap(), "a, as it was");
+    d.rollback(&after.id);
+    assert_eq!(std::fs::read_to_string(root.join("a")).unwrap(), "a, written through a link");
+    assert_eq!(std::fs::read_to_string(root.join("c")).unwrap(), "c, written through a link");
+    assert_eq!(std::fs::metadata(root.join("b")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // An editor's save: written to a new name, renamed over the old one,
+    // and a directory of written files renamed: nothing is gone.
+    let base = checkpoint(&mut client, "sb");
+    std::fs::write(root.join("d.tmp"), "d, saved").unwrap();
+    std::fs::rename(root.join("d.tmp"), root.join("d")).unwrap();
+    write(&root.join("build/out"), "built");
+    std::fs::rename(root.join("build"), root.join("sub/build")).unwrap();
+    let saved = checkpoint(&mut client, "sb");
+    assert_eq!(saved.full_scan, Some(false), "{saved:?}");
+    assert_eq!(changed(&base.id, &saved.id), ["d", "sub/build", "sub/build/out"]);
 }
 
 /// Names that sort between a directory and its entries (`d.txt`, `d (1)`

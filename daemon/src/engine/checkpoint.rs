@@ -175,36 +175,54 @@ impl Engine {
     /// settle in [`SETTLE_ROUNDS`] is a `busy` error, and nothing is
     /// recorded. Without a watch in working order (none, degraded, or not
     /// set up yet) there is nothing to ask, and the capture stands.
+    ///
+    /// `lost` is a name a file was changed through that the capture found
+    /// gone (see [`lost_name`]): the first round then compares everything.
+    /// Returns the capture, and whether a round compared everything.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn settle(
         &self,
         sb: &Sandbox,
         watch: Option<&SandboxWatch>,
         current: &Manifest,
         mut captured: Captured,
+        mut lost: Option<Vec<u8>>,
         store: (&Store, Option<&Pack<'_>>),
         scan_start_ns: i64,
-    ) -> Result<Captured> {
-        let Some(watch) = watch else { return Ok(captured) };
+    ) -> Result<(Captured, bool)> {
+        let Some(watch) = watch else { return Ok((captured, false)) };
         let mut asked = std::collections::HashSet::new();
+        let mut everything = false;
         for _ in 0..SETTLE_ROUNDS {
             let others = other_names(current, &captured, &asked);
             asked.extend(others.iter().cloned());
-            let scope = match watch.drain() {
-                Drain::Paths(paths) if paths.is_empty() && others.is_empty() => return Ok(captured),
-                Drain::Paths(mut paths) => {
+            let (scope, touched) = match (watch.drain(), lost.take()) {
+                (Drain::Paths { paths, .. }, None) if paths.is_empty() && others.is_empty() => {
+                    return Ok((captured, everything));
+                }
+                (Drain::Paths { .. }, Some(name)) => {
+                    tracing::debug!(
+                        sandbox = %sb.name, name = %capture::show(&name),
+                        "full comparison: a file was changed through a name that is gone, perhaps a link"
+                    );
+                    (Scope::Everything, Vec::new())
+                }
+                (Drain::Paths { mut paths, touched }, None) => {
                     paths.extend(others);
-                    Scope::Paths(paths)
+                    (Scope::Paths(paths), touched)
                 }
                 // A watch that is degraded or not set up yet has no events
                 // to ask for: as without a watch.
-                Drain::Everything(_) if !watch.report().watching => return Ok(captured),
-                Drain::Everything(_) => Scope::Everything,
+                (Drain::Everything(_), _) if !watch.report().watching => return Ok((captured, everything)),
+                (Drain::Everything(_), _) => (Scope::Everything, Vec::new()),
             };
             // The state found so far, of what the round compares only: a
             // copy of the whole would cost as much as the first scan of a
             // large tree in memory.
+            everything |= matches!(scope, Scope::Everything);
             let state = state_within(current, &captured, &scope.prefixes());
             let again = self.scan(sb, &scope, &state, Some(store), scan_start_ns)?;
+            lost = lost_name(&state, &again, &touched);
             captured = captured.then(again);
         }
         watch.force_full("the tree kept changing during the last checkpoint".into());
@@ -239,7 +257,7 @@ impl Engine {
         let started = Instant::now();
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
-        let (watch, mut scope) = self.scope_of(&sb);
+        let (watch, mut scope, touched) = self.scope_of(&sb);
         let drain_ms = ms_since(started);
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.
@@ -265,10 +283,13 @@ impl Engine {
         let scanned = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns);
         let read_ms = ms_since(started);
         let captured = scanned.and_then(|c| match read_nothing {
-            true => Ok(c),
-            false => self.settle(&sb, watch.as_deref(), &current, c, (&store, pack.as_ref()), scan_start_ns),
+            true => Ok((c, false)),
+            false => {
+                let lost = lost_name(&current, &c, &touched);
+                self.settle(&sb, watch.as_deref(), &current, c, lost, (&store, pack.as_ref()), scan_start_ns)
+            }
         });
-        let mut captured = match captured {
+        let (mut captured, settled_whole) = match captured {
             Ok(c) => c,
             Err(e) => {
                 self.abandon(conn, &sb, &store, watch.as_deref(), Some(current), storing);
@@ -280,7 +301,7 @@ impl Engine {
             0 => None,
             head => catalogue::checkpoint_at(conn, sb.id, head)?,
         };
-        let full_scan = matches!(scope, Scope::Everything);
+        let full_scan = matches!(scope, Scope::Everything) || settled_whole;
         let kind = new.kind;
         let info = checkpoint_info(&sb, parent, &captured, new, full_scan);
         let written = self.write_captured(conn, &sb, (&store, pack.as_ref()), &info, &captured, scan_start_ns, then);
@@ -321,16 +342,17 @@ impl Engine {
     }
 
     /// What a checkpoint of `sb` compares: the paths its watch marked, or
-    /// everything. A watch whose events stopped coming is replaced.
-    fn scope_of(&self, sb: &Sandbox) -> (Option<Arc<SandboxWatch>>, Scope) {
+    /// everything; and the marked paths files were changed through (see
+    /// [`Drain::Paths`]). A watch whose events stopped coming is replaced.
+    fn scope_of(&self, sb: &Sandbox) -> (Option<Arc<SandboxWatch>>, Scope, Vec<Vec<u8>>) {
         let watch = self.watch_of(sb.id);
-        let scope = match watch.as_ref().map(|w| w.drain()) {
-            Some(Drain::Paths(paths)) => Scope::Paths(paths),
+        let (scope, touched) = match watch.as_ref().map(|w| w.drain()) {
+            Some(Drain::Paths { paths, touched }) => (Scope::Paths(paths), touched),
             Some(Drain::Everything(why)) => {
                 tracing::debug!(sandbox = %sb.name, "full scan: {why}");
-                Scope::Everything
+                (Scope::Everything, Vec::new())
             }
-            None => Scope::Everything,
+            None => (Scope::Everything, Vec::new()),
         };
         if watch.as_ref().is_some_and(|w| w.stalled()) {
             // Its events stopped coming: this checkpoint scans everything,
@@ -338,7 +360,7 @@ impl Engine {
             tracing::warn!(sandbox = %sb.name, "the watch stopped delivering events; starting a new one");
             self.watch_sandbox(sb);
         }
-        (watch, scope)
+        (watch, scope, touched)
     }
 
     /// Writes a captured checkpoint and runs `then` in its transaction
@@ -504,6 +526,24 @@ fn checkpoint_info(
         full_scan: Some(full_scan),
         broken: None,
     }
+}
+
+/// The first of the names `touched` (a file was changed through each, see
+/// [`Drain::Paths`]) that a capture round compared with `before` found
+/// gone. Such a name may have been a link, made and removed since the last
+/// checkpoint, to a file still here under a name that got no event; which
+/// one cannot be told, so the capture must compare everything. Every
+/// touched name is in the round's scope, so the round looked at each: a
+/// name it found is either read (a link shows in its count, and its other
+/// names are asked) or stands as it was.
+fn lost_name(before: &Manifest, round: &Captured, touched: &[Vec<u8>]) -> Option<Vec<u8>> {
+    if touched.is_empty() {
+        return None;
+    }
+    let added: std::collections::HashSet<&[u8]> = round.added.iter().map(|a| a.path.as_slice()).collect();
+    let ended: std::collections::HashSet<&[u8]> = round.ended.iter().map(|(p, _)| p.as_slice()).collect();
+    let found = |p: &[u8]| added.contains(p) || (before.contains_key(p) && !ended.contains(p));
+    touched.iter().find(|p| !found(p)).cloned()
 }
 
 pub(super) fn other_names(
