@@ -11,6 +11,10 @@
 //! run dry: the tree and the checkpoints must not move, and the real run
 //! must then do what the dry one said.
 //!
+//! It runs once with each watcher (`...::inotify`, `...::fanotify`, the
+//! second as root only): the checkpoints that compare what the watch
+//! marked are the ones most likely to miss a change.
+//!
 //! `SNAPBACK_MODEL_SEED` replays a run (the seed is printed at the start of
 //! each); `SNAPBACK_MODEL_OPS` sets its length (2,000 by default, which
 //! takes well under two minutes here; run 20,000 or more by hand).
@@ -455,15 +459,28 @@ impl Run {
     }
 }
 
-#[test]
-fn a_random_agent_session_is_restored_exactly_every_time() {
+mod a_random_agent_session_is_restored_exactly_every_time {
+    #[test]
+    fn inotify() {
+        super::session("inotify");
+    }
+
+    #[test]
+    fn fanotify() {
+        if crate::fixture::root_or_skip("a_random_agent_session_is_restored_exactly_every_time::fanotify") {
+            super::session("fanotify");
+        }
+    }
+}
+
+fn session(watcher: &'static str) {
     let seed = std::env::var("SNAPBACK_MODEL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
     let ops: usize = std::env::var("SNAPBACK_MODEL_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
-    eprintln!("model test: SNAPBACK_MODEL_SEED={seed} SNAPBACK_MODEL_OPS={ops}");
-    let d = TestDaemon::start();
+    eprintln!("model test ({watcher}): SNAPBACK_MODEL_SEED={seed} SNAPBACK_MODEL_OPS={ops}");
+    let d = TestDaemon::builder().watcher(watcher).start();
     let root = d.path("m");
     std::fs::create_dir(&root).unwrap();
     d.add_sandbox("m", &root, &[]);
