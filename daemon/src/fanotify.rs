@@ -60,6 +60,9 @@ pub struct Event {
     /// For a rename (`FAN_RENAME`), the directory and name moved to; `dir`
     /// and `name` are then the ones moved from.
     pub to: Option<(Handle, Vec<u8>)>,
+    /// For a change to a file's content or metadata, the file's own handle
+    /// (`FAN_REPORT_FID`): which file it was, whatever its names.
+    pub file: Option<Handle>,
 }
 
 /// What [`Group::read`] found.
@@ -74,13 +77,13 @@ pub enum Read {
 impl Group {
     /// Makes a group. Fails without `CAP_SYS_ADMIN`, or before Linux 5.9.
     pub fn new() -> io::Result<Group> {
+        let flags = libc::FAN_CLASS_NOTIF
+            | libc::FAN_CLOEXEC
+            | libc::FAN_NONBLOCK
+            | libc::FAN_REPORT_DFID_NAME
+            | libc::FAN_REPORT_FID;
         // SAFETY: fanotify_init takes flags only.
-        let fd = unsafe {
-            libc::fanotify_init(
-                libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK | libc::FAN_REPORT_DFID_NAME,
-                (libc::O_RDONLY | libc::O_LARGEFILE) as libc::c_uint,
-            )
-        };
+        let fd = unsafe { libc::fanotify_init(flags, (libc::O_RDONLY | libc::O_LARGEFILE) as libc::c_uint) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -90,12 +93,14 @@ impl Group {
 
     /// Reports every change on the filesystem that `dir` is on, and each
     /// rename as one event with both names (`FAN_RENAME`) where the kernel
-    /// has it (Linux 5.17); before, a rename is its two halves only.
-    pub fn mark_filesystem(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+    /// has it (Linux 5.17; then `true`); before, a rename is its two halves
+    /// only.
+    pub fn mark_filesystem(&self, dir: BorrowedFd<'_>) -> io::Result<bool> {
         let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM;
         match self.mark(flags, CHANGES | libc::FAN_RENAME, dir) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.mark(flags, CHANGES, dir),
-            done => done,
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.mark(flags, CHANGES, dir).map(|()| false),
+            Err(e) => Err(e),
         }
     }
 
@@ -165,9 +170,11 @@ fn parse(mut buf: &[u8]) -> (Vec<Event>, bool) {
         }
         // The information records: header (type u8, pad u8, len u16),
         // fsid (8 bytes), struct file_handle (handle_bytes u32, handle_type
-        // i32, the bytes), then for a name record the name, NUL-ended.
+        // i32, the bytes), then for a name record the name, NUL-ended. The
+        // kernel gives the directory's (or a rename's two) first, then the
+        // file's own.
         let mut info = &event[u16_at(event, 6).min(len)..];
-        let (mut from, mut to) = (None, None);
+        let (mut named, mut from, mut to, mut file) = (None, None, None, None);
         while info.len() >= 4 {
             let (kind, info_len) = (info[0], u16_at(info, 2));
             if info_len < 4 || info_len > info.len() {
@@ -175,27 +182,30 @@ fn parse(mut buf: &[u8]) -> (Vec<Event>, bool) {
             }
             let record = &info[..info_len];
             info = &info[info_len..];
-            let named = [
-                libc::FAN_EVENT_INFO_TYPE_DFID_NAME,
-                libc::FAN_EVENT_INFO_TYPE_OLD_DFID_NAME,
-                libc::FAN_EVENT_INFO_TYPE_NEW_DFID_NAME,
-            ];
-            if !named.contains(&kind) || record.len() < 20 {
+            if record.len() < 20 {
                 continue;
             }
             let bytes = u32_at(record, 12);
             let Some(handle_end) = 20usize.checked_add(bytes).filter(|&e| e <= record.len()) else { continue };
+            let handle = Handle(record[4..handle_end].to_vec());
             let name = &record[handle_end..];
             let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-            let place = (Handle(record[4..handle_end].to_vec()), if name == b"." { Vec::new() } else { name.to_vec() });
+            let place = (handle, if name == b"." { Vec::new() } else { name.to_vec() });
             match kind {
+                libc::FAN_EVENT_INFO_TYPE_DFID_NAME => named = Some(place),
                 libc::FAN_EVENT_INFO_TYPE_OLD_DFID_NAME => from = Some(place),
                 libc::FAN_EVENT_INFO_TYPE_NEW_DFID_NAME => to = Some(place),
-                _ => events.push(Event { mask, dir: place.0, name: place.1, to: None }),
+                libc::FAN_EVENT_INFO_TYPE_FID => file = Some(place.0),
+                _ => {}
             }
         }
+        // An event with no directory (a link count's change, say) names
+        // no path: it is not one the watch can use.
+        if let Some((dir, name)) = named {
+            events.push(Event { mask, dir, name, to: None, file: file.clone() });
+        }
         if let (Some((dir, name)), Some(to)) = (from, to) {
-            events.push(Event { mask, dir, name, to: Some(to) });
+            events.push(Event { mask, dir, name, to: Some(to), file });
         }
     }
     (events, overflow)
@@ -291,25 +301,10 @@ impl Paths {
     }
 
     fn find(&self, dir: &Handle) -> io::Result<Place> {
-        let h = &dir.0;
-        if h.len() < 16 || h[..8] != self.fsid {
+        if dir.0.len() < 16 || dir.0[..8] != self.fsid {
             return Ok(Place::Outside);
         }
-        // The handle without its fsid, as a struct file_handle, aligned.
-        let mut buf = vec![0u32; (h.len() - 8).div_ceil(4)];
-        // SAFETY: copying the bytes into a buffer at least as long.
-        unsafe { std::ptr::copy_nonoverlapping(h[8..].as_ptr(), buf.as_mut_ptr().cast::<u8>(), h.len() - 8) };
-        // SAFETY: a file_handle as the kernel gave it; O_PATH opens nothing
-        // for reading.
-        let fd = unsafe {
-            libc::open_by_handle_at(self.root.as_raw_fd(), buf.as_mut_ptr().cast(), libc::O_PATH | libc::O_CLOEXEC)
-        };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ESTALE) { Ok(Place::Removed) } else { Err(e) };
-        }
-        // SAFETY: a descriptor just returned.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let Some(fd) = open_by_handle(self.root.as_fd(), dir)? else { return Ok(Place::Removed) };
         // Removed, but held open somewhere: the kernel would give its old
         // path with " (deleted)" after it.
         if crate::sys::fstat(fd.as_fd())?.st_nlink == 0 {
@@ -323,6 +318,35 @@ impl Paths {
             None => Place::Outside,
         })
     }
+}
+
+/// Opens what `handle` names (`O_PATH`: nothing is read) on the filesystem
+/// `on` is on; `None` when it is gone (its inode freed). An error too when
+/// the handle is of another filesystem.
+pub fn open_handle(on: BorrowedFd<'_>, handle: &Handle) -> io::Result<Option<OwnedFd>> {
+    if handle.0.len() < 16 || handle.0[..8] != fsid(on)? {
+        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+    }
+    open_by_handle(on, handle)
+}
+
+/// [`open_handle`], with the handle's filesystem checked by the caller.
+fn open_by_handle(on: BorrowedFd<'_>, handle: &Handle) -> io::Result<Option<OwnedFd>> {
+    let h = &handle.0;
+    // The handle without its fsid, as a struct file_handle, aligned.
+    let mut buf = vec![0u32; (h.len() - 8).div_ceil(4)];
+    // SAFETY: copying the bytes into a buffer at least as long.
+    unsafe { std::ptr::copy_nonoverlapping(h[8..].as_ptr(), buf.as_mut_ptr().cast::<u8>(), h.len() - 8) };
+    // SAFETY: a file_handle as the kernel gave it; O_PATH opens nothing for
+    // reading.
+    let fd =
+        unsafe { libc::open_by_handle_at(on.as_raw_fd(), buf.as_mut_ptr().cast(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESTALE) { Ok(None) } else { Err(e) };
+    }
+    // SAFETY: a descriptor just returned, owned by nothing else.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// The path the kernel gives an open descriptor.

@@ -23,7 +23,7 @@
 //! directory handle to a path before it takes the watch's lock; one it
 //! cannot resolve marks the sandbox for a full scan.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,12 +56,76 @@ pub enum Drain {
     Paths {
         paths: Vec<Vec<u8>>,
         /// The ones a file was written through, or had its mode or times
-        /// changed through (not only named, renamed or removed). If one of
-        /// them is gone when the checkpoint looks, it may have been a link
-        /// to a file that is still here under a name that got no event:
-        /// nothing tells which, so the checkpoint compares everything.
-        touched: Vec<Vec<u8>>,
+        /// changed through (not only named, renamed or removed).
+        touched: Vec<Touched>,
+        /// Names a file was changed through that it no longer has: removed,
+        /// moved out of the sandbox, or replaced by a rename over them (a
+        /// rename within the sandbox carries the mark to the new name).
+        unnamed: Vec<Touched>,
     },
+}
+
+/// A name a file was changed through, and which files: each one's handle
+/// where the watcher has it (fanotify), `None` where it has not (inotify).
+///
+/// A file changes under all its names, but the event comes for one. A name
+/// the checkpoint reads shows the file's link count, and its other names
+/// are read too; a name gone before it is read may have been a link, made
+/// since the last checkpoint, to a file still here under a name that got
+/// no event. The handles tell whether the file lives on, and as what;
+/// without them the checkpoint must compare everything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Touched {
+    /// Empty for a name in a directory removed before its event was read.
+    pub path: Vec<u8>,
+    pub files: Files,
+}
+
+/// The files changed through one name (see [`Touched`]).
+pub type Files = Option<Vec<fanotify::Handle>>;
+
+/// Adds `more` to `files`: not knowing one makes them all unknown.
+fn merge(files: &mut Files, more: Files) {
+    match (files.as_mut(), more) {
+        (Some(known), Some(more)) => {
+            for h in more {
+                if !known.contains(&h) {
+                    known.push(h);
+                }
+            }
+        }
+        _ => *files = None,
+    }
+}
+
+/// Takes the marks of `from`, and of the names below it, out of `marks`:
+/// each with the rest of its path after `from`.
+fn take_below(marks: &mut BTreeMap<Vec<u8>, Files>, from: &[u8]) -> Vec<(Vec<u8>, Files)> {
+    if from.is_empty() {
+        return std::mem::take(marks).into_iter().map(|(p, f)| ([b"/", p.as_slice()].concat(), f)).collect();
+    }
+    let dir = [from, b"/"].concat();
+    let below: Vec<Vec<u8>> =
+        marks.range(dir.clone()..).take_while(|(p, _)| p.starts_with(&dir)).map(|(p, _)| p.clone()).collect();
+    let mut taken: Vec<(Vec<u8>, Files)> = marks.remove(from).map(|f| (Vec::new(), f)).into_iter().collect();
+    for path in below {
+        let files = marks.remove(&path).unwrap_or(None);
+        taken.push((path[from.len()..].to_vec(), files));
+    }
+    taken
+}
+
+/// Puts marks [`take_below`] took at `to`.
+fn put_below(marks: &mut BTreeMap<Vec<u8>, Files>, to: &[u8], taken: Vec<(Vec<u8>, Files)>) {
+    for (rest, files) in taken {
+        let path = if to.is_empty() { rest.strip_prefix(b"/").unwrap_or(&rest).to_vec() } else { [to, &rest].concat() };
+        match marks.get_mut(&path) {
+            Some(known) => merge(known, files),
+            None => {
+                marks.insert(path, files);
+            }
+        }
+    }
 }
 
 /// A sandbox's watch state, as `status` shows it.
@@ -79,9 +143,16 @@ pub struct Report {
 #[derive(Default)]
 struct State {
     dirty: HashSet<Vec<u8>>,
-    /// The dirty paths a file was changed through (see [`Drain::Paths`]);
+    /// The dirty paths a file was changed through, and the ones it was
+    /// changed through that it no longer has (see [`Drain::Paths`]);
     /// ordered, to find the ones below a renamed directory.
-    touched: BTreeSet<Vec<u8>>,
+    touched: BTreeMap<Vec<u8>, Files>,
+    unnamed: BTreeMap<Vec<u8>, Files>,
+    /// The touched names a checkpoint under way has drained: one removed
+    /// before a round read it, with its event after that round's barrier,
+    /// is still a name lost. Cleared when the checkpoint is done with them
+    /// ([`SandboxWatch::settled`]).
+    settling: BTreeMap<Vec<u8>, Files>,
     /// Why the next checkpoint must compare everything.
     full: Option<String>,
     /// A lasting problem (watch limit): every checkpoint scans everything.
@@ -177,12 +248,12 @@ impl SandboxWatch {
         let (root, cookies) = (open_dir(&self.root)?, open_dir(&self.cookies)?);
         let cookie_dir = fanotify::handle_of(std::os::fd::AsFd::as_fd(&cookies))?;
         group.mark_directory(std::os::fd::AsFd::as_fd(&cookies))?;
-        group.mark_filesystem(std::os::fd::AsFd::as_fd(&root))?;
+        let paired = group.mark_filesystem(std::os::fd::AsFd::as_fd(&root))?;
         let paths = fanotify::Paths::new(root.into())?;
         let reader = self.clone();
         std::thread::Builder::new()
             .name("snapback-fanotify".into())
-            .spawn(move || reader.consume_fanotify(group, paths, &cookie_dir))?;
+            .spawn(move || reader.consume_fanotify(group, paths, &cookie_dir, paired))?;
         let mut state = lock(&self.state);
         state.fanotify = true;
         self.now_ready(&mut state);
@@ -203,7 +274,16 @@ impl SandboxWatch {
     /// Reads fanotify events until the watch stops: each directory handle
     /// is resolved to a path first, then what changed is noted under one
     /// lock, and waiters are woken once per read.
-    fn consume_fanotify(&self, mut group: fanotify::Group, mut paths: fanotify::Paths, cookie_dir: &fanotify::Handle) {
+    /// `paired`: the kernel reports each rename as one event with both
+    /// names (`FAN_RENAME`), which then says where a name went; without
+    /// it, each half unnames its name.
+    fn consume_fanotify(
+        &self,
+        mut group: fanotify::Group,
+        mut paths: fanotify::Paths,
+        cookie_dir: &fanotify::Handle,
+        paired: bool,
+    ) {
         while !self.stopped.load(Ordering::Relaxed) {
             let (events, overflow) = match group.read(Duration::from_millis(200)) {
                 Ok(fanotify::Read::Nothing) => continue,
@@ -219,6 +299,16 @@ impl SandboxWatch {
             let mut changed = Vec::new();
             let mut unknown = None;
             const TOUCHES: u64 = libc::FAN_MODIFY | libc::FAN_ATTRIB | libc::FAN_CLOSE_WRITE;
+            let unnames = match paired {
+                true => libc::FAN_DELETE | libc::FAN_DELETE_SELF,
+                false => {
+                    libc::FAN_DELETE
+                        | libc::FAN_DELETE_SELF
+                        | libc::FAN_MOVED_FROM
+                        | libc::FAN_MOVED_TO
+                        | libc::FAN_MOVE_SELF
+                }
+            };
             let cannot = |e: std::io::Error| format!("the path of a changed directory cannot be had: {e}");
             for event in &events {
                 paths.saw(event);
@@ -230,32 +320,44 @@ impl SandboxWatch {
                 }
                 let touched = event.mask & TOUCHES != 0 && event.mask & libc::FAN_ONDIR == 0;
                 let from = match paths.place(&event.dir) {
-                    Ok(Place::Inside(dir)) => join(dir, &event.name),
-                    Ok(Place::Outside) => continue,
+                    Ok(Place::Inside(dir)) => Some(join(dir, &event.name)),
+                    Ok(Place::Outside) => None,
                     // Its entries went with it, which its parent's event
-                    // says; but a file changed through one of them may be
-                    // a link to one still here, and which is not known.
-                    Ok(Place::Removed) if touched && event.to.is_none() => {
-                        unknown = Some("a file was changed in a directory removed since".into());
+                    // says; but a file changed through one of them is a
+                    // name lost, whose path cannot be had.
+                    Ok(Place::Removed) => {
+                        if touched && event.to.is_none() {
+                            changed.push(Change::Orphan(event.file.clone()));
+                        }
                         continue;
                     }
-                    Ok(Place::Removed) => continue,
                     Err(e) => {
                         unknown = Some(cannot(e));
                         continue;
                     }
                 };
                 // Its halves (moved from, moved to) mark the names dirty;
-                // this says where a name within the sandbox went.
+                // this says where a name went.
                 if let Some((to_dir, to_name)) = &event.to {
-                    match paths.place(to_dir) {
-                        Ok(Place::Inside(dir)) => changed.push(Change::Renamed(from, join(dir, to_name))),
-                        Ok(Place::Outside | Place::Removed) => {}
-                        Err(e) => unknown = Some(cannot(e)),
-                    }
+                    let to = match paths.place(to_dir) {
+                        Ok(Place::Inside(dir)) => Some(join(dir, to_name)),
+                        Ok(Place::Outside | Place::Removed) => None,
+                        Err(e) => {
+                            unknown = Some(cannot(e));
+                            continue;
+                        }
+                    };
+                    changed.push(Change::Renamed(from, to));
                     continue;
                 }
-                changed.push(Change::Path(from, touched));
+                let Some(path) = from else { continue };
+                if touched {
+                    changed.push(Change::Touched(path.clone(), event.file.clone()));
+                }
+                if event.mask & unnames != 0 {
+                    changed.push(Change::Unnamed(path.clone()));
+                }
+                changed.push(Change::Dirty(path));
             }
             let mut state = lock(&self.state);
             if overflow {
@@ -266,8 +368,19 @@ impl SandboxWatch {
             }
             for change in changed {
                 match change {
-                    Change::Path(rel, touched) => self.note_path(&mut state, rel, touched),
-                    Change::Renamed(from, to) => self.renamed(&mut state, from, to),
+                    Change::Dirty(rel) => self.note_path(&mut state, rel),
+                    Change::Touched(rel, file) => self.touched(&mut state, rel, file.map(|h| vec![h])),
+                    Change::Unnamed(rel) => unname(&mut state, &rel),
+                    Change::Renamed(from, to) => self.moved(&mut state, from, to),
+                    Change::Orphan(file) => {
+                        let files = file.map(|h| vec![h]);
+                        match state.unnamed.get_mut(&Vec::new()) {
+                            Some(known) => merge(known, files),
+                            None => {
+                                state.unnamed.insert(Vec::new(), files);
+                            }
+                        }
+                    }
                 }
             }
             state.cookies_seen = state.cookies_seen.max(cookie);
@@ -351,6 +464,8 @@ impl SandboxWatch {
         if state.dirty.len() > MAX_DIRTY {
             state.dirty.clear();
             state.touched.clear();
+            state.unnamed.clear();
+            state.settling.clear();
             state.full = Some(format!("more than {MAX_DIRTY} paths changed"));
         }
     }
@@ -372,46 +487,80 @@ impl SandboxWatch {
             }
             let Ok(rel) = path.strip_prefix(&self.root) else { continue };
             tracing::trace!(kind = ?event.kind, path = %path.display(), "dirty");
-            self.note_path(state, rel.as_os_str().as_bytes().to_vec(), touches(event));
+            let rel = rel.as_os_str().as_bytes().to_vec();
+            if touches(event) {
+                self.touched(state, rel.clone(), None);
+            }
+            // The halves of a rename come first, then notify pairs them:
+            // both names lose their file (the one moved, and the one a
+            // rename over the second replaced), then the pair gives the
+            // moved one back, at its new name.
+            use notify::event::{ModifyKind, RenameMode};
+            if matches!(
+                event.kind,
+                EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(
+                        RenameMode::From | RenameMode::To | RenameMode::Any | RenameMode::Other
+                    ))
+            ) {
+                unname(state, &rel);
+            }
+            self.note_path(state, rel);
         }
         if let (EventKind::Modify(notify::event::ModifyKind::Name(notify::event::RenameMode::Both)), [from, to]) =
             (event.kind, &event.paths[..])
             && let (Ok(from), Ok(to)) = (from.strip_prefix(&self.root), to.strip_prefix(&self.root))
         {
             let rel = |p: &Path| p.as_os_str().as_bytes().to_vec();
-            self.renamed(state, rel(from), rel(to));
+            let (from, to) = (rel(from), rel(to));
+            if !self.ignored(&to) {
+                let taken = take_below(&mut state.unnamed, &from);
+                put_below(&mut state.touched, &to, taken);
+            }
         }
     }
 
-    /// A name moved within the sandbox: the marks of files changed through
-    /// it, and through the names below it, go with it (the file is read at
-    /// its new name, which shows its links). A move to a name that is not
-    /// read (excluded) leaves them where they were: gone, so the checkpoint
-    /// compares everything.
-    fn renamed(&self, state: &mut State, from: Vec<u8>, to: Vec<u8>) {
-        if self.ignored(&to) {
-            return;
+    /// A name moved (fanotify's `FAN_RENAME`), from and to a path in the
+    /// sandbox or (`None`) not: the file that was at the new name loses
+    /// it; the marks of files changed through the old name, and through the
+    /// names below it, go to the new one (the file is read there, which
+    /// shows its links), or, to a name that is not read (outside, or
+    /// excluded), are unnamed.
+    fn moved(&self, state: &mut State, from: Option<Vec<u8>>, to: Option<Vec<u8>>) {
+        let to = to.filter(|to| !self.ignored(to));
+        if let Some(to) = &to {
+            unname(state, to);
         }
-        let dir = [from.as_slice(), b"/"].concat();
-        let below: Vec<Vec<u8>> =
-            state.touched.range(dir.clone()..).take_while(|t| t.starts_with(&dir)).cloned().collect();
-        if state.touched.remove(&from) {
-            state.touched.insert(to.clone());
-        }
-        for name in below {
-            state.touched.remove(&name);
-            state.touched.insert([to.as_slice(), &name[from.len()..]].concat());
+        let Some(from) = from else { return };
+        match to {
+            Some(to) => {
+                let mut taken = take_below(&mut state.touched, &from);
+                taken.extend(take_below(&mut state.settling, &from));
+                put_below(&mut state.touched, &to, taken);
+            }
+            None => unname(state, &from),
         }
     }
 
-    /// Marks `rel` dirty (and `touched`: a file was changed through it),
-    /// unless the daemon's own temporaries or the excludes cover it.
-    fn note_path(&self, state: &mut State, rel: Vec<u8>, touched: bool) {
+    /// Notes that a file was changed through `rel` (`files`: which, where
+    /// known), unless `rel` is not read.
+    fn touched(&self, state: &mut State, rel: Vec<u8>, files: Files) {
         if self.ignored(&rel) {
             return;
         }
-        if touched && !state.touched.contains(&rel) {
-            state.touched.insert(rel.clone());
+        match state.touched.get_mut(&rel) {
+            Some(known) => merge(known, files),
+            None => {
+                state.touched.insert(rel, files);
+            }
+        }
+    }
+
+    /// Marks `rel` dirty, unless the daemon's own temporaries or the
+    /// excludes cover it.
+    fn note_path(&self, state: &mut State, rel: Vec<u8>) {
+        if self.ignored(&rel) {
+            return;
         }
         state.dirty.insert(rel);
         state.last_event = Some(Instant::now());
@@ -426,6 +575,13 @@ impl SandboxWatch {
     /// Waits until every event of a change made before this call has been
     /// read, then takes what the next checkpoint must compare.
     pub fn drain(&self) -> Drain {
+        lock(&self.state).settling.clear();
+        self.drain_again()
+    }
+
+    /// [`SandboxWatch::drain`], for the same checkpoint again (a round that
+    /// reads what changed while the last one read).
+    pub fn drain_again(&self) -> Drain {
         let barrier = self.barrier();
         let mut state = lock(&self.state);
         if self.overflow.swap(false, Ordering::Relaxed) {
@@ -443,14 +599,23 @@ impl SandboxWatch {
         // From here on, events land in a fresh set for the next checkpoint.
         let dirty = std::mem::take(&mut state.dirty);
         let touched = std::mem::take(&mut state.touched);
+        let unnamed = std::mem::take(&mut state.unnamed);
         if let Some(why) = state.full.take() {
             return Drain::Everything(why);
         }
         let mut paths: Vec<Vec<u8>> = dirty.into_iter().collect();
         paths.sort();
-        let mut touched: Vec<Vec<u8>> = touched.into_iter().collect();
-        touched.sort();
-        Drain::Paths { paths, touched }
+        let marks = |m: BTreeMap<Vec<u8>, Files>| m.into_iter().map(|(path, files)| Touched { path, files }).collect();
+        let touched: Vec<Touched> = marks(touched);
+        for t in &touched {
+            put_below(&mut state.settling, &t.path, vec![(Vec::new(), t.files.clone())]);
+        }
+        Drain::Paths { paths, touched, unnamed: marks(unnamed) }
+    }
+
+    /// The checkpoint under way is done with the names it drained.
+    pub fn settled(&self) {
+        lock(&self.state).settling.clear();
     }
 
     /// Makes the next checkpoint compare everything (its scan failed, or a
@@ -564,10 +729,26 @@ fn join(mut dir: Vec<u8>, name: &[u8]) -> Vec<u8> {
 /// through mmap report nothing else. An overflow always counts.
 /// What a fanotify event says, once its directory is a path.
 enum Change {
-    /// A path changed; `true`: a file was changed through it.
-    Path(Vec<u8>, bool),
-    /// A name moved from the first path to the second.
-    Renamed(Vec<u8>, Vec<u8>),
+    /// A path changed.
+    Dirty(Vec<u8>),
+    /// A file (this one, where known) was changed through a path.
+    Touched(Vec<u8>, Option<fanotify::Handle>),
+    /// A path lost the file it named.
+    Unnamed(Vec<u8>),
+    /// A name moved from the first path to the second (`None`: not in
+    /// the sandbox).
+    Renamed(Option<Vec<u8>>, Option<Vec<u8>>),
+    /// A file (this one, where known) was changed in a directory removed
+    /// since.
+    Orphan(Option<fanotify::Handle>),
+}
+
+/// `rel`, and the names below it, lost the files they named: the marks of
+/// files changed through them are unnamed.
+fn unname(state: &mut State, rel: &[u8]) {
+    let mut taken = take_below(&mut state.touched, rel);
+    taken.extend(take_below(&mut state.settling, rel));
+    put_below(&mut state.unnamed, rel, taken);
 }
 
 /// Whether `event` changed a file through its name (its content, mode or
@@ -626,7 +807,11 @@ mod tests {
 
     /// What a drain gives after a write to `path`.
     fn written(path: &[u8]) -> Drain {
-        Drain::Paths { paths: vec![path.to_vec()], touched: vec![path.to_vec()] }
+        Drain::Paths {
+            paths: vec![path.to_vec()],
+            touched: vec![Touched { path: path.to_vec(), files: None }],
+            unnamed: vec![],
+        }
     }
 
     fn started(root: &Path, cookies: &Path) -> Arc<SandboxWatch> {
@@ -651,14 +836,25 @@ mod tests {
         std::fs::rename(root.join("f"), root.join("sub/g")).unwrap();
         std::fs::write(root.join("sub/h"), "written").unwrap();
         std::fs::rename(root.join("sub"), root.join("moved")).unwrap();
-        // Out of the sandbox: the mark stays at the name that is gone.
+        // Out of the sandbox, removed, or replaced by a rename over it: the
+        // name lost its file.
         std::fs::write(root.join("k"), "written").unwrap();
         std::fs::rename(root.join("k"), dir.path().join("k")).unwrap();
+        std::fs::write(root.join("r"), "written").unwrap();
+        std::fs::remove_file(root.join("r")).unwrap();
+        std::fs::write(root.join("s"), "written").unwrap();
+        std::os::unix::fs::symlink("anywhere", root.join("t")).unwrap();
+        std::fs::rename(root.join("t"), root.join("s")).unwrap();
         // Named only: no mark.
         std::fs::create_dir(root.join("new")).unwrap();
         std::fs::rename(root.join("new"), root.join("newer")).unwrap();
-        let Drain::Paths { paths, touched } = watch.drain() else { panic!("a full comparison") };
-        assert_eq!(touched, [&b"k"[..], b"moved/g", b"moved/h"], "{paths:?}");
+        let Drain::Paths { paths, touched, unnamed } = watch.drain() else { panic!("a full comparison") };
+        let names = |marks: &[Touched]| -> Vec<String> {
+            assert!(marks.iter().all(|t| t.files.is_none()), "inotify knows no handles: {marks:?}");
+            marks.iter().map(|t| String::from_utf8_lossy(&t.path).into_owned()).collect()
+        };
+        assert_eq!(names(&touched), ["moved/g", "moved/h"], "{paths:?}");
+        assert_eq!(names(&unnamed), ["k", "r", "s"], "{paths:?}");
         watch.stop();
     }
 
@@ -682,7 +878,11 @@ mod tests {
         std::fs::write(&file, b"first").unwrap();
         assert_eq!(watch.drain(), written(b"sub/f"));
         assert_eq!(std::fs::read(&file).unwrap(), b"first");
-        assert_eq!(watch.drain(), Drain::Paths { paths: vec![], touched: vec![] }, "a read marked the file");
+        assert_eq!(
+            watch.drain(),
+            Drain::Paths { paths: vec![], touched: vec![], unnamed: vec![] },
+            "a read marked the file"
+        );
 
         // A write through a shared mapping raises no modify event; the close
         // of a descriptor opened for writing is what marks the file.

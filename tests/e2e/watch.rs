@@ -75,6 +75,7 @@ with_each_watcher!(
     names_of_one_file_come_back_as_one_file,
     a_file_changed_through_a_link_that_is_gone_is_caught,
     a_removed_directory_and_its_neighbours_are_each_compared_once,
+    a_link_replaced_while_a_checkpoint_reads_is_caught,
 );
 
 fn checkpoint(client: &mut snapback::Client, sandbox: &str) -> snapback::proto::CheckpointInfo {
@@ -623,16 +624,19 @@ fn a_file_with_several_names_is_never_kept_stale(w: &'static str) {
 }
 
 /// A link made and removed between two checkpoints, and a file changed
-/// through it: the file's own name got no event. The checkpoint cannot
-/// tell which file the gone name was, so it compares everything, and
-/// keeps what is there. A file written and renamed, the way editors save,
-/// costs nothing of the kind.
+/// through it: the file's own name got no event. fanotify gives the
+/// changed file's handle, which finds it; inotify does not, and the
+/// checkpoint compares everything. Either way it keeps what is there. A
+/// file written and renamed, the way editors save, costs nothing of the
+/// kind; a temporary file written and removed costs inotify a full
+/// comparison, and fanotify none.
 fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
     use std::os::unix::fs::PermissionsExt;
     let _serial = serial();
     let d = TestDaemon::builder().watcher(w).start();
     let root = d.path("sb");
-    for name in ["a", "b", "c", "d"] {
+    let compares_everything = Some(w == "inotify");
+    for name in ["a", "b", "c", "d", "e"] {
         write(&root.join(name), format!("{name}, as it was"));
     }
     std::fs::create_dir_all(root.join("sub")).unwrap();
@@ -666,9 +670,14 @@ fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
     std::fs::write(&l, "c, written through a link").unwrap();
     std::fs::rename(&l, root.join("sub/renamed")).unwrap();
     std::fs::remove_file(root.join("sub/renamed")).unwrap();
+    // Written through the link, which a rename over it replaces.
+    let l = through("d", "link-d");
+    std::fs::write(&l, "d, written through a link").unwrap();
+    std::os::unix::fs::symlink("anywhere", root.join("sub/new")).unwrap();
+    std::fs::rename(root.join("sub/new"), &l).unwrap();
     let after = checkpoint(&mut client, "sb");
-    assert_eq!(after.full_scan, Some(true), "{after:?}");
-    assert_eq!(changed(&before.id, &after.id), ["a", "b", "c"]);
+    assert_eq!(after.full_scan, compares_everything, "{after:?}");
+    assert_eq!(changed(&before.id, &after.id), ["a", "b", "c", "d", "link-d"]);
 
     // What it recorded comes back, after a rollback to before.
     d.rollback(&before.id);
@@ -676,18 +685,66 @@ fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
     d.rollback(&after.id);
     assert_eq!(std::fs::read_to_string(root.join("a")).unwrap(), "a, written through a link");
     assert_eq!(std::fs::read_to_string(root.join("c")).unwrap(), "c, written through a link");
+    assert_eq!(std::fs::read_to_string(root.join("d")).unwrap(), "d, written through a link");
     assert_eq!(std::fs::metadata(root.join("b")).unwrap().permissions().mode() & 0o777, 0o600);
 
     // An editor's save: written to a new name, renamed over the old one,
     // and a directory of written files renamed: nothing is gone.
     let base = checkpoint(&mut client, "sb");
-    std::fs::write(root.join("d.tmp"), "d, saved").unwrap();
-    std::fs::rename(root.join("d.tmp"), root.join("d")).unwrap();
+    std::fs::write(root.join("e.tmp"), "e, saved").unwrap();
+    std::fs::rename(root.join("e.tmp"), root.join("e")).unwrap();
     write(&root.join("build/out"), "built");
     std::fs::rename(root.join("build"), root.join("sub/build")).unwrap();
     let saved = checkpoint(&mut client, "sb");
     assert_eq!(saved.full_scan, Some(false), "{saved:?}");
-    assert_eq!(changed(&base.id, &saved.id), ["d", "sub/build", "sub/build/out"]);
+    assert_eq!(changed(&base.id, &saved.id), ["e", "sub/build", "sub/build/out"]);
+
+    // A temporary file, written and removed.
+    std::fs::write(root.join("scratch"), "for a moment").unwrap();
+    std::fs::remove_file(root.join("scratch")).unwrap();
+    let later = checkpoint(&mut client, "sb");
+    assert_eq!(later.full_scan, compares_everything, "{later:?}");
+    assert_eq!(later.changed, 0, "{later:?}");
+}
+
+/// A file written through a link, and the link replaced by another file
+/// between the checkpoint's barrier and its reading: the checkpoint reads
+/// the new file at that name, and the replacement's events, which come in
+/// its next round, say the name lost a file, which must then be read under
+/// its other name.
+fn a_link_replaced_while_a_checkpoint_reads_is_caught(w: &'static str) {
+    let _serial = serial();
+    let d = TestDaemon::builder().watcher(w).env("SNAPBACK_TEST_HOOKS", "1").start();
+    let root = d.path("sb");
+    write(&root.join("a"), "a, as it was");
+    d.add_sandbox("sb", &root, &[]);
+    let mut client = d.client();
+    checkpoint(&mut client, "sb");
+    assert_watcher(&d, "sb", w);
+    let before = checkpoint(&mut client, "sb");
+    std::fs::hard_link(root.join("a"), root.join("link")).unwrap();
+    std::fs::write(root.join("link"), "a, written through a link").unwrap();
+
+    let (pause, paused) = (d.state_dir.join("pause-before-scan"), d.state_dir.join("paused-before-scan"));
+    std::fs::write(&pause, "").unwrap();
+    let mut other = d.client();
+    let taking = std::thread::spawn(move || checkpoint(&mut other, "sb"));
+    eventually(Duration::from_secs(30), Duration::from_millis(5), || {
+        if paused.exists() { Ok(()) } else { Err("the checkpoint did not pause before its scan".to_string()) }
+    });
+    std::fs::remove_file(root.join("link")).unwrap();
+    std::fs::write(root.join("link"), "another file").unwrap();
+    std::fs::remove_file(&pause).unwrap();
+    let after = taking.join().unwrap();
+
+    let diff = d.json(&["diff", &before.id, &after.id]);
+    let changed: Vec<&str> =
+        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
+    assert_eq!(changed, ["a", "link"], "{after:?}");
+    d.rollback(&before.id);
+    d.rollback(&after.id);
+    assert_eq!(std::fs::read_to_string(root.join("a")).unwrap(), "a, written through a link");
+    assert_eq!(std::fs::read_to_string(root.join("link")).unwrap(), "another file");
 }
 
 /// Names that sort between a directory and its entries (`d.txt`, `d (1)`

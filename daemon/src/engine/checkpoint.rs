@@ -176,9 +176,10 @@ impl Engine {
     /// recorded. Without a watch in working order (none, degraded, or not
     /// set up yet) there is nothing to ask, and the capture stands.
     ///
-    /// `lost` is a name a file was changed through that the capture found
-    /// gone (see [`lost_name`]): the first round then compares everything.
-    /// Returns the capture, and whether a round compared everything.
+    /// `unread` is what the capture so far left unread of the files changed
+    /// through names it did not read (see [`Engine::unread`]): the first
+    /// round reads it. Returns the capture, and whether a round compared
+    /// everything.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn settle(
         &self,
@@ -186,7 +187,7 @@ impl Engine {
         watch: Option<&SandboxWatch>,
         current: &Manifest,
         mut captured: Captured,
-        mut lost: Option<Vec<u8>>,
+        mut unread: Unread,
         store: (&Store, Option<&Pack<'_>>),
         scan_start_ns: i64,
     ) -> Result<(Captured, bool)> {
@@ -196,25 +197,26 @@ impl Engine {
         for _ in 0..SETTLE_ROUNDS {
             let others = other_names(current, &captured, &asked);
             asked.extend(others.iter().cloned());
-            let (scope, touched) = match (watch.drain(), lost.take()) {
-                (Drain::Paths { paths, .. }, None) if paths.is_empty() && others.is_empty() => {
-                    return Ok((captured, everything));
-                }
-                (Drain::Paths { .. }, Some(name)) => {
+            let (scope, touched, unnamed) = match (std::mem::take(&mut unread), watch.drain_again()) {
+                (Unread::Everything(name), _) => {
                     tracing::debug!(
                         sandbox = %sb.name, name = %capture::show(&name),
-                        "full comparison: a file was changed through a name that is gone, perhaps a link"
+                        "full comparison: a file was changed through a name it no longer has, perhaps a link"
                     );
-                    (Scope::Everything, Vec::new())
-                }
-                (Drain::Paths { mut paths, touched }, None) => {
-                    paths.extend(others);
-                    (Scope::Paths(paths), touched)
+                    (Scope::Everything, Vec::new(), Vec::new())
                 }
                 // A watch that is degraded or not set up yet has no events
                 // to ask for: as without a watch.
-                (Drain::Everything(_), _) if !watch.report().watching => return Ok((captured, everything)),
-                (Drain::Everything(_), _) => (Scope::Everything, Vec::new()),
+                (_, Drain::Everything(_)) if !watch.report().watching => return Ok((captured, everything)),
+                (_, Drain::Everything(_)) => (Scope::Everything, Vec::new(), Vec::new()),
+                (Unread::Paths(more), Drain::Paths { mut paths, touched, unnamed }) => {
+                    paths.extend(others);
+                    paths.extend(more);
+                    if paths.is_empty() && unnamed.is_empty() {
+                        return Ok((captured, everything));
+                    }
+                    (Scope::Paths(paths), touched, unnamed)
+                }
             };
             // The state found so far, of what the round compares only: a
             // copy of the whole would cost as much as the first scan of a
@@ -222,7 +224,7 @@ impl Engine {
             everything |= matches!(scope, Scope::Everything);
             let state = state_within(current, &captured, &scope.prefixes());
             let again = self.scan(sb, &scope, &state, Some(store), scan_start_ns)?;
-            lost = lost_name(&state, &again, &touched);
+            unread = self.unread(sb, current, (&state, &again), &touched, &unnamed);
             captured = captured.then(again);
         }
         watch.force_full("the tree kept changing during the last checkpoint".into());
@@ -257,7 +259,8 @@ impl Engine {
         let started = Instant::now();
         let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
         let store = self.store(&sb.store)?;
-        let (watch, mut scope, touched) = self.scope_of(&sb);
+        let (watch, mut scope, touched, unnamed) = self.scope_of(&sb);
+        self.pause_before_scan_hook();
         let drain_ms = ms_since(started);
         let scan_start_ns = now_ns();
         // From the first object stored until the commit references it.
@@ -285,10 +288,13 @@ impl Engine {
         let captured = scanned.and_then(|c| match read_nothing {
             true => Ok((c, false)),
             false => {
-                let lost = lost_name(&current, &c, &touched);
-                self.settle(&sb, watch.as_deref(), &current, c, lost, (&store, pack.as_ref()), scan_start_ns)
+                let unread = self.unread(&sb, &current, (&current, &c), &touched, &unnamed);
+                self.settle(&sb, watch.as_deref(), &current, c, unread, (&store, pack.as_ref()), scan_start_ns)
             }
         });
+        if let Some(watch) = &watch {
+            watch.settled();
+        }
         let (mut captured, settled_whole) = match captured {
             Ok(c) => c,
             Err(e) => {
@@ -342,17 +348,18 @@ impl Engine {
     }
 
     /// What a checkpoint of `sb` compares: the paths its watch marked, or
-    /// everything; and the marked paths files were changed through (see
-    /// [`Drain::Paths`]). A watch whose events stopped coming is replaced.
-    fn scope_of(&self, sb: &Sandbox) -> (Option<Arc<SandboxWatch>>, Scope, Vec<Vec<u8>>) {
+    /// everything; and the names files were changed through, kept or not
+    /// (see [`Drain::Paths`]). A watch whose events stopped coming is
+    /// replaced.
+    fn scope_of(&self, sb: &Sandbox) -> (Option<Arc<SandboxWatch>>, Scope, Vec<Touched>, Vec<Touched>) {
         let watch = self.watch_of(sb.id);
-        let (scope, touched) = match watch.as_ref().map(|w| w.drain()) {
-            Some(Drain::Paths { paths, touched }) => (Scope::Paths(paths), touched),
+        let (scope, touched, unnamed) = match watch.as_ref().map(|w| w.drain()) {
+            Some(Drain::Paths { paths, touched, unnamed }) => (Scope::Paths(paths), touched, unnamed),
             Some(Drain::Everything(why)) => {
                 tracing::debug!(sandbox = %sb.name, "full scan: {why}");
-                (Scope::Everything, Vec::new())
+                (Scope::Everything, Vec::new(), Vec::new())
             }
-            None => (Scope::Everything, Vec::new()),
+            None => (Scope::Everything, Vec::new(), Vec::new()),
         };
         if watch.as_ref().is_some_and(|w| w.stalled()) {
             // Its events stopped coming: this checkpoint scans everything,
@@ -360,7 +367,62 @@ impl Engine {
             tracing::warn!(sandbox = %sb.name, "the watch stopped delivering events; starting a new one");
             self.watch_sandbox(sb);
         }
-        (watch, scope, touched)
+        (watch, scope, touched, unnamed)
+    }
+
+    /// What a capture round left unread of the files changed through names
+    /// it did not read: the names `unnamed` lost their files, and those of
+    /// `touched` the round, which compared `before`, found gone. Such a
+    /// file may live on under a name that got no event (the gone name was
+    /// a link to it, made since the last checkpoint): its handle says
+    /// whether it does (freed, or with no name left: nothing to read), and
+    /// its inode which of the names in `current` it has; those must be
+    /// read. A file with no handle (inotify) could be any of them: the
+    /// capture must compare everything.
+    fn unread(
+        &self,
+        sb: &Sandbox,
+        current: &Manifest,
+        (before, round): (&Manifest, &Captured),
+        touched: &[Touched],
+        unnamed: &[Touched],
+    ) -> Unread {
+        let gone = gone_names(before, round, touched);
+        let lost: Vec<&Touched> = unnamed.iter().chain(gone).collect();
+        if lost.is_empty() {
+            return Unread::Paths(Vec::new());
+        }
+        if let Some(unknown) = lost.iter().find(|t| t.files.is_none()) {
+            return Unread::Everything(unknown.path.clone());
+        }
+        let root = match self.open_root(sb) {
+            Ok(root) => root,
+            Err(_) => return Unread::Everything(lost[0].path.clone()),
+        };
+        let mut inodes = std::collections::HashSet::new();
+        for t in &lost {
+            for handle in t.files.iter().flatten() {
+                let alive = crate::fanotify::open_handle(root.as_fd(), handle)
+                    .and_then(|fd| fd.map(|fd| crate::sys::fstat(fd.as_fd())).transpose());
+                match alive {
+                    Ok(Some(st)) if st.st_nlink > 0 => {
+                        inodes.insert(st.st_ino);
+                    }
+                    Ok(_) => {} // freed, or with no name left
+                    Err(_) => return Unread::Everything(t.path.clone()),
+                }
+            }
+        }
+        if inodes.is_empty() {
+            return Unread::Paths(Vec::new());
+        }
+        Unread::Paths(
+            current
+                .iter()
+                .filter(|(_, r)| r.meta.kind == Kind::File && inodes.contains(&r.key.ino))
+                .map(|(p, _)| p.clone())
+                .collect(),
+        )
     }
 
     /// Writes a captured checkpoint and runs `then` in its transaction
@@ -528,22 +590,34 @@ fn checkpoint_info(
     }
 }
 
-/// The first of the names `touched` (a file was changed through each, see
-/// [`Drain::Paths`]) that a capture round compared with `before` found
-/// gone. Such a name may have been a link, made and removed since the last
-/// checkpoint, to a file still here under a name that got no event; which
-/// one cannot be told, so the capture must compare everything. Every
-/// touched name is in the round's scope, so the round looked at each: a
-/// name it found is either read (a link shows in its count, and its other
-/// names are asked) or stands as it was.
-fn lost_name(before: &Manifest, round: &Captured, touched: &[Vec<u8>]) -> Option<Vec<u8>> {
+/// What a capture round must still read (see [`Engine::unread`]).
+pub(super) enum Unread {
+    /// These paths (none: nothing).
+    Paths(Vec<Vec<u8>>),
+    /// Everything: a file was changed through this name, gone, and which
+    /// file it was is not known.
+    Everything(Vec<u8>),
+}
+
+impl Default for Unread {
+    fn default() -> Unread {
+        Unread::Paths(Vec::new())
+    }
+}
+
+/// The names of `touched` that a capture round, which compared `before`,
+/// found gone (removed before the round read them). Every touched name is
+/// in the round's scope, so the round looked at each: a name it found is
+/// either read (a link shows in its count, and its other names are asked)
+/// or stands as it was.
+fn gone_names<'a>(before: &Manifest, round: &Captured, touched: &'a [Touched]) -> Vec<&'a Touched> {
     if touched.is_empty() {
-        return None;
+        return Vec::new();
     }
     let added: std::collections::HashSet<&[u8]> = round.added.iter().map(|a| a.path.as_slice()).collect();
     let ended: std::collections::HashSet<&[u8]> = round.ended.iter().map(|(p, _)| p.as_slice()).collect();
     let found = |p: &[u8]| added.contains(p) || (before.contains_key(p) && !ended.contains(p));
-    touched.iter().find(|p| !found(p)).cloned()
+    touched.iter().filter(|t| !found(&t.path)).collect()
 }
 
 pub(super) fn other_names(

@@ -33,7 +33,7 @@ use crate::restore::{Plan, Step, selected};
 use crate::retention::{self, Policy};
 use crate::store::{Pack, Store};
 use crate::sys::{self, Identity};
-use crate::watcher::{Drain, SandboxWatch};
+use crate::watcher::{Drain, SandboxWatch, Touched};
 
 mod admin;
 mod checkpoint;

@@ -105,6 +105,25 @@ impl Engine {
         self.sandbox_info(&conn, &sandbox)
     }
 
+    /// The `pause-before-scan` test hook, on only with
+    /// `SNAPBACK_TEST_HOOKS=1`: while the file `pause-before-scan` is in the
+    /// state directory, a checkpoint that has drained its watch waits
+    /// before it reads the tree (at most 30 s), saying so with the file
+    /// `paused-before-scan`, so that a test can change the tree between a
+    /// round's barrier and its reading.
+    pub(super) fn pause_before_scan_hook(&self) {
+        let (pause, paused) = (self.state_dir.join("pause-before-scan"), self.state_dir.join("paused-before-scan"));
+        if !test_hooks() || !pause.exists() {
+            return;
+        }
+        let _ = std::fs::write(&paused, b"");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while pause.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(&paused);
+    }
+
     /// The `stop-after-safety` test hook, on only with
     /// `SNAPBACK_TEST_HOOKS=1`: a restore whose safety checkpoint and
     /// intent have just committed ends the daemon there, before it touches
