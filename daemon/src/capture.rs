@@ -236,6 +236,16 @@ impl Captured {
     /// where `later` read a path again, its finding replaces this one's, so
     /// the whole is still relative to the manifest this capture started
     /// from.
+    /// Gives way to `fresh`, a capture compared with the same manifest as
+    /// this one: the objects this one stored are dropped (freed after the
+    /// commit unless it refers to them), its counts kept.
+    pub fn replaced_by(self, mut fresh: Captured) -> Captured {
+        fresh.dropped.extend(self.added.into_iter().filter_map(|a| a.meta.object));
+        fresh.dropped.extend(self.dropped);
+        fresh.stats.add(&self.stats);
+        fresh
+    }
+
     pub fn then(mut self, later: Captured) -> Captured {
         let read_again: std::collections::HashSet<&[u8]> = later
             .added
@@ -858,6 +868,40 @@ mod tests {
         assert!(ex.covers(b"web/node_modules/react/index.js"));
         assert!(!ex.covers(b"web/src/index.js"));
         assert!(Excludes::new(&["[".into()]).is_err());
+    }
+
+    #[test]
+    fn a_capture_that_gives_way_drops_its_objects_and_keeps_its_counts() {
+        use crate::manifest::ObjectId;
+        let file = |path: &str, object: u8| NewRow {
+            path: path.as_bytes().to_vec(),
+            meta: Meta {
+                kind: Kind::File,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 1,
+                mtime_ns: 0,
+                target: None,
+                object: Some(ObjectId([object; 32])),
+            },
+            key: StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 },
+        };
+        let stats = Stats { scanned: 2, read: 2, reflinked: 0, copied: 2 };
+        let earlier = Captured {
+            added: vec![file("a", 1), file("b", 2)],
+            dropped: vec![ObjectId([3; 32])],
+            stats,
+            ..Captured::default()
+        };
+        let fresh = Captured { added: vec![file("a", 4)], stats, ..Captured::default() };
+        let kept = earlier.replaced_by(fresh);
+        assert_eq!(kept.added.len(), 1);
+        assert_eq!(kept.added[0].meta.object, Some(ObjectId([4; 32])));
+        let mut dropped: Vec<u8> = kept.dropped.iter().map(|o| o.0[0]).collect();
+        dropped.sort();
+        assert_eq!(dropped, [1, 2, 3]);
+        assert_eq!(kept.stats.scanned, 4);
     }
 
     #[test]

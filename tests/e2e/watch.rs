@@ -678,6 +678,7 @@ fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
     let after = checkpoint(&mut client, "sb");
     assert_eq!(after.full_scan, compares_everything, "{after:?}");
     assert_eq!(changed(&before.id, &after.id), ["a", "b", "c", "d", "link-d"]);
+    d.assert_verified();
 
     // What it recorded comes back, after a rollback to before.
     d.rollback(&before.id);
@@ -741,6 +742,7 @@ fn a_link_replaced_while_a_checkpoint_reads_is_caught(w: &'static str) {
     let changed: Vec<&str> =
         diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
     assert_eq!(changed, ["a", "link"], "{after:?}");
+    d.assert_verified();
     d.rollback(&before.id);
     d.rollback(&after.id);
     assert_eq!(std::fs::read_to_string(root.join("a")).unwrap(), "a, written through a link");

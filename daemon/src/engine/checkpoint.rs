@@ -221,7 +221,16 @@ impl Engine {
             // The state found so far, of what the round compares only: a
             // copy of the whole would cost as much as the first scan of a
             // large tree in memory.
-            everything |= matches!(scope, Scope::Everything);
+            if matches!(scope, Scope::Everything) {
+                // Compared with the last checkpoint again, not with the
+                // state found so far, which would be a copy of the whole
+                // manifest: this round's capture replaces the earlier ones,
+                // whose stored objects are freed after the commit unless
+                // it refers to them.
+                everything = true;
+                captured = captured.replaced_by(self.scan(sb, &scope, current, Some(store), scan_start_ns)?);
+                continue;
+            }
             let state = state_within(current, &captured, &scope.prefixes());
             let again = self.scan(sb, &scope, &state, Some(store), scan_start_ns)?;
             unread = self.unread(sb, current, (&state, &again), &touched, &unnamed);
