@@ -33,7 +33,8 @@ const CHANGES: u64 = libc::FAN_CREATE
 
 /// A directory moved or removed: the paths remembered for directories may
 /// be wrong from here on.
-const RENAMES_DIRS: u64 = libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO | libc::FAN_DELETE | libc::FAN_MOVE_SELF;
+const RENAMES_DIRS: u64 =
+    libc::FAN_MOVED_FROM | libc::FAN_MOVED_TO | libc::FAN_RENAME | libc::FAN_DELETE | libc::FAN_MOVE_SELF;
 
 /// At most this many directory paths are remembered.
 const REMEMBERED: usize = 1 << 16;

@@ -724,9 +724,6 @@ fn join(mut dir: Vec<u8>, name: &[u8]) -> Vec<u8> {
     dir
 }
 
-/// Opening and reading change nothing, and the daemon's own scans would
-/// otherwise mark what they read. A close after writing counts: writes
-/// through mmap report nothing else. An overflow always counts.
 /// What a fanotify event says, once its directory is a path.
 enum Change {
     /// A path changed.
@@ -762,6 +759,9 @@ fn touches(event: &Event) -> bool {
     )
 }
 
+/// Opening and reading change nothing, and the daemon's own scans would
+/// otherwise mark what they read. A close after writing counts: writes
+/// through mmap report nothing else. An overflow always counts.
 fn changes_nothing(event: &Event) -> bool {
     matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
         && !event.need_rescan()

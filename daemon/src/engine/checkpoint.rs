@@ -218,9 +218,6 @@ impl Engine {
                     (Scope::Paths(paths), touched, unnamed)
                 }
             };
-            // The state found so far, of what the round compares only: a
-            // copy of the whole would cost as much as the first scan of a
-            // large tree in memory.
             if matches!(scope, Scope::Everything) {
                 // Compared with the last checkpoint again, not with the
                 // state found so far, which would be a copy of the whole
@@ -231,6 +228,9 @@ impl Engine {
                 captured = captured.replaced_by(self.scan(sb, &scope, current, Some(store), scan_start_ns)?);
                 continue;
             }
+            // The state found so far, of what the round compares only: a
+            // copy of the whole would cost as much as the first scan of a
+            // large tree in memory.
             let state = state_within(current, &captured, &scope.prefixes());
             let again = self.scan(sb, &scope, &state, Some(store), scan_start_ns)?;
             unread = self.unread(sb, current, (&state, &again), &touched, &unnamed);
