@@ -1,6 +1,7 @@
 //! A model-based test: a seeded random sequence of what agents do to a
 //! tree (writes, appends, truncates, renames of files and directories,
-//! hardlinks, symlinks, chmods, deletes), with checkpoints, rollbacks,
+//! hardlinks, symlinks, chmods, deletes, a file written through a link
+//! that is gone by the next checkpoint, temporary files), with checkpoints, rollbacks,
 //! reverts, undos and daemon restarts among them, against a real daemon.
 //!
 //! The model is what each checkpoint held: the tree as it stood when the
@@ -128,7 +129,7 @@ impl Run {
     /// One change to the tree, as an agent's tool call would make it.
     fn change(&mut self) {
         let free = |p: &Path| std::fs::symlink_metadata(p).is_err();
-        match self.rng.below(12) {
+        match self.rng.below(14) {
             0..=2 => {
                 let dir = self.some_dir();
                 let name = *self.rng.pick(&NAMES).unwrap();
@@ -216,6 +217,50 @@ impl Run {
                     } else {
                         std::fs::remove_file(at).unwrap();
                     }
+                }
+            }
+            12 => {
+                // A file changed through a link that is gone by the next
+                // checkpoint: removed, renamed over, or renamed and removed.
+                if let Some(f) = self.rng.pick(&self.paths(|n| matches!(n, Node::File { .. }))).cloned() {
+                    let dir = self.some_dir();
+                    let link = self.at(&Self::child(&dir, "link"));
+                    if free(&link) {
+                        std::fs::hard_link(self.at(&f), &link).unwrap();
+                        let data = self.content();
+                        std::fs::write(&link, data).unwrap();
+                        match self.rng.below(3) {
+                            0 => std::fs::remove_file(&link).unwrap(),
+                            1 => {
+                                let other = self.at(&Self::child(&dir, "other"));
+                                if free(&other) {
+                                    symlink("anywhere", &other).unwrap();
+                                    std::fs::rename(&other, &link).unwrap();
+                                }
+                                std::fs::remove_file(&link).unwrap();
+                            }
+                            _ => {
+                                let elsewhere = self.some_dir();
+                                let moved = self.at(&Self::child(&elsewhere, "moved"));
+                                if free(&moved) {
+                                    std::fs::rename(&link, &moved).unwrap();
+                                    std::fs::remove_file(&moved).unwrap();
+                                } else {
+                                    std::fs::remove_file(&link).unwrap();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            13 => {
+                // A temporary file, written and removed.
+                let dir = self.some_dir();
+                let tmp = self.at(&Self::child(&dir, "scratch"));
+                if free(&tmp) {
+                    let data = self.content();
+                    std::fs::write(&tmp, data).unwrap();
+                    std::fs::remove_file(&tmp).unwrap();
                 }
             }
             _ => {
