@@ -19,36 +19,18 @@ has the figures of a run.
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "client", "python"))
-import snapback  # noqa: E402
-
-DAEMON = os.path.join(HERE, "..", "..", "target", "release", "snapbackd")
+import bench_daemon
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
     top = tempfile.mkdtemp(prefix="snapback-hardlinks-")
-    sock = os.path.join(top, "s.sock")
-    daemon = subprocess.Popen(
-        [DAEMON, "--socket", sock, "--state-dir", os.path.join(top, "state")],
-        env=dict(os.environ, SNAPBACK_LOG="warn", HOME="/nonexistent"), stderr=subprocess.DEVNULL,
-    )
+    daemon, client = bench_daemon.start(top)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client = snapback.connect(sock)
-                break
-            except snapback.DaemonUnreachable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
         for name, linked in (("plain", False), ("linked", True)):
             root = os.path.join(top, name)
             outside = os.path.join(top, name + "-outside")

@@ -23,16 +23,11 @@ compared everything. docs/benchmarks.md has the figures of a run.
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "client", "python"))
-import snapback  # noqa: E402
-
-DAEMON = os.path.join(HERE, "..", "..", "target", "release", "snapbackd")
+import bench_daemon
 
 
 def one_file(root, step):
@@ -57,24 +52,8 @@ def through_a_link(root, step):
 
 def measure(watcher, n):
     top = tempfile.mkdtemp(prefix="snapback-lost-names-")
-    sock = os.path.join(top, "s.sock")
-    config = os.path.join(top, "snapbackd.toml")
-    with open(config, "w") as f:
-        f.write('watcher = "%s"\n' % watcher)
-    daemon = subprocess.Popen(
-        [DAEMON, "--socket", sock, "--state-dir", os.path.join(top, "state"), "--config", config],
-        env=dict(os.environ, SNAPBACK_LOG="warn", HOME="/nonexistent"), stderr=subprocess.DEVNULL,
-    )
+    daemon, client = bench_daemon.start(top, 'watcher = "%s"\n' % watcher)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client = snapback.connect(sock)
-                break
-            except snapback.DaemonUnreachable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
         root = os.path.join(top, "sb")
         for i in range(n):
             sub = os.path.join(root, "d%02d" % (i % 100))

@@ -82,6 +82,12 @@ fn checkpoint(client: &mut snapback::Client, sandbox: &str) -> snapback::proto::
     client.checkpoint(CheckpointRequest { sandbox: sandbox.into(), ..Default::default() }).unwrap()
 }
 
+/// The paths `snapback diff FROM TO` lists, in its order.
+fn changed(d: &TestDaemon, from: &str, to: &str) -> Vec<String> {
+    let diff = d.json(&["diff", from, to]);
+    diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap().to_owned()).collect()
+}
+
 /// The path of the `i`th file [`watched`] seeds.
 fn seeded(root: &std::path::Path, i: usize) -> std::path::PathBuf {
     root.join(format!("d{}/f{i}", i % 10))
@@ -223,11 +229,9 @@ fn writes_in_a_renamed_directory_are_captured_under_its_new_name(w: &'static str
     write(&root.join("d1/new"), "new");
     let after = checkpoint(&mut client, "sb");
     assert_eq!((after.full_scan, after.changed), (Some(false), 4), "{after:?}");
-    let diff = d.json(&["diff", &renamed.id, &after.id]);
-    let mut paths: Vec<&str> =
-        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
+    let mut paths = changed(&d, &renamed.id, &after.id);
     paths.sort();
-    assert_eq!(paths, ["d1", "d1/new", "moved/f1", "z/y/f"], "{diff}");
+    assert_eq!(paths, ["d1", "d1/new", "moved/f1", "z/y/f"]);
 }
 
 fn an_injected_rescan_leads_to_a_full_comparison(w: &'static str) {
@@ -597,10 +601,6 @@ fn a_file_with_several_names_is_never_kept_stale(w: &'static str) {
     checkpoint(&mut client, "sb");
     assert_watcher(&d, "sb", w);
     checkpoint(&mut client, "sb"); // watched from here on
-    let changed = |from: &str, to: &str| -> Vec<String> {
-        let diff = d.json(&["diff", from, to]);
-        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap().to_owned()).collect()
-    };
     let rewrite = |p: &std::path::Path, text: &str| {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(p).unwrap();
@@ -610,13 +610,13 @@ fn a_file_with_several_names_is_never_kept_stale(w: &'static str) {
     rewrite(&root.join("a/x"), "two, written through a/x");
     let c1 = checkpoint(&mut client, "sb");
     assert_eq!(c1.full_scan, Some(false));
-    assert_eq!(changed(&c0.id, &c1.id), ["a/x", "b/y"]);
+    assert_eq!(changed(&d, &c0.id, &c1.id), ["a/x", "b/y"]);
     rewrite(&root.join("b/y"), "three, written through b/y");
     let c2 = checkpoint(&mut client, "sb");
-    assert_eq!(changed(&c1.id, &c2.id), ["a/x", "b/y"]);
+    assert_eq!(changed(&d, &c1.id, &c2.id), ["a/x", "b/y"]);
     rewrite(&d.path("store-outside/z"), "outside two");
     let c3 = checkpoint(&mut client, "sb");
-    assert_eq!(changed(&c2.id, &c3.id), ["z"]);
+    assert_eq!(changed(&d, &c2.id, &c3.id), ["z"]);
     // What the checkpoints hold comes back.
     d.rollback(&c1.id);
     assert_eq!(std::fs::read_to_string(root.join("b/y")).unwrap(), "two, written through a/x");
@@ -648,10 +648,6 @@ fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
     assert_eq!(before.full_scan, Some(false));
     let outside = d.path("outside");
     std::fs::create_dir_all(&outside).unwrap();
-    let changed = |from: &str, to: &str| -> Vec<String> {
-        let diff = d.json(&["diff", from, to]);
-        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap().to_owned()).collect()
-    };
     let through = |name: &str, link: &str| {
         std::fs::hard_link(root.join(name), root.join(link)).unwrap();
         root.join(link)
@@ -677,7 +673,7 @@ fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
     std::fs::rename(root.join("sub/new"), &l).unwrap();
     let after = checkpoint(&mut client, "sb");
     assert_eq!(after.full_scan, compares_everything, "{after:?}");
-    assert_eq!(changed(&before.id, &after.id), ["a", "b", "c", "d", "link-d"]);
+    assert_eq!(changed(&d, &before.id, &after.id), ["a", "b", "c", "d", "link-d"]);
     d.assert_verified();
 
     // What it recorded comes back, after a rollback to before.
@@ -698,7 +694,7 @@ fn a_file_changed_through_a_link_that_is_gone_is_caught(w: &'static str) {
     std::fs::rename(root.join("build"), root.join("sub/build")).unwrap();
     let saved = checkpoint(&mut client, "sb");
     assert_eq!(saved.full_scan, Some(false), "{saved:?}");
-    assert_eq!(changed(&base.id, &saved.id), ["e", "sub/build", "sub/build/out"]);
+    assert_eq!(changed(&d, &base.id, &saved.id), ["e", "sub/build", "sub/build/out"]);
 
     // A temporary file, written and removed.
     std::fs::write(root.join("scratch"), "for a moment").unwrap();
@@ -738,10 +734,7 @@ fn a_link_replaced_while_a_checkpoint_reads_is_caught(w: &'static str) {
     std::fs::remove_file(&pause).unwrap();
     let after = taking.join().unwrap();
 
-    let diff = d.json(&["diff", &before.id, &after.id]);
-    let changed: Vec<&str> =
-        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
-    assert_eq!(changed, ["a", "link"], "{after:?}");
+    assert_eq!(changed(&d, &before.id, &after.id), ["a", "link"], "{after:?}");
     d.assert_verified();
     d.rollback(&before.id);
     d.rollback(&after.id);
@@ -770,10 +763,7 @@ fn a_removed_directory_and_its_neighbours_are_each_compared_once(w: &'static str
     std::fs::remove_dir_all(root.join("d")).unwrap();
     let after = checkpoint(&mut client, "sb");
     assert_eq!((after.files, after.dirs), (2, 1), "{after:?}");
-    let diff = d.json(&["diff", &base.id, &after.id]);
-    let changed: Vec<&str> =
-        diff["changes"].as_array().unwrap().iter().map(|c| c["path"]["text"].as_str().unwrap()).collect();
-    assert_eq!(changed, ["d", "d (1)/z", "d.txt", "d/sub", "d/sub/y", "d/x"]);
+    assert_eq!(changed(&d, &base.id, &after.id), ["d", "d (1)/z", "d.txt", "d/sub", "d/sub/y", "d/x"]);
     d.rollback(&base.id);
     assert_eq!(std::fs::read_to_string(root.join("d/sub/y")).unwrap(), "first");
 }
