@@ -351,7 +351,7 @@ fn open_by_handle(on: BorrowedFd<'_>, handle: &Handle) -> io::Result<Option<Owne
 }
 
 /// The path the kernel gives an open descriptor.
-fn fd_path(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+pub fn fd_path(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     use std::os::unix::ffi::OsStringExt;
     Ok(std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.into_os_string().into_vec())
 }

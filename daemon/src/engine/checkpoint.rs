@@ -408,30 +408,37 @@ impl Engine {
             Ok(root) => root,
             Err(_) => return Unread::Everything(lost[0].path.clone()),
         };
-        let mut inodes = std::collections::HashSet::new();
+        let prefix = crate::fanotify::fd_path(root.as_fd()).ok().map(|p| [p.as_slice(), b"/"].concat());
+        let (mut names, mut inodes) = (Vec::new(), std::collections::HashSet::new());
         for t in &lost {
             for handle in t.files.iter().flatten() {
                 let alive = crate::fanotify::open_handle(root.as_fd(), handle)
-                    .and_then(|fd| fd.map(|fd| crate::sys::fstat(fd.as_fd())).transpose());
+                    .and_then(|fd| fd.map(|fd| crate::sys::fstat(fd.as_fd()).map(|st| (fd, st))).transpose());
                 match alive {
-                    Ok(Some(st)) if st.st_nlink > 0 => {
-                        inodes.insert(st.st_ino);
+                    Ok(Some((fd, st))) if st.st_nlink > 0 => {
+                        // With one name, that name (which the kernel gives
+                        // the descriptor, checked here) is the only one to
+                        // read; else every recorded name of its inode.
+                        let only = (st.st_nlink == 1)
+                            .then(|| only_name(root.as_fd(), prefix.as_deref()?, fd.as_fd(), &st))
+                            .flatten();
+                        match only {
+                            Some(name) => names.push(name),
+                            None => {
+                                inodes.insert(st.st_ino);
+                            }
+                        }
                     }
                     Ok(_) => {} // freed, or with no name left
                     Err(_) => return Unread::Everything(t.path.clone()),
                 }
             }
         }
-        if inodes.is_empty() {
-            return Unread::Paths(Vec::new());
+        if !inodes.is_empty() {
+            let recorded = current.iter().filter(|(_, r)| r.meta.kind == Kind::File && inodes.contains(&r.key.ino));
+            names.extend(recorded.map(|(p, _)| p.clone()));
         }
-        Unread::Paths(
-            current
-                .iter()
-                .filter(|(_, r)| r.meta.kind == Kind::File && inodes.contains(&r.key.ino))
-                .map(|(p, _)| p.clone())
-                .collect(),
-        )
+        Unread::Paths(names)
     }
 
     /// Writes a captured checkpoint and runs `then` in its transaction
@@ -597,6 +604,24 @@ fn checkpoint_info(
         full_scan: Some(full_scan),
         broken: None,
     }
+}
+
+/// The sandbox-relative name of `file` (opened by its handle; `st` its
+/// stat), a file with one name, when the path the kernel gives it is
+/// below `root` (whose path is `prefix`, with a trailing `/`) and names
+/// that file there now; `None` otherwise (elsewhere, or moved meanwhile).
+fn only_name(
+    root: std::os::fd::BorrowedFd<'_>,
+    prefix: &[u8],
+    file: std::os::fd::BorrowedFd<'_>,
+    st: &libc::stat,
+) -> Option<Vec<u8>> {
+    let path = crate::fanotify::fd_path(file).ok()?;
+    let rel = path.strip_prefix(prefix)?;
+    let (parent, name) = crate::sys::split_parent(rel);
+    let dir = crate::sys::open_beneath(root, parent).ok()?;
+    let there = crate::sys::lstatat(dir.as_fd(), name).ok()?;
+    (there.st_dev == st.st_dev && there.st_ino == st.st_ino).then(|| rel.to_vec())
 }
 
 /// What a capture round must still read (see [`Engine::unread`]).
