@@ -377,6 +377,13 @@ pub fn lstatat(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// Returns `lstat` of the sandbox-relative `rel` beneath `root` (see
+/// [`open_beneath`]: no symlink followed on the way, nothing outside).
+pub fn lstat_beneath(root: BorrowedFd<'_>, rel: &[u8]) -> io::Result<libc::stat> {
+    let (parent, name) = split_parent(rel);
+    lstatat(open_beneath(root, parent)?.as_fd(), name)
+}
+
 /// Returns `fstat` of an open fd.
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();

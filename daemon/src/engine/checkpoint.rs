@@ -618,9 +618,7 @@ fn only_name(
 ) -> Option<Vec<u8>> {
     let path = crate::fanotify::fd_path(file).ok()?;
     let rel = path.strip_prefix(prefix)?;
-    let (parent, name) = crate::sys::split_parent(rel);
-    let dir = crate::sys::open_beneath(root, parent).ok()?;
-    let there = crate::sys::lstatat(dir.as_fd(), name).ok()?;
+    let there = crate::sys::lstat_beneath(root, rel).ok()?;
     (there.st_dev == st.st_dev && there.st_ino == st.st_ino).then(|| rel.to_vec())
 }
 

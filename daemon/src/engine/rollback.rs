@@ -71,8 +71,7 @@ impl Engine {
                 )));
             }
             let root = self.open_root(sandbox)?;
-            let (dir, name) = sys::split_parent(path);
-            let live = sys::open_beneath(root.as_fd(), dir).and_then(|d| sys::lstatat(d.as_fd(), name)).is_ok();
+            let live = sys::lstat_beneath(root.as_fd(), path).is_ok();
             if !live && !catalogue::holds_path_at(conn, sandbox.id, target.info.seq, path)? {
                 return Err(Error::InvalidRequest(format!(
                     "{shown} is neither in checkpoint {} nor in the sandbox {}",
@@ -534,8 +533,7 @@ fn restored_key(root: std::os::fd::BorrowedFd<'_>, path: &[u8], linked: bool) ->
     if !linked {
         return unknown;
     }
-    let (dir, name) = sys::split_parent(path);
-    match sys::open_beneath(root, dir).and_then(|d| sys::lstatat(d.as_fd(), name)) {
+    match sys::lstat_beneath(root, path) {
         Ok(st) => StatKey::of(&st, true),
         Err(_) => unknown,
     }
