@@ -98,11 +98,21 @@ fn merge(files: &mut Files, more: Files) {
     }
 }
 
+/// Marks `path`: the files in `files` were changed through it.
+fn mark(marks: &mut BTreeMap<Vec<u8>, Files>, path: Vec<u8>, files: Files) {
+    match marks.get_mut(&path) {
+        Some(known) => merge(known, files),
+        None => {
+            marks.insert(path, files);
+        }
+    }
+}
+
 /// Takes the marks of `from`, and of the names below it, out of `marks`:
-/// each with the rest of its path after `from`.
+/// each with the rest of its path below `from` (empty: `from` itself).
 fn take_below(marks: &mut BTreeMap<Vec<u8>, Files>, from: &[u8]) -> Vec<(Vec<u8>, Files)> {
     if from.is_empty() {
-        return std::mem::take(marks).into_iter().map(|(p, f)| ([b"/", p.as_slice()].concat(), f)).collect();
+        return std::mem::take(marks).into_iter().collect();
     }
     let dir = [from, b"/"].concat();
     let below: Vec<Vec<u8>> =
@@ -110,7 +120,7 @@ fn take_below(marks: &mut BTreeMap<Vec<u8>, Files>, from: &[u8]) -> Vec<(Vec<u8>
     let mut taken: Vec<(Vec<u8>, Files)> = marks.remove(from).map(|f| (Vec::new(), f)).into_iter().collect();
     for path in below {
         let files = marks.remove(&path).unwrap_or(None);
-        taken.push((path[from.len()..].to_vec(), files));
+        taken.push((path[dir.len()..].to_vec(), files));
     }
     taken
 }
@@ -118,13 +128,7 @@ fn take_below(marks: &mut BTreeMap<Vec<u8>, Files>, from: &[u8]) -> Vec<(Vec<u8>
 /// Puts marks [`take_below`] took at `to`.
 fn put_below(marks: &mut BTreeMap<Vec<u8>, Files>, to: &[u8], taken: Vec<(Vec<u8>, Files)>) {
     for (rest, files) in taken {
-        let path = if to.is_empty() { rest.strip_prefix(b"/").unwrap_or(&rest).to_vec() } else { [to, &rest].concat() };
-        match marks.get_mut(&path) {
-            Some(known) => merge(known, files),
-            None => {
-                marks.insert(path, files);
-            }
-        }
+        mark(marks, join(to.to_vec(), &rest), files);
     }
 }
 
@@ -372,15 +376,7 @@ impl SandboxWatch {
                     Change::Touched(rel, file) => self.touched(&mut state, rel, file.map(|h| vec![h])),
                     Change::Unnamed(rel) => unname(&mut state, &rel),
                     Change::Renamed(from, to) => self.moved(&mut state, from, to),
-                    Change::Orphan(file) => {
-                        let files = file.map(|h| vec![h]);
-                        match state.unnamed.get_mut(&Vec::new()) {
-                            Some(known) => merge(known, files),
-                            None => {
-                                state.unnamed.insert(Vec::new(), files);
-                            }
-                        }
-                    }
+                    Change::Orphan(file) => mark(&mut state.unnamed, Vec::new(), file.map(|h| vec![h])),
                 }
             }
             state.cookies_seen = state.cookies_seen.max(cookie);
@@ -545,14 +541,8 @@ impl SandboxWatch {
     /// Notes that a file was changed through `rel` (`files`: which, where
     /// known), unless `rel` is not read.
     fn touched(&self, state: &mut State, rel: Vec<u8>, files: Files) {
-        if self.ignored(&rel) {
-            return;
-        }
-        match state.touched.get_mut(&rel) {
-            Some(known) => merge(known, files),
-            None => {
-                state.touched.insert(rel, files);
-            }
+        if !self.ignored(&rel) {
+            mark(&mut state.touched, rel, files);
         }
     }
 
@@ -608,7 +598,7 @@ impl SandboxWatch {
         let marks = |m: BTreeMap<Vec<u8>, Files>| m.into_iter().map(|(path, files)| Touched { path, files }).collect();
         let touched: Vec<Touched> = marks(touched);
         for t in &touched {
-            put_below(&mut state.settling, &t.path, vec![(Vec::new(), t.files.clone())]);
+            mark(&mut state.settling, t.path.clone(), t.files.clone());
         }
         Drain::Paths { paths, touched, unnamed: marks(unnamed) }
     }
