@@ -435,8 +435,7 @@ impl Engine {
             }
         }
         if !inodes.is_empty() {
-            let recorded = current.iter().filter(|(_, r)| r.meta.kind == Kind::File && inodes.contains(&r.key.ino));
-            names.extend(recorded.map(|(p, _)| p.clone()));
+            names.extend(names_of(current, &inodes).cloned());
         }
         Unread::Paths(names)
     }
@@ -673,12 +672,16 @@ pub(super) fn other_names(
     if linked.is_empty() {
         return Vec::new();
     }
-    current
-        .iter()
-        .filter(|(_, r)| r.meta.kind == Kind::File && linked.contains(&r.key.ino))
-        .filter(|(p, _)| !read.contains(p.as_slice()) && !asked.contains(*p))
-        .map(|(p, _)| p.clone())
-        .collect()
+    names_of(current, &linked).filter(|p| !read.contains(p.as_slice()) && !asked.contains(*p)).cloned().collect()
+}
+
+/// The recorded files of `current` whose inode is one of `inodes`: a pass
+/// over every path, for the rare file whose names are not all known.
+fn names_of<'a>(
+    current: &'a Manifest,
+    inodes: &'a std::collections::HashSet<u64>,
+) -> impl Iterator<Item = &'a Vec<u8>> + 'a {
+    current.iter().filter(|(_, r)| r.meta.kind == Kind::File && inodes.contains(&r.key.ino)).map(|(p, _)| p)
 }
 
 /// What a checkpoint holds, by kind: its files, directories and symlinks,
