@@ -303,6 +303,22 @@ mod tests {
         assert!(mark_broken(&mut conn, &bad).unwrap().is_empty(), "marked once");
     }
 
+    /// Looking an object up among a store's sandboxes goes through the
+    /// primary key of `sandbox_objects`: a plan that reads the whole table
+    /// for each object makes pruning a large checkpoint quadratic.
+    #[test]
+    fn objects_are_looked_up_by_key_not_by_reading_every_sandbox_object() {
+        let (_dir, conn, _) = with_sandbox();
+        for sql in [HELD_IN_STORE, EXCLUSIVE_BYTES] {
+            let mut plan = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let steps: Vec<String> =
+                plan.query_map(params![1, b"/st"], |r| r.get::<_, String>(3)).unwrap().map(Result::unwrap).collect();
+            let reads_all = |step: &String| step.starts_with("SCAN ") && !matches!(&step[5..], "sandboxes" | "CONSTANT ROW");
+            assert!(!steps.iter().any(reads_all), "{sql}\nreads a whole table for each object: {steps:?}");
+            assert!(steps.iter().any(|s| s.contains("PRIMARY KEY (sandbox_id=? AND object=?)")), "{steps:?}");
+        }
+    }
+
     /// A catalogue written before the sandboxes' objects were kept (schema
     /// 14) has them counted by the migration, and kept from then on.
     #[test]

@@ -152,10 +152,7 @@ pub fn unreferenced(conn: &Connection, store: &[u8], objects: &[ObjectId]) -> Re
             unseen.remove(&o);
         }
     }
-    let mut held = conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM sandboxes s JOIN sandbox_objects o ON o.sandbox_id = s.id
-                        WHERE s.store = ?1 AND o.object = ?2)",
-    )?;
+    let mut held = conn.prepare_cached(HELD_IN_STORE)?;
     let mut out = Vec::new();
     for o in objects {
         if unseen.remove(o) && !held.query_row(params![store, &o.0[..]], |r| r.get::<_, bool>(0))? {
@@ -169,14 +166,26 @@ pub fn unreferenced(conn: &Connection, store: &[u8], objects: &[ObjectId]) -> Re
 /// other sandbox of the same store does. The caller is in no transaction.
 pub fn sandbox_exclusive_bytes(conn: &Connection, sandbox_id: i64, store: &[u8]) -> Result<u64> {
     fold_held(conn)?;
-    Ok(conn.query_row(
-        "SELECT coalesce(sum(a.size), 0) FROM sandbox_objects a WHERE a.sandbox_id = ?1
-           AND NOT EXISTS (SELECT 1 FROM sandboxes s JOIN sandbox_objects b ON b.sandbox_id = s.id
-                           WHERE s.store = ?2 AND s.id != ?1 AND b.object = a.object)",
-        params![sandbox_id, store],
-        |r| r.get::<_, i64>(0),
-    )? as u64)
+    Ok(conn.query_row(EXCLUSIVE_BYTES, params![sandbox_id, store], |r| r.get::<_, i64>(0))? as u64)
 }
+
+// The two lookups of an object among the sandboxes of a store name those
+// sandboxes in a list, so that each object is found through the primary
+// key (sandbox, object). Written as a join, SQLite read every row of
+// `sandbox_objects` for each object instead: pruning a checkpoint of
+// 10,000 files on a 100,000-file sandbox took 140 s, with the sandbox and
+// its store's collection locked (see the test of their plans).
+
+/// Whether any sandbox of store `?1` holds object `?2`.
+pub(super) const HELD_IN_STORE: &str = "SELECT EXISTS (SELECT 1 FROM sandbox_objects o
+     WHERE o.sandbox_id IN (SELECT id FROM sandboxes WHERE store = ?1) AND o.object = ?2)";
+
+/// The bytes of the objects sandbox `?1` holds and no other sandbox of
+/// store `?2` does.
+pub(super) const EXCLUSIVE_BYTES: &str = "SELECT coalesce(sum(a.size), 0) FROM sandbox_objects a WHERE a.sandbox_id = ?1
+     AND NOT EXISTS (SELECT 1 FROM sandbox_objects b
+                     WHERE b.sandbox_id IN (SELECT id FROM sandboxes WHERE store = ?2 AND id != ?1)
+                       AND b.object = a.object)";
 
 /// Returns the bytes of the objects that only checkpoint `seq` references:
 /// what pruning it alone would free.
