@@ -141,7 +141,7 @@ impl Engine {
         let plan_ms = ms_since(started);
         let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
         let applying = Applying { safety: &safety, closes };
-        let report = self.apply_plan(sandbox, &plan, &store, applying, &target.info.id, total)?;
+        let report = self.apply_plan(conn, sandbox, &plan, &store, applying, &target.info.id, total)?;
         self.retain(sandbox.id);
         tracing::info!(
             sandbox = %sandbox.name, target = %target.info.id, kind = kind.as_str(),
@@ -177,8 +177,10 @@ impl Engine {
     /// Applies a restore plan whose safety checkpoint is written, records
     /// the state it left (see [`Engine::record_restored`]), and builds the
     /// report. `total` is the number of target paths the plan covers.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_plan(
         &self,
+        conn: &mut Connection,
         sandbox: &Sandbox,
         plan: &Plan,
         store: &Store,
@@ -199,7 +201,7 @@ impl Engine {
             false => format!("{label} to {target_id}, after {}", safety.id),
         };
         let linking = plan.linking();
-        let recorded = self.record_restored(sandbox, desired, &linking, root.as_fd(), reason, closes);
+        let recorded = self.record_restored(conn, sandbox, desired, &linking, root.as_fd(), reason, closes);
         tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
         if !applied.cloned.is_empty() {
             // After the answer, on a thread of its own: the answer does not
@@ -228,6 +230,7 @@ impl Engine {
     /// it would without this record.
     pub(super) fn record_restored<'a>(
         &self,
+        conn: &mut Connection,
         sandbox: &Sandbox,
         desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
         linking: &std::collections::HashSet<&[u8]>,
@@ -236,15 +239,14 @@ impl Engine {
         closes: Option<i64>,
     ) -> Option<CheckpointInfo> {
         let recorded = (|| {
-            let mut conn = self.db()?;
-            let sb = catalogue::sandbox_by_id(&conn, sandbox.id)?;
-            let mut current = self.take_manifest(&conn, &sb)?;
+            let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
+            let mut current = self.take_manifest(conn, &sb)?;
             let (ended, added) = restored_versions(&current, desired, linking, root);
             if ended.is_empty() && added.is_empty() {
                 self.put_manifest(sb.id, sb.head_seq, current);
                 return Ok(None);
             }
-            let parent = catalogue::checkpoint_at(&conn, sb.id, sb.head_seq)?;
+            let parent = catalogue::checkpoint_at(conn, sb.id, sb.head_seq)?;
             let info = restore_info(&sb, parent, (&ended, &added), reason);
             let ended_ids: Vec<i64> = ended.iter().map(|(_, id, ..)| *id).collect();
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -328,7 +330,7 @@ impl Engine {
         let total = step_paths as u64;
         let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
         let applying = Applying { safety: &safety, closes };
-        let mut report = self.apply_plan(sandbox, &plan, &store, applying, &step.info.id, total)?;
+        let mut report = self.apply_plan(conn, sandbox, &plan, &store, applying, &step.info.id, total)?;
         self.retain(sandbox.id);
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
         report.conflicts = conflicts.into_iter().map(WirePath).collect();
