@@ -313,7 +313,8 @@ mod tests {
             let mut plan = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let steps: Vec<String> =
                 plan.query_map(params![1, b"/st"], |r| r.get::<_, String>(3)).unwrap().map(Result::unwrap).collect();
-            let reads_all = |step: &String| step.starts_with("SCAN ") && !matches!(&step[5..], "sandboxes" | "CONSTANT ROW");
+            let reads_all =
+                |step: &String| step.starts_with("SCAN ") && !matches!(&step[5..], "sandboxes" | "CONSTANT ROW");
             assert!(!steps.iter().any(reads_all), "{sql}\nreads a whole table for each object: {steps:?}");
             assert!(steps.iter().any(|s| s.contains("PRIMARY KEY (sandbox_id=? AND object=?)")), "{steps:?}");
         }

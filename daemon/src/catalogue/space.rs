@@ -182,7 +182,8 @@ pub(super) const HELD_IN_STORE: &str = "SELECT EXISTS (SELECT 1 FROM sandbox_obj
 
 /// The bytes of the objects sandbox `?1` holds and no other sandbox of
 /// store `?2` does.
-pub(super) const EXCLUSIVE_BYTES: &str = "SELECT coalesce(sum(a.size), 0) FROM sandbox_objects a WHERE a.sandbox_id = ?1
+pub(super) const EXCLUSIVE_BYTES: &str =
+    "SELECT coalesce(sum(a.size), 0) FROM sandbox_objects a WHERE a.sandbox_id = ?1
      AND NOT EXISTS (SELECT 1 FROM sandbox_objects b
                      WHERE b.sandbox_id IN (SELECT id FROM sandboxes WHERE store = ?2 AND id != ?1)
                        AND b.object = a.object)";

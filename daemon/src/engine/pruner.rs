@@ -213,13 +213,21 @@ impl Engine {
         // Immediate: it reads before it writes, and a deferred transaction
         // whose snapshot a concurrent commit (the log checkpointer's) made
         // stale fails at its first write instead of waiting.
+        let started = Instant::now();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let objects = catalogue::delete_checkpoints(&tx, sandbox.id, ids, why, now_ms())?;
         tx.commit()?;
+        let deleted_ms = ms_since(started);
         let store = self.store(&sandbox.store)?;
         let _collecting = store.gc_lock.write().unwrap_or_else(|p| p.into_inner());
         let dead = catalogue::unreferenced(conn, &sandbox.store, &objects)?;
-        store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()))
+        let looked_up_ms = ms_since(started);
+        let freed = store.remove_objects(&dead).ctx(|| format!("removing objects from {}", store.path().display()));
+        tracing::debug!(
+            sandbox = %sandbox.name, checkpoints = ids.len(), objects = objects.len(), unreferenced = dead.len(),
+            deleted_ms, looked_up_ms, ms = ms_since(started), "checkpoints deleted"
+        );
+        freed
     }
 }
 

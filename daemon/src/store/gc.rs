@@ -49,7 +49,7 @@ impl Store {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     r => r?,
                 };
-                for (offset, len) in dead {
+                for (offset, len) in runs(dead) {
                     punch(fd.as_fd(), offset, len)?;
                 }
             } else {
@@ -219,3 +219,20 @@ impl Store {
 /// How many parts [`Store::collect_slice`] divides a collection into: the
 /// 256 directories of loose objects, and the packs.
 pub const SLICES: usize = 257;
+
+/// Merges slots that follow one another in a pack (each starts where the
+/// last one's padded length ends) into one range each, sorted: freeing a
+/// pruned checkpoint's objects is then a hole per run of them, not per
+/// object (20,000 holes punched one at a time took about 0.3 s on XFS).
+/// Only adjoining slots are merged, so no range covers a live one.
+pub(super) fn runs(mut slots: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    slots.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(slots.len());
+    for (offset, len) in slots {
+        match out.last_mut() {
+            Some((start, run)) if *start + slot_len(*run) == offset => *run = slot_len(*run) + len,
+            _ => out.push((offset, len)),
+        }
+    }
+    out
+}

@@ -744,6 +744,29 @@ mod tests {
         assert!(!file.exists(), "a pack with no live object is removed");
     }
 
+    /// Slots freed together are punched as runs of adjoining slots: the
+    /// slots between and after them, still live, keep their content.
+    #[test]
+    fn adjoining_dead_slots_are_freed_as_one_run_and_no_live_slot_with_them() {
+        let (t, store) = temp_store();
+        let (ids, file) = sealed_pack(&t, &store, 6);
+        let before = allocated(&file);
+        let dead = [ids[4], ids[0], ids[1], ids[3]];
+        assert_eq!(store.remove_objects(&dead).unwrap(), 40_000);
+        assert!(allocated(&file) <= before - 4 * 12288, "the dead slots' blocks were not all freed");
+        for (i, id) in ids.iter().enumerate() {
+            match dead.contains(id) {
+                true => assert!(!store.contains(id), "object {i} is still indexed"),
+                false => {
+                    let content = store.open_object(id).unwrap().read().unwrap();
+                    assert!(content == vec![i as u8 + 1; 10_000], "live object {i} lost its content");
+                }
+            }
+        }
+        assert_eq!(gc::runs(vec![(0, 10), (4096, 5000), (12288, 1), (20480, 7)]), [(0, 12288 + 1), (20480, 7)]);
+        assert_eq!(gc::runs(vec![(8192, 3), (0, 4096)]), [(0, 4096), (8192, 3)], "a live slot lies between");
+    }
+
     #[test]
     fn an_object_that_cannot_be_removed_does_not_keep_the_others() {
         let (t, store) = temp_store();
