@@ -73,7 +73,7 @@ impl Engine {
             .chain(absent.iter().map(|p| (p.as_slice(), None)))
             .filter(|(p, _)| !skipped.contains(p));
         let reason = format!("{} to {}, finished at start", intent.kind, intent.target);
-        self.record_restored(conn, &sandbox, desired, &plan.linking(), root.as_fd(), reason, None);
+        self.record_restored(conn, &sandbox, desired, &plan.linking(), root.as_fd(), (reason, None));
         Ok(plan.steps.len() as u64)
     }
 }

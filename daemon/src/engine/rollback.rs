@@ -141,7 +141,7 @@ impl Engine {
         let plan_ms = ms_since(started);
         let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
         let applying = Applying { safety: &safety, closes };
-        let report = self.apply_plan(conn, sandbox, &plan, &store, applying, &target.info.id, total)?;
+        let report = self.apply_plan(conn, sandbox, &plan, &store, applying, (&target.info.id, total))?;
         self.retain(sandbox.id);
         tracing::info!(
             sandbox = %sandbox.name, target = %target.info.id, kind = kind.as_str(),
@@ -176,8 +176,8 @@ impl Engine {
 
     /// Applies a restore plan whose safety checkpoint is written, records
     /// the state it left (see [`Engine::record_restored`]), and builds the
-    /// report. `total` is the number of target paths the plan covers.
-    #[allow(clippy::too_many_arguments)]
+    /// report. `target_id` is the checkpoint restored to, and `total` the
+    /// number of its paths the plan covers.
     pub(super) fn apply_plan(
         &self,
         conn: &mut Connection,
@@ -185,8 +185,7 @@ impl Engine {
         plan: &Plan,
         store: &Store,
         Applying { safety, closes }: Applying<'_>,
-        target_id: &str,
-        total: u64,
+        (target_id, total): (&str, u64),
     ) -> Result<RollbackReport> {
         let started = Instant::now();
         let root = self.open_root(sandbox)?;
@@ -201,7 +200,7 @@ impl Engine {
             false => format!("{label} to {target_id}, after {}", safety.id),
         };
         let linking = plan.linking();
-        let recorded = self.record_restored(conn, sandbox, desired, &linking, root.as_fd(), reason, closes);
+        let recorded = self.record_restored(conn, sandbox, desired, &linking, root.as_fd(), (reason, closes));
         tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
         if !applied.cloned.is_empty() {
             // After the answer, on a thread of its own: the answer does not
@@ -227,7 +226,8 @@ impl Engine {
     /// that already hold their version write nothing; a restore that
     /// changed nothing records no checkpoint. A failure is logged: the
     /// restore is done, and the next checkpoint then counts its changes, as
-    /// it would without this record.
+    /// it would without this record. `reason` is the checkpoint's, and its
+    /// commit ends the intent `closes`, if any.
     pub(super) fn record_restored<'a>(
         &self,
         conn: &mut Connection,
@@ -235,8 +235,7 @@ impl Engine {
         desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
         linking: &std::collections::HashSet<&[u8]>,
         root: std::os::fd::BorrowedFd<'_>,
-        reason: String,
-        closes: Option<i64>,
+        (reason, closes): (String, Option<i64>),
     ) -> Option<CheckpointInfo> {
         let recorded = (|| {
             let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
@@ -330,7 +329,7 @@ impl Engine {
         let total = step_paths as u64;
         let closes = (end == IntentEnd::WithTheRestore).then_some(intent);
         let applying = Applying { safety: &safety, closes };
-        let mut report = self.apply_plan(conn, sandbox, &plan, &store, applying, &step.info.id, total)?;
+        let mut report = self.apply_plan(conn, sandbox, &plan, &store, applying, (&step.info.id, total))?;
         self.retain(sandbox.id);
         report.unchanged = total.saturating_sub(report.restored + report.created + report.deleted);
         report.conflicts = conflicts.into_iter().map(WirePath).collect();
