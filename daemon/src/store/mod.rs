@@ -767,6 +767,18 @@ mod tests {
         assert_eq!(gc::runs(vec![(8192, 3), (0, 4096)]), [(0, 4096), (8192, 3)], "a live slot lies between");
     }
 
+    /// An empty file's slot takes no bytes: freeing it, alone or beside
+    /// live slots, punches nothing (a hole of no length is an error).
+    #[test]
+    fn an_empty_packed_object_is_freed_with_nothing_to_punch() {
+        let (t, store) = temp_store();
+        let (ids, _file) = sealed_unrecorded(&t, &store, &[Vec::new(), vec![7; 100]]);
+        store.record().unwrap();
+        assert_eq!(store.remove_objects(&ids[..1]).unwrap(), 0);
+        assert!(!store.contains(&ids[0]));
+        assert_eq!(store.open_object(&ids[1]).unwrap().read().unwrap(), vec![7; 100]);
+    }
+
     #[test]
     fn an_object_that_cannot_be_removed_does_not_keep_the_others() {
         let (t, store) = temp_store();
