@@ -231,11 +231,6 @@ impl Captured {
         }
     }
 
-    /// Folds in `later`, a capture of some of the same paths made after
-    /// this one against this one's result (its added rows have id 0):
-    /// where `later` read a path again, its finding replaces this one's, so
-    /// the whole is still relative to the manifest this capture started
-    /// from.
     /// Gives way to `fresh`, a capture compared with the same manifest as
     /// this one: the objects this one stored are dropped (freed after the
     /// commit unless it refers to them), its counts kept.
@@ -246,6 +241,11 @@ impl Captured {
         fresh
     }
 
+    /// Folds in `later`, a capture of some of the same paths made after
+    /// this one against this one's result (its added rows have id 0):
+    /// where `later` read a path again, its finding replaces this one's, so
+    /// the whole is still relative to the manifest this capture started
+    /// from.
     pub fn then(mut self, later: Captured) -> Captured {
         let read_again: std::collections::HashSet<&[u8]> = later
             .added

@@ -1,8 +1,9 @@
 //! A model-based test: a seeded random sequence of what agents do to a
 //! tree (writes, appends, truncates, renames of files and directories,
 //! hardlinks, symlinks, chmods, deletes, a file written through a link
-//! that is gone by the next checkpoint, temporary files), with checkpoints, rollbacks,
-//! reverts, undos and daemon restarts among them, against a real daemon.
+//! that is gone by the next checkpoint, temporary files), with
+//! checkpoints, rollbacks, reverts, undos and daemon restarts among them,
+//! against a real daemon.
 //!
 //! The model is what each checkpoint held: the tree as it stood when the
 //! checkpoint answered (the test is the only writer), and, for the
