@@ -153,7 +153,10 @@ fn a_sandbox_on_tmpfs_is_not_told_that_another_store_would_clone() {
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            // Lazily: this runs before the daemon stops, and its open
+            // directory would make a plain umount fail and leave the
+            // mount behind after every run.
+            let _ = std::process::Command::new("umount").arg("--lazy").arg(&self.0).status();
         }
     }
     let _unmount = Unmount(mnt.clone());
