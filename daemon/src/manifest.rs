@@ -112,6 +112,73 @@ pub struct Row {
 /// is one range.
 pub type Manifest = BTreeMap<Vec<u8>, Row>;
 
+/// Builds a manifest with its nodes full (see [`compact`]) from entries in
+/// any order, without first holding them all in a half-full one: entries
+/// gather in a batch of at most [`Builder::BATCH`], and batches merge like
+/// the digits of a binary counter, each merge a rebuild with full nodes.
+/// A merge waits until the newer side is at least half the older, so an
+/// entry moves a few times (about log2 of the entries over the batch), and
+/// the peak is the compact size plus one batch.
+#[derive(Default)]
+pub struct Builder {
+    /// Compact manifests, oldest first, each at least twice the next.
+    levels: Vec<Manifest>,
+    batch: Manifest,
+}
+
+impl Builder {
+    pub const BATCH: usize = 1 << 15;
+
+    /// A builder whose entries replace or join those of `start`.
+    pub fn new(start: Manifest) -> Builder {
+        Builder { levels: vec![start], batch: Manifest::new() }
+    }
+
+    /// Inserts an entry; a later entry of the same path replaces it.
+    pub fn insert(&mut self, path: Vec<u8>, row: Row) {
+        self.batch.insert(path, row);
+        if self.batch.len() >= Self::BATCH {
+            let mut merged = std::mem::take(&mut self.batch);
+            while let Some(top) = self.levels.last()
+                && top.len() <= merged.len() * 2
+            {
+                merged = newer_over(self.levels.pop().unwrap_or_default(), merged);
+            }
+            self.levels.push(merged);
+        }
+    }
+
+    pub fn finish(mut self) -> Manifest {
+        let mut merged = std::mem::take(&mut self.batch);
+        while let Some(older) = self.levels.pop() {
+            merged = newer_over(older, merged);
+        }
+        merged
+    }
+}
+
+/// `older` with the entries of `newer` added or replacing its own, rebuilt
+/// with full nodes when both hold any.
+fn newer_over(mut older: Manifest, mut newer: Manifest) -> Manifest {
+    older.append(&mut newer);
+    older
+}
+
+/// Rebuilds `m` with its nodes full. A `BTreeMap` filled one insertion at
+/// a time splits each full node in two and ends a little over half full:
+/// a manifest read from the catalogue or made by a first checkpoint took
+/// about 300 bytes a path instead of 180 (a million paths: 290 against
+/// 171 MiB). `append` of two non-empty maps builds a new tree from their
+/// merged entries with every node full, freeing the old nodes as it goes,
+/// so this costs one pass (90 ms at a million paths) and no second copy.
+pub fn compact(m: &mut Manifest) {
+    let Some((path, row)) = m.pop_first() else { return };
+    let mut full = Manifest::new();
+    full.insert(path, row);
+    full.append(m);
+    *m = full;
+}
+
 /// Returns the versions of `prefix` and everything below it.
 pub fn subtree<'a>(m: &'a Manifest, prefix: &[u8]) -> impl Iterator<Item = (&'a Vec<u8>, &'a Row)> + 'a {
     use std::ops::Bound;
@@ -240,8 +307,103 @@ pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The test binary's allocator: the system's, counting what each
+    /// thread holds, so that a test can weigh what it builds while other
+    /// tests run beside it.
+    struct Counting;
+
+    std::thread_local! {
+        static HELD: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    }
+
+    // SAFETY: every call is passed to `System` unchanged; the count is a
+    // thread-local `Cell` that neither allocates nor has a destructor.
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            let _ = HELD.try_with(|h| h.set(h.get() + layout.size() as isize));
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            let _ = HELD.try_with(|h| h.set(h.get() - layout.size() as isize));
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+            let _ = HELD.try_with(|h| h.set(h.get() + new_size as isize - layout.size() as isize));
+            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    /// Bytes this thread holds after `f` runs, less those before, with
+    /// what `f` returns (dropped after the weighing).
+    pub(crate) fn weigh<T>(f: impl FnOnce() -> T) -> (T, isize) {
+        let before = HELD.with(|h| h.get());
+        let out = f();
+        (out, HELD.with(|h| h.get()) - before)
+    }
+
+    pub(crate) fn row(id: i64) -> Row {
+        Row {
+            id,
+            meta: Meta { kind: Kind::File, mode: 0, uid: 0, gid: 0, size: 0, mtime_ns: 0, target: None, object: None },
+            key: StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 },
+        }
+    }
+
+    fn ids(m: &Manifest) -> Vec<(&[u8], i64)> {
+        m.iter().map(|(p, r)| (p.as_slice(), r.id)).collect()
+    }
+
+    #[test]
+    fn a_built_or_compacted_manifest_holds_the_same_versions_in_full_nodes() {
+        // Paths as a tree of 1,000 directories names them, in an order
+        // that is not sorted, a fifth of them twice: the later version
+        // wins.
+        let n = 4 * Builder::BATCH + 123;
+        let entries: Vec<(Vec<u8>, i64)> = (0..n)
+            .map(|i| (i * 7919) % n)
+            .chain((0..n / 5).map(|i| i * 5))
+            .enumerate()
+            .map(|(id, k)| (format!("d{:03}/f{k:07}.dat", k % 1000).into_bytes(), id as i64))
+            .collect();
+        let start: Manifest = entries[..1000].iter().map(|(p, _)| (p.clone(), row(-1))).collect();
+        let (built, size) = weigh(|| {
+            let mut b = Builder::new(start.clone());
+            for (p, id) in &entries {
+                b.insert(p.clone(), row(*id));
+            }
+            b.finish()
+        });
+        // What the entries themselves take; a tree of full nodes adds
+        // about a tenth for its inner nodes.
+        let entry = std::mem::size_of::<(Vec<u8>, Row)>();
+        let floor: usize = built.keys().map(|p| entry + p.len()).sum();
+        let full = |bytes: isize| (bytes as f64 / floor as f64) < 1.15;
+        assert!(full(size), "built: {size} bytes for {floor} of entries");
+        // One at a time, in order, as the catalogue gives them.
+        let (mut sparse, sparse_size) = weigh(|| {
+            let mut m = Manifest::new();
+            for (p, r) in &built {
+                m.insert(p.clone(), r.clone());
+            }
+            m
+        });
+        assert!(!full(sparse_size), "inserted one at a time: {sparse_size} bytes for {floor}");
+        let ((), change) = weigh(|| compact(&mut sparse));
+        assert_eq!(ids(&sparse), ids(&built));
+        assert!(full(sparse_size + change), "compacted: {} bytes for {floor}", sparse_size + change);
+        // The same versions as inserting them all one at a time.
+        let mut expected = start;
+        for (p, id) in &entries {
+            expected.insert(p.clone(), row(*id));
+        }
+        assert_eq!(ids(&built), ids(&expected));
+    }
 
     #[test]
     fn only_a_file_counts_its_other_names() {

@@ -46,12 +46,12 @@ pub(super) fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>
 pub fn current_rows(conn: &Connection, sandbox_id: i64) -> Result<Manifest> {
     let sql = format!("SELECT {ENTRY_COLS} FROM entries WHERE sandbox_id = ?1 AND end_seq IS NULL");
     let mut stmt = conn.prepare_cached(&sql)?;
-    let mut out = Manifest::default();
+    let mut out = crate::manifest::Builder::default();
     for r in stmt.query_map([sandbox_id], entry_from_row)? {
         let (path, row) = r?;
         out.insert(path, row);
     }
-    Ok(out)
+    Ok(out.finish())
 }
 
 /// Returns the state of a sandbox at checkpoint `seq`.
@@ -61,12 +61,12 @@ pub fn rows_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Manifest>
          AND (end_seq IS NULL OR end_seq > ?2)"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let mut out = Manifest::default();
+    let mut out = crate::manifest::Builder::default();
     for r in stmt.query_map(params![sandbox_id, seq as i64], entry_from_row)? {
         let (path, row) = r?;
         out.insert(path, row);
     }
-    Ok(out)
+    Ok(out.finish())
 }
 
 /// Returns the file versions recorded at checkpoint `seq` with inode

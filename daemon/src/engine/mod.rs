@@ -128,6 +128,9 @@ struct Cache {
     /// Current manifests by sandbox, each valid only while the sandbox's
     /// head seq in the catalogue equals the seq it was read at.
     manifests: Mutex<HashMap<i64, (u64, Manifest)>>,
+    /// Per sandbox, the paths inserted into its cached manifest since it
+    /// was last compacted (see [`Engine::put_manifest`]).
+    inserted: Mutex<HashMap<i64, usize>>,
     /// Per sandbox, the paths of files with other names, as of a
     /// checkpoint's seq (see [`Engine::shared_names`]).
     shared: Mutex<HashMap<i64, SharedNames>>,
@@ -545,6 +548,30 @@ mod tests {
         let report = engine.verify(&peer).unwrap();
         assert_eq!(report.current_twice, [SandboxPath { sandbox: "s".into(), path: WirePath(b"a".to_vec()) }]);
         assert!(!report.clean());
+    }
+
+    #[test]
+    fn a_cached_manifest_is_compacted_once_a_quarter_of_it_was_inserted_one_at_a_time() {
+        use crate::manifest::tests::{row, weigh};
+        let (_dir, _root, engine, _peer) = test_engine();
+        // Built one insertion at a time, in order: about half full.
+        let sparse = || {
+            let mut m = Manifest::new();
+            for i in 0..10_000 {
+                m.insert(format!("d/f{i:05}").into_bytes(), row(i));
+            }
+            m
+        };
+        let ((), kept) = weigh(|| engine.put_manifest(7, 1, sparse(), 2_500));
+        let ((), compacted) = weigh(|| engine.put_manifest(8, 1, sparse(), 2_501));
+        assert!(compacted * 4 < kept * 3, "compacted: {compacted} bytes, kept as it was: {kept}");
+        // Inserted paths add up across checkpoints.
+        let ((), change) = weigh(|| {
+            let (_, m) = lock(&engine.cache.manifests).remove(&7).unwrap();
+            engine.put_manifest(7, 2, m, 1);
+        });
+        assert!(change < -(kept / 4), "compacting {kept} bytes gave back {}", -change);
+        assert_eq!(lock(&engine.cache.manifests)[&7].1.len(), 10_000);
     }
 
     #[test]

@@ -242,7 +242,7 @@ impl Engine {
             let mut current = self.take_manifest(conn, &sb)?;
             let (ended, added) = restored_versions(&current, desired, linking, root);
             if ended.is_empty() && added.is_empty() {
-                self.put_manifest(sb.id, sb.head_seq, current);
+                self.put_manifest(sb.id, sb.head_seq, current, 0);
                 return Ok(None);
             }
             let parent = catalogue::checkpoint_at(conn, sb.id, sb.head_seq)?;
@@ -268,10 +268,11 @@ impl Engine {
             for (path, ..) in &ended {
                 current.remove(path);
             }
+            let inserted = added.len();
             for (row, id) in added.into_iter().zip(ids) {
                 current.insert(row.path, crate::manifest::Row { id, meta: row.meta, key: row.key });
             }
-            self.put_manifest(sb.id, info.seq, current);
+            self.put_manifest(sb.id, info.seq, current, inserted);
             Ok::<_, Error>(Some(info))
         })();
         recorded.unwrap_or_else(|e| {

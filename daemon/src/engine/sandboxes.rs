@@ -174,6 +174,7 @@ impl Engine {
         catalogue::set_sandbox_identity(conn, other.id, now)?;
         catalogue::set_sandbox_state(conn, other.id, SandboxState::Active)?;
         lock(&self.cache.manifests).remove(&other.id);
+        lock(&self.cache.inserted).remove(&other.id);
         let again = catalogue::sandbox_by_id(conn, other.id)?;
         self.watch_sandbox(&again);
         if moved {
@@ -265,6 +266,7 @@ impl Engine {
         catalogue::delete_sandbox(&conn, sandbox.id)?;
         self.unwatch_sandbox(sandbox.id);
         lock(&self.cache.manifests).remove(&sandbox.id);
+        lock(&self.cache.inserted).remove(&sandbox.id);
         let (n, bytes) = self.collect_garbage(&conn, &sandbox.store)?;
         tracing::info!(name = %sandbox.name, objects = n, bytes, "sandbox purged");
         info.state = "purged".into();
