@@ -738,7 +738,7 @@ impl<'a> Walker<'a> {
                         Err(e) => return Err(e).ctx(|| format!("reading the link {}", show(&path))),
                     };
                     self.stats.read += 1;
-                    self.record(path, live.to_meta(Some(target), None), live.key, prior);
+                    self.record(path, live.to_meta(Some(target.into_boxed_slice()), None), live.key, prior);
                 }
                 Ok(false)
             }

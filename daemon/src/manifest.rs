@@ -59,7 +59,7 @@ pub struct Meta {
     /// with every entry and are not restored).
     pub mtime_ns: i64,
     /// Target of a symlink.
-    pub target: Option<Vec<u8>>,
+    pub target: Option<Box<[u8]>>,
     /// blake3 of a file's content: the name of its store object.
     pub object: Option<ObjectId>,
 }
@@ -284,7 +284,7 @@ impl Live {
     }
 
     /// Builds the recorded state from this stat plus what had to be read.
-    pub fn to_meta(&self, target: Option<Vec<u8>>, object: Option<ObjectId>) -> Meta {
+    pub fn to_meta(&self, target: Option<Box<[u8]>>, object: Option<ObjectId>) -> Meta {
         Meta { target, object, ..self.meta.clone() }
     }
 }

@@ -221,7 +221,7 @@ impl<'a> Comparing<'a> {
     /// it is not diffed.
     fn content(&self, new: bool, path: &[u8], meta: &Meta) -> std::result::Result<Vec<u8>, String> {
         if meta.kind == Kind::Symlink {
-            return Ok(meta.target.clone().unwrap_or_default());
+            return Ok(meta.target.as_deref().unwrap_or_default().to_vec());
         }
         let over = |size: u64| format!("{size} bytes, over diff_max_bytes ({})", self.max_bytes);
         if meta.size > self.max_bytes {
