@@ -68,6 +68,9 @@ impl Engine {
                 // Built compact (see `crate::manifest::Builder`).
                 let m = catalogue::current_rows(conn, sandbox.id)?;
                 lock(&self.cache.inserted).insert(sandbox.id, 0);
+                if m.len() >= GIVE_BACK_AFTER_PATHS {
+                    self.later(Later::GiveBackMemory);
+                }
                 Ok(m)
             }
         }
@@ -85,9 +88,13 @@ impl Engine {
             let mut counts = lock(&self.cache.inserted);
             let count = counts.entry(sandbox_id).or_default();
             *count += inserted;
-            if *count > manifest.len() / 4 {
+            let compacting = *count > manifest.len() / 4;
+            if compacting {
                 crate::manifest::compact(&mut manifest);
                 *count = 0;
+            }
+            if inserted >= GIVE_BACK_AFTER_PATHS || (compacting && manifest.len() >= GIVE_BACK_AFTER_PATHS) {
+                self.later(Later::GiveBackMemory);
             }
         }
         lock(&self.cache.manifests).insert(sandbox_id, (seq, manifest));
@@ -366,6 +373,9 @@ impl Engine {
             }
         };
         let st = captured.stats;
+        if st.scanned as usize >= GIVE_BACK_AFTER_PATHS {
+            self.later(Later::GiveBackMemory);
+        }
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
             scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,

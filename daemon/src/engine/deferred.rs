@@ -9,7 +9,10 @@ impl Engine {
     pub(super) fn later(&self, work: Later) {
         let work = DEFERRED.with_borrow_mut(|d| match d {
             Some(deferred) => {
-                deferred.push(work);
+                let once = matches!(work, Later::GiveBackMemory);
+                if !(once && deferred.iter().any(|w| matches!(w, Later::GiveBackMemory))) {
+                    deferred.push(work);
+                }
                 None
             }
             None => Some(work),
@@ -28,6 +31,7 @@ impl Engine {
                 }
             }
             Later::WakePruner => self.pruner.owed_changed.notify_all(),
+            Later::GiveBackMemory => give_back_memory(),
             Later::Warm(root, cloned) => {
                 let warming = std::thread::Builder::new()
                     .name("snapback-warm".into())
@@ -49,6 +53,30 @@ pub(super) enum Later {
     WakePruner,
     /// Read restored files in (see [`crate::restore::warm`]).
     Warm(OwnedFd, Vec<(Vec<u8>, u64)>),
+    /// Give the heap's free pages back to the system (see
+    /// [`give_back_memory`]).
+    GiveBackMemory,
+}
+
+/// The paths a request reads or writes, from which what it allocated
+/// and freed is worth giving back (see [`give_back_memory`]).
+pub(super) const GIVE_BACK_AFTER_PATHS: usize = 10_000;
+
+/// Returns the free pages inside the heap to the system. The allocator
+/// keeps what a large request freed (a first checkpoint's scan, a manifest
+/// read or rebuilt) as free chunks among live ones, which it cannot give
+/// back by shrinking the heap; `malloc_trim` releases every whole free page
+/// in them. At a million files that is about 20 MiB of the daemon's
+/// resident memory, for 1-6 ms after the answer, so it is asked for only by
+/// requests that touch [`GIVE_BACK_AFTER_PATHS`] paths or more.
+fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let started = Instant::now();
+        // SAFETY: malloc_trim only releases free memory the allocator owns.
+        unsafe { libc::malloc_trim(0) };
+        tracing::debug!(ms = ms_since(started), "gave the heap's free pages back");
+    }
 }
 
 thread_local! {

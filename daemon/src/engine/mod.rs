@@ -575,6 +575,30 @@ mod tests {
     }
 
     #[test]
+    fn a_request_that_touches_many_paths_gives_the_heap_back_once_after_its_answer() {
+        let (_dir, root, engine, peer) = test_engine();
+        let engine = Arc::new(engine);
+        let checkpoint = || {
+            let request = Request::Checkpoint(CheckpointRequest { sandbox: "s".into(), ..Default::default() });
+            let (answer, after) = engine.handle(peer.clone(), request);
+            answer.unwrap();
+            after.work.iter().filter(|w| matches!(w, Later::GiveBackMemory)).count()
+        };
+        assert_eq!(checkpoint(), 0);
+        std::fs::create_dir(root.join("many")).unwrap();
+        for i in 0..GIVE_BACK_AFTER_PATHS {
+            std::fs::write(root.join(format!("many/{i}")), b"x").unwrap();
+        }
+        assert_eq!(checkpoint(), 1);
+        // However many parts of one request ask.
+        DEFERRED.with_borrow_mut(|d| *d = Some(Vec::new()));
+        engine.later(Later::GiveBackMemory);
+        engine.later(Later::GiveBackMemory);
+        let asked = DEFERRED.with_borrow_mut(Option::take).unwrap();
+        assert_eq!(asked.iter().filter(|w| matches!(w, Later::GiveBackMemory)).count(), 1);
+    }
+
+    #[test]
     fn a_manifest_the_catalogue_refuses_is_read_again_by_the_next_checkpoint() {
         let (_dir, root, engine, peer) = test_engine();
         let take = || engine.checkpoint(&peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() });
