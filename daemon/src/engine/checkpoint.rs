@@ -80,9 +80,14 @@ impl Engine {
     /// `inserted` paths after it was taken out (at most: a path whose
     /// version was replaced counts too). Once the paths inserted since it
     /// was last compacted pass a quarter of its size, it is compacted
-    /// ([`crate::manifest::compact`]): what that costs is at most four
-    /// times what inserting them did, and the manifest stays within about
-    /// 1.3 times its compact size however a tree grows.
+    /// ([`crate::manifest::compact`]): one pass over the manifest for at
+    /// least a quarter of it inserted, and the manifest stays within about
+    /// twice its compact size whatever is inserted where (far less when
+    /// new paths gather in a few directories, as they do).
+    ///
+    /// A request that inserted [`GIVE_BACK_AFTER_PATHS`] paths or more,
+    /// or compacted a manifest of that size, gives the heap back after its
+    /// answer.
     pub(super) fn put_manifest(&self, sandbox_id: i64, seq: u64, mut manifest: Manifest, inserted: usize) {
         {
             let mut counts = lock(&self.cache.inserted);
