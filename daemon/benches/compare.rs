@@ -8,8 +8,9 @@
 //!   git commit`; a rollback `git checkout <commit> -- . && git clean -fd`.
 //! - `rsync`: hardlink snapshots (`rsync -a --delete --link-dest=<previous>`,
 //!   as rsnapshot does); a rollback `rsync -a --delete <snapshot>/ <tree>/`.
-//! - `cp`: `cp -a --reflink=always` of the whole tree (only where the
-//!   filesystem clones); a rollback removes the tree and clones the copy back.
+//! - `cp`: `cp -a --reflink=always` of the whole tree where the filesystem
+//!   clones, else `cp -a`; a rollback removes the tree and clones (or
+//!   copies) the copy back.
 //! - `btrfs`: the tree is a subvolume; a checkpoint is a read-only snapshot,
 //!   a rollback `btrfs subvolume delete` + `btrfs subvolume snapshot`.
 //!
@@ -402,25 +403,35 @@ impl Tool for Rsync {
     }
 }
 
-/// Whole-tree clones with `cp -a --reflink=always`.
-struct Cp(Snapshots);
+/// Whole-tree clones with `cp -a --reflink=always`, or where the
+/// filesystem cannot clone, whole-tree copies with `cp -a`.
+struct Cp {
+    snaps: Snapshots,
+    flags: &'static [&'static str],
+}
+
+impl Cp {
+    fn new(snaps: Snapshots, clones: bool) -> Cp {
+        Cp { snaps, flags: if clones { &["-a", "--reflink=always"] } else { &["-a"] } }
+    }
+}
 
 impl Tool for Cp {
     fn checkpoint(&mut self) -> (Duration, String) {
-        let (dest, _) = self.0.next();
-        let t = time(|| run(Command::new("cp").args(["-a", "--reflink=always"]).arg(&self.0.tree).arg(&dest)));
+        let (dest, _) = self.snaps.next();
+        let t = time(|| run(Command::new("cp").args(self.flags).arg(&self.snaps.tree).arg(&dest)));
         (t, dest.display().to_string())
     }
 
     fn rollback(&mut self, to: &str) -> Duration {
         time(|| {
-            run(Command::new("rm").arg("-rf").arg(&self.0.tree));
-            run(Command::new("cp").args(["-a", "--reflink=always", to]).arg(&self.0.tree));
+            run(Command::new("rm").arg("-rf").arg(&self.snaps.tree));
+            run(Command::new("cp").args(self.flags).arg(to).arg(&self.snaps.tree));
         })
     }
 
     fn tree(&self) -> &Path {
-        &self.0.tree
+        &self.snaps.tree
     }
 }
 
@@ -631,7 +642,7 @@ fn measure_tool(
         }
         "git" => Box::new(Git { repo: dir.join("shadow.git"), tree: tree.clone() }),
         "rsync" => Box::new(Rsync(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
-        "cp" => Box::new(Cp(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
+        "cp" => Box::new(Cp::new(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 }, clones(base))),
         "btrfs" => Box::new(Btrfs(Snapshots { dir: snaps, tree: tree.clone(), taken: 0 })),
         other => panic!("unknown tool {other}"),
     };
@@ -716,10 +727,9 @@ fn remove(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Whether `tool` runs on the filesystem at `base`; if not, why.
-fn applies(tool: &str, fs: &str, base: &Path) -> Result<(), String> {
+/// Whether `tool` runs on the filesystem `fs`; if not, why.
+fn applies(tool: &str, fs: &str) -> Result<(), String> {
     match tool {
-        "cp" if !clones(base) => Err(format!("cp --reflink=always does not run on {fs}: it cannot clone files")),
         "btrfs" if fs != "btrfs" => Err("btrfs snapshots run on btrfs only".into()),
         "rsync" | "git" | "btrfs" if which(tool).is_none() => Err(format!("{tool} is not installed")),
         _ => Ok(()),
@@ -762,7 +772,7 @@ fn measure_fs(fs: &str, base: &Path, scratch_mount: bool, started: Instant, args
         assert!(!changes.files.is_empty(), "no file under 1 MiB in the {label} tree");
         let at = Site { fs, tree: label, scratch_mount, started };
         for tool in &args.tools {
-            match applies(tool, fs, base) {
+            match applies(tool, fs) {
                 Ok(()) => {
                     measure_tool(tool, &at, base, &pristine, &changes, args, results);
                     // Kept as they come: a run that fails later still
