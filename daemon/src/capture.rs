@@ -320,6 +320,15 @@ pub fn threads() -> usize {
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4))
 }
 
+/// Readers for each walker in a scan of a whole tree. Such a scan reads
+/// files whose pages are mostly not in memory, one small read each, so
+/// its readers wait on the disk more than they work: with more of them
+/// more reads are in flight (a first checkpoint of 300,000 files on the
+/// loop-mounted XFS of the benchmarks: 34.0-34.7 s with one reader a
+/// core, 29.1 s with four, 28.3 s with eight). A watched checkpoint reads
+/// files just written, from memory, and keeps one a core.
+const READERS_PER_THREAD_IN_A_WHOLE_SCAN: usize = 4;
+
 /// Below this many paths, the roots of a scope are visited on one thread.
 const PARALLEL_ROOTS: usize = 16;
 
@@ -337,8 +346,10 @@ pub fn capture(current: &Manifest, scope: &Scope, opts: &Options<'_>) -> Result<
     let (mut walkers, pending) = visit_roots(current, &prefixes, opts, threads)?;
     let mut readers = Readers::default();
     if !pending.is_empty() && walkers.iter().all(|(_, r)| r.is_ok()) {
-        let capacity = if matches!(scope, Scope::Everything) { current.len() / threads + 16 } else { 0 };
-        walkers.extend(walk(current, pending, opts, threads, capacity, &mut readers)?);
+        let whole = matches!(scope, Scope::Everything);
+        let capacity = if whole { current.len() / threads + 16 } else { 0 };
+        let reading = if whole { threads * READERS_PER_THREAD_IN_A_WHOLE_SCAN } else { threads };
+        walkers.extend(walk(current, pending, opts, (threads, reading), capacity, &mut readers)?);
     }
     gather(current, &prefixes, walkers, readers)
 }
@@ -408,13 +419,13 @@ struct Readers {
 }
 
 /// Walks the directories found: they are listed and compared by `threads`
-/// walkers, and the files that must be read go to as many readers through
-/// a bounded channel.
+/// walkers, and the files that must be read go to `reading` readers
+/// through a bounded channel.
 fn walk<'a>(
     current: &'a Manifest,
     pending: Vec<Pending>,
     opts: &'a Options<'a>,
-    threads: usize,
+    (threads, reading): (usize, usize),
     capacity: usize,
     readers: &mut Readers,
 ) -> Result<Vec<Walked<'a>>> {
@@ -424,7 +435,7 @@ fn walk<'a>(
     let Readers { stats, outcomes, failure } = readers;
     let walked = std::thread::scope(|s| {
         let (outcomes, failure) = (&*outcomes, &*failure);
-        let reading: Vec<_> = (0..threads).map(|_| s.spawn(|| work(&rx, opts, outcomes, failure))).collect();
+        let reading: Vec<_> = (0..reading).map(|_| s.spawn(|| work(&rx, opts, outcomes, failure))).collect();
         let mut walking = Vec::new();
         for _ in 1..threads {
             let mut w = walker(current, opts, Some(tx.clone()), capacity);
