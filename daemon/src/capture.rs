@@ -323,11 +323,14 @@ pub fn threads() -> usize {
 /// Readers for each walker in a scan of a whole tree. Such a scan reads
 /// files whose pages are mostly not in memory, one small read each, so
 /// its readers wait on the disk more than they work: with more of them
-/// more reads are in flight (a first checkpoint of 300,000 files on the
-/// loop-mounted XFS of the benchmarks: 34.0-34.7 s with one reader a
-/// core, 29.1 s with four, 28.3 s with eight). A watched checkpoint reads
-/// files just written, from memory, and keeps one a core.
-const READERS_PER_THREAD_IN_A_WHOLE_SCAN: usize = 4;
+/// more reads are in flight. A first checkpoint on the loop-mounted XFS of
+/// the benchmarks, 300,000 files: 34.0-34.7 s with one reader a walker,
+/// 29.2 s with two, 29.1 s with four, 28.3 s with eight; a million files:
+/// 145-171 s with one, 111.9 s with two, 112.0 s with four, which also
+/// left 4 MiB more of the daemon's memory in use (more threads, more
+/// allocator arenas). A watched checkpoint reads files just written, from
+/// memory, and keeps one a walker.
+const READERS_PER_THREAD_IN_A_WHOLE_SCAN: usize = 2;
 
 /// Below this many paths, the roots of a scope are visited on one thread.
 const PARALLEL_ROOTS: usize = 16;
@@ -419,13 +422,13 @@ struct Readers {
 }
 
 /// Walks the directories found: they are listed and compared by `threads`
-/// walkers, and the files that must be read go to `reading` readers
+/// walkers, and the files that must be read go to `reader_count` readers
 /// through a bounded channel.
 fn walk<'a>(
     current: &'a Manifest,
     pending: Vec<Pending>,
     opts: &'a Options<'a>,
-    (threads, reading): (usize, usize),
+    (threads, reader_count): (usize, usize),
     capacity: usize,
     readers: &mut Readers,
 ) -> Result<Vec<Walked<'a>>> {
@@ -435,7 +438,7 @@ fn walk<'a>(
     let Readers { stats, outcomes, failure } = readers;
     let walked = std::thread::scope(|s| {
         let (outcomes, failure) = (&*outcomes, &*failure);
-        let reading: Vec<_> = (0..reading).map(|_| s.spawn(|| work(&rx, opts, outcomes, failure))).collect();
+        let reading: Vec<_> = (0..reader_count).map(|_| s.spawn(|| work(&rx, opts, outcomes, failure))).collect();
         let mut walking = Vec::new();
         for _ in 1..threads {
             let mut w = walker(current, opts, Some(tx.clone()), capacity);
