@@ -9,8 +9,8 @@ impl Engine {
     pub(super) fn later(&self, work: Later) {
         let work = DEFERRED.with_borrow_mut(|d| match d {
             Some(deferred) => {
-                let once = matches!(work, Later::GiveBackMemory);
-                if !(once && deferred.iter().any(|w| matches!(w, Later::GiveBackMemory))) {
+                let queued = |w: &Later| std::mem::discriminant(w) == std::mem::discriminant(&work);
+                if !(work.once() && deferred.iter().any(queued)) {
                     deferred.push(work);
                 }
                 None
@@ -56,6 +56,16 @@ pub(super) enum Later {
     /// Give the heap's free pages back to the system (see
     /// [`give_back_memory`]).
     GiveBackMemory,
+}
+
+impl Later {
+    /// Whether running it twice after one answer does nothing the first run
+    /// did not: such work is queued once however many parts of a request
+    /// ask for it (each connection a request drops after writing asks for
+    /// the logs' checkpoint).
+    fn once(&self) -> bool {
+        !matches!(self, Later::Warm(..))
+    }
 }
 
 /// The paths a request reads or writes, from which what it allocated

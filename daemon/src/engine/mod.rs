@@ -593,9 +593,12 @@ mod tests {
         // However many parts of one request ask.
         DEFERRED.with_borrow_mut(|d| *d = Some(Vec::new()));
         engine.later(Later::GiveBackMemory);
+        engine.later(Later::CheckpointLogs);
         engine.later(Later::GiveBackMemory);
+        engine.later(Later::CheckpointLogs);
         let asked = DEFERRED.with_borrow_mut(Option::take).unwrap();
         assert_eq!(asked.iter().filter(|w| matches!(w, Later::GiveBackMemory)).count(), 1);
+        assert_eq!(asked.iter().filter(|w| matches!(w, Later::CheckpointLogs)).count(), 1);
     }
 
     #[test]
