@@ -101,6 +101,9 @@ pub fn status(s: &StatusReport) {
     if s.collecting_garbage {
         outln!("collecting unreferenced objects in the background");
     }
+    if s.hashing_objects {
+        outln!("naming cloned objects by their content in the background");
+    }
     if s.sandboxes.is_empty() {
         outln!("no sandboxes; register one with `snapback sandbox add DIR`");
         return;

@@ -194,11 +194,35 @@ pub fn subtree<'a>(m: &'a Manifest, prefix: &[u8]) -> impl Iterator<Item = (&'a 
     exact.into_iter().chain(m.range::<Vec<u8>, _>(range))
 }
 
-/// The blake3 hash of a file's content, which names its store object.
+/// The name of a store object: the blake3 hash of its content, or, for an
+/// object cloned before it was read (see [`ObjectId::unhashed`]), a unique
+/// name that says so, until the store's hasher replaces it with the hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectId(pub [u8; 32]);
 
+/// The last 16 bytes of every unhashed object's id. A blake3 hash ends so
+/// with a chance of 2^-128; if one ever did, the hasher would read its
+/// object, find the hash it already has, and leave it be.
+const UNHASHED: [u8; 16] = *b"snapback:unhashd";
+
 impl ObjectId {
+    /// A new name for an object whose content has not been read: a ULID
+    /// (so that names made in turn sort in turn, and the catalogue's list
+    /// of them grows at its end) followed by [`UNHASHED`]. Equal content
+    /// cloned twice gets two of these; the hasher gives both its hash.
+    pub fn unhashed() -> ObjectId {
+        let mut id = [0u8; 32];
+        id[..16].copy_from_slice(&ulid::Ulid::new().to_bytes());
+        id[16..].copy_from_slice(&UNHASHED);
+        ObjectId(id)
+    }
+
+    /// Whether this names an object not hashed yet, which equal content
+    /// elsewhere does not share.
+    pub fn is_unhashed(&self) -> bool {
+        self.0[16..] == UNHASHED
+    }
+
     /// Parses 64 lowercase hex digits.
     pub fn from_hex(s: &[u8]) -> Option<ObjectId> {
         if s.len() != 64 {

@@ -250,6 +250,16 @@ impl TestDaemon {
         });
     }
 
+    /// Waits until the daemon has named by their content the objects a
+    /// scan of a whole tree cloned unread (in the background, after the
+    /// scan's answer).
+    pub fn wait_hashed(&self) {
+        eventually(Duration::from_secs(60), Duration::from_millis(20), || match self.status().hashing_objects {
+            false => Ok(()),
+            true => Err("the daemon is still naming cloned objects".to_string()),
+        });
+    }
+
     /// Returns the bytes of every object in the default store, loose or
     /// packed.
     pub fn store_bytes(&self) -> u64 {

@@ -2,7 +2,10 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use crate::fixture::{Mounted, TestDaemon, eventually, object_count, root_or_skip};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use crate::fixture::{Mounted, TestDaemon, eventually, object_count, open_store, root_or_skip, write};
 
 /// Checkpoints and rolls back 64 MiB on `fs` and checks that neither copies
 /// the data: free space barely moves while objects and files appear.
@@ -20,6 +23,7 @@ fn objects_share_extents(fs: &str) {
     let before = m.free();
     let c = d.checkpoint("cow");
     let after = m.free();
+    d.wait_hashed(); // else the object may be between its two names
     assert_eq!(object_count(&store), 1);
     let used = before.saturating_sub(after);
     assert!(used < 8 << 20, "{fs}: a checkpoint of 64 MiB used {used} bytes: the object was copied");
@@ -67,6 +71,130 @@ fn xfs_checkpoints_and_rollbacks_share_extents() {
 fn btrfs_checkpoints_and_rollbacks_share_extents() {
     if root_or_skip("btrfs_checkpoints_and_rollbacks_share_extents") {
         objects_share_extents("btrfs");
+    }
+}
+
+/// The versions in the catalogue at `db` that hold an unhashed object,
+/// and the distinct objects among them.
+fn unhashed(db: &Path) -> (i64, i64) {
+    let conn = snapback_daemon::testing::connect_catalogue(db).unwrap();
+    conn.query_row(
+        "SELECT count(*), count(DISTINCT object) FROM entries
+         WHERE substr(object, 17) = CAST('snapback:unhashd' AS BLOB)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// A first checkpoint on a filesystem that clones stores its files without
+/// reading them: each version holds an unhashed object of its own (equal
+/// content is not shared yet), which a rollback restores from as from any
+/// object. After the answer the daemon names each object by its content:
+/// then equal content is one object, every object's content hashes to its
+/// name (`verify`), nothing unhashed is left in the store or the catalogue,
+/// and the sandbox's stored bytes are those of its objects. A daemon
+/// stopped in the middle of naming (names made, catalogue not committed)
+/// loses nothing and finishes after its restart.
+fn objects_cloned_unread_are_named_after_the_answer(fs: &str) {
+    let m = Mounted::new(fs, 512 << 20);
+    let mut d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
+    let sandbox = m.mountpoint.join("sandbox");
+    let store = m.mountpoint.join("store");
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let odd = sandbox.join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    write(&sandbox.join("same1"), "equal content");
+    write(&sandbox.join("dir/same2"), "equal content");
+    write(&sandbox.join("empty"), "");
+    write(&sandbox.join("big.bin"), &big);
+    write(&odd, "latin-1 name");
+    write(&sandbox.join("link1"), "linked");
+    std::fs::hard_link(sandbox.join("link1"), sandbox.join("link2")).unwrap();
+    let files = 5; // the two names of one file are read, and share an object
+    let added = d.add_sandbox("u", &sandbox, &["--store", store.to_str().unwrap()]);
+    assert_eq!(added["clone_method"], "reflink", "{added}");
+    let db = d.state_dir.join("catalogue.db");
+    let hold = d.state_dir.join("hold-hashing");
+    std::fs::write(&hold, b"").unwrap();
+
+    let first = d.checkpoint("u");
+    assert_eq!(unhashed(&db), (files, files), "{fs}: one unhashed object for each file's version");
+    assert_eq!(object_count(&store), files as usize + 1, "{fs}: equal content is not shared before it is named");
+    assert!(d.status().hashing_objects);
+    write(&sandbox.join("same1"), "changed");
+    write(&sandbox.join("big.bin"), b"smaller now");
+    std::fs::remove_file(&odd).unwrap();
+    let report = d.rollback(&first);
+    assert_eq!(report.restored + report.created, 3, "{fs}: {report:?}");
+    assert_eq!(std::fs::read(sandbox.join("same1")).unwrap(), b"equal content");
+    assert_eq!(std::fs::read(sandbox.join("big.bin")).unwrap(), big);
+    assert_eq!(std::fs::read(&odd).unwrap(), b"latin-1 name");
+    let (versions, objects) = unhashed(&db);
+    assert_eq!((versions, objects), (files + 3, files + 3), "{fs}: the restored versions hold clones of their own");
+
+    std::fs::remove_file(&hold).unwrap();
+    d.wait_hashed();
+    assert_eq!(unhashed(&db), (0, 0), "{fs}: every version holds its content's hash");
+    // Equal content once: the first checkpoint's five contents, and the
+    // two changed ones the rollback's safety checkpoint stored.
+    let s = open_store(&store);
+    let ids = s.list_objects().unwrap();
+    assert_eq!(ids.len(), 7, "{fs}: {ids:?}");
+    assert!(ids.iter().all(|id| !id.is_unhashed()), "{fs}: an unhashed name is left in the store");
+    let bytes: u64 = ids.iter().map(|id| s.open_object(id).unwrap().size().unwrap()).sum();
+    drop(s);
+    assert_eq!(d.status().sandboxes[0].store_bytes, bytes, "{fs}: the stored bytes are not the objects'");
+    d.assert_verified();
+    write(&sandbox.join("same1"), "changed again");
+    d.rollback(&first);
+    assert_eq!(std::fs::read(sandbox.join("same1")).unwrap(), b"equal content");
+
+    // Stopped with hashes made names of their objects and the catalogue
+    // not yet pointed at them.
+    let more = sandbox.join("more");
+    for i in 0..40 {
+        write(&more.join(format!("f{i}")), format!("file {i}"));
+    }
+    std::fs::write(&hold, b"").unwrap();
+    let injected =
+        d.client().call(&snapback::proto::Request::InjectRescan(snapback::proto::InjectRescan { sandbox: "u".into() }));
+    assert!(injected.is_ok(), "{injected:?}");
+    let last = d.checkpoint("u");
+    assert_eq!(unhashed(&db).0, 40, "{fs}: a full scan clones new files unread");
+    let stop = d.state_dir.join("stop-while-naming");
+    std::fs::write(&stop, b"").unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    eventually(std::time::Duration::from_secs(30), std::time::Duration::from_millis(20), || {
+        if stop.exists() { Err("the daemon has not stopped at the hook".to_string()) } else { Ok(()) }
+    });
+    assert_eq!(d.stop().and_then(|s| s.code()), Some(70));
+    assert_eq!(unhashed(&db).0, 40, "{fs}: the stopped batch was not committed");
+    d.restart();
+    d.wait_hashed();
+    d.wait_collected();
+    assert_eq!(unhashed(&db), (0, 0), "{fs}: naming was not finished after the restart");
+    d.assert_verified();
+    for i in 0..40 {
+        write(&more.join(format!("f{i}")), "overwritten");
+    }
+    d.rollback(&last);
+    for i in 0..40 {
+        assert_eq!(std::fs::read(more.join(format!("f{i}"))).unwrap(), format!("file {i}").as_bytes());
+    }
+    drop(d);
+}
+
+#[test]
+fn xfs_objects_cloned_unread_are_named_after_the_answer() {
+    if root_or_skip("xfs_objects_cloned_unread_are_named_after_the_answer") {
+        objects_cloned_unread_are_named_after_the_answer("xfs");
+    }
+}
+
+#[test]
+fn btrfs_objects_cloned_unread_are_named_after_the_answer() {
+    if root_or_skip("btrfs_objects_cloned_unread_are_named_after_the_answer") {
+        objects_cloned_unread_are_named_after_the_answer("btrfs");
     }
 }
 

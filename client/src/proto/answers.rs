@@ -519,4 +519,10 @@ pub struct StatusReport {
     /// does after every start): the space they hold is not free yet.
     #[serde(default)]
     pub collecting_garbage: bool,
+    /// The daemon is reading objects that a scan of a whole tree cloned
+    /// without reading them, to name each by its content (after a first
+    /// checkpoint, or a restart that left some): until it is done, equal
+    /// content in them is not stored once.
+    #[serde(default)]
+    pub hashing_objects: bool,
 }

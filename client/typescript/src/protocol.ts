@@ -215,6 +215,7 @@ export interface StatusReport {
   socket: WirePath;
   sandboxes: SandboxStatus[];
   collecting_garbage: boolean;
+  hashing_objects?: boolean;
 }
 
 export interface ProgressReport {

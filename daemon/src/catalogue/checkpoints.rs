@@ -94,6 +94,9 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             rekey.execute(params![id, key.ctime_ns, key.ino as i64, key.racy, key.nlink])?;
         }
     }
+    if w.added.iter().any(|r| r.meta.object.is_some_and(|o| o.is_unhashed())) {
+        list_unhashed(tx, w.sandbox_id, seq as u64)?;
+    }
     tx.execute("UPDATE sandboxes SET head_seq = ?2 WHERE id = ?1", params![w.sandbox_id, seq])?;
     Ok(ids)
 }

@@ -26,6 +26,7 @@ mod plans;
 mod sandboxes;
 mod space;
 mod states;
+mod unhashed;
 mod versions;
 
 pub use checkpoints::*;
@@ -36,6 +37,7 @@ pub use sandboxes::*;
 pub use space::*;
 pub use states::{IntentKind, IntentState, SandboxState};
 use states::{Stored, column, undecodable};
+pub use unhashed::*;
 pub use versions::*;
 
 /// The migrations, in order. Migration `i` (from 0) takes the schema from
@@ -56,6 +58,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0013_link_index.sql", include_str!("../../../migrations/0013_link_index.sql")),
     ("0014_directory_index.sql", include_str!("../../../migrations/0014_directory_index.sql")),
     ("0015_stored_bytes.sql", include_str!("../../../migrations/0015_stored_bytes.sql")),
+    ("0016_unhashed_objects.sql", include_str!("../../../migrations/0016_unhashed_objects.sql")),
 ];
 
 /// The schema version this build writes.
@@ -357,6 +360,49 @@ mod tests {
         assert_eq!(store_bytes(&conn, t).unwrap(), 20, "counted once folded");
         fold_held(&conn).unwrap();
         assert_eq!(store_bytes(&conn, t).unwrap(), 20 + 30);
+    }
+
+    /// The checkpoints whose versions hold unhashed objects are listed, and
+    /// naming an object moves what the sandbox holds from the unhashed
+    /// name to the hash: two copies of equal content become one object.
+    #[test]
+    fn naming_unhashed_objects_moves_what_the_sandbox_holds_to_their_hash() {
+        let (_dir, mut conn, s) = with_sandbox();
+        let (p, q, h) = (ObjectId::unhashed(), ObjectId::unhashed(), ObjectId([7; 32]));
+        assert!(p.is_unhashed() && p != q && !h.is_unhashed());
+        let ids = write_files(&mut conn, s, 1, &[], &[(b"a", Some(p), 10), (b"b", Some(q), 10)]).unwrap();
+        write_files(&mut conn, s, 2, &[], &[(b"c", Some(h), 10)]).unwrap();
+        let listed = unhashed_checkpoints(&conn).unwrap();
+        assert_eq!(listed, [UnhashedCheckpoint { sandbox_id: s, seq: 1, store: b"/st".to_vec() }]);
+        let c = &listed[0];
+        assert_eq!(unhashed_versions(&conn, c, 0, 10).unwrap(), [(ids[0], p), (ids[1], q)]);
+        assert_eq!(unhashed_versions(&conn, c, ids[0], 10).unwrap(), [(ids[1], q)], "a batch starts after the last");
+        assert_eq!(unhashed_versions(&conn, c, 0, 1).unwrap(), [(ids[0], p)]);
+        fold_held(&conn).unwrap();
+        assert_eq!(store_bytes(&conn, s).unwrap(), 30);
+        assert_eq!(object_at(&conn, s, b"a", 1).unwrap(), Some(p));
+        assert_eq!(object_at(&conn, s, b"c", 1).unwrap(), None, "c is added at 2");
+
+        let tx = conn.transaction().unwrap();
+        assert_eq!(name_unhashed(&tx, ids[0], &p, &h).unwrap(), Some(b"a".to_vec()));
+        assert_eq!(name_unhashed(&tx, ids[1], &q, &h).unwrap(), Some(b"b".to_vec()));
+        assert_eq!(name_unhashed(&tx, ids[1], &q, &h).unwrap(), None, "b no longer holds q");
+        tx.commit().unwrap();
+        assert!(unhashed_versions(&conn, c, 0, 10).unwrap().is_empty());
+        assert_eq!(object_at(&conn, s, b"a", 2).unwrap(), Some(h), "what a diff that met p gone reads instead");
+        fold_held(&conn).unwrap();
+        assert_eq!(store_bytes(&conn, s).unwrap(), 10, "one object of 10 bytes, held three times");
+        let held: Vec<(Vec<u8>, i64)> = conn
+            .prepare("SELECT object, versions FROM sandbox_objects WHERE sandbox_id = ?1")
+            .unwrap()
+            .query_map([s], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(held, [(h.0.to_vec(), 3)]);
+        assert_eq!(unreferenced(&conn, b"/st", &[p, q, h]).unwrap().len(), 2, "p and q are held no more");
+        unlist_unhashed(&conn, c).unwrap();
+        assert!(unhashed_checkpoints(&conn).unwrap().is_empty());
     }
 
     /// More changes than one transaction of `fold_held` takes, with objects

@@ -54,6 +54,17 @@ pub fn current_rows(conn: &Connection, sandbox_id: i64) -> Result<Manifest> {
     Ok(out.finish())
 }
 
+/// Returns the object of `path`'s version at checkpoint `seq`, if it is a
+/// file's. Reads the sandbox's versions up to `seq` (there is no index by
+/// path, see migration 0006): for a rare lookup only.
+pub fn object_at(conn: &Connection, sandbox_id: i64, path: &[u8], seq: u64) -> Result<Option<ObjectId>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT object FROM entries WHERE sandbox_id = ?1 AND path = ?2 AND start_seq <= ?3
+           AND (end_seq IS NULL OR end_seq > ?3)",
+    )?;
+    Ok(stmt.query_row(params![sandbox_id, path, seq as i64], |r| object_of(r, 0)).optional()?.flatten())
+}
+
 /// Returns the state of a sandbox at checkpoint `seq`.
 pub fn rows_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<Manifest> {
     let sql = format!(

@@ -169,6 +169,7 @@ impl Engine {
             socket: WirePath(bytes_of(&self.socket)),
             sandboxes,
             collecting_garbage: self.collecting_garbage(),
+            hashing_objects: self.hashing_objects(),
         })
     }
 }

@@ -134,12 +134,16 @@ impl Engine {
             let total = matches!(scope, Scope::Everything).then_some(current.len() as u64).filter(|&n| n > 0);
             p.start(progress::Phase::Scanning, total);
         }
+        let reflink = sandbox.clone_method == CloneMethod::Reflink;
         let opts = Options {
             root: root.as_fd(),
             excludes: &excludes,
             store: store.map(|(s, _)| s),
-            reflink: sandbox.clone_method == CloneMethod::Reflink,
+            reflink,
             pack: store.and_then(|(_, p)| p),
+            // A whole tree's new files are cloned now and read after the
+            // answer (see `hasher.rs`): most of them are not in memory.
+            unhashed: reflink && store.is_some() && matches!(scope, Scope::Everything),
             racy_after_ns: scan_start_ns - RACY_WINDOW_NS,
             progress: progress.as_deref(),
         };
@@ -381,9 +385,12 @@ impl Engine {
         if st.scanned as usize >= GIVE_BACK_AFTER_PATHS {
             self.later(Later::GiveBackMemory);
         }
+        if st.unhashed > 0 {
+            self.owe_hashing();
+        }
         tracing::info!(
             sandbox = %sb.name, id = %info.id, kind = kind.as_str(), changed = info.changed,
-            scanned = st.scanned, read = st.read, reflinked = st.reflinked, copied = st.copied,
+            scanned = st.scanned, read = st.read, reflinked = st.reflinked, unhashed = st.unhashed, copied = st.copied,
             drain_ms, rows_ms, read_ms, scan_ms, written_ms, ms = ms_since(started), "checkpoint"
         );
         drop(storing);
@@ -504,12 +511,14 @@ impl Engine {
                     .ctx(|| format!("sealing a pack in {}", store.path().display())),
                 None => Ok(()),
             };
+            let started = Instant::now();
             if self.durability == crate::config::Durability::Sync && captured.stats.read > 0 {
                 // One syncfs for all of this checkpoint's objects, before the
                 // catalogue can reference them.
                 sealed()?;
                 store.sync().ctx(|| format!("syncing the store {}", store.path().display()))?;
             }
+            let synced_ms = ms_since(started);
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             if let Some(plan) = &info.plan {
                 // Checked again under the write lock: the plan may have been
@@ -526,9 +535,11 @@ impl Engine {
                 rekeyed: &captured.rekeyed,
             };
             let ids = catalogue::write_checkpoint(&tx, &write)?;
+            let rows_ms = ms_since(started);
             let also = then(&tx, info)?;
             sealed()?;
             tx.commit()?;
+            tracing::debug!(sandbox = %sb.name, synced_ms, rows_ms, ms = ms_since(started), "checkpoint written");
             Ok((ids, also))
         })
     }

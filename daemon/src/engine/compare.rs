@@ -229,9 +229,23 @@ impl<'a> Comparing<'a> {
         }
         match if new { self.new } else { self.old } {
             Side::Empty => Err("no such version".into()),
-            Side::Stored { store, .. } => {
+            Side::Stored { store, seq } => {
                 let id = meta.object.as_ref().ok_or("a file version without an object")?;
-                store.open_object(id).and_then(|o| o.read()).map_err(|e| format!("its stored copy cannot be read: {e}"))
+                let read = |id: &ObjectId| store.open_object(id).and_then(|o| o.read());
+                match read(id) {
+                    // Named by its content since this comparison read its
+                    // versions (see `hasher.rs`): the version holds the
+                    // hash now. A rare race, so a lookup that reads the
+                    // sandbox's versions will do.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && id.is_unhashed() => {
+                        match catalogue::object_at(self.conn, self.sandbox_id, path, seq) {
+                            Ok(Some(named)) if named != *id => read(&named),
+                            _ => Err(e),
+                        }
+                    }
+                    r => r,
+                }
+                .map_err(|e| format!("its stored copy cannot be read: {e}"))
             }
             Side::Live { root, .. } => match read_live(root, path, self.max_bytes) {
                 Ok(Some(bytes)) => Ok(bytes),

@@ -40,6 +40,7 @@ mod checkpoint;
 mod collector;
 mod compare;
 mod deferred;
+mod hasher;
 mod plans;
 mod preview;
 mod pruner;
@@ -289,6 +290,11 @@ impl Engine {
         // Collected in the background: the daemon answers at once.
         for store in catalogue::stores(&conn)? {
             engine.owe_collection(store);
+        }
+        // Objects a checkpoint cloned before the last stop and that were
+        // not named by their content then.
+        if !catalogue::unhashed_checkpoints(&conn)?.is_empty() {
+            engine.owe_hashing();
         }
         Ok(engine)
     }

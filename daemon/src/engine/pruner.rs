@@ -59,15 +59,22 @@ impl Engine {
     }
 
     /// The pruner thread: applies owed retention as it comes, and between
-    /// it collects the stores owed a garbage collection a slice at a time,
+    /// it names unhashed objects a batch at a time (see `hasher.rs`) and
+    /// collects the stores owed a garbage collection a slice at a time,
     /// until [`Engine::stop_pruner`]; the retention owed then is applied
-    /// before it returns (a collection left unfinished is owed again at
-    /// the next start).
+    /// before it returns (naming or a collection left unfinished is owed
+    /// again at the next start).
     pub fn prune_in_background(&self) {
         let mut collecting = None;
+        let (mut hashing, mut passed) = (None, Vec::new());
         loop {
             let mut owed = lock(&self.pruner.owed);
-            while owed.sandboxes.is_empty() && !owed.stopped && collecting.is_none() && owed.stores.is_empty() {
+            while owed.sandboxes.is_empty()
+                && !owed.stopped
+                && collecting.is_none()
+                && owed.stores.is_empty()
+                && !Self::hashing_owed(&owed)
+            {
                 // A failed pruning is owed again once its delay is up.
                 let now = Instant::now();
                 let due: Vec<i64> = owed.retry.iter().filter(|(_, (at, _))| *at <= now).map(|(&id, _)| id).collect();
@@ -82,12 +89,15 @@ impl Engine {
                     None => self.pruner.owed_changed.wait(owed).unwrap_or_else(|p| p.into_inner()),
                 };
             }
-            let stopped = owed.stopped;
+            let (stopped, hash) = (owed.stopped, Self::hashing_owed(&owed));
             drop(owed);
             self.settle_retention();
             self.fold_held();
             if stopped {
                 return;
+            }
+            if hash {
+                self.hash_a_batch(&mut hashing, &mut passed);
             }
             self.collect_a_slice(&mut collecting);
         }
@@ -246,6 +256,11 @@ pub(super) struct Owed {
     pub(super) stores: std::collections::BTreeSet<Vec<u8>>,
     /// A store's collection is in progress.
     pub(super) collection_running: bool,
+    /// Debts of naming unhashed objects (see `hasher.rs`): one for each
+    /// checkpoint that stored some, and one at start; `hashed` is the
+    /// last one paid.
+    pub(super) unhashed: u64,
+    pub(super) hashed: u64,
 }
 
 /// How long the pruner waits before its `failures`-th retry of a sandbox:

@@ -240,10 +240,21 @@ impl Engine {
         let recorded = (|| {
             let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
             let mut current = self.take_manifest(conn, &sb)?;
-            let (ended, added) = restored_versions(&current, desired, linking, root);
+            let (ended, mut added) = restored_versions(&current, desired, linking, root);
             if ended.is_empty() && added.is_empty() {
                 self.put_manifest(sb.id, sb.head_seq, current, 0);
                 return Ok(None);
+            }
+            let store = self.store(&sb.store)?;
+            // From the clones below until the commit references them.
+            let _storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
+            for row in &mut added {
+                if let Some(id) = row.meta.object.filter(|o| o.is_unhashed()) {
+                    // One version to an unhashed object (see `hasher.rs`):
+                    // the restored version takes a clone of its own.
+                    let clone = store.clone_unhashed(&id).ctx(|| format!("cloning the object {id}"))?;
+                    row.meta.object = Some(clone);
+                }
             }
             let parent = catalogue::checkpoint_at(conn, sb.id, sb.head_seq)?;
             let info = restore_info(&sb, parent, (&ended, &added), reason);

@@ -201,9 +201,12 @@ impl Store {
         &self.path
     }
 
+    /// An object's name under `objects/`: in the directory of its first
+    /// byte, or for an unhashed one (whose first bytes are a time), of the
+    /// last byte of its ULID, which is random.
     fn name(id: &ObjectId) -> Vec<u8> {
-        let hex = id.to_string();
-        format!("{}/{hex}", &hex[..2]).into_bytes()
+        let dir = if id.is_unhashed() { id.0[15] } else { id.0[0] };
+        format!("{dir:02x}/{id}").into_bytes()
     }
 
     /// Whether the object exists, loose or packed.
@@ -266,6 +269,109 @@ impl Store {
             }
         }
         Err(io::Error::other("the file kept changing while it was read"))
+    }
+
+    /// Stores the open regular file `src` (whose `fstat` the caller took
+    /// after opening it) by cloning it under a new unhashed name (see
+    /// [`ObjectId::unhashed`]), without reading it: a first checkpoint
+    /// would otherwise read every file of the tree before it answers. The
+    /// clone is whole when this returns and holds the content of the stat
+    /// returned; [`Store::name_unhashed`] later gives it its hash.
+    /// `Ok(None)` when the two files' filesystems cannot clone between
+    /// them: the caller stores the file with [`Store::put`] instead.
+    pub fn put_unhashed(&self, src: BorrowedFd<'_>, opened: libc::stat) -> io::Result<Option<Put>> {
+        const TRIES: usize = 3;
+        let mut attempt = 1;
+        loop {
+            let before = if attempt == 1 { opened } else { sys::fstat(src)? };
+            let id = ObjectId::unhashed();
+            // Made under its own name, with no temporary and no rename:
+            // nothing refers to the name before the checkpoint holding it
+            // commits, and the object of one that never does is collected
+            // as any unreferenced object is. A clone is made whole or not
+            // at all.
+            let object = Temp::create(self.objects.as_fd(), Self::name(&id), 0o400)?;
+            match sys::ficlone(object.fd.as_fd(), src) {
+                Ok(()) => {}
+                Err(e) if sys::clone_unsupported(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let after = sys::fstat(src)?;
+            let stable = same_version(&before, &after);
+            if !stable && attempt < TRIES {
+                attempt += 1;
+                continue; // the clone is removed as `object` drops
+            }
+            let mut stat = before;
+            if !stable {
+                // It keeps changing: the clone is one whole state of it, of
+                // its own length, and the next scan reads the file again.
+                stat = after;
+                stat.st_size = sys::fstat(object.fd.as_fd())?.st_size;
+            }
+            object.keep();
+            self.note_use(&id);
+            return Ok(Some(Put { hash: id, stat, reflinked: true, copied: false, unstable: !stable }));
+        }
+    }
+
+    /// Clones the unhashed object `id` under a new unhashed name, which
+    /// it returns: each unhashed object is held by one version (see
+    /// `Store::put_unhashed`), so a second version of the same content
+    /// takes a clone. The caller holds [`Store::gc_lock`] shared until its
+    /// catalogue commit, as a checkpoint does.
+    pub fn clone_unhashed(&self, id: &ObjectId) -> io::Result<ObjectId> {
+        let source = sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0)?;
+        let new = ObjectId::unhashed();
+        let object = Temp::create(self.objects.as_fd(), Self::name(&new), 0o400)?;
+        sys::ficlone(object.fd.as_fd(), source.as_fd())?;
+        object.keep();
+        self.note_use(&new);
+        Ok(new)
+    }
+
+    /// Reads the unhashed object `id` (see [`Store::put_unhashed`]) and
+    /// returns the hash of its content. A missing object is a `NotFound`
+    /// error.
+    pub fn hash_unhashed(&self, id: &ObjectId) -> io::Result<ObjectId> {
+        let object = sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0)?;
+        let size = sys::fstat(object.as_fd())?.st_size as u64;
+        hash_fd(object.as_fd(), size)
+    }
+
+    /// Makes the object named `hash` hold the content of the unhashed
+    /// object `id`, whose content hashes to it: a second name of the same
+    /// file (a hardlink within `objects/`, so that the content is under a
+    /// name at every moment), unless the store has that content already.
+    /// The caller then points the catalogue at `hash`, and removes the
+    /// unhashed name with [`Store::remove_unhashed`]. It holds
+    /// [`Store::gc_lock`] shared until that commit, as a checkpoint does.
+    pub fn name_unhashed(&self, id: &ObjectId, hash: &ObjectId) -> io::Result<()> {
+        self.note_use(hash);
+        if hash == id || self.contains(hash) {
+            return Ok(());
+        }
+        match sys::linkat(self.objects.as_fd(), &Self::name(id), self.objects.as_fd(), &Self::name(hash)) {
+            // Made meanwhile by a checkpoint that stored the same content.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Removes the unhashed names that [`Store::name_unhashed`] gave
+    /// their hash, once the catalogue refers to the hash instead. Needs no
+    /// [`Store::gc_lock`]: no checkpoint finds an unhashed object by its
+    /// content, and no new version can take one once the catalogue has
+    /// none. A name already gone is not an error.
+    pub fn remove_unhashed(&self, ids: &[ObjectId]) -> io::Result<()> {
+        let mut failed = None;
+        for id in ids.iter().filter(|id| id.is_unhashed()) {
+            match sys::unlinkat(self.objects.as_fd(), &Self::name(id), false) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => failed = failed.or(Some(e)),
+                _ => {}
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// [`Store::put`] of a small file into `pack`; `None` when the file
@@ -365,13 +471,14 @@ impl Store {
     }
 
     /// Returns whether an object has the given size and its content still
-    /// hashes to its name. A missing object is a `NotFound` error.
+    /// hashes to its name (for an unhashed object: the size alone). A missing object is a `NotFound` error.
     pub fn check_object(&self, id: &ObjectId, size: u64) -> io::Result<bool> {
         let object = self.open_object(id)?;
         if object.size()? != size {
             return Ok(false);
         }
-        Ok(object.hash(size)? == *id)
+        // An unhashed object's name says nothing of its content.
+        Ok(id.is_unhashed() || object.hash(size)? == *id)
     }
 
     /// Lists the objects present in the store, loose and packed.

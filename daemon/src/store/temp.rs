@@ -19,6 +19,11 @@ impl<'a> Temp<'a> {
         Ok(Temp { dir, name, fd, kept: false })
     }
 
+    /// Keeps it under the name it was made with.
+    pub(super) fn keep(mut self) {
+        self.kept = true;
+    }
+
     /// Renames it to `to` in the same directory. With `noreplace`, a name
     /// already there is kept and the temporary removed; returns whether
     /// the temporary took the name.
