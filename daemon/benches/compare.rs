@@ -15,7 +15,10 @@
 //!   a rollback `btrfs subvolume delete` + `btrfs subvolume snapshot`.
 //!
 //! Each tool gets its own copy of the tree and then the same sequence of
-//! changes (the same seeds): the first checkpoint; checkpoints after 0,
+//! changes (the same seeds): the first checkpoint (for snapback on a
+//! filesystem that clones, also `--rounds` checkpoints of 100 changed
+//! files right after it, while the daemon names the objects it cloned
+//! unread, and the time until that naming is done); checkpoints after 0,
 //! 100 (`--rounds` of them: the store is measured after these) and 10,000
 //! changed files; rollbacks after 100 files were modified and 50 created
 //! (the case), then after 20 more were also deleted, each checked
@@ -214,6 +217,11 @@ trait Tool {
     /// Waits until work the tool left running in the background is done
     /// (a daemon's); called before each kind of operation is measured.
     fn quiesce(&self) {}
+    /// Whether objects a checkpoint cloned unread are still being named
+    /// (snapback, after a first checkpoint on a filesystem that clones).
+    fn naming(&mut self) -> bool {
+        false
+    }
 }
 
 /// snapbackd with a sandbox on the tree, over one client connection.
@@ -259,6 +267,10 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
 }
 
 impl Tool for Snapback {
+    fn naming(&mut self) -> bool {
+        self.client.status().unwrap().hashing_objects
+    }
+
     fn checkpoint(&mut self) -> (Duration, String) {
         let t = Instant::now();
         let c = self.client.checkpoint(CheckpointRequest { sandbox: "bench".into(), ..Default::default() }).unwrap();
@@ -474,6 +486,8 @@ struct Results {
 const FIRST: &str = "first checkpoint";
 const ZERO: &str = "checkpoint, 0 changed";
 const HUNDRED: &str = "checkpoint, 100 changed";
+const HUNDRED_NAMING: &str = "checkpoint, 100 changed, while the first checkpoint's objects are named";
+const NAMED: &str = "the first checkpoint's objects named, in the background (from its answer)";
 const TEN_K: &str = "checkpoint, 10,000 changed";
 const ROLLBACK: &str = "rollback, 100 modified + 50 created";
 const ROLLBACK_DELETED: &str = "rollback, 100 modified + 50 created + 20 deleted";
@@ -482,8 +496,21 @@ const MEMORY: &str = "peak daemon memory";
 const WATCH: &str = "watch set-up, from registration";
 const STATUS: &str = "status";
 const STEADY: &str = "daemon memory after the 100-changed rounds";
-const OPERATIONS: [&str; 11] =
-    [WATCH, FIRST, ZERO, HUNDRED, TEN_K, ROLLBACK, ROLLBACK_DELETED, STATUS, STORE, MEMORY, STEADY];
+const OPERATIONS: [&str; 13] = [
+    WATCH,
+    FIRST,
+    NAMED,
+    HUNDRED_NAMING,
+    ZERO,
+    HUNDRED,
+    TEN_K,
+    ROLLBACK,
+    ROLLBACK_DELETED,
+    STATUS,
+    STORE,
+    MEMORY,
+    STEADY,
+];
 
 struct Site<'a> {
     fs: &'a str,
@@ -649,7 +676,22 @@ fn measure_tool(
     tool.quiesce();
     settle();
     let (first, _) = tool.checkpoint();
+    let answered = Instant::now();
     results.add_time(at, name, FIRST, first);
+    if tool.naming() {
+        // What an agent's next tool calls see: checkpoints while the
+        // daemon reads the first checkpoint's objects to name them.
+        for seed in 1000..1000 + args.rounds as u64 {
+            settle();
+            changes.modify(tool.tree(), seed, 100);
+            args.sync_if_asked();
+            results.add_time(at, name, HUNDRED_NAMING, tool.checkpoint().0);
+        }
+        while tool.naming() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        results.add_time(at, name, NAMED, answered.elapsed());
+    }
     tool.quiesce();
 
     // 100 changed files, `rounds` times: the store is measured after them.

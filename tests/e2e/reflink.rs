@@ -181,6 +181,31 @@ fn objects_cloned_unread_are_named_after_the_answer(fs: &str) {
     for i in 0..40 {
         assert_eq!(std::fs::read(more.join(format!("f{i}"))).unwrap(), format!("file {i}").as_bytes());
     }
+
+    // An unhashed object lost from the store (as after a power loss) is
+    // passed over: the others are named, the naming ends, and `verify`
+    // reports the one missing.
+    for i in 0..10 {
+        write(&sandbox.join(format!("lost/f{i}")), format!("lost {i}"));
+    }
+    std::fs::write(&hold, b"").unwrap();
+    let injected =
+        d.client().call(&snapback::proto::Request::InjectRescan(snapback::proto::InjectRescan { sandbox: "u".into() }));
+    assert!(injected.is_ok(), "{injected:?}");
+    d.checkpoint("u");
+    let unhashed_names: Vec<_> = crate::fixture::store_files(&store)
+        .into_iter()
+        .filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().ends_with("736e61706261636b3a756e6861736864")))
+        .collect();
+    assert_eq!(unhashed_names.len(), 10, "{fs}: {unhashed_names:?}");
+    std::fs::remove_file(&unhashed_names[3]).unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    d.wait_hashed();
+    assert_eq!(unhashed(&db), (1, 1), "{fs}: the lost object's version keeps its name, the others are named");
+    let out = d.cli(&["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{fs}: verify found nothing wrong");
+    let v: snapback::proto::VerifyReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.missing.len(), 1, "{fs}: {v:?}");
     drop(d);
 }
 

@@ -31,9 +31,54 @@
 //! object records a new version even when the content is the same, and a
 //! diff shows such a pair as changed in content (its patch is empty).
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
+
+/// How long after the last request ended the hasher waits before it reads
+/// more: a burst of requests (an agent's tool calls, each with its
+/// checkpoint) finds the disk and the sandbox's lock to itself.
+const QUIET: Duration = Duration::from_millis(100);
+
+/// The requests in progress and when the last one ended, for the hasher
+/// to make way for them.
+pub(super) struct Requests {
+    in_flight: AtomicUsize,
+    last_ended: Mutex<Instant>,
+}
+
+impl Default for Requests {
+    fn default() -> Requests {
+        Requests { in_flight: AtomicUsize::new(0), last_ended: Mutex::new(Instant::now()) }
+    }
+}
+
+/// A request in progress, until dropped.
+pub(super) struct Request<'a>(&'a Requests);
+
+impl Requests {
+    pub(super) fn begin(&self) -> Request<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Request(self)
+    }
+
+    /// No request is in progress.
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+    }
+
+    /// No request is in progress, and none ended in the last [`QUIET`].
+    fn quiet(&self) -> bool {
+        self.idle() && lock(&self.last_ended).elapsed() >= QUIET
+    }
+}
+
+impl Drop for Request<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.last_ended) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Objects read per batch: on the loop-mounted XFS of the benchmarks,
 /// about a tenth of a second of reading small files not in memory, so
@@ -65,15 +110,25 @@ impl Engine {
         if self.hold_hashing_hook() {
             return;
         }
+        if !self.pruner.requests.quiet() {
+            std::thread::sleep(Duration::from_millis(20));
+            return;
+        }
         let owed_at = lock(&self.pruner.owed).unhashed;
+        let going_through = cursor.as_ref().map(|(c, _)| (c.sandbox_id, c.seq));
         let done = match self.name_a_batch(cursor, passed) {
             Ok(more) => !more,
             Err(e) => {
                 tracing::warn!("naming cloned objects by their content: {e}");
-                if let Some((c, _)) = cursor.take() {
-                    passed.push((c.sandbox_id, c.seq));
+                *cursor = None;
+                match going_through {
+                    Some(checkpoint) => {
+                        passed.push(checkpoint);
+                        false
+                    }
+                    // Not even the list could be read: until the next debt.
+                    None => true,
                 }
-                false
             }
         };
         if done {
@@ -86,7 +141,7 @@ impl Engine {
     /// Names up to [`BATCH`] unhashed objects of the checkpoint at
     /// `cursor`, or of the next listed one not `passed`; returns whether
     /// there was any checkpoint to go through.
-    fn name_a_batch(&self, cursor: &mut Cursor, passed: &[(i64, u64)]) -> Result<bool> {
+    fn name_a_batch(&self, cursor: &mut Cursor, passed: &mut Vec<(i64, u64)>) -> Result<bool> {
         let started = Instant::now();
         let conn = self.db()?;
         let (checkpoint, after) = match cursor.take() {
@@ -100,15 +155,28 @@ impl Engine {
             }
         };
         let versions = catalogue::unhashed_versions(&conn, &checkpoint, after, BATCH)?;
-        drop(conn);
-        let Some(&(last, _)) = versions.last() else {
-            // Every object it added is named (or its versions were pruned).
-            catalogue::unlist_unhashed(&*self.db()?, &checkpoint)?;
+        if versions.is_empty() {
+            if after > 0 && !catalogue::unhashed_versions(&conn, &checkpoint, 0, 1)?.is_empty() {
+                // Objects this pass could not read (each was logged): tried
+                // again at the next debt.
+                passed.push((checkpoint.sandbox_id, checkpoint.seq));
+            } else {
+                // Every object it added is named (or its versions were pruned).
+                catalogue::unlist_unhashed(&conn, &checkpoint)?;
+            }
             return Ok(true);
-        };
+        }
+        drop(conn);
         let store = self.store(&checkpoint.store)?;
-        let hashes = hash_all(&store, &versions);
-        let named = self.name_in_sandbox(&store, checkpoint.sandbox_id, &versions, hashes)?;
+        let hashes = hash_all(&store, &versions, &self.pruner.requests);
+        // Those read before a request came, the first ones.
+        let read = &versions[..hashes.len()];
+        if read.is_empty() {
+            *cursor = Some((checkpoint, after));
+            return Ok(true);
+        }
+        let last = read.last().map_or(after, |&(id, _)| id);
+        let named = self.name_in_sandbox(&store, checkpoint.sandbox_id, read, hashes)?;
         tracing::debug!(named, ms = ms_since(started), "named cloned objects by their content");
         *cursor = Some((checkpoint, last));
         Ok(true)
@@ -210,9 +278,12 @@ impl Engine {
 
 /// Hashes the unhashed objects of `versions` (id, object), on a few
 /// threads: they are mostly small and not in memory, so several reads at
-/// once keep the disk busy (as a whole scan's readers do).
-fn hash_all(store: &Store, versions: &[(i64, ObjectId)]) -> Vec<std::io::Result<ObjectId>> {
+/// once keep the disk busy (as a whole scan's readers do). Once a request
+/// comes, no more are begun: returns the hashes of the first ones, in
+/// order.
+fn hash_all(store: &Store, versions: &[(i64, ObjectId)], requests: &Requests) -> Vec<std::io::Result<ObjectId>> {
     let ids: Vec<ObjectId> = versions.iter().map(|(_, id)| *id).collect();
+    // Handed out in order, each one taken is read: those read are a prefix.
     let next = AtomicUsize::new(0);
     let threads = (capture::threads() * 2).min(ids.len()).max(1);
     let mut found: Vec<(usize, std::io::Result<ObjectId>)> = std::thread::scope(|s| {
@@ -220,8 +291,8 @@ fn hash_all(store: &Store, versions: &[(i64, ObjectId)]) -> Vec<std::io::Result<
             .map(|_| {
                 s.spawn(|| {
                     let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    while requests.idle() {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
                         let Some(id) = ids.get(i) else { break };
                         mine.push((i, store.hash_unhashed(id)));
                     }
@@ -232,9 +303,10 @@ fn hash_all(store: &Store, versions: &[(i64, ObjectId)]) -> Vec<std::io::Result<
         workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
     });
     found.sort_unstable_by_key(|(i, _)| *i);
-    let mut out: Vec<std::io::Result<ObjectId>> = Vec::with_capacity(ids.len());
+    let taken = next.load(Ordering::SeqCst).min(ids.len());
+    let mut out: Vec<std::io::Result<ObjectId>> = Vec::with_capacity(taken);
     let mut found = found.into_iter().peekable();
-    for i in 0..ids.len() {
+    for i in 0..taken {
         match found.next_if(|(j, _)| *j == i) {
             Some((_, r)) => out.push(r),
             // Its thread panicked: read as a failure, tried again later.
