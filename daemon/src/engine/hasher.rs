@@ -220,7 +220,9 @@ impl Engine {
                 if let Some(path) = catalogue::name_unhashed(&tx, version, &id, &hash)? {
                     renamed.push((version, path, hash));
                 }
-                done.push(id);
+                if hash != id {
+                    done.push(id);
+                }
             }
             self.stop_while_naming_hook();
             tx.commit()?;

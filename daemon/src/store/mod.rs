@@ -471,7 +471,8 @@ impl Store {
     }
 
     /// Returns whether an object has the given size and its content still
-    /// hashes to its name (for an unhashed object: the size alone). A missing object is a `NotFound` error.
+    /// hashes to its name (for an unhashed object: the size alone). A
+    /// missing object is a `NotFound` error.
     pub fn check_object(&self, id: &ObjectId, size: u64) -> io::Result<bool> {
         let object = self.open_object(id)?;
         if object.size()? != size {
