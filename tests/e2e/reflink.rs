@@ -1,11 +1,30 @@
 //! Reflinks on real copy-on-write filesystems, loop-mounted (root only).
 
-use std::os::unix::fs::MetadataExt;
-
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::fixture::{Mounted, TestDaemon, eventually, object_count, open_store, root_or_skip, write};
+
+/// Runs `$check(fs)` as the test `$xfs` on XFS and as `$btrfs` on btrfs,
+/// each loop-mounted (root only).
+macro_rules! on_both {
+    ($check:ident, $xfs:ident, $btrfs:ident) => {
+        #[test]
+        fn $xfs() {
+            if root_or_skip(stringify!($xfs)) {
+                $check("xfs");
+            }
+        }
+
+        #[test]
+        fn $btrfs() {
+            if root_or_skip(stringify!($btrfs)) {
+                $check("btrfs");
+            }
+        }
+    };
+}
 
 /// Checkpoints and rolls back 64 MiB on `fs` and checks that neither copies
 /// the data: free space barely moves while objects and files appear.
@@ -60,19 +79,11 @@ fn objects_share_extents(fs: &str) {
     drop(d);
 }
 
-#[test]
-fn xfs_checkpoints_and_rollbacks_share_extents() {
-    if root_or_skip("xfs_checkpoints_and_rollbacks_share_extents") {
-        objects_share_extents("xfs");
-    }
-}
-
-#[test]
-fn btrfs_checkpoints_and_rollbacks_share_extents() {
-    if root_or_skip("btrfs_checkpoints_and_rollbacks_share_extents") {
-        objects_share_extents("btrfs");
-    }
-}
+on_both!(
+    objects_share_extents,
+    xfs_checkpoints_and_rollbacks_share_extents,
+    btrfs_checkpoints_and_rollbacks_share_extents
+);
 
 /// The versions in the catalogue at `db` that hold an unhashed object,
 /// and the distinct objects among them.
@@ -85,6 +96,14 @@ fn unhashed(db: &Path) -> (i64, i64) {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )
     .unwrap()
+}
+
+/// Has the next checkpoint of `sandbox` compare the whole tree (the
+/// `inject_rescan` test hook), as a first checkpoint does.
+fn full_scan_next(d: &TestDaemon, sandbox: &str) {
+    let rescan = snapback::proto::InjectRescan { sandbox: sandbox.into() };
+    let injected = d.client().call(&snapback::proto::Request::InjectRescan(rescan));
+    assert!(injected.is_ok(), "{injected:?}");
 }
 
 /// A first checkpoint on a filesystem that clones stores its files without
@@ -156,9 +175,7 @@ fn objects_cloned_unread_are_named_after_the_answer(fs: &str) {
         write(&more.join(format!("f{i}")), format!("file {i}"));
     }
     std::fs::write(&hold, b"").unwrap();
-    let injected =
-        d.client().call(&snapback::proto::Request::InjectRescan(snapback::proto::InjectRescan { sandbox: "u".into() }));
-    assert!(injected.is_ok(), "{injected:?}");
+    full_scan_next(&d, "u");
     let last = d.checkpoint("u");
     assert_eq!(unhashed(&db).0, 40, "{fs}: a full scan clones new files unread");
     let stop = d.state_dir.join("stop-while-naming");
@@ -189,9 +206,7 @@ fn objects_cloned_unread_are_named_after_the_answer(fs: &str) {
         write(&sandbox.join(format!("lost/f{i}")), format!("lost {i}"));
     }
     std::fs::write(&hold, b"").unwrap();
-    let injected =
-        d.client().call(&snapback::proto::Request::InjectRescan(snapback::proto::InjectRescan { sandbox: "u".into() }));
-    assert!(injected.is_ok(), "{injected:?}");
+    full_scan_next(&d, "u");
     d.checkpoint("u");
     let unhashed_names: Vec<_> = crate::fixture::store_files(&store)
         .into_iter()
@@ -209,19 +224,11 @@ fn objects_cloned_unread_are_named_after_the_answer(fs: &str) {
     drop(d);
 }
 
-#[test]
-fn xfs_objects_cloned_unread_are_named_after_the_answer() {
-    if root_or_skip("xfs_objects_cloned_unread_are_named_after_the_answer") {
-        objects_cloned_unread_are_named_after_the_answer("xfs");
-    }
-}
-
-#[test]
-fn btrfs_objects_cloned_unread_are_named_after_the_answer() {
-    if root_or_skip("btrfs_objects_cloned_unread_are_named_after_the_answer") {
-        objects_cloned_unread_are_named_after_the_answer("btrfs");
-    }
-}
+on_both!(
+    objects_cloned_unread_are_named_after_the_answer,
+    xfs_objects_cloned_unread_are_named_after_the_answer,
+    btrfs_objects_cloned_unread_are_named_after_the_answer
+);
 
 /// How many of the file's pages are in the page cache, and how many it has
 /// (`mincore` over a read-only mapping; root may ask it of any file).
@@ -279,19 +286,11 @@ fn cloned_files_are_read_in_after_a_rollback(fs: &str) {
     drop(d);
 }
 
-#[test]
-fn xfs_cloned_files_are_read_in_after_a_rollback() {
-    if root_or_skip("xfs_cloned_files_are_read_in_after_a_rollback") {
-        cloned_files_are_read_in_after_a_rollback("xfs");
-    }
-}
-
-#[test]
-fn btrfs_cloned_files_are_read_in_after_a_rollback() {
-    if root_or_skip("btrfs_cloned_files_are_read_in_after_a_rollback") {
-        cloned_files_are_read_in_after_a_rollback("btrfs");
-    }
-}
+on_both!(
+    cloned_files_are_read_in_after_a_rollback,
+    xfs_cloned_files_are_read_in_after_a_rollback,
+    btrfs_cloned_files_are_read_in_after_a_rollback
+);
 
 #[test]
 fn a_sandbox_on_tmpfs_is_not_told_that_another_store_would_clone() {
