@@ -333,16 +333,18 @@ pub fn threads() -> usize {
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4))
 }
 
-/// Readers for each walker in a scan of a whole tree. Such a scan reads
-/// files whose pages are mostly not in memory, one small read each, so
-/// its readers wait on the disk more than they work: with more of them
-/// more reads are in flight. A first checkpoint on the loop-mounted XFS of
-/// the benchmarks, 300,000 files: 34.0-34.7 s with one reader a walker,
-/// 29.2 s with two, 29.1 s with four, 28.3 s with eight; a million files:
-/// 145-171 s with one, 111.9 s with two, 112.0 s with four, which also
-/// left 4 MiB more of the daemon's memory in use (more threads, more
-/// allocator arenas). A watched checkpoint reads files just written, from
-/// memory, and keeps one a walker.
+/// Readers for each walker in a scan of a whole tree that reads its files
+/// (with a store that cannot clone; one that can clones new files unread,
+/// with no readers: see [`capture`]). Such a scan reads files whose pages
+/// are mostly not in memory, one small read each, so its readers wait on
+/// the disk more than they work: with more of them more reads are in
+/// flight. A first checkpoint on the loop-mounted XFS of the benchmarks,
+/// when it still read every file, 300,000 files: 34.0-34.7 s with one
+/// reader a walker, 29.2 s with two, 29.1 s with four, 28.3 s with eight;
+/// a million files: 145-171 s with one, 111.9 s with two, 112.0 s with
+/// four, which also left 4 MiB more of the daemon's memory in use (more
+/// threads, more allocator arenas). A watched checkpoint reads files just
+/// written, from memory, and keeps one a walker.
 const READERS_PER_THREAD_IN_A_WHOLE_SCAN: usize = 2;
 
 /// Below this many paths, the roots of a scope are visited on one thread.
