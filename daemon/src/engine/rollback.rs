@@ -245,15 +245,22 @@ impl Engine {
                 self.put_manifest(sb.id, sb.head_seq, current, 0);
                 return Ok(None);
             }
-            let store = self.store(&sb.store)?;
-            // From the clones below until the commit references them.
-            let _storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
-            for row in &mut added {
-                if let Some(id) = row.meta.object.filter(|o| o.is_unhashed()) {
-                    // One version to an unhashed object (see `hasher.rs`):
-                    // the restored version takes a clone of its own.
-                    let clone = store.clone_unhashed(&id).ctx(|| format!("cloning the object {id}"))?;
-                    row.meta.object = Some(clone);
+            // One version to an unhashed object (see `hasher.rs`): a
+            // restored version of one takes a clone of its own. Only then is
+            // the store's collection lock taken, from the clones until the
+            // commit references them.
+            let unhashed = |row: &catalogue::NewRow| row.meta.object.is_some_and(|o| o.is_unhashed());
+            let store = match added.iter().any(unhashed) {
+                true => Some(self.store(&sb.store)?),
+                false => None,
+            };
+            let _storing = store.as_ref().map(|s| s.gc_lock.read().unwrap_or_else(|p| p.into_inner()));
+            if let Some(store) = &store {
+                for row in &mut added {
+                    if let Some(id) = row.meta.object.filter(|o| o.is_unhashed()) {
+                        let clone = store.clone_unhashed(&id).ctx(|| format!("cloning the object {id}"))?;
+                        row.meta.object = Some(clone);
+                    }
                 }
             }
             let parent = catalogue::checkpoint_at(conn, sb.id, sb.head_seq)?;
