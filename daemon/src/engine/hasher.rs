@@ -261,7 +261,7 @@ impl Engine {
     fn hold_hashing_hook(&self) -> bool {
         let held = test_hooks() && self.state_dir.join("hold-hashing").exists();
         if held {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         held
     }
@@ -284,10 +284,9 @@ impl Engine {
 /// comes, no more are begun: returns the hashes of the first ones, in
 /// order.
 fn hash_all(store: &Store, versions: &[(i64, ObjectId)], requests: &Requests) -> Vec<std::io::Result<ObjectId>> {
-    let ids: Vec<ObjectId> = versions.iter().map(|(_, id)| *id).collect();
     // Handed out in order, each one taken is read: those read are a prefix.
     let next = AtomicUsize::new(0);
-    let threads = (capture::threads() * 2).min(ids.len()).max(1);
+    let threads = (capture::threads() * 2).min(versions.len()).max(1);
     let mut found: Vec<(usize, std::io::Result<ObjectId>)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
@@ -295,7 +294,7 @@ fn hash_all(store: &Store, versions: &[(i64, ObjectId)], requests: &Requests) ->
                     let mut mine = Vec::new();
                     while requests.idle() {
                         let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(id) = ids.get(i) else { break };
+                        let Some((_, id)) = versions.get(i) else { break };
                         mine.push((i, store.hash_unhashed(id)));
                     }
                     mine
@@ -305,7 +304,7 @@ fn hash_all(store: &Store, versions: &[(i64, ObjectId)], requests: &Requests) ->
         workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
     });
     found.sort_unstable_by_key(|(i, _)| *i);
-    let taken = next.load(Ordering::SeqCst).min(ids.len());
+    let taken = next.load(Ordering::SeqCst).min(versions.len());
     let mut out: Vec<std::io::Result<ObjectId>> = Vec::with_capacity(taken);
     let mut found = found.into_iter().peekable();
     for i in 0..taken {

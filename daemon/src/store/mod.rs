@@ -284,18 +284,11 @@ impl Store {
         let mut attempt = 1;
         loop {
             let before = if attempt == 1 { opened } else { sys::fstat(src)? };
-            let id = ObjectId::unhashed();
-            // Made under its own name, with no temporary and no rename:
-            // nothing refers to the name before the checkpoint holding it
-            // commits, and the object of one that never does is collected
-            // as any unreferenced object is. A clone is made whole or not
-            // at all.
-            let object = Temp::create(self.objects.as_fd(), Self::name(&id), 0o400)?;
-            match sys::ficlone(object.fd.as_fd(), src) {
-                Ok(()) => {}
+            let (id, object) = match self.clone_into_unhashed(src) {
+                Ok(made) => made,
                 Err(e) if sys::clone_unsupported(&e) => return Ok(None),
                 Err(e) => return Err(e),
-            }
+            };
             let after = sys::fstat(src)?;
             let stable = same_version(&before, &after);
             if !stable && attempt < TRIES {
@@ -310,9 +303,22 @@ impl Store {
                 stat.st_size = sys::fstat(object.fd.as_fd())?.st_size;
             }
             object.keep();
-            self.note_use(&id);
             return Ok(Some(Put { hash: id, stat, reflinked: true, copied: false, unstable: !stable }));
         }
+    }
+
+    /// Clones `src` under a new unhashed name, noted as used; removed
+    /// unless the caller keeps it. Made under its own name, with no
+    /// temporary and no rename: nothing refers to the name before the
+    /// commit holding it, and the object of one that never commits is
+    /// collected as any unreferenced object is. A clone is made whole or
+    /// not at all.
+    fn clone_into_unhashed(&self, src: BorrowedFd<'_>) -> io::Result<(ObjectId, Temp<'_>)> {
+        let id = ObjectId::unhashed();
+        let object = Temp::create(self.objects.as_fd(), Self::name(&id), 0o400)?;
+        sys::ficlone(object.fd.as_fd(), src)?;
+        self.note_use(&id);
+        Ok((id, object))
     }
 
     /// Clones the unhashed object `id` under a new unhashed name, which
@@ -322,11 +328,8 @@ impl Store {
     /// catalogue commit, as a checkpoint does.
     pub fn clone_unhashed(&self, id: &ObjectId) -> io::Result<ObjectId> {
         let source = sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0)?;
-        let new = ObjectId::unhashed();
-        let object = Temp::create(self.objects.as_fd(), Self::name(&new), 0o400)?;
-        sys::ficlone(object.fd.as_fd(), source.as_fd())?;
+        let (new, object) = self.clone_into_unhashed(source.as_fd())?;
         object.keep();
-        self.note_use(&new);
         Ok(new)
     }
 
