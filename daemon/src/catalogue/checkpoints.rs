@@ -50,55 +50,132 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             i.changed as i64
         ],
     )?;
-    let mut ids = Vec::with_capacity(w.added.len());
-    {
-        let mut end = tx.prepare_cached("UPDATE entries SET end_seq = ?2 WHERE id = ?1 AND end_seq IS NULL")?;
-        for id in w.ended {
+    in_batches(
+        tx,
+        w.ended,
+        |n| format!("UPDATE entries SET end_seq = ? WHERE end_seq IS NULL AND id IN ({})", placeholders(n)),
+        |st, (i, _), id| {
+            st.raw_bind_parameter(1, seq)?;
+            st.raw_bind_parameter(2 + i, id)
+        },
+        |batch, changed| match changed == batch.len() {
+            true => Ok(()),
             // The guard of one current version per path: a version this
             // checkpoint replaces must still be current.
-            if end.execute(params![id, seq])? != 1 {
-                return Err(CatalogueError::Stale(format!(
-                    "path version {id} is not current: the checkpoint is not written (the next one compares the whole tree with the catalogue)"
-                )));
-            }
-        }
-        let mut add = tx.prepare_cached(
-            "INSERT INTO entries (sandbox_id, path, start_seq, kind, mode, uid, gid, size, mtime_ns, target, object,
-                                  ctime_ns, ino, racy, nlink)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        )?;
-        for r in w.added {
+            false => Err(CatalogueError::Stale(format!(
+                "a path version it ends is not current ({} of the batch from id {}): the checkpoint is not written (the next one compares the whole tree with the catalogue)",
+                batch.len() - changed,
+                batch[0]
+            ))),
+        },
+    )?;
+    // The ids are given, not left to SQLite: the ones it would give (one
+    // more than the largest, row after row; the write lock is held), known
+    // without asking after each row.
+    let first: i64 = tx.query_row("SELECT coalesce(max(id), 0) + 1 FROM entries", [], |r| r.get(0))?;
+    const ADD_COLUMNS: usize = 16;
+    in_batches(
+        tx,
+        w.added,
+        |n| {
+            format!(
+                "INSERT INTO entries (id, sandbox_id, path, start_seq, kind, mode, uid, gid, size, mtime_ns, target,
+                                      object, ctime_ns, ino, racy, nlink)
+                 VALUES {}",
+                vec![format!("({})", placeholders(ADD_COLUMNS)); n].join(", ")
+            )
+        },
+        |st, (i, index), r| {
+            let at = 1 + i * ADD_COLUMNS;
             let m = &r.meta;
-            add.insert(params![
-                w.sandbox_id,
-                r.path,
-                seq,
-                m.kind.as_str(),
-                m.mode,
-                m.uid,
-                m.gid,
-                m.size as i64,
-                m.mtime_ns,
-                m.target,
-                m.object.as_ref().map(|o| o.0.as_slice()),
-                r.key.ctime_ns,
-                r.key.ino as i64,
-                r.key.racy,
-                r.key.nlink
-            ])
-            .map(|id| ids.push(id))?;
-        }
-        let mut rekey =
-            tx.prepare_cached("UPDATE entries SET ctime_ns = ?2, ino = ?3, racy = ?4, nlink = ?5 WHERE id = ?1")?;
-        for (_, id, key) in w.rekeyed {
-            rekey.execute(params![id, key.ctime_ns, key.ino as i64, key.racy, key.nlink])?;
-        }
-    }
+            st.raw_bind_parameter(at, first + index as i64)?;
+            st.raw_bind_parameter(at + 1, w.sandbox_id)?;
+            st.raw_bind_parameter(at + 2, &r.path)?;
+            st.raw_bind_parameter(at + 3, seq)?;
+            st.raw_bind_parameter(at + 4, m.kind.as_str())?;
+            st.raw_bind_parameter(at + 5, m.mode)?;
+            st.raw_bind_parameter(at + 6, m.uid)?;
+            st.raw_bind_parameter(at + 7, m.gid)?;
+            st.raw_bind_parameter(at + 8, m.size as i64)?;
+            st.raw_bind_parameter(at + 9, m.mtime_ns)?;
+            st.raw_bind_parameter(at + 10, &m.target)?;
+            st.raw_bind_parameter(at + 11, m.object.as_ref().map(|o| o.0.as_slice()))?;
+            st.raw_bind_parameter(at + 12, r.key.ctime_ns)?;
+            st.raw_bind_parameter(at + 13, r.key.ino as i64)?;
+            st.raw_bind_parameter(at + 14, r.key.racy)?;
+            st.raw_bind_parameter(at + 15, r.key.nlink)
+        },
+        |_, _| Ok(()),
+    )?;
+    let ids: Vec<i64> = (first..).take(w.added.len()).collect();
+    const REKEY_COLUMNS: usize = 5;
+    in_batches(
+        tx,
+        w.rekeyed,
+        |n| {
+            format!(
+                "UPDATE entries SET ctime_ns = v.column2, ino = v.column3, racy = v.column4, nlink = v.column5
+                 FROM (VALUES {}) AS v WHERE entries.id = v.column1",
+                vec![format!("({})", placeholders(REKEY_COLUMNS)); n].join(", ")
+            )
+        },
+        |st, (i, _), (_, id, key)| {
+            let at = 1 + i * REKEY_COLUMNS;
+            st.raw_bind_parameter(at, id)?;
+            st.raw_bind_parameter(at + 1, key.ctime_ns)?;
+            st.raw_bind_parameter(at + 2, key.ino as i64)?;
+            st.raw_bind_parameter(at + 3, key.racy)?;
+            st.raw_bind_parameter(at + 4, key.nlink)
+        },
+        |_, _| Ok(()),
+    )?;
     if w.added.iter().any(|r| r.meta.object.is_some_and(|o| o.is_unhashed())) {
         list_unhashed(tx, w.sandbox_id, seq as u64)?;
     }
     tx.execute("UPDATE sandboxes SET head_seq = ?2 WHERE id = ?1", params![w.sandbox_id, seq])?;
     Ok(ids)
+}
+
+/// Runs a statement for each batch of `items`: `sql(n)` is the statement
+/// for a batch of `n` (64 at most, then 8, then 1 for the rest),
+/// `bind(statement, (i, index), item)` binds an item, the `i`th of its
+/// batch and the `index`th of `items`, and
+/// `done(batch, changes)` checks what the statement changed. Each
+/// statement run in a transaction on a table with triggers opens and
+/// closes a statement journal, which cost as much as the row it writes:
+/// 300,000 new versions took 2.4-2.6 s one at a time and 1.4 s in
+/// batches, 150 new and 100 ended 1.9 ms and 1.3 ms.
+fn in_batches<T>(
+    tx: &Transaction<'_>,
+    items: &[T],
+    sql: impl Fn(usize) -> String,
+    mut bind: impl FnMut(&mut rusqlite::Statement<'_>, (usize, usize), &T) -> rusqlite::Result<()>,
+    mut done: impl FnMut(&[T], usize) -> Result<()>,
+) -> Result<()> {
+    let mut rest = items;
+    let mut index = 0;
+    for n in [64, 8, 1] {
+        if rest.len() < n {
+            continue;
+        }
+        let mut statement = tx.prepare_cached(&sql(n))?;
+        while rest.len() >= n {
+            let (batch, after) = rest.split_at(n);
+            for (i, item) in batch.iter().enumerate() {
+                bind(&mut statement, (i, index + i), item)?;
+            }
+            let changed = statement.raw_execute()?;
+            done(batch, changed)?;
+            (rest, index) = (after, index + n);
+        }
+    }
+    Ok(())
+}
+
+/// `n` parameters, separated by commas: numbered by their place in the
+/// statement.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }
 
 /// A checkpoint as stored, with the sandbox it belongs to.

@@ -186,7 +186,28 @@ mod tests {
         ended: &[i64],
         added: &[(&[u8], Option<ObjectId>, u64)],
     ) -> Result<Vec<i64>> {
-        let info = CheckpointInfo {
+        let info = info_of(sb, seq);
+        let key = StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 };
+        let added: Vec<NewRow> = added
+            .iter()
+            .map(|&(path, object, size)| NewRow {
+                path: path.to_vec(),
+                meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object },
+                key,
+            })
+            .collect();
+        let tx = conn.transaction()?;
+        let ids = write_checkpoint(
+            &tx,
+            &CheckpointWrite { info: &info, sandbox_id: sb, scan_start_ns: 0, ended, added: &added, rekeyed: &[] },
+        )?;
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// A manual checkpoint `seq` of sandbox `sb`, counting nothing.
+    fn info_of(sb: i64, seq: u64) -> CheckpointInfo {
+        CheckpointInfo {
             id: checkpoint_id(sb, seq),
             sandbox: "s".into(),
             seq,
@@ -208,23 +229,7 @@ mod tests {
             scanned: None,
             full_scan: None,
             broken: None,
-        };
-        let key = StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 };
-        let added: Vec<NewRow> = added
-            .iter()
-            .map(|&(path, object, size)| NewRow {
-                path: path.to_vec(),
-                meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object },
-                key,
-            })
-            .collect();
-        let tx = conn.transaction()?;
-        let ids = write_checkpoint(
-            &tx,
-            &CheckpointWrite { info: &info, sandbox_id: sb, scan_start_ns: 0, ended, added: &added, rekeyed: &[] },
-        )?;
-        tx.commit()?;
-        Ok(ids)
+        }
     }
 
     fn checkpoint_id(sb: i64, seq: u64) -> String {
@@ -432,6 +437,71 @@ mod tests {
         assert_eq!(store_bytes(&conn, s).unwrap(), 10_000 * 7);
         let pending: i64 = conn.query_row("SELECT count(*) FROM held_changes", [], |r| r.get(0)).unwrap();
         assert_eq!(pending, 0);
+    }
+
+    #[test]
+    fn versions_written_in_batches_are_each_where_they_belong() {
+        // 147 = 2 x 64 + 2 x 8 + 3: every size of batch, each more than once.
+        let (_dir, mut conn, sb) = with_sandbox();
+        let paths: Vec<Vec<u8>> = (0..147).map(|i| format!("d/f{i:03}").into_bytes()).collect();
+        let o = |i: usize, v: u8| {
+            ObjectId([
+                i as u8, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ])
+        };
+        let files: Vec<_> = paths.iter().enumerate().map(|(i, p)| (&p[..], Some(o(i, 1)), i as u64)).collect();
+        let first = write_files(&mut conn, sb, 1, &[], &files).unwrap();
+        let current = current_rows(&conn, sb).unwrap();
+        assert_eq!(current.len(), 147);
+        for (i, (path, id)) in paths.iter().zip(&first).enumerate() {
+            let row = &current[path];
+            assert_eq!((row.id, row.meta.object, row.meta.size), (*id, Some(o(i, 1)), i as u64), "{i}");
+        }
+        // A batch with one version no longer current writes nothing.
+        let mut ended = first[..100].to_vec();
+        ended[70] = first[0];
+        let err = write_files(&mut conn, sb, 2, &ended, &[]).unwrap_err().to_string();
+        assert!(err.contains("is not current"), "{err}");
+        assert_eq!(sandbox_by_id(&conn, sb).unwrap().head_seq, 1);
+        // Ending and adding 147, and re-keying 147 others.
+        let others: Vec<Vec<u8>> = (0..147).map(|i| format!("e/g{i:03}").into_bytes()).collect();
+        let more: Vec<_> = others.iter().enumerate().map(|(i, p)| (&p[..], Some(o(i, 2)), 0)).collect();
+        let second = write_files(&mut conn, sb, 2, &[], &more).unwrap();
+        let again: Vec<_> = paths.iter().enumerate().map(|(i, p)| (&p[..], Some(o(i, 3)), 1)).collect();
+        let key = |i: usize| StatKey { ctime_ns: 1_000 + i as i64, ino: 5_000 + i as u64, racy: i.is_multiple_of(2), nlink: 1 };
+        let rekeyed: Vec<_> =
+            others.iter().zip(&second).enumerate().map(|(i, (p, id))| (p.clone(), *id, key(i))).collect();
+        let added: Vec<NewRow> = again
+            .iter()
+            .map(|&(path, object, size)| NewRow {
+                path: path.to_vec(),
+                meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object },
+                key: key(0),
+            })
+            .collect();
+        let tx = conn.transaction().unwrap();
+        let write = CheckpointWrite {
+            info: &info_of(sb, 3),
+            sandbox_id: sb,
+            scan_start_ns: 0,
+            ended: &first,
+            added: &added,
+            rekeyed: &rekeyed,
+        };
+        let third = write_checkpoint(&tx, &write).unwrap();
+        tx.commit().unwrap();
+        let current = current_rows(&conn, sb).unwrap();
+        assert_eq!(current.len(), 294);
+        for (i, (path, id)) in paths.iter().zip(&third).enumerate() {
+            let row = &current[path];
+            assert_eq!((row.id, row.meta.object, row.meta.size), (*id, Some(o(i, 3)), 1), "{i}");
+        }
+        for (i, (path, id)) in others.iter().zip(&second).enumerate() {
+            let row = &current[path];
+            assert_eq!((row.id, row.meta.object, row.key), (*id, Some(o(i, 2)), key(i)), "{i}");
+        }
+        assert_eq!(count_at(&conn, sb, 1).unwrap(), 147);
+        assert_eq!(count_at(&conn, sb, 3).unwrap(), 294);
     }
 
     #[test]
