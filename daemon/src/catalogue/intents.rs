@@ -46,11 +46,11 @@ pub fn begin_intent(
     now_ms: i64,
 ) -> Result<i64> {
     let filter = (!filter.is_empty()).then(|| filter.join(&0u8));
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO intents (sandbox_id, kind, target, filter, force, state, created_ms, updated_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
-        params![sandbox_id, kind, target, filter, force, now_ms],
-    )?;
+    )?
+    .execute(params![sandbox_id, kind, target, filter, force, now_ms])?;
     Ok(conn.last_insert_rowid())
 }
 
@@ -59,10 +59,8 @@ pub fn begin_intent(
 /// version every touched path must end with (see
 /// `Engine::resume_one`), so no path is written here.
 pub fn intent_applying(tx: &Transaction<'_>, id: i64, safety: &str, now_ms: i64) -> Result<()> {
-    tx.execute(
-        "UPDATE intents SET state = 'applying', safety = ?2, updated_ms = ?3 WHERE id = ?1",
-        params![id, safety, now_ms],
-    )?;
+    tx.prepare_cached("UPDATE intents SET state = 'applying', safety = ?2, updated_ms = ?3 WHERE id = ?1")?
+        .execute(params![id, safety, now_ms])?;
     Ok(())
 }
 
@@ -70,7 +68,7 @@ pub fn intent_applying(tx: &Transaction<'_>, id: i64, safety: &str, now_ms: i64)
 /// as earlier daemons did (migration 3): those to exist, and the paths that
 /// must not. Empty for an intent recorded since.
 pub fn intent_paths(conn: &Connection, id: i64) -> Result<(Manifest, Vec<Vec<u8>>)> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT 0, path, kind, mode, uid, gid, size, mtime_ns, target, object, 0, 0, 0
          FROM intent_paths WHERE intent_id = ?1",
     )?;
@@ -90,7 +88,7 @@ pub fn intent_paths(conn: &Connection, id: i64) -> Result<(Manifest, Vec<Vec<u8>
 
 /// Deletes a finished restore's intent.
 pub fn end_intent(conn: &Connection, id: i64) -> Result<()> {
-    conn.execute("DELETE FROM intents WHERE id = ?1", [id])?;
+    conn.prepare_cached("DELETE FROM intents WHERE id = ?1")?.execute([id])?;
     Ok(())
 }
 
@@ -98,33 +96,29 @@ pub fn end_intent(conn: &Connection, id: i64) -> Result<()> {
 /// sandbox's recorded outcomes of earlier ones: the sandbox is at a state
 /// the client asked for, so `status` has nothing left to report.
 pub fn finish_intent(conn: &Connection, id: i64) -> Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "DELETE FROM intents WHERE id = ?1
             OR (state IN ('resumed', 'failed') AND sandbox_id = (SELECT sandbox_id FROM intents WHERE id = ?1))",
-        [id],
-    )?;
+    )?
+    .execute([id])?;
     Ok(())
 }
 
 /// Records how an interrupted restore ended (`resumed` or `failed`) and
 /// drops its paths; earlier outcomes of the sandbox are dropped.
 pub fn settle_intent(conn: &Connection, intent: &Intent, state: IntentState, note: &str, now_ms: i64) -> Result<()> {
-    conn.execute("DELETE FROM intent_paths WHERE intent_id = ?1", [intent.id])?;
-    conn.execute(
-        "DELETE FROM intents WHERE sandbox_id = ?1 AND id != ?2 AND state IN ('resumed', 'failed')",
-        params![intent.sandbox_id, intent.id],
-    )?;
-    conn.execute(
-        "UPDATE intents SET state = ?2, note = ?3, updated_ms = ?4 WHERE id = ?1",
-        params![intent.id, state, note, now_ms],
-    )?;
+    conn.prepare_cached("DELETE FROM intent_paths WHERE intent_id = ?1")?.execute([intent.id])?;
+    conn.prepare_cached("DELETE FROM intents WHERE sandbox_id = ?1 AND id != ?2 AND state IN ('resumed', 'failed')")?
+        .execute(params![intent.sandbox_id, intent.id])?;
+    conn.prepare_cached("UPDATE intents SET state = ?2, note = ?3, updated_ms = ?4 WHERE id = ?1")?
+        .execute(params![intent.id, state, note, now_ms])?;
     Ok(())
 }
 
 /// Returns one intent, if it is still recorded.
 pub fn intent(conn: &Connection, id: i64) -> Result<Option<Intent>> {
     let sql = format!("SELECT {INTENT_COLS} FROM intents WHERE id = ?1");
-    Ok(conn.query_row(&sql, [id], intent_from_row).optional()?)
+    Ok(conn.prepare_cached(&sql)?.query_row([id], intent_from_row).optional()?)
 }
 
 /// Returns the intents in `states`, oldest first.
@@ -133,7 +127,7 @@ pub fn intents(conn: &Connection, states: &[IntentState], sandbox_id: Option<i64
     let sql = format!(
         "SELECT {INTENT_COLS} FROM intents WHERE state IN ({list}) AND (?1 IS NULL OR sandbox_id = ?1) ORDER BY id"
     );
-    let mut stmt = conn.prepare(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map([sandbox_id], intent_from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }

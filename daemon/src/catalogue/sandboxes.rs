@@ -52,7 +52,7 @@ pub(super) fn identity_from(dev: Option<i64>, ino: Option<i64>) -> Option<Identi
 }
 
 pub fn sandboxes(conn: &Connection) -> Result<Vec<Sandbox>> {
-    let mut stmt = conn.prepare(&format!("SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY name"))?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {SANDBOX_COLS} FROM sandboxes ORDER BY name"))?;
     let rows = stmt.query_map([], sandbox_from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
@@ -60,42 +60,44 @@ pub fn sandboxes(conn: &Connection) -> Result<Vec<Sandbox>> {
 /// Finds a sandbox by name, or by its root path given as an absolute path.
 pub fn sandbox_by_ref(conn: &Connection, reference: &str) -> Result<Sandbox> {
     let sql = format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE name = ?1 OR root = ?2");
-    conn.query_row(&sql, params![reference, reference.as_bytes()], sandbox_from_row)
+    conn.prepare_cached(&sql)?
+        .query_row(params![reference, reference.as_bytes()], sandbox_from_row)
         .optional()?
         .ok_or_else(|| CatalogueError::NotFound(format!("no sandbox named or rooted at {reference:?}")))
 }
 
 pub fn sandbox_by_id(conn: &Connection, id: i64) -> Result<Sandbox> {
     let sql = format!("SELECT {SANDBOX_COLS} FROM sandboxes WHERE id = ?1");
-    conn.query_row(&sql, [id], sandbox_from_row)
+    conn.prepare_cached(&sql)?
+        .query_row([id], sandbox_from_row)
         .optional()?
         .ok_or_else(|| CatalogueError::NotFound(format!("no sandbox with id {id}")))
 }
 
 /// Inserts a sandbox and returns its id.
 pub fn insert_sandbox(conn: &Connection, s: &Sandbox) -> Result<i64> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO sandboxes (name, root, store, clone_method, clone_note, excludes, owner_uid, state, head_seq,
                                 created_ms, root_dev, root_ino)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', 0, ?8, ?9, ?10)",
-        params![
-            s.name,
-            s.root,
-            s.store,
-            Stored(s.clone_method),
-            s.clone_note,
-            serde_json::to_string(&s.excludes).map_err(|e| CatalogueError::Damaged(e.to_string()))?,
-            s.owner_uid,
-            s.created_ms,
-            s.identity.map(|i| i.dev as i64),
-            s.identity.map(|i| i.ino as i64),
-        ],
-    )?;
+    )?
+    .execute(params![
+        s.name,
+        s.root,
+        s.store,
+        Stored(s.clone_method),
+        s.clone_note,
+        serde_json::to_string(&s.excludes).map_err(|e| CatalogueError::Damaged(e.to_string()))?,
+        s.owner_uid,
+        s.created_ms,
+        s.identity.map(|i| i.dev as i64),
+        s.identity.map(|i| i.ino as i64),
+    ])?;
     Ok(conn.last_insert_rowid())
 }
 
 pub fn set_sandbox_state(conn: &Connection, id: i64, state: SandboxState) -> Result<()> {
-    conn.execute("UPDATE sandboxes SET state = ?2 WHERE id = ?1", params![id, state])?;
+    conn.prepare_cached("UPDATE sandboxes SET state = ?2 WHERE id = ?1")?.execute(params![id, state])?;
     Ok(())
 }
 
@@ -103,58 +105,55 @@ pub fn set_sandbox_state(conn: &Connection, id: i64, state: SandboxState) -> Res
 /// adopted by a sandbox from before identities were recorded), and clears
 /// its `moved` note.
 pub fn set_sandbox_identity(conn: &Connection, id: i64, identity: Identity) -> Result<()> {
-    conn.execute(
-        "UPDATE sandboxes SET root_dev = ?2, root_ino = ?3, moved = NULL WHERE id = ?1",
-        params![id, identity.dev as i64, identity.ino as i64],
-    )?;
+    conn.prepare_cached("UPDATE sandboxes SET root_dev = ?2, root_ino = ?3, moved = NULL WHERE id = ?1")?
+        .execute(params![id, identity.dev as i64, identity.ino as i64])?;
     Ok(())
 }
 
 /// Records why a sandbox's root is no longer the registered directory.
 pub fn set_sandbox_moved(conn: &Connection, id: i64, why: &str) -> Result<()> {
-    conn.execute("UPDATE sandboxes SET moved = ?2 WHERE id = ?1", params![id, why])?;
+    conn.prepare_cached("UPDATE sandboxes SET moved = ?2 WHERE id = ?1")?.execute(params![id, why])?;
     Ok(())
 }
 
 /// The recorded identity of the store at `path`, if it was opened before.
 pub fn store_identity(conn: &Connection, path: &[u8]) -> Result<Option<Identity>> {
     Ok(conn
-        .query_row("SELECT dev, ino FROM stores WHERE path = ?1", [path], |r| {
-            Ok(Identity { dev: r.get::<_, i64>(0)? as u64, ino: r.get::<_, i64>(1)? as u64 })
-        })
+        .prepare_cached("SELECT dev, ino FROM stores WHERE path = ?1")?
+        .query_row([path], |r| Ok(Identity { dev: r.get::<_, i64>(0)? as u64, ino: r.get::<_, i64>(1)? as u64 }))
         .optional()?)
 }
 
 /// Records the identity of a store opened for the first time.
 pub fn insert_store(conn: &Connection, path: &[u8], identity: Identity) -> Result<()> {
-    conn.execute(
-        "INSERT INTO stores (path, dev, ino) VALUES (?1, ?2, ?3)",
-        params![path, identity.dev as i64, identity.ino as i64],
-    )?;
+    conn.prepare_cached("INSERT INTO stores (path, dev, ino) VALUES (?1, ?2, ?3)")?.execute(params![
+        path,
+        identity.dev as i64,
+        identity.ino as i64
+    ])?;
     Ok(())
 }
 
 pub fn delete_sandbox(conn: &Connection, id: i64) -> Result<()> {
-    conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+    conn.prepare_cached("DELETE FROM sandboxes WHERE id = ?1")?.execute([id])?;
     Ok(())
 }
 
 /// Returns the distinct object stores in use.
 pub fn stores(conn: &Connection) -> Result<Vec<Vec<u8>>> {
-    let mut stmt = conn.prepare("SELECT DISTINCT store FROM sandboxes")?;
+    let mut stmt = conn.prepare_cached("SELECT DISTINCT store FROM sandboxes")?;
     let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 pub fn add_budget_pruned(conn: &Connection, sandbox_id: i64, n: u64) -> Result<()> {
-    conn.execute(
-        "UPDATE sandboxes SET budget_pruned = budget_pruned + ?2 WHERE id = ?1",
-        params![sandbox_id, n as i64],
-    )?;
+    conn.prepare_cached("UPDATE sandboxes SET budget_pruned = budget_pruned + ?2 WHERE id = ?1")?
+        .execute(params![sandbox_id, n as i64])?;
     Ok(())
 }
 
 pub fn budget_pruned(conn: &Connection, sandbox_id: i64) -> Result<u64> {
-    Ok(conn.query_row("SELECT budget_pruned FROM sandboxes WHERE id = ?1", [sandbox_id], |r| r.get::<_, i64>(0))?
-        as u64)
+    Ok(conn
+        .prepare_cached("SELECT budget_pruned FROM sandboxes WHERE id = ?1")?
+        .query_row([sandbox_id], |r| r.get::<_, i64>(0))? as u64)
 }

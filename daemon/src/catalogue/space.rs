@@ -7,7 +7,9 @@ use super::*;
 /// reference: a counter the catalogue keeps (see migration 0015), up to
 /// date once [`fold_held`] has run.
 pub fn store_bytes(conn: &Connection, sandbox_id: i64) -> Result<u64> {
-    Ok(conn.query_row("SELECT stored_bytes FROM sandboxes WHERE id = ?1", [sandbox_id], |r| r.get::<_, i64>(0))? as u64)
+    Ok(conn
+        .prepare_cached("SELECT stored_bytes FROM sandboxes WHERE id = ?1")?
+        .query_row([sandbox_id], |r| r.get::<_, i64>(0))? as u64)
 }
 
 /// Brings the sandboxes' objects and stored bytes (migration 0015) up to
@@ -27,7 +29,8 @@ const FOLD_CHUNK: i64 = 16 * 1024;
 /// Folds the oldest [`FOLD_CHUNK`] pending changes; returns whether there
 /// were any.
 fn fold_chunk(conn: &Connection) -> Result<bool> {
-    let pending: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM held_changes)", [], |r| r.get(0))?;
+    let pending: bool =
+        conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM held_changes)")?.query_row([], |r| r.get(0))?;
     if !pending {
         return Ok(false);
     }
@@ -82,9 +85,10 @@ fn fold_chunk(conn: &Connection) -> Result<bool> {
         }
     }
     for (sandbox, delta) in bytes {
-        tx.execute("UPDATE sandboxes SET stored_bytes = stored_bytes + ?2 WHERE id = ?1", params![sandbox, delta])?;
+        tx.prepare_cached("UPDATE sandboxes SET stored_bytes = stored_bytes + ?2 WHERE id = ?1")?
+            .execute(params![sandbox, delta])?;
     }
-    tx.execute("DELETE FROM held_changes WHERE id <= ?1", [last])?;
+    tx.prepare_cached("DELETE FROM held_changes WHERE id <= ?1")?.execute([last])?;
     tx.commit()?;
     Ok(true)
 }
@@ -101,7 +105,7 @@ const REFERENCED: &str = "SELECT DISTINCT e.object, e.size FROM entries e JOIN s
 /// Calls `each` with every object referenced by any sandbox whose store is
 /// `store`, and its recorded size (an object may come more than once).
 fn each_referenced(conn: &Connection, store: &[u8], mut each: impl FnMut(ObjectId, u64)) -> Result<()> {
-    let mut stmt = conn.prepare(REFERENCED)?;
+    let mut stmt = conn.prepare_cached(REFERENCED)?;
     for r in stmt.query_map([store], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))? {
         let (b, size) = r?;
         let id =
@@ -166,7 +170,7 @@ pub fn unreferenced(conn: &Connection, store: &[u8], objects: &[ObjectId]) -> Re
 /// other sandbox of the same store does. The caller is in no transaction.
 pub fn sandbox_exclusive_bytes(conn: &Connection, sandbox_id: i64, store: &[u8]) -> Result<u64> {
     fold_held(conn)?;
-    Ok(conn.query_row(EXCLUSIVE_BYTES, params![sandbox_id, store], |r| r.get::<_, i64>(0))? as u64)
+    Ok(conn.prepare_cached(EXCLUSIVE_BYTES)?.query_row(params![sandbox_id, store], |r| r.get::<_, i64>(0))? as u64)
 }
 
 // The two lookups of an object among the sandboxes of a store name those
@@ -191,8 +195,9 @@ pub(super) const EXCLUSIVE_BYTES: &str =
 /// Returns the bytes of the objects that only checkpoint `seq` references:
 /// what pruning it alone would free.
 pub fn checkpoint_exclusive_bytes(conn: &Connection, sandbox_id: i64, seq: u64, store: &[u8]) -> Result<u64> {
-    Ok(conn.query_row(
-        "WITH only_here AS MATERIALIZED (
+    Ok(conn
+        .prepare_cached(
+            "WITH only_here AS MATERIALIZED (
              SELECT e.id, e.object, e.size FROM entries e
              WHERE e.sandbox_id = ?1 AND e.object IS NOT NULL AND e.start_seq <= ?2
                AND (e.end_seq IS NULL OR e.end_seq > ?2)
@@ -202,7 +207,6 @@ pub fn checkpoint_exclusive_bytes(conn: &Connection, sandbox_id: i64, seq: u64, 
              WHERE h.object NOT IN (SELECT x.object FROM entries x JOIN sandboxes s ON s.id = x.sandbox_id
                                     WHERE s.store = ?3 AND x.object IS NOT NULL
                                       AND x.id NOT IN (SELECT id FROM only_here)))",
-        params![sandbox_id, seq as i64, store],
-        |r| r.get::<_, i64>(0),
-    )? as u64)
+        )?
+        .query_row(params![sandbox_id, seq as i64, store], |r| r.get::<_, i64>(0))? as u64)
 }

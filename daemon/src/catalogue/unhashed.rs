@@ -66,10 +66,8 @@ pub fn unhashed_versions(
 /// Takes checkpoint `c` off the list: none of its versions holds an
 /// unhashed object any more.
 pub fn unlist_unhashed(conn: &Connection, c: &UnhashedCheckpoint) -> Result<()> {
-    conn.execute(
-        "DELETE FROM unhashed_checkpoints WHERE sandbox_id = ?1 AND seq = ?2",
-        params![c.sandbox_id, c.seq as i64],
-    )?;
+    conn.prepare_cached("DELETE FROM unhashed_checkpoints WHERE sandbox_id = ?1 AND seq = ?2")?
+        .execute(params![c.sandbox_id, c.seq as i64])?;
     Ok(())
 }
 

@@ -113,9 +113,8 @@ impl crate::links::Linked for LinkedAt<'_> {
 
 /// Returns the number of paths recorded at checkpoint `seq`.
 pub fn count_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<u64> {
-    Ok(conn.query_row(
-        "SELECT count(*) FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)",
-        params![sandbox_id, seq as i64],
+    Ok(conn.prepare_cached("SELECT count(*) FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)")?
+.query_row(params![sandbox_id, seq as i64],
         |r| r.get::<_, i64>(0),
     )? as u64)
 }
@@ -141,12 +140,11 @@ pub fn holds_path_at(conn: &Connection, sandbox_id: i64, seq: u64, path: &[u8]) 
     let mut past = path.to_vec();
     past.push(b'/' + 1);
     Ok(conn
-        .query_row(
+        .prepare_cached(
             "SELECT 1 FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)
              AND (path = ?3 OR (path >= ?4 AND path < ?5)) LIMIT 1",
-            params![sandbox_id, seq as i64, path, below, past],
-            |_| Ok(()),
-        )
+        )?
+        .query_row(params![sandbox_id, seq as i64, path, below, past], |_| Ok(()))
         .optional()?
         .is_some())
 }
@@ -198,7 +196,7 @@ pub(super) fn object_of(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<O
 /// unique index by path, see migration 0006), so this is `verify`'s check
 /// that none ever added a second one. Reads every row.
 pub fn paths_current_twice(conn: &Connection) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT s.name, e.path FROM entries e JOIN sandboxes s ON s.id = e.sandbox_id
          WHERE e.end_seq IS NULL GROUP BY e.sandbox_id, e.path HAVING count(*) > 1 ORDER BY s.name, e.path",
     )?;
