@@ -143,8 +143,9 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
 /// batch and the `index`th of `items`, and
 /// `done(batch, changes)` checks what the statement changed. Each
 /// statement run in a transaction on a table with triggers opens and
-/// closes a statement journal, which cost as much as the row it writes
-/// (a first checkpoint of 300,000 files: 2.4 s of rows, 1.3 s in batches).
+/// closes a statement journal, which cost as much as the row it writes:
+/// 300,000 new versions took 2.4-2.6 s one at a time and 1.4 s in
+/// batches; 150 new, 100 ended and 20 re-keyed 1.8-2.3 ms and 1.2-1.9 ms.
 fn in_batches<T>(
     tx: &Transaction<'_>,
     items: &[T],
