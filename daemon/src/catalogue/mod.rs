@@ -115,8 +115,8 @@ fn configure(conn: &Connection) -> Result<()> {
     // off the request path, not inside whichever commit crosses 1,000 pages.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // Every statement of this module is prepared once per connection and
-    // kept: parsing one cost more than running it (a rollback runs about 40
-    // kinds, with checkpoints' batches; rusqlite keeps 16 by default).
+    // kept: parsing one cost more than running it (the module has about 90,
+    // the checkpoints' batches counted; rusqlite keeps 16 by default).
     conn.set_prepared_statement_cache_capacity(STATEMENTS_KEPT);
     Ok(())
 }
@@ -194,15 +194,7 @@ mod tests {
         added: &[(&[u8], Option<ObjectId>, u64)],
     ) -> Result<Vec<i64>> {
         let info = info_of(sb, seq);
-        let key = StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 };
-        let added: Vec<NewRow> = added
-            .iter()
-            .map(|&(path, object, size)| NewRow {
-                path: path.to_vec(),
-                meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object },
-                key,
-            })
-            .collect();
+        let added = file_rows(added, StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 });
         let tx = conn.transaction()?;
         let ids = write_checkpoint(
             &tx,
@@ -210,6 +202,18 @@ mod tests {
         )?;
         tx.commit()?;
         Ok(ids)
+    }
+
+    /// New versions of files (path, object, size), each with `key`.
+    fn file_rows(files: &[(&[u8], Option<ObjectId>, u64)], key: StatKey) -> Vec<NewRow> {
+        files
+            .iter()
+            .map(|&(path, object, size)| NewRow {
+                path: path.to_vec(),
+                meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object },
+                key,
+            })
+            .collect()
     }
 
     /// A manual checkpoint `seq` of sandbox `sb`, counting nothing.
@@ -452,9 +456,9 @@ mod tests {
         let (_dir, mut conn, sb) = with_sandbox();
         let paths: Vec<Vec<u8>> = (0..147).map(|i| format!("d/f{i:03}").into_bytes()).collect();
         let o = |i: usize, v: u8| {
-            ObjectId([
-                i as u8, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            ])
+            let mut id = [0; 32];
+            (id[0], id[1]) = (i as u8, v);
+            ObjectId(id)
         };
         let files: Vec<_> = paths.iter().enumerate().map(|(i, p)| (&p[..], Some(o(i, 1)), i as u64)).collect();
         let first = write_files(&mut conn, sb, 1, &[], &files).unwrap();
@@ -483,14 +487,7 @@ mod tests {
         };
         let rekeyed: Vec<_> =
             others.iter().zip(&second).enumerate().map(|(i, (p, id))| (p.clone(), *id, key(i))).collect();
-        let added: Vec<NewRow> = again
-            .iter()
-            .map(|&(path, object, size)| NewRow {
-                path: path.to_vec(),
-                meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object },
-                key: key(0),
-            })
-            .collect();
+        let added = file_rows(&again, key(0));
         let tx = conn.transaction().unwrap();
         let write = CheckpointWrite {
             info: &info_of(sb, 3),

@@ -113,10 +113,11 @@ impl crate::links::Linked for LinkedAt<'_> {
 
 /// Returns the number of paths recorded at checkpoint `seq`.
 pub fn count_at(conn: &Connection, sandbox_id: i64, seq: u64) -> Result<u64> {
-    Ok(conn.prepare_cached("SELECT count(*) FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)")?
-.query_row(params![sandbox_id, seq as i64],
-        |r| r.get::<_, i64>(0),
-    )? as u64)
+    Ok(conn
+        .prepare_cached(
+            "SELECT count(*) FROM entries WHERE sandbox_id = ?1 AND start_seq <= ?2 AND (end_seq IS NULL OR end_seq > ?2)",
+        )?
+        .query_row(params![sandbox_id, seq as i64], |r| r.get::<_, i64>(0))? as u64)
 }
 
 /// Returns the version of the directory `path` at checkpoint `seq`, if it
