@@ -38,10 +38,11 @@ use super::*;
 /// How long after the last request ended the hasher waits before it reads
 /// more: a burst of requests (an agent's tool calls, each with its
 /// checkpoint) finds the disk and the sandbox's lock to itself.
-const QUIET: Duration = Duration::from_millis(100);
+pub(super) const QUIET: Duration = Duration::from_millis(100);
 
 /// The requests in progress and when the last one ended, for the hasher
-/// to make way for them.
+/// and the counters' fold (see [`Engine::prune_in_background`]) to make
+/// way for them.
 pub(super) struct Requests {
     in_flight: AtomicUsize,
     last_ended: Mutex<Instant>,
@@ -68,8 +69,17 @@ impl Requests {
     }
 
     /// No request is in progress, and none ended in the last [`QUIET`].
-    fn quiet(&self) -> bool {
-        self.idle() && lock(&self.last_ended).elapsed() >= QUIET
+    pub(super) fn quiet(&self) -> bool {
+        self.quiet_in().is_zero()
+    }
+
+    /// How long until [`Requests::quiet`] holds if no request comes: a
+    /// whole [`QUIET`] while one is in progress.
+    pub(super) fn quiet_in(&self) -> Duration {
+        match self.idle() {
+            true => QUIET.saturating_sub(lock(&self.last_ended).elapsed()),
+            false => QUIET,
+        }
     }
 }
 
@@ -106,13 +116,15 @@ impl Engine {
     /// holds any, what was owed when that pass began is paid. A batch that
     /// fails is logged and its checkpoint passed over until the next debt
     /// (a checkpoint that stores unhashed objects, or the next start).
-    pub(super) fn hash_a_batch(&self, cursor: &mut Cursor, passed: &mut Vec<(i64, u64)>) {
+    /// Returns whether it went through a batch (it waits while requests
+    /// come).
+    pub(super) fn hash_a_batch(&self, cursor: &mut Cursor, passed: &mut Vec<(i64, u64)>) -> bool {
         if self.hold_hashing_hook() {
-            return;
+            return false;
         }
         if !self.pruner.requests.quiet() {
             std::thread::sleep(Duration::from_millis(20));
-            return;
+            return false;
         }
         let owed_at = lock(&self.pruner.owed).unhashed;
         let going_through = cursor.as_ref().map(|(c, _)| (c.sandbox_id, c.seq));
@@ -136,6 +148,7 @@ impl Engine {
             let mut owed = lock(&self.pruner.owed);
             owed.hashed = owed.hashed.max(owed_at);
         }
+        true
     }
 
     /// Names up to [`BATCH`] unhashed objects of the checkpoint at

@@ -143,7 +143,8 @@ struct Pruner {
     /// Retention owed by checkpoints already answered.
     owed: Mutex<Owed>,
     owed_changed: Condvar,
-    /// The requests in progress, which the hasher makes way for.
+    /// The requests in progress, which the hasher and the fold of the
+    /// counters make way for.
     requests: hasher::Requests,
 }
 
@@ -615,6 +616,63 @@ mod tests {
         let asked = DEFERRED.with_borrow_mut(Option::take).unwrap();
         assert_eq!(asked.iter().filter(|w| matches!(w, Later::GiveBackMemory)).count(), 1);
         assert_eq!(asked.iter().filter(|w| matches!(w, Later::CheckpointLogs)).count(), 1);
+    }
+
+    #[test]
+    fn the_pruner_folds_the_counters_once_requests_make_way_or_many_went_unfolded() {
+        let (_dir, root, engine, peer) = test_engine();
+        let engine = Arc::new(engine);
+        let pruner = {
+            let engine = engine.clone();
+            std::thread::spawn(move || engine.prune_in_background())
+        };
+        let pending = || -> i64 {
+            let conn = engine.db().unwrap();
+            conn.query_row("SELECT count(*) FROM held_changes", [], |r| r.get(0)).unwrap()
+        };
+        let folded = || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while pending() > 0 {
+                assert!(Instant::now() < deadline, "the pruner did not fold {} changes", pending());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let mut n = 0;
+        let mut checkpoints = |count: u64| {
+            for _ in 0..count {
+                n += 1;
+                std::fs::write(root.join("a"), format!("edit {n}")).unwrap();
+                engine.checkpoint(&peer, CheckpointRequest { sandbox: "s".into(), ..Default::default() }).unwrap();
+            }
+        };
+        // A request in progress throughout: the requests never make way.
+        let busy = engine.pruner.requests.begin();
+        catalogue::fold_held(&engine.db().unwrap()).unwrap();
+        checkpoints(3);
+        std::thread::sleep(hasher::QUIET * 3);
+        assert_eq!(pending(), 3, "folded while requests kept coming");
+        // Enough unfolded checkpoints are folded anyway.
+        checkpoints(pruner::FOLD_ANYWAY_AFTER - 3);
+        folded();
+        checkpoints(1);
+        std::thread::sleep(hasher::QUIET * 3);
+        assert_eq!(pending(), 1);
+        // Once requests make way, what is owed is folded.
+        drop(busy);
+        folded();
+        let conn = engine.db().unwrap();
+        let (stored, recounted): (i64, i64) = conn
+            .query_row(
+                "SELECT stored_bytes, (SELECT sum(size) FROM (SELECT DISTINCT object, size FROM entries))
+                 FROM sandboxes",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(stored, recounted);
+        drop(conn);
+        engine.stop_pruner();
+        pruner.join().unwrap();
     }
 
     #[test]

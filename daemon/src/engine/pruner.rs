@@ -15,7 +15,11 @@ impl Engine {
     /// once the answer is on its way, or the next request does, first, if
     /// it comes sooner (see [`Engine::settle_retention`]).
     pub(super) fn retain(&self, sandbox_id: i64) {
-        lock(&self.pruner.owed).sandboxes.insert(sandbox_id);
+        let mut owed = lock(&self.pruner.owed);
+        owed.sandboxes.insert(sandbox_id);
+        // It wrote versions, and its pruning may delete some.
+        owed.unfolded += 1;
+        drop(owed);
         self.later(Later::WakePruner);
     }
 
@@ -74,6 +78,7 @@ impl Engine {
                 && collecting.is_none()
                 && owed.stores.is_empty()
                 && !Self::hashing_owed(&owed)
+                && !self.fold_due(&owed)
             {
                 // A failed pruning is owed again once its delay is up.
                 let now = Instant::now();
@@ -82,7 +87,9 @@ impl Engine {
                     owed.sandboxes.extend(due);
                     break;
                 }
-                owed = match owed.retry.values().map(|&(at, _)| at).min() {
+                // A fold owed waits for the requests to make way.
+                let fold_at = (owed.unfolded > 0).then(|| now + self.pruner.requests.quiet_in());
+                owed = match owed.retry.values().map(|&(at, _)| at).chain(fold_at).min() {
                     Some(at) => {
                         self.pruner.owed_changed.wait_timeout(owed, at - now).unwrap_or_else(|p| p.into_inner()).0
                     }
@@ -92,21 +99,37 @@ impl Engine {
             let (stopped, hash) = (owed.stopped, Self::hashing_owed(&owed));
             drop(owed);
             self.settle_retention();
-            self.fold_held();
             if stopped {
+                self.fold_held();
                 return;
             }
-            if hash {
-                self.hash_a_batch(&mut hashing, &mut passed);
+            if self.fold_due(&lock(&self.pruner.owed)) {
+                self.fold_held();
+            }
+            if hash && self.hash_a_batch(&mut hashing, &mut passed) {
+                // Its objects' new names are changes to fold.
+                lock(&self.pruner.owed).unfolded += 1;
             }
             self.collect_a_slice(&mut collecting);
         }
     }
 
+    /// Whether the pruner folds the held changes now: some are owed, and
+    /// the requests make way for it (see [`hasher::Requests::quiet`]), or
+    /// so many went unfolded that a `status` would have much to fold.
+    fn fold_due(&self, owed: &Owed) -> bool {
+        owed.unfolded >= FOLD_ANYWAY_AFTER || (owed.unfolded > 0 && self.pruner.requests.quiet())
+    }
+
     /// Brings the sandboxes' stored bytes up to date with the versions the
     /// last checkpoints and prunings wrote (see [`catalogue::fold_held`]),
-    /// so that the next `status` has nothing to fold.
+    /// so that the next `status` has little to fold. Not after every
+    /// checkpoint: its write would take the catalogue's write lock, and a
+    /// core, from the next one of a burst of tool calls.
+    /// A failure is logged and not tried again at once: the next
+    /// checkpoint owes a fold again, and `status` folds first anyway.
     fn fold_held(&self) {
+        lock(&self.pruner.owed).unfolded = 0;
         if let Err(e) = self.db().and_then(|conn| Ok(catalogue::fold_held(&conn)?)) {
             tracing::warn!("counting what the sandboxes hold: {e}");
         }
@@ -261,7 +284,16 @@ pub(super) struct Owed {
     /// last one paid.
     pub(super) unhashed: u64,
     pub(super) hashed: u64,
+    /// Checkpoints, restores, prunings and naming batches whose changes
+    /// to what the sandboxes hold are not folded into their counters yet
+    /// (see [`Engine::fold_held`]).
+    pub(super) unfolded: u64,
 }
+
+/// How many writes of versions the pruner lets go unfolded while requests
+/// keep coming: a `status` in the middle of a burst of checkpoints folds
+/// the changes of at most this many.
+pub(super) const FOLD_ANYWAY_AFTER: u64 = 16;
 
 /// How long the pruner waits before its `failures`-th retry of a sandbox:
 /// 30 s, doubling to at most an hour. (With `SNAPBACK_TEST_HOOKS=1`,
