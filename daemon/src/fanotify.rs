@@ -105,6 +105,17 @@ impl Group {
         }
     }
 
+    /// Reports nothing that happens in the directory `dir`, to it, or to
+    /// its entries (Linux 6.0: `FAN_MARK_IGNORE`; before, an error). For
+    /// the daemon's own directories (its state, its stores), which no
+    /// sandbox overlaps: with the filesystem marked, every write the daemon
+    /// makes there (each page of the catalogue's log, each object) would be
+    /// an event, made by the writing thread and read by the watcher's.
+    pub fn ignore_directory(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_IGNORE_SURV;
+        self.mark(flags, CHANGES | libc::FAN_RENAME | libc::FAN_EVENT_ON_CHILD, dir)
+    }
+
     /// Reports the entries created in the directory `dir`.
     pub fn mark_directory(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
         self.mark(libc::FAN_MARK_ADD | libc::FAN_MARK_ONLYDIR, libc::FAN_CREATE, dir)

@@ -24,7 +24,9 @@
 //! cannot resolve marks the sandbox for a full scan.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -189,6 +191,12 @@ pub struct SandboxWatch {
     /// A barrier timed out: events stopped arriving, so this watch should
     /// be replaced.
     stalled: AtomicBool,
+    /// The daemon's own directories (its state, its stores), whose events
+    /// a fanotify watch has the kernel drop (see
+    /// [`fanotify::Group::ignore_directory`]).
+    ignored: Vec<PathBuf>,
+    /// Events the kernel delivered (fanotify): the watch's load.
+    events: AtomicU64,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -199,12 +207,15 @@ impl SandboxWatch {
     /// Starts watching `root` (recursively, symlinks not followed) and a
     /// private cookie directory, with `watcher`; returns at once, the
     /// recursive watch is set up on a background thread. Until it is in
-    /// place, checkpoints scan everything.
+    /// place, checkpoints scan everything. `ignored`: the daemon's own
+    /// directories, outside every sandbox, whose events fanotify need not
+    /// deliver.
     pub fn start(
         root: &Path,
         cookies: &Path,
         excludes: Excludes,
         watcher: Watcher,
+        ignored: Vec<PathBuf>,
     ) -> std::io::Result<Arc<SandboxWatch>> {
         let _ = std::fs::remove_dir_all(cookies);
         std::fs::create_dir_all(cookies)?;
@@ -219,6 +230,8 @@ impl SandboxWatch {
             watcher: Mutex::new(None),
             stopped: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            ignored,
+            events: AtomicU64::new(0),
         });
         let fanotify = match watcher {
             Watcher::Inotify => Err(None),
@@ -252,6 +265,7 @@ impl SandboxWatch {
         let (root, cookies) = (open_dir(&self.root)?, open_dir(&self.cookies)?);
         let cookie_dir = fanotify::handle_of(std::os::fd::AsFd::as_fd(&cookies))?;
         group.mark_directory(std::os::fd::AsFd::as_fd(&cookies))?;
+        self.ignore_own(&group, root.metadata()?.dev(), open_dir);
         let paired = group.mark_filesystem(std::os::fd::AsFd::as_fd(&root))?;
         let paths = fanotify::Paths::new(root.into())?;
         let reader = self.clone();
@@ -262,6 +276,28 @@ impl SandboxWatch {
         state.fanotify = true;
         self.now_ready(&mut state);
         Ok(())
+    }
+
+    /// Has `group` drop the events of the daemon's own directories on the
+    /// filesystem `dev` (the root's; the others report nothing anyway).
+    /// Best effort: a kernel before 6.0, or a group out of marks, delivers
+    /// them, and the reader finds them outside the sandbox.
+    fn ignore_own(&self, group: &fanotify::Group, dev: u64, open_dir: impl Fn(&Path) -> std::io::Result<File>) {
+        for dir in &self.ignored {
+            let Ok(fd) = open_dir(dir) else { continue };
+            if fd.metadata().map(|m| m.dev()).ok() != Some(dev) {
+                continue;
+            }
+            if let Err(e) = group.ignore_directory(std::os::fd::AsFd::as_fd(&fd)) {
+                tracing::debug!(root = %self.root.display(), "the daemon's own writes are reported too: {e}");
+                return;
+            }
+        }
+    }
+
+    /// How many events the kernel delivered to a fanotify watch.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
     }
 
     /// The watch is in place: whatever happened before it is unknown.
@@ -299,6 +335,7 @@ impl SandboxWatch {
                     return;
                 }
             };
+            self.events.fetch_add(events.len() as u64, Ordering::Relaxed);
             let mut cookie = 0;
             let mut changed = Vec::new();
             let mut unknown = None;
@@ -690,6 +727,7 @@ impl SandboxWatch {
     /// thread (a fanotify group's thread ends within its read timeout), and
     /// removes the cookie directory.
     pub fn stop(&self) {
+        tracing::debug!(root = %self.root.display(), events = self.events(), "the watch stops");
         self.stopped.store(true, Ordering::Relaxed);
         let watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(watcher);
@@ -805,7 +843,7 @@ mod tests {
     }
 
     fn started(root: &Path, cookies: &Path) -> Arc<SandboxWatch> {
-        let watch = SandboxWatch::start(root, cookies, Excludes::new(&[]).unwrap(), Watcher::Inotify).unwrap();
+        let watch = SandboxWatch::start(root, cookies, Excludes::new(&[]).unwrap(), Watcher::Inotify, vec![]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !watch.report().watching {
             assert!(Instant::now() < deadline, "the watch was not set up: {}", watch.report().state);
@@ -814,6 +852,41 @@ mod tests {
         // The first drain after set-up asks for a full comparison.
         assert!(matches!(watch.drain(), Drain::Everything(_)));
         watch
+    }
+
+    #[test]
+    fn a_fanotify_watch_is_not_told_of_the_daemons_own_writes() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "fanotify needs root, and CI must run this test");
+            eprintln!("skipping: fanotify needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (root, own) = (dir.path().join("sandbox"), dir.path().join("state"));
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(own.join("deeper")).unwrap();
+        let (cookies, excludes) = (dir.path().join("cookies"), Excludes::new(&[]).unwrap());
+        let watch = SandboxWatch::start(&root, &cookies, excludes, Watcher::Fanotify, vec![own.clone()]).unwrap();
+        assert!(watch.report().watching, "{}", watch.report().state);
+        assert!(matches!(watch.drain(), Drain::Everything(_)));
+        let before = watch.events();
+        for i in 0..300 {
+            std::fs::write(own.join(format!("log-{i}")), b"the daemon's").unwrap();
+        }
+        std::fs::write(root.join("sub/f"), b"the agent's").unwrap();
+        let Drain::Paths { paths, .. } = watch.drain() else { panic!("a full comparison") };
+        assert_eq!(paths, [b"sub/f"]);
+        let delivered = watch.events() - before;
+        assert!(
+            delivered < 100,
+            "{delivered} events for 300 files written in an ignored directory and 1 in the sandbox"
+        );
+        // Only the directory's own entries are ignored.
+        std::fs::write(own.join("deeper/g"), b"a file of a directory below").unwrap();
+        assert_eq!(watch.drain(), Drain::Paths { paths: vec![], touched: vec![], unnamed: vec![] });
+        assert!(watch.events() > before + delivered, "no event from below the ignored directory");
+        watch.stop();
     }
 
     #[test]

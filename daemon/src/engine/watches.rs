@@ -71,7 +71,13 @@ impl Engine {
         // remove the new one's.
         let generation = self.watching.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cookies = self.state_dir.join("cookies").join(format!("{}-{generation}", sandbox.id));
-        match SandboxWatch::start(path_of(&sandbox.root), &cookies, excludes, self.watching.kind) {
+        match SandboxWatch::start(
+            path_of(&sandbox.root),
+            &cookies,
+            excludes,
+            self.watching.kind,
+            self.own_dirs(sandbox),
+        ) {
             Ok(w) => {
                 if let Some(old) = lock(&self.watching.watches).insert(sandbox.id, w) {
                     old.stop();
@@ -79,6 +85,16 @@ impl Engine {
             }
             Err(e) => tracing::warn!(sandbox = %sandbox.name, "not watching: {e}"),
         }
+    }
+
+    /// The daemon's own directories, none inside a sandbox: its state and
+    /// the stores it knows of now (the sandbox's, and those open).
+    fn own_dirs(&self, sandbox: &Sandbox) -> Vec<std::path::PathBuf> {
+        let mut stores: std::collections::BTreeSet<Vec<u8>> = lock(&self.stores.open).keys().cloned().collect();
+        stores.insert(sandbox.store.clone());
+        let mut dirs = vec![self.state_dir.clone()];
+        dirs.extend(stores.iter().flat_map(|s| crate::store::directories(path_of(s))));
+        dirs
     }
 
     pub(super) fn unwatch_sandbox(&self, id: i64) {

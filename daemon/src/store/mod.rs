@@ -121,6 +121,15 @@ fn same_version(a: &libc::stat, b: &libc::stat) -> bool {
         && sys::ctime_ns(a) == sys::ctime_ns(b)
 }
 
+/// The directories of the store at `path` that the daemon writes in:
+/// the store's own and those of its layout (see [`Store::open_in`]).
+pub fn directories(path: &Path) -> Vec<PathBuf> {
+    let objects = path.join("objects");
+    let mut dirs = vec![path.to_owned(), objects.clone(), path.join("tmp"), path.join("packs")];
+    dirs.extend((0..=255u8).map(|i| objects.join(format!("{i:02x}"))));
+    dirs
+}
+
 impl Store {
     /// Opens the store at `path`, creating it (mode 0700) if needed. For
     /// tools and tests that own the path; the daemon opens its stores
