@@ -24,7 +24,6 @@
 //! cannot resolve marks the sandbox for a full scan.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -265,7 +264,7 @@ impl SandboxWatch {
         let (root, cookies) = (open_dir(&self.root)?, open_dir(&self.cookies)?);
         let cookie_dir = fanotify::handle_of(std::os::fd::AsFd::as_fd(&cookies))?;
         group.mark_directory(std::os::fd::AsFd::as_fd(&cookies))?;
-        self.ignore_own(&group, root.metadata()?.dev(), open_dir);
+        self.ignore_own(&group, root.metadata()?.dev());
         let paired = group.mark_filesystem(std::os::fd::AsFd::as_fd(&root))?;
         let paths = fanotify::Paths::new(root.into())?;
         let reader = self.clone();
@@ -280,12 +279,14 @@ impl SandboxWatch {
 
     /// Has `group` drop the events of the daemon's own directories on the
     /// filesystem `dev` (the root's; the others report nothing anyway).
+    /// Each is opened with no symlink followed: a store's path whose
+    /// parent was replaced by a link since cannot lead the mark elsewhere.
     /// Best effort: a kernel before 6.0, or a group out of marks, delivers
     /// them, and the reader finds them outside the sandbox.
-    fn ignore_own(&self, group: &fanotify::Group, dev: u64, open_dir: impl Fn(&Path) -> std::io::Result<File>) {
+    fn ignore_own(&self, group: &fanotify::Group, dev: u64) {
         for dir in &self.ignored {
-            let Ok(fd) = open_dir(dir) else { continue };
-            if fd.metadata().map(|m| m.dev()).ok() != Some(dev) {
+            let Ok(fd) = crate::sys::open_dir_pinned(dir.as_os_str().as_bytes()) else { continue };
+            if crate::sys::fstat(std::os::fd::AsFd::as_fd(&fd)).map(|st| st.st_dev).ok() != Some(dev) {
                 continue;
             }
             if let Err(e) = group.ignore_directory(std::os::fd::AsFd::as_fd(&fd)) {
@@ -854,12 +855,21 @@ mod tests {
         watch
     }
 
+    /// Whether fanotify can be used: as root. Else the test says why it
+    /// skips, or fails under CI.
+    fn fanotify_or_skip() -> bool {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert!(std::env::var_os("CI").is_none(), "fanotify needs root, and CI must run this test");
+        eprintln!("skipping: fanotify needs root");
+        false
+    }
+
     #[test]
     fn a_fanotify_watch_is_not_told_of_the_daemons_own_writes() {
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var_os("CI").is_none(), "fanotify needs root, and CI must run this test");
-            eprintln!("skipping: fanotify needs root");
+        if !fanotify_or_skip() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -886,6 +896,27 @@ mod tests {
         std::fs::write(own.join("deeper/g"), b"a file of a directory below").unwrap();
         assert_eq!(watch.drain(), Drain::Paths { paths: vec![], touched: vec![], unnamed: vec![] });
         assert!(watch.events() > before + delivered, "no event from below the ignored directory");
+        watch.stop();
+    }
+
+    #[test]
+    fn a_directory_to_ignore_reached_through_a_symlink_is_not_ignored() {
+        if !fanotify_or_skip() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("sandbox");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        // A store's path whose last component was replaced by a link into
+        // the sandbox.
+        let store = dir.path().join("store");
+        std::os::unix::fs::symlink(root.join("sub"), &store).unwrap();
+        let (cookies, excludes) = (dir.path().join("cookies"), Excludes::new(&[]).unwrap());
+        let watch = SandboxWatch::start(&root, &cookies, excludes, Watcher::Fanotify, vec![store]).unwrap();
+        assert!(matches!(watch.drain(), Drain::Everything(_)));
+        std::fs::write(root.join("sub/f"), b"the agent's").unwrap();
+        let Drain::Paths { paths, .. } = watch.drain() else { panic!("a full comparison") };
+        assert_eq!(paths, [b"sub/f"], "a write in the sandbox went unseen");
         watch.stop();
     }
 
