@@ -157,7 +157,7 @@ impl Store {
     }
 
     fn collect_loose(&self, i: u8, keep: impl Fn(&ObjectId) -> bool) -> io::Result<(u64, u64)> {
-        let sub = format!("{i:02x}");
+        let sub = super::fanout(i);
         let dir = match sys::openat(self.objects.as_fd(), sub.as_bytes(), sys::DIR_FLAGS, 0) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),

@@ -53,12 +53,12 @@ pub fn holds_objects(dir: BorrowedFd<'_>) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     };
-    if let Some(packs) = open(b"packs")?
+    if let Some(packs) = open(super::PACKS.as_bytes())?
         && !sys::read_dir(packs.as_fd())?.is_empty()
     {
         return Ok(true);
     }
-    let Some(objects) = open(b"objects")? else { return Ok(false) };
+    let Some(objects) = open(super::OBJECTS.as_bytes())? else { return Ok(false) };
     for fan in sys::read_dir(objects.as_fd())? {
         let sub = sys::openat(objects.as_fd(), &fan.name, sys::DIR_FLAGS, 0)?;
         if !sys::read_dir(sub.as_fd())?.is_empty() {

@@ -121,12 +121,24 @@ fn same_version(a: &libc::stat, b: &libc::stat) -> bool {
         && sys::ctime_ns(a) == sys::ctime_ns(b)
 }
 
+/// The store's subdirectories: loose objects (in [`fanout`] directories
+/// below), temporary files, packs.
+const OBJECTS: &str = "objects";
+const TMP: &str = "tmp";
+const PACKS: &str = "packs";
+
+/// The name of the directory under `objects/` of objects whose
+/// distributing byte is `i`.
+fn fanout(i: u8) -> String {
+    format!("{i:02x}")
+}
+
 /// The directories of the store at `path` that the daemon writes in:
 /// the store's own and those of its layout (see [`Store::open_in`]).
 pub fn directories(path: &Path) -> Vec<PathBuf> {
-    let objects = path.join("objects");
-    let mut dirs = vec![path.to_owned(), objects.clone(), path.join("tmp"), path.join("packs")];
-    dirs.extend((0..=255u8).map(|i| objects.join(format!("{i:02x}"))));
+    let objects = path.join(OBJECTS);
+    let mut dirs = vec![path.to_owned(), objects.clone(), path.join(TMP), path.join(PACKS)];
+    dirs.extend((0..=255u8).map(|i| objects.join(fanout(i))));
     dirs
 }
 
@@ -156,15 +168,15 @@ impl Store {
             }
             sys::openat(dir.as_fd(), name, sys::DIR_FLAGS, 0)
         };
-        let objects = subdir(b"objects")?;
+        let objects = subdir(OBJECTS.as_bytes())?;
         for i in 0..=255u8 {
-            match sys::mkdirat(objects.as_fd(), format!("{i:02x}").as_bytes(), 0o700) {
+            match sys::mkdirat(objects.as_fd(), fanout(i).as_bytes(), 0o700) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
                 _ => {}
             }
         }
-        let tmp = subdir(b"tmp")?;
-        let packs = subdir(b"packs")?;
+        let tmp = subdir(TMP.as_bytes())?;
+        let packs = subdir(PACKS.as_bytes())?;
         mark_as_store(dir.as_fd(), catalogue)?;
         let index_path = PathBuf::from(format!("/proc/self/fd/{}/packs.db", dir.as_raw_fd()));
         let mut index = Index { conn: open_index(&index_path)?, sealed: Vec::new(), sealed_slots: HashMap::new() };
@@ -215,7 +227,7 @@ impl Store {
     /// last byte of its ULID, which is random.
     fn name(id: &ObjectId) -> Vec<u8> {
         let dir = if id.is_unhashed() { id.0[15] } else { id.0[0] };
-        format!("{dir:02x}/{id}").into_bytes()
+        format!("{}/{id}", fanout(dir)).into_bytes()
     }
 
     /// Whether the object exists, loose or packed.
@@ -498,7 +510,7 @@ impl Store {
     pub fn list_objects(&self) -> io::Result<Vec<ObjectId>> {
         let mut out = Vec::new();
         for i in 0..=255u8 {
-            let dir = sys::openat(self.objects.as_fd(), format!("{i:02x}").as_bytes(), sys::DIR_FLAGS, 0)?;
+            let dir = sys::openat(self.objects.as_fd(), fanout(i).as_bytes(), sys::DIR_FLAGS, 0)?;
             out.extend(sys::read_dir(dir.as_fd())?.iter().filter_map(|e| ObjectId::from_hex(&e.name)));
         }
         self.record()?;
