@@ -187,29 +187,35 @@ impl Store {
     }
 
     fn collect_packs(&self, keep: impl Fn(&ObjectId) -> bool) -> io::Result<(u64, u64)> {
-        // The slots still live, by pack, and the objects to drop.
-        let rows = self.packed()?;
-        let mut live: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
-        let mut dead = Vec::new();
-        for (id, pack, offset, len) in &rows {
-            if keep(id) {
-                live.entry(pack).or_default().push((*offset, *len));
-            } else {
-                dead.push(*id);
+        self.record()?;
+        // A pack at a time: a scan of a whole tree fills many, and all
+        // their rows at once would take memory in proportion to the tree.
+        // Those the index names, and the files, some of them never sealed.
+        let mut names: std::collections::BTreeSet<Vec<u8>> =
+            self.indexed_packs()?.into_iter().map(String::into_bytes).collect();
+        names.extend(sys::read_dir(self.packs.as_fd())?.into_iter().map(|e| e.name));
+        let (mut count, mut bytes) = (0, 0);
+        for name in names {
+            let pack = std::str::from_utf8(&name).ok().filter(|n| is_pack_name(n));
+            let rows = match pack {
+                Some(pack) => self.rows_of(pack)?,
+                None => Vec::new(),
+            };
+            let (mut live, mut dead) = (Vec::new(), Vec::new());
+            for (id, offset, len) in rows {
+                match keep(&id) {
+                    true => live.push((offset, len)),
+                    false => dead.push(id),
+                }
             }
-        }
-        let slots = self.unindex(&dead)?;
-        let count = slots.len() as u64;
-        let mut bytes = self.free_slots(&slots)?;
-        for (pack, slots) in &mut live {
-            bytes += self.free_unindexed(pack, slots)?;
-        }
-        // Packs that no live object is in: emptied above, or never sealed
-        // (their checkpoint failed, or the daemon stopped in it).
-        for entry in sys::read_dir(self.packs.as_fd())? {
-            let name = String::from_utf8_lossy(&entry.name);
-            if !live.contains_key(name.as_ref()) {
-                self.remove_pack(&entry.name)?;
+            let slots = self.unindex(&dead)?;
+            count += slots.len() as u64;
+            bytes += self.free_slots(&slots)?;
+            match pack {
+                Some(pack) if !live.is_empty() => bytes += self.free_unindexed(pack, &mut live)?,
+                // Emptied above, or never sealed (its checkpoint failed, or
+                // the daemon stopped in it).
+                _ => self.remove_pack(&name)?,
             }
         }
         Ok((count, bytes))

@@ -7,10 +7,11 @@
 //! temporary name (`.tmp-*`) in its final directory and renamed only when
 //! complete, so an object's name always holds whole content.
 //!
-//! The small files that a watcher-driven checkpoint reads are instead
-//! written into one pack per checkpoint (`packs/<ulid>`, see [`Pack`]):
-//! making and renaming a file for each would cost more than their bytes. A
-//! pack's objects become visible when it is sealed: its last write lists
+//! The small files that a watcher-driven checkpoint reads, and those any
+//! checkpoint copies into a store that cannot clone, are instead written
+//! into packs (`packs/<ulid>`, see [`Pack`]), one per checkpoint but for
+//! the largest: making and renaming a file for each would cost more than
+//! their bytes. A pack's objects become visible when it is sealed: its last write lists
 //! them in a trailer at its end, and the store finds them in memory until
 //! a thread of its own records them in the store's pack index (`packs.db`,
 //! SQLite), once the request's answer is sent. A pack sealed but not yet
@@ -260,7 +261,12 @@ impl Store {
 
     /// Starts a pack for the small objects of one capture (see [`Pack`]).
     pub fn pack(&self) -> Pack<'_> {
-        Pack { store: self, name: ulid::Ulid::new().to_string(), state: Mutex::new(PackState::default()) }
+        self.pack_of(PACK_SLOTS)
+    }
+
+    /// [`Store::pack`] with files of at most `slots_per_file` slots.
+    pub(super) fn pack_of(&self, slots_per_file: usize) -> Pack<'_> {
+        Pack { store: self, slots_per_file, state: Mutex::new(PackState::new()), spare: Mutex::new(Vec::new()) }
     }
 
     /// Stores the content of the open regular file `src`, whose `fstat`
@@ -407,8 +413,29 @@ impl Store {
         pack: &Pack<'_>,
         last: bool,
     ) -> io::Result<Option<Put>> {
-        let bytes = read_at(src, 0, before.st_size as u64)?;
-        let hash = ObjectId(*blake3::hash(&bytes).as_bytes());
+        thread_local! {
+            // One buffer per thread: a scan of a whole tree on a store that
+            // cannot clone packs every small file it meets.
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(|buf| {
+            buf.resize(before.st_size as usize, 0);
+            let n = read_at_into(src, 0, buf)?;
+            buf.truncate(n);
+            self.put_read(src, before, pack, last, buf)
+        })
+    }
+
+    /// [`Store::put_packed`] of `bytes`, read from `src`.
+    fn put_read(
+        &self,
+        src: BorrowedFd<'_>,
+        before: libc::stat,
+        pack: &Pack<'_>,
+        last: bool,
+        bytes: &[u8],
+    ) -> io::Result<Option<Put>> {
+        let hash = ObjectId(*blake3::hash(bytes).as_bytes());
         let mut stat = sys::fstat(src)?;
         // The bytes read belong to `before` when nothing moved in between;
         // when the file keeps changing, they are still one whole object
@@ -424,7 +451,7 @@ impl Store {
         }
         let made = !self.has_loose(&hash) && !self.packed_already(&hash)?;
         if made {
-            pack.add(hash, &bytes)?;
+            pack.add(hash, bytes)?;
         }
         Ok(Some(Put { hash, stat, reflinked: false, copied: made, unstable }))
     }
@@ -669,11 +696,85 @@ mod tests {
         });
         assert!(ids.iter().all(|id| !store.contains(id)), "visible before the seal");
         pack.seal().unwrap();
-        let file = store.path().join("packs").join(&pack.name);
+        let file = store.path().join("packs").join(pack.name());
         let trailer = 400 * TRAILER_ENTRY + TRAILER_FOOTER;
         assert_eq!(std::fs::metadata(&file).unwrap().len(), (400 * 8192 + trailer) as u64);
         for (i, id) in ids.iter().enumerate() {
             assert!(store.open_object(id).unwrap().read().unwrap() == content(i), "object {i} does not read back");
+        }
+    }
+
+    #[test]
+    fn a_full_pack_file_is_sealed_as_the_capture_goes_on_into_another() {
+        let (t, store) = temp_store();
+        let body = |i: usize| -> Vec<u8> { format!("small file {i}").into_bytes() };
+        let put = |pack: &Pack<'_>, i: usize| {
+            let path = t.path().join(format!("f{i}"));
+            std::fs::write(&path, body(i)).unwrap();
+            put_file(&store, &path, Some(pack)).hash
+        };
+        let pack = store.pack_of(3);
+        let ids: Vec<ObjectId> = (0..7).map(|i| put(&pack, i)).collect();
+        assert_eq!(packs(&store).len(), 3, "two full files and the one being filled");
+        assert!(ids[..6].iter().all(|id| store.contains(id)), "a full file's objects are found at once");
+        assert!(!store.contains(&ids[6]), "the file being filled is not sealed");
+        pack.seal().unwrap();
+        drop(pack);
+        store.record().unwrap();
+        assert_eq!(recorded_rows(&store), 7);
+        for (i, id) in ids.iter().enumerate() {
+            assert!(store.open_object(id).unwrap().read().unwrap() == body(i), "object {i} does not read back");
+        }
+        // Collected one pack's rows at a time: the file with a live object
+        // stays, the others go.
+        let (n, _) = store.collect_garbage(&HashSet::from([ids[4]])).unwrap();
+        assert_eq!((n, packs(&store).len(), recorded_rows(&store)), (6, 1, 1));
+        assert!(store.open_object(&ids[4]).unwrap().read().unwrap() == body(4));
+
+        // A capture that fails after a file filled leaves only that sealed
+        // file, whose objects nothing references: collected as any such.
+        let pack = store.pack_of(2);
+        let more: Vec<ObjectId> = (10..13).map(|i| put(&pack, i)).collect();
+        drop(pack);
+        assert_eq!(packs(&store).len(), 2, "the unsealed file is removed, the sealed one stays");
+        assert!(store.contains(&more[0]) && !store.contains(&more[2]));
+        let (n, _) = store.collect_garbage(&HashSet::from([ids[4]])).unwrap();
+        assert_eq!((n, packs(&store).len()), (2, 1));
+    }
+
+    #[test]
+    fn a_pack_filled_by_two_threads_across_many_files_reads_back() {
+        let (t, store) = temp_store();
+        // 8 KiB slots: a buffer is written out every 32 of them, by the
+        // thread that fills it, while the other may fill and seal the file.
+        let content = |i: usize| -> Vec<u8> {
+            let mut bytes: Vec<u8> = (0..5000).map(|k| (i * 31 + k) as u8).collect();
+            bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            bytes
+        };
+        let paths: Vec<PathBuf> = (0..600)
+            .map(|i| {
+                let path = t.path().join(format!("f{i}"));
+                std::fs::write(&path, content(i)).unwrap();
+                path
+            })
+            .collect();
+        let pack = store.pack_of(50);
+        let ids: Vec<ObjectId> = std::thread::scope(|s| {
+            let halves: Vec<_> = paths
+                .chunks(300)
+                .map(|half| s.spawn(|| half.iter().map(|p| put_file(&store, p, Some(&pack)).hash).collect::<Vec<_>>()))
+                .collect();
+            halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        pack.seal().unwrap();
+        assert_eq!(packs(&store).len(), 12);
+        for (i, id) in ids.iter().enumerate() {
+            assert!(store.open_object(id).unwrap().read().unwrap() == content(i), "object {i} does not read back");
+        }
+        store.record().unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            assert!(store.check_object(id, 5000).unwrap(), "object {i} does not hash to its name once recorded");
         }
     }
 
@@ -705,7 +806,7 @@ mod tests {
             })
             .collect();
         pack.seal().unwrap();
-        (ids, store.path().join("packs").join(&pack.name))
+        (ids, store.path().join("packs").join(pack.name()))
     }
 
     fn recorded_rows(store: &Store) -> i64 {
@@ -810,10 +911,10 @@ mod tests {
         put_file(&store, &t.path().join("a"), Some(&second));
         second.seal().unwrap();
         let (pack, ..) = store.slot(&b.hash).unwrap().unwrap();
-        assert_eq!(pack, first.name, "the first copy is the one found");
+        assert_eq!(pack, first.name(), "the first copy is the one found");
         store.record().unwrap();
-        assert_eq!(store.slot(&b.hash).unwrap().unwrap().0, first.name, "and the one recorded");
-        let file = store.path().join("packs").join(&second.name);
+        assert_eq!(store.slot(&b.hash).unwrap().unwrap().0, first.name(), "and the one recorded");
+        let file = store.path().join("packs").join(second.name());
         File::open(&file).unwrap().sync_all().unwrap();
         assert_eq!(allocated(&file), 8192, "the copies were freed, the new object kept");
         assert_eq!(store.open_object(&b.hash).unwrap().read().unwrap(), b"twice");
@@ -1024,7 +1125,7 @@ mod tests {
         assert_eq!((n, bytes), (2, 4 + 11));
         assert!(store.contains(&keep) && store.contains(&keep_packed));
         assert!(!store.contains(&drop_) && !store.contains(&drop_packed));
-        assert_eq!(packs(&store), vec![store.path().join("packs").join(&pack.name)], "the unsealed pack was removed");
+        assert_eq!(packs(&store), vec![store.path().join("packs").join(pack.name())], "the unsealed pack was removed");
         let (n, _) = store.collect_garbage(&HashSet::new()).unwrap();
         assert_eq!(n, 2);
         assert!(packs(&store).is_empty());

@@ -11,14 +11,32 @@ pub(super) fn slot_len(len: u64) -> u64 {
     len.div_ceil(SLOT_ALIGN) * SLOT_ALIGN
 }
 
-/// The small objects of one capture, written into one pack file, each in
-/// its own slot. None of them is visible until [`Pack::seal`]; a pack
-/// dropped unsealed removes its file.
+/// The small objects of one capture, written into pack files, each object
+/// in its own slot. None of them is visible until [`Pack::seal`], except
+/// that a pack reaching [`PACK_SLOTS`] slots or [`PACK_BYTES`] bytes is
+/// sealed there and a new file begun (see [`Pack::add`]). A pack dropped
+/// unsealed removes the file it was filling.
 pub struct Pack<'a> {
     pub(super) store: &'a Store,
-    pub(super) name: String,
+    /// Slots in one file before it is sealed and another begun.
+    pub(super) slots_per_file: usize,
     pub(super) state: Mutex<PackState>,
+    /// Buffers written out, kept to fill again rather than one allocated
+    /// for each of the thousands a scan of a whole tree fills.
+    pub(super) spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// The most slots one pack file holds. A scan of a whole tree on a
+/// filesystem that cannot clone packs every small file it meets: with no
+/// bound, its slot list and then the store's map of sealed slots (over
+/// 100 bytes an object between them) would grow with the tree until the
+/// answer. Sealed at this size, each file's slots are recorded in the
+/// index while the scan goes on, and a garbage collection reads one
+/// file's rows at a time.
+pub(super) const PACK_SLOTS: usize = 1 << 16;
+
+/// The most bytes of slots one pack file holds, for the same reason.
+pub(super) const PACK_BYTES: u64 = 1 << 30;
 
 /// Slots are gathered in memory and written [`PACK_BUFFER`] bytes at a time:
 /// on btrfs every write reserves metadata space of its own, and 150 writes
@@ -31,9 +49,9 @@ pub struct Pack<'a> {
 /// the same as 256 KiB; 512 KiB, about 1 ms more.
 pub(super) const PACK_BUFFER: usize = 1 << 18;
 
-#[derive(Default)]
 pub(super) struct PackState {
-    pub(super) file: Option<Arc<OwnedFd>>,
+    /// The file being filled, once anything was added.
+    pub(super) file: Option<Arc<PackFile>>,
     pub(super) end: u64,
     pub(super) slots: Vec<Slot>,
     /// The slots not written yet, padded to their length: the bytes from
@@ -42,42 +60,114 @@ pub(super) struct PackState {
     pub(super) sealed: bool,
 }
 
+impl PackState {
+    pub(super) fn new() -> PackState {
+        PackState { file: None, end: 0, slots: Vec::new(), buffer: Vec::new(), sealed: false }
+    }
+}
+
+/// One file of a pack, under `packs/<name>`.
+pub(super) struct PackFile {
+    pub(super) name: Arc<str>,
+    fd: OwnedFd,
+    /// How many of its buffers are being written outside the pack's lock:
+    /// a full file is sealed once none is (see [`Pack::add`]).
+    writing: Mutex<usize>,
+    written: std::sync::Condvar,
+}
+
+impl PackFile {
+    fn create(store: &Store) -> io::Result<PackFile> {
+        let name: Arc<str> = ulid::Ulid::new().to_string().into();
+        // Writable by its owner, unlike a loose object: dead slots are
+        // freed through a writable descriptor.
+        let flags = libc::O_CREAT | libc::O_EXCL | libc::O_RDWR;
+        let fd = sys::openat(store.packs.as_fd(), name.as_bytes(), flags, 0o600)?;
+        Ok(PackFile { name, fd, writing: Mutex::new(0), written: std::sync::Condvar::new() })
+    }
+
+    /// Writes `bytes` at `at`, a buffer counted in `writing` when handed out.
+    fn write_counted(&self, bytes: &[u8], at: u64) -> io::Result<()> {
+        let r = sys::pwrite_all(self.fd.as_fd(), bytes, at);
+        let mut writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        *writing -= 1;
+        if *writing == 0 {
+            self.written.notify_all();
+        }
+        r
+    }
+
+    fn wait_written(&self) {
+        let mut writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        while *writing > 0 {
+            writing = self.written.wait(writing).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 impl Pack<'_> {
     /// Whether nothing was written into the pack (sealing it is a no-op).
     pub fn is_empty(&self) -> bool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).file.is_none()
     }
 
+    /// The name under `packs/` of the file being filled.
+    #[cfg(test)]
+    pub(super) fn name(&self) -> String {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.file.as_ref().map(|f| f.name.to_string()).unwrap_or_default()
+    }
+
     /// Adds `bytes`, whose hash is `id`, in a new slot.
     pub(super) fn add(&self, id: ObjectId, bytes: &[u8]) -> io::Result<()> {
-        let (file, full, at) = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            let file = match &st.file {
-                Some(f) => f.clone(),
-                None => {
-                    // Writable by its owner, unlike a loose object: dead
-                    // slots are freed through a writable descriptor.
-                    let flags = libc::O_CREAT | libc::O_EXCL | libc::O_RDWR;
-                    let f = Arc::new(sys::openat(self.store.packs.as_fd(), self.name.as_bytes(), flags, 0o600)?);
-                    st.file = Some(f.clone());
-                    f
-                }
-            };
-            let (offset, len) = (st.end, bytes.len() as u64);
-            st.end += slot_len(len);
-            st.slots.push((id, offset, len));
-            st.buffer.extend_from_slice(bytes);
-            let padded = st.buffer.len() + (slot_len(len) - len) as usize;
-            st.buffer.resize(padded, 0);
-            if st.buffer.len() < PACK_BUFFER {
-                return Ok(());
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let file = match &st.file {
+            Some(f) => f.clone(),
+            None => {
+                let f = Arc::new(PackFile::create(self.store)?);
+                st.file = Some(f.clone());
+                f
             }
-            let at = st.end - st.buffer.len() as u64;
-            let full = std::mem::replace(&mut st.buffer, Vec::with_capacity(PACK_BUFFER + SMALL_FILE as usize));
-            (file, full, at)
         };
+        let (offset, len) = (st.end, bytes.len() as u64);
+        st.end += slot_len(len);
+        st.slots.push((id, offset, len));
+        st.buffer.extend_from_slice(bytes);
+        let padded = st.buffer.len() + (slot_len(len) - len) as usize;
+        st.buffer.resize(padded, 0);
+        if st.slots.len() >= self.slots_per_file || st.end >= PACK_BYTES {
+            // Full: the other threads go on into a new file while this one
+            // seals it, once the buffers handed out before are written (a
+            // sealed slot can be read), and the store's thread records it.
+            let full = std::mem::replace(&mut *st, PackState::new());
+            st.buffer = self.buffer();
+            drop(st);
+            file.wait_written();
+            if let Err(e) = self.seal_file(&file, full.end, full.slots, full.buffer) {
+                let _ = sys::unlinkat(self.store.packs.as_fd(), file.name.as_bytes(), false);
+                return Err(e);
+            }
+            self.store.index_log.kick();
+            return Ok(());
+        }
+        if st.buffer.len() < PACK_BUFFER {
+            return Ok(());
+        }
+        let at = st.end - st.buffer.len() as u64;
+        let mut full = std::mem::replace(&mut st.buffer, self.buffer());
+        *file.writing.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        drop(st);
         // Written outside the lock: another thread fills the next buffer.
-        sys::pwrite_all(file.as_fd(), &full, at)
+        let written = file.write_counted(&full, at);
+        full.clear();
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).push(full);
+        written
+    }
+
+    /// An empty buffer to fill, a spare one if there is one.
+    fn buffer(&self) -> Vec<u8> {
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(PACK_BUFFER + SMALL_FILE as usize))
     }
 
     /// Makes the pack's objects visible, once every [`Store::put`] into it
@@ -88,15 +178,21 @@ impl Pack<'_> {
     /// rollback's 20-25 on btrfs.
     pub fn seal(&self) -> io::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(file) = st.file.clone() else { return Ok(()) };
-        let mut rest = std::mem::take(&mut st.buffer);
-        let at = st.end - rest.len() as u64;
-        rest.extend_from_slice(&trailer(&st.slots));
-        sys::pwrite_all(file.as_fd(), &rest, at)?;
-        let slots = std::mem::take(&mut st.slots);
-        self.store.index.lock().unwrap_or_else(|p| p.into_inner()).add_sealed(self.name.as_str().into(), slots, st.end);
-        self.store.index_written.store(true, Ordering::Relaxed);
+        let Some(file) = st.file.clone().filter(|_| !st.sealed) else { return Ok(()) };
+        let (slots, rest) = (std::mem::take(&mut st.slots), std::mem::take(&mut st.buffer));
+        self.seal_file(&file, st.end, slots, rest)?;
         st.sealed = true;
+        Ok(())
+    }
+
+    /// Writes the last `rest` bytes of `file`'s slots, which end at `end`,
+    /// and the trailer listing `slots`, and hands them to the store.
+    fn seal_file(&self, file: &PackFile, end: u64, slots: Vec<Slot>, mut rest: Vec<u8>) -> io::Result<()> {
+        let at = end - rest.len() as u64;
+        rest.extend_from_slice(&trailer(&slots));
+        sys::pwrite_all(file.fd.as_fd(), &rest, at)?;
+        self.store.index.lock().unwrap_or_else(|p| p.into_inner()).add_sealed(file.name.clone(), slots, end);
+        self.store.index_written.store(true, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -104,8 +200,8 @@ impl Pack<'_> {
 impl Drop for Pack<'_> {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        if st.file.is_some() && !st.sealed {
-            let _ = sys::unlinkat(self.store.packs.as_fd(), self.name.as_bytes(), false);
+        if let Some(file) = st.file.as_ref().filter(|_| !st.sealed) {
+            let _ = sys::unlinkat(self.store.packs.as_fd(), file.name.as_bytes(), false);
         }
     }
 }
