@@ -639,6 +639,28 @@ mod tests {
         store.put(file.as_fd(), sys::fstat(file.as_fd()).unwrap(), true, pack).unwrap()
     }
 
+    /// Writes `bodies` to files `f0`, `f1`, ... beside the store and puts
+    /// them into `pack`, the first half from one thread and the second from
+    /// another; returns their ids in order.
+    fn put_by_two_threads(t: &tempfile::TempDir, store: &Store, pack: &Pack<'_>, bodies: &[Vec<u8>]) -> Vec<ObjectId> {
+        let paths: Vec<PathBuf> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                let path = t.path().join(format!("f{i}"));
+                std::fs::write(&path, body).unwrap();
+                path
+            })
+            .collect();
+        std::thread::scope(|s| {
+            let halves: Vec<_> = paths
+                .chunks(paths.len().div_ceil(2))
+                .map(|half| s.spawn(|| half.iter().map(|p| put_file(store, p, Some(pack)).hash).collect::<Vec<_>>()))
+                .collect();
+            halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     /// The blocks a file takes on disk.
     fn allocated(path: &Path) -> u64 {
         std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
@@ -705,21 +727,8 @@ mod tests {
         let (t, store) = temp_store();
         // 400 slots of 8 KiB: more than three buffers' worth.
         let content = |i: usize| -> Vec<u8> { (0..5000).map(|k| (i * 31 + k) as u8).collect() };
-        let paths: Vec<PathBuf> = (0..400)
-            .map(|i| {
-                let path = t.path().join(format!("f{i}"));
-                std::fs::write(&path, content(i)).unwrap();
-                path
-            })
-            .collect();
         let pack = store.pack();
-        let ids: Vec<ObjectId> = std::thread::scope(|s| {
-            let halves: Vec<_> = paths
-                .chunks(200)
-                .map(|half| s.spawn(|| half.iter().map(|p| put_file(&store, p, Some(&pack)).hash).collect::<Vec<_>>()))
-                .collect();
-            halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
-        });
+        let ids = put_by_two_threads(&t, &store, &pack, &(0..400).map(content).collect::<Vec<_>>());
         assert!(ids.iter().all(|id| !store.contains(id)), "visible before the seal");
         pack.seal().unwrap();
         let file = store.path().join("packs").join(pack.name());
@@ -805,21 +814,8 @@ mod tests {
             bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
             bytes
         };
-        let paths: Vec<PathBuf> = (0..600)
-            .map(|i| {
-                let path = t.path().join(format!("f{i}"));
-                std::fs::write(&path, content(i)).unwrap();
-                path
-            })
-            .collect();
         let pack = store.pack_of(50);
-        let ids: Vec<ObjectId> = std::thread::scope(|s| {
-            let halves: Vec<_> = paths
-                .chunks(300)
-                .map(|half| s.spawn(|| half.iter().map(|p| put_file(&store, p, Some(&pack)).hash).collect::<Vec<_>>()))
-                .collect();
-            halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
-        });
+        let ids = put_by_two_threads(&t, &store, &pack, &(0..600).map(content).collect::<Vec<_>>());
         pack.seal().unwrap();
         assert_eq!(packs(&store).len(), 12);
         for (i, id) in ids.iter().enumerate() {
