@@ -805,6 +805,30 @@ mod tests {
     }
 
     #[test]
+    fn a_full_pack_file_one_of_whose_writes_failed_is_never_sealed() {
+        let (t, store) = temp_store();
+        // Slots of 8 KiB: the 32nd fills a buffer, written out of the lock.
+        let put = |pack: &Pack<'_>, i: usize| {
+            let path = t.path().join(format!("f{i}"));
+            std::fs::write(&path, [&(i as u64).to_le_bytes()[..], &[7u8; 4992]].concat()).unwrap();
+            let file = File::open(&path).unwrap();
+            store.put(file.as_fd(), sys::fstat(file.as_fd()).unwrap(), false, Some(pack))
+        };
+        let pack = store.pack_of(40);
+        let mut ids: Vec<ObjectId> = (0..31).map(|i| put(&pack, i).unwrap().hash).collect();
+        pack::tests::FAIL_BUFFER_WRITES.set(true);
+        assert!(put(&pack, 31).is_err(), "the buffer's write was to fail");
+        pack::tests::FAIL_BUFFER_WRITES.set(false);
+        // Another capture thread goes on, and fills the file.
+        ids.extend((32..39).map(|i| put(&pack, i).unwrap().hash));
+        let full = put(&pack, 39).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(full.contains("a write into the pack"), "sealed anyway: {full:?}");
+        assert!(ids.iter().all(|id| !store.contains(id)), "a slot names bytes never written");
+        drop(pack);
+        assert!(packs(&store).is_empty(), "the file was left behind");
+    }
+
+    #[test]
     fn a_pack_filled_by_two_threads_across_many_files_reads_back() {
         let (t, store) = temp_store();
         // 8 KiB slots: a buffer is written out every 32 of them, by the

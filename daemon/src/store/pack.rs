@@ -74,6 +74,9 @@ pub(super) struct PackFile {
     /// a full file is sealed once none is (see [`Pack::add`]).
     writing: Mutex<usize>,
     written: std::sync::Condvar,
+    /// Whether one of those writes failed (the disk full, say): such a
+    /// file is never sealed, or its slots would name bytes never written.
+    failed: AtomicBool,
 }
 
 impl PackFile {
@@ -83,12 +86,26 @@ impl PackFile {
         // freed through a writable descriptor.
         let flags = libc::O_CREAT | libc::O_EXCL | libc::O_RDWR;
         let fd = sys::openat(store.packs.as_fd(), name.as_bytes(), flags, 0o600)?;
-        Ok(PackFile { name, fd, writing: Mutex::new(0), written: std::sync::Condvar::new() })
+        Ok(PackFile {
+            name,
+            fd,
+            writing: Mutex::new(0),
+            written: std::sync::Condvar::new(),
+            failed: AtomicBool::new(false),
+        })
     }
 
     /// Writes `bytes` at `at`, a buffer counted in `writing` when handed out.
     fn write_counted(&self, bytes: &[u8], at: u64) -> io::Result<()> {
         let r = sys::pwrite_all(self.fd.as_fd(), bytes, at);
+        #[cfg(test)]
+        let r = match tests::FAIL_BUFFER_WRITES.get() {
+            true => Err(io::Error::other("a buffer write failed, as the test asked")),
+            false => r,
+        };
+        if r.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
         let mut writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         *writing -= 1;
         if *writing == 0 {
@@ -97,10 +114,16 @@ impl PackFile {
         r
     }
 
-    fn wait_written(&self) {
+    /// Waits until no buffer handed out is being written; an error if one
+    /// of them failed.
+    fn wait_written(&self) -> io::Result<()> {
         let mut writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         while *writing > 0 {
             writing = self.written.wait(writing).unwrap_or_else(|p| p.into_inner());
+        }
+        match self.failed.load(Ordering::Relaxed) {
+            true => Err(io::Error::other(format!("a write into the pack {} failed", self.name))),
+            false => Ok(()),
         }
     }
 }
@@ -142,8 +165,8 @@ impl Pack<'_> {
             let full = std::mem::replace(&mut *st, PackState::new());
             st.buffer = self.buffer();
             drop(st);
-            file.wait_written();
-            if let Err(e) = self.seal_file(&file, full.end, full.slots, full.buffer) {
+            let sealed = file.wait_written().and_then(|()| self.seal_file(&file, full.end, full.slots, full.buffer));
+            if let Err(e) = sealed {
                 let _ = sys::unlinkat(self.store.packs.as_fd(), file.name.as_bytes(), false);
                 return Err(e);
             }
@@ -179,6 +202,7 @@ impl Pack<'_> {
     pub fn seal(&self) -> io::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = st.file.clone().filter(|_| !st.sealed) else { return Ok(()) };
+        file.wait_written()?;
         let (slots, rest) = (std::mem::take(&mut st.slots), std::mem::take(&mut st.buffer));
         self.seal_file(&file, st.end, slots, rest)?;
         st.sealed = true;
@@ -216,5 +240,14 @@ pub(super) fn punch(pack: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<(
     match sys::punch_hole(pack, offset, slot_len(len)) {
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
         r => r,
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    std::thread_local! {
+        /// Makes this thread's writes of full buffers fail, as a full disk
+        /// would.
+        pub(in crate::store) static FAIL_BUFFER_WRITES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 }
