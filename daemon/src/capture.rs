@@ -872,7 +872,7 @@ fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<O
                     stats.unhashed += 1;
                     put
                 }
-                None => store.put(fd.as_fd(), st, opts.reflink, opts.pack).ctx(storing)?,
+                None => store.put(fd.as_fd(), st, opts.reflink, (opts.pack, prior.is_none())).ctx(storing)?,
             };
             stats.reflinked += put.reflinked as u64;
             stats.copied += put.copied as u64;

@@ -46,7 +46,6 @@ fn default_config() -> Option<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    fixed_mmap_threshold();
     // SAFETY: nothing else runs yet: no thread reads the environment, and
     // fd 3 is taken once, here.
     let listener = match unsafe { snapback_daemon::systemd::take_listener() } {
@@ -117,25 +116,6 @@ fn main() -> ExitCode {
             eprintln!("snapbackd: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Has glibc's allocator serve every allocation of 256 KiB or more with a
-/// mapping of its own, returned when freed. By default the threshold rises
-/// to the size of the largest such block freed (up to 32 MiB), and the
-/// point at which a thread's heap gives its free top back rises to twice
-/// that: after a scan of a whole tree, the capture threads' heaps kept
-/// tens of MiB they no longer used, which `malloc_trim` does not release
-/// (it frees pages inside a thread's heap, not its top). After a first
-/// checkpoint of 300,000 small files on ext4, the same binary with and
-/// without `MALLOC_MMAP_THRESHOLD_` set to this: 89 MiB resident against
-/// 129-137 MiB.
-fn fixed_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: called first in `main`, before any other thread exists; an
-    // option glibc does not take is ignored (it returns 0).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
 }
 

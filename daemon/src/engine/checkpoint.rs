@@ -324,15 +324,10 @@ impl Engine {
         }
         let scope = &scope;
         let rows_ms = ms_since(started);
-        // Small files go into packs rather than a file each where they are
-        // read anyway: those the watcher marked, written moments ago (their
-        // pages are likely dirty: a clone would first write them out), and
-        // any a store that cannot clone copies. A whole tree cloned is
-        // cloned unread instead (see `Engine::scan`). A first checkpoint
-        // of 300,000 small files on ext4 took 15.7 s with a file each,
-        // 5.0 s packed (`cp -a` of the tree: 12.1 s).
-        let packs_all = sb.clone_method != CloneMethod::Reflink;
-        let pack = (matches!(scope, Scope::Paths(_)) || packs_all).then(|| store.pack());
+        // Files the watcher marked were written moments ago: their pages
+        // are likely dirty (a clone would first write them out), and most
+        // are small: those go into one pack rather than a file each.
+        let pack = matches!(scope, Scope::Paths(_)).then(|| store.pack());
         // A checkpoint that read nothing holds the tree of its barrier.
         let read_nothing = matches!(scope, Scope::Paths(paths) if paths.is_empty());
         let scanned = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns);

@@ -7,11 +7,10 @@
 //! temporary name (`.tmp-*`) in its final directory and renamed only when
 //! complete, so an object's name always holds whole content.
 //!
-//! The small files that a watcher-driven checkpoint reads, and those any
-//! checkpoint copies into a store that cannot clone, are instead written
-//! into packs (`packs/<ulid>`, see [`Pack`]), one per checkpoint but for
-//! the largest: making and renaming a file for each would cost more than
-//! their bytes. A pack's objects become visible when it is sealed: its last write lists
+//! The small files that a watcher-driven checkpoint reads are instead
+//! written into packs (`packs/<ulid>`, see [`Pack`]), one per checkpoint
+//! but for the largest: making and renaming a file for each would cost
+//! more than their bytes. A pack's objects become visible when it is sealed: its last write lists
 //! them in a trailer at its end, and the store finds them in memory until
 //! a thread of its own records them in the store's pack index (`packs.db`,
 //! SQLite), once the request's answer is sent. A pack sealed but not yet
@@ -251,20 +250,6 @@ impl Store {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("object {id} is not in the store")))
     }
 
-    /// [`Store::open_object`] of an object most likely packed (a small
-    /// file's, in a store that cannot clone: see [`Store::put`]): the pack
-    /// index is asked first, sparing a lookup among loose objects that
-    /// fails (restoring 100 such files at a million on ext4, the path
-    /// lookups, that one and the pack's, took 1.2 ms; the index's answers
-    /// 1.8 ms).
-    pub fn open_likely_packed(&self, id: &ObjectId) -> io::Result<Object> {
-        self.note_use(id);
-        match self.open_packed(id)? {
-            Some(object) => Ok(object),
-            None => self.open_object(id),
-        }
-    }
-
     /// Opens a packed object, if the store has it packed.
     fn open_packed(&self, id: &ObjectId) -> io::Result<Option<Object>> {
         let Some((pack, offset, len)) = self.slot(id)? else { return Ok(None) };
@@ -292,20 +277,22 @@ impl Store {
     /// stat its content corresponds to. Clones with `FICLONE` when
     /// `reflink` is set and the pair allows it, except that given a `pack`,
     /// a file of at most [`SMALL_FILE`] bytes goes into it, from the bytes
-    /// read to hash it.
+    /// read to hash it. `new_path`: the file is at a path with no recorded
+    /// version (made, or moved there), whose content a store that cannot
+    /// clone looks for among the objects it holds before packing it again.
     pub fn put(
         &self,
         src: BorrowedFd<'_>,
         opened: libc::stat,
         reflink: bool,
-        pack: Option<&Pack<'_>>,
+        (pack, new_path): (Option<&Pack<'_>>, bool),
     ) -> io::Result<Put> {
         const TRIES: usize = 3;
         for attempt in 1..=TRIES {
             let before = if attempt == 1 { opened } else { sys::fstat(src)? };
             let last = attempt == TRIES;
             let put = match pack.filter(|_| before.st_size as u64 <= SMALL_FILE) {
-                Some(pack) => self.put_packed(src, before, pack, reflink, last)?,
+                Some(pack) => self.put_packed(src, before, (pack, reflink, new_path), last)?,
                 None => self.put_loose(src, before, reflink, last)?,
             };
             if let Some(put) = put {
@@ -428,8 +415,7 @@ impl Store {
         &self,
         src: BorrowedFd<'_>,
         before: libc::stat,
-        pack: &Pack<'_>,
-        reflink: bool,
+        how: (&Pack<'_>, bool, bool),
         last: bool,
     ) -> io::Result<Option<Put>> {
         thread_local! {
@@ -441,7 +427,7 @@ impl Store {
             buf.resize(before.st_size as usize, 0);
             let n = read_at_into(src, 0, buf)?;
             buf.truncate(n);
-            self.put_read(src, before, (pack, reflink), last, buf)
+            self.put_read(src, before, how, last, buf)
         })
     }
 
@@ -450,7 +436,7 @@ impl Store {
         &self,
         src: BorrowedFd<'_>,
         before: libc::stat,
-        (pack, reflink): (&Pack<'_>, bool),
+        (pack, reflink, new_path): (&Pack<'_>, bool, bool),
         last: bool,
         bytes: &[u8],
     ) -> io::Result<Option<Put>> {
@@ -468,14 +454,18 @@ impl Store {
         } else {
             stat = before;
         }
-        // Not looked for among loose objects when not cloning: a checkpoint
-        // then packs every small file it stores, and such a lookup (a path
-        // that is not there) took 13 us a file at a million files on ext4,
-        // 2 ms of a rollback's safety checkpoint. Content stored loose by
-        // an earlier version, or for a sandbox that clones into the same
-        // store, is packed once more.
-        let loose = reflink && self.has_loose(&hash);
-        let made = !loose && !self.packed_already(&hash)?;
+        // Cloning, small content is mostly loose (a whole tree's files are
+        // cloned). Not cloning, its content is looked for (loose, or in the
+        // pack index) only at a path with no recorded version, where a
+        // directory moved puts content the store holds. A file whose
+        // recorded version changed most likely holds new content, and a
+        // lookup per file (about 13 us among loose objects at a million
+        // files on ext4) was 2 ms of a rollback's safety checkpoint.
+        let stored = match reflink {
+            true => self.has_loose(&hash),
+            false => new_path && self.contains(&hash),
+        };
+        let made = !stored && !self.packed_already(&hash)?;
         if made {
             pack.add(hash, bytes)?;
         }
@@ -636,7 +626,7 @@ mod tests {
 
     fn put_file(store: &Store, path: &Path, pack: Option<&Pack<'_>>) -> Put {
         let file = File::open(path).unwrap();
-        store.put(file.as_fd(), sys::fstat(file.as_fd()).unwrap(), true, pack).unwrap()
+        store.put(file.as_fd(), sys::fstat(file.as_fd()).unwrap(), true, (pack, false)).unwrap()
     }
 
     /// Writes `bodies` to files `f0`, `f1`, ... beside the store and puts
@@ -747,23 +737,19 @@ mod tests {
         let open = |name: &str| File::open(t.path().join(name)).unwrap();
         let (a, b) = (open("a"), open("b"));
         let (st_a, st_b) = (sys::fstat(a.as_fd()).unwrap(), sys::fstat(b.as_fd()).unwrap());
-        let loose = store.put(a.as_fd(), st_a, false, None).unwrap();
-        let only_loose = store.put(b.as_fd(), st_b, false, None).unwrap();
+        let loose = store.put(a.as_fd(), st_a, false, (None, false)).unwrap();
+        let only_loose = store.put(b.as_fd(), st_b, false, (None, false)).unwrap();
         assert!(store.has_loose(&loose.hash) && store.has_loose(&only_loose.hash));
         let pack = store.pack();
-        let cloning = store.put(a.as_fd(), st_a, true, Some(&pack)).unwrap();
+        let cloning = store.put(a.as_fd(), st_a, true, (Some(&pack), false)).unwrap();
         assert!(!cloning.copied, "a store that clones uses the loose object");
-        let copying = store.put(a.as_fd(), st_a, false, Some(&pack)).unwrap();
+        let copying = store.put(a.as_fd(), st_a, false, (Some(&pack), false)).unwrap();
         assert!(copying.copied && copying.hash == loose.hash, "one that copies packs it without looking");
+        let moved = store.put(a.as_fd(), st_a, false, (Some(&pack), true)).unwrap();
+        assert!(!moved.copied, "content at a path with no recorded version is looked for");
         pack.seal().unwrap();
-        let packed_first = store.open_likely_packed(&loose.hash).unwrap();
-        assert!(matches!(packed_first, Object::Packed { .. }), "the index is asked first");
-        assert_eq!(packed_first.read().unwrap(), b"small content");
-        let falls_back = store.open_likely_packed(&only_loose.hash).unwrap();
-        assert!(matches!(falls_back, Object::Loose(_)), "an object not packed is found loose");
-        assert_eq!(falls_back.read().unwrap(), b"only loose");
-        let missing = ObjectId(*blake3::hash(b"never stored").as_bytes());
-        assert_eq!(store.open_likely_packed(&missing).err().map(|e| e.kind()), Some(io::ErrorKind::NotFound));
+        assert_eq!(store.open_object(&loose.hash).unwrap().read().unwrap(), b"small content");
+        assert_eq!(store.open_object(&only_loose.hash).unwrap().read().unwrap(), b"only loose");
     }
 
     #[test]
@@ -812,7 +798,7 @@ mod tests {
             let path = t.path().join(format!("f{i}"));
             std::fs::write(&path, [&(i as u64).to_le_bytes()[..], &[7u8; 4992]].concat()).unwrap();
             let file = File::open(&path).unwrap();
-            store.put(file.as_fd(), sys::fstat(file.as_fd()).unwrap(), false, Some(pack))
+            store.put(file.as_fd(), sys::fstat(file.as_fd()).unwrap(), false, (Some(pack), false))
         };
         let pack = store.pack_of(40);
         let mut ids: Vec<ObjectId> = (0..31).map(|i| put(&pack, i).unwrap().hash).collect();
