@@ -10,10 +10,11 @@
 //! The small files that a watcher-driven checkpoint reads are instead
 //! written into packs (`packs/<ulid>`, see [`Pack`]), one per checkpoint
 //! but for the largest: making and renaming a file for each would cost
-//! more than their bytes. A pack's objects become visible when it is sealed: its last write lists
-//! them in a trailer at its end, and the store finds them in memory until
-//! a thread of its own records them in the store's pack index (`packs.db`,
-//! SQLite), once the request's answer is sent. A pack sealed but not yet
+//! more than their bytes. A pack's objects become visible when it is
+//! sealed: its last write lists them in a trailer at its end, and the
+//! store finds them in memory until a thread of its own records them in
+//! the store's pack index (`packs.db`, SQLite), once the request's answer
+//! is sent. A pack sealed but not yet
 //! recorded when the daemon stopped is recorded from its trailer when the
 //! store is next opened. A dead packed object's blocks are freed by
 //! punching a hole over its slot; a pack with no live object left is
@@ -419,8 +420,8 @@ impl Store {
         last: bool,
     ) -> io::Result<Option<Put>> {
         thread_local! {
-            // One buffer per thread: a scan of a whole tree on a store that
-            // cannot clone packs every small file it meets.
+            // One buffer per thread, rather than one allocated for each
+            // small file a checkpoint packs.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         BUF.with_borrow_mut(|buf| {
