@@ -136,6 +136,14 @@ pub struct Options<'a> {
     /// version is still read, so that equal content keeps its version, and
     /// so is a file with other names, whose names hold one object.
     pub unhashed: bool,
+    /// Look for the content of a file at a path with no version among the
+    /// objects stored before storing it again (see [`Store::put`]): where
+    /// a directory was moved, its files' content is there. Not set for a
+    /// sandbox with no versions at all (a first checkpoint), whose content
+    /// the store cannot hold yet but for another sandbox's: a lookup that
+    /// fails for each of a million files would cost more than the copies
+    /// it might spare.
+    pub seek_moved: bool,
     /// A path whose mtime or ctime is at or after this instant is racy.
     pub racy_after_ns: i64,
     /// Counts visited entries for a client watching the request.
@@ -872,7 +880,9 @@ fn read_file(job: Job, opts: &Options<'_>, stats: &mut Stats) -> Result<Option<O
                     stats.unhashed += 1;
                     put
                 }
-                None => store.put(fd.as_fd(), st, opts.reflink, (opts.pack, prior.is_none())).ctx(storing)?,
+                None => store
+                    .put(fd.as_fd(), st, opts.reflink, (opts.pack, opts.seek_moved && prior.is_none()))
+                    .ctx(storing)?,
             };
             stats.reflinked += put.reflinked as u64;
             stats.copied += put.copied as u64;

@@ -592,7 +592,10 @@ fn put_file(
     over_file: bool,
 ) -> io::Result<bool> {
     let id = meta.object.as_ref().ok_or_else(|| io::Error::other("the catalogue has no object for this file"))?;
-    let object = store.open_object(id)?;
+    let object = match meta.size <= SMALL_FILE && !options.reflink {
+        true => store.open_likely_packed(id)?,
+        false => store.open_object(id)?,
+    };
     if over_file && let Some(cloned) = overwrite(dir, name, meta, &object, options)? {
         return Ok(cloned);
     }

@@ -320,3 +320,87 @@ fn a_sandbox_on_tmpfs_is_not_told_that_another_store_would_clone() {
     assert!(note.contains("(tmpfs) cannot clone files") && !note.contains("--store"), "{note}");
     d.cli(&["sandbox", "remove", "t"]);
 }
+
+/// With a store that cannot clone, a first checkpoint copies its small
+/// files (64 KiB or less) into packs, not a file each: the store holds
+/// one loose object, for the one larger file. Every file comes back from
+/// them, before and after a restart, hardlinks as hardlinks.
+#[test]
+fn a_store_that_cannot_clone_packs_the_small_files_of_a_first_checkpoint() {
+    if !root_or_skip("a_store_that_cannot_clone_packs_the_small_files_of_a_first_checkpoint") {
+        return;
+    }
+    let m = Mounted::new("ext4", 256 << 20);
+    let mut d = TestDaemon::start();
+    let sandbox = m.mountpoint.join("sandbox");
+    let store = m.mountpoint.join("store");
+    let mut files: Vec<(std::path::PathBuf, Vec<u8>)> = (0..500)
+        .map(|i| {
+            (sandbox.join(format!("d{}/f{i}", i % 7)), format!("small file {i}\n").repeat(i % 50 + 1).into_bytes())
+        })
+        .collect();
+    files.push((sandbox.join("empty"), Vec::new()));
+    files.push((sandbox.join("just-small"), vec![7u8; 64 << 10]));
+    files.push((sandbox.join(std::ffi::OsStr::from_bytes(b"caf\xe9")), b"latin-1 name".to_vec()));
+    files.push((
+        sandbox.join("big.bin"),
+        (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect(),
+    ));
+    for (path, body) in &files {
+        write(path, body);
+    }
+    write(&sandbox.join("link1"), "linked");
+    std::fs::hard_link(sandbox.join("link1"), sandbox.join("link2")).unwrap();
+    let added = d.add_sandbox("e", &sandbox, &["--store", store.to_str().unwrap()]);
+    assert_eq!(added["clone_method"], "copy", "{added}");
+
+    let first = d.checkpoint("e");
+    let loose: Vec<_> = std::fs::read_dir(store.join("objects"))
+        .unwrap()
+        .flat_map(|sub| std::fs::read_dir(sub.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(loose.len(), 1, "only the file over 64 KiB is an object of its own: {loose:?}");
+    assert!(std::fs::read_dir(store.join("packs")).unwrap().count() > 0, "no pack was written");
+    assert_eq!(object_count(&store), files.len() + 1, "one object for each content");
+
+    // A directory moved, there and back, puts its files at paths with no
+    // version: their content is found among the objects stored, not
+    // packed again.
+    let packs = || std::fs::read_dir(store.join("packs")).unwrap().count();
+    let before = packs();
+    for (from, to) in [("d0", "moved"), ("moved", "d0")] {
+        std::fs::rename(sandbox.join(from), sandbox.join(to)).unwrap();
+        let moved = d.json(&["checkpoint", "e"]);
+        assert!(moved["changed"].as_u64().unwrap() > 70, "{moved}");
+        assert_eq!(packs(), before, "the files moved to {to} were stored again: {moved}");
+    }
+    assert_eq!(object_count(&store), files.len() + 1, "the moves stored nothing");
+
+    let damage = |sandbox: &Path| {
+        for i in 0..7 {
+            std::fs::remove_dir_all(sandbox.join(format!("d{i}"))).unwrap();
+        }
+        write(&sandbox.join("big.bin"), "overwritten");
+        write(&sandbox.join("link2"), "changed through the second name");
+        std::fs::remove_file(sandbox.join("empty")).unwrap();
+    };
+    let restored = |sandbox: &Path, when: &str| {
+        for (path, body) in &files {
+            let got = std::fs::read(path).unwrap_or_else(|e| panic!("{when}: {}: {e}", path.display()));
+            assert!(got == *body, "{when}: {} does not hold what was checkpointed", path.display());
+        }
+        let (one, two) = (sandbox.join("link1"), sandbox.join("link2"));
+        assert_eq!(std::fs::read(&one).unwrap(), b"linked", "{when}");
+        assert_eq!(std::fs::metadata(&one).unwrap().ino(), std::fs::metadata(&two).unwrap().ino(), "{when}");
+    };
+    damage(&sandbox);
+    d.rollback(&first);
+    restored(&sandbox, "rolled back");
+    d.assert_verified();
+
+    d.restart();
+    damage(&sandbox);
+    d.rollback(&first);
+    restored(&sandbox, "rolled back after a restart");
+    d.assert_verified();
+}

@@ -144,6 +144,7 @@ impl Engine {
             // A whole tree's new files are cloned now and read after the
             // answer (see `hasher.rs`): most of them are not in memory.
             unhashed: reflink && store.is_some() && matches!(scope, Scope::Everything),
+            seek_moved: !current.is_empty(),
             racy_after_ns: scan_start_ns - RACY_WINDOW_NS,
             progress: progress.as_deref(),
         };
@@ -324,10 +325,15 @@ impl Engine {
         }
         let scope = &scope;
         let rows_ms = ms_since(started);
-        // Files the watcher marked were written moments ago: their pages
-        // are likely dirty (a clone would first write them out), and most
-        // are small: those go into one pack rather than a file each.
-        let pack = matches!(scope, Scope::Paths(_)).then(|| store.pack());
+        // Small files go into packs rather than a file each where they are
+        // read anyway: those the watcher marked, written moments ago (their
+        // pages are likely dirty: a clone would first write them out), and
+        // any a store that cannot clone copies. A whole tree cloned is
+        // cloned unread instead (see `Engine::scan`). A first checkpoint
+        // of 300,000 small files on ext4 took 15.7 s with a file each,
+        // 5.8 s packed (`cp -a` of the tree: 12.1 s).
+        let packs_all = sb.clone_method != CloneMethod::Reflink;
+        let pack = (matches!(scope, Scope::Paths(_)) || packs_all).then(|| store.pack());
         // A checkpoint that read nothing holds the tree of its barrier.
         let read_nothing = matches!(scope, Scope::Paths(paths) if paths.is_empty());
         let scanned = self.scan(&sb, scope, &current, Some((&store, pack.as_ref())), scan_start_ns);
