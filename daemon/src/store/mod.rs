@@ -16,9 +16,9 @@
 //! in memory until a thread of its own records them in the store's pack
 //! index (`packs.db`, SQLite), once the request's answer is sent. A pack
 //! sealed but not yet recorded when the daemon stopped is recorded from
-//! its trailer when the store is next opened. A dead packed object's blocks are freed by
-//! punching a hole over its slot; a pack with no live object left is
-//! removed.
+//! its trailer when the store is next opened. A dead packed object's
+//! blocks are freed by punching a hole over its slot; a pack with no live
+//! object left is removed.
 //!
 //! Objects that no catalogue row references (left by a checkpoint that
 //! never committed, or freed by a purge), packs never sealed, the blocks
