@@ -243,12 +243,10 @@ impl Store {
     /// Opens an object for reading. A missing one is a `NotFound` error.
     pub fn open_object(&self, id: &ObjectId) -> io::Result<Object> {
         self.note_use(id);
-        match sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            r => return r.map(Object::Loose),
+        match self.open_loose(id)? {
+            Some(object) => Ok(object),
+            None => self.open_packed(id)?.ok_or_else(|| not_in_store(id)),
         }
-        self.open_packed(id)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("object {id} is not in the store")))
     }
 
     /// [`Store::open_object`] of an object most likely packed (a small
@@ -261,7 +259,15 @@ impl Store {
         self.note_use(id);
         match self.open_packed(id)? {
             Some(object) => Ok(object),
-            None => self.open_object(id),
+            None => self.open_loose(id)?.ok_or_else(|| not_in_store(id)),
+        }
+    }
+
+    /// Opens a loose object, if the store has it loose.
+    fn open_loose(&self, id: &ObjectId) -> io::Result<Option<Object>> {
+        match sys::openat(self.objects.as_fd(), &Self::name(id), libc::O_RDONLY, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            r => r.map(|fd| Some(Object::Loose(fd))),
         }
     }
 
@@ -628,6 +634,11 @@ impl Drop for Store {
             tracing::warn!(store = %self.path.display(), "recording sealed packs: {e}");
         }
     }
+}
+
+/// The error for an object the store holds neither loose nor packed.
+fn not_in_store(id: &ObjectId) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("object {id} is not in the store"))
 }
 
 #[cfg(test)]
