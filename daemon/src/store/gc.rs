@@ -188,8 +188,9 @@ impl Store {
 
     fn collect_packs(&self, keep: impl Fn(&ObjectId) -> bool) -> io::Result<(u64, u64)> {
         self.record()?;
-        // A pack at a time: a large checkpoint fills many, and all their
-        // rows at once would take memory in proportion to the store.
+        // A pack at a time: a scan of a whole tree that cannot be cloned
+        // fills many, and all their rows at once would take memory in
+        // proportion to the store.
         // Those the index names, and the files, some of them never sealed.
         let mut names: std::collections::BTreeSet<Vec<u8>> =
             self.indexed_packs()?.into_iter().map(String::into_bytes).collect();

@@ -186,7 +186,7 @@ pub(super) fn record_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Res
     tx.commit().map_err(db)?;
     let ms = started.elapsed().as_secs_f64() * 1e3;
     tracing::debug!(packs = sealed.len(), rows, ms, "recorded sealed packs in the pack index");
-    // Dropped, not cleared: a large checkpoint fills it with many.
+    // Dropped, not cleared: a scan of a whole tree fills it with many.
     *sealed_slots = HashMap::new();
     // Only space is at stake from here: no reader finds these copies, and
     // a pack with rows in the index is never recovered from its trailer.

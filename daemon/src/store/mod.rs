@@ -299,8 +299,9 @@ impl Store {
     /// `reflink` is set and the pair allows it, except that given a `pack`,
     /// a file of at most [`SMALL_FILE`] bytes goes into it, from the bytes
     /// read to hash it. `new_path`: the file is at a path with no recorded
-    /// version (made, or moved there), whose content a store that cannot
-    /// clone looks for among the objects it holds before packing it again.
+    /// version (made, or moved there), whose content is looked for among
+    /// the objects the store holds before it is packed again; a small
+    /// file's content is not looked for otherwise (see `put_read`).
     pub fn put(
         &self,
         src: BorrowedFd<'_>,
@@ -440,8 +441,8 @@ impl Store {
         last: bool,
     ) -> io::Result<Option<Put>> {
         thread_local! {
-            // One buffer per thread, rather than one allocated for each
-            // small file a checkpoint packs.
+            // One buffer per thread: a scan of a whole tree on a store that
+            // cannot clone packs every small file it meets.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         BUF.with_borrow_mut(|buf| {

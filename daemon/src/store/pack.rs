@@ -22,15 +22,16 @@ pub struct Pack<'a> {
     pub(super) slots_per_file: usize,
     pub(super) state: Mutex<PackState>,
     /// Buffers written out, kept to fill again rather than one allocated
-    /// for each of the many a large checkpoint fills.
+    /// for each of the thousands a scan of a whole tree fills where the
+    /// store cannot clone.
     pub(super) spare: Mutex<Vec<Vec<u8>>>,
 }
 
-/// The most slots one pack file holds. A checkpoint that packs many small
-/// files (a tree changed as a whole, with the watcher marking every path)
-/// would otherwise keep its slot list and then the store's map of sealed
-/// slots (over 100 bytes an object between them) growing with them until
-/// the answer. Sealed at this size, each file's slots are recorded in the
+/// The most slots one pack file holds. A scan of a whole tree on a
+/// filesystem that cannot clone packs every small file it meets (as does
+/// a watched checkpoint of a tree changed as a whole): with no bound, its
+/// slot list and then the store's map of sealed slots (over 100 bytes an
+/// object between them) would grow with the tree until the answer. Sealed at this size, each file's slots are recorded in the
 /// index while the scan goes on, and a garbage collection reads one
 /// file's rows at a time.
 pub(super) const PACK_SLOTS: usize = 1 << 16;
