@@ -25,7 +25,7 @@ impl Store {
         if let Some(slot) = stmt.query_row([&id.0[..]], slot_of).optional().map_err(db)? {
             return Ok(Some(slot));
         }
-        Ok(index.sealed_slots.get(id).map(|(pack, offset, len)| (pack.to_string(), *offset, *len)))
+        Ok(index.sealed_slot(id).map(|(pack, offset, len)| (pack.to_string(), offset, len)))
     }
 
     /// Records the sealed packs now (see [`record_sealed`]), for what reads
@@ -105,19 +105,22 @@ pub(super) struct Index {
     pub(super) conn: Connection,
     /// Packs sealed but not recorded in `conn` yet, oldest first.
     pub(super) sealed: Vec<Sealed>,
-    /// Where the objects of `sealed` lie: for each, its slot in the first
-    /// of them that holds it, which recording keeps unless the index
-    /// holds the object already (see [`record_sealed`]).
-    pub(super) sealed_slots: HashMap<ObjectId, (Arc<str>, u64, u64)>,
 }
 
 impl Index {
-    /// Adds a sealed pack to find in memory and record later.
-    pub(super) fn add_sealed(&mut self, name: Arc<str>, slots: Vec<Slot>, trailer_at: u64) {
-        for &(id, offset, len) in &slots {
-            self.sealed_slots.entry(id).or_insert_with(|| (name.clone(), offset, len));
-        }
-        self.sealed.push(Sealed { name, slots, trailer_at });
+    /// Where an object of the packs sealed but not recorded lies: its
+    /// first slot in the first of them that holds it, the one recording
+    /// keeps unless the index holds the object already (see
+    /// [`record_sealed`]). A binary search in each: they are few (the
+    /// store's thread records them as they are sealed), and a map of their
+    /// slots, built by the capture thread that sealed each, took over 70
+    /// bytes an object more, held by that thread's arena once freed.
+    pub(super) fn sealed_slot(&self, id: &ObjectId) -> Option<(&str, u64, u64)> {
+        self.sealed.iter().find_map(|pack| {
+            let first = pack.slots.partition_point(|(other, ..)| other.0 < id.0);
+            let &(found, offset, len) = pack.slots.get(first)?;
+            (found == *id).then_some((&*pack.name, offset, len))
+        })
     }
 
     /// Whether any object of `pack` is in the index.
@@ -133,9 +136,23 @@ pub(super) type Slot = (ObjectId, u64, u64);
 /// A sealed pack not recorded in the index yet.
 pub(super) struct Sealed {
     pub(super) name: Arc<str>,
-    pub(super) slots: Vec<Slot>,
+    /// Sorted by (object, offset).
+    slots: Vec<Slot>,
     /// Where its trailer starts.
     pub(super) trailer_at: u64,
+}
+
+impl Sealed {
+    /// The sealed pack `name` holding `slots`, sorted here: by (object,
+    /// offset) they are found by a binary search, and recorded in the
+    /// index's order (inserted at random places, the slots of a full pack,
+    /// 65,536, took 14 us each at a million objects, a page read for nearly
+    /// every row), a copy in one pack still finding its first slot kept.
+    /// Sorted before the index is locked by the caller.
+    pub(super) fn new(name: Arc<str>, mut slots: Vec<Slot>, trailer_at: u64) -> Sealed {
+        slots.sort_unstable_by_key(|(id, offset, _)| (id.0, *offset));
+        Sealed { name, slots, trailer_at }
+    }
 }
 
 /// Records the sealed packs in the index, in one transaction; returns
@@ -143,7 +160,7 @@ pub(super) struct Sealed {
 /// pack, or twice in these) keeps the slot it has, and the other copy's
 /// blocks are freed (a pack of nothing but such copies is removed), as
 /// are the trailers' blocks, needed no more. The
-/// slot [`Index::sealed_slots`] gave out for each object is the one kept:
+/// slot [`Index::sealed_slot`] gave out for each object is the one kept:
 /// [`Store::slot`] asks the index first, and the packs go in the order
 /// they were sealed. If the transaction fails, the packs stay to be found
 /// in memory and recorded later (or from their trailers after a restart).
@@ -152,7 +169,7 @@ pub(super) fn record_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Res
         return Ok(false);
     }
     let started = std::time::Instant::now();
-    let Index { conn, sealed, sealed_slots } = index;
+    let Index { conn, sealed } = index;
     let rows: usize = sealed.iter().map(|p| p.slots.len()).sum();
     let mut spare: Vec<Vec<(u64, u64)>> = Vec::with_capacity(sealed.len());
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
@@ -163,13 +180,8 @@ pub(super) fn record_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Res
         let mut kept = tx.prepare_cached("SELECT pack, offset FROM packed WHERE object = ?1").map_err(db)?;
         for pack in sealed.iter() {
             let mut copies = Vec::new();
-            // In the index's order: inserted at random places, the slots of
-            // a full pack (65,536) took 14 us each at a million objects, a
-            // page read for nearly every row. By (object, offset), a copy
-            // in one pack still finds its first slot kept.
-            let mut slots: Vec<&Slot> = pack.slots.iter().collect();
-            slots.sort_unstable_by_key(|(id, offset, _)| (id.0, *offset));
-            for &(id, offset, len) in slots {
+            // In the index's order (see `Sealed::new`).
+            for &(id, offset, len) in &pack.slots {
                 if insert.execute(params![&id.0[..], &*pack.name, offset as i64, len as i64]).map_err(db)? == 0 {
                     // Recorded already, by another process that opened the
                     // store (and recovered the pack), is not a copy.
@@ -186,8 +198,6 @@ pub(super) fn record_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Res
     tx.commit().map_err(db)?;
     let ms = started.elapsed().as_secs_f64() * 1e3;
     tracing::debug!(packs = sealed.len(), rows, ms, "recorded sealed packs in the pack index");
-    // Dropped, not cleared: a scan of a whole tree fills it with many.
-    *sealed_slots = HashMap::new();
     // Only space is at stake from here: no reader finds these copies, and
     // a pack with rows in the index is never recovered from its trailer.
     for (pack, copies) in std::mem::take(sealed).into_iter().zip(spare) {
@@ -236,7 +246,7 @@ pub(super) fn recover_sealed(index: &mut Index, packs: BorrowedFd<'_>) -> io::Re
             read_at(fd.as_fd(), offset, len)
                 .is_ok_and(|b| b.len() as u64 == len && blake3::hash(&b) == blake3::Hash::from(id.0))
         });
-        index.add_sealed(name.into(), slots, trailer_at);
+        index.sealed.push(Sealed::new(name.into(), slots, trailer_at));
         recovered += 1;
     }
     record_sealed(index, packs)?;

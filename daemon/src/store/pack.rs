@@ -30,10 +30,9 @@ pub struct Pack<'a> {
 /// The most slots one pack file holds. A scan of a whole tree on a
 /// filesystem that cannot clone packs every small file it meets (as does
 /// a watched checkpoint of a tree changed as a whole): with no bound, its
-/// slot list and then the store's map of sealed slots (over 100 bytes an
-/// object between them) would grow with the tree until the answer. Sealed at this size, each file's slots are recorded in the
-/// index while the scan goes on, and a garbage collection reads one
-/// file's rows at a time.
+/// slot list would grow with the tree until the answer. Sealed at this
+/// size, each file's slots are recorded in the index while the scan goes
+/// on, and a garbage collection reads one file's rows at a time.
 pub(super) const PACK_SLOTS: usize = 1 << 16;
 
 /// The most bytes of slots one pack file holds, for the same reason.
@@ -196,7 +195,8 @@ impl Pack<'_> {
 
     /// Makes the pack's objects visible, once every [`Store::put`] into it
     /// has returned: writes the slots still buffered and the trailer that
-    /// lists them all, in one write, and hands them to the store to find
+    /// lists them all (one write unless they are many), and hands them to
+    /// the store to find
     /// and record (see [`record_sealed`]). Writing the index here instead,
     /// a transaction of its own beside the catalogue's, took 3-4 ms of a
     /// rollback's 20-25 on btrfs.
@@ -212,11 +212,12 @@ impl Pack<'_> {
 
     /// Writes the last `rest` bytes of `file`'s slots, which end at `end`,
     /// and the trailer listing `slots`, and hands them to the store.
-    fn seal_file(&self, file: &PackFile, end: u64, slots: Vec<Slot>, mut rest: Vec<u8>) -> io::Result<()> {
+    fn seal_file(&self, file: &PackFile, end: u64, slots: Vec<Slot>, rest: Vec<u8>) -> io::Result<()> {
         let at = end - rest.len() as u64;
-        rest.extend_from_slice(&trailer(&slots));
-        sys::pwrite_all(file.fd.as_fd(), &rest, at)?;
-        self.store.index.lock().unwrap_or_else(|p| p.into_inner()).add_sealed(file.name.clone(), slots, end);
+        let emptied = write_with_trailer(file.fd.as_fd(), rest, at, &slots)?;
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).push(emptied);
+        let sealed = Sealed::new(file.name.clone(), slots, end);
+        self.store.index.lock().unwrap_or_else(|p| p.into_inner()).sealed.push(sealed);
         self.store.index_written.store(true, Ordering::Relaxed);
         Ok(())
     }

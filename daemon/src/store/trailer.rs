@@ -11,18 +11,37 @@ pub(super) const TRAILER_MAGIC: &[u8; 8] = b"sbpack1\n";
 pub(super) const TRAILER_ENTRY: usize = 48;
 pub(super) const TRAILER_FOOTER: usize = 48;
 
-pub(super) fn trailer(slots: &[Slot]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(slots.len() * TRAILER_ENTRY + TRAILER_FOOTER);
+/// Writes at `at` the bytes in `buffer`, then the trailer listing `slots`:
+/// through `buffer`, written out whenever it holds [`PACK_BUFFER`] bytes,
+/// so that a full pack's trailer (3 MiB) is never whole in memory (built
+/// whole, it and the buffer grown to hold it were left free at the top of
+/// the sealing thread's heap). A pack's last buffer and a trailer of a few
+/// hundred slots go in one write. Returns the buffer, emptied.
+pub(super) fn write_with_trailer(
+    fd: BorrowedFd<'_>,
+    mut buffer: Vec<u8>,
+    mut at: u64,
+    slots: &[Slot],
+) -> io::Result<Vec<u8>> {
+    let mut hash = blake3::Hasher::new();
     for (id, offset, len) in slots {
-        out.extend_from_slice(&id.0);
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
+        let entry_at = buffer.len();
+        buffer.extend_from_slice(&id.0);
+        buffer.extend_from_slice(&offset.to_le_bytes());
+        buffer.extend_from_slice(&len.to_le_bytes());
+        hash.update(&buffer[entry_at..]);
+        if buffer.len() >= PACK_BUFFER {
+            sys::pwrite_all(fd, &buffer, at)?;
+            at += buffer.len() as u64;
+            buffer.clear();
+        }
     }
-    let hash = blake3::hash(&out);
-    out.extend_from_slice(&(slots.len() as u64).to_le_bytes());
-    out.extend_from_slice(hash.as_bytes());
-    out.extend_from_slice(TRAILER_MAGIC);
-    out
+    buffer.extend_from_slice(&(slots.len() as u64).to_le_bytes());
+    buffer.extend_from_slice(hash.finalize().as_bytes());
+    buffer.extend_from_slice(TRAILER_MAGIC);
+    sys::pwrite_all(fd, &buffer, at)?;
+    buffer.clear();
+    Ok(buffer)
 }
 
 /// The slots listed by the trailer of the pack open at `fd`, and where the
