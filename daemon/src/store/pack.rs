@@ -196,10 +196,9 @@ impl Pack<'_> {
     /// Makes the pack's objects visible, once every [`Store::put`] into it
     /// has returned: writes the slots still buffered and the trailer that
     /// lists them all (one write unless they are many), and hands them to
-    /// the store to find
-    /// and record (see [`record_sealed`]). Writing the index here instead,
-    /// a transaction of its own beside the catalogue's, took 3-4 ms of a
-    /// rollback's 20-25 on btrfs.
+    /// the store to find and record (see [`record_sealed`]). Writing the
+    /// index here instead, a transaction of its own beside the
+    /// catalogue's, took 3-4 ms of a rollback's 20-25 on btrfs.
     pub fn seal(&self) -> io::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = st.file.clone().filter(|_| !st.sealed) else { return Ok(()) };

@@ -24,18 +24,21 @@ pub(super) fn write_with_trailer(
     slots: &[Slot],
 ) -> io::Result<Vec<u8>> {
     let mut hash = blake3::Hasher::new();
+    // Where the entries start in the buffer: after the pack's last bytes.
+    let mut entries_at = buffer.len();
     for (id, offset, len) in slots {
-        let entry_at = buffer.len();
         buffer.extend_from_slice(&id.0);
         buffer.extend_from_slice(&offset.to_le_bytes());
         buffer.extend_from_slice(&len.to_le_bytes());
-        hash.update(&buffer[entry_at..]);
         if buffer.len() >= PACK_BUFFER {
+            hash.update(&buffer[entries_at..]);
             sys::pwrite_all(fd, &buffer, at)?;
             at += buffer.len() as u64;
             buffer.clear();
+            entries_at = 0;
         }
     }
+    hash.update(&buffer[entries_at..]);
     buffer.extend_from_slice(&(slots.len() as u64).to_le_bytes());
     buffer.extend_from_slice(hash.finalize().as_bytes());
     buffer.extend_from_slice(TRAILER_MAGIC);
