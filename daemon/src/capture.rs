@@ -835,7 +835,8 @@ fn work(
     // Handed over a batch at a time: a reader's whole share of a first
     // scan, gathered apart and then moved over, was a second copy of half
     // of its outcomes at the scan's end (about 60 MiB at a million files).
-    let mut local = Vec::with_capacity(OUTCOME_BATCH);
+    // Empty at first: most captures read a few files.
+    let mut local = Vec::new();
     let hand_over = |local: &mut Vec<Outcome>| {
         if let Ok(mut all) = outcomes.lock() {
             all.append(local);
