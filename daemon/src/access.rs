@@ -290,16 +290,16 @@ mod tests {
     #[test]
     fn content_goes_only_to_a_caller_that_could_read_it() {
         let mut rows = Manifest::new();
-        rows.insert(b"own".to_vec(), entry(Kind::File, 0o600, 1000, 1000));
-        rows.insert(b"root-600".to_vec(), entry(Kind::File, 0o600, 0, 0));
-        rows.insert(b"root-000".to_vec(), entry(Kind::File, 0o000, 0, 0));
-        rows.insert(b"root-644".to_vec(), entry(Kind::File, 0o644, 0, 0));
-        rows.insert(b"group-640".to_vec(), entry(Kind::File, 0o640, 0, 50));
-        rows.insert(b"own-but-004".to_vec(), entry(Kind::File, 0o004, 1000, 1000)); // owner class decides
-        rows.insert(b"closed".to_vec(), entry(Kind::Dir, 0o700, 0, 0));
-        rows.insert(b"closed/open".to_vec(), entry(Kind::File, 0o644, 0, 0));
-        rows.insert(b"closed/deeper".to_vec(), entry(Kind::Dir, 0o755, 0, 0));
-        rows.insert(b"closed/deeper/f".to_vec(), entry(Kind::File, 0o644, 1000, 1000));
+        rows.insert(b"own"[..].into(), entry(Kind::File, 0o600, 1000, 1000));
+        rows.insert(b"root-600"[..].into(), entry(Kind::File, 0o600, 0, 0));
+        rows.insert(b"root-000"[..].into(), entry(Kind::File, 0o000, 0, 0));
+        rows.insert(b"root-644"[..].into(), entry(Kind::File, 0o644, 0, 0));
+        rows.insert(b"group-640"[..].into(), entry(Kind::File, 0o640, 0, 50));
+        rows.insert(b"own-but-004"[..].into(), entry(Kind::File, 0o004, 1000, 1000)); // owner class decides
+        rows.insert(b"closed"[..].into(), entry(Kind::Dir, 0o700, 0, 0));
+        rows.insert(b"closed/open"[..].into(), entry(Kind::File, 0o644, 0, 0));
+        rows.insert(b"closed/deeper"[..].into(), entry(Kind::Dir, 0o755, 0, 0));
+        rows.insert(b"closed/deeper/f"[..].into(), entry(Kind::File, 0o644, 1000, 1000));
         let user = Peer { uid: 1000, gid: 1000, groups: vec![50].into() };
         let stranger = Peer { uid: 2000, gid: 2000, groups: Vec::new().into() };
         let root = Peer { uid: 0, gid: 0, groups: Vec::new().into() };

@@ -205,11 +205,11 @@ impl Captured {
     /// [`Captured::apply_to`], for the paths `within` accepts only.
     pub fn apply_within(&self, current: &mut Manifest, ids: Option<&[i64]>, within: impl Fn(&[u8]) -> bool) {
         for (path, _) in self.ended.iter().filter(|(p, _)| within(p)) {
-            current.remove(path);
+            current.remove(path.as_slice());
         }
         for (i, a) in self.added.iter().enumerate().filter(|(_, a)| within(&a.path)) {
             let id = ids.and_then(|ids| ids.get(i).copied()).unwrap_or(0);
-            current.insert(a.path.clone(), Row { id, meta: a.meta.clone(), key: a.key });
+            current.insert(a.path[..].into(), Row { id, meta: a.meta.clone(), key: a.key });
         }
         // A dry run's live state needs them too: a new link changes the
         // link count of the file's other names, which decides what a
@@ -245,7 +245,7 @@ impl Captured {
     /// compact instead, and returns 0.
     pub fn move_into(&mut self, current: &mut Manifest, ids: &[i64]) -> usize {
         for (path, _) in std::mem::take(&mut self.ended) {
-            current.remove(&path);
+            current.remove(path.as_slice());
         }
         let added = std::mem::take(&mut self.added);
         let inserted = added.len();
@@ -259,7 +259,7 @@ impl Captured {
             let row = Row { id, meta: a.meta, key: a.key };
             match &mut into {
                 Sink::Built(b) => b.insert(a.path, row),
-                Sink::Current(m) => drop(m.insert(a.path, row)),
+                Sink::Current(m) => drop(m.insert(a.path.into(), row)),
             }
         }
         let inserted = match into {
@@ -565,8 +565,8 @@ fn gather(current: &Manifest, prefixes: &[Vec<u8>], walkers: Vec<Walked<'_>>, re
     }
     for prefix in prefixes {
         for (path, row) in subtree(current, prefix) {
-            if !seen.iter().any(|s| s.contains(path.as_slice())) {
-                out.ended.push((path.clone(), row.clone()));
+            if !seen.iter().any(|s| s.contains(path)) {
+                out.ended.push((path.to_vec(), row.clone()));
             }
         }
     }
@@ -752,9 +752,9 @@ impl<'a> Walker<'a> {
             Err(e) => return Err(e).ctx(|| format!("reading {}", show(&path))),
         };
         let live = Live::from_stat(&st, self.opts.racy_after_ns);
-        let known = self.current.get_key_value(&path);
+        let known = self.current.get_key_value(path.as_slice());
         if let Some((key, _)) = known {
-            self.seen.insert(key.as_slice());
+            self.seen.insert(key);
         }
         let unchanged = known.is_some_and(|(_, p)| live.matches(p));
         let prior = if unchanged { None } else { known.map(|(_, p)| p.clone()) };
@@ -943,7 +943,7 @@ pub fn moved_among(root: BorrowedFd<'_>, current: &Manifest, paths: &[Vec<u8>]) 
             if dir.as_ref().is_none_or(|(at, _)| *at != parent) {
                 dir = Some((parent, sys::open_beneath(root, parent).ok()));
             }
-            let same = match (&dir, current.get(path)) {
+            let same = match (&dir, current.get(path.as_slice())) {
                 (Some((_, Some(fd))), Some(row)) => {
                     // The racy instant only marks new keys; a match needs the row's.
                     sys::lstatat(fd.as_fd(), name).is_ok_and(|st| Live::from_stat(&st, i64::MAX).matches(row))
@@ -1032,7 +1032,7 @@ mod tests {
             meta: Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime_ns: 0, target: None, object: None },
             key: StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 },
         };
-        let row = |a: NewRow| (a.path, Row { id: 0, meta: a.meta, key: a.key });
+        let row = |a: NewRow| (a.path.into(), Row { id: 0, meta: a.meta, key: a.key });
         let current: Manifest = (0..1000).map(|i| row(file(format!("old/{i:04}"), 1))).collect();
         let run = |changes: usize| {
             let mut current = current.clone();

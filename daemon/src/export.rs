@@ -97,10 +97,10 @@ fn fill(
             }
             Kind::File => {
                 if let Some(why) = peer.withheld(rows, path) {
-                    out.withheld.push((path.clone(), why));
+                    out.withheld.push((path.to_vec(), why));
                     continue;
                 }
-                let group = group_of.get(path.as_slice()).copied();
+                let group = group_of.get(&path[..]).copied();
                 if let Some(first) = group.and_then(|g| written.get(&g)) {
                     let (first_dir, first_name) = sys::split_parent(first);
                     let from = sys::open_beneath(root, first_dir)?;
@@ -130,7 +130,7 @@ fn fill(
                 out.symlinks += 1;
             }
             Kind::Special => {
-                out.skipped.push((path.clone(), special_kind(meta.mode).into()));
+                out.skipped.push((path.to_vec(), special_kind(meta.mode).into()));
             }
         }
     }

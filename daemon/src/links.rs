@@ -26,11 +26,11 @@ fn group_key(row: &Row) -> Option<GroupKey> {
 }
 
 /// The link groups among `rows`: names of one file, two or more, sorted.
-pub fn groups<'a>(rows: impl IntoIterator<Item = (&'a Vec<u8>, &'a Row)>) -> Vec<Vec<Vec<u8>>> {
+pub fn groups<'a>(rows: impl IntoIterator<Item = (&'a Box<[u8]>, &'a Row)>) -> Vec<Vec<Vec<u8>>> {
     let mut by_key: HashMap<GroupKey, Vec<Vec<u8>>> = HashMap::new();
     for (path, row) in rows {
         if let Some(key) = group_key(row) {
-            by_key.entry(key).or_default().push(path.clone());
+            by_key.entry(key).or_default().push(path.to_vec());
         }
     }
     let mut out: Vec<Vec<Vec<u8>>> = by_key.into_values().filter(|g| g.len() > 1).collect();
@@ -105,14 +105,14 @@ pub fn relink(
         // No name of the difference has others: the common case, at no cost.
         return Ok(forced);
     }
-    let differing: HashSet<Vec<u8>> = target.keys().chain(live.keys()).cloned().collect();
+    let differing: HashSet<Box<[u8]>> = target.keys().chain(live.keys()).cloned().collect();
     for (from_live, inos) in [(false, target_inos), (true, live_inos)] {
         for ino in inos {
             let rows = linked.linked(from_live, ino)?;
             for group in groups(&rows) {
                 // This side's versions of the group, and the other side's.
                 let (this, other) = if from_live { (&*live, &*target) } else { (&*target, &*live) };
-                let other_of = |p: &Vec<u8>| -> Option<Row> {
+                let other_of = |p: &[u8]| -> Option<Row> {
                     if differing.contains(p) {
                         other.get(p).cloned()
                     } else {
@@ -120,21 +120,21 @@ pub fn relink(
                     }
                 };
                 let pairs: Vec<(Vec<u8>, Row, Option<Row>)> =
-                    group.iter().map(|p| (p.clone(), rows[p].clone(), other_of(p))).collect();
+                    group.iter().map(|p| (p.clone(), rows[p.as_slice()].clone(), other_of(p))).collect();
                 if holds(linked, !from_live, &pairs)? {
                     continue;
                 }
                 for (path, here, there) in pairs {
                     let same = there.as_ref().is_some_and(|t| t.meta == here.meta);
-                    if !(differing.contains(&path) || (reach == Reach::Groups && same)) {
+                    if !(differing.contains(path.as_slice()) || (reach == Reach::Groups && same)) {
                         continue;
                     }
                     let (t, l) = if from_live { (there, Some(here)) } else { (Some(here), there) };
                     if let Some(t) = t {
-                        target.insert(path.clone(), t);
+                        target.insert(path[..].into(), t);
                     }
                     if let Some(l) = l {
-                        live.insert(path.clone(), l);
+                        live.insert(path[..].into(), l);
                     }
                     forced.insert(path);
                 }
@@ -183,7 +183,7 @@ mod tests {
     }
 
     fn state(rows: &[(&str, Row)]) -> Manifest {
-        rows.iter().map(|(p, r)| (p.as_bytes().to_vec(), r.clone())).collect()
+        rows.iter().map(|(p, r)| (p.as_bytes().into(), r.clone())).collect()
     }
 
     fn paths(set: &BTreeSet<Vec<u8>>) -> Vec<&str> {
@@ -251,6 +251,6 @@ mod tests {
         let mut l = state(&[("a", file(8, 1, 2)), ("b", file(9, 1, 2))]);
         let forced = relink(&InMemory::new(&target, &live), &mut t, &mut l, Reach::Difference).unwrap();
         assert_eq!(paths(&forced), ["a", "b"]);
-        assert_eq!(t.keys().collect::<Vec<_>>(), [b"a", b"b"]);
+        assert_eq!(t.keys().map(|p| &p[..]).collect::<Vec<_>>(), [b"a", b"b"]);
     }
 }

@@ -59,9 +59,46 @@ pub struct Meta {
     /// with every entry and are not restored).
     pub mtime_ns: i64,
     /// Target of a symlink.
-    pub target: Option<Box<[u8]>>,
+    pub target: Option<Target>,
     /// blake3 of a file's content: the name of its store object.
     pub object: Option<ObjectId>,
+}
+
+/// A symlink's target, behind one pointer: few versions are symlinks,
+/// and a `Box<[u8]>` in every [`Meta`] would make each 8 bytes larger (8
+/// MiB at a million paths).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target(Box<Box<[u8]>>);
+
+impl std::ops::Deref for Target {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&[u8]> for Target {
+    fn from(b: &[u8]) -> Target {
+        Target(Box::new(b.into()))
+    }
+}
+
+impl From<Vec<u8>> for Target {
+    fn from(b: Vec<u8>) -> Target {
+        Target(Box::new(b.into()))
+    }
+}
+
+impl From<Box<[u8]>> for Target {
+    fn from(b: Box<[u8]>) -> Target {
+        Target(Box::new(b))
+    }
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
 }
 
 /// What the live path looked like when it was last compared. Used to decide
@@ -108,9 +145,13 @@ pub struct Row {
     pub key: StatKey,
 }
 
+// What a path costs between checkpoints is mostly its manifest entry: a
+// million paths take 16 MiB more for every 16 bytes added here.
+const _: () = assert!(std::mem::size_of::<(Box<[u8]>, Row)>() <= 120);
+
 /// A sandbox state: relative path to its version, sorted, so that a subtree
 /// is one range.
-pub type Manifest = BTreeMap<Vec<u8>, Row>;
+pub type Manifest = BTreeMap<Box<[u8]>, Row>;
 
 /// Builds a manifest with its nodes full (see [`compact`]) from entries in
 /// any order, without first holding them all in a half-full one: entries
@@ -135,8 +176,8 @@ impl Builder {
     }
 
     /// Inserts an entry; a later entry of the same path replaces it.
-    pub fn insert(&mut self, path: Vec<u8>, row: Row) {
-        self.batch.insert(path, row);
+    pub fn insert(&mut self, path: impl Into<Box<[u8]>>, row: Row) {
+        self.batch.insert(path.into(), row);
         if self.batch.len() >= Self::BATCH {
             let mut merged = std::mem::take(&mut self.batch);
             while let Some(top) = self.levels.last()
@@ -180,18 +221,19 @@ pub fn compact(m: &mut Manifest) {
 }
 
 /// Returns the versions of `prefix` and everything below it.
-pub fn subtree<'a>(m: &'a Manifest, prefix: &[u8]) -> impl Iterator<Item = (&'a Vec<u8>, &'a Row)> + 'a {
+pub fn subtree<'a>(m: &'a Manifest, prefix: &[u8]) -> impl Iterator<Item = (&'a [u8], &'a Row)> + 'a {
     use std::ops::Bound;
-    let (exact, range) = if prefix.is_empty() {
-        (None, (Bound::Unbounded, Bound::Unbounded))
+    let exact = m.get_key_value(prefix).filter(|_| !prefix.is_empty());
+    let below = if prefix.is_empty() {
+        m.range::<[u8], _>(..)
     } else {
         let mut lo = prefix.to_vec();
         lo.push(b'/');
         let mut hi = prefix.to_vec();
         hi.push(b'/' + 1);
-        (m.get_key_value(prefix), (Bound::Included(lo), Bound::Excluded(hi)))
+        m.range::<[u8], _>((Bound::Included(&lo[..]), Bound::Excluded(&hi[..])))
     };
-    exact.into_iter().chain(m.range::<Vec<u8>, _>(range))
+    exact.into_iter().chain(below).map(|(p, r)| (&**p, r))
 }
 
 /// The name of a store object: the blake3 hash of its content, or, for an
@@ -309,7 +351,7 @@ impl Live {
 
     /// Builds the recorded state from this stat plus what had to be read.
     pub fn to_meta(&self, target: Option<Box<[u8]>>, object: Option<ObjectId>) -> Meta {
-        Meta { target, object, ..self.meta.clone() }
+        Meta { target: target.map(Target::from), object, ..self.meta.clone() }
     }
 }
 
@@ -380,7 +422,7 @@ pub(crate) mod tests {
     }
 
     fn ids(m: &Manifest) -> Vec<(&[u8], i64)> {
-        m.iter().map(|(p, r)| (p.as_slice(), r.id)).collect()
+        m.iter().map(|(p, r)| (&p[..], r.id)).collect()
     }
 
     #[test]
@@ -395,7 +437,7 @@ pub(crate) mod tests {
             .enumerate()
             .map(|(id, k)| (format!("d{:03}/f{k:07}.dat", k % 1000).into_bytes(), id as i64))
             .collect();
-        let start: Manifest = entries[..1000].iter().map(|(p, _)| (p.clone(), row(-1))).collect();
+        let start: Manifest = entries[..1000].iter().map(|(p, _)| (p[..].into(), row(-1))).collect();
         let (built, size) = weigh(|| {
             let mut b = Builder::new(start.clone());
             for (p, id) in &entries {
@@ -405,7 +447,7 @@ pub(crate) mod tests {
         });
         // What the entries themselves take; a tree of full nodes adds
         // about a tenth for its inner nodes.
-        let entry = std::mem::size_of::<(Vec<u8>, Row)>();
+        let entry = std::mem::size_of::<(Box<[u8]>, Row)>();
         let floor: usize = built.keys().map(|p| entry + p.len()).sum();
         let full = |bytes: isize| (bytes as f64 / floor as f64) < 1.15;
         assert!(full(size), "built: {size} bytes for {floor} of entries");
@@ -424,7 +466,7 @@ pub(crate) mod tests {
         // The same versions as inserting them all one at a time.
         let mut expected = start;
         for (p, id) in &entries {
-            expected.insert(p.clone(), row(*id));
+            expected.insert(p[..].into(), row(*id));
         }
         assert_eq!(ids(&built), ids(&expected));
     }
@@ -468,9 +510,9 @@ pub(crate) mod tests {
         let m: Manifest = [&b"a"[..], b"a.b", b"a/b", b"a/b/c", b"ab", b"b"]
             .iter()
             .enumerate()
-            .map(|(i, p)| (p.to_vec(), row(i as i64)))
+            .map(|(i, p)| (Box::from(*p), row(i as i64)))
             .collect();
-        let under_a: Vec<&[u8]> = subtree(&m, b"a").map(|(p, _)| p.as_slice()).collect();
+        let under_a: Vec<&[u8]> = subtree(&m, b"a").map(|(p, _)| p).collect();
         assert_eq!(under_a, [&b"a"[..], b"a/b", b"a/b/c"]);
         assert_eq!(subtree(&m, b"").count(), 6);
         assert_eq!(subtree(&m, b"zz").count(), 0);

@@ -82,16 +82,16 @@ impl Plan {
         for (path, t) in target {
             let step = match live.get(path) {
                 None => Step::Create(t.meta.clone()),
-                Some(l) if l.meta == t.meta && !relinked.contains(path) => continue,
+                Some(l) if l.meta == t.meta && !relinked.contains(&path[..]) => continue,
                 Some(l) => Step::Restore { live: l.meta.clone(), target: t.meta.clone() },
             };
             if wanted(path) {
-                steps.insert(path.clone(), step);
+                steps.insert(path.to_vec(), step);
             }
         }
         for (path, l) in live {
             if !target.contains_key(path) && wanted(path) {
-                steps.insert(path.clone(), Step::Delete(l.meta.clone()));
+                steps.insert(path.to_vec(), Step::Delete(l.meta.clone()));
             }
         }
         if !filter.is_empty() {
@@ -109,7 +109,7 @@ impl Plan {
             }
         }
         let written =
-            target.iter().filter(|(p, _)| matches!(steps.get(*p), Some(Step::Create(_) | Step::Restore { .. })));
+            target.iter().filter(|(p, _)| matches!(steps.get(&p[..]), Some(Step::Create(_) | Step::Restore { .. })));
         let links = crate::links::groups(written);
         let relinked = relinked.into_iter().filter(|p| steps.contains_key(p)).collect();
         Plan { steps, links, relinked }

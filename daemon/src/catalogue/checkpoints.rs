@@ -99,7 +99,7 @@ pub fn write_checkpoint(tx: &Transaction<'_>, w: &CheckpointWrite<'_>) -> Result
             st.raw_bind_parameter(at + 7, m.gid)?;
             st.raw_bind_parameter(at + 8, m.size as i64)?;
             st.raw_bind_parameter(at + 9, m.mtime_ns)?;
-            st.raw_bind_parameter(at + 10, &m.target)?;
+            st.raw_bind_parameter(at + 10, m.target.as_deref())?;
             st.raw_bind_parameter(at + 11, m.object.as_ref().map(|o| o.0.as_slice()))?;
             st.raw_bind_parameter(at + 12, r.key.ctime_ns)?;
             st.raw_bind_parameter(at + 13, r.key.ino as i64)?;

@@ -465,7 +465,7 @@ mod tests {
         let current = current_rows(&conn, sb).unwrap();
         assert_eq!(current.len(), 147);
         for (i, (path, id)) in paths.iter().zip(&first).enumerate() {
-            let row = &current[path];
+            let row = &current[&path[..]];
             assert_eq!((row.id, row.meta.object, row.meta.size), (*id, Some(o(i, 1)), i as u64), "{i}");
         }
         // A batch with one version no longer current writes nothing.
@@ -502,11 +502,11 @@ mod tests {
         let current = current_rows(&conn, sb).unwrap();
         assert_eq!(current.len(), 294);
         for (i, (path, id)) in paths.iter().zip(&third).enumerate() {
-            let row = &current[path];
+            let row = &current[&path[..]];
             assert_eq!((row.id, row.meta.object, row.meta.size), (*id, Some(o(i, 3)), 1), "{i}");
         }
         for (i, (path, id)) in others.iter().zip(&second).enumerate() {
-            let row = &current[path];
+            let row = &current[&path[..]];
             assert_eq!((row.id, row.meta.object, row.key), (*id, Some(o(i, 2)), key(i)), "{i}");
         }
         assert_eq!(count_at(&conn, sb, 1).unwrap(), 147);
@@ -524,7 +524,7 @@ mod tests {
         assert!(err.contains("is not current"), "{err}");
         assert_eq!(sandbox_by_id(&conn, sb).unwrap().head_seq, 2);
         let current = current_rows(&conn, sb).unwrap();
-        assert_eq!(current.keys().collect::<Vec<_>>(), [b"a"]);
+        assert_eq!(current.keys().map(|p| &p[..]).collect::<Vec<_>>(), [b"a"]);
         assert_eq!(count_at(&conn, sb, 2).unwrap(), 1);
     }
 

@@ -6,7 +6,7 @@ use super::*;
 pub(super) const ENTRY_COLS: &str =
     "id, path, kind, mode, uid, gid, size, mtime_ns, target, object, ctime_ns, ino, racy, nlink";
 
-pub(super) fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, Row)> {
+pub(super) fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Box<[u8]>, Row)> {
     let kind = Kind::parse(r.get_ref(2)?.as_str()?).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, "unknown entry kind".into())
     })?;
@@ -29,7 +29,7 @@ pub(super) fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>
             gid: r.get(5)?,
             size: r.get::<_, i64>(6)? as u64,
             mtime_ns: r.get(7)?,
-            target: r.get(8)?,
+            target: r.get_ref(8)?.as_blob_or_null()?.map(crate::manifest::Target::from),
             object,
         },
         key: StatKey {
@@ -39,7 +39,7 @@ pub(super) fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>
             nlink: r.get::<_, i64>(13)?.clamp(1, u32::MAX as i64) as u32,
         },
     };
-    Ok((r.get(1)?, row))
+    Ok((Box::from(r.get_ref(1)?.as_blob()?), row))
 }
 
 /// Returns the current version of every path of a sandbox.

@@ -163,7 +163,7 @@ impl Engine {
             return paths.clone();
         }
         let paths: Vec<Vec<u8>> =
-            current.iter().filter(|(_, r)| has_other_names(&r.meta, &r.key)).map(|(p, _)| p.clone()).collect();
+            current.iter().filter(|(_, r)| has_other_names(&r.meta, &r.key)).map(|(p, _)| p.to_vec()).collect();
         cache.insert(sandbox_id, (seq, paths.clone()));
         paths
     }
@@ -485,7 +485,7 @@ impl Engine {
             }
         }
         if !inodes.is_empty() {
-            names.extend(names_of(current, &inodes).cloned());
+            names.extend(names_of(current, &inodes).map(<[u8]>::to_vec));
         }
         Unread::Paths(names)
     }
@@ -726,7 +726,7 @@ pub(super) fn other_names(
     if linked.is_empty() {
         return Vec::new();
     }
-    names_of(current, &linked).filter(|p| !read.contains(p.as_slice()) && !asked.contains(*p)).cloned().collect()
+    names_of(current, &linked).filter(|p| !read.contains(p) && !asked.contains(*p)).map(<[u8]>::to_vec).collect()
 }
 
 /// The recorded files of `current` whose inode is one of `inodes`: a pass
@@ -734,8 +734,8 @@ pub(super) fn other_names(
 fn names_of<'a>(
     current: &'a Manifest,
     inodes: &'a std::collections::HashSet<u64>,
-) -> impl Iterator<Item = &'a Vec<u8>> + 'a {
-    current.iter().filter(|(_, r)| r.meta.kind == Kind::File && inodes.contains(&r.key.ino)).map(|(p, _)| p)
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    current.iter().filter(|(_, r)| r.meta.kind == Kind::File && inodes.contains(&r.key.ino)).map(|(p, _)| &p[..])
 }
 
 /// What a checkpoint holds, by kind: its files, directories and symlinks,
@@ -808,7 +808,7 @@ fn state_within(current: &Manifest, captured: &Captured, prefixes: &[Vec<u8>]) -
     let mut state: Manifest = prefixes
         .iter()
         .flat_map(|p| crate::manifest::subtree(current, p))
-        .map(|(path, row)| (path.clone(), row.clone()))
+        .map(|(path, row)| (Box::from(path), row.clone()))
         .collect();
     captured.apply_within(&mut state, None, within);
     state

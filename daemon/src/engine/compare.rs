@@ -267,10 +267,10 @@ fn pairs<'m>(
     old: &'m Manifest,
     new: &'m Manifest,
 ) -> impl Iterator<Item = (&'m [u8], Option<&'m Row>, Option<&'m Row>)> {
-    let mut paths: Vec<&'m Vec<u8>> = old.keys().chain(new.keys()).collect();
+    let mut paths: Vec<&'m [u8]> = old.keys().chain(new.keys()).map(|p| &p[..]).collect();
     paths.sort_unstable();
     paths.dedup();
-    paths.into_iter().map(|p| (p.as_slice(), old.get(p), new.get(p)))
+    paths.into_iter().map(|p| (p, old.get(p), new.get(p)))
 }
 
 /// What differs between two versions of one kind.

@@ -55,8 +55,8 @@ impl Engine {
         let Desired { present, absent, relinked } = intent_desired(conn, &sandbox, intent)?;
         let live = self.live_state(conn, &sandbox)?;
         let wanted: std::collections::HashSet<&[u8]> =
-            present.keys().map(Vec::as_slice).chain(absent.iter().map(Vec::as_slice)).collect();
-        let live_side: Manifest = live.into_iter().filter(|(p, _)| wanted.contains(p.as_slice())).collect();
+            present.keys().map(|p| &p[..]).chain(absent.iter().map(Vec::as_slice)).collect();
+        let live_side: Manifest = live.into_iter().filter(|(p, _)| wanted.contains(&p[..])).collect();
         let excludes = Excludes::new(&sandbox.excludes)?;
         let plan = Plan::new(&present, &live_side, &[], &excludes, relinked);
         let store = self.store(&sandbox.store)?;
@@ -69,7 +69,7 @@ impl Engine {
         let skipped: std::collections::HashSet<&[u8]> = applied.skipped.iter().map(Vec::as_slice).collect();
         let desired = present
             .iter()
-            .map(|(p, r)| (p.as_slice(), Some(&r.meta)))
+            .map(|(p, r)| (&p[..], Some(&r.meta)))
             .chain(absent.iter().map(|p| (p.as_slice(), None)))
             .filter(|(p, _)| !skipped.contains(p));
         let reason = format!("{} to {}, finished at start", intent.kind, intent.target);
@@ -121,7 +121,7 @@ pub(super) fn intent_desired(conn: &Connection, sandbox: &Sandbox, intent: &cata
         match meta {
             Some(meta) => {
                 let key = crate::manifest::StatKey { ctime_ns: 0, ino: 0, racy: false, nlink: 1 };
-                present.insert(path.to_vec(), crate::manifest::Row { id: 0, meta: meta.clone(), key });
+                present.insert(path.into(), crate::manifest::Row { id: 0, meta: meta.clone(), key });
             }
             None => absent.push(path.to_vec()),
         }
@@ -130,7 +130,7 @@ pub(super) fn intent_desired(conn: &Connection, sandbox: &Sandbox, intent: &cata
     // again from these finds the same groups.
     for (i, group) in plan.links.iter().enumerate() {
         for path in group {
-            if let Some(row) = present.get_mut(path) {
+            if let Some(row) = present.get_mut(path.as_slice()) {
                 row.key = crate::manifest::StatKey { ctime_ns: 0, ino: i as u64 + 1, racy: false, nlink: 2 };
             }
         }

@@ -284,11 +284,11 @@ impl Engine {
             let gone = ended.iter().map(|(p, ..)| p.as_slice());
             self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &added, &[]);
             for (path, ..) in &ended {
-                current.remove(path);
+                current.remove(path.as_slice());
             }
             let inserted = added.len();
             for (row, id) in added.into_iter().zip(ids) {
-                current.insert(row.path, crate::manifest::Row { id, meta: row.meta, key: row.key });
+                current.insert(row.path.into(), crate::manifest::Row { id, meta: row.meta, key: row.key });
             }
             self.put_manifest(sb.id, info.seq, current, inserted);
             Ok::<_, Error>(Some(info))
@@ -451,7 +451,7 @@ pub(super) fn plan_revert(
     };
     let conflicts: Vec<Vec<u8>> = step_paths
         .iter()
-        .filter(|p| later.contains(*p) || (before.contains_key(*p) && dir_gone_later(p)))
+        .filter(|p| later.contains(*p) || (before.contains_key(p.as_slice()) && dir_gone_later(p)))
         .cloned()
         .collect();
     if !conflicts.is_empty() && !force {
@@ -460,12 +460,12 @@ pub(super) fn plan_revert(
     let mut target = Manifest::default();
     let mut live = Manifest::default();
     for p in &step_paths {
-        if let Some(row) = before.get(p) {
-            target.insert(p.clone(), row.clone());
+        if let Some(row) = before.get(p.as_slice()) {
+            target.insert(p[..].into(), row.clone());
         }
-        let at_now = if later.contains(p) { now.get(p) } else { after.get(p) };
+        let at_now = if later.contains(p) { now.get(p.as_slice()) } else { after.get(p.as_slice()) };
         if let Some(row) = at_now {
-            live.insert(p.clone(), row.clone());
+            live.insert(p[..].into(), row.clone());
         }
     }
     let relinked = crate::links::relink(linked, &mut target, &mut live, crate::links::Reach::Difference)?;
@@ -696,8 +696,8 @@ pub(super) fn changed_paths(a: &Manifest, b: &Manifest) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = a
         .iter()
         .filter(|(p, r)| b.get(*p).is_none_or(|o| o.meta != r.meta))
-        .map(|(p, _)| p.clone())
-        .chain(b.keys().filter(|p| !a.contains_key(*p)).cloned())
+        .map(|(p, _)| p.to_vec())
+        .chain(b.keys().filter(|p| !a.contains_key(*p)).map(|p| p.to_vec()))
         .collect();
     out.sort();
     out.dedup();
