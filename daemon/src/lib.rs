@@ -108,6 +108,7 @@ pub fn run<F: std::future::Future<Output = ()> + Send>(
     shutdown: impl FnOnce() -> F,
 ) -> std::result::Result<(), StartError> {
     raise_fd_limit();
+    engine::set_heap_thresholds();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

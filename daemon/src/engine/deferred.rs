@@ -91,6 +91,38 @@ fn give_back_memory() {
     }
 }
 
+/// Fixes glibc's two heap thresholds, unless the environment sets either
+/// (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`): called once, before
+/// the daemon's threads start. Left to adjust themselves, the mmap
+/// threshold rises to the largest mapped block freed (up to 32 MiB) and
+/// the trim threshold to twice that, so the heap of each thread a capture
+/// started kept at its top what the thread freed, about 5 MiB each after
+/// a first checkpoint of a million files where the store cannot clone,
+/// long after the thread ended; [`give_back_memory`] cannot reach those
+/// tops (`malloc_trim` shrinks the main heap's only). Fixed, a block of
+/// 4 MiB or more is a mapping of its own (a vector grown past that moves
+/// by `mremap`, without a copy), and a heap gives back its top once more
+/// than 1 MiB of it is free. Lower thresholds were measured, and cost
+/// every checkpoint the faults of a heap shrunk and grown again (see
+/// docs/benchmarks.md).
+pub(crate) fn set_heap_thresholds() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        if ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"].iter().any(|v| std::env::var_os(v).is_some()) {
+            return;
+        }
+        // SAFETY: mallopt only changes the allocator's parameters.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int);
+        }
+    }
+}
+
+/// See [`set_heap_thresholds`].
+const MMAP_THRESHOLD: usize = 4 << 20;
+const TRIM_THRESHOLD: usize = 1 << 20;
+
 thread_local! {
     /// The work deferred by the request running on this thread, if one
     /// is (see [`Engine::handle`]).

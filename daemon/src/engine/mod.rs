@@ -53,6 +53,7 @@ mod watches;
 pub use admin::daemon_name;
 use checkpoint::*;
 pub use deferred::After;
+pub(crate) use deferred::set_heap_thresholds;
 use deferred::*;
 use plans::*;
 use pruner::*;
@@ -575,7 +576,7 @@ mod tests {
         let sparse = || {
             let mut m = Manifest::new();
             for i in 0..10_000 {
-                m.insert(format!("d/f{i:05}").into_bytes(), row(i));
+                m.insert(format!("d/f{i:05}").into_bytes().into(), row(i));
             }
             m
         };
@@ -694,7 +695,7 @@ mod tests {
         assert_eq!(third.seq, 3);
         let conn = engine.db().unwrap();
         let current = catalogue::current_rows(&conn, 1).unwrap();
-        assert_eq!(current.keys().collect::<Vec<_>>(), [b"a"]);
+        assert_eq!(current.keys().map(|p| &p[..]).collect::<Vec<_>>(), [b"a"]);
         assert_eq!(current[&b"a"[..]].meta.size, 5, "the third checkpoint holds `three`");
         assert_eq!(catalogue::count_at(&conn, 1, 3).unwrap(), 1);
     }
