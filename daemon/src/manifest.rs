@@ -83,12 +83,6 @@ impl From<&[u8]> for Target {
     }
 }
 
-impl From<Vec<u8>> for Target {
-    fn from(b: Vec<u8>) -> Target {
-        Target(Box::new(b.into()))
-    }
-}
-
 impl From<Box<[u8]>> for Target {
     fn from(b: Box<[u8]>) -> Target {
         Target(Box::new(b))
