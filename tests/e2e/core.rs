@@ -515,6 +515,32 @@ fn rusqlite_count(db: &Path) -> i64 {
 }
 
 #[test]
+fn the_restore_checkpoint_written_after_the_answer_is_seen_by_the_next_request() {
+    // A rollback's `restore` checkpoint is written after its answer. With
+    // the daemon's own background writer held back by a test hook, the
+    // requests that come next write it first: `list` shows it, and the
+    // next checkpoint follows it.
+    let d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
+    let sb = d.path("sb");
+    write(&sb.join("f"), "a");
+    d.add_sandbox("sb", &sb, &[]);
+    let c1 = d.checkpoint("sb");
+    write(&sb.join("f"), "b");
+    write(&sb.join("new"), "made after c1");
+    let held = d.state_dir.join("hold-records");
+    std::fs::write(&held, b"").unwrap();
+    let restore = d.rollback(&c1).restore_checkpoint.expect("a restore checkpoint");
+    let listed = d.list(&["sb"]);
+    let last = listed.last().unwrap();
+    assert_eq!((&last.id, last.kind), (&restore, snapback::proto::CheckpointKind::Restore), "{listed:?}");
+    write(&sb.join("f"), "c");
+    let next: snapback::proto::CheckpointInfo = d.answer(&["checkpoint", "sb"]);
+    assert_eq!((next.parent.as_deref(), next.changed), (Some(restore.as_str()), 1), "{next:?}");
+    std::fs::remove_file(&held).unwrap();
+    d.assert_verified();
+}
+
+#[test]
 fn the_step_after_a_rollback_holds_that_step_only() {
     let d = TestDaemon::start();
     let sb = d.path("sb");

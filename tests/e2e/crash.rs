@@ -208,6 +208,45 @@ fn restores_stopped_after_their_safety_checkpoint_are_finished_at_restart() {
 }
 
 #[test]
+fn a_restore_stopped_before_its_record_is_recorded_at_restart_and_not_applied_again() {
+    // A rollback is answered once its files are back, and its `restore`
+    // checkpoint written just after. A daemon stopped in between (a test
+    // hook ends it there) writes that record at its next start, under the
+    // id the answer gave, and applies nothing again: the agent's write
+    // made after the answer survives, and is the next step.
+    let mut d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
+    let sb = d.path("sb");
+    write(&sb.join("a/x.txt"), "x1");
+    write(&sb.join("b/y.txt"), "y1");
+    d.add_sandbox("sb", &sb, &[]);
+    let first = d.checkpoint("sb");
+    write(&sb.join("a/x.txt"), "x2");
+    write(&sb.join("a/new.txt"), "new");
+    let hook = d.state_dir.join("stop-before-record");
+    std::fs::write(&hook, b"").unwrap();
+    let recorded = d.rollback(&first).restore_checkpoint.expect("the answer names the restore checkpoint");
+    let stopped = d.stop().expect("the daemon was running");
+    assert_eq!(stopped.code(), Some(70), "the daemon did not stop at the hook");
+    assert!(!hook.exists());
+    let read = |p: &str| std::fs::read_to_string(sb.join(p)).ok();
+    assert_eq!((read("a/x.txt"), read("a/new.txt")), (Some("x1".to_owned()), None));
+
+    write(&sb.join("a/x.txt"), "the agent's next step");
+    d.restart();
+    assert_eq!(read("a/x.txt").as_deref(), Some("the agent's next step"), "the rollback was applied again");
+    let last = d.list(&["sb"]).pop().unwrap();
+    assert_eq!((&last.id, last.kind), (&recorded, snapback::proto::CheckpointKind::Restore), "{last:?}");
+    let next: snapback::proto::CheckpointInfo = d.answer(&["checkpoint", "sb"]);
+    assert_eq!((next.parent.as_deref(), next.changed), (Some(recorded.as_str()), 1), "{next:?}");
+    let step = d.json(&["diff", &recorded, &next.id]);
+    let changes = step["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{step}");
+    assert_eq!(changes[0]["path"]["text"], "a/x.txt", "{step}");
+    assert!(d.status().sandboxes[0].recovery.is_none(), "an answered rollback left a recovery note");
+    d.assert_verified();
+}
+
+#[test]
 fn a_checkpoint_whose_pack_was_never_recorded_is_whole_after_a_kill() {
     // A watched checkpoint's small files go into a pack that the pack index
     // records after the answer. Held there by a test hook, a daemon killed

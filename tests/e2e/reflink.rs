@@ -148,6 +148,9 @@ fn objects_cloned_unread_are_named_after_the_answer(fs: &str) {
     assert_eq!(std::fs::read(sandbox.join("same1")).unwrap(), b"equal content");
     assert_eq!(std::fs::read(sandbox.join("big.bin")).unwrap(), big);
     assert_eq!(std::fs::read(&odd).unwrap(), b"latin-1 name");
+    // The rollback's `restore` checkpoint is written after its answer, and
+    // before any request that follows is answered.
+    assert_eq!(d.list(&["u"]).last().map(|c| c.kind), Some(snapback::proto::CheckpointKind::Restore));
     let (versions, objects) = unhashed(&db);
     assert_eq!((versions, objects), (files + 3, files + 3), "{fs}: the restored versions hold clones of their own");
 

@@ -15,9 +15,12 @@ pub struct Intent {
     pub safety: Option<String>,
     pub state: IntentState,
     pub note: Option<String>,
+    /// Set once its plan was applied and answered: the id of its
+    /// `restore` checkpoint, which is all that is still to write.
+    pub record: Option<String>,
 }
 
-pub(super) const INTENT_COLS: &str = "id, sandbox_id, kind, target, filter, force, safety, state, note";
+pub(super) const INTENT_COLS: &str = "id, sandbox_id, kind, target, filter, force, safety, state, note, record";
 
 pub(super) fn intent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Intent> {
     let id: i64 = r.get(0)?;
@@ -32,6 +35,7 @@ pub(super) fn intent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Intent>
         safety: r.get(6)?,
         state: column(r, 7, "intents", id, "state")?,
         note: r.get(8)?,
+        record: r.get(9)?,
     })
 }
 
@@ -84,6 +88,15 @@ pub fn intent_paths(conn: &Connection, id: i64) -> Result<(Manifest, Vec<Vec<u8>
         }
     }
     Ok((present, absent))
+}
+
+/// Marks an applying restore's plan as applied, its state to be recorded
+/// as checkpoint `record`: at the next start it is recorded, not applied
+/// again (see migration 0017).
+pub fn intent_applied(conn: &Connection, id: i64, record: &str, now_ms: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE intents SET record = ?2, updated_ms = ?3 WHERE id = ?1")?
+        .execute(params![id, record, now_ms])?;
+    Ok(())
 }
 
 /// Deletes a finished restore's intent.

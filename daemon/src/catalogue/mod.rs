@@ -59,6 +59,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0014_directory_index.sql", include_str!("../../../migrations/0014_directory_index.sql")),
     ("0015_stored_bytes.sql", include_str!("../../../migrations/0015_stored_bytes.sql")),
     ("0016_unhashed_objects.sql", include_str!("../../../migrations/0016_unhashed_objects.sql")),
+    ("0017_applied_intents.sql", include_str!("../../../migrations/0017_applied_intents.sql")),
 ];
 
 /// The schema version this build writes.

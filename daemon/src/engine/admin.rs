@@ -29,7 +29,7 @@ impl Engine {
             }
         }
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         let rows = catalogue::rows_at(&conn, sandbox.id, c.info.seq)?;
         let store = self.store(&sandbox.store)?;
         let report = access::with_caller_creds(peer, |acting| {

@@ -52,7 +52,7 @@ impl Engine {
             check_plan_open(&conn, plan, &sb)?;
         }
         let guard = self.sandbox_lock(sb.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sb.id, &guard);
         let new = NewCheckpoint { plan, reason, tool, phase, labels, kind, pinned: pin };
         self.take(&mut conn, sb.id, new)
     }

@@ -129,6 +129,11 @@ thread_local! {
     pub(super) static DEFERRED: std::cell::RefCell<Option<Vec<Later>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Whether a request runs on this thread, whose answer work can wait for.
+pub(super) fn deferring() -> bool {
+    DEFERRED.with_borrow(Option::is_some)
+}
+
 /// Work a request left for after its answer: run when dropped.
 pub struct After {
     pub(super) engine: Arc<Engine>,

@@ -207,7 +207,7 @@ impl Engine {
     ) -> Result<usize> {
         let mut done = Vec::new();
         let guard = self.sandbox_lock(sandbox_id);
-        let held = lock(&guard);
+        let held = self.hold(sandbox_id, &guard);
         let storing = store.gc_lock.read().unwrap_or_else(|p| p.into_inner());
         {
             let mut conn = self.db()?;

@@ -44,6 +44,7 @@ mod hasher;
 mod plans;
 mod preview;
 mod pruner;
+mod record;
 mod recovery;
 mod review;
 mod rollback;
@@ -57,6 +58,7 @@ pub(crate) use deferred::set_heap_thresholds;
 use deferred::*;
 use plans::*;
 use pruner::*;
+use record::*;
 use rollback::*;
 use sandboxes::*;
 
@@ -431,8 +433,9 @@ impl Engine {
     }
 
     fn answer(&self, peer: &Peer, request: Request) -> Result<Response> {
-        // Every request sees the retention of the checkpoints answered
-        // before it.
+        // Every request sees the restore checkpoints of the restores, and
+        // the retention of the checkpoints, answered before it.
+        self.settle_records();
         self.settle_retention();
         let result = match request {
             Request::Hello(_) => Err(Error::InvalidRequest("hello was already exchanged".into())),

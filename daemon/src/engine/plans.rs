@@ -40,7 +40,7 @@ impl Engine {
         let conn = self.db()?;
         let (_, sandbox) = self.plan_ref(&conn, peer, id)?;
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         if !catalogue::close_plan(&conn, id, state, now_ns() / 1_000_000)? {
             let (plan, _) = self.plan_ref(&conn, peer, id)?;
             return Err(Error::InvalidRequest(format!(
@@ -67,7 +67,7 @@ impl Engine {
         let sandbox = self.active_sandbox(&conn, peer, &sandbox.name)?;
         let filter = rollback_filter(&sandbox, &req.paths)?;
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         // The guard reads the catalogue under the sandbox's lock.
         refuse_if_applied(&conn, &req.plan)?;
         match req.dry_run {

@@ -76,6 +76,7 @@ impl Engine {
         loop {
             let mut owed = lock(&self.pruner.owed);
             while owed.sandboxes.is_empty()
+                && owed.records.is_empty()
                 && !owed.stopped
                 && collecting.is_none()
                 && owed.stores.is_empty()
@@ -100,6 +101,8 @@ impl Engine {
             }
             let (stopped, hash) = (owed.stopped, Self::hashing_owed(&owed));
             drop(owed);
+            self.hold_records_hook();
+            self.settle_records();
             self.settle_retention();
             if stopped {
                 self.fold_held();
@@ -148,7 +151,7 @@ impl Engine {
     /// objects nothing references, which a failed removal may have left.
     pub(super) fn retain_now(&self, sandbox_id: i64, sweep: bool) -> Result<()> {
         let guard = self.sandbox_lock(sandbox_id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox_id, &guard);
         let mut conn = self.db()?;
         let sb = match catalogue::sandbox_by_id(&conn, sandbox_id) {
             Ok(sb) if sb.state == SandboxState::Active => sb,
@@ -170,7 +173,7 @@ impl Engine {
         let mut conn = self.db()?;
         let sandbox = self.sandbox_ref(&conn, peer, &req.sandbox)?;
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         let mut policy = self.pruner.policy.policy(&sandbox.name);
         if let Some(n) = req.keep_last {
             policy.keep_last = n;
@@ -290,6 +293,9 @@ pub(super) struct Owed {
     /// to what the sandboxes hold are not folded into their counters yet
     /// (see [`Engine::fold_held`]).
     pub(super) unfolded: u64,
+    /// The `restore` checkpoints of restores already answered, by sandbox
+    /// (see `record.rs`); emptied while one is being written.
+    pub(super) records: std::collections::BTreeMap<i64, Option<OwedRecord>>,
 }
 
 /// How many writes of versions the pruner lets go unfolded while requests

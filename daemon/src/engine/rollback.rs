@@ -1,5 +1,5 @@
-//! Restores: rollback, revert and undo, their plans, applying a plan and
-//! recording the state it left as a `restore` checkpoint.
+//! Restores: rollback, revert and undo, their plans, and applying a plan
+//! (the `restore` checkpoint of the state it left: `record.rs`).
 
 use super::*;
 
@@ -10,7 +10,7 @@ impl Engine {
         let sandbox = self.active_sandbox_by_id(&conn, peer, target.sandbox_id)?;
         let filter = rollback_filter(&sandbox, &req.paths)?;
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         match req.dry_run {
             true => self.preview_restore(&mut conn, peer, &sandbox, &target, &filter),
             false => self.restore_to(&mut conn, Restoring::rollback(&sandbox, &target, &filter)),
@@ -159,6 +159,8 @@ impl Engine {
     /// failure, and a second rollback finishes the job.
     pub(super) fn close_intent(&self, conn: &Connection, intent: i64, result: &Result<RollbackReport>) {
         let closed = match result {
+            // The commit of its record, after the answer, ends it.
+            Ok(_) if self.record_owed_for(intent) => Ok(()),
             Ok(_) => catalogue::finish_intent(conn, intent),
             Err(e) => catalogue::intent(conn, intent).and_then(|found| match found {
                 Some(i) if i.state == IntentState::Applying => {
@@ -174,9 +176,9 @@ impl Engine {
         }
     }
 
-    /// Applies a restore plan whose safety checkpoint is written, records
-    /// the state it left (see [`Engine::record_restored`]), and builds the
-    /// report. `target_id` is the checkpoint restored to, and `total` the
+    /// Applies a restore plan whose safety checkpoint is written, makes the
+    /// record of the state it left and leaves it to write after the answer
+    /// (see `record.rs`), and builds the report. `target_id` is the checkpoint restored to, and `total` the
     /// number of its paths the plan covers.
     pub(super) fn apply_plan(
         &self,
@@ -200,7 +202,13 @@ impl Engine {
             false => format!("{label} to {target_id}, after {}", safety.id),
         };
         let linking = plan.linking();
-        let recorded = self.record_restored(conn, sandbox, desired, &linking, root.as_fd(), (reason, closes));
+        // Written after the answer: the state it records is the one the
+        // plan wrote, whatever the agent does next (see `record.rs`).
+        let recorded = restored_record(desired, &linking, root.as_fd(), (reason, closes));
+        let restore_checkpoint = recorded.as_ref().map(|r| r.id().to_owned());
+        if let Some(owed) = recorded {
+            self.owe_record(conn, sandbox.id, owed);
+        }
         tracing::debug!(sandbox = %sandbox.name, apply_ms, record_ms = ms_since(started) - apply_ms, "restore applied");
         if !applied.cloned.is_empty() {
             // After the answer, on a thread of its own: the answer does not
@@ -210,93 +218,9 @@ impl Engine {
         let mut report = plan_report(sandbox, plan, target_id, total);
         report.dry_run = false;
         report.safety_checkpoint = Some(safety.id.clone());
-        report.restore_checkpoint = recorded.map(|c| c.id);
+        report.restore_checkpoint = restore_checkpoint;
         report.skipped = applied.skipped.into_iter().map(WirePath).collect();
         Ok(report)
-    }
-
-    /// Records the state a restore left as the sandbox's newest
-    /// checkpoint, of kind `restore`: the head's versions, with `desired`
-    /// (each path's restored version, or `None` for a path removed) put in
-    /// place. So the next checkpoint, and a revert of it, hold the next step
-    /// only, while `undo` still goes back to the safety checkpoint before
-    /// the restore. Nothing is read again: the versions are the ones the
-    /// restore wrote, and each file's stat is taken now, marked racy, so
-    /// the next checkpoint reads again any of them that got an event. Paths
-    /// that already hold their version write nothing; a restore that
-    /// changed nothing records no checkpoint. A failure is logged: the
-    /// restore is done, and the next checkpoint then counts its changes, as
-    /// it would without this record. `reason` is the checkpoint's, and its
-    /// commit ends the intent `closes`, if any.
-    pub(super) fn record_restored<'a>(
-        &self,
-        conn: &mut Connection,
-        sandbox: &Sandbox,
-        desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
-        linking: &std::collections::HashSet<&[u8]>,
-        root: std::os::fd::BorrowedFd<'_>,
-        (reason, closes): (String, Option<i64>),
-    ) -> Option<CheckpointInfo> {
-        let recorded = (|| {
-            let sb = catalogue::sandbox_by_id(conn, sandbox.id)?;
-            let mut current = self.take_manifest(conn, &sb)?;
-            let (ended, mut added) = restored_versions(&current, desired, linking, root);
-            if ended.is_empty() && added.is_empty() {
-                self.put_manifest(sb.id, sb.head_seq, current, 0);
-                return Ok(None);
-            }
-            // One version to an unhashed object (see `hasher.rs`): a
-            // restored version of one takes a clone of its own. Only then is
-            // the store's collection lock taken, from the clones until the
-            // commit references them.
-            let unhashed = |row: &catalogue::NewRow| row.meta.object.is_some_and(|o| o.is_unhashed());
-            let store = match added.iter().any(unhashed) {
-                true => Some(self.store(&sb.store)?),
-                false => None,
-            };
-            let _storing = store.as_ref().map(|s| s.gc_lock.read().unwrap_or_else(|p| p.into_inner()));
-            if let Some(store) = &store {
-                for row in &mut added {
-                    if let Some(id) = row.meta.object.filter(|o| o.is_unhashed()) {
-                        let clone = store.clone_unhashed(&id).ctx(|| format!("cloning the object {id}"))?;
-                        row.meta.object = Some(clone);
-                    }
-                }
-            }
-            let parent = catalogue::checkpoint_at(conn, sb.id, sb.head_seq)?;
-            let info = restore_info(&sb, parent, (&ended, &added), reason);
-            let ended_ids: Vec<i64> = ended.iter().map(|(_, id, ..)| *id).collect();
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let write = CheckpointWrite {
-                info: &info,
-                sandbox_id: sb.id,
-                scan_start_ns: now_ns(),
-                ended: &ended_ids,
-                added: &added,
-                rekeyed: &[],
-            };
-            let ids = catalogue::write_checkpoint(&tx, &write)?;
-            if let Some(intent) = closes {
-                // The restore is done: one commit ends its intent too.
-                catalogue::finish_intent(&tx, intent)?;
-            }
-            tx.commit()?;
-            let gone = ended.iter().map(|(p, ..)| p.as_slice());
-            self.update_shared_names(sb.id, (sb.head_seq, info.seq), gone, &added, &[]);
-            for (path, ..) in &ended {
-                current.remove(path.as_slice());
-            }
-            let inserted = added.len();
-            for (row, id) in added.into_iter().zip(ids) {
-                current.insert(row.path.into(), crate::manifest::Row { id, meta: row.meta, key: row.key });
-            }
-            self.put_manifest(sb.id, info.seq, current, inserted);
-            Ok::<_, Error>(Some(info))
-        })();
-        recorded.unwrap_or_else(|e| {
-            tracing::warn!(sandbox = %sandbox.name, "recording the restored state: {e}");
-            None
-        })
     }
 
     pub(super) fn revert(&self, peer: &Peer, req: RevertRequest) -> Result<RollbackReport> {
@@ -304,7 +228,7 @@ impl Engine {
         let mut conn = self.db()?;
         let sandbox = self.active_sandbox_by_id(&conn, peer, step.sandbox_id)?;
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         let step = still_there(&conn, &step)?;
         if let Some(plan) = &step.info.plan {
             refuse_if_applied(&conn, plan)?;
@@ -359,7 +283,7 @@ impl Engine {
         let mut conn = self.db()?;
         let sandbox = self.active_sandbox(&conn, peer, &req.sandbox)?;
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         let (kind, target, safety) = catalogue::latest_rollback(&conn, sandbox.id)?.ok_or_else(|| {
             Error::NotFound(format!("nothing to undo: {} has had no rollback or revert", sandbox.name))
         })?;
@@ -509,98 +433,6 @@ pub(super) fn restore_label(safety_reason: &Option<String>) -> &str {
     reason.split(" to ").next().unwrap_or(reason)
 }
 
-/// A restore being applied (not a dry run): its safety checkpoint, and the
-/// intent its restore checkpoint ends, if it is the one to.
-/// A head version a restore ended: its path, id, kind and size.
-type EndedVersion = (Vec<u8>, i64, Kind, u64);
-
-/// The versions a restore changed, against the head's (`current`): those
-/// it ended and those it wrote (`desired`: each path's restored version,
-/// or `None` for a path removed). Paths that already hold their version
-/// are left out, unless written for their links (`linking`).
-fn restored_versions<'a>(
-    current: &Manifest,
-    desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
-    linking: &std::collections::HashSet<&[u8]>,
-    root: std::os::fd::BorrowedFd<'_>,
-) -> (Vec<EndedVersion>, Vec<catalogue::NewRow>) {
-    let mut ended = Vec::new();
-    let mut added = Vec::new();
-    for (path, want) in desired {
-        let have = current.get(path);
-        // A path written for its links alone gets a version for its new
-        // inode.
-        if have.map(|r| &r.meta) == want && !linking.contains(path) {
-            continue;
-        }
-        if let Some(r) = have {
-            ended.push((path.to_vec(), r.id, r.meta.kind, r.meta.size));
-        }
-        if let Some(meta) = want {
-            let key = restored_key(root, path, linking.contains(path));
-            added.push(catalogue::NewRow { path: path.to_vec(), meta: meta.clone(), key });
-        }
-    }
-    (ended, added)
-}
-
-/// The stat key of a path a restore wrote. Racy: the next checkpoint that
-/// meets it reads it again (its own writes are events for the watcher).
-/// Only names of one file (`linked`) need their inode now, to be found as
-/// such; every other file a restore writes has one name.
-fn restored_key(root: std::os::fd::BorrowedFd<'_>, path: &[u8], linked: bool) -> StatKey {
-    let unknown = StatKey { ctime_ns: 0, ino: 0, racy: true, nlink: 1 };
-    if !linked {
-        return unknown;
-    }
-    match sys::lstat_beneath(root, path) {
-        Ok(st) => StatKey::of(&st, true),
-        Err(_) => unknown,
-    }
-}
-
-/// The record of the `restore` checkpoint after `parent` that ends and
-/// adds these versions.
-fn restore_info(
-    sb: &Sandbox,
-    parent: Option<Checkpoint>,
-    (ended, added): (&[EndedVersion], &[catalogue::NewRow]),
-    reason: String,
-) -> CheckpointInfo {
-    let counts = Counts::after(
-        parent.as_ref(),
-        ended.iter().map(|(_, _, kind, size)| (*kind, *size)),
-        added.iter().map(|a| (a.meta.kind, a.meta.size)),
-    );
-    let mut changed: Vec<&[u8]> =
-        ended.iter().map(|(p, ..)| p.as_slice()).chain(added.iter().map(|a| a.path.as_slice())).collect();
-    changed.sort();
-    changed.dedup();
-    CheckpointInfo {
-        id: ulid::Ulid::new().to_string(),
-        sandbox: sb.name.clone(),
-        seq: sb.head_seq + 1,
-        parent: parent.map(|p| p.info.id),
-        plan: None,
-        reason: Some(reason),
-        tool: None,
-        phase: None,
-        labels: Default::default(),
-        kind: CheckpointKind::Restore,
-        pinned: false,
-        created_unix_ms: now_ns() / 1_000_000,
-        files: counts.files,
-        dirs: counts.dirs,
-        symlinks: counts.symlinks,
-        bytes: counts.bytes,
-        changed: changed.len() as u64,
-        exclusive_bytes: None,
-        scanned: None,
-        full_scan: None,
-        broken: None,
-    }
-}
-
 /// What a restore would do, as a dry run reports it: `total` is the number
 /// of target paths the plan covers.
 pub(super) fn plan_report(sandbox: &Sandbox, plan: &Plan, target_id: &str, total: u64) -> RollbackReport {
@@ -645,6 +477,8 @@ impl<'a> Restoring<'a> {
     }
 }
 
+/// A restore being applied (not a dry run): its safety checkpoint, and the
+/// intent its restore checkpoint ends, if it is the one to.
 pub(super) struct Applying<'a> {
     pub(super) safety: &'a CheckpointInfo,
     pub(super) closes: Option<i64>,
@@ -653,8 +487,9 @@ pub(super) struct Applying<'a> {
 /// Who ends a restore's intent once the restore is done.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum IntentEnd {
-    /// The commit of its restore checkpoint (one commit for both); the
-    /// request's own close finds it gone.
+    /// The commit of its restore checkpoint (one commit for both), after
+    /// the answer; the request's own close leaves it to that commit, or
+    /// finds it gone when the restore wrote nothing.
     WithTheRestore,
     /// The caller: a restore finished at start, whose outcome is kept for
     /// `status`.

@@ -170,7 +170,7 @@ impl Engine {
             )));
         }
         let guard = self.sandbox_lock(other.id);
-        let _held = lock(&guard);
+        let _held = self.hold(other.id, &guard);
         catalogue::set_sandbox_identity(conn, other.id, now)?;
         catalogue::set_sandbox_state(conn, other.id, SandboxState::Active)?;
         lock(&self.cache.manifests).remove(&other.id);
@@ -251,7 +251,7 @@ impl Engine {
         let conn = self.db()?;
         let sandbox = self.sandbox_ref(&conn, peer, &req.sandbox)?;
         let guard = self.sandbox_lock(sandbox.id);
-        let _held = lock(&guard);
+        let _held = self.hold(sandbox.id, &guard);
         let mut info = self.sandbox_info(&conn, &sandbox)?;
         if !req.purge {
             catalogue::set_sandbox_state(&conn, sandbox.id, SandboxState::Removed)?;

@@ -35,6 +35,7 @@ impl Engine {
             }
             let guard = self.sandbox_lock(sandbox.id);
             let Ok(_held) = guard.try_lock() else { continue };
+            self.write_owed_record(sandbox.id);
             let new = NewCheckpoint {
                 kind: CheckpointKind::Auto,
                 reason: Some(format!("quiet for {} ms after changes", quiet.as_millis())),
@@ -145,6 +146,24 @@ impl Engine {
     /// intent have just committed ends the daemon there, before it touches
     /// the sandbox, once for each time a test creates the file
     /// `stop-after-safety` in the state directory.
+    /// Keeps the pruner thread from writing the restore records owed while
+    /// `hold-records` exists in the state directory (and the daemon is not
+    /// stopping): the requests that come next must write them.
+    pub(super) fn hold_records_hook(&self) {
+        while test_hooks() && self.state_dir.join("hold-records").exists() && !lock(&self.pruner.owed).stopped {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Ends the daemon before it writes a restore's record owed after the
+    /// answer, as a crash there would.
+    pub(super) fn stop_before_record_hook(&self) {
+        if test_hooks() && std::fs::remove_file(self.state_dir.join("stop-before-record")).is_ok() {
+            tracing::warn!("test hook: stopping before the restore's record");
+            std::process::exit(70);
+        }
+    }
+
     pub(super) fn stop_after_safety_hook(&self) {
         if test_hooks() && std::fs::remove_file(self.state_dir.join("stop-after-safety")).is_ok() {
             tracing::warn!("test hook: stopping after the safety checkpoint");
