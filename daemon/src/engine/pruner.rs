@@ -62,14 +62,15 @@ impl Engine {
         }
     }
 
-    /// The pruner thread: applies owed retention as it comes, and between
-    /// it folds the counters of what the sandboxes hold once requests make
-    /// way (see [`Engine::fold_due`]), names unhashed objects a batch at a
-    /// time (see `hasher.rs`) and collects the stores owed a garbage
+    /// The pruner thread: writes the `restore` checkpoints owed (see
+    /// `record.rs`) and applies owed retention as they come, and between
+    /// them folds the counters of what the sandboxes hold once requests
+    /// make way (see [`Engine::fold_due`]), names unhashed objects a batch
+    /// at a time (see `hasher.rs`) and collects the stores owed a garbage
     /// collection a slice at a time, until [`Engine::stop_pruner`]; the
-    /// retention owed then is applied and the counters folded before it
-    /// returns (naming or a collection left unfinished is owed again at
-    /// the next start).
+    /// records and retention owed then are written and applied and the
+    /// counters folded before it returns (naming or a collection left
+    /// unfinished is owed again at the next start).
     pub fn prune_in_background(&self) {
         let mut collecting = None;
         let (mut hashing, mut passed) = (None, Vec::new());

@@ -9,6 +9,9 @@ use super::*;
 pub(super) struct OwedRecord {
     /// The checkpoint's id, given in the restore's answer.
     id: String,
+    /// The seq of the checkpoint it follows: the restore's safety
+    /// checkpoint, the sandbox's head when the restore was done.
+    after: u64,
     /// Each path's restored version, or `None` for a path removed.
     desired: Vec<(Vec<u8>, Option<crate::manifest::Meta>)>,
     /// The paths written for their links, with their stat keys as the
@@ -44,7 +47,11 @@ impl Engine {
         root: std::os::fd::BorrowedFd<'_>,
         (reason, closes): (String, Option<i64>),
     ) -> Option<CheckpointInfo> {
-        let owed = restored_record(desired, linking, root, (reason, closes))?;
+        let after = catalogue::sandbox_by_id(conn, sandbox.id)
+            .inspect_err(|e| tracing::warn!(sandbox = %sandbox.name, "recording the restored state: {e}"))
+            .ok()?
+            .head_seq;
+        let owed = restored_record(desired, linking, root, after, (reason, closes))?;
         self.write_record(conn, sandbox.id, owed)
     }
 
@@ -62,8 +69,14 @@ impl Engine {
         let started = Instant::now();
         let recorded = (|| {
             let sb = catalogue::sandbox_by_id(conn, sandbox_id)?;
+            let OwedRecord { id, after, desired, linked, reason, .. } = owed;
+            if sb.head_seq != after {
+                return Err(Error::Internal(format!(
+                    "the sandbox's newest checkpoint is no longer the one the restore left (seq {after}, now {})",
+                    sb.head_seq
+                )));
+            }
             let mut current = self.take_manifest(conn, &sb)?;
-            let OwedRecord { id, desired, linked, reason, .. } = owed;
             let (ended, mut added) = restored_versions(&current, desired, &linked);
             // One version to an unhashed object (see `hasher.rs`): a
             // restored version of one takes a clone of its own. Only then is
@@ -210,12 +223,14 @@ type EndedVersion = (Vec<u8>, i64, Kind, u64);
 /// versions are the ones the restore wrote, marked racy, so the next
 /// checkpoint reads again any of them that got an event; only names of
 /// one file (`linking`) are stat'ed, now, for their inode. A restore that
-/// wrote nothing records no checkpoint (`None`). `reason` is the
-/// checkpoint's, and its commit ends the intent `closes`, if any.
+/// wrote nothing records no checkpoint (`None`). It follows checkpoint
+/// `after` (seq), and is written only while that is the newest. `reason`
+/// is the checkpoint's, and its commit ends the intent `closes`, if any.
 pub(super) fn restored_record<'a>(
     desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
     linking: &std::collections::HashSet<&[u8]>,
     root: std::os::fd::BorrowedFd<'_>,
+    after: u64,
     (reason, closes): (String, Option<i64>),
 ) -> Option<OwedRecord> {
     let desired: Vec<_> = desired.map(|(p, meta)| (p.to_vec(), meta.cloned())).collect();
@@ -227,7 +242,7 @@ pub(super) fn restored_record<'a>(
         .filter(|(p, _)| linking.contains(p.as_slice()))
         .map(|(p, _)| (p.clone(), restored_key(root, p)))
         .collect();
-    Some(OwedRecord { id: ulid::Ulid::new().to_string(), desired, linked, reason, closes })
+    Some(OwedRecord { id: ulid::Ulid::new().to_string(), after, desired, linked, reason, closes })
 }
 
 /// The versions a restore changed, against the head's (`current`): those

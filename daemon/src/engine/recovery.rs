@@ -17,9 +17,10 @@ impl Engine {
             if let Some(record) = &intent.record {
                 // Applied and answered: only its record was still to write.
                 match self.record_applied(&mut conn, &intent, record) {
-                    Ok(()) => {
+                    Ok(true) => {
                         tracing::info!(intent = intent.id, "the {} to {} recorded at start", intent.kind, intent.target)
                     }
+                    Ok(false) => {}
                     Err(e) => tracing::warn!(
                         intent = intent.id,
                         "recording the {} to {} at start: {e}",
@@ -51,6 +52,35 @@ impl Engine {
             catalogue::settle_intent(&conn, &intent, state, &note, now_ms())?;
         }
         Ok(())
+    }
+
+    /// Writes the `restore` checkpoint of a restore that was applied and
+    /// answered, but whose record a stop cut off: the versions its plan
+    /// wrote, made again from its intent, under the id its answer gave,
+    /// if its safety checkpoint is still the newest. Nothing is applied
+    /// again (the agent may have written to those paths since): they are
+    /// recorded racy, and the next checkpoint, a comparison of the whole
+    /// tree after a start, reads them again.
+    /// Returns whether it was written (a failure is logged).
+    fn record_applied(&self, conn: &mut Connection, intent: &catalogue::Intent, record: &str) -> Result<bool> {
+        let sandbox = catalogue::sandbox_by_id(conn, intent.sandbox_id)?;
+        let Desired { present, absent, relinked } = intent_desired(conn, &sandbox, intent)?;
+        let safety = intent.safety.as_deref().unwrap_or_default();
+        let after = catalogue::checkpoint_by_ref(conn, safety)?.info.seq;
+        let root = self.open_root(&sandbox)?;
+        let linking: std::collections::HashSet<&[u8]> = present
+            .iter()
+            .filter(|(_, r)| r.key.nlink > 1)
+            .map(|(p, _)| &p[..])
+            .chain(relinked.iter().map(Vec::as_slice))
+            .collect();
+        let desired =
+            present.iter().map(|(p, r)| (&p[..], Some(&r.meta))).chain(absent.iter().map(|p| (p.as_slice(), None)));
+        let reason = format!("{} to {}, recorded at start", intent.kind, intent.target);
+        let Some(owed) = restored_record(desired, &linking, root.as_fd(), after, (reason, None)) else {
+            return Ok(false);
+        };
+        Ok(self.write_record(conn, sandbox.id, owed.named(record.to_owned())).is_some())
     }
 
     /// Finishes one interrupted restore; returns the number of paths it
@@ -91,33 +121,6 @@ impl Engine {
         let reason = format!("{} to {}, finished at start", intent.kind, intent.target);
         self.record_restored(conn, &sandbox, desired, &plan.linking(), root.as_fd(), (reason, None));
         Ok(plan.steps.len() as u64)
-    }
-}
-
-impl Engine {
-    /// Writes the `restore` checkpoint of a restore that was applied and
-    /// answered, but whose record a stop cut off: the versions its plan
-    /// wrote, made again from its intent, under the id its answer gave. Nothing is applied again (the
-    /// agent may have written to those paths since): they are recorded
-    /// racy, and the next checkpoint, a comparison of the whole tree after
-    /// a start, reads them again.
-    fn record_applied(&self, conn: &mut Connection, intent: &catalogue::Intent, record: &str) -> Result<()> {
-        let sandbox = catalogue::sandbox_by_id(conn, intent.sandbox_id)?;
-        let Desired { present, absent, relinked } = intent_desired(conn, &sandbox, intent)?;
-        let root = self.open_root(&sandbox)?;
-        let linking: std::collections::HashSet<&[u8]> = present
-            .iter()
-            .filter(|(_, r)| r.key.nlink > 1)
-            .map(|(p, _)| &p[..])
-            .chain(relinked.iter().map(Vec::as_slice))
-            .collect();
-        let desired =
-            present.iter().map(|(p, r)| (&p[..], Some(&r.meta))).chain(absent.iter().map(|p| (p.as_slice(), None)));
-        let reason = format!("{} to {}, recorded at start", intent.kind, intent.target);
-        if let Some(owed) = restored_record(desired, &linking, root.as_fd(), (reason, None)) {
-            self.write_record(conn, sandbox.id, owed.named(record.to_owned()));
-        }
-        Ok(())
     }
 }
 

@@ -204,7 +204,7 @@ impl Engine {
         let linking = plan.linking();
         // Written after the answer: the state it records is the one the
         // plan wrote, whatever the agent does next (see `record.rs`).
-        let recorded = restored_record(desired, &linking, root.as_fd(), (reason, closes));
+        let recorded = restored_record(desired, &linking, root.as_fd(), safety.seq, (reason, closes));
         let restore_checkpoint = recorded.as_ref().map(|r| r.id().to_owned());
         if let Some(owed) = recorded {
             self.owe_record(conn, sandbox.id, owed);

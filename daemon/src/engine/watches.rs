@@ -141,22 +141,19 @@ impl Engine {
         let _ = std::fs::remove_file(&paused);
     }
 
-    /// The `stop-after-safety` test hook, on only with
-    /// `SNAPBACK_TEST_HOOKS=1`: a restore whose safety checkpoint and
-    /// intent have just committed ends the daemon there, before it touches
-    /// the sandbox, once for each time a test creates the file
-    /// `stop-after-safety` in the state directory.
-    /// Keeps the pruner thread from writing the restore records owed while
-    /// `hold-records` exists in the state directory (and the daemon is not
-    /// stopping): the requests that come next must write them.
+    /// The `hold-records` test hook: keeps the pruner thread from writing
+    /// the restore records owed while that file exists in the state
+    /// directory (and the daemon is not stopping), so that the requests
+    /// that come next must write them.
     pub(super) fn hold_records_hook(&self) {
         while test_hooks() && self.state_dir.join("hold-records").exists() && !lock(&self.pruner.owed).stopped {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    /// Ends the daemon before it writes a restore's record owed after the
-    /// answer, as a crash there would.
+    /// The `stop-before-record` test hook: ends the daemon before it writes
+    /// a restore's record owed after the answer, as a crash there would,
+    /// once for each time a test creates that file in the state directory.
     pub(super) fn stop_before_record_hook(&self) {
         if test_hooks() && std::fs::remove_file(self.state_dir.join("stop-before-record")).is_ok() {
             tracing::warn!("test hook: stopping before the restore's record");
@@ -164,6 +161,11 @@ impl Engine {
         }
     }
 
+    /// The `stop-after-safety` test hook, on only with
+    /// `SNAPBACK_TEST_HOOKS=1`: a restore whose safety checkpoint and
+    /// intent have just committed ends the daemon there, before it touches
+    /// the sandbox, once for each time a test creates the file
+    /// `stop-after-safety` in the state directory.
     pub(super) fn stop_after_safety_hook(&self) {
         if test_hooks() && std::fs::remove_file(self.state_dir.join("stop-after-safety")).is_ok() {
             tracing::warn!("test hook: stopping after the safety checkpoint");
