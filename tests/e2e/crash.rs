@@ -48,13 +48,19 @@ fn spawn_cli(d: &TestDaemon, args: &[&str]) -> Child {
         .unwrap()
 }
 
-/// Waits until the catalogue shows that the daemon took up a rollback (its
-/// intent is recorded), so that the kill lands during it.
-fn wait_for_intent(state_dir: &Path) {
+/// Waits until the catalogue shows that the daemon took up a rollback to
+/// `target` (its intent is recorded), so that the kill lands during it.
+/// An earlier restore's intent stays until its `restore` checkpoint is
+/// written, just after its answer: it does not count.
+fn wait_for_intent(state_dir: &Path, target: &str) {
     let conn = snapback_daemon::testing::connect_catalogue(&state_dir.join("catalogue.db")).unwrap();
     eventually(Duration::from_secs(30), Duration::from_millis(1), || {
         let n: i64 = conn
-            .query_row("SELECT count(*) FROM intents WHERE state IN ('pending', 'applying')", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM intents WHERE state IN ('pending', 'applying') AND target = ?1",
+                [target],
+                |r| r.get(0),
+            )
             .unwrap();
         if n > 0 { Ok(()) } else { Err("the rollback never started".into()) }
     })
@@ -100,7 +106,7 @@ fn a_rollback_killed_at_random_points_is_finished_at_restart() {
 
     for trial in 0..20 {
         let mut cli = spawn_cli(&d, &["rollback", &a]);
-        wait_for_intent(&d.state_dir);
+        wait_for_intent(&d.state_dir, &a);
         std::thread::sleep(rng.below(full));
         kill9(&d);
         let _ = cli.wait();
@@ -158,6 +164,18 @@ fn a_checkpoint_killed_at_random_points_is_listed_complete_or_absent() {
     }
 }
 
+/// A daemon with its test hooks on, and a sandbox `sb` of `a/x.txt` (x1)
+/// and `b/y.txt` (y1) with a first checkpoint of them, whose id it returns.
+fn hooked_sandbox() -> (TestDaemon, std::path::PathBuf, String) {
+    let d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
+    let sb = d.path("sb");
+    write(&sb.join("a/x.txt"), "x1");
+    write(&sb.join("b/y.txt"), "y1");
+    d.add_sandbox("sb", &sb, &[]);
+    let first = d.checkpoint("sb");
+    (d, sb, first)
+}
+
 /// Runs `snapback ARGS` against a daemon that the `stop-after-safety` hook
 /// ends right after the request's safety checkpoint, starts it again, and
 /// checks that `status` reports the request finished at start.
@@ -178,12 +196,7 @@ fn restores_stopped_after_their_safety_checkpoint_are_finished_at_restart() {
     // Each kind of restore, stopped once its intent and safety checkpoint
     // are committed and nothing is touched yet: the restart makes its plan
     // again from the catalogue and applies all of it.
-    let mut d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
-    let sb = d.path("sb");
-    write(&sb.join("a/x.txt"), "x1");
-    write(&sb.join("b/y.txt"), "y1");
-    d.add_sandbox("sb", &sb, &[]);
-    let first = d.checkpoint("sb");
+    let (mut d, sb, first) = hooked_sandbox();
     write(&sb.join("a/x.txt"), "x2");
     write(&sb.join("a/new.txt"), "new");
     write(&sb.join("b/y.txt"), "y2");
@@ -214,12 +227,7 @@ fn a_restore_stopped_before_its_record_is_recorded_at_restart_and_not_applied_ag
     // hook ends it there) writes that record at its next start, under the
     // id the answer gave, and applies nothing again: the agent's write
     // made after the answer survives, and is the next step.
-    let mut d = TestDaemon::builder().env("SNAPBACK_TEST_HOOKS", "1").start();
-    let sb = d.path("sb");
-    write(&sb.join("a/x.txt"), "x1");
-    write(&sb.join("b/y.txt"), "y1");
-    d.add_sandbox("sb", &sb, &[]);
-    let first = d.checkpoint("sb");
+    let (mut d, sb, first) = hooked_sandbox();
     write(&sb.join("a/x.txt"), "x2");
     write(&sb.join("a/new.txt"), "new");
     let hook = d.state_dir.join("stop-before-record");
@@ -399,7 +407,7 @@ fn sigterm_during_a_rollback_still_answers_it_and_removes_the_socket() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_intent(&d.state_dir);
+    wait_for_intent(&d.state_dir, &c);
     // SAFETY: signalling the daemon child the fixture owns.
     unsafe { libc::kill(d.pid(), libc::SIGTERM) };
     let out = cli.wait_with_output().unwrap();
