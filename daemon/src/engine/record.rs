@@ -194,7 +194,8 @@ impl Engine {
             Ok(mut conn) => {
                 self.write_record(&mut conn, sandbox_id, owed);
             }
-            // Its intent is still marked applied: the next start writes it.
+            // Its intent still names it: the next start writes it, unless
+            // the sandbox took a checkpoint since.
             Err(e) => tracing::warn!(sandbox_id, "recording the restored state: {e}"),
         }
         lock(&self.pruner.owed).records.remove(&sandbox_id);
