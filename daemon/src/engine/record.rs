@@ -34,27 +34,6 @@ impl OwedRecord {
 }
 
 impl Engine {
-    /// Records the state a restore left as the sandbox's newest
-    /// checkpoint, of kind `restore`, now: see [`restored_record`] and
-    /// [`Engine::write_record`]. Used where nothing waits for an answer (a
-    /// restore finished at start).
-    pub(super) fn record_restored<'a>(
-        &self,
-        conn: &mut Connection,
-        sandbox: &Sandbox,
-        desired: impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)>,
-        linking: &std::collections::HashSet<&[u8]>,
-        root: std::os::fd::BorrowedFd<'_>,
-        (reason, closes): (String, Option<i64>),
-    ) -> Option<CheckpointInfo> {
-        let after = catalogue::sandbox_by_id(conn, sandbox.id)
-            .inspect_err(|e| tracing::warn!(sandbox = %sandbox.name, "recording the restored state: {e}"))
-            .ok()?
-            .head_seq;
-        let owed = restored_record(desired, linking, root, after, (reason, closes))?;
-        self.write_record(conn, sandbox.id, owed)
-    }
-
     /// Writes a restore's record as the sandbox's newest checkpoint; the
     /// caller holds the sandbox's lock. Returns the checkpoint, or `None`
     /// after a failure, which is logged (and ends the intent it was to

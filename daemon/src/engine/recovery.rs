@@ -74,8 +74,7 @@ impl Engine {
             .map(|(p, _)| &p[..])
             .chain(relinked.iter().map(Vec::as_slice))
             .collect();
-        let desired =
-            present.iter().map(|(p, r)| (&p[..], Some(&r.meta))).chain(absent.iter().map(|p| (p.as_slice(), None)));
+        let desired = Desired::versions(&present, &absent);
         let reason = format!("{} to {}, recorded at start", intent.kind, intent.target);
         let Some(owed) = restored_record(desired, &linking, root.as_fd(), after, (reason, None)) else {
             return Ok(false);
@@ -113,13 +112,13 @@ impl Engine {
         // The state it restored becomes the head, as after a restore that
         // was not interrupted (nothing is written if that was done already).
         let skipped: std::collections::HashSet<&[u8]> = applied.skipped.iter().map(Vec::as_slice).collect();
-        let desired = present
-            .iter()
-            .map(|(p, r)| (&p[..], Some(&r.meta)))
-            .chain(absent.iter().map(|p| (p.as_slice(), None)))
-            .filter(|(p, _)| !skipped.contains(p));
+        let desired = Desired::versions(&present, &absent).filter(|(p, _)| !skipped.contains(p));
         let reason = format!("{} to {}, finished at start", intent.kind, intent.target);
-        self.record_restored(conn, &sandbox, desired, &plan.linking(), root.as_fd(), (reason, None));
+        // Nothing was checkpointed since the stop: the head is the restore's
+        // safety checkpoint.
+        if let Some(owed) = restored_record(desired, &plan.linking(), root.as_fd(), sandbox.head_seq, (reason, None)) {
+            self.write_record(conn, sandbox.id, owed);
+        }
         Ok(plan.steps.len() as u64)
     }
 }
@@ -132,6 +131,17 @@ pub(super) struct Desired {
     pub(super) absent: Vec<Vec<u8>>,
     /// Paths written for their links alone (see [`Plan::new`]).
     pub(super) relinked: std::collections::BTreeSet<Vec<u8>>,
+}
+
+impl Desired {
+    /// Each path of `present` and `absent` with the version it must end
+    /// with (`None`: it must not exist), as a restore's record takes them.
+    fn versions<'a>(
+        present: &'a Manifest,
+        absent: &'a [Vec<u8>],
+    ) -> impl Iterator<Item = (&'a [u8], Option<&'a crate::manifest::Meta>)> {
+        present.iter().map(|(p, r)| (&p[..], Some(&r.meta))).chain(absent.iter().map(|p| (p.as_slice(), None)))
+    }
 }
 
 /// The version every path an `applying` intent touches must end with, and

@@ -178,8 +178,9 @@ impl Engine {
 
     /// Applies a restore plan whose safety checkpoint is written, makes the
     /// record of the state it left and leaves it to write after the answer
-    /// (see `record.rs`), and builds the report. `target_id` is the checkpoint restored to, and `total` the
-    /// number of its paths the plan covers.
+    /// (see `record.rs`), and builds the report. `target_id` is the
+    /// checkpoint restored to, and `total` the number of its paths the
+    /// plan covers.
     pub(super) fn apply_plan(
         &self,
         conn: &mut Connection,
